@@ -1,0 +1,86 @@
+// Env: the small file-system interface every module does its file I/O
+// through, so that tests can substitute a fault-injecting implementation
+// (see base/fault_env.h). Modelled on leveldb's Env, cut to what we use.
+//
+// Thread-safety: an Env is safe to use from any thread. A WritableFile is used
+// by one thread at a time (the caller serialises). A RandomAccessFile is safe
+// for concurrent reads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "replica/status.h"
+
+namespace replica {
+
+class WritableFile {
+ public:
+  virtual ~WritableFile() = default;
+  // Appends all of data or returns an error; on error some prefix of data may
+  // have reached the file (a short write), and Size() says how much.
+  virtual Status Append(std::string_view data) = 0;
+  // Makes appended data durable (fdatasync).
+  virtual Status Sync() = 0;
+  virtual Status Close() = 0;
+  // Bytes in the file, including what this object appended.
+  virtual uint64_t Size() const = 0;
+};
+
+class RandomAccessFile {
+ public:
+  virtual ~RandomAccessFile() = default;
+  // Reads up to n bytes at offset into scratch; returns how many were read
+  // (fewer only at end of file).
+  virtual Result<size_t> Read(uint64_t offset, size_t n, char* scratch) const = 0;
+  // The OS file descriptor for zero-copy sends (sendfile), or -1 if this file
+  // has none (in-memory or fault-injecting wrappers may still return one).
+  virtual int NativeHandle() const { return -1; }
+};
+
+// Held while a process owns a directory; released on destruction.
+class FileLock {
+ public:
+  virtual ~FileLock() = default;
+};
+
+class Env {
+ public:
+  virtual ~Env() = default;
+  // The process-wide POSIX Env. Never destroyed.
+  static Env* Default();
+
+  // Creates (or truncates) path for appending.
+  virtual Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) = 0;
+  // Opens an existing file for appending at its end.
+  virtual Result<std::unique_ptr<WritableFile>> ReopenWritableFile(const std::string& path) = 0;
+  virtual Result<std::unique_ptr<RandomAccessFile>> NewRandomAccessFile(const std::string& path) = 0;
+
+  // Names (not paths) of the entries of dir, without "." and "..".
+  virtual Result<std::vector<std::string>> GetChildren(const std::string& dir) = 0;
+  virtual Result<uint64_t> GetFileSize(const std::string& path) = 0;
+  virtual bool FileExists(const std::string& path) = 0;
+  virtual Status DeleteFile(const std::string& path) = 0;
+  // Atomic replace of to (POSIX rename).
+  virtual Status RenameFile(const std::string& from, const std::string& to) = 0;
+  virtual Status TruncateFile(const std::string& path, uint64_t size) = 0;
+  virtual Status CreateDirIfMissing(const std::string& dir) = 0;
+  // fsync on the directory, so that creations, renames and deletions in it
+  // survive a crash.
+  virtual Status SyncDir(const std::string& dir) = 0;
+  // An exclusive advisory lock (flock) on path, created if missing; Busy if
+  // another process holds it.
+  virtual Result<std::unique_ptr<FileLock>> LockFile(const std::string& path) = 0;
+};
+
+// Writes data to path atomically: temp file, fsync, rename, fsync of the directory.
+Status WriteFileAtomically(Env* env, const std::string& path, std::string_view data);
+// Reads a whole (small) file.
+Result<std::string> ReadWholeFile(Env* env, const std::string& path);
+
+std::string JoinPath(const std::string& dir, const std::string& name);
+
+}  // namespace replica

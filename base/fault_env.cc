@@ -1,0 +1,158 @@
+#include "base/fault_env.h"
+
+#include <cerrno>
+
+namespace replica {
+
+class FaultInjectionEnv::File final : public WritableFile {
+ public:
+  File(FaultInjectionEnv* env, std::string path, std::unique_ptr<WritableFile> target)
+      : env_(env), path_(std::move(path)), target_(std::move(target)) {}
+
+  Status Append(std::string_view data) override {
+    REPLICA_RETURN_IF_ERROR(env_->Mutation("append"));
+    size_t fit = env_->TakeSpace(data.size());
+    if (fit < data.size()) {
+      if (fit > 0) REPLICA_RETURN_IF_ERROR(target_->Append(data.substr(0, fit)));
+      return Status::FromErrno("write " + path_ + " (injected)", ENOSPC);
+    }
+    return target_->Append(data);
+  }
+  Status Sync() override {
+    REPLICA_RETURN_IF_ERROR(env_->Mutation("sync"));
+    bool fail;
+    {
+      MutexLock l(&env_->mu_);
+      fail = env_->sync_fails_;
+    }
+    if (fail) return Status::FromErrno("fdatasync " + path_ + " (injected)", EIO);
+    REPLICA_RETURN_IF_ERROR(target_->Sync());
+    env_->RecordSynced(path_, target_->Size());
+    return Status::OK();
+  }
+  Status Close() override { return target_->Close(); }
+  uint64_t Size() const override { return target_->Size(); }
+
+ private:
+  FaultInjectionEnv* const env_;
+  const std::string path_;
+  std::unique_ptr<WritableFile> target_;
+};
+
+void FaultInjectionEnv::CrashAfterMutations(int64_t n) {
+  MutexLock l(&mu_);
+  crash_after_ = n;
+  crashed_ = false;
+}
+
+bool FaultInjectionEnv::crashed() const {
+  MutexLock l(&mu_);
+  return crashed_;
+}
+
+int64_t FaultInjectionEnv::mutations() const {
+  MutexLock l(&mu_);
+  return mutations_;
+}
+
+void FaultInjectionEnv::SetSpaceBudget(int64_t bytes) {
+  MutexLock l(&mu_);
+  space_budget_ = bytes;
+}
+
+void FaultInjectionEnv::SetSyncFails(bool fail) {
+  MutexLock l(&mu_);
+  sync_fails_ = fail;
+}
+
+Status FaultInjectionEnv::Mutation(const char* what) {
+  MutexLock l(&mu_);
+  if (crashed_ || crash_after_ == 0) {
+    crashed_ = true;
+    return Status::IOError(std::string("injected crash before ") + what);
+  }
+  if (crash_after_ > 0) --crash_after_;
+  ++mutations_;
+  return Status::OK();
+}
+
+size_t FaultInjectionEnv::TakeSpace(size_t want) {
+  MutexLock l(&mu_);
+  if (space_budget_ < 0) return want;
+  size_t fit = want <= static_cast<uint64_t>(space_budget_) ? want : static_cast<size_t>(space_budget_);
+  space_budget_ -= static_cast<int64_t>(fit);
+  return fit;
+}
+
+void FaultInjectionEnv::RecordSynced(const std::string& path, uint64_t size) {
+  MutexLock l(&mu_);
+  synced_size_[path] = size;
+}
+
+Result<std::unique_ptr<WritableFile>> FaultInjectionEnv::NewWritableFile(const std::string& path) {
+  REPLICA_RETURN_IF_ERROR(Mutation("create"));
+  REPLICA_ASSIGN_OR_RETURN(auto file, target_->NewWritableFile(path));
+  RecordSynced(path, 0);
+  return std::unique_ptr<WritableFile>(new File(this, path, std::move(file)));
+}
+
+Result<std::unique_ptr<WritableFile>> FaultInjectionEnv::ReopenWritableFile(const std::string& path) {
+  REPLICA_ASSIGN_OR_RETURN(auto file, target_->ReopenWritableFile(path));
+  RecordSynced(path, file->Size());
+  return std::unique_ptr<WritableFile>(new File(this, path, std::move(file)));
+}
+
+Status FaultInjectionEnv::DeleteFile(const std::string& path) {
+  REPLICA_RETURN_IF_ERROR(Mutation("delete"));
+  REPLICA_RETURN_IF_ERROR(target_->DeleteFile(path));
+  MutexLock l(&mu_);
+  synced_size_.erase(path);
+  return Status::OK();
+}
+
+Status FaultInjectionEnv::RenameFile(const std::string& from, const std::string& to) {
+  REPLICA_RETURN_IF_ERROR(Mutation("rename"));
+  REPLICA_RETURN_IF_ERROR(target_->RenameFile(from, to));
+  MutexLock l(&mu_);
+  auto it = synced_size_.find(from);
+  if (it != synced_size_.end()) {
+    synced_size_[to] = it->second;
+    synced_size_.erase(from);
+  }
+  return Status::OK();
+}
+
+Status FaultInjectionEnv::TruncateFile(const std::string& path, uint64_t size) {
+  REPLICA_RETURN_IF_ERROR(Mutation("truncate"));
+  REPLICA_RETURN_IF_ERROR(target_->TruncateFile(path, size));
+  MutexLock l(&mu_);
+  auto it = synced_size_.find(path);
+  if (it != synced_size_.end() && it->second > size) it->second = size;
+  return Status::OK();
+}
+
+Status FaultInjectionEnv::CreateDirIfMissing(const std::string& dir) {
+  REPLICA_RETURN_IF_ERROR(Mutation("mkdir"));
+  return target_->CreateDirIfMissing(dir);
+}
+
+Status FaultInjectionEnv::SyncDir(const std::string& dir) {
+  REPLICA_RETURN_IF_ERROR(Mutation("sync dir"));
+  return target_->SyncDir(dir);
+}
+
+Status FaultInjectionEnv::DropUnsyncedData() {
+  std::map<std::string, uint64_t> sizes;
+  {
+    MutexLock l(&mu_);
+    sizes = synced_size_;
+  }
+  for (const auto& [path, size] : sizes) {
+    auto cur = target_->GetFileSize(path);
+    if (!cur.ok()) continue;  // deleted since
+    if (*cur > size) REPLICA_RETURN_IF_ERROR(target_->TruncateFile(path, size));
+  }
+  return Status::OK();
+}
+
+}  // namespace replica

@@ -1,0 +1,42 @@
+// Structured, one-line-per-event logging to stderr.
+//
+//   RLOG(kWarn, "wal.truncate_tail") << "segment=" << path << " offset=" << off;
+//
+// prints "2026-11-25T10:00:00.123Z WARN wal.truncate_tail segment=... offset=...".
+// The level is process-wide; below it the stream expression is not evaluated.
+#pragma once
+
+#include <sstream>
+#include <string_view>
+
+namespace replica {
+
+enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3, kOff = 4 };
+
+LogLevel GetLogLevel();
+void SetLogLevel(LogLevel level);
+// Accepts debug|info|warn|error|off; returns false for anything else.
+bool ParseLogLevel(std::string_view text, LogLevel* level);
+
+class LogLine {
+ public:
+  LogLine(LogLevel level, std::string_view event);
+  ~LogLine();
+  LogLine(const LogLine&) = delete;
+  LogLine& operator=(const LogLine&) = delete;
+  template <typename T>
+  LogLine& operator<<(const T& v) {
+    out_ << v;
+    return *this;
+  }
+
+ private:
+  std::ostringstream out_;
+};
+
+}  // namespace replica
+
+#define RLOG(level, event)                                              \
+  if (::replica::LogLevel::level < ::replica::GetLogLevel()) {          \
+  } else                                                                \
+    ::replica::LogLine(::replica::LogLevel::level, event)

@@ -1,0 +1,165 @@
+#include "wal/segment.h"
+
+#include <xxhash.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include "base/coding.h"
+
+namespace replica::wal {
+
+std::string SegmentFileName(Lsn first_lsn) {
+  char name[40];
+  std::snprintf(name, sizeof name, "%020llu%s", static_cast<unsigned long long>(first_lsn), kSegmentSuffix);
+  return name;
+}
+
+std::optional<Lsn> ParseSegmentFileName(const std::string& name) {
+  const size_t suffix = std::strlen(kSegmentSuffix);
+  if (name.size() != kSegmentNameDigits + suffix) return std::nullopt;
+  if (name.compare(kSegmentNameDigits, suffix, kSegmentSuffix) != 0) return std::nullopt;
+  Lsn v = 0;
+  for (int i = 0; i < kSegmentNameDigits; ++i) {
+    char c = name[static_cast<size_t>(i)];
+    if (c < '0' || c > '9') return std::nullopt;
+    Lsn d = static_cast<Lsn>(c - '0');
+    if (v > (UINT64_MAX - d) / 10) return std::nullopt;
+    v = v * 10 + d;
+  }
+  return v;
+}
+
+std::string EncodeSegmentHeader(const SegmentHeader& h) {
+  std::string out(kSegmentHeaderSize, '\0');
+  char* p = out.data();
+  std::memcpy(p, kSegmentMagic, 8);
+  EncodeFixed16(p + 8, h.version);
+  EncodeFixed16(p + 10, static_cast<uint16_t>(kSegmentHeaderSize));
+  EncodeFixed32(p + 12, h.incompat_flags);
+  EncodeFixed64(p + 16, h.first_lsn);
+  EncodeFixed64(p + 24, h.prev_first_lsn);
+  EncodeFixed64(p + 32, XXH3_64bits(p, 32));
+  return out;
+}
+
+Status DecodeSegmentHeader(std::string_view bytes, SegmentHeader* h) {
+  if (bytes.size() < kSegmentHeaderSize) {
+    return Status::Corruption("segment header is " + std::to_string(bytes.size()) + " bytes, need " +
+                              std::to_string(kSegmentHeaderSize));
+  }
+  const char* p = bytes.data();
+  if (std::memcmp(p, kSegmentMagic, 8) != 0) return Status::Corruption("not a WAL segment (bad magic)");
+  if (XXH3_64bits(p, 32) != DecodeFixed64(p + 32)) return Status::Corruption("segment header checksum mismatch");
+  h->version = DecodeFixed16(p + 8);
+  uint16_t header_size = DecodeFixed16(p + 10);
+  h->incompat_flags = DecodeFixed32(p + 12);
+  h->first_lsn = DecodeFixed64(p + 16);
+  h->prev_first_lsn = DecodeFixed64(p + 24);
+  if (h->version != kFormatVersion || header_size != kSegmentHeaderSize) {
+    return Status::NotSupported("segment format version " + std::to_string(h->version) +
+                                " (this build reads version " + std::to_string(kFormatVersion) + ")");
+  }
+  if ((h->incompat_flags & ~kKnownIncompatFlags) != 0) {
+    return Status::NotSupported("segment uses unknown incompatible features 0x" +
+                                std::to_string(h->incompat_flags));
+  }
+  if (h->first_lsn == 0) return Status::Corruption("segment header with first LSN 0");
+  return Status::OK();
+}
+
+Result<bool> FrameCursor::Fill(uint64_t off, size_t n) {
+  if (off >= buf_off_ && off + n <= buf_off_ + buf_len_) return true;
+  constexpr size_t kReadAhead = 256 << 10;
+  size_t want = n > kReadAhead ? n : kReadAhead;
+  if (off + want > end_) want = end_ > off ? static_cast<size_t>(end_ - off) : 0;
+  if (want < n) return false;
+  if (buf_.size() < want) buf_.resize(want);
+  REPLICA_ASSIGN_OR_RETURN(size_t got, file_->Read(off, want, buf_.data()));
+  buf_off_ = off;
+  buf_len_ = got;
+  return got >= n;
+}
+
+Result<FrameCursor::Outcome> FrameCursor::Next(FrameHeader* h, std::string_view* payload, std::string* why) {
+  if (offset_ >= end_) return Outcome::kEnd;
+  REPLICA_ASSIGN_OR_RETURN(bool have_header, Fill(offset_, kFrameHeaderSize));
+  if (!have_header) {
+    *why = "incomplete frame header";
+    return Outcome::kIncomplete;
+  }
+  const char* hp = buf_.data() + (offset_ - buf_off_);
+  Status st = DecodeFrameHeader(hp, h);
+  if (!st.ok()) {
+    *why = st.message();
+    return Outcome::kBad;
+  }
+  REPLICA_ASSIGN_OR_RETURN(bool have_frame, Fill(offset_, h->frame_size()));
+  if (!have_frame) {
+    *why = "frame of " + std::to_string(h->frame_size()) + " bytes runs past the end";
+    return Outcome::kIncomplete;
+  }
+  const char* fp = buf_.data() + (offset_ - buf_off_);
+  if (verify_ && !FrameChecksumOk(fp, h->payload_len)) {
+    *why = "checksum mismatch";
+    return Outcome::kBad;
+  }
+  *payload = std::string_view(fp + kFrameHeaderSize, h->payload_len);
+  offset_ += h->frame_size();
+  return Outcome::kFrame;
+}
+
+namespace {
+
+// True if a whole frame with a good checksum and an LSN above after_lsn starts
+// anywhere in [from, data end). Used only once damage has been found.
+bool ValidFrameFollows(std::string_view data, size_t from, Lsn after_lsn) {
+  for (size_t pos = from; pos + kFrameHeaderSize <= data.size(); ++pos) {
+    FrameHeader h;
+    if (!DecodeFrameHeader(data.data() + pos, &h).ok()) continue;
+    if (h.lsn <= after_lsn || data.size() - pos - kFrameHeaderSize < h.payload_len) continue;
+    if (FrameChecksumOk(data.data() + pos, h.payload_len)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn) {
+  SegmentScan scan;
+  scan.valid_end = kSegmentHeaderSize;
+  scan.last_lsn = first_lsn - 1;
+  FrameCursor cursor(&file, kSegmentHeaderSize, file_size);
+  for (;;) {
+    FrameHeader h;
+    std::string_view payload;
+    std::string why;
+    REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor.Next(&h, &payload, &why));
+    if (outcome == FrameCursor::Outcome::kEnd) return scan;
+    if (outcome == FrameCursor::Outcome::kFrame) {
+      if (h.lsn != scan.last_lsn + 1) {
+        why = "LSN " + std::to_string(h.lsn) + " where " + std::to_string(scan.last_lsn + 1) + " was expected";
+      } else if (h.epoch < scan.last_epoch) {
+        why = "epoch " + std::to_string(h.epoch) + " after epoch " + std::to_string(scan.last_epoch);
+      } else {
+        if (scan.frames == 0 || h.epoch > scan.last_epoch) scan.epoch_starts.emplace_back(h.epoch, h.lsn);
+        scan.last_lsn = h.last_lsn();
+        scan.last_epoch = h.epoch;
+        scan.valid_end = cursor.offset();
+        ++scan.frames;
+        continue;
+      }
+    }
+    // A bad, incomplete or out-of-sequence frame at valid_end: torn or corrupt?
+    scan.bad_offset = scan.valid_end;
+    scan.why = why;
+    std::string rest(static_cast<size_t>(file_size - scan.valid_end), '\0');
+    REPLICA_ASSIGN_OR_RETURN(size_t got, file.Read(scan.valid_end, rest.size(), rest.data()));
+    rest.resize(got);
+    scan.tail = ValidFrameFollows(rest, 1, scan.last_lsn) ? SegmentScan::Tail::kCorrupt
+                                                          : SegmentScan::Tail::kTorn;
+    return scan;
+  }
+}
+
+}  // namespace replica::wal

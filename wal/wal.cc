@@ -1,0 +1,745 @@
+#include "wal/wal.h"
+
+#include <algorithm>
+
+#include "base/log.h"
+
+namespace replica::wal {
+
+const char* SyncPolicyName(SyncPolicy p) {
+  switch (p) {
+    case SyncPolicy::kEveryCommit: return "every";
+    case SyncPolicy::kInterval: return "interval";
+    case SyncPolicy::kNone: return "none";
+  }
+  return "?";
+}
+
+bool ParseSyncPolicy(std::string_view text, SyncPolicy* p) {
+  if (text == "every") *p = SyncPolicy::kEveryCommit;
+  else if (text == "interval") *p = SyncPolicy::kInterval;
+  else if (text == "none") *p = SyncPolicy::kNone;
+  else return false;
+  return true;
+}
+
+// One queued request. Lives on the submitting thread's stack until done.
+struct Wal::Op {
+  enum class Kind { kAppend, kRaw, kSync, kTruncate, kPurge };
+  explicit Op(Mutex* mu, Kind k) : kind(k), cv(mu) {}
+  Kind kind;
+  // kAppend
+  Epoch epoch = 0;
+  const RecordIn* records = nullptr;
+  size_t n = 0;
+  // kRaw
+  std::string_view raw;
+  FrameRun run;
+  // kTruncate, kPurge
+  Lsn lsn_arg = 0;
+  // Filled by the leader.
+  Lsn first_lsn = 0;  // assigned at admission (kAppend)
+  bool admitted = false;
+  Status status;
+  Lsn result = 0;
+  bool done = false;
+  CondVar cv;
+
+  size_t bytes() const {
+    if (kind == Kind::kRaw) return raw.size();
+    size_t b = 0;
+    for (size_t i = 0; i < n; ++i) b += kFrameHeaderSize + records[i].payload.size();
+    return b;
+  }
+};
+
+Wal::Wal(std::string dir, const Options& options)
+    : dir_(std::move(dir)), options_(options), env_(options.env ? options.env : Env::Default()) {}
+
+Wal::~Wal() { (void)Close(); }
+
+Result<std::unique_ptr<Wal>> Wal::Open(const std::string& dir, const Options& options) {
+  if (options.segment_size < 4096) {
+    return Status::InvalidArgument("segment_size must be at least 4096 bytes, got " +
+                                   std::to_string(options.segment_size));
+  }
+  if (options.start_lsn == 0) return Status::InvalidArgument("start_lsn must be at least 1");
+  if (options.sync_policy == SyncPolicy::kInterval && options.sync_interval.count() <= 0) {
+    return Status::InvalidArgument("sync_interval must be positive");
+  }
+  std::unique_ptr<Wal> wal(new Wal(dir, options));
+  REPLICA_RETURN_IF_ERROR_CTX(wal->Recover(), "open WAL " + dir);
+  return wal;
+}
+
+Status Wal::CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) {
+  const std::string path = JoinPath(dir_, SegmentFileName(first_lsn));
+  REPLICA_ASSIGN_OR_RETURN(auto file, env_->NewWritableFile(path));
+  SegmentHeader h;
+  h.first_lsn = first_lsn;
+  h.prev_first_lsn = prev_first_lsn;
+  REPLICA_RETURN_IF_ERROR(file->Append(EncodeSegmentHeader(h)));
+  if (options_.sync_policy != SyncPolicy::kNone) {
+    REPLICA_RETURN_IF_ERROR(file->Sync());
+    REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
+  }
+  std::shared_ptr<WritableFile> old;
+  {
+    MutexLock l(&mu_);
+    if (!segments_.empty()) segments_.back().end = cur_size_;
+    segments_.push_back(Segment{first_lsn, kSegmentHeaderSize, path});
+    old = std::move(cur_file_);
+    cur_file_ = std::move(file);
+    ++stats_.segments_created;
+  }
+  cur_size_ = kSegmentHeaderSize;
+  if (old) REPLICA_RETURN_IF_ERROR(old->Close());
+  return Status::OK();
+}
+
+Status Wal::PersistHistory(const EpochHistory& h) {
+  return WriteFileAtomically(env_, JoinPath(dir_, kEpochFileName), h.Encode())
+      .WithContext("write epoch history");
+}
+
+Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
+  // Runs before the Wal is shared: no other thread exists yet.
+  const bool ro = options_.read_only;
+  if (!ro) {
+    REPLICA_RETURN_IF_ERROR(env_->CreateDirIfMissing(dir_));
+    REPLICA_ASSIGN_OR_RETURN(lock_, env_->LockFile(JoinPath(dir_, kLockFileName)));
+  }
+  auto children = env_->GetChildren(dir_);
+  if (!children.ok()) return children.status();
+
+  std::vector<Lsn> names;
+  for (const auto& name : *children) {
+    if (auto lsn = ParseSegmentFileName(name)) {
+      names.push_back(*lsn);
+    } else if (!ro && name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) {
+      REPLICA_RETURN_IF_ERROR(env_->DeleteFile(JoinPath(dir_, name)));  // an interrupted atomic write
+    }
+  }
+  std::sort(names.begin(), names.end());
+
+  const std::string history_path = JoinPath(dir_, kEpochFileName);
+  if (env_->FileExists(history_path)) {
+    REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(env_, history_path));
+    auto decoded = EpochHistory::Decode(data);
+    if (!decoded.ok()) return decoded.status().WithContext(history_path);
+    history_ = std::move(decoded).value();
+  }
+
+  // Segment headers, oldest first. A last segment too short to hold its
+  // header is what a crash during a segment roll leaves: remove it.
+  std::deque<Segment> segs;
+  Lsn removed_first = 0;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string path = JoinPath(dir_, SegmentFileName(names[i]));
+    REPLICA_ASSIGN_OR_RETURN(uint64_t size, env_->GetFileSize(path));
+    const bool is_last = i + 1 == names.size();
+    if (size < kSegmentHeaderSize) {
+      if (!is_last) {
+        return Status::Corruption("segment " + path + " is " + std::to_string(size) +
+                                  " bytes (no header) but later segments exist");
+      }
+      RLOG(kWarn, "wal.remove_empty_segment") << "segment=" << path << " size=" << size
+                                             << " reason=\"crash during segment creation\"";
+      recovery_.removed_segments.push_back(path);
+      removed_first = names[i];
+      if (!ro) {
+        REPLICA_RETURN_IF_ERROR(env_->DeleteFile(path));
+        REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
+      }
+      continue;
+    }
+    REPLICA_ASSIGN_OR_RETURN(auto file, env_->NewRandomAccessFile(path));
+    char buf[kSegmentHeaderSize];
+    REPLICA_ASSIGN_OR_RETURN(size_t got, file->Read(0, kSegmentHeaderSize, buf));
+    SegmentHeader h;
+    REPLICA_RETURN_IF_ERROR_CTX(DecodeSegmentHeader(std::string_view(buf, got), &h), "segment " + path);
+    if (h.first_lsn != names[i]) {
+      return Status::Corruption("segment " + path + " says it starts at LSN " + std::to_string(h.first_lsn));
+    }
+    if (!segs.empty() && h.prev_first_lsn != segs.back().first_lsn) {
+      return Status::Corruption("a segment is missing before " + path + ": it follows the segment starting at LSN " +
+                                std::to_string(h.prev_first_lsn) + ", but the previous segment on disk starts at LSN " +
+                                std::to_string(segs.back().first_lsn));
+    }
+    segs.push_back(Segment{h.first_lsn, size, path});
+  }
+
+  if (segs.empty()) {
+    if (ro) return Status::NotFound("no WAL segments in " + dir_);
+    Lsn first = removed_first != 0 ? removed_first : options_.start_lsn;
+    history_.TruncateAfter(first - 1);
+    REPLICA_RETURN_IF_ERROR(CreateSegment(first, 0));
+    last_lsn_ = durable_lsn_ = first - 1;
+    next_lsn_ = first;
+    tail_epoch_ = history_.last_epoch();
+  } else {
+    Segment& last = segs.back();
+    REPLICA_ASSIGN_OR_RETURN(auto file, env_->NewRandomAccessFile(last.path));
+    REPLICA_ASSIGN_OR_RETURN(SegmentScan scan, ScanSegment(*file, last.end, last.first_lsn));
+    if (scan.tail == SegmentScan::Tail::kCorrupt) {
+      return Status::Corruption("segment " + last.path + " offset " + std::to_string(scan.bad_offset) +
+                                " (LSN " + std::to_string(scan.last_lsn + 1) + "): " + scan.why +
+                                "; valid records follow it, so this is damage inside the log, not a torn write");
+    }
+    if (scan.tail == SegmentScan::Tail::kTorn) {
+      recovery_.torn_tail = true;
+      recovery_.torn_segment = last.path;
+      recovery_.torn_offset = scan.valid_end;
+      recovery_.torn_bytes = last.end - scan.valid_end;
+      recovery_.torn_why = scan.why;
+      RLOG(kWarn, "wal.truncate_torn_tail")
+          << "segment=" << last.path << " offset=" << scan.valid_end << " dropped_bytes=" << recovery_.torn_bytes
+          << " last_lsn=" << scan.last_lsn << " why=\"" << scan.why << "\"" << (ro ? " read_only=1" : "");
+      if (!ro) REPLICA_RETURN_IF_ERROR(env_->TruncateFile(last.path, scan.valid_end));
+    }
+    last.end = scan.valid_end;
+    last_lsn_ = durable_lsn_ = scan.last_lsn;
+    next_lsn_ = scan.last_lsn + 1;
+
+    bool changed = history_.TruncateAfter(last_lsn_);
+    for (const auto& [epoch, lsn] : scan.epoch_starts) {
+      if (epoch > history_.last_epoch()) {
+        RLOG(kWarn, "wal.repair_epoch_history") << "epoch=" << epoch << " first_lsn=" << lsn;
+        REPLICA_RETURN_IF_ERROR(history_.Add(epoch, lsn));
+        changed = true;
+      } else if (history_.EpochAt(lsn) != epoch) {
+        return Status::Corruption("epoch history says LSN " + std::to_string(lsn) + " is in epoch " +
+                                  std::to_string(history_.EpochAt(lsn)) + " but the log says epoch " +
+                                  std::to_string(epoch));
+      }
+    }
+    recovery_.history_repaired = changed;
+    if (changed && !ro) REPLICA_RETURN_IF_ERROR(PersistHistory(history_));
+    tail_epoch_ = history_.last_epoch();
+    segments_ = std::move(segs);
+    if (!ro) {
+      REPLICA_ASSIGN_OR_RETURN(auto wf, env_->ReopenWritableFile(segments_.back().path));
+      cur_file_ = std::move(wf);
+      cur_size_ = cur_file_->Size();
+      // What recovery kept must be durable before anything is built on it.
+      REPLICA_RETURN_IF_ERROR(cur_file_->Sync());
+    }
+  }
+  if (!ro && options_.sync_policy == SyncPolicy::kInterval) {
+    sync_thread_ = std::thread([this] { SyncLoop(); });
+  }
+  return Status::OK();
+}
+
+Result<Lsn> Wal::Append(Epoch epoch, RecordType type, std::string_view payload) {
+  RecordIn r{type, payload};
+  return AppendBatch(epoch, &r, 1);
+}
+
+Result<Lsn> Wal::AppendBatch(Epoch epoch, const RecordIn* records, size_t n) {
+  if (n == 0) return Status::InvalidArgument("empty batch");
+  if (epoch == 0) return Status::InvalidArgument("epoch 0 is reserved; epochs start at 1");
+  for (size_t i = 0; i < n; ++i) {
+    if (records[i].payload.size() > kMaxRecordPayload) {
+      return Status::InvalidArgument("record of " + std::to_string(records[i].payload.size()) +
+                                     " bytes exceeds the limit of " + std::to_string(kMaxRecordPayload));
+    }
+    if (static_cast<uint8_t>(records[i].type) == 0) return Status::InvalidArgument("record type 0");
+  }
+  Op op(&mu_, Op::Kind::kAppend);
+  op.epoch = epoch;
+  op.records = records;
+  op.n = n;
+  REPLICA_RETURN_IF_ERROR(Submit(&op));
+  return op.result;
+}
+
+Result<Lsn> Wal::AppendRaw(std::string_view frames) {
+  auto run = VerifyFrameRun(frames, 0, 0);
+  if (!run.ok()) return run.status().WithContext("raw append");
+  Op op(&mu_, Op::Kind::kRaw);
+  op.raw = frames;
+  op.run = std::move(run).value();
+  REPLICA_RETURN_IF_ERROR(Submit(&op));
+  return op.result;
+}
+
+Status Wal::Sync() {
+  Op op(&mu_, Op::Kind::kSync);
+  return Submit(&op);
+}
+
+Status Wal::Truncate(Lsn last_kept) {
+  Op op(&mu_, Op::Kind::kTruncate);
+  op.lsn_arg = last_kept;
+  return Submit(&op);
+}
+
+Result<Lsn> Wal::Purge(Lsn upto) {
+  Op op(&mu_, Op::Kind::kPurge);
+  op.lsn_arg = upto;
+  REPLICA_RETURN_IF_ERROR(Submit(&op));
+  return op.result;
+}
+
+void Wal::SetRetentionFloor(Lsn lsn) {
+  MutexLock l(&mu_);
+  retention_floor_ = lsn;
+}
+
+Status Wal::Submit(Op* op) {
+  MutexLock l(&mu_);
+  if (options_.read_only) return Status::NotSupported("the WAL was opened read-only");
+  if (closing_ || closed_) return Status::Aborted("the WAL is closed");
+  if (!bg_error_.ok()) return bg_error_;
+  queue_.push_back(op);
+  while (!op->done && queue_.front() != op) op->cv.Wait();
+  if (!op->done) RunGroup(op);
+  return op->status;
+}
+
+void Wal::RunGroup(Op* leader) {
+  // The group: the leader alone for maintenance, else the appends (and sync
+  // requests) queued behind it, up to max_group_bytes.
+  std::vector<Op*> group;
+  const bool maintenance = leader->kind == Op::Kind::kTruncate || leader->kind == Op::Kind::kPurge;
+  if (maintenance) {
+    group.push_back(leader);
+  } else {
+    size_t bytes = 0;
+    for (Op* op : queue_) {
+      if (op->kind == Op::Kind::kTruncate || op->kind == Op::Kind::kPurge) break;
+      if (!group.empty() && bytes + op->bytes() > options_.max_group_bytes) break;
+      bytes += op->bytes();
+      group.push_back(op);
+    }
+  }
+
+  Status st = bg_error_;
+  bool want_sync = options_.sync_policy == SyncPolicy::kEveryCommit;
+  Lsn group_last = last_lsn_;
+  EpochHistory new_history;
+  bool history_changed = false;
+  if (st.ok() && !maintenance) {
+    // Admission: assign LSNs in queue order, refuse stale epochs and gaps.
+    Lsn next = next_lsn_;
+    Epoch tail = tail_epoch_;
+    new_history = history_;
+    for (Op* op : group) {
+      if (op->kind == Op::Kind::kSync) {
+        want_sync = true;
+        op->admitted = true;
+        continue;
+      }
+      if (op->kind == Op::Kind::kAppend) {
+        if (op->epoch < tail) {
+          op->status = Status::StaleEpoch("append in epoch " + std::to_string(op->epoch) +
+                                          " after epoch " + std::to_string(tail) + " was written");
+          continue;
+        }
+        if (op->epoch > tail) {
+          (void)new_history.Add(op->epoch, next);
+          history_changed = true;
+        }
+        op->first_lsn = next;
+        next += op->n;
+        tail = op->epoch;
+        op->result = next - 1;
+      } else {  // kRaw
+        if (op->run.first_lsn != next) {
+          op->status = Status::InvalidArgument("raw frames start at LSN " + std::to_string(op->run.first_lsn) +
+                                               " but the log continues at LSN " + std::to_string(next));
+          continue;
+        }
+        if (op->run.epoch_starts.front().first < tail) {
+          op->status = Status::StaleEpoch("raw frames of epoch " + std::to_string(op->run.epoch_starts.front().first) +
+                                          " after epoch " + std::to_string(tail) + " was written");
+          continue;
+        }
+        for (const auto& [epoch, lsn] : op->run.epoch_starts) {
+          if (epoch > tail) {
+            (void)new_history.Add(epoch, lsn);
+            history_changed = true;
+            tail = epoch;
+          }
+        }
+        next = op->run.last_lsn + 1;
+        op->result = op->run.last_lsn;
+      }
+      op->admitted = true;
+    }
+    next_lsn_ = next;
+    tail_epoch_ = tail;
+    group_last = next - 1;
+  }
+
+  if (st.ok()) {
+    mu_.Unlock();
+    if (maintenance) {
+      if (leader->kind == Op::Kind::kTruncate) {
+        st = DoTruncate(leader->lsn_arg);
+      } else {
+        auto r = DoPurge(leader->lsn_arg, /*retention=*/false);
+        st = r.status();
+        if (r.ok()) leader->result = *r;
+      }
+    } else {
+      // Encode. Consecutive appends of one epoch share an LZ4 block when compressing.
+      group_buf_.clear();
+      std::vector<RecordIn> batch;
+      Lsn batch_first = 0;
+      Epoch batch_epoch = 0;
+      size_t batch_raw = 0;
+      auto flush = [&] {
+        if (batch.empty()) return;
+        EncodeRecords(batch_first, batch_epoch, batch.data(), batch.size(), options_.compress, &group_buf_);
+        batch.clear();
+        batch_raw = 0;
+      };
+      uint64_t records = 0;
+      for (Op* op : group) {
+        if (!op->admitted || op->kind == Op::Kind::kSync) continue;
+        if (op->kind == Op::Kind::kRaw) {
+          flush();
+          group_buf_.append(op->raw);
+          records += op->run.last_lsn - op->run.first_lsn + 1;
+          continue;
+        }
+        size_t raw = op->bytes();
+        if (!batch.empty() && (op->epoch != batch_epoch || batch_raw + raw > kMaxBlockRaw)) flush();
+        if (batch.empty()) {
+          batch_first = op->first_lsn;
+          batch_epoch = op->epoch;
+        }
+        batch.insert(batch.end(), op->records, op->records + op->n);
+        batch_raw += raw;
+        records += op->n;
+      }
+      flush();
+      if (history_changed) st = PersistHistory(new_history);
+      if (st.ok()) st = WriteFrames(want_sync);
+      mu_.Lock();
+      if (st.ok()) {
+        if (!group_buf_.empty()) {
+          last_lsn_ = group_last;
+          segments_.back().end = cur_size_;
+          ++stats_.groups;
+          stats_.records += records;
+          stats_.bytes += group_buf_.size();
+        }
+        if (want_sync) {
+          durable_lsn_ = last_lsn_;
+          ++stats_.syncs;
+        }
+        if (history_changed) history_ = std::move(new_history);
+      }
+      mu_.Unlock();
+    }
+    mu_.Lock();
+  }
+
+  if (!st.ok()) {
+    if (bg_error_.ok()) {
+      RLOG(kError, "wal.write_failed") << "dir=" << dir_ << " error=\"" << st.ToString()
+                                      << "\" (appends refused until reopened)";
+      bg_error_ = st;
+    }
+    for (Op* op : group) {
+      if (op->admitted || op->kind == Op::Kind::kTruncate || op->kind == Op::Kind::kPurge) op->status = st;
+    }
+  } else if (leader->kind == Op::Kind::kSync) {
+    leader->result = durable_lsn_;
+  }
+  for (Op* op : group) {
+    queue_.pop_front();
+    op->done = true;
+    if (op != leader) op->cv.Signal();
+  }
+  if (!queue_.empty()) queue_.front()->cv.Signal();
+  data_cv_.SignalAll();
+}
+
+Status Wal::WriteFrames(bool sync) {
+  std::shared_ptr<WritableFile> file;
+  {
+    MutexLock l(&mu_);
+    file = cur_file_;
+  }
+  // Frames go to the current segment until it has reached segment_size; the
+  // next frame then starts a new segment. The cut depends only on the frame
+  // sequence, so a standby appending the same frames gets the same files.
+  size_t chunk = 0;
+  size_t pos = 0;
+  const std::string& buf = group_buf_;
+  while (pos < buf.size()) {
+    if (cur_size_ + (pos - chunk) >= options_.segment_size) {
+      if (pos > chunk) {
+        REPLICA_RETURN_IF_ERROR(file->Append(std::string_view(buf).substr(chunk, pos - chunk)));
+        cur_size_ += pos - chunk;
+      }
+      FrameHeader h;
+      REPLICA_RETURN_IF_ERROR(DecodeFrameHeader(buf.data() + pos, &h));
+      REPLICA_RETURN_IF_ERROR(RollSegment(h.lsn));
+      {
+        MutexLock l(&mu_);
+        file = cur_file_;
+      }
+      chunk = pos;
+    }
+    FrameHeader h;
+    REPLICA_RETURN_IF_ERROR(DecodeFrameHeader(buf.data() + pos, &h));
+    pos += h.frame_size();
+  }
+  if (pos > chunk) {
+    REPLICA_RETURN_IF_ERROR(file->Append(std::string_view(buf).substr(chunk, pos - chunk)));
+    cur_size_ += pos - chunk;
+  }
+  if (sync) REPLICA_RETURN_IF_ERROR(file->Sync());
+  return Status::OK();
+}
+
+Status Wal::RollSegment(Lsn first_lsn) {
+  std::shared_ptr<WritableFile> old;
+  Lsn prev_first;
+  {
+    MutexLock l(&mu_);
+    old = cur_file_;
+    prev_first = segments_.back().first_lsn;
+  }
+  if (options_.sync_policy != SyncPolicy::kNone) REPLICA_RETURN_IF_ERROR(old->Sync());
+  REPLICA_RETURN_IF_ERROR(CreateSegment(first_lsn, prev_first));
+  if (options_.retention_bytes > 0) {
+    auto r = DoPurge(UINT64_MAX, /*retention=*/true);
+    if (!r.ok()) return r.status();
+  }
+  return Status::OK();
+}
+
+Result<Lsn> Wal::DoPurge(Lsn upto, bool retention) {
+  uint64_t purged = 0;
+  for (;;) {
+    std::string path;
+    {
+      MutexLock l(&mu_);
+      if (segments_.size() < 2) break;
+      const Lsn seg_last = segments_[1].first_lsn - 1;
+      if (seg_last > upto) break;
+      if (retention) {
+        if (seg_last >= retention_floor_) break;
+        uint64_t total = 0;
+        for (const auto& s : segments_) total += s.end;
+        if (total <= options_.retention_bytes) break;
+      }
+      path = segments_.front().path;
+    }
+    // Oldest first: a crash part-way leaves a shorter, still contiguous log.
+    REPLICA_RETURN_IF_ERROR(env_->DeleteFile(path));
+    MutexLock l(&mu_);
+    segments_.pop_front();
+    ++stats_.segments_purged;
+    ++purged;
+  }
+  if (purged > 0) {
+    REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
+    RLOG(kInfo, "wal.purge") << "dir=" << dir_ << " segments=" << purged << " first_lsn=" << first_lsn()
+                             << (retention ? " reason=retention" : "");
+  }
+  return first_lsn();
+}
+
+Status Wal::DoTruncate(Lsn last_kept) {
+  std::deque<Segment> segs;
+  Lsn last;
+  EpochHistory history;
+  {
+    MutexLock l(&mu_);
+    segs = segments_;
+    last = last_lsn_;
+    history = history_;
+  }
+  if (last_kept > last) {
+    return Status::InvalidArgument("cannot truncate to LSN " + std::to_string(last_kept) + ": the log ends at LSN " +
+                                   std::to_string(last));
+  }
+  if (last_kept + 1 < segs.front().first_lsn) {
+    return Status::Purged("cannot truncate to LSN " + std::to_string(last_kept) + ": the log starts at LSN " +
+                          std::to_string(segs.front().first_lsn));
+  }
+  if (last_kept == last) return Status::OK();
+  const Lsn cut = last_kept + 1;
+  size_t idx = segs.size() - 1;
+  while (segs[idx].first_lsn > cut) --idx;
+  // Find the frame that starts at `cut`.
+  uint64_t offset = kSegmentHeaderSize;
+  if (segs[idx].first_lsn != cut) {
+    REPLICA_ASSIGN_OR_RETURN(auto file, env_->NewRandomAccessFile(segs[idx].path));
+    FrameCursor cursor(file.get(), kSegmentHeaderSize, segs[idx].end);
+    for (;;) {
+      FrameHeader h;
+      std::string_view payload;
+      std::string why;
+      REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor.Next(&h, &payload, &why));
+      if (outcome != FrameCursor::Outcome::kFrame) {
+        return Status::Corruption("segment " + segs[idx].path + " offset " + std::to_string(cursor.offset()) +
+                                  ": " + why + " (while looking for LSN " + std::to_string(cut) + ")");
+      }
+      if (h.lsn == cut) {
+        offset = cursor.offset() - h.frame_size();
+        break;
+      }
+      if (h.lsn < cut && cut <= h.last_lsn()) {
+        return Status::InvalidArgument("LSN " + std::to_string(last_kept) + " is inside the LZ4 block holding LSNs " +
+                                       std::to_string(h.lsn) + ".." + std::to_string(h.last_lsn()) +
+                                       "; truncate at a block boundary");
+      }
+    }
+  }
+  RLOG(kWarn, "wal.truncate") << "dir=" << dir_ << " last_kept=" << last_kept << " dropped_records="
+                              << (last - last_kept) << " segment=" << segs[idx].path << " offset=" << offset;
+  std::shared_ptr<WritableFile> file;
+  {
+    MutexLock l(&mu_);
+    file = std::move(cur_file_);
+    ++generation_;  // readers past the cut must not read on
+    data_cv_.SignalAll();
+  }
+  REPLICA_RETURN_IF_ERROR(file->Close());
+  // Newest first: a crash part-way leaves a log that ends later, still a clean
+  // prefix of what it was, and the epoch history's extra entries are dropped
+  // on recovery.
+  for (size_t j = segs.size() - 1; j > idx; --j) {
+    REPLICA_RETURN_IF_ERROR(env_->DeleteFile(segs[j].path));
+    MutexLock l(&mu_);
+    segments_.pop_back();
+  }
+  REPLICA_RETURN_IF_ERROR(env_->TruncateFile(segs[idx].path, offset));
+  REPLICA_ASSIGN_OR_RETURN(auto wf, env_->ReopenWritableFile(segs[idx].path));
+  std::shared_ptr<WritableFile> reopened = std::move(wf);
+  REPLICA_RETURN_IF_ERROR(reopened->Sync());
+  REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
+  if (history.TruncateAfter(last_kept)) REPLICA_RETURN_IF_ERROR(PersistHistory(history));
+  MutexLock l(&mu_);
+  segments_.back().end = offset;
+  cur_file_ = std::move(reopened);
+  cur_size_ = offset;
+  last_lsn_ = durable_lsn_ = last_kept;
+  next_lsn_ = cut;
+  history_ = std::move(history);
+  tail_epoch_ = history_.last_epoch();
+  return Status::OK();
+}
+
+void Wal::SyncLoop() {
+  MutexLock l(&mu_);
+  while (!closing_) {
+    sync_cv_.WaitUntil(std::chrono::steady_clock::now() + options_.sync_interval);
+    if (closing_ || !bg_error_.ok() || durable_lsn_ >= last_lsn_ || !cur_file_) continue;
+    // Everything up to last_lsn_ is in cur_file_ or in older segments, which
+    // were synced when they were closed.
+    std::shared_ptr<WritableFile> file = cur_file_;
+    Lsn target = last_lsn_;
+    mu_.Unlock();
+    Status st = file->Sync();
+    mu_.Lock();
+    if (!st.ok()) {
+      if (bg_error_.ok()) bg_error_ = st;
+      continue;
+    }
+    if (target > durable_lsn_) durable_lsn_ = target;
+    ++stats_.syncs;
+  }
+}
+
+Status Wal::Close() {
+  std::shared_ptr<WritableFile> file;
+  {
+    MutexLock l(&mu_);
+    if (closed_ || closing_) return Status::OK();
+    closing_ = true;
+    while (!queue_.empty()) data_cv_.Wait();
+    sync_cv_.SignalAll();
+  }
+  if (sync_thread_.joinable()) sync_thread_.join();
+  Status st;
+  {
+    MutexLock l(&mu_);
+    file = std::move(cur_file_);
+    if (file && bg_error_.ok() && options_.sync_policy != SyncPolicy::kNone && durable_lsn_ < last_lsn_) {
+      mu_.Unlock();
+      st = file->Sync();
+      mu_.Lock();
+      if (st.ok()) durable_lsn_ = last_lsn_;
+    }
+  }
+  if (file) {
+    Status cst = file->Close();
+    if (st.ok()) st = cst;
+  }
+  {
+    MutexLock l(&mu_);
+    closed_ = true;
+    data_cv_.SignalAll();
+  }
+  lock_.reset();
+  return st;
+}
+
+Result<std::unique_ptr<Reader>> Wal::NewReader(Lsn from) {
+  MutexLock l(&mu_);
+  if (closed_) return Status::Aborted("the WAL is closed");
+  if (from < first_lsn_locked()) {
+    return Status::Purged("LSN " + std::to_string(from) + " is no longer retained; the log starts at LSN " +
+                          std::to_string(first_lsn_locked()));
+  }
+  if (from > last_lsn_ + 1) {
+    return Status::InvalidArgument("LSN " + std::to_string(from) + " is past the end of the log (last LSN " +
+                                   std::to_string(last_lsn_) + ")");
+  }
+  return std::unique_ptr<Reader>(new Reader(this, from, generation_));
+}
+
+Lsn Wal::first_lsn() const {
+  MutexLock l(&mu_);
+  return first_lsn_locked();
+}
+Lsn Wal::last_lsn() const {
+  MutexLock l(&mu_);
+  return last_lsn_;
+}
+Lsn Wal::durable_lsn() const {
+  MutexLock l(&mu_);
+  return durable_lsn_;
+}
+Epoch Wal::last_epoch() const {
+  MutexLock l(&mu_);
+  return history_.last_epoch();
+}
+EpochHistory Wal::epoch_history() const {
+  MutexLock l(&mu_);
+  return history_;
+}
+EpochEnd Wal::EndOfEpoch(Epoch epoch) const {
+  MutexLock l(&mu_);
+  return history_.EndOf(epoch, last_lsn_);
+}
+std::vector<SegmentInfo> Wal::segments() const {
+  MutexLock l(&mu_);
+  std::vector<SegmentInfo> out;
+  for (size_t i = 0; i < segments_.size(); ++i) {
+    Lsn last = i + 1 < segments_.size() ? segments_[i + 1].first_lsn - 1 : last_lsn_;
+    out.push_back(SegmentInfo{segments_[i].first_lsn, last, segments_[i].end, segments_[i].path});
+  }
+  return out;
+}
+uint64_t Wal::size_bytes() const {
+  MutexLock l(&mu_);
+  uint64_t total = 0;
+  for (const auto& s : segments_) total += s.end;
+  return total;
+}
+WalStats Wal::stats() const {
+  MutexLock l(&mu_);
+  return stats_;
+}
+
+}  // namespace replica::wal

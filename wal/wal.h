@@ -1,0 +1,277 @@
+// Wal: a segmented, append-only write-ahead log (docs/wal-format.md).
+//
+// The active appends records; a standby appends the active's frames byte for
+// byte (AppendRaw), so both logs are identical record for record. Readers
+// iterate from any retained LSN and can follow the tail without polling.
+//
+// Thread-safety: every public method is safe to call from any thread.
+// Appends are group-committed: concurrent appenders queue; the first in the
+// queue (the leader) writes the whole group with one write and, under
+// SyncPolicy::kEveryCommit, one fdatasync, then wakes the others. Truncate and
+// Purge travel through the same queue, so they never interleave with a write.
+//
+// Errors: a failed write or sync is sticky (as in RocksDB): the log refuses
+// further appends with that error, because what reached the disk is unknown.
+// Reopening recovers to the last whole record.
+//
+// Lifetime: Readers must be destroyed before the Wal. Close() (or the
+// destructor) drains queued appends, syncs, and wakes waiting readers.
+//
+// Lock order: Wal::mu_ is a leaf; no callback runs under it.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/env.h"
+#include "base/mutex.h"
+#include "wal/epoch_history.h"
+#include "wal/frame.h"
+#include "wal/segment.h"
+
+namespace replica::wal {
+
+enum class SyncPolicy {
+  kEveryCommit,  // an append returns after fdatasync (shared by its group)
+  kInterval,     // an append returns after write(); a thread syncs every sync_interval
+  kNone,         // an append returns after write(); the OS decides when to flush
+};
+
+const char* SyncPolicyName(SyncPolicy p);
+// "every", "interval", "none"
+bool ParseSyncPolicy(std::string_view text, SyncPolicy* p);
+
+struct Options {
+  Env* env = nullptr;  // nullptr: Env::Default()
+  // A segment is closed once it holds this many bytes; the next frame starts a new one.
+  uint64_t segment_size = 64ull << 20;
+  SyncPolicy sync_policy = SyncPolicy::kEveryCommit;
+  std::chrono::milliseconds sync_interval{10};
+  // Store each commit group as one LZ4 block when that is smaller.
+  bool compress = false;
+  // 0 keeps every segment. Otherwise, after each segment roll, the oldest
+  // segments are deleted while the log is larger than this, never past the
+  // retention floor (SetRetentionFloor) and never the segment being written.
+  uint64_t retention_bytes = 0;
+  // First LSN of a log created empty (a standby seeded from a snapshot at
+  // LSN n starts at n + 1).
+  Lsn start_lsn = 1;
+  // Inspect without changing anything: no lock, no repair of a torn tail
+  // (readers stop before it), no appends. For tools such as waldump.
+  bool read_only = false;
+  // Upper bound on the bytes one group commit writes.
+  size_t max_group_bytes = 4u << 20;
+};
+
+// What Open found and did.
+struct RecoveryReport {
+  bool torn_tail = false;  // a torn last write was found (and cut, unless read-only)
+  std::string torn_segment;
+  uint64_t torn_offset = 0;
+  uint64_t torn_bytes = 0;
+  std::string torn_why;
+  std::vector<std::string> removed_segments;  // empty or headerless last segments
+  bool history_repaired = false;
+};
+
+struct WalStats {
+  uint64_t records = 0;
+  uint64_t groups = 0;  // group commits (writes)
+  uint64_t syncs = 0;
+  uint64_t bytes = 0;
+  uint64_t segments_created = 0;
+  uint64_t segments_purged = 0;
+};
+
+struct SegmentInfo {
+  Lsn first_lsn = 0;
+  Lsn last_lsn = 0;  // first_lsn - 1 when empty
+  uint64_t size = 0;
+  std::string path;
+};
+
+class Reader;
+
+class Wal {
+ public:
+  static Result<std::unique_ptr<Wal>> Open(const std::string& dir, const Options& options);
+  ~Wal();
+  Wal(const Wal&) = delete;
+  Wal& operator=(const Wal&) = delete;
+
+  // Appends one record in epoch `epoch`; returns its LSN once the sync policy
+  // is met. StaleEpoch if epoch is below the epoch of the log's last record.
+  Result<Lsn> Append(Epoch epoch, RecordType type, std::string_view payload) EXCLUDES(mu_);
+  // Appends records with consecutive LSNs; returns the last LSN.
+  Result<Lsn> AppendBatch(Epoch epoch, const RecordIn* records, size_t n) EXCLUDES(mu_);
+  // Appends whole frames received from a peer, stored unchanged after every
+  // checksum, LSN continuity (they must start at last_lsn() + 1) and epoch
+  // order is verified. Returns the last LSN.
+  Result<Lsn> AppendRaw(std::string_view frames) EXCLUDES(mu_);
+
+  // Forces an fdatasync of everything written (any policy).
+  Status Sync() EXCLUDES(mu_);
+  // Removes every record after last_kept, crash-safely (newest segment first).
+  // last_kept must be a frame boundary (not inside an LZ4 block), and at least
+  // first_lsn() - 1. Open readers past last_kept fail with Aborted.
+  Status Truncate(Lsn last_kept) EXCLUDES(mu_);
+  // Deletes whole segments all of whose records are <= upto, oldest first;
+  // never the segment being written. Returns the new first retained LSN.
+  Result<Lsn> Purge(Lsn upto) EXCLUDES(mu_);
+  // Automatic retention never deletes records at or above lsn.
+  void SetRetentionFloor(Lsn lsn) EXCLUDES(mu_);
+  Status Close() EXCLUDES(mu_);
+
+  // Reader positioned at `from`, which must lie in [first_lsn(), last_lsn() + 1].
+  // Purged if it is below first_lsn().
+  Result<std::unique_ptr<Reader>> NewReader(Lsn from) EXCLUDES(mu_);
+
+  Lsn first_lsn() const EXCLUDES(mu_);    // first retained LSN
+  Lsn last_lsn() const EXCLUDES(mu_);     // last LSN written (visible to readers)
+  Lsn durable_lsn() const EXCLUDES(mu_);  // last LSN known to be on disk
+  Epoch last_epoch() const EXCLUDES(mu_);
+  EpochHistory epoch_history() const EXCLUDES(mu_);
+  // Where did `epoch` end in this log (see EpochHistory::EndOf).
+  EpochEnd EndOfEpoch(Epoch epoch) const EXCLUDES(mu_);
+  std::vector<SegmentInfo> segments() const EXCLUDES(mu_);
+  uint64_t size_bytes() const EXCLUDES(mu_);
+  WalStats stats() const EXCLUDES(mu_);
+  const RecoveryReport& recovery() const { return recovery_; }
+  const std::string& dir() const { return dir_; }
+  const Options& options() const { return options_; }
+
+ private:
+  friend class Reader;
+  struct Op;
+  struct Segment {
+    Lsn first_lsn;
+    uint64_t end;  // bytes visible to readers
+    std::string path;
+  };
+  // A frame of the group being written, as a slice of group_buf_.
+  struct PendingFrame {
+    size_t offset;
+    size_t size;
+    Lsn first_lsn;
+  };
+
+  Wal(std::string dir, const Options& options);
+  Status Recover();
+  Status CreateSegment(Lsn first_lsn, Lsn prev_first_lsn);
+
+  Status Submit(Op* op) EXCLUDES(mu_);
+  // Leader work; mu_ is released during I/O.
+  void RunGroup(Op* leader) REQUIRES(mu_);
+  Status WriteFrames(bool sync) EXCLUDES(mu_);
+  Status RollSegment(Lsn first_lsn) EXCLUDES(mu_);
+  Status PersistHistory(const EpochHistory& h) EXCLUDES(mu_);
+  Status DoTruncate(Lsn last_kept) EXCLUDES(mu_);
+  Result<Lsn> DoPurge(Lsn upto, bool retention) EXCLUDES(mu_);
+  void SyncLoop() EXCLUDES(mu_);
+  Lsn readable_lsn() const REQUIRES(mu_) { return last_lsn_; }
+  Lsn first_lsn_locked() const REQUIRES(mu_) { return segments_.front().first_lsn; }
+
+  const std::string dir_;
+  const Options options_;
+  Env* const env_;
+  std::unique_ptr<FileLock> lock_;
+  RecoveryReport recovery_;
+
+  mutable Mutex mu_;
+  CondVar data_cv_{&mu_};  // readers: new data, truncation or close
+  CondVar sync_cv_{&mu_};  // the interval sync thread
+  std::deque<Op*> queue_ GUARDED_BY(mu_);
+  std::deque<Segment> segments_ GUARDED_BY(mu_);
+  EpochHistory history_ GUARDED_BY(mu_);
+  Lsn last_lsn_ GUARDED_BY(mu_) = 0;     // last written, visible to readers
+  Lsn durable_lsn_ GUARDED_BY(mu_) = 0;
+  Lsn next_lsn_ GUARDED_BY(mu_) = 1;     // LSN the next admitted record gets
+  Epoch tail_epoch_ GUARDED_BY(mu_) = 0; // epoch of the last admitted record
+  Lsn retention_floor_ GUARDED_BY(mu_) = UINT64_MAX;
+  std::atomic<uint64_t> generation_{0};  // bumped by Truncate; readers check it on every call
+  Status bg_error_ GUARDED_BY(mu_);
+  bool closing_ GUARDED_BY(mu_) = false;
+  bool closed_ GUARDED_BY(mu_) = false;
+  WalStats stats_ GUARDED_BY(mu_);
+  // The segment being written; swapped by the leader under mu_, used by the
+  // leader and (for Sync) the interval thread.
+  std::shared_ptr<WritableFile> cur_file_ GUARDED_BY(mu_);
+
+  // Owned by the current leader only (one at a time, by the queue).
+  std::string group_buf_;
+  std::vector<PendingFrame> group_frames_;
+  uint64_t cur_size_ = 0;
+
+  std::thread sync_thread_;
+};
+
+// A run of whole frames as stored, for sending without re-encoding: the bytes
+// [offset, offset + length) of file. The file stays readable while the span
+// lives, even if its segment is purged.
+struct RawSpan {
+  Lsn first_lsn = 0;  // LSN of the first record in the span
+  Lsn last_lsn = 0;
+  std::shared_ptr<const RandomAccessFile> file;
+  std::string segment_path;
+  uint64_t offset = 0;
+  size_t length = 0;
+  // Copies the bytes out (the zero-copy sender uses file->NativeHandle()).
+  Status ReadInto(std::string* out) const;
+};
+
+// Iterates records from an LSN. Not thread-safe: one owner.
+class Reader {
+ public:
+  ~Reader();
+  // Next record, or false when caught up with the log's end. The record's
+  // payload stays valid until the next call.
+  Result<bool> Next(RecordView* record);
+  // Like Next, but when caught up waits (without polling) until a record
+  // arrives or the deadline passes (then false).
+  Result<bool> NextWait(RecordView* record, std::chrono::steady_clock::time_point deadline);
+  // The next run of whole stored frames, at most max_bytes (but always at
+  // least one frame), within one segment; nullopt when caught up. If the
+  // reader stands inside an LZ4 block, the span starts at that block.
+  Result<std::optional<RawSpan>> NextRaw(size_t max_bytes);
+  // Waits until a record at next_lsn() is readable or the deadline passes.
+  // Returns false on timeout.
+  Result<bool> WaitForData(std::chrono::steady_clock::time_point deadline);
+  Lsn next_lsn() const { return next_lsn_; }
+
+ private:
+  friend class Wal;
+  Reader(Wal* wal, Lsn from, uint64_t generation);
+  // Positions on the segment holding next_lsn_ (or the current one's
+  // successor) and refreshes the visible end. Returns false when caught up.
+  Result<bool> Position();
+  Status CorruptionHere(const std::string& why) const;
+  // Ensures a segment is open and the cursor can read; false when caught up.
+  Result<bool> Ready();
+
+  Wal* const wal_;
+  Lsn next_lsn_;
+  uint64_t generation_;
+  // Current segment.
+  Lsn seg_first_ = 0;
+  std::string seg_path_;
+  std::shared_ptr<RandomAccessFile> file_;
+  std::unique_ptr<FrameCursor> cursor_;
+  Lsn frame_lsn_ = 0;  // LSN the next frame in the segment must carry
+  std::optional<Lsn> next_seg_first_;
+  uint64_t seg_end_ = 0;      // visible bytes of the current segment
+  Lsn visible_last_ = 0;      // last LSN readable when Position last looked
+  uint64_t block_offset_ = 0; // file offset of the block being handed out
+  Lsn block_first_ = 0;
+  // Decoded LZ4 block being handed out.
+  std::string block_raw_;
+  std::vector<RecordView> block_;
+  size_t block_pos_ = 0;
+};
+
+}  // namespace replica::wal
