@@ -70,20 +70,21 @@ Result<EpochHistory> EpochHistory::Decode(std::string_view data) {
   if (data.size() < kFixedPart + 8 || std::memcmp(data.data(), kEpochMagic, 8) != 0) {
     return Status::Corruption("epoch history: bad magic or too short");
   }
+  size_t body = data.size() - 8;
+  if (XXH3_64bits(data.data(), body) != DecodeFixed64(data.data() + body)) {
+    return Status::Corruption("epoch history: checksum mismatch");
+  }
   uint32_t version = DecodeFixed32(data.data() + 8);
   uint32_t count = DecodeFixed32(data.data() + 12);
   if (version != 1) return Status::NotSupported("epoch history version " + std::to_string(version));
   if (data.size() != kFixedPart + 16ull * count + 8) {
     return Status::Corruption("epoch history: size does not match " + std::to_string(count) + " entries");
   }
-  size_t body = data.size() - 8;
-  if (XXH3_64bits(data.data(), body) != DecodeFixed64(data.data() + body)) {
-    return Status::Corruption("epoch history: checksum mismatch");
-  }
   EpochHistory h;
   for (uint32_t i = 0; i < count; ++i) {
     const char* p = data.data() + kFixedPart + 16ull * i;
-    REPLICA_RETURN_IF_ERROR_CTX(h.Add(DecodeFixed64(p), DecodeFixed64(p + 8)), "epoch history");
+    Status st = h.Add(DecodeFixed64(p), DecodeFixed64(p + 8));
+    if (!st.ok()) return Status::Corruption("epoch history: " + st.message());
   }
   return h;
 }

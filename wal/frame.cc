@@ -74,6 +74,8 @@ Status DecodeFrameHeader(const char* p, FrameHeader* h) {
   }
   if (h->flags != 0) return Status::Corruption("frame flags " + std::to_string(h->flags) + " not understood");
   if (h->lsn == 0) return Status::Corruption("frame with LSN 0");
+  if (h->epoch == 0) return Status::Corruption("frame with epoch 0");
+  if (h->lsn > UINT64_MAX - h->count) return Status::Corruption("frame LSN range overflows");
   return Status::OK();
 }
 
@@ -163,6 +165,11 @@ Status DecodeBlock(const FrameHeader& h, std::string_view payload, std::string* 
 
 Result<FrameRun> VerifyFrameRun(std::string_view bytes, Lsn expected_first, Epoch min_epoch) {
   FrameRun run;
+  if (expected_first == 0 && bytes.size() >= kFrameHeaderSize) {
+    FrameHeader first;
+    REPLICA_RETURN_IF_ERROR_CTX(DecodeFrameHeader(bytes.data(), &first), "frame at byte 0");
+    expected_first = first.lsn;
+  }
   run.first_lsn = expected_first;
   Lsn next = expected_first;
   Epoch epoch = min_epoch;

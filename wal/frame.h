@@ -72,7 +72,7 @@ struct FrameRun {
 };
 
 // Verifies that bytes are whole frames with good checksums, consecutive LSNs
-// starting at expected_first, and non-decreasing epochs starting at or above
+// starting at expected_first (0: at whatever LSN the first frame carries), and non-decreasing epochs starting at or above
 // min_epoch. Does not decompress blocks (their checksum covers the stored bytes).
 Result<FrameRun> VerifyFrameRun(std::string_view bytes, Lsn expected_first, Epoch min_epoch);
 

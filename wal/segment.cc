@@ -56,13 +56,18 @@ Status DecodeSegmentHeader(std::string_view bytes, SegmentHeader* h) {
   h->incompat_flags = DecodeFixed32(p + 12);
   h->first_lsn = DecodeFixed64(p + 16);
   h->prev_first_lsn = DecodeFixed64(p + 24);
-  if (h->version != kFormatVersion || header_size != kSegmentHeaderSize) {
+  if (h->version != kFormatVersion) {
     return Status::NotSupported("segment format version " + std::to_string(h->version) +
                                 " (this build reads version " + std::to_string(kFormatVersion) + ")");
   }
+  if (header_size != kSegmentHeaderSize) {
+    return Status::NotSupported("segment header of " + std::to_string(header_size) + " bytes (this build reads " +
+                                std::to_string(kSegmentHeaderSize) + ")");
+  }
   if ((h->incompat_flags & ~kKnownIncompatFlags) != 0) {
-    return Status::NotSupported("segment uses unknown incompatible features 0x" +
-                                std::to_string(h->incompat_flags));
+    char hex[16];
+    std::snprintf(hex, sizeof hex, "0x%x", h->incompat_flags & ~kKnownIncompatFlags);
+    return Status::NotSupported(std::string("segment uses unknown incompatible features ") + hex);
   }
   if (h->first_lsn == 0) return Status::Corruption("segment header with first LSN 0");
   return Status::OK();
@@ -117,7 +122,8 @@ bool ValidFrameFollows(std::string_view data, size_t from, Lsn after_lsn) {
   for (size_t pos = from; pos + kFrameHeaderSize <= data.size(); ++pos) {
     FrameHeader h;
     if (!DecodeFrameHeader(data.data() + pos, &h).ok()) continue;
-    if (h.lsn <= after_lsn || data.size() - pos - kFrameHeaderSize < h.payload_len) continue;
+    if (data.size() - pos - kFrameHeaderSize < h.payload_len) continue;
+    (void)after_lsn;  // any whole, checksummed frame counts: it was written on purpose
     if (FrameChecksumOk(data.data() + pos, h.payload_len)) return true;
   }
   return false;
@@ -137,11 +143,18 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
     REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor.Next(&h, &payload, &why));
     if (outcome == FrameCursor::Outcome::kEnd) return scan;
     if (outcome == FrameCursor::Outcome::kFrame) {
-      if (h.lsn != scan.last_lsn + 1) {
-        why = "LSN " + std::to_string(h.lsn) + " where " + std::to_string(scan.last_lsn + 1) + " was expected";
-      } else if (h.epoch < scan.last_epoch) {
-        why = "epoch " + std::to_string(h.epoch) + " after epoch " + std::to_string(scan.last_epoch);
-      } else {
+      // A whole frame with a good checksum was written on purpose: if it does
+      // not continue the log, the log is damaged, not torn.
+      if (h.lsn != scan.last_lsn + 1 || h.epoch < scan.last_epoch) {
+        scan.bad_offset = scan.valid_end;
+        scan.why = h.lsn != scan.last_lsn + 1
+                       ? "LSN " + std::to_string(h.lsn) + " where " + std::to_string(scan.last_lsn + 1) +
+                             " was expected"
+                       : "epoch " + std::to_string(h.epoch) + " after epoch " + std::to_string(scan.last_epoch);
+        scan.tail = SegmentScan::Tail::kCorrupt;
+        return scan;
+      }
+      {
         if (scan.frames == 0 || h.epoch > scan.last_epoch) scan.epoch_starts.emplace_back(h.epoch, h.lsn);
         scan.last_lsn = h.last_lsn();
         scan.last_epoch = h.epoch;

@@ -138,7 +138,17 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
     const std::string path = JoinPath(dir_, SegmentFileName(names[i]));
     REPLICA_ASSIGN_OR_RETURN(uint64_t size, env_->GetFileSize(path));
     const bool is_last = i + 1 == names.size();
-    if (size < kSegmentHeaderSize) {
+    bool headerless = size < kSegmentHeaderSize;
+    if (!headerless && is_last) {
+      // Without fsync (policy none) a crash can leave a new segment's header
+      // as zeros: as good as absent.
+      REPLICA_ASSIGN_OR_RETURN(auto probe, env_->NewRandomAccessFile(path));
+      char hb[kSegmentHeaderSize];
+      REPLICA_ASSIGN_OR_RETURN(size_t n, probe->Read(0, kSegmentHeaderSize, hb));
+      headerless = n == kSegmentHeaderSize && std::all_of(hb, hb + n, [](char c) { return c == 0; }) &&
+                   size == kSegmentHeaderSize;
+    }
+    if (headerless) {
       if (!is_last) {
         return Status::Corruption("segment " + path + " is " + std::to_string(size) +
                                   " bytes (no header) but later segments exist");
@@ -172,7 +182,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
   if (segs.empty()) {
     if (ro) return Status::NotFound("no WAL segments in " + dir_);
     Lsn first = removed_first != 0 ? removed_first : options_.start_lsn;
-    history_.TruncateAfter(first - 1);
+    if (history_.TruncateAfter(first - 1)) REPLICA_RETURN_IF_ERROR(PersistHistory(history_));
     REPLICA_RETURN_IF_ERROR(CreateSegment(first, 0));
     last_lsn_ = durable_lsn_ = first - 1;
     next_lsn_ = first;
@@ -316,6 +326,7 @@ void Wal::RunGroup(Op* leader) {
   }
 
   Status st = bg_error_;
+  bool mutated = !maintenance;  // a failed write always leaves the disk unknown
   bool want_sync = options_.sync_policy == SyncPolicy::kEveryCommit;
   Lsn group_last = last_lsn_;
   EpochHistory new_history;
@@ -377,8 +388,9 @@ void Wal::RunGroup(Op* leader) {
     mu_.Unlock();
     if (maintenance) {
       if (leader->kind == Op::Kind::kTruncate) {
-        st = DoTruncate(leader->lsn_arg);
+        st = DoTruncate(leader->lsn_arg, &mutated);
       } else {
+        mutated = true;
         auto r = DoPurge(leader->lsn_arg, /*retention=*/false);
         st = r.status();
         if (r.ok()) leader->result = *r;
@@ -438,7 +450,9 @@ void Wal::RunGroup(Op* leader) {
     mu_.Lock();
   }
 
-  if (!st.ok()) {
+  if (!st.ok() && !mutated) {
+    leader->status = st;  // refused before touching anything: not sticky
+  } else if (!st.ok()) {
     if (bg_error_.ok()) {
       RLOG(kError, "wal.write_failed") << "dir=" << dir_ << " error=\"" << st.ToString()
                                       << "\" (appends refused until reopened)";
@@ -534,20 +548,22 @@ Result<Lsn> Wal::DoPurge(Lsn upto, bool retention) {
     }
     // Oldest first: a crash part-way leaves a shorter, still contiguous log.
     REPLICA_RETURN_IF_ERROR(env_->DeleteFile(path));
+    // Each unlink is made durable before the next, so that a crash can never
+    // leave an older segment behind a deleted newer one (a hole).
+    REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
     MutexLock l(&mu_);
     segments_.pop_front();
     ++stats_.segments_purged;
     ++purged;
   }
   if (purged > 0) {
-    REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
     RLOG(kInfo, "wal.purge") << "dir=" << dir_ << " segments=" << purged << " first_lsn=" << first_lsn()
                              << (retention ? " reason=retention" : "");
   }
   return first_lsn();
 }
 
-Status Wal::DoTruncate(Lsn last_kept) {
+Status Wal::DoTruncate(Lsn last_kept, bool* mutated) {
   std::deque<Segment> segs;
   Lsn last;
   EpochHistory history;
@@ -596,6 +612,7 @@ Status Wal::DoTruncate(Lsn last_kept) {
   }
   RLOG(kWarn, "wal.truncate") << "dir=" << dir_ << " last_kept=" << last_kept << " dropped_records="
                               << (last - last_kept) << " segment=" << segs[idx].path << " offset=" << offset;
+  *mutated = true;
   std::shared_ptr<WritableFile> file;
   {
     MutexLock l(&mu_);
@@ -609,6 +626,7 @@ Status Wal::DoTruncate(Lsn last_kept) {
   // on recovery.
   for (size_t j = segs.size() - 1; j > idx; --j) {
     REPLICA_RETURN_IF_ERROR(env_->DeleteFile(segs[j].path));
+    REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));  // ordered: never a hole after a crash
     MutexLock l(&mu_);
     segments_.pop_back();
   }

@@ -76,7 +76,7 @@ struct RecoveryReport {
   uint64_t torn_offset = 0;
   uint64_t torn_bytes = 0;
   std::string torn_why;
-  std::vector<std::string> removed_segments;  // empty or headerless last segments
+  std::vector<std::string> removed_segments;  // last segments without a whole header (crash during a roll)
   bool history_repaired = false;
 };
 
@@ -171,7 +171,9 @@ class Wal {
   Status WriteFrames(bool sync) EXCLUDES(mu_);
   Status RollSegment(Lsn first_lsn) EXCLUDES(mu_);
   Status PersistHistory(const EpochHistory& h) EXCLUDES(mu_);
-  Status DoTruncate(Lsn last_kept) EXCLUDES(mu_);
+  // *mutated turns true once the first file changes; before that a failure
+  // (a bad argument) leaves the log as it was and is not sticky.
+  Status DoTruncate(Lsn last_kept, bool* mutated) EXCLUDES(mu_);
   Result<Lsn> DoPurge(Lsn upto, bool retention) EXCLUDES(mu_);
   void SyncLoop() EXCLUDES(mu_);
   Lsn readable_lsn() const REQUIRES(mu_) { return last_lsn_; }

@@ -1,0 +1,121 @@
+// The POSIX Env and the fault-injecting Env that the WAL tests rely on.
+#include "base/env.h"
+
+#include <gtest/gtest.h>
+
+#include <cerrno>
+
+#include "base/fault_env.h"
+#include "tests/support/test_util.h"
+
+namespace replica {
+namespace {
+
+using test::TempDir;
+
+TEST(EnvTest, WriteReadRenameDelete) {
+  TempDir dir;
+  Env* env = Env::Default();
+  const std::string a = dir.Sub("a");
+  auto f = env->NewWritableFile(a);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_TRUE((*f)->Append("hello ").ok());
+  ASSERT_TRUE((*f)->Append("world").ok());
+  EXPECT_EQ((*f)->Size(), 11u);
+  ASSERT_TRUE((*f)->Sync().ok());
+  ASSERT_TRUE((*f)->Close().ok());
+
+  auto reopened = env->ReopenWritableFile(a);
+  ASSERT_TRUE(reopened.ok());
+  EXPECT_EQ((*reopened)->Size(), 11u);
+  ASSERT_TRUE((*reopened)->Append("!").ok());
+  ASSERT_TRUE((*reopened)->Close().ok());
+
+  auto data = ReadWholeFile(env, a);
+  ASSERT_TRUE(data.ok());
+  EXPECT_EQ(*data, "hello world!");
+
+  auto r = env->NewRandomAccessFile(a);
+  ASSERT_TRUE(r.ok());
+  char buf[16];
+  auto n = (*r)->Read(6, 16, buf);
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(std::string(buf, *n), "world!");  // short read at end of file
+  EXPECT_GE((*r)->NativeHandle(), 0);
+
+  ASSERT_TRUE(env->RenameFile(a, dir.Sub("b")).ok());
+  EXPECT_FALSE(env->FileExists(a));
+  ASSERT_TRUE(env->TruncateFile(dir.Sub("b"), 5).ok());
+  EXPECT_EQ(*env->GetFileSize(dir.Sub("b")), 5u);
+  auto children = env->GetChildren(dir.path());
+  ASSERT_TRUE(children.ok());
+  EXPECT_EQ(*children, std::vector<std::string>{"b"});
+  ASSERT_TRUE(env->DeleteFile(dir.Sub("b")).ok());
+  EXPECT_TRUE(env->NewRandomAccessFile(dir.Sub("b")).status().IsNotFound());
+  EXPECT_TRUE(env->GetChildren(dir.Sub("nope")).status().IsNotFound());
+}
+
+TEST(EnvTest, AtomicWriteReplaces) {
+  TempDir dir;
+  Env* env = Env::Default();
+  ASSERT_TRUE(WriteFileAtomically(env, dir.Sub("f"), "one").ok());
+  ASSERT_TRUE(WriteFileAtomically(env, dir.Sub("f"), "two").ok());
+  EXPECT_EQ(*ReadWholeFile(env, dir.Sub("f")), "two");
+  EXPECT_FALSE(env->FileExists(dir.Sub("f.tmp")));
+}
+
+TEST(EnvTest, LockIsExclusive) {
+  TempDir dir;
+  Env* env = Env::Default();
+  auto first = env->LockFile(dir.Sub("LOCK"));
+  ASSERT_TRUE(first.ok());
+  // flock locks belong to the open file description, so a second open in the
+  // same process conflicts too, as a second process would.
+  auto second = env->LockFile(dir.Sub("LOCK"));
+  EXPECT_EQ(second.status().code(), StatusCode::kBusy);
+  first.value().reset();
+  EXPECT_TRUE(env->LockFile(dir.Sub("LOCK")).ok());
+}
+
+TEST(FaultEnvTest, CrashAfterMutations) {
+  TempDir dir;
+  FaultInjectionEnv env(Env::Default());
+  env.CrashAfterMutations(2);  // create + one append succeed
+  auto f = env.NewWritableFile(dir.Sub("f"));
+  ASSERT_TRUE(f.ok());
+  EXPECT_TRUE((*f)->Append("a").ok());
+  EXPECT_TRUE((*f)->Append("b").IsIOError());
+  EXPECT_TRUE(env.crashed());
+  EXPECT_TRUE((*f)->Sync().IsIOError());  // everything after the crash fails
+  EXPECT_TRUE(env.DeleteFile(dir.Sub("f")).IsIOError());
+  EXPECT_EQ(env.mutations(), 2);
+}
+
+TEST(FaultEnvTest, SpaceBudgetGivesShortWriteAndEnospc) {
+  TempDir dir;
+  FaultInjectionEnv env(Env::Default());
+  env.SetSpaceBudget(5);
+  auto f = env.NewWritableFile(dir.Sub("f"));
+  ASSERT_TRUE(f.ok());
+  Status st = (*f)->Append("0123456789");
+  EXPECT_EQ(st.sys_errno(), ENOSPC) << st.ToString();
+  EXPECT_EQ((*f)->Size(), 5u);
+  EXPECT_EQ(*ReadWholeFile(Env::Default(), dir.Sub("f")), "01234");
+}
+
+TEST(FaultEnvTest, DropUnsyncedData) {
+  TempDir dir;
+  FaultInjectionEnv env(Env::Default());
+  auto f = env.NewWritableFile(dir.Sub("f"));
+  ASSERT_TRUE(f.ok());
+  ASSERT_TRUE((*f)->Append("synced").ok());
+  ASSERT_TRUE((*f)->Sync().ok());
+  ASSERT_TRUE((*f)->Append("-lost").ok());
+  ASSERT_TRUE(env.DropUnsyncedData().ok());
+  EXPECT_EQ(*ReadWholeFile(Env::Default(), dir.Sub("f")), "synced");
+  env.SetSyncFails(true);
+  EXPECT_EQ((*f)->Sync().sys_errno(), EIO);
+}
+
+}  // namespace
+}  // namespace replica

@@ -1,0 +1,57 @@
+// Helpers shared by the tests: temporary directories, deterministic payloads,
+// byte-level corrupters for log files, and a reader that collects a whole log.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "wal/wal.h"
+
+namespace replica::test {
+
+// A fresh directory under $TMPDIR (or /tmp), removed with everything in it.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string Sub(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Payload of `size` bytes determined by `seed`, so a reader can check every byte.
+std::string Payload(uint64_t seed, size_t size);
+
+std::string ReadFileBytes(const std::string& path);
+void WriteFileBytes(const std::string& path, const std::string& data);
+uint64_t FileSize(const std::string& path);
+void FlipBit(const std::string& path, uint64_t offset, int bit);
+void TruncateFileTo(const std::string& path, uint64_t size);
+void CopyDir(const std::string& from, const std::string& to);
+// Segment file paths of a WAL directory, oldest first.
+std::vector<std::string> SegmentPaths(const std::string& dir);
+
+struct ReadRecord {
+  wal::Lsn lsn;
+  wal::Epoch epoch;
+  uint8_t type;
+  std::string payload;
+};
+// Reads every record from `from` to the end; fails the test on error.
+std::vector<ReadRecord> ReadAll(wal::Wal* wal, wal::Lsn from);
+// Same, but returns the error instead.
+Status TryReadAll(wal::Wal* wal, wal::Lsn from, std::vector<ReadRecord>* out);
+
+// Opens or fails the test.
+std::unique_ptr<wal::Wal> OpenOrDie(const std::string& dir, const wal::Options& options = {});
+// Appends `n` records of `size` bytes with Payload(lsn) content, one per call.
+void AppendN(wal::Wal* wal, uint64_t n, size_t size, wal::Epoch epoch = 1);
+
+// Whether the long soak rounds were asked for (REPLICA_SOAK=1).
+bool SoakMode();
+
+}  // namespace replica::test

@@ -1,0 +1,96 @@
+// waldump and walgen as a user runs them: real processes, exit codes, output.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+
+#include "tests/support/test_util.h"
+
+namespace replica {
+namespace {
+
+using test::TempDir;
+
+struct ExecResult {
+  int exit_code;
+  std::string out;  // stdout and stderr together
+};
+
+ExecResult Exec(const std::string& cmd) {
+  ExecResult r{-1, ""};
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  int status = ::pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+const std::string kDump = WALDUMP_PATH;
+const std::string kGen = WALGEN_PATH;
+
+TEST(WaldumpTest, PrintsRecordsAndSummary) {
+  TempDir dir;
+  const std::string wal = dir.Sub("wal");
+  ASSERT_EQ(Exec(kGen + " " + wal + " --records 50 --size 33 --epoch 2 --log-level warn").exit_code, 0);
+  ExecResult r = Exec(kDump + " " + wal);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("lsn=1 epoch=2 type=data size=33 checksum=ok"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("lsn=50 "), std::string::npos);
+  EXPECT_NE(r.out.find("summary: 50 records, LSN 1..50"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("epoch 2 starts at LSN 1"), std::string::npos) << r.out;
+
+  ExecResult from = Exec(kDump + " --from 48 --json " + wal);
+  ASSERT_EQ(from.exit_code, 0) << from.out;
+  EXPECT_EQ(from.out.find("\"lsn\":47,"), std::string::npos);
+  EXPECT_NE(from.out.find("{\"lsn\":48,\"epoch\":2,\"type\":\"data\""), std::string::npos) << from.out;
+  EXPECT_NE(from.out.find("\"summary\":{"), std::string::npos);
+  EXPECT_NE(from.out.find("\"records\":3,"), std::string::npos) << from.out;
+}
+
+TEST(WaldumpTest, CorruptLogExitsOneAndSaysWhere) {
+  TempDir dir;
+  const std::string wal = dir.Sub("wal");
+  ASSERT_EQ(Exec(kGen + " " + wal + " --records 20 --log-level warn").exit_code, 0);
+  const std::string seg = test::SegmentPaths(wal).back();
+  test::FlipBit(seg, 40 + 40 * 3 + 100 * 2 + 50, 2);  // inside record 3's payload
+  ExecResult r = Exec(kDump + " " + wal);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("Corruption"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(seg), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("LSN 3"), std::string::npos) << r.out;
+}
+
+TEST(WaldumpTest, TornTailIsReportedNotRepaired) {
+  TempDir dir;
+  const std::string wal = dir.Sub("wal");
+  ASSERT_EQ(Exec(kGen + " " + wal + " --records 10 --log-level warn").exit_code, 0);
+  const std::string seg = test::SegmentPaths(wal).back();
+  const uint64_t size = test::FileSize(seg);
+  test::TruncateFileTo(seg, size - 7);
+  ExecResult r = Exec(kDump + " --summary " + wal);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("torn tail"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("summary: 9 records"), std::string::npos) << r.out;
+  EXPECT_EQ(test::FileSize(seg), size - 7) << "waldump must not change the log";
+}
+
+TEST(WaldumpTest, UsageErrorsExitTwo) {
+  TempDir dir;
+  EXPECT_EQ(Exec(kDump).exit_code, 2);
+  EXPECT_EQ(Exec(kDump + " --bogus " + dir.path()).exit_code, 2);
+  EXPECT_EQ(Exec(kDump + " --from abc " + dir.path()).exit_code, 2);
+  ExecResult missing = Exec(kDump + " " + dir.Sub("absent"));
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.out.find("NotFound"), std::string::npos) << missing.out;
+  ExecResult help = Exec(kDump + " --help");
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_NE(help.out.find("--from LSN"), std::string::npos);
+  EXPECT_EQ(Exec(kGen + " --records x " + dir.path()).exit_code, 2);
+}
+
+}  // namespace
+}  // namespace replica

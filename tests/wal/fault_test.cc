@@ -1,0 +1,145 @@
+// Disk full, short writes, failing fsync and power loss, through the
+// fault-injecting Env: the writer reports the error, and the log stays
+// recoverable with every acknowledged record.
+#include <gtest/gtest.h>
+
+#include <cerrno>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "base/fault_env.h"
+#include "tests/support/test_util.h"
+#include "wal/wal.h"
+
+namespace replica::wal {
+namespace {
+
+using test::OpenOrDie;
+using test::Payload;
+using test::ReadAll;
+using test::TempDir;
+
+Options Opts(Env* env) {
+  Options o;
+  o.env = env;
+  o.segment_size = 8 << 10;
+  return o;
+}
+
+// Every acknowledged LSN is present with the payload it was written with,
+// and the log reads as one gap-free run.
+void ExpectAcknowledged(const std::string& dir, const std::set<Lsn>& acked, size_t size) {
+  auto wal = OpenOrDie(dir, Opts(nullptr));
+  ASSERT_NE(wal, nullptr);
+  auto recs = ReadAll(wal.get(), wal->first_lsn());
+  ASSERT_EQ(recs.size(), wal->last_lsn());
+  for (size_t i = 0; i < recs.size(); ++i) {
+    ASSERT_EQ(recs[i].lsn, i + 1);
+    ASSERT_EQ(recs[i].payload, Payload(recs[i].lsn, size));
+  }
+  if (!acked.empty()) {
+    EXPECT_GE(wal->last_lsn(), *acked.rbegin());
+  }
+  // And it accepts new appends.
+  ASSERT_TRUE(wal->Append(wal->last_epoch() ? wal->last_epoch() : 1, RecordType::kData,
+                          Payload(wal->last_lsn() + 1, size)).ok());
+}
+
+TEST(FaultTest, DiskFullMidAppendIsReportedAndRecoverable) {
+  for (int64_t budget : {0, 1, 39, 40, 100, 1000, 5000, 9000, 20000}) {
+    TempDir dir;
+    FaultInjectionEnv env(Env::Default());
+    std::set<Lsn> acked;
+    {
+      auto wal = OpenOrDie(dir.path(), Opts(&env));
+      env.SetSpaceBudget(budget);
+      Status first_error;
+      for (int i = 0; i < 400; ++i) {
+        Lsn next = wal->last_lsn() + 1;
+        auto lsn = wal->Append(1, RecordType::kData, Payload(next, 200));
+        if (!lsn.ok()) {
+          first_error = lsn.status();
+          break;
+        }
+        acked.insert(*lsn);
+      }
+      ASSERT_FALSE(first_error.ok()) << "budget " << budget << " never ran out";
+      EXPECT_EQ(first_error.sys_errno(), ENOSPC) << first_error.ToString();
+      // Sticky: the log does not pretend later appends worked.
+      auto again = wal->Append(1, RecordType::kData, "x");
+      EXPECT_EQ(again.status().sys_errno(), ENOSPC);
+      EXPECT_EQ(wal->last_lsn(), acked.empty() ? 0 : *acked.rbegin());
+    }
+    ExpectAcknowledged(dir.path(), acked, 200);
+  }
+}
+
+TEST(FaultTest, DiskFullWithConcurrentAppenders) {
+  TempDir dir;
+  FaultInjectionEnv env(Env::Default());
+  std::set<Lsn> acked;
+  std::mutex mu;
+  {
+    auto wal = OpenOrDie(dir.path(), Opts(&env));
+    env.SetSpaceBudget(30000);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 6; ++t) {
+      threads.emplace_back([&] {
+        for (int i = 0; i < 200; ++i) {
+          // Payload content is checked by LSN, so write a fixed-size filler and
+          // check only presence here.
+          auto lsn = wal->Append(1, RecordType::kData, std::string(150, 'f'));
+          if (!lsn.ok()) return;
+          std::lock_guard<std::mutex> l(mu);
+          acked.insert(*lsn);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  ASSERT_FALSE(acked.empty());
+  auto wal = OpenOrDie(dir.path(), Opts(nullptr));
+  EXPECT_GE(wal->last_lsn(), *acked.rbegin());
+  auto recs = ReadAll(wal.get(), 1);
+  EXPECT_EQ(recs.size(), wal->last_lsn());
+}
+
+TEST(FaultTest, FailedSyncIsSticky) {
+  TempDir dir;
+  FaultInjectionEnv env(Env::Default());
+  auto wal = OpenOrDie(dir.path(), Opts(&env));
+  ASSERT_TRUE(wal->Append(1, RecordType::kData, "ok").ok());
+  env.SetSyncFails(true);
+  auto failed = wal->Append(1, RecordType::kData, "lost");
+  EXPECT_EQ(failed.status().sys_errno(), EIO) << failed.status().ToString();
+  env.SetSyncFails(false);
+  // After a failed fsync the page cache cannot be trusted: stay failed.
+  EXPECT_EQ(wal->Append(1, RecordType::kData, "x").status().sys_errno(), EIO);
+  EXPECT_EQ(wal->durable_lsn(), 1u);
+}
+
+// Power loss at every point of a run of appends that rolls segments: after
+// dropping whatever was not fsynced, every acknowledged append is there.
+TEST(FaultTest, PowerLossAtEveryMutation) {
+  for (int64_t step = 0; step < 120; step += 1) {
+    TempDir dir;
+    FaultInjectionEnv env(Env::Default());
+    std::set<Lsn> acked;
+    {
+      auto wal = OpenOrDie(dir.path(), Opts(&env));
+      env.CrashAfterMutations(step);
+      for (int i = 0; i < 200; ++i) {
+        Lsn next = wal->last_lsn() + 1;
+        auto lsn = wal->Append(1, RecordType::kData, Payload(next, 300));
+        if (!lsn.ok()) break;
+        acked.insert(*lsn);
+      }
+    }
+    ASSERT_TRUE(env.DropUnsyncedData().ok());
+    ExpectAcknowledged(dir.path(), acked, 300);
+  }
+}
+
+}  // namespace
+}  // namespace replica::wal

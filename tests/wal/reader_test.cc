@@ -1,0 +1,232 @@
+// Readers: any start LSN, tailing without polling, purged LSNs, and the raw
+// path that lets a standby keep a byte-identical copy.
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "tests/support/test_util.h"
+#include "wal/wal.h"
+
+namespace replica::wal {
+namespace {
+
+using namespace std::chrono_literals;
+using test::AppendN;
+using test::OpenOrDie;
+using test::Payload;
+using test::ReadAll;
+using test::TempDir;
+
+Options Small(bool compress) {
+  Options o;
+  o.segment_size = 8 << 10;
+  o.compress = compress;
+  return o;
+}
+
+// Appends with batches so that compressed logs hold multi-record blocks.
+void AppendBatches(Wal* wal, int batches, int per_batch, Epoch epoch = 1) {
+  for (int b = 0; b < batches; ++b) {
+    std::vector<std::string> payloads;
+    std::vector<RecordIn> recs;
+    Lsn first = wal->last_lsn() + 1;
+    for (int i = 0; i < per_batch; ++i) payloads.push_back(std::string(60, 'a' + (first + i) % 26));
+    for (auto& p : payloads) recs.push_back({RecordType::kData, p});
+    ASSERT_TRUE(wal->AppendBatch(epoch, recs.data(), recs.size()).ok());
+  }
+}
+
+TEST(ReaderTest, StartsAnywhereIncludingInsideBlocks) {
+  for (bool compress : {false, true}) {
+    TempDir dir;
+    auto wal = OpenOrDie(dir.path(), Small(compress));
+    AppendBatches(wal.get(), 40, 7);
+    const Lsn last = wal->last_lsn();
+    ASSERT_EQ(last, 280u);
+    for (Lsn from = 1; from <= last + 1; from += 3) {
+      auto recs = ReadAll(wal.get(), from);
+      ASSERT_EQ(recs.size(), last - from + 1) << "from " << from << " compress " << compress;
+      if (!recs.empty()) {
+        EXPECT_EQ(recs.front().lsn, from);
+      }
+    }
+    EXPECT_EQ(wal->NewReader(last + 2).status().code(), StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(ReaderTest, TailingReaderWakesOnAppend) {
+  TempDir dir;
+  auto wal = OpenOrDie(dir.path(), Small(false));
+  AppendN(wal.get(), 3, 10);
+  auto reader = wal->NewReader(1);
+  ASSERT_TRUE(reader.ok());
+  RecordView r;
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(*(*reader)->Next(&r));
+  // Caught up: a short wait times out with nothing.
+  auto none = (*reader)->NextWait(&r, std::chrono::steady_clock::now() + 20ms);
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(*none);
+  std::thread writer([&] { AppendN(wal.get(), 200, 100); });
+  Lsn seen = 3;
+  while (seen < 203) {
+    auto got = (*reader)->NextWait(&r, std::chrono::steady_clock::now() + 30s);
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    ASSERT_TRUE(*got) << "no record within 30 s after LSN " << seen;
+    EXPECT_EQ(r.lsn, seen + 1);
+    EXPECT_EQ(r.payload, Payload(r.lsn, 100));
+    seen = r.lsn;
+  }
+  writer.join();
+}
+
+TEST(ReaderTest, CloseWakesWaitingReader) {
+  TempDir dir;
+  auto wal = OpenOrDie(dir.path(), Small(false));
+  auto reader = wal->NewReader(1);
+  ASSERT_TRUE(reader.ok());
+  Status result;
+  std::thread waiter([&] {
+    RecordView r;
+    auto got = (*reader)->NextWait(&r, std::chrono::steady_clock::now() + 60s);
+    result = got.ok() ? Status::OK() : got.status();
+  });
+  ASSERT_TRUE(wal->Close().ok());
+  waiter.join();
+  EXPECT_TRUE(result.IsAborted()) << result.ToString();
+}
+
+TEST(ReaderTest, PurgedLsnIsADistinctError) {
+  TempDir dir;
+  auto wal = OpenOrDie(dir.path(), Small(false));
+  AppendN(wal.get(), 300, 100);
+  auto first = wal->Purge(150);
+  ASSERT_TRUE(first.ok());
+  EXPECT_GT(*first, 1u);
+  EXPECT_LE(*first, 151u);
+  auto r = wal->NewReader(1);
+  EXPECT_TRUE(r.status().IsPurged()) << r.status().ToString();
+  EXPECT_EQ(ReadAll(wal.get(), *first).size(), 300 - *first + 1);
+}
+
+TEST(ReaderTest, ReaderOpenedBeforePurgeKeepsItsSegmentOrSaysPurged) {
+  TempDir dir;
+  auto wal = OpenOrDie(dir.path(), Small(false));
+  AppendN(wal.get(), 300, 100);
+  auto reader = wal->NewReader(1);
+  ASSERT_TRUE(reader.ok());
+  RecordView r;
+  ASSERT_TRUE(*(*reader)->Next(&r));
+  ASSERT_TRUE(wal->Purge(250).ok());
+  // The open segment stays readable; crossing into a purged one is Purged.
+  Status st;
+  for (;;) {
+    auto got = (*reader)->Next(&r);
+    if (!got.ok()) {
+      st = got.status();
+      break;
+    }
+    ASSERT_TRUE(*got) << "the reader cannot finish: records were purged";
+  }
+  EXPECT_TRUE(st.IsPurged()) << st.ToString();
+}
+
+// The standby's path: raw spans out of one log, AppendRaw into another, and
+// the segment files come out byte for byte the same.
+TEST(ReaderTest, RawCopyIsByteIdentical) {
+  for (bool compress : {false, true}) {
+    TempDir a, b;
+    auto active = OpenOrDie(a.path(), Small(compress));
+    auto standby = OpenOrDie(b.path(), Small(compress));
+    AppendBatches(active.get(), 30, 5, 1);
+    AppendN(active.get(), 40, 300, 2);
+    AppendBatches(active.get(), 20, 9, 3);
+    auto reader = active->NewReader(1);
+    ASSERT_TRUE(reader.ok());
+    size_t spans = 0;
+    for (;;) {
+      auto span = (*reader)->NextRaw(3000);
+      ASSERT_TRUE(span.ok()) << span.status().ToString();
+      if (!span->has_value()) break;
+      const RawSpan& s = **span;
+      EXPECT_GE(s.file->NativeHandle(), 0);  // sendfile-able
+      std::string bytes;
+      ASSERT_TRUE(s.ReadInto(&bytes).ok());
+      auto last = standby->AppendRaw(bytes);
+      ASSERT_TRUE(last.ok()) << last.status().ToString();
+      EXPECT_EQ(*last, s.last_lsn);
+      ++spans;
+    }
+    EXPECT_GT(spans, 5u);
+    EXPECT_EQ(standby->last_lsn(), active->last_lsn());
+    EXPECT_EQ(standby->epoch_history().entries(), active->epoch_history().entries());
+    ASSERT_TRUE(active->Close().ok());
+    ASSERT_TRUE(standby->Close().ok());
+    auto sa = test::SegmentPaths(a.path()), sb = test::SegmentPaths(b.path());
+    ASSERT_EQ(sa.size(), sb.size());
+    ASSERT_GT(sa.size(), 2u);
+    for (size_t i = 0; i < sa.size(); ++i) {
+      EXPECT_EQ(test::ReadFileBytes(sa[i]), test::ReadFileBytes(sb[i])) << sa[i] << " vs " << sb[i];
+    }
+  }
+}
+
+TEST(ReaderTest, RawSpanFromInsideABlockStartsAtTheBlock) {
+  TempDir dir;
+  auto wal = OpenOrDie(dir.path(), Small(true));
+  AppendBatches(wal.get(), 3, 10);  // blocks 1-10, 11-20, 21-30
+  auto reader = wal->NewReader(15);
+  ASSERT_TRUE(reader.ok());
+  auto span = (*reader)->NextRaw(1 << 20);
+  ASSERT_TRUE(span.ok() && span->has_value());
+  EXPECT_EQ((*span)->first_lsn, 11u);
+  EXPECT_EQ((*span)->last_lsn, 30u);
+}
+
+TEST(ReaderTest, AppendRawRefusesWhatDoesNotFit) {
+  TempDir a, b;
+  auto active = OpenOrDie(a.path(), Small(false));
+  auto standby = OpenOrDie(b.path(), Small(false));
+  AppendN(active.get(), 10, 50, 2);
+  auto reader = active->NewReader(1);
+  ASSERT_TRUE(reader.ok());
+  auto span = (*reader)->NextRaw(1 << 20);
+  ASSERT_TRUE(span.ok() && span->has_value());
+  std::string bytes;
+  ASSERT_TRUE((*span)->ReadInto(&bytes).ok());
+
+  // Damaged bytes: refused, nothing stored.
+  std::string bad = bytes;
+  bad[bad.size() / 2] ^= 0x04;
+  EXPECT_TRUE(standby->AppendRaw(bad).status().IsCorruption());
+  // A partial frame.
+  EXPECT_TRUE(standby->AppendRaw(bytes.substr(0, bytes.size() - 3)).status().IsCorruption());
+  // Garbage.
+  EXPECT_FALSE(standby->AppendRaw(std::string(500, 'z')).ok());
+  EXPECT_EQ(standby->last_lsn(), 0u);
+  // Not continuing the log: the standby is at 0, these start at LSN 11.
+  AppendN(active.get(), 5, 50, 2);
+  auto later = (*reader)->NextRaw(1 << 20);
+  ASSERT_TRUE(later.ok() && later->has_value());
+  std::string later_bytes;
+  ASSERT_TRUE((*later)->ReadInto(&later_bytes).ok());
+  EXPECT_EQ(standby->AppendRaw(later_bytes).status().code(), StatusCode::kInvalidArgument);
+  // In order they are accepted.
+  ASSERT_TRUE(standby->AppendRaw(bytes).ok());
+  ASSERT_TRUE(standby->AppendRaw(later_bytes).ok());
+  EXPECT_EQ(standby->last_lsn(), 15u);
+  // Frames of an older epoch than the standby already holds.
+  ASSERT_TRUE(standby->Append(3, RecordType::kEpochStart, "").ok());
+  TempDir c;
+  auto old = OpenOrDie(c.path(), Small(false));
+  AppendN(old.get(), 17, 10, 2);
+  auto old_reader = old->NewReader(17);
+  ASSERT_TRUE(old_reader.ok());
+  auto old_span = (*old_reader)->NextRaw(1 << 20);
+  ASSERT_TRUE(old_span.ok() && old_span->has_value());
+  std::string old_bytes;
+  ASSERT_TRUE((*old_span)->ReadInto(&old_bytes).ok());
+  EXPECT_TRUE(standby->AppendRaw(old_bytes).status().IsStaleEpoch());
+}
+
+}  // namespace
+}  // namespace replica::wal

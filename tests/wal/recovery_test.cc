@@ -1,0 +1,231 @@
+// Recovery on open: every kind of damage is either repaired (a torn tail) or
+// refused with a message that names where it is (damage inside the log).
+#include <gtest/gtest.h>
+
+#include "tests/support/test_util.h"
+#include "wal/wal.h"
+
+namespace replica::wal {
+namespace {
+
+using test::AppendN;
+using test::OpenOrDie;
+using test::Payload;
+using test::ReadAll;
+using test::SegmentPaths;
+using test::TempDir;
+
+Options Opts(bool compress = false) {
+  Options o;
+  o.segment_size = 8 << 10;
+  o.compress = compress;
+  return o;
+}
+
+// Builds a log of n records (100-byte payloads) and returns the sizes of the
+// last segment before and after the last record.
+std::pair<uint64_t, uint64_t> BuildLog(const std::string& dir, uint64_t n, bool compress = false) {
+  auto wal = OpenOrDie(dir, Opts(compress));
+  AppendN(wal.get(), n - 1, 100);
+  uint64_t before = wal->segments().back().size;
+  AppendN(wal.get(), 1, 100);
+  uint64_t after = wal->segments().back().size;
+  EXPECT_TRUE(wal->Close().ok());
+  return {before, after};
+}
+
+TEST(RecoveryTest, TornTailAtEveryByteOfTheLastRecord) {
+  for (bool compress : {false, true}) {
+    TempDir base;
+    const std::string golden = base.Sub("golden");
+    auto [before, after] = BuildLog(golden, 30, compress);
+    ASSERT_GT(after, before);
+    for (uint64_t cut = before; cut < after; ++cut) {
+      const std::string dir = base.Sub("cut" + std::to_string(cut));
+      test::CopyDir(golden, dir);
+      const std::string seg = SegmentPaths(dir).back();
+      test::TruncateFileTo(seg, cut);
+      auto wal = OpenOrDie(dir, Opts(compress));
+      ASSERT_NE(wal, nullptr);
+      EXPECT_EQ(wal->last_lsn(), 29u) << "cut at " << cut;
+      EXPECT_EQ(wal->recovery().torn_tail, cut != before) << "cut at " << cut;
+      EXPECT_EQ(test::FileSize(seg), before);
+      auto recs = ReadAll(wal.get(), 1);
+      ASSERT_EQ(recs.size(), 29u);
+      EXPECT_EQ(recs.back().payload, Payload(29, 100));
+      // The log goes on from where it was cut.
+      AppendN(wal.get(), 1, 100);
+      EXPECT_EQ(ReadAll(wal.get(), 30).size(), 1u);
+    }
+  }
+}
+
+TEST(RecoveryTest, ZeroFilledTailIsTorn) {
+  TempDir dir;
+  BuildLog(dir.path(), 20);
+  const std::string seg = SegmentPaths(dir.path()).back();
+  std::string data = test::ReadFileBytes(seg);
+  test::WriteFileBytes(seg, data + std::string(4096, '\0'));  // preallocated, never written
+  auto wal = OpenOrDie(dir.path(), Opts());
+  EXPECT_TRUE(wal->recovery().torn_tail);
+  EXPECT_EQ(wal->last_lsn(), 20u);
+}
+
+// Where the frame of `lsn` starts in the segment that holds it.
+uint64_t OffsetOf(const std::string& dir, Lsn lsn, std::string* seg_path) {
+  Options ro;
+  ro.read_only = true;
+  auto wal = OpenOrDie(dir, ro);
+  auto reader = wal->NewReader(lsn);
+  auto span = (*reader)->NextRaw(1);
+  EXPECT_TRUE(span.ok() && span->has_value());
+  *seg_path = (*span)->segment_path;
+  return (*span)->offset;
+}
+
+TEST(RecoveryTest, FlippedBitInTheMiddleOfTheLastSegmentIsCorruption) {
+  // Bits in the length, type, LSN and payload of record 40 (records 41.. follow it).
+  for (uint64_t field : {0ull, 4ull, 9ull, 17ull, 45ull, 100ull}) {
+    TempDir dir;
+    BuildLog(dir.path(), 45);
+    std::string seg;
+    const uint64_t off = OffsetOf(dir.path(), 40, &seg);
+    ASSERT_EQ(seg, SegmentPaths(dir.path()).back()) << "record 40 should be in the last segment";
+    test::FlipBit(seg, off + field, 3);
+    const uint64_t size_before = test::FileSize(seg);
+    auto wal = Wal::Open(dir.path(), Opts());
+    ASSERT_FALSE(wal.ok()) << "byte " << field;
+    const std::string msg = wal.status().ToString();
+    EXPECT_TRUE(wal.status().IsCorruption()) << msg;
+    EXPECT_NE(msg.find(seg), std::string::npos) << msg;
+    EXPECT_NE(msg.find("offset " + std::to_string(off)), std::string::npos) << msg;
+    EXPECT_NE(msg.find("LSN 40"), std::string::npos) << msg;
+    EXPECT_EQ(test::FileSize(seg), size_before) << "damage inside the log must not be cut away";
+  }
+}
+
+TEST(RecoveryTest, FlippedBitInAnOlderSegmentIsCorruptionWhenRead) {
+  TempDir dir;
+  BuildLog(dir.path(), 300);
+  std::string seg;
+  const uint64_t off = OffsetOf(dir.path(), 10, &seg);
+  ASSERT_EQ(seg, SegmentPaths(dir.path()).front());
+  test::FlipBit(seg, off + kFrameHeaderSize + 20, 0);
+  auto wal = OpenOrDie(dir.path(), Opts());  // only the last segment is scanned on open
+  std::vector<test::ReadRecord> out;
+  Status st = test::TryReadAll(wal.get(), 1, &out);
+  EXPECT_TRUE(st.IsCorruption()) << st.ToString();
+  EXPECT_NE(st.message().find(seg), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find("LSN 10"), std::string::npos) << st.ToString();
+  EXPECT_EQ(out.size(), 9u);  // everything before the damage, nothing after
+}
+
+TEST(RecoveryTest, MissingSegmentInTheMiddle) {
+  TempDir dir;
+  BuildLog(dir.path(), 300);
+  auto segs = SegmentPaths(dir.path());
+  ASSERT_GE(segs.size(), 4u);
+  std::remove(segs[1].c_str());
+  auto wal = Wal::Open(dir.path(), Opts());
+  ASSERT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  EXPECT_NE(wal.status().message().find("missing"), std::string::npos) << wal.status().ToString();
+}
+
+TEST(RecoveryTest, ZeroLengthLastSegmentIsRemoved) {
+  TempDir dir;
+  BuildLog(dir.path(), 50);
+  // A crash right after creating the next segment.
+  const std::string extra = dir.Sub(SegmentFileName(51));
+  test::WriteFileBytes(extra, "");
+  auto wal = OpenOrDie(dir.path(), Opts());
+  EXPECT_EQ(wal->recovery().removed_segments, std::vector<std::string>{extra});
+  EXPECT_EQ(wal->last_lsn(), 50u);
+  AppendN(wal.get(), 5, 100);
+  EXPECT_EQ(ReadAll(wal.get(), 1).size(), 55u);
+}
+
+TEST(RecoveryTest, ZeroLengthMiddleSegmentIsCorruption) {
+  TempDir dir;
+  BuildLog(dir.path(), 300);
+  auto segs = SegmentPaths(dir.path());
+  test::TruncateFileTo(segs[1], 0);
+  auto wal = Wal::Open(dir.path(), Opts());
+  EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  EXPECT_NE(wal.status().message().find(segs[1]), std::string::npos);
+}
+
+TEST(RecoveryTest, TruncatedOlderSegmentIsCorruptionWhenRead) {
+  TempDir dir;
+  BuildLog(dir.path(), 300);
+  auto segs = SegmentPaths(dir.path());
+  test::TruncateFileTo(segs[0], test::FileSize(segs[0]) - 140);  // drop its last record
+  auto wal = OpenOrDie(dir.path(), Opts());
+  std::vector<test::ReadRecord> out;
+  Status st = test::TryReadAll(wal.get(), 1, &out);
+  EXPECT_TRUE(st.IsCorruption()) << st.ToString();
+  EXPECT_NE(st.message().find("next segment starts"), std::string::npos) << st.ToString();
+}
+
+TEST(RecoveryTest, DamagedSegmentHeaderAndUnknownFeatures) {
+  TempDir dir;
+  BuildLog(dir.path(), 20);
+  const std::string seg = SegmentPaths(dir.path()).back();
+  std::string good = test::ReadFileBytes(seg);
+  test::FlipBit(seg, 2, 1);  // magic
+  EXPECT_TRUE(Wal::Open(dir.path(), Opts()).status().IsCorruption());
+  test::WriteFileBytes(seg, good);
+  test::FlipBit(seg, 20, 1);  // first_lsn: header checksum catches it
+  EXPECT_TRUE(Wal::Open(dir.path(), Opts()).status().IsCorruption());
+  // A future writer's incompatible feature bit, with a valid checksum.
+  SegmentHeader h;
+  h.first_lsn = 1;
+  h.incompat_flags = 1u << 7;
+  std::string future = EncodeSegmentHeader(h) + good.substr(kSegmentHeaderSize);
+  test::WriteFileBytes(seg, future);
+  auto st = Wal::Open(dir.path(), Opts()).status();
+  EXPECT_EQ(st.code(), StatusCode::kNotSupported) << st.ToString();
+}
+
+TEST(RecoveryTest, EpochHistoryDamageAndRepair) {
+  TempDir dir;
+  {
+    auto wal = OpenOrDie(dir.path(), Opts());
+    AppendN(wal.get(), 10, 10, 1);
+    AppendN(wal.get(), 10, 10, 4);
+  }
+  const std::string epochs = dir.Sub(kEpochFileName);
+  std::string good = test::ReadFileBytes(epochs);
+  test::FlipBit(epochs, 20, 0);
+  EXPECT_TRUE(Wal::Open(dir.path(), Opts()).status().IsCorruption());
+  // Lost entirely: the epochs seen in the last segment are put back.
+  std::remove(epochs.c_str());
+  {
+    auto wal = OpenOrDie(dir.path(), Opts());
+    EXPECT_TRUE(wal->recovery().history_repaired);
+    EXPECT_EQ(wal->EndOfEpoch(1).end_lsn, 10u);
+    EXPECT_EQ(wal->last_epoch(), 4u);
+  }
+  // An entry past the end of the log (a crash between the epochs file and the
+  // first record of the new epoch) is dropped.
+  {
+    auto wal = OpenOrDie(dir.path(), Opts());
+    EpochHistory h = wal->epoch_history();
+    ASSERT_TRUE(h.Add(9, 21).ok());
+    ASSERT_TRUE(wal->Close().ok());
+    test::WriteFileBytes(epochs, h.Encode());
+  }
+  auto wal = OpenOrDie(dir.path(), Opts());
+  EXPECT_EQ(wal->last_epoch(), 4u);
+  EXPECT_TRUE(wal->recovery().history_repaired);
+}
+
+TEST(RecoveryTest, LeftoverTempFileIsRemoved) {
+  TempDir dir;
+  BuildLog(dir.path(), 5);
+  test::WriteFileBytes(dir.Sub("epochs.tmp"), "half-written");
+  auto wal = OpenOrDie(dir.path(), Opts());
+  EXPECT_FALSE(Env::Default()->FileExists(dir.Sub("epochs.tmp")));
+}
+
+}  // namespace
+}  // namespace replica::wal
