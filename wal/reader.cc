@@ -19,27 +19,26 @@ Result<bool> Reader::Position() {
   if (generation_ != wal_->generation_.load()) return Status::Aborted("the log was truncated under this reader");
   visible_last_ = wal_->last_lsn_;
   if (next_lsn_ > visible_last_) return false;
-  const auto& segs = wal_->segments_;
   if (!file_) {
-    if (next_lsn_ < segs.front().first_lsn) {
+    if (next_lsn_ < wal_->segments_.front().first_lsn) {
       return Status::Purged("LSN " + std::to_string(next_lsn_) + " was purged; the log starts at LSN " +
-                            std::to_string(segs.front().first_lsn));
+                            std::to_string(wal_->segments_.front().first_lsn));
     }
-    size_t i = segs.size() - 1;
-    while (segs[i].first_lsn > next_lsn_) --i;
-    seg_first_ = segs[i].first_lsn;
-    seg_path_ = segs[i].path;
+    size_t i = wal_->segments_.size() - 1;
+    while (wal_->segments_[i].first_lsn > next_lsn_) --i;
+    seg_first_ = wal_->segments_[i].first_lsn;
+    seg_path_ = wal_->segments_[i].path;
     frame_lsn_ = seg_first_;
   }
   size_t i = 0;
-  while (i < segs.size() && segs[i].first_lsn != seg_first_) ++i;
-  if (i == segs.size()) {
+  while (i < wal_->segments_.size() && wal_->segments_[i].first_lsn != seg_first_) ++i;
+  if (i == wal_->segments_.size()) {
     return Status::Purged("segment " + seg_path_ + " was purged while being read (at LSN " +
                           std::to_string(next_lsn_) + ")");
   }
-  seg_end_ = segs[i].end;
+  seg_end_ = wal_->segments_[i].end;
   next_seg_first_.reset();
-  if (i + 1 < segs.size()) next_seg_first_ = segs[i + 1].first_lsn;
+  if (i + 1 < wal_->segments_.size()) next_seg_first_ = wal_->segments_[i + 1].first_lsn;
   return true;
 }
 
