@@ -1,0 +1,411 @@
+// Sessions over real loopback sockets: handshake and authentication, data
+// without user-space copies, flow control, heartbeats, timeouts, and every
+// kind of bad input while a good session keeps streaming.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "tests/support/test_util.h"
+#include "transport/frame.h"
+#include "transport/transport.h"
+
+namespace replica::transport {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+// Records what a Handler sees; tests wait on it with deadlines.
+class Recorder : public Handler {
+ public:
+  void OnEstablished(const std::shared_ptr<Session>& s) override {
+    std::lock_guard<std::mutex> l(mu_);
+    established_.push_back(s);
+    cv_.notify_all();
+  }
+  void OnControl(const std::shared_ptr<Session>& s, const proto::Control& msg) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (msg.has_heartbeat()) {
+      heartbeats_.push_back(msg.heartbeat());
+    } else {
+      controls_.push_back(msg);
+    }
+    cv_.notify_all();
+  }
+  void OnData(const std::shared_ptr<Session>& s, std::string_view payload) override {
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      gate_cv_.wait(l, [&] { return gate_open_; });  // a slow consumer, when the gate is shut
+      data_ += payload;
+      ++data_frames_;
+    }
+    cv_.notify_all();
+  }
+  void OnWritable(const std::shared_ptr<Session>&) override {
+    std::lock_guard<std::mutex> l(mu_);
+    ++writable_;
+    cv_.notify_all();
+  }
+  void OnClosed(const std::shared_ptr<Session>& s, const Status& why) override {
+    std::lock_guard<std::mutex> l(mu_);
+    closed_.push_back(why);
+    cv_.notify_all();
+  }
+  void FillHeartbeat(proto::Heartbeat* hb) override {
+    hb->set_last_lsn(4242);
+    hb->set_epoch(7);
+  }
+
+  template <typename Pred>
+  bool WaitFor(Pred pred, std::chrono::milliseconds timeout = 20s) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, timeout, [&] { return pred(); });
+  }
+  void SetGate(bool open) {
+    std::lock_guard<std::mutex> l(mu_);
+    gate_open_ = open;
+    gate_cv_.notify_all();
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, gate_cv_;
+  bool gate_open_ = true;
+  std::vector<std::shared_ptr<Session>> established_;
+  std::vector<proto::Control> controls_;
+  std::vector<proto::Heartbeat> heartbeats_;
+  std::vector<Status> closed_;
+  std::string data_;
+  size_t data_frames_ = 0;
+  int writable_ = 0;
+};
+
+Options Opts(const std::string& id, const std::string& secret = "s3cret") {
+  Options o;
+  o.node_id = id;
+  o.cluster = "test";
+  o.secret = secret;
+  o.heartbeat_interval = 50ms;
+  o.peer_timeout = 5s;
+  o.handshake_timeout = 2s;
+  return o;
+}
+
+struct Pair {
+  Recorder server_rec, client_rec;
+  std::unique_ptr<Endpoint> server, client;
+  uint16_t port = 0;
+  std::shared_ptr<Session> client_session;
+
+  void Start(Options so, Options co) {
+    auto s = Endpoint::Create(so, &server_rec);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    server = std::move(s).value();
+    auto p = server->Listen("127.0.0.1", 0);  // a free port, picked by the OS
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    port = *p;
+    auto c = Endpoint::Create(co, &client_rec);
+    ASSERT_TRUE(c.ok());
+    client = std::move(c).value();
+    auto cs = client->Connect("127.0.0.1", port);
+    ASSERT_TRUE(cs.ok());
+    client_session = *cs;
+  }
+  bool WaitEstablished() {
+    return server_rec.WaitFor([&] { return !server_rec.established_.empty(); }) &&
+           client_rec.WaitFor([&] { return !client_rec.established_.empty(); });
+  }
+  ~Pair() {
+    if (client) client->Stop();
+    if (server) server->Stop();
+  }
+};
+
+TEST(SessionTest, HandshakeThenControlBothWays) {
+  Pair p;
+  p.Start(Opts("srv"), Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+  EXPECT_EQ(p.client_session->peer_id(), "srv");
+  EXPECT_EQ(p.server_rec.established_[0]->peer_id(), "cli");
+  proto::Control sub;
+  sub.mutable_subscribe()->set_from_lsn(77);
+  ASSERT_TRUE(p.client_session->SendControl(sub).ok());
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.controls_.empty(); }));
+  EXPECT_EQ(p.server_rec.controls_[0].subscribe().from_lsn(), 77u);
+  proto::Control ack;
+  ack.mutable_ack()->set_flushed_lsn(76);
+  ASSERT_TRUE(p.server_rec.established_[0]->SendControl(ack).ok());
+  ASSERT_TRUE(p.client_rec.WaitFor([&] { return !p.client_rec.controls_.empty(); }));
+  EXPECT_EQ(p.client_rec.controls_[0].ack().flushed_lsn(), 76u);
+  EXPECT_EQ(p.server->stats().sessions_established.load(), 1u);
+  EXPECT_EQ(p.server->stats().auth_failures.load(), 0u);
+}
+
+TEST(SessionTest, WrongSecretIsRefusedAndCounted) {
+  Pair p;
+  p.Start(Opts("srv", "right"), Opts("cli", "wrong"));
+  ASSERT_TRUE(p.client_rec.WaitFor([&] { return !p.client_rec.closed_.empty(); }));
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.closed_.empty(); }));
+  EXPECT_TRUE(p.client_rec.established_.empty());
+  EXPECT_TRUE(p.server_rec.established_.empty());
+  // The client catches the server's proof first and refuses to go on.
+  EXPECT_EQ(p.client->stats().auth_failures.load(), 1u);
+  EXPECT_NE(p.client_rec.closed_[0].message().find("cluster secret"), std::string::npos)
+      << p.client_rec.closed_[0].ToString();
+  EXPECT_FALSE(p.client_session->SendControl(proto::Control()).ok());
+}
+
+TEST(SessionTest, HeartbeatsCarryLsnsAndEcho) {
+  Pair p;
+  p.Start(Opts("srv"), Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+  ASSERT_TRUE(p.client_rec.WaitFor([&] {
+    return p.client_rec.heartbeats_.size() >= 3 && p.client_rec.heartbeats_.back().echo_unix_us() != 0;
+  }));
+  const auto hb = p.client_rec.heartbeats_.back();
+  EXPECT_EQ(hb.last_lsn(), 4242u);
+  EXPECT_EQ(hb.epoch(), 7u);
+  EXPECT_GT(hb.sent_unix_us(), hb.echo_unix_us() - 1);
+}
+
+TEST(SessionTest, SilentPeerIsClosed) {
+  Options so = Opts("srv");
+  so.peer_timeout = 300ms;
+  Options co = Opts("cli");
+  co.heartbeat_interval = 60s;  // the client says nothing after the handshake
+  Pair p;
+  p.Start(so, co);
+  ASSERT_TRUE(p.WaitEstablished());
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.closed_.empty(); }));
+  EXPECT_TRUE(p.server_rec.closed_[0].IsTimedOut()) << p.server_rec.closed_[0].ToString();
+  EXPECT_EQ(p.server->stats().peer_timeouts.load(), 1u);
+}
+
+// Data from memory and from a file arrives intact, and the send path copies
+// nothing in user space.
+TEST(SessionTest, DataWithoutCopies) {
+  for (bool sendfile : {true, false}) {
+    Options co = Opts("cli");
+    co.use_sendfile = sendfile;
+    Pair p;
+    p.Start(Opts("srv"), co);
+    ASSERT_TRUE(p.WaitEstablished());
+    auto mem = std::make_shared<std::string>(test::Payload(1, 300000));
+    test::TempDir dir;
+    const std::string path = dir.Sub("span");
+    const std::string file_bytes = test::Payload(2, 1 << 20);
+    test::WriteFileBytes(path, file_bytes);
+    int fd = ::open(path.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    auto keep = std::shared_ptr<int>(new int(fd), [](int* f) { ::close(*f); delete f; });
+    ASSERT_TRUE(p.client_session->SendData(mem, mem->data(), mem->size()).ok());
+    ASSERT_TRUE(p.client_session->SendFile(keep, fd, 1000, file_bytes.size() - 1000).ok());
+    const size_t want = mem->size() + file_bytes.size() - 1000;
+    ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.data_.size() >= want; }));
+    EXPECT_EQ(p.server_rec.data_, *mem + file_bytes.substr(1000));
+    EXPECT_EQ(p.server_rec.data_frames_, 2u);
+    EXPECT_EQ(p.client->stats().payload_bytes_copied.load(), sendfile ? 0u : file_bytes.size() - 1000);
+    EXPECT_EQ(p.client->stats().data_bytes_sent.load(), want);
+  }
+}
+
+TEST(SessionTest, SlowReceiverBoundsTheSendQueue) {
+  Options co = Opts("cli");
+  co.max_send_queue_bytes = 1 << 20;
+  Pair p;
+  p.Start(Opts("srv"), co);
+  ASSERT_TRUE(p.WaitEstablished());
+  p.server_rec.SetGate(false);  // the receiver stops consuming
+  auto chunk = std::make_shared<std::string>(64 << 10, 'z');
+  size_t sent = 0;
+  Status st;
+  // Keep offering until the sender refuses: socket buffers fill, then the queue.
+  for (int i = 0; i < 100000 && st.ok(); ++i) {
+    st = p.client_session->SendData(chunk, chunk->data(), chunk->size());
+    if (st.ok()) sent += chunk->size();
+  }
+  EXPECT_EQ(st.code(), StatusCode::kBusy) << st.ToString();
+  EXPECT_LE(p.client_session->queued_bytes(), co.max_send_queue_bytes + chunk->size() + 64);
+  EXPECT_GE(p.client->stats().send_queue_full.load(), 1u);
+  p.server_rec.SetGate(true);
+  ASSERT_TRUE(p.client_rec.WaitFor([&] { return p.client_rec.writable_ > 0; })) << "no OnWritable";
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.data_.size() == sent; }));
+  EXPECT_TRUE(p.client_session->established());
+}
+
+// ---- a raw TCP peer for bad input
+
+class RawPeer {
+ public:
+  explicit RawPeer(uint16_t port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    timeval tv{0, 100000};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  }
+  ~RawPeer() { ::close(fd_); }
+  bool connected() const { return connected_; }
+  void Send(const std::string& bytes) { (void)::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
+  // True once the server has closed the connection (EOF or reset).
+  bool WaitClosed(std::chrono::milliseconds timeout = 10s) {
+    auto deadline = Clock::now() + timeout;
+    char buf[4096];
+    while (Clock::now() < deadline) {
+      ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n == 0) return true;
+      if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return true;
+      if (n > 0) received_.append(buf, static_cast<size_t>(n));
+    }
+    return false;
+  }
+  const std::string& received() const { return received_; }
+
+ private:
+  int fd_;
+  bool connected_;
+  std::string received_;
+};
+
+std::string Frame(FrameType type, const std::string& payload) {
+  char h[kFrameHeaderSize];
+  EncodeFrameHeader(type, static_cast<uint32_t>(payload.size()), h);
+  return std::string(h, sizeof h) + payload;
+}
+
+std::string HelloFrame(uint32_t version) {
+  proto::Control c;
+  c.mutable_hello()->set_protocol_version(version);
+  c.mutable_hello()->set_cluster("test");
+  c.mutable_hello()->set_node_id("raw");
+  c.mutable_hello()->set_nonce(std::string(32, 'n'));
+  return Frame(FrameType::kControl, c.SerializeAsString());
+}
+
+TEST(SessionTest, OtherProtocolVersionIsRefusedWithAnError) {
+  Pair p;
+  p.Start(Opts("srv"), Opts("cli"));
+  RawPeer raw(p.port);
+  ASSERT_TRUE(raw.connected());
+  raw.Send(HelloFrame(99));
+  ASSERT_TRUE(raw.WaitClosed());
+  EXPECT_NE(raw.received().find("version 99"), std::string::npos) << "the refusal says why";
+  EXPECT_EQ(p.server->stats().version_mismatches.load(), 1u);
+}
+
+TEST(SessionTest, BadInputClosesOnlyThatConnection) {
+  Options so = Opts("srv");
+  so.handshake_timeout = 500ms;
+  so.max_frame_payload = 1 << 20;
+  Pair p;
+  p.Start(so, Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+
+  // A good session streams the whole time.
+  std::atomic<bool> stop{false};
+  std::atomic<size_t> good_sent{0};
+  std::thread streamer([&] {
+    auto chunk = std::make_shared<std::string>(test::Payload(9, 4096));
+    while (!stop.load()) {
+      if (p.client_session->SendData(chunk, chunk->data(), chunk->size()).ok()) {
+        good_sent += chunk->size();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  });
+
+  char hdr[kFrameHeaderSize];
+  EncodeFrameHeader(FrameType::kControl, 10, hdr);
+  std::string bad_checksum(hdr, sizeof hdr);
+  bad_checksum[13] ^= 1;
+  EncodeFrameHeader(FrameType::kControl, 100 << 20, hdr);
+  std::string oversized(hdr, sizeof hdr);
+  std::string unknown_type = Frame(FrameType::kControl, "x");
+  unknown_type[4] = 9;
+  std::map<std::string, std::string> cases = {
+      {"garbage", "GET / HTTP/1.1\r\nHost: x\r\n\r\n"},
+      {"bad_checksum", bad_checksum + std::string(10, 'a')},
+      {"oversized", oversized},
+      {"unknown_type", unknown_type},
+      {"data_before_handshake", Frame(FrameType::kData, "wal bytes")},
+      {"unparseable_control", Frame(FrameType::kControl, std::string(40, '\xff'))},
+      {"control_before_hello", Frame(FrameType::kControl, [] {
+         proto::Control c;
+         c.mutable_subscribe()->set_from_lsn(1);
+         return c.SerializeAsString();
+       }())},
+      {"truncated_frame", Frame(FrameType::kControl, std::string(100, 'a')).substr(0, 50)},
+      {"slowloris", "R"},
+      {"silent", ""},
+  };
+  std::vector<std::unique_ptr<RawPeer>> peers;
+  for (const auto& [name, bytes] : cases) {
+    peers.push_back(std::make_unique<RawPeer>(p.port));
+    ASSERT_TRUE(peers.back()->connected()) << name;
+    peers.back()->Send(bytes);
+  }
+  size_t i = 0;
+  for (const auto& [name, bytes] : cases) {
+    EXPECT_TRUE(peers[i++]->WaitClosed()) << name << ": the server kept the connection open";
+  }
+  const auto& st = p.server->stats();
+  EXPECT_GE(st.protocol_errors.load(), 6u);
+  EXPECT_GE(st.handshake_timeouts.load(), 3u);  // truncated, slowloris, silent
+  EXPECT_EQ(st.sessions_established.load(), 1u);
+
+  stop = true;
+  streamer.join();
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.data_.size() == good_sent.load(); }))
+      << "the good session lost data";
+  EXPECT_TRUE(p.client_session->established());
+  std::lock_guard<std::mutex> l(p.server_rec.mu_);
+  EXPECT_EQ(p.server_rec.closed_.size(), cases.size()) << "only the bad connections closed";
+}
+
+TEST(SessionTest, StopClosesEverySession) {
+  Recorder server_rec, client_rec;
+  auto server = std::move(Endpoint::Create(Opts("srv"), &server_rec)).value();
+  uint16_t port = *server->Listen("127.0.0.1", 0);
+  auto client = std::move(Endpoint::Create(Opts("cli"), &client_rec)).value();
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(client->Connect("127.0.0.1", port).ok());
+  ASSERT_TRUE(server_rec.WaitFor([&] { return server_rec.established_.size() == 5; }));
+  server->Stop();
+  EXPECT_EQ(server_rec.closed_.size(), 5u);
+  ASSERT_TRUE(client_rec.WaitFor([&] { return client_rec.closed_.size() == 5; }));
+  client->Stop();
+  EXPECT_FALSE(client->Connect("127.0.0.1", port).ok());
+  server_rec.established_.clear();
+  client_rec.established_.clear();
+}
+
+TEST(SessionTest, ConnectToNothingReportsClosed) {
+  Recorder rec;
+  auto ep = std::move(Endpoint::Create(Opts("cli"), &rec)).value();
+  // A port that was free a moment ago: bind, read it, close.
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  ASSERT_TRUE(ep->Connect("127.0.0.1", ntohs(a.sin_port)).ok());
+  ASSERT_TRUE(rec.WaitFor([&] { return !rec.closed_.empty(); }));
+  EXPECT_TRUE(rec.closed_[0].IsIOError()) << rec.closed_[0].ToString();
+  EXPECT_EQ(Endpoint::Create(Options{}, &rec).status().code(), StatusCode::kInvalidArgument);  // no secret
+}
+
+}  // namespace
+}  // namespace replica::transport

@@ -1,0 +1,645 @@
+// Boost.Asio implementation of the transport (transport.h, docs/protocol.md).
+#include "transport/transport.h"
+
+#include <sys/sendfile.h>
+#include <unistd.h>
+
+#include <boost/asio.hpp>
+#include <cerrno>
+#include <deque>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "base/log.h"
+#include "base/mutex.h"
+#include "transport/auth.h"
+#include "transport/frame.h"
+
+namespace replica::transport {
+namespace {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+uint64_t NowUnixMicros() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
+}
+
+Status FromAsio(const boost::system::error_code& ec, const std::string& what) {
+  if (ec == asio::error::eof) return Status::Aborted(what + ": the peer closed the connection");
+  if (ec == asio::error::operation_aborted) return Status::Aborted(what + ": cancelled");
+  return Status::IOError(what + ": " + ec.message());
+}
+
+class EndpointImpl;
+
+// One connection. Every member below "strand-only" is touched only by
+// handlers running on the socket's strand.
+class SessionImpl final : public Session, public std::enable_shared_from_this<SessionImpl> {
+ public:
+  SessionImpl(EndpointImpl* ep, tcp::socket socket, bool is_client);
+
+  void Start();
+  void StartConnect(tcp::endpoint target);
+
+  std::string peer_id() const override {
+    MutexLock l(&info_mu_);
+    return peer_id_;
+  }
+  std::string remote_address() const override {
+    MutexLock l(&info_mu_);
+    return remote_;
+  }
+  bool established() const override { return established_.load(); }
+  Status SendControl(const proto::Control& msg) override;
+  Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) override;
+  Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) override;
+  size_t queued_bytes() const override { return queued_bytes_.load(); }
+  void Close(const Status& why) override;
+  tcp::socket::executor_type socket_executor() { return socket_.get_executor(); }
+
+ private:
+  struct OutItem {
+    char header[kFrameHeaderSize];
+    std::string owned;  // control payload, or a file span read into memory
+    std::shared_ptr<const void> keepalive;
+    const char* data = nullptr;
+    size_t data_len = 0;
+    int fd = -1;
+    uint64_t file_offset = 0;
+    size_t file_len = 0;
+    size_t accounted = 0;     // bytes counted in queued_bytes_
+    bool is_data = false;
+    bool close_after = false; // an Error frame: close once it is out
+    Status close_status;
+  };
+
+  Status Enqueue(std::shared_ptr<OutItem> item, bool data);
+  void SendError(const Status& st);
+  void DoWrite();
+  void SendFileChunk();
+  void FinishItem();
+  void ReadHeader();
+  void ReadPayload(FrameHeader h);
+  void OnFrame(FrameHeader h);
+  void OnHandshake(const proto::Control& msg);
+  void Established();
+  void HeartbeatTick();
+  void Fail(const Status& st, std::atomic<uint64_t>* counter);
+  void DoClose(const Status& why);
+  proto::Control MakeHello();
+
+  EndpointImpl* const ep_;
+  tcp::socket socket_;
+  const bool is_client_;
+  std::atomic<bool> established_{false};
+  std::atomic<bool> closed_{false};
+  std::atomic<size_t> queued_bytes_{0};
+  std::atomic<bool> refused_{false};  // a Send was refused for a full queue
+
+  mutable Mutex info_mu_;
+  std::string peer_id_ GUARDED_BY(info_mu_);
+  std::string remote_ GUARDED_BY(info_mu_);
+
+  // strand-only
+  asio::steady_timer handshake_timer_;
+  asio::steady_timer heartbeat_timer_;
+  bool closing_ = false;
+  std::string client_nonce_, server_nonce_;
+  char in_header_[kFrameHeaderSize];
+  std::string in_payload_;
+  std::deque<std::shared_ptr<OutItem>> out_;
+  bool writing_ = false;
+  Clock::time_point last_rx_;
+  uint64_t last_peer_heartbeat_us_ = 0;
+};
+
+class EndpointImpl final : public Endpoint {
+ public:
+  EndpointImpl(const Options& options, Handler* handler)
+      : options_(options), handler_(handler), work_(asio::make_work_guard(ioc_)) {
+    for (int i = 0; i < options_.io_threads; ++i) threads_.emplace_back([this] { ioc_.run(); });
+  }
+  ~EndpointImpl() override { Stop(); }
+
+  Result<uint16_t> Listen(const std::string& host, uint16_t port) override;
+  Result<std::shared_ptr<Session>> Connect(const std::string& host, uint16_t port) override;
+  void Stop() override;
+  const Stats& stats() const override { return stats_; }
+
+  const Options& options() const { return options_; }
+  Handler* handler() const { return handler_; }
+  Stats& mutable_stats() { return stats_; }
+  asio::io_context& ioc() { return ioc_; }
+  void Unregister(const std::shared_ptr<SessionImpl>& s) EXCLUDES(mu_) {
+    MutexLock l(&mu_);
+    sessions_.erase(s);
+    if (sessions_.empty()) drained_.SignalAll();
+  }
+
+ private:
+  void DoAccept();
+
+  const Options options_;
+  Handler* const handler_;
+  Stats stats_;
+  asio::io_context ioc_;
+  asio::executor_work_guard<asio::io_context::executor_type> work_;
+  std::vector<std::thread> threads_;
+  std::unique_ptr<tcp::acceptor> acceptor_;  // set once by Listen, used on its strand
+  Mutex mu_;
+  CondVar drained_{&mu_};
+  std::set<std::shared_ptr<SessionImpl>> sessions_ GUARDED_BY(mu_);
+  bool stopped_ GUARDED_BY(mu_) = false;
+};
+
+// ---------------------------------------------------------------- Session
+
+SessionImpl::SessionImpl(EndpointImpl* ep, tcp::socket socket, bool is_client)
+    : ep_(ep),
+      socket_(std::move(socket)),
+      is_client_(is_client),
+      handshake_timer_(socket_.get_executor()),
+      heartbeat_timer_(socket_.get_executor()) {}
+
+void SessionImpl::StartConnect(tcp::endpoint target) {
+  auto self = shared_from_this();
+  {
+    MutexLock l(&info_mu_);
+    remote_ = target.address().to_string() + ":" + std::to_string(target.port());
+  }
+  socket_.async_connect(target, [self](const boost::system::error_code& ec) {
+    if (ec) {
+      self->DoClose(FromAsio(ec, "connect to " + self->remote_address()));
+      return;
+    }
+    self->Start();
+  });
+}
+
+void SessionImpl::Start() {
+  boost::system::error_code ec;
+  socket_.set_option(tcp::no_delay(true), ec);
+  socket_.native_non_blocking(true, ec);
+  if (!is_client_) {
+    auto ep = socket_.remote_endpoint(ec);
+    MutexLock l(&info_mu_);
+    remote_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
+  }
+  last_rx_ = Clock::now();
+  auto self = shared_from_this();
+  handshake_timer_.expires_after(ep_->options().handshake_timeout);
+  handshake_timer_.async_wait([self](const boost::system::error_code& ec) {
+    if (ec || self->established_.load() || self->closing_) return;
+    self->Fail(Status::TimedOut("handshake not completed within " +
+                                std::to_string(self->ep_->options().handshake_timeout.count()) + " ms"),
+               &self->ep_->mutable_stats().handshake_timeouts);
+  });
+  if (is_client_) {
+    client_nonce_ = RandomNonce();
+    proto::Control hello;
+    auto* h = hello.mutable_hello();
+    h->set_protocol_version(kProtocolVersion);
+    h->set_cluster(ep_->options().cluster);
+    h->set_node_id(ep_->options().node_id);
+    h->set_nonce(client_nonce_);
+    (void)SendControl(hello);
+  }
+  ReadHeader();
+}
+
+Status SessionImpl::Enqueue(std::shared_ptr<OutItem> item, bool data) {
+  if (closed_.load()) return Status::Aborted("session to " + remote_address() + " is closed");
+  const size_t bytes = kFrameHeaderSize + item->owned.size() + item->data_len + item->file_len;
+  const size_t cap = ep_->options().max_send_queue_bytes;
+  if (data) {
+    size_t cur = queued_bytes_.load();
+    // One item may exceed the cap when the queue is empty, so nothing is stuck.
+    if (cur > 0 && cur + bytes > cap) {
+      refused_.store(true);
+      ++ep_->mutable_stats().send_queue_full;
+      return Status::Busy("send queue full (" + std::to_string(cur) + " bytes queued)");
+    }
+  }
+  item->accounted = bytes;
+  item->is_data = data;
+  queued_bytes_ += bytes;
+  auto self = shared_from_this();
+  asio::post(socket_.get_executor(), [self, item] {
+    if (self->closing_) return;
+    self->out_.push_back(item);
+    self->DoWrite();
+  });
+  return Status::OK();
+}
+
+Status SessionImpl::SendControl(const proto::Control& msg) {
+  auto item = std::make_shared<OutItem>();
+  if (!msg.SerializeToString(&item->owned)) return Status::InvalidArgument("control message does not serialize");
+  EncodeFrameHeader(FrameType::kControl, static_cast<uint32_t>(item->owned.size()), item->header);
+  return Enqueue(std::move(item), false);
+}
+
+Status SessionImpl::SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) {
+  if (!established_.load()) return Status::InvalidArgument("data before the session is established");
+  if (length > ep_->options().max_frame_payload) return Status::InvalidArgument("data frame larger than max_frame_payload");
+  auto item = std::make_shared<OutItem>();
+  item->keepalive = std::move(keepalive);
+  item->data = data;
+  item->data_len = length;
+  EncodeFrameHeader(FrameType::kData, static_cast<uint32_t>(length), item->header);
+  return Enqueue(std::move(item), true);
+}
+
+Status SessionImpl::SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) {
+  if (!established_.load()) return Status::InvalidArgument("data before the session is established");
+  if (length > ep_->options().max_frame_payload) return Status::InvalidArgument("data frame larger than max_frame_payload");
+  if (fd < 0) return Status::InvalidArgument("SendFile without a file descriptor");
+  auto item = std::make_shared<OutItem>();
+  item->keepalive = std::move(keepalive);
+  item->fd = fd;
+  item->file_offset = offset;
+  item->file_len = length;
+  EncodeFrameHeader(FrameType::kData, static_cast<uint32_t>(length), item->header);
+  return Enqueue(std::move(item), true);
+}
+
+void SessionImpl::SendError(const Status& st) {
+  proto::Control msg;
+  msg.mutable_error()->set_code(static_cast<uint32_t>(st.code()));
+  msg.mutable_error()->set_message(st.message());
+  auto item = std::make_shared<OutItem>();
+  msg.SerializeToString(&item->owned);
+  EncodeFrameHeader(FrameType::kControl, static_cast<uint32_t>(item->owned.size()), item->header);
+  item->close_after = true;
+  item->close_status = st;
+  item->accounted = kFrameHeaderSize + item->owned.size();
+  queued_bytes_ += item->accounted;
+  out_.push_back(item);
+  DoWrite();
+}
+
+void SessionImpl::DoWrite() {
+  if (writing_ || out_.empty() || closing_) return;
+  writing_ = true;
+  auto self = shared_from_this();
+  OutItem& it = *out_.front();
+  if (it.fd >= 0 && !ep_->options().use_sendfile) {
+    // Fallback: read the span into memory. This is a copy, and is counted.
+    it.owned.resize(it.file_len);
+    ssize_t n = ::pread(it.fd, it.owned.data(), it.file_len, static_cast<off_t>(it.file_offset));
+    if (n != static_cast<ssize_t>(it.file_len)) {
+      DoClose(Status::IOError("read of a file span for sending failed"));
+      return;
+    }
+    ep_->mutable_stats().payload_bytes_copied += it.file_len;
+    it.fd = -1;
+  }
+  if (it.fd >= 0) {
+    asio::async_write(socket_, asio::buffer(it.header, kFrameHeaderSize),
+                      [self](const boost::system::error_code& ec, size_t) {
+                        if (ec) return self->DoClose(FromAsio(ec, "send"));
+                        self->SendFileChunk();
+                      });
+    return;
+  }
+  std::array<asio::const_buffer, 2> bufs = {
+      asio::buffer(it.header, kFrameHeaderSize),
+      it.data != nullptr ? asio::const_buffer(it.data, it.data_len) : asio::const_buffer(it.owned.data(), it.owned.size())};
+  asio::async_write(socket_, bufs, [self](const boost::system::error_code& ec, size_t) {
+    if (ec) return self->DoClose(FromAsio(ec, "send"));
+    self->FinishItem();
+  });
+}
+
+void SessionImpl::SendFileChunk() {
+  if (closing_) return;
+  OutItem& it = *out_.front();
+  while (it.file_len > 0) {
+    off_t off = static_cast<off_t>(it.file_offset);
+    size_t want = std::min<size_t>(it.file_len, 4u << 20);
+    ssize_t n = ::sendfile(socket_.native_handle(), it.fd, &off, want);
+    if (n > 0) {
+      it.file_offset += static_cast<uint64_t>(n);
+      it.file_len -= static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      auto self = shared_from_this();
+      socket_.async_wait(tcp::socket::wait_write, [self](const boost::system::error_code& ec) {
+        if (ec) return self->DoClose(FromAsio(ec, "send"));
+        self->SendFileChunk();
+      });
+      return;
+    }
+    DoClose(n == 0 ? Status::IOError("sendfile: the file ended before the span did")
+                   : Status::FromErrno("sendfile", errno));
+    return;
+  }
+  FinishItem();
+}
+
+void SessionImpl::FinishItem() {
+  std::shared_ptr<OutItem> done = std::move(out_.front());
+  out_.pop_front();
+  writing_ = false;
+  size_t left = queued_bytes_ -= done->accounted;
+  auto& stats = ep_->mutable_stats();
+  ++stats.frames_sent;
+  if (done->is_data) stats.data_bytes_sent += done->accounted - kFrameHeaderSize;
+  if (done->close_after) return DoClose(done->close_status);
+  if (refused_.load() && left < ep_->options().max_send_queue_bytes / 2) {
+    refused_.store(false);
+    ep_->handler()->OnWritable(shared_from_this());
+  }
+  DoWrite();
+}
+
+void SessionImpl::ReadHeader() {
+  auto self = shared_from_this();
+  asio::async_read(socket_, asio::buffer(in_header_, kFrameHeaderSize),
+                   [self](const boost::system::error_code& ec, size_t) {
+                     if (ec) return self->DoClose(FromAsio(ec, "receive"));
+                     FrameHeader h;
+                     const uint32_t limit =
+                         self->established_.load() ? self->ep_->options().max_frame_payload : kMaxHandshakeFrame;
+                     Status st = DecodeFrameHeader(self->in_header_, limit, &h);
+                     if (!st.ok()) return self->Fail(st, &self->ep_->mutable_stats().protocol_errors);
+                     if (h.type == FrameType::kData && !self->established_.load()) {
+                       return self->Fail(Status::InvalidArgument("data frame before the handshake"),
+                                         &self->ep_->mutable_stats().protocol_errors);
+                     }
+                     self->ReadPayload(h);
+                   });
+}
+
+void SessionImpl::ReadPayload(FrameHeader h) {
+  in_payload_.resize(h.payload_len);
+  auto self = shared_from_this();
+  asio::async_read(socket_, asio::buffer(in_payload_), [self, h](const boost::system::error_code& ec, size_t) {
+    if (ec) return self->DoClose(FromAsio(ec, "receive"));
+    self->OnFrame(h);
+  });
+}
+
+void SessionImpl::OnFrame(FrameHeader h) {
+  if (closing_) return;
+  last_rx_ = Clock::now();
+  auto& stats = ep_->mutable_stats();
+  ++stats.frames_received;
+  auto self = shared_from_this();
+  if (h.type == FrameType::kData) {
+    stats.data_bytes_received += h.payload_len;
+    ep_->handler()->OnData(self, in_payload_);
+  } else {
+    proto::Control msg;
+    if (!msg.ParseFromString(in_payload_)) {
+      return Fail(Status::Corruption("control frame does not parse"), &stats.protocol_errors);
+    }
+    if (msg.has_error()) {
+      return DoClose(Status::Aborted("peer " + peer_id() + " closed the session: " + msg.error().message()));
+    }
+    if (!established_.load()) {
+      OnHandshake(msg);
+    } else if (msg.has_hello() || msg.has_challenge() || msg.has_auth() || msg.has_auth_ok()) {
+      return Fail(Status::InvalidArgument("handshake message after the handshake"), &stats.protocol_errors);
+    } else {
+      if (msg.has_heartbeat()) last_peer_heartbeat_us_ = msg.heartbeat().sent_unix_us();
+      ep_->handler()->OnControl(self, msg);
+    }
+  }
+  if (!closing_) ReadHeader();
+}
+
+void SessionImpl::OnHandshake(const proto::Control& msg) {
+  const Options& o = ep_->options();
+  auto& stats = ep_->mutable_stats();
+  if (!is_client_ && msg.has_hello() && server_nonce_.empty()) {
+    const auto& hello = msg.hello();
+    if (hello.protocol_version() != kProtocolVersion) {
+      ++stats.version_mismatches;
+      Status st = Status::NotSupported("peer speaks protocol version " + std::to_string(hello.protocol_version()) +
+                                       "; this node speaks version " + std::to_string(kProtocolVersion));
+      RLOG(kWarn, "transport.refused") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
+      return SendError(st);
+    }
+    if (hello.nonce().size() != kNonceSize) {
+      return Fail(Status::InvalidArgument("hello with a bad nonce"), &stats.protocol_errors);
+    }
+    {
+      MutexLock l(&info_mu_);
+      peer_id_ = hello.node_id();
+    }
+    client_nonce_ = hello.nonce();
+    server_nonce_ = RandomNonce();
+    proto::Control challenge;
+    auto* c = challenge.mutable_challenge();
+    c->set_nonce(server_nonce_);
+    c->set_node_id(o.node_id);
+    // A peer of another cluster gets a proof it cannot verify and gives up.
+    c->set_proof(AuthProof(o.secret, "replica/server", o.cluster, client_nonce_, server_nonce_));
+    (void)SendControl(challenge);
+    return;
+  }
+  if (is_client_ && msg.has_challenge() && server_nonce_.empty()) {
+    const auto& ch = msg.challenge();
+    server_nonce_ = ch.nonce();
+    {
+      MutexLock l(&info_mu_);
+      peer_id_ = ch.node_id();
+    }
+    if (server_nonce_.size() != kNonceSize ||
+        !ProofEquals(ch.proof(), AuthProof(o.secret, "replica/server", o.cluster, client_nonce_, server_nonce_))) {
+      ++stats.auth_failures;
+      Status st = Status::InvalidArgument("peer " + ch.node_id() +
+                                          " could not prove it knows the cluster secret (wrong secret or cluster)");
+      RLOG(kWarn, "transport.auth_failed") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
+      return SendError(st);
+    }
+    proto::Control auth;
+    auth.mutable_auth()->set_proof(AuthProof(o.secret, "replica/client", o.cluster, client_nonce_, server_nonce_));
+    (void)SendControl(auth);
+    return;
+  }
+  if (!is_client_ && msg.has_auth() && !server_nonce_.empty()) {
+    if (!ProofEquals(msg.auth().proof(),
+                     AuthProof(o.secret, "replica/client", o.cluster, client_nonce_, server_nonce_))) {
+      ++stats.auth_failures;
+      Status st = Status::InvalidArgument("peer " + peer_id() + " at " + remote_address() +
+                                          " failed authentication (wrong cluster secret or cluster name)");
+      RLOG(kWarn, "transport.auth_failed") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
+      return SendError(st);
+    }
+    proto::Control ok;
+    ok.mutable_auth_ok();
+    (void)SendControl(ok);
+    return Established();
+  }
+  if (is_client_ && msg.has_auth_ok() && !server_nonce_.empty()) return Established();
+  Fail(Status::InvalidArgument("unexpected message during the handshake"), &stats.protocol_errors);
+}
+
+void SessionImpl::Established() {
+  established_.store(true);
+  handshake_timer_.cancel();
+  ++ep_->mutable_stats().sessions_established;
+  RLOG(kInfo, "transport.established") << "peer=" << peer_id() << " address=" << remote_address()
+                                       << " role=" << (is_client_ ? "client" : "server");
+  ep_->handler()->OnEstablished(shared_from_this());
+  HeartbeatTick();
+}
+
+void SessionImpl::HeartbeatTick() {
+  if (closing_) return;
+  const Options& o = ep_->options();
+  auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - last_rx_);
+  if (silent > o.peer_timeout) {
+    return Fail(Status::TimedOut("peer " + peer_id() + " silent for " + std::to_string(silent.count()) + " ms"),
+                &ep_->mutable_stats().peer_timeouts);
+  }
+  proto::Control msg;
+  auto* hb = msg.mutable_heartbeat();
+  ep_->handler()->FillHeartbeat(hb);
+  hb->set_sent_unix_us(NowUnixMicros());
+  hb->set_echo_unix_us(last_peer_heartbeat_us_);
+  (void)SendControl(msg);
+  auto self = shared_from_this();
+  heartbeat_timer_.expires_after(o.heartbeat_interval);
+  heartbeat_timer_.async_wait([self](const boost::system::error_code& ec) {
+    if (!ec) self->HeartbeatTick();
+  });
+}
+
+void SessionImpl::Fail(const Status& st, std::atomic<uint64_t>* counter) {
+  if (counter != nullptr) ++*counter;
+  DoClose(st);
+}
+
+void SessionImpl::Close(const Status& why) {
+  auto self = shared_from_this();
+  asio::post(socket_.get_executor(), [self, why] { self->DoClose(why); });
+}
+
+void SessionImpl::DoClose(const Status& why) {
+  if (closing_) return;
+  closing_ = true;
+  closed_.store(true);
+  boost::system::error_code ec;
+  handshake_timer_.cancel();
+  heartbeat_timer_.cancel();
+  socket_.shutdown(tcp::socket::shutdown_both, ec);
+  socket_.close(ec);
+  out_.clear();
+  queued_bytes_.store(0);
+  ++ep_->mutable_stats().sessions_closed;
+  if (why.ok() || why.IsAborted()) {
+    RLOG(kInfo, "transport.closed") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
+                                    << why.ToString() << "\"";
+  } else {
+    RLOG(kWarn, "transport.closed") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
+                                    << why.ToString() << "\"";
+  }
+  auto self = shared_from_this();
+  ep_->handler()->OnClosed(self, why);
+  ep_->Unregister(self);
+}
+
+// ---------------------------------------------------------------- Endpoint
+
+Result<uint16_t> EndpointImpl::Listen(const std::string& host, uint16_t port) {
+  boost::system::error_code ec;
+  auto addr = asio::ip::make_address(host, ec);
+  if (ec) return Status::InvalidArgument("listen address '" + host + "': " + ec.message());
+  auto acceptor = std::make_unique<tcp::acceptor>(asio::make_strand(ioc_));
+  tcp::endpoint ep(addr, port);
+  acceptor->open(ep.protocol(), ec);
+  if (!ec) acceptor->set_option(tcp::acceptor::reuse_address(true), ec);
+  if (!ec) acceptor->bind(ep, ec);
+  if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return Status::IOError("listen on " + host + ":" + std::to_string(port) + ": " + ec.message());
+  uint16_t bound = acceptor->local_endpoint().port();
+  {
+    MutexLock l(&mu_);
+    if (stopped_) return Status::Aborted("endpoint stopped");
+    if (acceptor_) return Status::InvalidArgument("already listening");
+    acceptor_ = std::move(acceptor);
+  }
+  asio::post(acceptor_->get_executor(), [this] { DoAccept(); });
+  return bound;
+}
+
+void EndpointImpl::DoAccept() {
+  acceptor_->async_accept(asio::make_strand(ioc_), [this](const boost::system::error_code& ec, tcp::socket socket) {
+    if (ec == asio::error::operation_aborted || !acceptor_->is_open()) return;
+    if (!ec) {
+      ++stats_.connections_accepted;
+      auto session = std::make_shared<SessionImpl>(this, std::move(socket), false);
+      bool stopped;
+      {
+        MutexLock l(&mu_);
+        stopped = stopped_;
+        if (!stopped) sessions_.insert(session);
+      }
+      if (!stopped) asio::post(session->socket_executor(), [session] { session->Start(); });
+    } else {
+      RLOG(kWarn, "transport.accept_failed") << "error=\"" << ec.message() << "\"";
+    }
+    DoAccept();
+  });
+}
+
+Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, uint16_t port) {
+  boost::system::error_code ec;
+  auto addr = asio::ip::make_address(host, ec);
+  if (ec) return Status::InvalidArgument("peer address '" + host + "': " + ec.message());
+  auto session = std::make_shared<SessionImpl>(this, tcp::socket(asio::make_strand(ioc_)), true);
+  {
+    MutexLock l(&mu_);
+    if (stopped_) return Status::Aborted("endpoint stopped");
+    sessions_.insert(session);
+  }
+  ++stats_.connections_opened;
+  tcp::endpoint target(addr, port);
+  asio::post(session->socket_executor(), [session, target] { session->StartConnect(target); });
+  return std::shared_ptr<Session>(session);
+}
+
+void EndpointImpl::Stop() {
+  std::set<std::shared_ptr<SessionImpl>> sessions;
+  {
+    MutexLock l(&mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    sessions = sessions_;
+  }
+  if (acceptor_) {
+    asio::post(acceptor_->get_executor(), [this] {
+      boost::system::error_code ec;
+      acceptor_->close(ec);
+    });
+  }
+  for (const auto& s : sessions) s->Close(Status::Aborted("endpoint stopping"));
+  {
+    MutexLock l(&mu_);
+    while (!sessions_.empty()) drained_.Wait();
+  }
+  work_.reset();
+  for (auto& t : threads_) t.join();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Endpoint>> Endpoint::Create(const Options& options, Handler* handler) {
+  if (options.secret.empty()) return Status::InvalidArgument("the cluster secret must not be empty");
+  if (options.io_threads < 1 || options.io_threads > 64) return Status::InvalidArgument("io_threads must be 1..64");
+  if (handler == nullptr) return Status::InvalidArgument("a handler is required");
+  if (options.max_frame_payload < kMaxHandshakeFrame) return Status::InvalidArgument("max_frame_payload too small");
+  return std::unique_ptr<Endpoint>(new EndpointImpl(options, handler));
+}
+
+}  // namespace replica::transport

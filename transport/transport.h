@@ -1,0 +1,119 @@
+// Transport: authenticated, framed TCP sessions between nodes, on a small
+// fixed pool of I/O threads (Boost.Asio, kept out of this header).
+//
+// It carries control messages (proto::Control) and data frames (raw WAL
+// bytes) and knows nothing of what the bytes mean. Data is sent without being
+// copied in user space: from a caller's buffer (gather write) or straight
+// from a file (sendfile). Stats::payload_bytes_copied counts any byte that
+// had to be copied on the send path and stays 0 unless sendfile is disabled.
+//
+// Thread-safety: Endpoint and Session methods may be called from any thread.
+// Handler callbacks run on an I/O thread, one at a time per session (each
+// session has its own strand); they must not block.
+//
+// Lifetime: the Handler must outlive the Endpoint. Endpoint::Stop() (also run
+// by the destructor) closes every session, waits for their OnClosed, and
+// joins the I/O threads.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "proto/replication.pb.h"
+#include "replica/status.h"
+
+namespace replica::transport {
+
+struct Options {
+  std::string node_id;            // this node's name, told to peers
+  std::string cluster = "default";
+  std::string secret;             // the cluster's shared secret; required
+  int io_threads = 2;
+  // Memory a session may hold: one incoming frame of at most
+  // max_frame_payload bytes, and queued outgoing data up to
+  // max_send_queue_bytes (Send* returns Busy beyond it).
+  uint32_t max_frame_payload = 64u << 20;
+  size_t max_send_queue_bytes = 16u << 20;
+  std::chrono::milliseconds heartbeat_interval{500};
+  // A peer from which no whole frame arrives for this long is closed.
+  std::chrono::milliseconds peer_timeout{5000};
+  // The handshake must complete within this.
+  std::chrono::milliseconds handshake_timeout{3000};
+  // Send file spans with sendfile(2). Off: read them into memory first (a
+  // copy, counted in payload_bytes_copied).
+  bool use_sendfile = true;
+};
+
+// Frames before authentication may be at most this large.
+inline constexpr uint32_t kMaxHandshakeFrame = 4096;
+
+struct Stats {
+  std::atomic<uint64_t> connections_accepted{0};
+  std::atomic<uint64_t> connections_opened{0};
+  std::atomic<uint64_t> sessions_established{0};
+  std::atomic<uint64_t> sessions_closed{0};
+  std::atomic<uint64_t> auth_failures{0};
+  std::atomic<uint64_t> version_mismatches{0};
+  std::atomic<uint64_t> protocol_errors{0};
+  std::atomic<uint64_t> handshake_timeouts{0};
+  std::atomic<uint64_t> peer_timeouts{0};
+  std::atomic<uint64_t> frames_sent{0};
+  std::atomic<uint64_t> frames_received{0};
+  std::atomic<uint64_t> data_bytes_sent{0};
+  std::atomic<uint64_t> data_bytes_received{0};
+  std::atomic<uint64_t> payload_bytes_copied{0};
+  std::atomic<uint64_t> send_queue_full{0};
+};
+
+class Session {
+ public:
+  virtual ~Session() = default;
+  // The peer's node id (known once established).
+  virtual std::string peer_id() const = 0;
+  virtual std::string remote_address() const = 0;
+  virtual bool established() const = 0;
+  // Queue a control message. Aborted once the session is closed.
+  virtual Status SendControl(const proto::Control& msg) = 0;
+  // Queue a data frame whose payload is [data, data + length), kept alive by
+  // keepalive until sent. Busy if the send queue is full: wait for
+  // Handler::OnWritable. InvalidArgument if not yet established.
+  virtual Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) = 0;
+  // Queue a data frame whose payload is length bytes of fd at offset, sent
+  // with sendfile; keepalive keeps fd open until then.
+  virtual Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) = 0;
+  virtual size_t queued_bytes() const = 0;
+  // Closes the connection; Handler::OnClosed gets `why`. Idempotent.
+  virtual void Close(const Status& why) = 0;
+};
+
+class Handler {
+ public:
+  virtual ~Handler() = default;
+  virtual void OnEstablished(const std::shared_ptr<Session>& session) {}
+  // Every control message after the handshake, heartbeats included.
+  virtual void OnControl(const std::shared_ptr<Session>& session, const proto::Control& msg) {}
+  // A data frame's payload; valid only during the call.
+  virtual void OnData(const std::shared_ptr<Session>& session, std::string_view payload) {}
+  // The send queue, once full, has drained below half.
+  virtual void OnWritable(const std::shared_ptr<Session>& session) {}
+  // Exactly once per session, established or not.
+  virtual void OnClosed(const std::shared_ptr<Session>& session, const Status& why) {}
+  // Fill LSNs and epoch of an outgoing heartbeat (times are set by the transport).
+  virtual void FillHeartbeat(proto::Heartbeat* heartbeat) {}
+};
+
+class Endpoint {
+ public:
+  static Result<std::unique_ptr<Endpoint>> Create(const Options& options, Handler* handler);
+  virtual ~Endpoint() = default;
+  // Listens on host:port (port 0: any free port); returns the bound port.
+  virtual Result<uint16_t> Listen(const std::string& host, uint16_t port) = 0;
+  // Starts connecting; the session reports OnEstablished or OnClosed.
+  virtual Result<std::shared_ptr<Session>> Connect(const std::string& host, uint16_t port) = 0;
+  virtual void Stop() = 0;
+  virtual const Stats& stats() const = 0;
+};
+
+}  // namespace replica::transport
