@@ -36,31 +36,66 @@ Status FromAsio(const boost::system::error_code& ec, const std::string& what) {
 }
 
 class EndpointImpl;
+class SessionImpl;
+
+// What a user holds. It refers to the connection weakly, so that only the
+// Endpoint and in-flight I/O handlers own the Asio objects, and they are
+// always destroyed before the io_context, however long a user keeps this.
+class SessionHandle final : public Session {
+ public:
+  explicit SessionHandle(std::weak_ptr<SessionImpl> impl) : impl_(std::move(impl)) {}
+  std::string peer_id() const override {
+    MutexLock l(&mu_);
+    return peer_id_;
+  }
+  std::string remote_address() const override {
+    MutexLock l(&mu_);
+    return remote_;
+  }
+  bool established() const override;
+  Status SendControl(const proto::Control& msg) override;
+  Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) override;
+  Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) override;
+  size_t queued_bytes() const override;
+  void Close(const Status& why) override;
+
+  void set_peer_id(std::string id) {
+    MutexLock l(&mu_);
+    peer_id_ = std::move(id);
+  }
+  void set_remote(std::string r) {
+    MutexLock l(&mu_);
+    remote_ = std::move(r);
+  }
+
+ private:
+  const std::weak_ptr<SessionImpl> impl_;
+  mutable Mutex mu_;
+  std::string peer_id_ GUARDED_BY(mu_);
+  std::string remote_ GUARDED_BY(mu_);
+};
 
 // One connection. Every member below "strand-only" is touched only by
 // handlers running on the socket's strand.
-class SessionImpl final : public Session, public std::enable_shared_from_this<SessionImpl> {
+class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
  public:
   SessionImpl(EndpointImpl* ep, tcp::socket socket, bool is_client);
+  // Called once, right after construction by make_shared.
+  void Init() { handle_ = std::make_shared<SessionHandle>(weak_from_this()); }
+  const std::shared_ptr<SessionHandle>& handle() const { return handle_; }
 
   void Start();
   void StartConnect(tcp::endpoint target);
 
-  std::string peer_id() const override {
-    MutexLock l(&info_mu_);
-    return peer_id_;
-  }
-  std::string remote_address() const override {
-    MutexLock l(&info_mu_);
-    return remote_;
-  }
-  bool established() const override { return established_.load(); }
-  Status SendControl(const proto::Control& msg) override;
-  Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) override;
-  Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) override;
-  size_t queued_bytes() const override { return queued_bytes_.load(); }
-  void Close(const Status& why) override;
-  tcp::socket::executor_type socket_executor() { return socket_.get_executor(); }
+  std::string peer_id() const { return handle_->peer_id(); }
+  std::string remote_address() const { return handle_->remote_address(); }
+  bool established() const { return established_.load(); }
+  Status SendControl(const proto::Control& msg);
+  Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length);
+  Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length);
+  size_t queued_bytes() const { return queued_bytes_.load(); }
+  void Close(const Status& why);
+  tcp::socket::executor_type socket_executor() { return ex_; }
 
  private:
   struct OutItem {
@@ -93,21 +128,29 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   void DoClose(const Status& why);
   proto::Control MakeHello();
 
+  // The socket and timers. Released on the strand when the session closes, so
+  // they are destroyed while the io_context still runs, even if a user keeps
+  // the Session (a shared_ptr) alive past the Endpoint.
+  struct Io {
+    explicit Io(tcp::socket s)
+        : socket(std::move(s)), handshake_timer(socket.get_executor()), heartbeat_timer(socket.get_executor()) {}
+    tcp::socket socket;
+    asio::steady_timer handshake_timer;
+    asio::steady_timer heartbeat_timer;
+  };
+
   EndpointImpl* const ep_;
-  tcp::socket socket_;
+  std::unique_ptr<Io> io_;  // strand-only; null once closed
+  const tcp::socket::executor_type ex_;
   const bool is_client_;
   std::atomic<bool> established_{false};
   std::atomic<bool> closed_{false};
   std::atomic<size_t> queued_bytes_{0};
   std::atomic<bool> refused_{false};  // a Send was refused for a full queue
 
-  mutable Mutex info_mu_;
-  std::string peer_id_ GUARDED_BY(info_mu_);
-  std::string remote_ GUARDED_BY(info_mu_);
+  std::shared_ptr<SessionHandle> handle_;
 
   // strand-only
-  asio::steady_timer handshake_timer_;
-  asio::steady_timer heartbeat_timer_;
   bool closing_ = false;
   std::string client_nonce_, server_nonce_;
   char in_header_[kFrameHeaderSize];
@@ -160,19 +203,14 @@ class EndpointImpl final : public Endpoint {
 // ---------------------------------------------------------------- Session
 
 SessionImpl::SessionImpl(EndpointImpl* ep, tcp::socket socket, bool is_client)
-    : ep_(ep),
-      socket_(std::move(socket)),
-      is_client_(is_client),
-      handshake_timer_(socket_.get_executor()),
-      heartbeat_timer_(socket_.get_executor()) {}
+    : ep_(ep), io_(std::make_unique<Io>(std::move(socket))), ex_(io_->socket.get_executor()), is_client_(is_client) {}
 
 void SessionImpl::StartConnect(tcp::endpoint target) {
   auto self = shared_from_this();
-  {
-    MutexLock l(&info_mu_);
-    remote_ = target.address().to_string() + ":" + std::to_string(target.port());
-  }
-  socket_.async_connect(target, [self](const boost::system::error_code& ec) {
+  handle_->set_remote(target.address().to_string() + ":" + std::to_string(target.port()));
+  if (closing_) return;
+  io_->socket.async_connect(target, [self](const boost::system::error_code& ec) {
+    if (self->closing_) return;
     if (ec) {
       self->DoClose(FromAsio(ec, "connect to " + self->remote_address()));
       return;
@@ -182,18 +220,19 @@ void SessionImpl::StartConnect(tcp::endpoint target) {
 }
 
 void SessionImpl::Start() {
+  if (closing_) return;
+  tcp::socket& socket_ = io_->socket;
   boost::system::error_code ec;
   socket_.set_option(tcp::no_delay(true), ec);
   socket_.native_non_blocking(true, ec);
   if (!is_client_) {
     auto ep = socket_.remote_endpoint(ec);
-    MutexLock l(&info_mu_);
-    remote_ = ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
+    handle_->set_remote(ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port()));
   }
   last_rx_ = Clock::now();
   auto self = shared_from_this();
-  handshake_timer_.expires_after(ep_->options().handshake_timeout);
-  handshake_timer_.async_wait([self](const boost::system::error_code& ec) {
+  io_->handshake_timer.expires_after(ep_->options().handshake_timeout);
+  io_->handshake_timer.async_wait([self](const boost::system::error_code& ec) {
     if (ec || self->established_.load() || self->closing_) return;
     self->Fail(Status::TimedOut("handshake not completed within " +
                                 std::to_string(self->ep_->options().handshake_timeout.count()) + " ms"),
@@ -229,7 +268,7 @@ Status SessionImpl::Enqueue(std::shared_ptr<OutItem> item, bool data) {
   item->is_data = data;
   queued_bytes_ += bytes;
   auto self = shared_from_this();
-  asio::post(socket_.get_executor(), [self, item] {
+  asio::post(ex_, [self, item] {
     if (self->closing_) return;
     self->out_.push_back(item);
     self->DoWrite();
@@ -285,6 +324,7 @@ void SessionImpl::SendError(const Status& st) {
 
 void SessionImpl::DoWrite() {
   if (writing_ || out_.empty() || closing_) return;
+  tcp::socket& socket_ = io_->socket;
   writing_ = true;
   auto self = shared_from_this();
   OutItem& it = *out_.front();
@@ -322,7 +362,7 @@ void SessionImpl::SendFileChunk() {
   while (it.file_len > 0) {
     off_t off = static_cast<off_t>(it.file_offset);
     size_t want = std::min<size_t>(it.file_len, 4u << 20);
-    ssize_t n = ::sendfile(socket_.native_handle(), it.fd, &off, want);
+    ssize_t n = ::sendfile(io_->socket.native_handle(), it.fd, &off, want);
     if (n > 0) {
       it.file_offset += static_cast<uint64_t>(n);
       it.file_len -= static_cast<size_t>(n);
@@ -331,7 +371,8 @@ void SessionImpl::SendFileChunk() {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
       auto self = shared_from_this();
-      socket_.async_wait(tcp::socket::wait_write, [self](const boost::system::error_code& ec) {
+      io_->socket.async_wait(tcp::socket::wait_write, [self](const boost::system::error_code& ec) {
+        if (self->closing_) return;
         if (ec) return self->DoClose(FromAsio(ec, "send"));
         self->SendFileChunk();
       });
@@ -345,6 +386,7 @@ void SessionImpl::SendFileChunk() {
 }
 
 void SessionImpl::FinishItem() {
+  if (closing_) return;  // a write that completed just before the close
   std::shared_ptr<OutItem> done = std::move(out_.front());
   out_.pop_front();
   writing_ = false;
@@ -355,15 +397,17 @@ void SessionImpl::FinishItem() {
   if (done->close_after) return DoClose(done->close_status);
   if (refused_.load() && left < ep_->options().max_send_queue_bytes / 2) {
     refused_.store(false);
-    ep_->handler()->OnWritable(shared_from_this());
+    ep_->handler()->OnWritable(handle_);
   }
   DoWrite();
 }
 
 void SessionImpl::ReadHeader() {
+  if (closing_) return;
   auto self = shared_from_this();
-  asio::async_read(socket_, asio::buffer(in_header_, kFrameHeaderSize),
+  asio::async_read(io_->socket, asio::buffer(in_header_, kFrameHeaderSize),
                    [self](const boost::system::error_code& ec, size_t) {
+                     if (self->closing_) return;
                      if (ec) return self->DoClose(FromAsio(ec, "receive"));
                      FrameHeader h;
                      const uint32_t limit =
@@ -379,9 +423,11 @@ void SessionImpl::ReadHeader() {
 }
 
 void SessionImpl::ReadPayload(FrameHeader h) {
+  if (closing_) return;
   in_payload_.resize(h.payload_len);
   auto self = shared_from_this();
-  asio::async_read(socket_, asio::buffer(in_payload_), [self, h](const boost::system::error_code& ec, size_t) {
+  asio::async_read(io_->socket, asio::buffer(in_payload_), [self, h](const boost::system::error_code& ec, size_t) {
+    if (self->closing_) return;
     if (ec) return self->DoClose(FromAsio(ec, "receive"));
     self->OnFrame(h);
   });
@@ -395,7 +441,7 @@ void SessionImpl::OnFrame(FrameHeader h) {
   auto self = shared_from_this();
   if (h.type == FrameType::kData) {
     stats.data_bytes_received += h.payload_len;
-    ep_->handler()->OnData(self, in_payload_);
+    ep_->handler()->OnData(handle_, in_payload_);
   } else {
     proto::Control msg;
     if (!msg.ParseFromString(in_payload_)) {
@@ -410,7 +456,7 @@ void SessionImpl::OnFrame(FrameHeader h) {
       return Fail(Status::InvalidArgument("handshake message after the handshake"), &stats.protocol_errors);
     } else {
       if (msg.has_heartbeat()) last_peer_heartbeat_us_ = msg.heartbeat().sent_unix_us();
-      ep_->handler()->OnControl(self, msg);
+      ep_->handler()->OnControl(handle_, msg);
     }
   }
   if (!closing_) ReadHeader();
@@ -431,10 +477,7 @@ void SessionImpl::OnHandshake(const proto::Control& msg) {
     if (hello.nonce().size() != kNonceSize) {
       return Fail(Status::InvalidArgument("hello with a bad nonce"), &stats.protocol_errors);
     }
-    {
-      MutexLock l(&info_mu_);
-      peer_id_ = hello.node_id();
-    }
+    handle_->set_peer_id(hello.node_id());
     client_nonce_ = hello.nonce();
     server_nonce_ = RandomNonce();
     proto::Control challenge;
@@ -449,10 +492,7 @@ void SessionImpl::OnHandshake(const proto::Control& msg) {
   if (is_client_ && msg.has_challenge() && server_nonce_.empty()) {
     const auto& ch = msg.challenge();
     server_nonce_ = ch.nonce();
-    {
-      MutexLock l(&info_mu_);
-      peer_id_ = ch.node_id();
-    }
+    handle_->set_peer_id(ch.node_id());
     if (server_nonce_.size() != kNonceSize ||
         !ProofEquals(ch.proof(), AuthProof(o.secret, "replica/server", o.cluster, client_nonce_, server_nonce_))) {
       ++stats.auth_failures;
@@ -486,11 +526,11 @@ void SessionImpl::OnHandshake(const proto::Control& msg) {
 
 void SessionImpl::Established() {
   established_.store(true);
-  handshake_timer_.cancel();
+  io_->handshake_timer.cancel();
   ++ep_->mutable_stats().sessions_established;
   RLOG(kInfo, "transport.established") << "peer=" << peer_id() << " address=" << remote_address()
                                        << " role=" << (is_client_ ? "client" : "server");
-  ep_->handler()->OnEstablished(shared_from_this());
+  ep_->handler()->OnEstablished(handle_);
   HeartbeatTick();
 }
 
@@ -509,8 +549,8 @@ void SessionImpl::HeartbeatTick() {
   hb->set_echo_unix_us(last_peer_heartbeat_us_);
   (void)SendControl(msg);
   auto self = shared_from_this();
-  heartbeat_timer_.expires_after(o.heartbeat_interval);
-  heartbeat_timer_.async_wait([self](const boost::system::error_code& ec) {
+  io_->heartbeat_timer.expires_after(o.heartbeat_interval);
+  io_->heartbeat_timer.async_wait([self](const boost::system::error_code& ec) {
     if (!ec) self->HeartbeatTick();
   });
 }
@@ -521,8 +561,9 @@ void SessionImpl::Fail(const Status& st, std::atomic<uint64_t>* counter) {
 }
 
 void SessionImpl::Close(const Status& why) {
+  if (closed_.load()) return;  // also keeps us off an executor that may be gone
   auto self = shared_from_this();
-  asio::post(socket_.get_executor(), [self, why] { self->DoClose(why); });
+  asio::post(ex_, [self, why] { self->DoClose(why); });
 }
 
 void SessionImpl::DoClose(const Status& why) {
@@ -530,10 +571,13 @@ void SessionImpl::DoClose(const Status& why) {
   closing_ = true;
   closed_.store(true);
   boost::system::error_code ec;
-  handshake_timer_.cancel();
-  heartbeat_timer_.cancel();
-  socket_.shutdown(tcp::socket::shutdown_both, ec);
-  socket_.close(ec);
+  io_->handshake_timer.cancel();
+  io_->heartbeat_timer.cancel();
+  io_->socket.shutdown(tcp::socket::shutdown_both, ec);
+  io_->socket.close(ec);
+  // Destroy the socket and timers in a later handler on this strand, after
+  // the cancelled operations' handlers, while the io_context still runs.
+  asio::post(ex_, [io = std::shared_ptr<Io>(std::move(io_))] {});
   out_.clear();
   queued_bytes_.store(0);
   ++ep_->mutable_stats().sessions_closed;
@@ -545,8 +589,36 @@ void SessionImpl::DoClose(const Status& why) {
                                     << why.ToString() << "\"";
   }
   auto self = shared_from_this();
-  ep_->handler()->OnClosed(self, why);
+  ep_->handler()->OnClosed(handle_, why);
   ep_->Unregister(self);
+}
+
+// ---------------------------------------------------------------- Handle
+
+Status Closed() { return Status::Aborted("the session is closed"); }
+
+bool SessionHandle::established() const {
+  auto s = impl_.lock();
+  return s && s->established();
+}
+Status SessionHandle::SendControl(const proto::Control& msg) {
+  auto s = impl_.lock();
+  return s ? s->SendControl(msg) : Closed();
+}
+Status SessionHandle::SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) {
+  auto s = impl_.lock();
+  return s ? s->SendData(std::move(keepalive), data, length) : Closed();
+}
+Status SessionHandle::SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) {
+  auto s = impl_.lock();
+  return s ? s->SendFile(std::move(keepalive), fd, offset, length) : Closed();
+}
+size_t SessionHandle::queued_bytes() const {
+  auto s = impl_.lock();
+  return s ? s->queued_bytes() : 0;
+}
+void SessionHandle::Close(const Status& why) {
+  if (auto s = impl_.lock()) s->Close(why);
 }
 
 // ---------------------------------------------------------------- Endpoint
@@ -579,6 +651,7 @@ void EndpointImpl::DoAccept() {
     if (!ec) {
       ++stats_.connections_accepted;
       auto session = std::make_shared<SessionImpl>(this, std::move(socket), false);
+      session->Init();
       bool stopped;
       {
         MutexLock l(&mu_);
@@ -598,6 +671,7 @@ Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, 
   auto addr = asio::ip::make_address(host, ec);
   if (ec) return Status::InvalidArgument("peer address '" + host + "': " + ec.message());
   auto session = std::make_shared<SessionImpl>(this, tcp::socket(asio::make_strand(ioc_)), true);
+  session->Init();
   {
     MutexLock l(&mu_);
     if (stopped_) return Status::Aborted("endpoint stopped");
@@ -606,7 +680,7 @@ Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, 
   ++stats_.connections_opened;
   tcp::endpoint target(addr, port);
   asio::post(session->socket_executor(), [session, target] { session->StartConnect(target); });
-  return std::shared_ptr<Session>(session);
+  return std::shared_ptr<Session>(session->handle());
 }
 
 void EndpointImpl::Stop() {

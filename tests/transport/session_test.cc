@@ -385,8 +385,12 @@ TEST(SessionTest, StopClosesEverySession) {
   ASSERT_TRUE(client_rec.WaitFor([&] { return client_rec.closed_.size() == 5; }));
   client->Stop();
   EXPECT_FALSE(client->Connect("127.0.0.1", port).ok());
-  server_rec.established_.clear();
-  client_rec.established_.clear();
+  // Handles outlive their endpoint safely: they only say the session is closed.
+  server.reset();
+  client.reset();
+  EXPECT_TRUE(client_rec.established_[0]->SendControl(proto::Control()).IsAborted());
+  EXPECT_FALSE(server_rec.established_[0]->established());
+  EXPECT_EQ(server_rec.established_[0]->peer_id(), "cli");
 }
 
 TEST(SessionTest, ConnectToNothingReportsClosed) {
