@@ -19,6 +19,12 @@ class FaultInjectionEnv::File final : public WritableFile {
     return target_->Append(data);
   }
   Status Sync() override {
+    std::function<void()> hook;
+    {
+      MutexLock l(&env_->mu_);
+      hook = env_->sync_hook_;
+    }
+    if (hook) hook();
     REPLICA_RETURN_IF_ERROR(env_->Mutation("sync"));
     bool fail;
     {
@@ -63,6 +69,11 @@ void FaultInjectionEnv::SetSpaceBudget(int64_t bytes) {
 void FaultInjectionEnv::SetSyncFails(bool fail) {
   MutexLock l(&mu_);
   sync_fails_ = fail;
+}
+
+void FaultInjectionEnv::SetSyncHook(std::function<void()> hook) {
+  MutexLock l(&mu_);
+  sync_hook_ = std::move(hook);
 }
 
 Status FaultInjectionEnv::Mutation(const char* what) {

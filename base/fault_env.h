@@ -14,6 +14,7 @@
 // Thread-safe.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -34,6 +35,9 @@ class FaultInjectionEnv final : public Env {
   // -1 disables. Counts bytes appended from now on.
   void SetSpaceBudget(int64_t bytes) EXCLUDES(mu_);
   void SetSyncFails(bool fail) EXCLUDES(mu_);
+  // Runs at the start of every Sync (outside the Env's lock), e.g. to hold a
+  // writer inside its fsync while a test lines up more work behind it.
+  void SetSyncHook(std::function<void()> hook) EXCLUDES(mu_);
   Status DropUnsyncedData() EXCLUDES(mu_);
 
   Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override;
@@ -72,6 +76,7 @@ class FaultInjectionEnv final : public Env {
   int64_t mutations_ GUARDED_BY(mu_) = 0;
   int64_t space_budget_ GUARDED_BY(mu_) = -1;
   bool sync_fails_ GUARDED_BY(mu_) = false;
+  std::function<void()> sync_hook_ GUARDED_BY(mu_);
   std::map<std::string, uint64_t> synced_size_ GUARDED_BY(mu_);
 };
 

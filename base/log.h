@@ -36,7 +36,7 @@ class LogLine {
 
 }  // namespace replica
 
-#define RLOG(level, event)                                              \
-  if (::replica::LogLevel::level < ::replica::GetLogLevel()) {          \
-  } else                                                                \
-    ::replica::LogLine(::replica::LogLevel::level, event)
+// A for-statement (not if/else), so that it nests safely under a bare if.
+#define RLOG(level, event)                                                                      \
+  for (bool _rlog_on = ::replica::LogLevel::level >= ::replica::GetLogLevel(); _rlog_on; _rlog_on = false) \
+  ::replica::LogLine(::replica::LogLevel::level, event)

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
-  build-essential cmake ninja-build ccache pkg-config clang
+  build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev
   libboost1.81-dev libprotobuf-dev protobuf-compiler libssl-dev
   liblz4-dev libxxhash-dev librocksdb-dev
   libgtest-dev libgmock-dev libbenchmark-dev
@@ -57,7 +57,7 @@ fi
 if [ "$sanitize" -eq 1 ]; then
   build_dir=${build_dir:-build-asan}
   cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DREPLICA_SANITIZE=ON \
-    -DREPLICA_BUILD_BENCH=OFF -DCMAKE_CXX_COMPILER=clang++ >/dev/null
+    -DREPLICA_BUILD_BENCH=OFF -DREPLICA_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++ >/dev/null
 else
   build_dir=${build_dir:-build}
   cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null

@@ -32,6 +32,16 @@ Result<bool> Reader::Position() {
   }
   size_t i = 0;
   while (i < wal_->segments_.size() && wal_->segments_[i].first_lsn != seg_first_) ++i;
+  if (i == wal_->segments_.size() && next_lsn_ >= wal_->segments_.front().first_lsn) {
+    // Our segment was purged after we read all of it: carry on in the next.
+    file_.reset();
+    cursor_.reset();
+    i = wal_->segments_.size() - 1;
+    while (wal_->segments_[i].first_lsn > next_lsn_) --i;
+    seg_first_ = wal_->segments_[i].first_lsn;
+    seg_path_ = wal_->segments_[i].path;
+    frame_lsn_ = seg_first_;
+  }
   if (i == wal_->segments_.size()) {
     return Status::Purged("segment " + seg_path_ + " was purged while being read (at LSN " +
                           std::to_string(next_lsn_) + ")");
@@ -50,19 +60,21 @@ Result<bool> Reader::Ready() {
       if (!more) return false;
     }
     if (!file_) {
-      auto file = wal_->env_->NewRandomAccessFile(seg_path_);
-      if (!file.ok()) {
-        if (file.status().IsNotFound()) return Status::Purged("segment " + seg_path_ + " was purged");
-        return file.status();
+      auto opened = wal_->env_->NewRandomAccessFile(seg_path_);
+      if (!opened.ok()) {
+        if (opened.status().IsNotFound()) return Status::Purged("segment " + seg_path_ + " was purged");
+        return opened.status();
       }
-      file_ = std::move(file).value();
+      std::shared_ptr<RandomAccessFile> file = std::move(opened).value();
       char buf[kSegmentHeaderSize];
-      REPLICA_ASSIGN_OR_RETURN(size_t got, file_->Read(0, kSegmentHeaderSize, buf));
+      REPLICA_ASSIGN_OR_RETURN(size_t got, file->Read(0, kSegmentHeaderSize, buf));
       SegmentHeader h;
       REPLICA_RETURN_IF_ERROR_CTX(DecodeSegmentHeader(std::string_view(buf, got), &h), "segment " + seg_path_);
       if (h.first_lsn != seg_first_) {
         return Status::Corruption("segment " + seg_path_ + " says it starts at LSN " + std::to_string(h.first_lsn));
       }
+      // Only a segment whose header checked out becomes current.
+      file_ = std::move(file);
       cursor_ = std::make_unique<FrameCursor>(file_.get(), kSegmentHeaderSize, seg_end_);
     }
     cursor_->set_end(seg_end_);
@@ -79,6 +91,7 @@ Result<bool> Reader::Ready() {
 }
 
 Result<bool> Reader::Next(RecordView* record) {
+  if (generation_ != wal_->generation_.load()) return Status::Aborted("the log was truncated under this reader");
   for (;;) {
     if (block_pos_ < block_.size()) {
       const RecordView& r = block_[block_pos_++];

@@ -122,8 +122,8 @@ bool ValidFrameFollows(std::string_view data, size_t from, Lsn after_lsn) {
   for (size_t pos = from; pos + kFrameHeaderSize <= data.size(); ++pos) {
     FrameHeader h;
     if (!DecodeFrameHeader(data.data() + pos, &h).ok()) continue;
-    if (data.size() - pos - kFrameHeaderSize < h.payload_len) continue;
-    (void)after_lsn;  // any whole, checksummed frame counts: it was written on purpose
+    // A later record, not an image of an old one inside some payload.
+    if (h.lsn <= after_lsn || data.size() - pos - kFrameHeaderSize < h.payload_len) continue;
     if (FrameChecksumOk(data.data() + pos, h.payload_len)) return true;
   }
   return false;

@@ -93,7 +93,9 @@ Status Wal::CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) {
     ++stats_.segments_created;
   }
   cur_size_ = kSegmentHeaderSize;
-  if (old) REPLICA_RETURN_IF_ERROR(old->Close());
+  // `old` is not closed here: the interval sync thread may still hold it.
+  // The last owner's destructor closes it.
+  if (old && options_.sync_policy == SyncPolicy::kNone) unsynced_.push_back(std::move(old));
   return Status::OK();
 }
 
@@ -428,6 +430,7 @@ void Wal::RunGroup(Op* leader) {
         records += op->n;
       }
       flush();
+      rolled_ = false;
       if (history_changed) st = PersistHistory(new_history);
       if (st.ok()) st = WriteFrames(want_sync);
       mu_.Lock();
@@ -446,6 +449,12 @@ void Wal::RunGroup(Op* leader) {
         if (history_changed) history_ = std::move(new_history);
       }
       mu_.Unlock();
+      if (st.ok() && rolled_ && options_.retention_bytes > 0) {
+        // Still the leader, and the group is published: retention may run.
+        // A failed unlink leaves a consistent log, so it is logged, not sticky.
+        auto r = DoPurge(UINT64_MAX, /*retention=*/true);
+        if (!r.ok()) RLOG(kWarn, "wal.retention_failed") << "dir=" << dir_ << " error=\"" << r.status().ToString() << "\"";
+      }
     }
     mu_.Lock();
   }
@@ -458,8 +467,11 @@ void Wal::RunGroup(Op* leader) {
                                       << "\" (appends refused until reopened)";
       bg_error_ = st;
     }
+    // Every op of the group fails with it, admitted or not (a group that
+    // starts after an earlier failure admits nothing), unless it already
+    // carries its own refusal.
     for (Op* op : group) {
-      if (op->admitted || op->kind == Op::Kind::kTruncate || op->kind == Op::Kind::kPurge) op->status = st;
+      if (op->status.ok()) op->status = st;
     }
   } else if (leader->kind == Op::Kind::kSync) {
     leader->result = durable_lsn_;
@@ -508,7 +520,13 @@ Status Wal::WriteFrames(bool sync) {
     REPLICA_RETURN_IF_ERROR(file->Append(std::string_view(buf).substr(chunk, pos - chunk)));
     cur_size_ += pos - chunk;
   }
-  if (sync) REPLICA_RETURN_IF_ERROR(file->Sync());
+  if (sync) {
+    // Segments rolled without a sync (policy none), then their directory.
+    for (const auto& old : unsynced_) REPLICA_RETURN_IF_ERROR(old->Sync());
+    if (!unsynced_.empty()) REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
+    unsynced_.clear();
+    REPLICA_RETURN_IF_ERROR(file->Sync());
+  }
   return Status::OK();
 }
 
@@ -522,10 +540,7 @@ Status Wal::RollSegment(Lsn first_lsn) {
   }
   if (options_.sync_policy != SyncPolicy::kNone) REPLICA_RETURN_IF_ERROR(old->Sync());
   REPLICA_RETURN_IF_ERROR(CreateSegment(first_lsn, prev_first));
-  if (options_.retention_bytes > 0) {
-    auto r = DoPurge(UINT64_MAX, /*retention=*/true);
-    if (!r.ok()) return r.status();
-  }
+  rolled_ = true;
   return Status::OK();
 }
 
@@ -617,10 +632,15 @@ Status Wal::DoTruncate(Lsn last_kept, bool* mutated) {
   {
     MutexLock l(&mu_);
     file = std::move(cur_file_);
-    ++generation_;  // readers past the cut must not read on
+    ++generation_;  // readers must not read on
+    // From here on nothing past the cut is visible: NewReader refuses to start
+    // there, and last_lsn() says so, while the files are being cut.
+    last_lsn_ = std::min(last_lsn_, last_kept);
+    durable_lsn_ = std::min(durable_lsn_, last_kept);
     data_cv_.SignalAll();
   }
-  REPLICA_RETURN_IF_ERROR(file->Close());
+  file.reset();  // closed by its last owner (the sync thread may hold it)
+  unsynced_.clear();
   // Newest first: a crash part-way leaves a log that ends later, still a clean
   // prefix of what it was, and the epoch history's extra entries are dropped
   // on recovery.
@@ -656,6 +676,7 @@ void Wal::SyncLoop() {
     // were synced when they were closed.
     std::shared_ptr<WritableFile> file = cur_file_;
     Lsn target = last_lsn_;
+    const uint64_t generation = generation_.load();
     mu_.Unlock();
     Status st = file->Sync();
     mu_.Lock();
@@ -663,7 +684,8 @@ void Wal::SyncLoop() {
       if (bg_error_.ok()) bg_error_ = st;
       continue;
     }
-    if (target > durable_lsn_) durable_lsn_ = target;
+    // A truncation in the meantime makes `target` meaningless.
+    if (generation == generation_.load() && target > durable_lsn_) durable_lsn_ = std::min(target, last_lsn_);
     ++stats_.syncs;
   }
 }
@@ -682,12 +704,19 @@ Status Wal::Close() {
   {
     MutexLock l(&mu_);
     file = std::move(cur_file_);
-    if (file && bg_error_.ok() && options_.sync_policy != SyncPolicy::kNone && durable_lsn_ < last_lsn_) {
+    st = bg_error_;
+    if (file && bg_error_.ok() && (durable_lsn_ < last_lsn_ || !unsynced_.empty())) {
+      // A clean close leaves everything durable, whatever the policy.
       mu_.Unlock();
-      st = file->Sync();
+      for (const auto& old : unsynced_) {
+        if (st.ok()) st = old->Sync();
+      }
+      if (st.ok() && !unsynced_.empty()) st = env_->SyncDir(dir_);
+      if (st.ok()) st = file->Sync();
       mu_.Lock();
       if (st.ok()) durable_lsn_ = last_lsn_;
     }
+    unsynced_.clear();
   }
   if (file) {
     Status cst = file->Close();

@@ -15,7 +15,9 @@
 // Reopening recovers to the last whole record.
 //
 // Lifetime: Readers must be destroyed before the Wal. Close() (or the
-// destructor) drains queued appends, syncs, and wakes waiting readers.
+// destructor) drains queued appends, syncs everything (whatever the policy),
+// wakes waiting readers, and returns the sticky error if there was one. Close
+// must not race another Close or the destructor.
 //
 // Lock order: Wal::mu_ is a leaf; no callback runs under it.
 #pragma once
@@ -119,7 +121,7 @@ class Wal {
   Status Sync() EXCLUDES(mu_);
   // Removes every record after last_kept, crash-safely (newest segment first).
   // last_kept must be a frame boundary (not inside an LZ4 block), and at least
-  // first_lsn() - 1. Open readers past last_kept fail with Aborted.
+  // first_lsn() - 1. Readers open at the time fail with Aborted from then on.
   Status Truncate(Lsn last_kept) EXCLUDES(mu_);
   // Deletes whole segments all of whose records are <= upto, oldest first;
   // never the segment being written. Returns the new first retained LSN.
@@ -153,12 +155,6 @@ class Wal {
     Lsn first_lsn;
     uint64_t end;  // bytes visible to readers
     std::string path;
-  };
-  // A frame of the group being written, as a slice of group_buf_.
-  struct PendingFrame {
-    size_t offset;
-    size_t size;
-    Lsn first_lsn;
   };
 
   Wal(std::string dir, const Options& options);
@@ -207,8 +203,10 @@ class Wal {
 
   // Owned by the current leader only (one at a time, by the queue).
   std::string group_buf_;
-  std::vector<PendingFrame> group_frames_;
   uint64_t cur_size_ = 0;
+  bool rolled_ = false;  // the current group rolled a segment
+  // Segments closed without fdatasync (policy none); Sync() syncs them.
+  std::vector<std::shared_ptr<WritableFile>> unsynced_;
 
   std::thread sync_thread_;
 };
