@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 #include <cerrno>
 #include <deque>
 #include <set>
@@ -86,6 +87,8 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
 
   void Start();
   void StartConnect(tcp::endpoint target);
+  // After TCP (and TLS, if on) is up: the replica handshake begins.
+  void BeginProtocol();
 
   std::string peer_id() const { return handle_->peer_id(); }
   std::string remote_address() const { return handle_->remote_address(); }
@@ -128,19 +131,44 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   void DoClose(const Status& why);
   proto::Control MakeHello();
 
-  // The socket and timers. Released on the strand when the session closes, so
-  // they are destroyed while the io_context still runs, even if a user keeps
-  // the Session (a shared_ptr) alive past the Endpoint.
+  // The socket (plain or TLS) and timers. They live as long as this object,
+  // which only the Endpoint and in-flight handlers own (users hold a weak
+  // SessionHandle), so they are always destroyed on an I/O thread after the
+  // last handler that could touch them, while the io_context runs.
   struct Io {
-    explicit Io(tcp::socket s)
-        : socket(std::move(s)), handshake_timer(socket.get_executor()), heartbeat_timer(socket.get_executor()) {}
-    tcp::socket socket;
+    Io(tcp::socket s, asio::ssl::context* tls_context)
+        : handshake_timer(s.get_executor()), heartbeat_timer(s.get_executor()) {
+      if (tls_context != nullptr) {
+        tls = std::make_unique<asio::ssl::stream<tcp::socket>>(std::move(s), *tls_context);
+      } else {
+        plain = std::make_unique<tcp::socket>(std::move(s));
+      }
+    }
+    tcp::socket& socket() { return tls ? tls->next_layer() : *plain; }
+    std::unique_ptr<tcp::socket> plain;                     // exactly one of these
+    std::unique_ptr<asio::ssl::stream<tcp::socket>> tls;
     asio::steady_timer handshake_timer;
     asio::steady_timer heartbeat_timer;
   };
+  template <typename Buffers, typename Handler>
+  void AsyncWrite(const Buffers& buffers, Handler&& handler) {
+    if (io_->tls) {
+      asio::async_write(*io_->tls, buffers, std::forward<Handler>(handler));
+    } else {
+      asio::async_write(*io_->plain, buffers, std::forward<Handler>(handler));
+    }
+  }
+  template <typename Buffers, typename Handler>
+  void AsyncRead(const Buffers& buffers, Handler&& handler) {
+    if (io_->tls) {
+      asio::async_read(*io_->tls, buffers, std::forward<Handler>(handler));
+    } else {
+      asio::async_read(*io_->plain, buffers, std::forward<Handler>(handler));
+    }
+  }
 
   EndpointImpl* const ep_;
-  std::unique_ptr<Io> io_;  // strand-only; null once closed
+  std::unique_ptr<Io> io_;  // strand-only
   const tcp::socket::executor_type ex_;
   const bool is_client_;
   std::atomic<bool> established_{false};
@@ -152,6 +180,7 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
 
   // strand-only
   bool closing_ = false;
+  bool stream_ready_ = false;  // TLS handshake done (or no TLS): writes may start
   std::string client_nonce_, server_nonce_;
   char in_header_[kFrameHeaderSize];
   std::string in_payload_;
@@ -163,8 +192,8 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
 
 class EndpointImpl final : public Endpoint {
  public:
-  EndpointImpl(const Options& options, Handler* handler)
-      : options_(options), handler_(handler), work_(asio::make_work_guard(ioc_)) {
+  EndpointImpl(const Options& options, Handler* handler, std::unique_ptr<asio::ssl::context> tls)
+      : options_(options), handler_(handler), tls_(std::move(tls)), work_(asio::make_work_guard(ioc_)) {
     for (int i = 0; i < options_.io_threads; ++i) threads_.emplace_back([this] { ioc_.run(); });
   }
   ~EndpointImpl() override { Stop(); }
@@ -176,6 +205,7 @@ class EndpointImpl final : public Endpoint {
 
   const Options& options() const { return options_; }
   Handler* handler() const { return handler_; }
+  asio::ssl::context* tls_context() const { return tls_.get(); }
   Stats& mutable_stats() { return stats_; }
   asio::io_context& ioc() { return ioc_; }
   void Unregister(const std::shared_ptr<SessionImpl>& s) EXCLUDES(mu_) {
@@ -189,6 +219,7 @@ class EndpointImpl final : public Endpoint {
 
   const Options options_;
   Handler* const handler_;
+  const std::unique_ptr<asio::ssl::context> tls_;  // null without TLS
   Stats stats_;
   asio::io_context ioc_;
   asio::executor_work_guard<asio::io_context::executor_type> work_;
@@ -203,13 +234,16 @@ class EndpointImpl final : public Endpoint {
 // ---------------------------------------------------------------- Session
 
 SessionImpl::SessionImpl(EndpointImpl* ep, tcp::socket socket, bool is_client)
-    : ep_(ep), io_(std::make_unique<Io>(std::move(socket))), ex_(io_->socket.get_executor()), is_client_(is_client) {}
+    : ep_(ep),
+      io_(std::make_unique<Io>(std::move(socket), ep->tls_context())),
+      ex_(io_->socket().get_executor()),
+      is_client_(is_client) {}
 
 void SessionImpl::StartConnect(tcp::endpoint target) {
   auto self = shared_from_this();
   handle_->set_remote(target.address().to_string() + ":" + std::to_string(target.port()));
   if (closing_) return;
-  io_->socket.async_connect(target, [self](const boost::system::error_code& ec) {
+  io_->socket().async_connect(target, [self](const boost::system::error_code& ec) {
     if (self->closing_) return;
     if (ec) {
       self->DoClose(FromAsio(ec, "connect to " + self->remote_address()));
@@ -221,7 +255,7 @@ void SessionImpl::StartConnect(tcp::endpoint target) {
 
 void SessionImpl::Start() {
   if (closing_) return;
-  tcp::socket& socket_ = io_->socket;
+  tcp::socket& socket_ = io_->socket();
   boost::system::error_code ec;
   socket_.set_option(tcp::no_delay(true), ec);
   socket_.native_non_blocking(true, ec);
@@ -238,6 +272,23 @@ void SessionImpl::Start() {
                                 std::to_string(self->ep_->options().handshake_timeout.count()) + " ms"),
                &self->ep_->mutable_stats().handshake_timeouts);
   });
+  if (io_->tls) {
+    io_->tls->async_handshake(is_client_ ? asio::ssl::stream_base::client : asio::ssl::stream_base::server,
+                              [self](const boost::system::error_code& ec) {
+                                if (self->closing_) return;
+                                if (ec) {
+                                  return self->Fail(Status::InvalidArgument("TLS handshake failed: " + ec.message()),
+                                                    &self->ep_->mutable_stats().tls_failures);
+                                }
+                                self->BeginProtocol();
+                              });
+    return;
+  }
+  BeginProtocol();
+}
+
+void SessionImpl::BeginProtocol() {
+  stream_ready_ = true;
   if (is_client_) {
     client_nonce_ = RandomNonce();
     proto::Control hello;
@@ -248,6 +299,7 @@ void SessionImpl::Start() {
     h->set_nonce(client_nonce_);
     (void)SendControl(hello);
   }
+  DoWrite();  // anything queued while TLS was being set up
   ReadHeader();
 }
 
@@ -323,13 +375,13 @@ void SessionImpl::SendError(const Status& st) {
 }
 
 void SessionImpl::DoWrite() {
-  if (writing_ || out_.empty() || closing_) return;
-  tcp::socket& socket_ = io_->socket;
+  if (writing_ || out_.empty() || closing_ || !stream_ready_) return;
   writing_ = true;
   auto self = shared_from_this();
   OutItem& it = *out_.front();
-  if (it.fd >= 0 && !ep_->options().use_sendfile) {
-    // Fallback: read the span into memory. This is a copy, and is counted.
+  if (it.fd >= 0 && (!ep_->options().use_sendfile || io_->tls)) {
+    // Fallback (sendfile off, or TLS, which must encrypt in user space): read
+    // the span into memory. This is a copy, and is counted.
     it.owned.resize(it.file_len);
     ssize_t n = ::pread(it.fd, it.owned.data(), it.file_len, static_cast<off_t>(it.file_offset));
     if (n != static_cast<ssize_t>(it.file_len)) {
@@ -340,7 +392,7 @@ void SessionImpl::DoWrite() {
     it.fd = -1;
   }
   if (it.fd >= 0) {
-    asio::async_write(socket_, asio::buffer(it.header, kFrameHeaderSize),
+    AsyncWrite(asio::buffer(it.header, kFrameHeaderSize),
                       [self](const boost::system::error_code& ec, size_t) {
                         if (ec) return self->DoClose(FromAsio(ec, "send"));
                         self->SendFileChunk();
@@ -350,7 +402,7 @@ void SessionImpl::DoWrite() {
   std::array<asio::const_buffer, 2> bufs = {
       asio::buffer(it.header, kFrameHeaderSize),
       it.data != nullptr ? asio::const_buffer(it.data, it.data_len) : asio::const_buffer(it.owned.data(), it.owned.size())};
-  asio::async_write(socket_, bufs, [self](const boost::system::error_code& ec, size_t) {
+  AsyncWrite(bufs, [self](const boost::system::error_code& ec, size_t) {
     if (ec) return self->DoClose(FromAsio(ec, "send"));
     self->FinishItem();
   });
@@ -362,7 +414,7 @@ void SessionImpl::SendFileChunk() {
   while (it.file_len > 0) {
     off_t off = static_cast<off_t>(it.file_offset);
     size_t want = std::min<size_t>(it.file_len, 4u << 20);
-    ssize_t n = ::sendfile(io_->socket.native_handle(), it.fd, &off, want);
+    ssize_t n = ::sendfile(io_->socket().native_handle(), it.fd, &off, want);
     if (n > 0) {
       it.file_offset += static_cast<uint64_t>(n);
       it.file_len -= static_cast<size_t>(n);
@@ -371,7 +423,7 @@ void SessionImpl::SendFileChunk() {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
       auto self = shared_from_this();
-      io_->socket.async_wait(tcp::socket::wait_write, [self](const boost::system::error_code& ec) {
+      io_->socket().async_wait(tcp::socket::wait_write, [self](const boost::system::error_code& ec) {
         if (self->closing_) return;
         if (ec) return self->DoClose(FromAsio(ec, "send"));
         self->SendFileChunk();
@@ -405,7 +457,7 @@ void SessionImpl::FinishItem() {
 void SessionImpl::ReadHeader() {
   if (closing_) return;
   auto self = shared_from_this();
-  asio::async_read(io_->socket, asio::buffer(in_header_, kFrameHeaderSize),
+  AsyncRead(asio::buffer(in_header_, kFrameHeaderSize),
                    [self](const boost::system::error_code& ec, size_t) {
                      if (self->closing_) return;
                      if (ec) return self->DoClose(FromAsio(ec, "receive"));
@@ -426,7 +478,7 @@ void SessionImpl::ReadPayload(FrameHeader h) {
   if (closing_) return;
   in_payload_.resize(h.payload_len);
   auto self = shared_from_this();
-  asio::async_read(io_->socket, asio::buffer(in_payload_), [self, h](const boost::system::error_code& ec, size_t) {
+  AsyncRead(asio::buffer(in_payload_), [self, h](const boost::system::error_code& ec, size_t) {
     if (self->closing_) return;
     if (ec) return self->DoClose(FromAsio(ec, "receive"));
     self->OnFrame(h);
@@ -573,11 +625,8 @@ void SessionImpl::DoClose(const Status& why) {
   boost::system::error_code ec;
   io_->handshake_timer.cancel();
   io_->heartbeat_timer.cancel();
-  io_->socket.shutdown(tcp::socket::shutdown_both, ec);
-  io_->socket.close(ec);
-  // Destroy the socket and timers in a later handler on this strand, after
-  // the cancelled operations' handlers, while the io_context still runs.
-  asio::post(ex_, [io = std::shared_ptr<Io>(std::move(io_))] {});
+  io_->socket().shutdown(tcp::socket::shutdown_both, ec);
+  io_->socket().close(ec);
   out_.clear();
   queued_bytes_.store(0);
   ++ep_->mutable_stats().sessions_closed;
@@ -713,7 +762,27 @@ Result<std::unique_ptr<Endpoint>> Endpoint::Create(const Options& options, Handl
   if (options.io_threads < 1 || options.io_threads > 64) return Status::InvalidArgument("io_threads must be 1..64");
   if (handler == nullptr) return Status::InvalidArgument("a handler is required");
   if (options.max_frame_payload < kMaxHandshakeFrame) return Status::InvalidArgument("max_frame_payload too small");
-  return std::unique_ptr<Endpoint>(new EndpointImpl(options, handler));
+  std::unique_ptr<asio::ssl::context> tls;
+  if (options.tls.enabled) {
+    tls = std::make_unique<asio::ssl::context>(asio::ssl::context::tls);
+    boost::system::error_code ec;
+    tls->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
+                         asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 | asio::ssl::context::no_tlsv1_1,
+                     ec);
+    auto check = [&](const char* what, const std::string& file) -> Status {
+      if (!ec) return Status::OK();
+      return Status::InvalidArgument(std::string("TLS ") + what + " '" + file + "': " + ec.message());
+    };
+    tls->use_certificate_chain_file(options.tls.cert_file, ec);
+    REPLICA_RETURN_IF_ERROR(check("certificate", options.tls.cert_file));
+    tls->use_private_key_file(options.tls.key_file, asio::ssl::context::pem, ec);
+    REPLICA_RETURN_IF_ERROR(check("private key", options.tls.key_file));
+    tls->load_verify_file(options.tls.ca_file, ec);
+    REPLICA_RETURN_IF_ERROR(check("CA file", options.tls.ca_file));
+    tls->set_verify_mode(asio::ssl::verify_peer | asio::ssl::verify_fail_if_no_peer_cert, ec);
+    REPLICA_RETURN_IF_ERROR(check("verify mode", ""));
+  }
+  return std::unique_ptr<Endpoint>(new EndpointImpl(options, handler, std::move(tls)));
 }
 
 }  // namespace replica::transport

@@ -13,7 +13,10 @@
 //
 // Lifetime: the Handler must outlive the Endpoint. Endpoint::Stop() (also run
 // by the destructor) closes every session, waits for their OnClosed, and
-// joins the I/O threads.
+// joins the I/O threads; it must not be called from a handler. A Session is a
+// handle: it may be kept after its connection closed or its Endpoint was
+// destroyed (calls then return Aborted), but not used while the Endpoint is
+// being destroyed.
 #pragma once
 
 #include <atomic>
@@ -25,6 +28,17 @@
 #include "replica/status.h"
 
 namespace replica::transport {
+
+// TLS for the whole stream (OpenSSL through asio::ssl). Both sides present a
+// certificate signed by ca_file and verify the other's (mutual TLS); the
+// shared-secret handshake still runs inside it. With TLS on, file spans are
+// read into memory to be encrypted (counted in payload_bytes_copied).
+struct TlsOptions {
+  bool enabled = false;
+  std::string cert_file;  // PEM certificate chain of this node
+  std::string key_file;   // PEM private key
+  std::string ca_file;    // PEM CA certificate(s) that sign the cluster's nodes
+};
 
 struct Options {
   std::string node_id;            // this node's name, told to peers
@@ -44,6 +58,7 @@ struct Options {
   // Send file spans with sendfile(2). Off: read them into memory first (a
   // copy, counted in payload_bytes_copied).
   bool use_sendfile = true;
+  TlsOptions tls;
 };
 
 // Frames before authentication may be at most this large.
@@ -55,6 +70,7 @@ struct Stats {
   std::atomic<uint64_t> sessions_established{0};
   std::atomic<uint64_t> sessions_closed{0};
   std::atomic<uint64_t> auth_failures{0};
+  std::atomic<uint64_t> tls_failures{0};
   std::atomic<uint64_t> version_mismatches{0};
   std::atomic<uint64_t> protocol_errors{0};
   std::atomic<uint64_t> handshake_timeouts{0};
