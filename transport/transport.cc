@@ -54,6 +54,7 @@ class SessionHandle final : public Session {
     return remote_;
   }
   bool established() const override;
+  bool closed() const override;
   Status SendControl(const proto::Control& msg) override;
   Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) override;
   Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) override;
@@ -93,6 +94,7 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   std::string peer_id() const { return handle_->peer_id(); }
   std::string remote_address() const { return handle_->remote_address(); }
   bool established() const { return established_.load(); }
+  bool closed() const { return closed_.load(); }
   Status SendControl(const proto::Control& msg);
   Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length);
   Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length);
@@ -649,6 +651,10 @@ Status Closed() { return Status::Aborted("the session is closed"); }
 bool SessionHandle::established() const {
   auto s = impl_.lock();
   return s && s->established();
+}
+bool SessionHandle::closed() const {
+  auto s = impl_.lock();
+  return !s || s->closed();
 }
 Status SessionHandle::SendControl(const proto::Control& msg) {
   auto s = impl_.lock();

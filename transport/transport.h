@@ -90,6 +90,8 @@ class Session {
   virtual std::string peer_id() const = 0;
   virtual std::string remote_address() const = 0;
   virtual bool established() const = 0;
+  // True once the connection has closed (OnClosed has been or is being called).
+  virtual bool closed() const = 0;
   // Queue a control message. Aborted once the session is closed.
   virtual Status SendControl(const proto::Control& msg) = 0;
   // Queue a data frame whose payload is [data, data + length), kept alive by

@@ -1,0 +1,114 @@
+// The embedding API: open a node on a data directory; write on the active,
+// read anywhere; be told of role changes. No Boost or RocksDB types here.
+//
+// Static mode (this version): a node without `follow` is the active; a node
+// with `follow = "HOST:PORT"` is a standby of the active listening there. The
+// etcd arbiter, promotion and fencing come with the high-availability issue.
+//
+// Thread-safety: every method may be called from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "replica/status.h"
+
+namespace replica {
+
+enum class Role { kActive, kStandby };
+const char* RoleName(Role role);
+
+// When the active acknowledges a write (see docs/replication.md).
+struct CommitRule {
+  enum class Mode {
+    kAsync,        // the local WAL has it durably
+    kRemoteWrite,  // and `count` standbys have it durably in their WAL
+    kRemoteApply,  // and `count` standbys have applied it to their RocksDB
+  };
+  Mode mode = Mode::kAsync;
+  int count = 0;
+  // "async", "remote-write:N", "remote-apply:N"
+  static Result<CommitRule> Parse(const std::string& text);
+  std::string ToString() const;
+};
+
+struct EngineOptions {
+  std::string node_id;
+  std::string data_dir;  // holds wal/ and db/ (a plain RocksDB database)
+  // Replication port to listen on (port 0: any free port; see listen_port()).
+  std::string listen_host = "127.0.0.1";
+  uint16_t listen_port = 0;
+  // Empty: this node is the active. "HOST:PORT": follow that active.
+  std::string follow;
+  std::string cluster = "default";
+  std::string secret;  // the cluster's shared secret (required)
+  CommitRule commit;
+  // WAL: "every" | "interval" | "none" (see docs/wal-format.md)
+  std::string wal_sync = "every";
+  uint64_t wal_segment_size = 64ull << 20;
+  // Called (from an internal thread) when the node's role changes.
+  std::function<void(Role)> on_role_change;
+};
+
+// A batch of puts and deletes, applied atomically.
+class WriteBatch {
+ public:
+  void Put(std::string key, std::string value);
+  void Delete(std::string key);
+  bool empty() const { return ops_.empty(); }
+  size_t size() const { return ops_.size(); }
+
+  struct Op {
+    bool is_delete = false;
+    std::string key;
+    std::string value;
+  };
+  const std::vector<Op>& ops() const { return ops_; }
+  // The record payload stored in the WAL (docs/replication.md).
+  std::string Encode() const;
+  static Result<WriteBatch> Decode(std::string_view payload);
+
+ private:
+  std::vector<Op> ops_;
+};
+
+struct EngineStatus {
+  Role role = Role::kStandby;
+  uint64_t epoch = 0;
+  uint64_t last_lsn = 0;     // last LSN in the local WAL
+  uint64_t durable_lsn = 0;  // local WAL durable up to
+  uint64_t applied_lsn = 0;  // applied to the local RocksDB up to
+  uint64_t commit_lsn = 0;   // active: the commit rule holds up to here
+  struct Standby {
+    std::string id;
+    std::string address;
+    uint64_t flushed_lsn = 0;
+    uint64_t applied_lsn = 0;
+  };
+  std::vector<Standby> standbys;  // active only: connected standbys
+  std::string active_address;     // standby only: whom it follows
+};
+
+class Engine {
+ public:
+  static Result<std::unique_ptr<Engine>> Open(const EngineOptions& options);
+  virtual ~Engine() = default;
+
+  // Active only: logs, waits for the commit rule, applies, returns the LSN.
+  // NotActive (naming the active, if known) on a standby.
+  virtual Result<uint64_t> Write(const WriteBatch& batch) = 0;
+  // Reads the local RocksDB; nullopt if the key is absent.
+  virtual Result<std::optional<std::string>> Get(const std::string& key) = 0;
+  // Waits until this node has applied `lsn` (read-your-writes across nodes).
+  virtual Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) = 0;
+  virtual EngineStatus status() const = 0;
+  virtual uint16_t listen_port() const = 0;
+  virtual Status Close() = 0;
+};
+
+}  // namespace replica

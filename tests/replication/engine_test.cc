@@ -1,0 +1,210 @@
+// The engine in static mode: an active and standbys over real sockets, each
+// with its own WAL and RocksDB, checked by reading the databases back with
+// RocksDB and comparing the WAL files byte for byte.
+#include <gtest/gtest.h>
+#include <rocksdb/db.h>
+
+#include <future>
+#include <map>
+
+#include "replica/engine.h"
+#include "tests/support/test_util.h"
+
+namespace replica {
+namespace {
+
+using namespace std::chrono_literals;
+using test::TempDir;
+
+EngineOptions Node(const TempDir& dir, const std::string& id, const std::string& follow = "",
+                   const std::string& commit = "async") {
+  EngineOptions o;
+  o.node_id = id;
+  o.data_dir = dir.Sub(id);
+  o.follow = follow;
+  o.secret = "test-secret";
+  o.cluster = "t";
+  o.commit = *CommitRule::Parse(commit);
+  o.wal_segment_size = 64 << 10;
+  return o;
+}
+
+std::unique_ptr<Engine> OpenOrDie(const EngineOptions& o) {
+  auto e = Engine::Open(o);
+  EXPECT_TRUE(e.ok()) << e.status().ToString();
+  return e.ok() ? std::move(e).value() : nullptr;
+}
+
+std::string Follow(const Engine& active) { return "127.0.0.1:" + std::to_string(active.listen_port()); }
+
+// Every key and value of a node's RocksDB (default column family), read with
+// stock RocksDB after the node closed.
+std::map<std::string, std::string> DumpDb(const std::string& data_dir) {
+  rocksdb::Options o;
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {{rocksdb::kDefaultColumnFamilyName, {}},
+                                                      {"replica_meta", {}}};
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* db = nullptr;
+  auto s = rocksdb::DB::OpenForReadOnly(o, data_dir + "/db", cfs, &handles, &db);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  std::map<std::string, std::string> out;
+  if (!s.ok()) return out;
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), handles[0]));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) out[it->key().ToString()] = it->value().ToString();
+  it.reset();
+  for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
+  delete db;
+  return out;
+}
+
+void ExpectSameWal(const std::string& a, const std::string& b) {
+  auto sa = test::SegmentPaths(a + "/wal"), sb = test::SegmentPaths(b + "/wal");
+  ASSERT_EQ(sa.size(), sb.size());
+  for (size_t i = 0; i < sa.size(); ++i) {
+    EXPECT_EQ(test::ReadFileBytes(sa[i]), test::ReadFileBytes(sb[i])) << sa[i] << " differs from " << sb[i];
+  }
+}
+
+uint64_t WriteMany(Engine* e, int batches, int start = 0) {
+  uint64_t last = 0;
+  for (int i = start; i < start + batches; ++i) {
+    WriteBatch b;
+    b.Put("key" + std::to_string(i), test::Payload(static_cast<uint64_t>(i), 100));
+    b.Put("counter", std::to_string(i));
+    if (i % 7 == 0 && i > 0) b.Delete("key" + std::to_string(i - 1));
+    auto lsn = e->Write(b);
+    EXPECT_TRUE(lsn.ok()) << lsn.status().ToString();
+    if (lsn.ok()) last = *lsn;
+  }
+  return last;
+}
+
+TEST(EngineTest, ActiveAndTwoStandbysConverge) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a"));
+  auto s1 = OpenOrDie(Node(dir, "b", Follow(*active)));
+  auto s2 = OpenOrDie(Node(dir, "c", Follow(*active)));
+  const uint64_t last = WriteMany(active.get(), 600);
+  ASSERT_EQ(last, 600u);
+  ASSERT_TRUE(s1->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(s2->WaitForApplied(last, 30s).ok());
+  EXPECT_EQ(*s1->Get("counter"), std::optional<std::string>("599"));
+  EXPECT_EQ(active->status().standbys.size(), 2u);
+  ASSERT_TRUE(s1->Close().ok());
+  ASSERT_TRUE(s2->Close().ok());
+  ASSERT_TRUE(active->Close().ok());
+  auto want = DumpDb(dir.Sub("a"));
+  EXPECT_EQ(want.size(), 600u - 85u + 1u);  // 600 keys, 85 deleted, plus "counter"
+  EXPECT_EQ(DumpDb(dir.Sub("b")), want);
+  EXPECT_EQ(DumpDb(dir.Sub("c")), want);
+  ExpectSameWal(dir.Sub("a"), dir.Sub("b"));
+  ExpectSameWal(dir.Sub("a"), dir.Sub("c"));
+}
+
+TEST(EngineTest, StandbyRefusesWritesNamingTheActive) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a"));
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  WriteBatch b;
+  b.Put("k", "v");
+  auto r = standby->Write(b);
+  ASSERT_EQ(r.status().code(), StatusCode::kNotActive);
+  EXPECT_NE(r.status().message().find(Follow(*active)), std::string::npos) << r.status().ToString();
+  EXPECT_EQ(standby->status().role, Role::kStandby);
+  EXPECT_EQ(active->Write(WriteBatch()).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, RemoteApplyMeansTheStandbyAlreadySeesIt) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a", "", "remote-apply:1"));
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  for (int i = 0; i < 50; ++i) {
+    WriteBatch b;
+    b.Put("k" + std::to_string(i), "v" + std::to_string(i));
+    ASSERT_TRUE(active->Write(b).ok());
+    // No waiting: remote-apply acknowledged only after the standby applied it.
+    EXPECT_EQ(*standby->Get("k" + std::to_string(i)), std::optional<std::string>("v" + std::to_string(i)));
+  }
+}
+
+TEST(EngineTest, RemoteWriteWaitsForAStandby) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a", "", "remote-write:1"));
+  auto pending = std::async(std::launch::async, [&] {
+    WriteBatch b;
+    b.Put("k", "v");
+    return active->Write(b);
+  });
+  EXPECT_EQ(pending.wait_for(300ms), std::future_status::timeout) << "acknowledged without any standby";
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  ASSERT_EQ(pending.wait_for(30s), std::future_status::ready);
+  auto lsn = pending.get();
+  ASSERT_TRUE(lsn.ok()) << lsn.status().ToString();
+  EXPECT_GE(standby->status().durable_lsn, *lsn);
+}
+
+TEST(EngineTest, RestartedStandbyCatchesUp) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a"));
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  uint64_t last = WriteMany(active.get(), 200);
+  ASSERT_TRUE(standby->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(standby->Close().ok());
+  standby.reset();
+  last = WriteMany(active.get(), 300, 200);  // while it is down
+  standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  ASSERT_TRUE(standby->WaitForApplied(last, 30s).ok());
+  EXPECT_EQ(*standby->Get("counter"), std::optional<std::string>("499"));
+  ASSERT_TRUE(standby->Close().ok());
+  ASSERT_TRUE(active->Close().ok());
+  EXPECT_EQ(DumpDb(dir.Sub("b")), DumpDb(dir.Sub("a")));
+  ExpectSameWal(dir.Sub("a"), dir.Sub("b"));
+}
+
+TEST(EngineTest, RestartedActiveKeepsItsStandbys) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a"));
+  const uint16_t port = active->listen_port();
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  uint64_t last = WriteMany(active.get(), 100);
+  ASSERT_TRUE(standby->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(active->Close().ok());
+  active.reset();
+  EngineOptions again = Node(dir, "a");
+  again.listen_port = port;  // same address, so the standby finds it again
+  active = OpenOrDie(again);
+  last = WriteMany(active.get(), 100, 100);
+  ASSERT_TRUE(standby->WaitForApplied(last, 30s).ok());
+  EXPECT_EQ(*standby->Get("counter"), std::optional<std::string>("199"));
+}
+
+TEST(EngineTest, BadOptionsAreClearErrors) {
+  TempDir dir;
+  EngineOptions o = Node(dir, "a");
+  o.secret.clear();
+  EXPECT_EQ(Engine::Open(o).status().code(), StatusCode::kInvalidArgument);
+  o = Node(dir, "a");
+  o.wal_sync = "sometimes";
+  EXPECT_NE(Engine::Open(o).status().message().find("sometimes"), std::string::npos);
+  EXPECT_FALSE(CommitRule::Parse("remote-write:0").ok());
+  EXPECT_FALSE(CommitRule::Parse("quorum").ok());
+  EXPECT_EQ(CommitRule::Parse("remote-apply:2")->ToString(), "remote-apply:2");
+}
+
+TEST(WriteBatchTest, EncodeDecodeAndDamage) {
+  WriteBatch b;
+  b.Put("a", "1");
+  b.Delete("b");
+  b.Put(std::string("\0k", 2), std::string(1000, 'v'));
+  std::string enc = b.Encode();
+  auto back = WriteBatch::Decode(enc);
+  ASSERT_TRUE(back.ok());
+  ASSERT_EQ(back->size(), 3u);
+  EXPECT_TRUE(back->ops()[1].is_delete);
+  EXPECT_EQ(back->ops()[2].key, std::string("\0k", 2));
+  for (size_t cut = 0; cut < enc.size(); ++cut) EXPECT_FALSE(WriteBatch::Decode(enc.substr(0, cut)).ok()) << cut;
+  EXPECT_FALSE(WriteBatch::Decode(enc + "x").ok());
+}
+
+}  // namespace
+}  // namespace replica
