@@ -56,7 +56,9 @@ class EngineImpl final : public Engine, public transport::Handler {
 
   Result<uint64_t> Write(const WriteBatch& batch) override;
   Result<std::optional<std::string>> Get(const std::string& key) override;
+  Result<std::vector<std::pair<std::string, std::string>>> Scan(const std::string& start, size_t limit) override;
   Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) override;
+  Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) override;
   EngineStatus status() const override;
   uint16_t listen_port() const override { return port_; }
   Status Close() override;
@@ -205,6 +207,31 @@ Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
   if (s.IsNotFound()) return std::optional<std::string>();
   REPLICA_RETURN_IF_ERROR(FromRocks(s, "get"));
   return std::optional<std::string>(std::move(value));
+}
+
+Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const std::string& start, size_t limit) {
+  std::vector<std::pair<std::string, std::string>> out;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[0]));
+  for (it->Seek(start); it->Valid() && out.size() < limit; it->Next()) {
+    out.emplace_back(it->key().ToString(), it->value().ToString());
+  }
+  REPLICA_RETURN_IF_ERROR(FromRocks(it->status(), "scan"));
+  return out;
+}
+
+Result<int> EngineImpl::WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  MutexLock l(&mu_);
+  for (;;) {
+    int have = 0;
+    for (const auto& [_, sb] : standbys_) have += sb->flushed >= lsn ? 1 : 0;
+    if (have >= count || closing_) return have;
+    if (!cv_.WaitUntil(deadline) && Clock::now() >= deadline) {
+      have = 0;
+      for (const auto& [_, sb] : standbys_) have += sb->flushed >= lsn ? 1 : 0;
+      return have;
+    }
+  }
 }
 
 Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) {
@@ -426,6 +453,7 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
     it->second->flushed = std::max(it->second->flushed, msg.ack().flushed_lsn());
     it->second->applied = std::max(it->second->applied, msg.ack().applied_lsn());
     AdvanceCommit();
+    cv_.SignalAll();  // WaitForReplicas counts acks, not the commit point
   }
 }
 

@@ -104,8 +104,13 @@ class Engine {
   virtual Result<uint64_t> Write(const WriteBatch& batch) = 0;
   // Reads the local RocksDB; nullopt if the key is absent.
   virtual Result<std::optional<std::string>> Get(const std::string& key) = 0;
+  // Up to `limit` keys in order, starting at `start` (inclusive).
+  virtual Result<std::vector<std::pair<std::string, std::string>>> Scan(const std::string& start, size_t limit) = 0;
   // Waits until this node has applied `lsn` (read-your-writes across nodes).
   virtual Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) = 0;
+  // Active: waits until `count` standbys hold `lsn` durably in their WAL or
+  // the timeout passes; returns how many do (Redis WAIT).
+  virtual Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) = 0;
   virtual EngineStatus status() const = 0;
   virtual uint16_t listen_port() const = 0;
   virtual Status Close() = 0;

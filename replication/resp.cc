@@ -1,0 +1,142 @@
+#include "replication/resp.h"
+
+#include <charconv>
+
+namespace replica::resp {
+namespace {
+constexpr size_t kMaxLine = 64u << 10;
+
+bool ParseLength(std::string_view s, long long* out) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return ec == std::errc() && p == s.data() + s.size();
+}
+}  // namespace
+
+void Parser::Feed(std::string_view bytes) {
+  if (pos_ > 0 && pos_ * 2 > buf_.size()) {
+    buf_.erase(0, pos_);
+    pos_ = 0;
+  }
+  buf_.append(bytes);
+}
+
+size_t Parser::FindLineEnd(size_t from) const {
+  size_t p = buf_.find("\r\n", from);
+  return p;
+}
+
+Parser::Outcome Parser::Next(std::vector<std::string>* args, std::string* error) {
+  args->clear();
+  for (;;) {
+    if (pos_ >= buf_.size()) return Outcome::kNeedMore;
+    if (buf_[pos_] != '*') {
+      // Inline command: one line of space-separated words (what telnet sends).
+      size_t end = FindLineEnd(pos_);
+      if (end == std::string::npos) {
+        if (buf_.size() - pos_ > kMaxLine) {
+          *error = "Protocol error: too big inline request";
+          return Outcome::kError;
+        }
+        return Outcome::kNeedMore;
+      }
+      std::string_view line(buf_.data() + pos_, end - pos_);
+      pos_ = end + 2;
+      size_t i = 0;
+      while (i < line.size()) {
+        while (i < line.size() && line[i] == ' ') ++i;
+        size_t j = i;
+        while (j < line.size() && line[j] != ' ') ++j;
+        if (j > i) args->emplace_back(line.substr(i, j - i));
+        i = j;
+      }
+      if (args->empty()) continue;  // an empty line is ignored, as Redis does
+      return Outcome::kCommand;
+    }
+    // Multibulk: *N\r\n then N times $len\r\n<len bytes>\r\n. Parse without
+    // consuming until the whole command is buffered.
+    size_t p = pos_;
+    size_t end = FindLineEnd(p);
+    if (end == std::string::npos) {
+      if (buf_.size() - p > kMaxLine) {
+        *error = "Protocol error: too big multibulk count";
+        return Outcome::kError;
+      }
+      return Outcome::kNeedMore;
+    }
+    long long n = 0;
+    if (!ParseLength(std::string_view(buf_.data() + p + 1, end - p - 1), &n) || n > static_cast<long long>(max_args_)) {
+      *error = "Protocol error: invalid multibulk length";
+      return Outcome::kError;
+    }
+    p = end + 2;
+    if (n <= 0) {
+      pos_ = p;
+      continue;
+    }
+    std::vector<std::string> parsed;
+    parsed.reserve(static_cast<size_t>(std::min<long long>(n, 1024)));
+    for (long long i = 0; i < n; ++i) {
+      if (p >= buf_.size()) return Outcome::kNeedMore;
+      if (buf_[p] != '$') {
+        *error = std::string("Protocol error: expected '$', got '") + buf_[p] + "'";
+        return Outcome::kError;
+      }
+      end = FindLineEnd(p);
+      if (end == std::string::npos) {
+        if (buf_.size() - p > kMaxLine) {
+          *error = "Protocol error: invalid bulk length";
+          return Outcome::kError;
+        }
+        return Outcome::kNeedMore;
+      }
+      long long len = 0;
+      if (!ParseLength(std::string_view(buf_.data() + p + 1, end - p - 1), &len) || len < 0 ||
+          len > static_cast<long long>(max_bulk_)) {
+        *error = "Protocol error: invalid bulk length";
+        return Outcome::kError;
+      }
+      p = end + 2;
+      if (buf_.size() - p < static_cast<size_t>(len) + 2) return Outcome::kNeedMore;
+      if (buf_[p + static_cast<size_t>(len)] != '\r' || buf_[p + static_cast<size_t>(len) + 1] != '\n') {
+        *error = "Protocol error: bulk string not followed by CRLF";
+        return Outcome::kError;
+      }
+      parsed.emplace_back(buf_.data() + p, static_cast<size_t>(len));
+      p += static_cast<size_t>(len) + 2;
+    }
+    pos_ = p;
+    *args = std::move(parsed);
+    return Outcome::kCommand;
+  }
+}
+
+void AppendSimple(std::string* out, std::string_view s) {
+  out->push_back('+');
+  out->append(s);
+  out->append("\r\n");
+}
+void AppendError(std::string* out, std::string_view s) {
+  out->push_back('-');
+  for (char c : s) out->push_back(c == '\r' || c == '\n' ? ' ' : c);  // an error is one line
+  out->append("\r\n");
+}
+void AppendInteger(std::string* out, long long v) {
+  out->push_back(':');
+  out->append(std::to_string(v));
+  out->append("\r\n");
+}
+void AppendBulk(std::string* out, std::string_view s) {
+  out->push_back('$');
+  out->append(std::to_string(s.size()));
+  out->append("\r\n");
+  out->append(s);
+  out->append("\r\n");
+}
+void AppendNull(std::string* out) { out->append("$-1\r\n"); }
+void AppendArrayHeader(std::string* out, size_t n) {
+  out->push_back('*');
+  out->append(std::to_string(n));
+  out->append("\r\n");
+}
+
+}  // namespace replica::resp

@@ -1,0 +1,435 @@
+#include "replication/resp_server.h"
+
+#include <arpa/inet.h>
+#include <fnmatch.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <list>
+#include <thread>
+
+#include "base/log.h"
+#include "base/mutex.h"
+#include "replication/resp.h"
+
+namespace replica {
+namespace {
+
+using namespace std::chrono_literals;
+
+std::string Upper(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  return s;
+}
+
+bool SendAll(int fd, const std::string& data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+bool ParseInt(const std::string& s, long long* v) {
+  if (s.empty()) return false;
+  try {
+    size_t used = 0;
+    *v = std::stoll(s, &used);
+    return used == s.size();
+  } catch (...) {
+    return false;
+  }
+}
+
+class RespServerImpl final : public RespServer {
+ public:
+  RespServerImpl(Engine* engine, RespServerOptions o) : engine_(engine), opts_(std::move(o)) {}
+  ~RespServerImpl() override { Stop(); }
+
+  Status Listen();
+  uint16_t port() const override { return port_; }
+  const RespStats& stats() const override { return stats_; }
+  void Stop() override;
+
+ private:
+  struct Client {
+    int fd;
+    std::thread thread;
+    std::atomic<bool> done{false};
+  };
+  // Per-connection state kept between commands.
+  struct Conn {
+    uint64_t last_write_lsn = 0;
+    bool quit = false;
+  };
+
+  void AcceptLoop();
+  void Serve(Client* c);
+  void Execute(const std::vector<std::string>& args, Conn* conn, std::string* out);
+  void WriteReplyForStatus(const Status& st, std::string* out);
+  void Info(const std::string& section, std::string* out);
+  void Role(std::string* out);
+  void ReapDone() EXCLUDES(mu_);
+
+  Engine* const engine_;
+  const RespServerOptions opts_;
+  RespStats stats_;
+  int listen_fd_ = -1;
+  uint16_t port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::thread acceptor_;
+  Mutex mu_;
+  std::list<std::unique_ptr<Client>> clients_ GUARDED_BY(mu_);
+};
+
+Status RespServerImpl::Listen() {
+  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return Status::FromErrno("socket", errno);
+  int one = 1;
+  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(opts_.port);
+  if (::inet_pton(AF_INET, opts_.host.c_str(), &a.sin_addr) != 1) {
+    return Status::InvalidArgument("client listen address '" + opts_.host + "' is not an IPv4 address");
+  }
+  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(listen_fd_, 512) != 0) {
+    return Status::FromErrno("client port " + opts_.host + ":" + std::to_string(opts_.port), errno);
+  }
+  socklen_t len = sizeof a;
+  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
+  port_ = ntohs(a.sin_port);
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+  return Status::OK();
+}
+
+void RespServerImpl::ReapDone() {
+  MutexLock l(&mu_);
+  for (auto it = clients_.begin(); it != clients_.end();) {
+    if ((*it)->done.load()) {
+      (*it)->thread.join();
+      ::close((*it)->fd);
+      it = clients_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void RespServerImpl::AcceptLoop() {
+  while (!stopping_.load()) {
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (stopping_.load()) return;
+      if (errno == EMFILE || errno == ENFILE) {
+        std::this_thread::sleep_for(10ms);  // out of descriptors: back off, do not spin
+        continue;
+      }
+      return;
+    }
+    ReapDone();
+    MutexLock l(&mu_);
+    if (static_cast<int>(clients_.size()) >= opts_.max_clients) {
+      ++stats_.rejected_clients;
+      (void)SendAll(fd, "-ERR max number of clients reached\r\n");
+      ::close(fd);
+      continue;
+    }
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    ++stats_.connections;
+    auto c = std::make_unique<Client>();
+    c->fd = fd;
+    Client* raw = c.get();
+    clients_.push_back(std::move(c));
+    raw->thread = std::thread([this, raw] { Serve(raw); });
+  }
+}
+
+void RespServerImpl::Serve(Client* c) {
+  resp::Parser parser(opts_.max_bulk);
+  Conn conn;
+  std::vector<std::string> args;
+  std::string out, error;
+  char buf[64 << 10];
+  while (!conn.quit && !stopping_.load()) {
+    ssize_t n = ::recv(c->fd, buf, sizeof buf, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    parser.Feed(std::string_view(buf, static_cast<size_t>(n)));
+    bool broken = false;
+    // Pipelined commands run in order; their replies go out together.
+    for (;;) {
+      auto outcome = parser.Next(&args, &error);
+      if (outcome == resp::Parser::Outcome::kNeedMore) break;
+      if (outcome == resp::Parser::Outcome::kError) {
+        ++stats_.protocol_errors;
+        resp::AppendError(&out, "ERR " + error);
+        broken = true;
+        break;
+      }
+      ++stats_.commands;
+      Execute(args, &conn, &out);
+      if (conn.quit) break;
+    }
+    if (!out.empty() && !SendAll(c->fd, out)) break;
+    out.clear();
+    if (broken) break;
+  }
+  ::shutdown(c->fd, SHUT_RDWR);
+  c->done.store(true);  // the fd is closed by whoever joins this thread
+}
+
+void RespServerImpl::WriteReplyForStatus(const Status& st, std::string* out) {
+  if (st.code() == StatusCode::kNotActive) {
+    EngineStatus s = engine_->status();
+    resp::AppendError(out, "READONLY You can't write against a read only replica. The active is at " +
+                               (s.active_address.empty() ? std::string("unknown") : s.active_address));
+  } else {
+    resp::AppendError(out, "ERR " + st.ToString());
+  }
+}
+
+void RespServerImpl::Role(std::string* out) {
+  EngineStatus s = engine_->status();
+  if (s.role == Role::kActive) {
+    resp::AppendArrayHeader(out, 3);
+    resp::AppendBulk(out, "master");
+    resp::AppendInteger(out, static_cast<long long>(s.last_lsn));
+    resp::AppendArrayHeader(out, s.standbys.size());
+    for (const auto& sb : s.standbys) {
+      auto colon = sb.address.rfind(':');
+      resp::AppendArrayHeader(out, 3);
+      resp::AppendBulk(out, sb.address.substr(0, colon));
+      resp::AppendBulk(out, colon == std::string::npos ? "0" : sb.address.substr(colon + 1));
+      resp::AppendBulk(out, std::to_string(sb.flushed_lsn));
+    }
+  } else {
+    auto colon = s.active_address.rfind(':');
+    resp::AppendArrayHeader(out, 5);
+    resp::AppendBulk(out, "slave");
+    resp::AppendBulk(out, s.active_address.substr(0, colon));
+    resp::AppendInteger(out, colon == std::string::npos ? 0 : std::atoi(s.active_address.c_str() + colon + 1));
+    resp::AppendBulk(out, "connected");
+    resp::AppendInteger(out, static_cast<long long>(s.applied_lsn));
+  }
+}
+
+void RespServerImpl::Info(const std::string& section, std::string* out) {
+  EngineStatus s = engine_->status();
+  std::string text = "# Replication\r\n";
+  if (s.role == Role::kActive) {
+    text += "role:master\r\nconnected_slaves:" + std::to_string(s.standbys.size()) + "\r\n";
+    for (size_t i = 0; i < s.standbys.size(); ++i) {
+      const auto& sb = s.standbys[i];
+      auto colon = sb.address.rfind(':');
+      text += "slave" + std::to_string(i) + ":ip=" + sb.address.substr(0, colon) +
+              ",port=" + (colon == std::string::npos ? "0" : sb.address.substr(colon + 1)) +
+              ",state=online,offset=" + std::to_string(sb.flushed_lsn) + ",lag=0,name=" + sb.id +
+              ",applied=" + std::to_string(sb.applied_lsn) + "\r\n";
+    }
+    text += "master_repl_offset:" + std::to_string(s.last_lsn) + "\r\n";
+  } else {
+    auto colon = s.active_address.rfind(':');
+    text += "role:slave\r\nmaster_host:" + s.active_address.substr(0, colon) + "\r\nmaster_port:" +
+            (colon == std::string::npos ? "0" : s.active_address.substr(colon + 1)) +
+            "\r\nslave_repl_offset:" + std::to_string(s.applied_lsn) + "\r\nslave_read_only:1\r\n";
+  }
+  text += "replica_epoch:" + std::to_string(s.epoch) + "\r\nreplica_last_lsn:" + std::to_string(s.last_lsn) +
+          "\r\nreplica_durable_lsn:" + std::to_string(s.durable_lsn) + "\r\nreplica_applied_lsn:" +
+          std::to_string(s.applied_lsn) + "\r\n";
+  if (!section.empty() && section != "replication" && section != "all" && section != "default") text.clear();
+  resp::AppendBulk(out, text);
+}
+
+void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, std::string* out) {
+  const std::string cmd = Upper(args[0]);
+  const size_t argc = args.size();
+  auto arity_error = [&] {
+    std::string lower = args[0];
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    resp::AppendError(out, "ERR wrong number of arguments for '" + lower + "' command");
+  };
+  auto write = [&](const WriteBatch& b) -> bool {
+    auto lsn = engine_->Write(b);
+    if (!lsn.ok()) {
+      WriteReplyForStatus(lsn.status(), out);
+      return false;
+    }
+    conn->last_write_lsn = *lsn;
+    return true;
+  };
+  if (cmd == "PING") {
+    if (argc > 2) return arity_error();
+    return argc == 2 ? resp::AppendBulk(out, args[1]) : resp::AppendSimple(out, "PONG");
+  }
+  if (cmd == "ECHO") {
+    if (argc != 2) return arity_error();
+    return resp::AppendBulk(out, args[1]);
+  }
+  if (cmd == "QUIT") {
+    conn->quit = true;
+    return resp::AppendSimple(out, "OK");
+  }
+  if (cmd == "GET") {
+    if (argc != 2) return arity_error();
+    auto v = engine_->Get(args[1]);
+    if (!v.ok()) return WriteReplyForStatus(v.status(), out);
+    return v->has_value() ? resp::AppendBulk(out, **v) : resp::AppendNull(out);
+  }
+  if (cmd == "MGET") {
+    if (argc < 2) return arity_error();
+    resp::AppendArrayHeader(out, argc - 1);
+    for (size_t i = 1; i < argc; ++i) {
+      auto v = engine_->Get(args[i]);
+      if (v.ok() && v->has_value()) {
+        resp::AppendBulk(out, **v);
+      } else {
+        resp::AppendNull(out);
+      }
+    }
+    return;
+  }
+  if (cmd == "SET") {
+    if (argc < 3) return arity_error();
+    if (argc > 3) return resp::AppendError(out, "ERR syntax error (SET options are not supported)");
+    WriteBatch b;
+    b.Put(args[1], args[2]);
+    if (write(b)) resp::AppendSimple(out, "OK");
+    return;
+  }
+  if (cmd == "MSET") {
+    if (argc < 3 || argc % 2 == 0) return arity_error();
+    WriteBatch b;
+    for (size_t i = 1; i + 1 < argc; i += 2) b.Put(args[i], args[i + 1]);
+    if (write(b)) resp::AppendSimple(out, "OK");
+    return;
+  }
+  if (cmd == "DEL" || cmd == "UNLINK") {
+    if (argc < 2) return arity_error();
+    WriteBatch b;
+    long long existed = 0;
+    for (size_t i = 1; i < argc; ++i) {
+      auto v = engine_->Get(args[i]);
+      if (v.ok() && v->has_value()) ++existed;
+      b.Delete(args[i]);
+    }
+    if (write(b)) resp::AppendInteger(out, existed);
+    return;
+  }
+  if (cmd == "EXISTS") {
+    if (argc < 2) return arity_error();
+    long long n = 0;
+    for (size_t i = 1; i < argc; ++i) {
+      auto v = engine_->Get(args[i]);
+      if (v.ok() && v->has_value()) ++n;
+    }
+    return resp::AppendInteger(out, n);
+  }
+  if (cmd == "DBSIZE") {
+    if (argc != 1) return arity_error();
+    long long n = 0;
+    std::string from;
+    for (;;) {
+      auto page = engine_->Scan(from, 10000);
+      if (!page.ok()) return WriteReplyForStatus(page.status(), out);
+      n += static_cast<long long>(page->size());
+      if (page->size() < 10000) break;
+      from = page->back().first + '\0';
+    }
+    return resp::AppendInteger(out, n);
+  }
+  if (cmd == "SCAN") {
+    // The cursor is the number of keys already returned (numeric, as clients expect).
+    long long cursor = 0, count = 10;
+    std::string match;
+    if (argc < 2 || !ParseInt(args[1], &cursor) || cursor < 0) return resp::AppendError(out, "ERR invalid cursor");
+    for (size_t i = 2; i < argc; i += 2) {
+      const std::string opt = Upper(args[i]);
+      if (i + 1 >= argc) return resp::AppendError(out, "ERR syntax error");
+      if (opt == "COUNT") {
+        if (!ParseInt(args[i + 1], &count) || count < 1) return resp::AppendError(out, "ERR value is not an integer or out of range");
+      } else if (opt == "MATCH") {
+        match = args[i + 1];
+      } else {
+        return resp::AppendError(out, "ERR syntax error");
+      }
+    }
+    auto page = engine_->Scan("", static_cast<size_t>(cursor + count));
+    if (!page.ok()) return WriteReplyForStatus(page.status(), out);
+    std::vector<std::string> keys;
+    for (size_t i = static_cast<size_t>(std::min<long long>(cursor, static_cast<long long>(page->size())));
+         i < page->size(); ++i) {
+      const std::string& k = (*page)[i].first;
+      if (match.empty() || ::fnmatch(match.c_str(), k.c_str(), 0) == 0) keys.push_back(k);
+    }
+    const bool end = page->size() < static_cast<size_t>(cursor + count);
+    resp::AppendArrayHeader(out, 2);
+    resp::AppendBulk(out, end ? "0" : std::to_string(cursor + count));
+    resp::AppendArrayHeader(out, keys.size());
+    for (const auto& k : keys) resp::AppendBulk(out, k);
+    return;
+  }
+  if (cmd == "WAIT") {
+    long long n = 0, timeout = 0;
+    if (argc != 3) return arity_error();
+    if (!ParseInt(args[1], &n) || !ParseInt(args[2], &timeout) || n < 0 || timeout < 0) {
+      return resp::AppendError(out, "ERR value is not an integer or out of range");
+    }
+    if (engine_->status().role != Role::kActive) {
+      return resp::AppendError(out, "ERR WAIT cannot be used with replica instances.");
+    }
+    // Redis: timeout 0 blocks forever; a day is forever enough here.
+    auto ms = std::chrono::milliseconds(timeout == 0 ? 86400000 : timeout);
+    auto got = engine_->WaitForReplicas(conn->last_write_lsn, static_cast<int>(n), ms);
+    if (!got.ok()) return WriteReplyForStatus(got.status(), out);
+    return resp::AppendInteger(out, *got);
+  }
+  if (cmd == "ROLE") return Role(out);
+  if (cmd == "INFO") return Info(argc > 1 ? args[1] : "", out);
+  if (cmd == "SELECT") {
+    if (argc != 2) return arity_error();
+    return args[1] == "0" ? resp::AppendSimple(out, "OK") : resp::AppendError(out, "ERR DB index is out of range");
+  }
+  if (cmd == "COMMAND" || cmd == "CONFIG") return resp::AppendArrayHeader(out, 0);
+  if (cmd == "CLIENT") return resp::AppendSimple(out, "OK");
+  std::string first = argc > 1 ? "'" + args[1].substr(0, 64) + "' " : "";
+  resp::AppendError(out, "ERR unknown command '" + args[0].substr(0, 64) + "', with args beginning with: " + first);
+}
+
+void RespServerImpl::Stop() {
+  if (stopping_.exchange(true)) return;
+  if (listen_fd_ >= 0) {
+    ::shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  std::list<std::unique_ptr<Client>> clients;
+  {
+    MutexLock l(&mu_);
+    for (auto& c : clients_) ::shutdown(c->fd, SHUT_RDWR);  // wakes recv(); still open
+    clients = std::move(clients_);
+  }
+  for (auto& c : clients) {
+    c->thread.join();
+    ::close(c->fd);
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<RespServer>> RespServer::Start(Engine* engine, const RespServerOptions& options) {
+  auto server = std::make_unique<RespServerImpl>(engine, options);
+  REPLICA_RETURN_IF_ERROR(server->Listen());
+  return std::unique_ptr<RespServer>(std::move(server));
+}
+
+}  // namespace replica

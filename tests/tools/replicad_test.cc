@@ -1,0 +1,201 @@
+// replicad as an operator runs it: real processes on loopback ports chosen
+// by the OS, driven with redis-cli, stopped with SIGTERM and SIGKILL.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <regex>
+#include <thread>
+
+#include "tests/support/test_util.h"
+
+namespace replica {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+const std::string kReplicad = REPLICAD_PATH;
+
+std::string Shell(const std::string& cmd, int* code = nullptr) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = ::pclose(p);
+  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+// A replicad process; its stdout goes to a file that is read for the ready line.
+class Daemon {
+ public:
+  Daemon(const test::TempDir& dir, const std::string& id, const std::string& extra) : out_(dir.Sub(id + ".out")) {
+    std::remove(out_.c_str());  // a restarted node must not be taken for its predecessor
+    std::string cmd = kReplicad + " --id " + id + " --data-dir " + dir.Sub(id) +
+                      " --listen 127.0.0.1:0 --client-listen 127.0.0.1:0 --secret test --log-level warn " + extra;
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      FILE* f = std::freopen(out_.c_str(), "w", stdout);
+      (void)f;
+      ::execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
+      _exit(127);
+    }
+    auto deadline = Clock::now() + 20s;
+    std::smatch m;
+    static const std::regex ready("replication=127.0.0.1:(\\d+) client=127.0.0.1:(\\d+)");
+    while (Clock::now() < deadline) {
+      std::ifstream in(out_);
+      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      if (std::regex_search(text, m, ready)) {
+        repl_port_ = std::stoi(m[1]);
+        client_port_ = std::stoi(m[2]);
+        return;
+      }
+      int st;
+      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      std::this_thread::sleep_for(20ms);  // polling a file the child writes; no event to wait on
+    }
+    ADD_FAILURE() << id << " never became ready";
+  }
+  ~Daemon() { Kill(SIGKILL); }
+  // Sends sig and waits; returns the exit code (or 128 + signal).
+  int Kill(int sig) {
+    if (pid_ <= 0) return -1;
+    ::kill(pid_, sig);
+    int st = 0;
+    ::waitpid(pid_, &st, 0);
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+  std::string Cli(const std::string& args) {
+    return Shell("redis-cli -h 127.0.0.1 -p " + std::to_string(client_port_) + " " + args);
+  }
+  int repl_port() const { return repl_port_; }
+  int client_port() const { return client_port_; }
+
+ private:
+  std::string out_;
+  pid_t pid_ = -1;
+  int repl_port_ = 0, client_port_ = 0;
+};
+
+TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "--commit remote-apply:1");
+  Daemon b(dir, "b", "--follow 127.0.0.1:" + std::to_string(a.repl_port()));
+  EXPECT_EQ(a.Cli("SET greeting hello"), "OK\n");
+  // remote-apply: acknowledged only once the standby applied it.
+  EXPECT_EQ(b.Cli("GET greeting"), "hello\n");
+  EXPECT_EQ(a.Cli("MSET k1 v1 k2 v2"), "OK\n");
+  EXPECT_EQ(b.Cli("MGET k1 k2 nope"), "v1\nv2\n\n");
+  EXPECT_EQ(a.Cli("EXISTS k1 k2 nope"), "2\n");
+  EXPECT_EQ(a.Cli("DBSIZE"), "3\n");
+  EXPECT_EQ(a.Cli("DEL k1 nope"), "1\n");
+  EXPECT_EQ(a.Cli("WAIT 1 5000"), "1\n");
+  const std::string ro = b.Cli("SET x y");
+  EXPECT_NE(ro.find("READONLY"), std::string::npos) << ro;
+  EXPECT_NE(ro.find("127.0.0.1:" + std::to_string(a.repl_port())), std::string::npos) << ro;
+  EXPECT_EQ(a.Cli("ROLE").substr(0, 7), "master\n");
+  EXPECT_EQ(b.Cli("ROLE").substr(0, 6), "slave\n");
+  EXPECT_NE(a.Cli("INFO replication").find("connected_slaves:1"), std::string::npos);
+  EXPECT_NE(b.Cli("INFO replication").find("role:slave"), std::string::npos);
+  EXPECT_EQ(a.Cli("--scan"), "greeting\nk2\n");
+  EXPECT_NE(a.Cli("FLUSHALL").find("unknown command"), std::string::npos);
+  EXPECT_NE(a.Cli("GET").find("wrong number of arguments"), std::string::npos);
+  EXPECT_EQ(b.Kill(SIGTERM), 0);
+  EXPECT_EQ(a.Kill(SIGTERM), 0);
+}
+
+TEST(ReplicadTest, AcknowledgedWritesSurviveSigkill) {
+  test::TempDir dir;
+  {
+    Daemon a(dir, "a", "");
+    for (int i = 0; i < 20; ++i) ASSERT_EQ(a.Cli("SET key" + std::to_string(i) + " v" + std::to_string(i)), "OK\n");
+    EXPECT_EQ(a.Kill(SIGKILL), 128 + SIGKILL);
+  }
+  Daemon a(dir, "a", "");
+  EXPECT_EQ(a.Cli("DBSIZE"), "20\n");
+  EXPECT_EQ(a.Cli("GET key19"), "v19\n");
+}
+
+int Connect(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  return fd;
+}
+
+// Everything the server sends until it closes the connection.
+std::string Exchange(int port, const std::string& request) {
+  int fd = Connect(port);
+  (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return out;
+}
+
+TEST(ReplicadTest, BadClientInputGetsErrorsAndTheDaemonServesOn) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "");
+  // A huge bulk length is refused before anything is allocated.
+  EXPECT_EQ(Exchange(a.client_port(), "*1\r\n$99999999999\r\n"), "-ERR Protocol error: invalid bulk length\r\n");
+  // Pipelined: the good command is answered, then the garbage closes the connection.
+  EXPECT_EQ(Exchange(a.client_port(), "*1\r\n$4\r\nPING\r\n*x\r\n"),
+            "+PONG\r\n-ERR Protocol error: invalid multibulk length\r\n");
+  EXPECT_EQ(Exchange(a.client_port(), "*2\r\n$3\r\nGET\r\n:1\r\n"),
+            "-ERR Protocol error: expected '$', got ':'\r\n");
+  // Inline commands and QUIT.
+  EXPECT_EQ(Exchange(a.client_port(), "PING\r\nQUIT\r\n"), "+PONG\r\n+OK\r\n");
+  EXPECT_EQ(a.Cli("PING"), "PONG\n");
+}
+
+TEST(ReplicadTest, CommandLineErrors) {
+  int code = 0;
+  std::string help = Shell(kReplicad + " --help", &code);
+  EXPECT_EQ(code, 0);
+  for (const char* opt : {"--id", "--data-dir", "--listen", "--client-listen", "--follow", "--cluster", "--secret",
+                          "--commit", "--wal-sync", "--log-level", "--config"}) {
+    EXPECT_NE(help.find(opt), std::string::npos) << opt;
+  }
+  std::string out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --commit quorum", &code);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("remote-write:N"), std::string::npos) << out;
+  out = Shell(kReplicad + " --id a --data-dir /tmp/x", &code);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("secret"), std::string::npos) << out;
+  out = Shell(kReplicad + " --bogus", &code);
+  EXPECT_EQ(code, 2);
+  out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --listen nowhere", &code);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("HOST:PORT"), std::string::npos) << out;
+}
+
+TEST(ReplicadTest, ConfigFileWithFlagsWinning) {
+  test::TempDir dir;
+  const std::string conf = dir.Sub("node.conf");
+  test::WriteFileBytes(conf, "id = fromfile\nsecret = s\ndata-dir = " + dir.Sub("c") + "\ncommit = async\n");
+  Daemon c(dir, "c", "--config " + conf);  // --id c on the command line wins over id = fromfile
+  EXPECT_NE(c.Cli("INFO replication").find("role:master"), std::string::npos);
+  EXPECT_NE(test::ReadFileBytes(dir.Sub("c.out")).find("node=c "), std::string::npos);
+}
+
+}  // namespace
+}  // namespace replica

@@ -1,0 +1,155 @@
+// replicad: a replication node as a daemon. The engine behind a Redis-
+// protocol client port. Static mode: without --follow the node is the
+// active; with --follow HOST:PORT it is a standby of that active.
+#include <signal.h>
+#include <unistd.h>
+
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "base/env.h"
+#include "base/log.h"
+#include "replica/engine.h"
+#include "replication/resp_server.h"
+
+namespace po = boost::program_options;
+using namespace replica;
+
+namespace {
+
+bool SplitHostPort(const std::string& text, std::string* host, uint16_t* port) {
+  auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0) return false;
+  const std::string p = text.substr(colon + 1);
+  if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos) return false;
+  int v = std::stoi(p);
+  if (v > 65535) return false;
+  *host = text.substr(0, colon);
+  *port = static_cast<uint16_t>(v);
+  return true;
+}
+
+[[noreturn]] void Fail(const std::string& msg, int code = 2) {
+  std::fprintf(stderr, "replicad: %s\n", msg.c_str());
+  if (code == 2) std::fprintf(stderr, "Try 'replicad --help'.\n");
+  std::exit(code);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  po::options_description desc(
+      "Usage: replicad [OPTIONS]\n\n"
+      "Runs one replication node: a write-ahead log and a RocksDB database in\n"
+      "--data-dir, a replication port for the other nodes, and a client port that\n"
+      "speaks the Redis protocol (redis-cli and Redis client libraries work).\n"
+      "Without --follow the node is the active; with --follow it is a standby.\n"
+      "Options on the command line win over the same options in --config.\n\nOptions");
+  // clang-format off
+  desc.add_options()
+      ("help,h", "show this help")
+      ("id", po::value<std::string>(), "this node's name (required)")
+      ("data-dir", po::value<std::string>(), "directory for wal/ and db/ (required; created if missing)")
+      ("listen", po::value<std::string>()->default_value("127.0.0.1:7400"),
+       "HOST:PORT of the replication port (port 0: any free port)")
+      ("client-listen", po::value<std::string>()->default_value("127.0.0.1:6380"),
+       "HOST:PORT of the Redis-protocol client port (port 0: any free port)")
+      ("follow", po::value<std::string>(), "HOST:PORT of the active's replication port: run as its standby")
+      ("cluster", po::value<std::string>()->default_value("default"), "cluster name; peers must agree")
+      ("secret", po::value<std::string>(), "the cluster's shared secret (or --secret-file)")
+      ("secret-file", po::value<std::string>(), "file whose first line is the cluster's shared secret")
+      ("commit", po::value<std::string>()->default_value("async"),
+       "when the active acknowledges a write: async | remote-write:N | remote-apply:N")
+      ("wal-sync", po::value<std::string>()->default_value("every"),
+       "WAL durability: every (fdatasync per commit group) | interval | none")
+      ("wal-segment-size", po::value<uint64_t>()->default_value(64ull << 20), "bytes per WAL segment file")
+      ("max-clients", po::value<int>()->default_value(1000), "client connections served at once")
+      ("log-level", po::value<std::string>()->default_value("info"), "debug | info | warn | error | off")
+      ("config", po::value<std::string>(), "file of 'option = value' lines (names as above, without --)");
+  // clang-format on
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, desc), vm);
+    if (vm.count("config")) {
+      const std::string path = vm["config"].as<std::string>();
+      std::ifstream in(path);
+      if (!in) Fail("cannot read config file '" + path + "'");
+      po::store(po::parse_config_file(in, desc), vm);  // stored second: the command line wins
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    Fail(e.what());
+  }
+  if (vm.count("help")) {
+    std::cout << desc << "\nSignals: SIGTERM or SIGINT shut the node down cleanly.\n"
+              << "The etcd arbiter (--etcd), automatic failover and the metrics endpoint\n"
+              << "are not implemented yet.\n";
+    return 0;
+  }
+  LogLevel level;
+  if (!ParseLogLevel(vm["log-level"].as<std::string>(), &level)) Fail("bad --log-level");
+  SetLogLevel(level);
+
+  EngineOptions o;
+  if (!vm.count("id")) Fail("--id is required");
+  if (!vm.count("data-dir")) Fail("--data-dir is required");
+  o.node_id = vm["id"].as<std::string>();
+  o.data_dir = vm["data-dir"].as<std::string>();
+  if (!SplitHostPort(vm["listen"].as<std::string>(), &o.listen_host, &o.listen_port)) {
+    Fail("--listen must be HOST:PORT, got '" + vm["listen"].as<std::string>() + "'");
+  }
+  RespServerOptions ro;
+  if (!SplitHostPort(vm["client-listen"].as<std::string>(), &ro.host, &ro.port)) {
+    Fail("--client-listen must be HOST:PORT, got '" + vm["client-listen"].as<std::string>() + "'");
+  }
+  ro.max_clients = vm["max-clients"].as<int>();
+  if (vm.count("follow")) {
+    std::string h;
+    uint16_t p;
+    o.follow = vm["follow"].as<std::string>();
+    if (!SplitHostPort(o.follow, &h, &p) || p == 0) Fail("--follow must be HOST:PORT, got '" + o.follow + "'");
+  }
+  o.cluster = vm["cluster"].as<std::string>();
+  if (vm.count("secret")) {
+    o.secret = vm["secret"].as<std::string>();
+  } else if (vm.count("secret-file")) {
+    auto data = ReadWholeFile(Env::Default(), vm["secret-file"].as<std::string>());
+    if (!data.ok()) Fail("--secret-file: " + data.status().ToString());
+    o.secret = data->substr(0, data->find('\n'));
+  }
+  if (o.secret.empty()) Fail("a cluster secret is required (--secret or --secret-file)");
+  auto commit = CommitRule::Parse(vm["commit"].as<std::string>());
+  if (!commit.ok()) Fail("--commit: " + commit.status().message());
+  o.commit = *commit;
+  o.wal_sync = vm["wal-sync"].as<std::string>();
+  o.wal_segment_size = vm["wal-segment-size"].as<uint64_t>();
+
+  // Signals are taken by sigwait in this thread; every thread started below
+  // inherits the mask, so none is interrupted.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  auto engine = Engine::Open(o);
+  if (!engine.ok()) Fail(engine.status().ToString(), 1);
+  auto server = RespServer::Start(engine->get(), ro);
+  if (!server.ok()) Fail("client port: " + server.status().ToString(), 1);
+  std::printf("replicad: ready node=%s role=%s replication=%s:%u client=%s:%u\n", o.node_id.c_str(),
+              RoleName((*engine)->status().role), o.listen_host.c_str(), (*engine)->listen_port(), ro.host.c_str(),
+              (*server)->port());
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  RLOG(kInfo, "replicad.stopping") << "node=" << o.node_id << " signal=" << sig;
+  (*server)->Stop();
+  Status st = (*engine)->Close();
+  if (!st.ok()) Fail("close: " + st.ToString(), 1);
+  std::printf("replicad: stopped node=%s\n", o.node_id.c_str());
+  return 0;
+}
