@@ -1,0 +1,433 @@
+// wal_bench: append throughput of the WAL against the raw write()/fdatasync
+// baseline on the same filesystem, in the same run (docs/performance.md).
+//
+//   WAL/<sync>/<plain|lz4>/<size>B   Wal::Append of one record per iteration,
+//                                    sync policy every|interval|none, 1 and 8
+//                                    threads sharing one Wal.
+//   Raw/write+fdatasync/<size>B      write() of the record's bytes then
+//                                    fdatasync(), per iteration; 8 threads
+//                                    share one O_APPEND fd (no group commit).
+//   Raw/write/<size>B                write() only, same chunks.
+//
+// Every case gets a fresh directory under $TMPDIR (default /tmp), removed
+// afterwards, and starts after a sync() so that no case pays for the
+// writeback of another. bytes_per_second counts payload bytes (the caller's record
+// bytes); disk_B/op says what the WAL actually stored per record (frame header
+// included, after LZ4). After the runs, a summary prints the WAL / raw ratios
+// and the goals of the issue (median of repetitions when there are several).
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include "wal/wal.h"
+
+namespace {
+
+using replica::wal::Options;
+using replica::wal::RecordType;
+using replica::wal::SyncPolicy;
+using replica::wal::Wal;
+
+constexpr size_t kSizes[] = {100, 1024, 16384};
+constexpr double kMinTime = 0.5;  // seconds per case
+
+// Deterministic, moderately compressible payload: words from a small
+// vocabulary with random numbers between them (LZ4 gets roughly 2x on a
+// group of such records, little on a single 100 B record).
+std::string MakePayload(size_t n) {
+  static const char* const kWords[] = {"account", "balance", "commit", "ledger", "replica",
+                                       "segment", "epoch",   "update", "insert", "key"};
+  std::mt19937_64 rng(n);
+  std::string s;
+  s.reserve(n + 32);
+  while (s.size() < n) {
+    s += kWords[rng() % 10];
+    s += '=';
+    s += std::to_string(rng() % 100000);
+    s += ';';
+  }
+  s.resize(n);
+  return s;
+}
+
+std::string TempRoot() {
+  const char* t = getenv("TMPDIR");
+  return (t != nullptr && *t != '\0') ? t : "/tmp";
+}
+
+// A fresh directory, removed with everything in it on destruction.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = TempRoot() + "/wal_bench.XXXXXX";
+    if (mkdtemp(tmpl.data()) != nullptr) path_ = tmpl;
+  }
+  ~TempDir() {
+    if (path_.empty()) return;
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  bool ok() const { return !path_.empty(); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Called by thread 0 before each case: writes back what earlier cases (and
+// anything else on the machine) left dirty in the page cache, so that every
+// case starts from the same state instead of paying for its predecessor's
+// writeback (untimed).
+void StartClean() { ::sync(); }
+
+// State shared by the threads of the running case. Thread 0 sets it up before
+// the measurement loop and tears it down after it; Google Benchmark starts no
+// thread's loop until every thread has reached it, and lets no thread leave
+// the loop until all have finished it, so the others see it ready and are
+// done with it before it goes.
+struct Shared {
+  std::unique_ptr<TempDir> dir;
+  std::unique_ptr<Wal> wal;
+  int fd = -1;
+  std::string error;
+
+  // The log (or fd) first, then the directory holding it.
+  void Reset() {
+    wal.reset();
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+    dir.reset();
+    error.clear();
+  }
+};
+Shared g;
+
+void SetRates(benchmark::State& state, size_t size) {
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * size));
+}
+
+void BM_WalAppend(benchmark::State& state, SyncPolicy policy, bool compress, size_t size) {
+  const std::string payload = MakePayload(size);
+  if (state.thread_index() == 0) {
+    g.Reset();
+    StartClean();
+    g.dir = std::make_unique<TempDir>();
+    if (!g.dir->ok()) {
+      g.error = "mkdtemp under " + TempRoot() + ": " + std::strerror(errno);
+    } else {
+      Options opt;
+      opt.sync_policy = policy;
+      opt.compress = compress;
+      auto wal = Wal::Open(g.dir->path() + "/wal", opt);
+      if (wal.ok()) {
+        g.wal = std::move(wal).value();
+      } else {
+        g.error = wal.status().ToString();
+      }
+    }
+  }
+  bool failed = false;
+  for (auto _ : state) {
+    if (!g.wal) {
+      state.SkipWithError(g.error.c_str());
+      failed = true;
+      break;
+    }
+    auto lsn = g.wal->Append(1, RecordType::kData, payload);
+    if (!lsn.ok()) {
+      state.SkipWithError(lsn.status().ToString().c_str());
+      failed = true;
+      break;
+    }
+    benchmark::DoNotOptimize(lsn);
+  }
+  if (!failed) SetRates(state, size);
+  if (state.thread_index() == 0) {
+    if (g.wal) {
+      const replica::wal::WalStats st = g.wal->stats();
+      const double ops = static_cast<double>(st.records);
+      if (ops > 0 && !failed) {
+        state.counters["groups/op"] = static_cast<double>(st.groups) / ops;
+        state.counters["syncs/op"] = static_cast<double>(st.syncs) / ops;
+        state.counters["disk_B/op"] = static_cast<double>(st.bytes) / ops;
+      }
+      auto closed = g.wal->Close();
+      if (!closed.ok() && !failed) state.SkipWithError(closed.ToString().c_str());
+    }
+    g.Reset();
+  }
+}
+
+void WriteAll(benchmark::State& state, int fd, const std::string& buf) {
+  const char* p = buf.data();
+  size_t left = buf.size();
+  while (left > 0) {
+    ssize_t n = ::write(fd, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      state.SkipWithError((std::string("write: ") + std::strerror(errno)).c_str());
+      return;
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+}
+
+void BM_Raw(benchmark::State& state, bool sync, size_t size) {
+  const std::string payload = MakePayload(size);
+  if (state.thread_index() == 0) {
+    g.Reset();
+    StartClean();
+    g.dir = std::make_unique<TempDir>();
+    if (!g.dir->ok()) {
+      g.error = "mkdtemp under " + TempRoot() + ": " + std::strerror(errno);
+    } else {
+      const std::string path = g.dir->path() + "/raw";
+      g.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+      if (g.fd < 0) g.error = "open " + path + ": " + std::strerror(errno);
+    }
+  }
+  bool failed = false;
+  for (auto _ : state) {
+    if (g.fd < 0) {
+      state.SkipWithError(g.error.c_str());
+      failed = true;
+      break;
+    }
+    WriteAll(state, g.fd, payload);
+    if (sync && ::fdatasync(g.fd) != 0) {
+      state.SkipWithError((std::string("fdatasync: ") + std::strerror(errno)).c_str());
+    }
+    if (state.error_occurred()) {
+      failed = true;
+      break;
+    }
+  }
+  if (!failed) SetRates(state, size);
+  if (state.thread_index() == 0) {
+    g.Reset();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Ratio summary: collects items/s and bytes/s per (case, threads) from the
+// reports and prints WAL / raw after the run.
+
+struct Rates {
+  double items = 0;
+  double bytes = 0;
+};
+
+class SummaryReporter : public benchmark::BenchmarkReporter {
+ public:
+  SummaryReporter(std::unique_ptr<benchmark::BenchmarkReporter> inner, bool text_output)
+      : inner_(std::move(inner)), text_output_(text_output) {}
+
+  bool ReportContext(const Context& context) override {
+    inner_->SetOutputStream(&GetOutputStream());
+    inner_->SetErrorStream(&GetErrorStream());
+    return inner_->ReportContext(context);
+  }
+
+  void ReportRuns(const std::vector<Run>& runs) override {
+    inner_->ReportRuns(runs);
+    for (const Run& r : runs) {
+      if (r.error_occurred) continue;
+      const Key key{r.run_name.function_name, r.threads};
+      Rates rates{CounterValue(r, "items_per_second"), CounterValue(r, "bytes_per_second")};
+      if (r.run_type == Run::RT_Aggregate) {
+        if (r.aggregate_name == "median") medians_[key] = rates;
+      } else {
+        samples_[key].push_back(rates);
+      }
+    }
+  }
+
+  void Finalize() override {
+    inner_->Finalize();
+    // Text after JSON would spoil it: the summary goes to stderr then.
+    PrintSummary(text_output_ ? GetOutputStream() : GetErrorStream());
+  }
+
+ private:
+  using Key = std::pair<std::string, int64_t>;
+
+  static double CounterValue(const Run& r, const char* name) {
+    auto it = r.counters.find(name);
+    return it == r.counters.end() ? 0 : it->second.value;
+  }
+
+  // Median over repetitions (Google Benchmark's own median when it made one).
+  bool Get(const std::string& name, int64_t threads, Rates* out) const {
+    const Key key{name, threads};
+    if (auto it = medians_.find(key); it != medians_.end()) {
+      *out = it->second;
+      return true;
+    }
+    auto it = samples_.find(key);
+    if (it == samples_.end() || it->second.empty()) return false;
+    auto median = [&](double Rates::*field) {
+      std::vector<double> v;
+      for (const Rates& r : it->second) v.push_back(r.*field);
+      std::sort(v.begin(), v.end());
+      const size_t n = v.size();
+      return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+    };
+    *out = Rates{median(&Rates::items), median(&Rates::bytes)};
+    return true;
+  }
+
+  // One line: a / b with an optional goal (ratio >= goal); empty if either
+  // side did not run (filtered out or failed).
+  std::string Line(const std::string& what, const std::string& a, int64_t ta, const std::string& b,
+                   int64_t tb, bool bytes, double goal) const {
+    Rates ra, rb;
+    if (!Get(a, ta, &ra) || !Get(b, tb, &rb)) return "";
+    const double va = bytes ? ra.bytes / 1048576.0 : ra.items;
+    const double vb = bytes ? rb.bytes / 1048576.0 : rb.items;
+    const char* unit = bytes ? "MiB/s" : "op/s";
+    char buf[512];
+    std::snprintf(buf, sizeof buf, "  %-58s %11.1f / %11.1f %-5s = %6.2fx", what.c_str(), va, vb,
+                  unit, vb > 0 ? va / vb : 0.0);
+    std::string line = buf;
+    if (goal > 0) {
+      std::snprintf(buf, sizeof buf, "  (goal >= %.2fx: %s)", goal,
+                    vb > 0 && va / vb >= goal ? "MET" : "MISSED");
+      line += buf;
+    }
+    return line + "\n";
+  }
+
+  void PrintSummary(std::ostream& os) const {
+    std::string out;
+    for (size_t size : kSizes) {
+      const std::string s = std::to_string(size) + "B";
+      const std::string every = "WAL/every/plain/" + s;
+      const std::string sync_raw = "Raw/write+fdatasync/" + s;
+      const std::string write_raw = "Raw/write/" + s;
+      std::string lines;
+      lines += Line("group commit: WAL every 8t / WAL every 1t", every, 8, every, 1, false,
+                    size == 100 ? 5.0 : 0);
+      lines += Line("           raw write+fdatasync 8t / 1t", sync_raw, 8, sync_raw, 1, false, 0);
+      lines += Line("synced: WAL every 1t / raw write+fdatasync 1t", every, 1, sync_raw, 1, false, 0);
+      lines += Line("synced: WAL every 8t / raw write+fdatasync 8t", every, 8, sync_raw, 8, false, 0);
+      lines += Line("synced: WAL every lz4 8t / raw write+fdatasync 8t", "WAL/every/lz4/" + s, 8,
+                    sync_raw, 8, false, 0);
+      for (const std::string policy : {"none", "interval"}) {
+        for (const std::string codec : {"plain", "lz4"}) {
+          const double goal = policy == "none" && codec == "plain" ? 0.7 : 0;
+          for (int64_t t : {1, 8}) {
+            const std::string ts = std::to_string(t) + "t";
+            lines += Line("unsynced: WAL " + policy + " " + codec + " " + ts + " / raw write " + ts,
+                          "WAL/" + policy + "/" + codec + "/" + s, t, write_raw, t, true, goal);
+          }
+        }
+      }
+      if (!lines.empty()) out += s + ":\n" + lines;
+    }
+    if (out.empty()) return;
+    os << "\nWAL / raw summary (medians when repeated; '8t' = 8 threads)\n" << out;
+  }
+
+  std::unique_ptr<benchmark::BenchmarkReporter> inner_;
+  const bool text_output_;
+  std::map<Key, Rates> medians_;
+  std::map<Key, std::vector<Rates>> samples_;
+};
+
+// The value of --name=value (or "true" for a bare --name) in argv, or "".
+std::string FlagValue(int argc, char** argv, const std::string& name) {
+  std::string value;
+  const std::string prefix = "--" + name;
+  for (int i = 1; i < argc; ++i) {
+    std::string_view a = argv[i];
+    if (a == prefix) value = "true";
+    if (a.size() > prefix.size() && a.substr(0, prefix.size() + 1) == prefix + "=") {
+      value = std::string(a.substr(prefix.size() + 1));
+    }
+  }
+  return value;
+}
+
+bool IsTrue(const std::string& v) { return v == "true" || v == "1" || v == "yes"; }
+
+// Registration order is run order (without --benchmark_enable_random_interleaving):
+// each raw baseline runs right before the WAL cases compared with it, and the
+// 1- and 8-thread runs of a case run back to back, so that a ratio compares
+// measurements taken close together (fdatasync latency on a shared VM disk
+// drifts over tens of seconds).
+void RegisterAll() {
+  auto reg = [](const std::string& name, auto fn, auto... args) {
+    benchmark::RegisterBenchmark(name.c_str(), fn, args...)
+        ->MinTime(kMinTime)
+        ->UseRealTime()
+        ->Threads(1)
+        ->Threads(8);
+  };
+  auto wal = [&](SyncPolicy policy, const char* pname, bool lz4, size_t size) {
+    reg(std::string("WAL/") + pname + (lz4 ? "/lz4/" : "/plain/") + std::to_string(size) + "B",
+        BM_WalAppend, policy, lz4, size);
+  };
+  for (size_t size : kSizes) {
+    const std::string s = std::to_string(size) + "B";
+    reg("Raw/write+fdatasync/" + s, BM_Raw, true, size);
+    wal(SyncPolicy::kEveryCommit, "every", false, size);
+    wal(SyncPolicy::kEveryCommit, "every", true, size);
+    reg("Raw/write/" + s, BM_Raw, false, size);
+    wal(SyncPolicy::kNone, "none", false, size);
+    wal(SyncPolicy::kNone, "none", true, size);
+    wal(SyncPolicy::kInterval, "interval", false, size);
+    wal(SyncPolicy::kInterval, "interval", true, size);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Read the output flags before Initialize consumes them: the summary
+  // reporter wraps the reporter they ask for (console or json; the deprecated
+  // csv format falls back to console).
+  std::string format = FlagValue(argc, argv, "benchmark_format");
+  const bool tabular = IsTrue(FlagValue(argc, argv, "benchmark_counters_tabular"));
+  const std::string color = FlagValue(argc, argv, "benchmark_color");
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+
+  benchmark::AddCustomContext("tmpdir", TempRoot());
+  RegisterAll();
+
+  std::unique_ptr<benchmark::BenchmarkReporter> inner;
+  if (format == "json") {
+    inner = std::make_unique<benchmark::JSONReporter>();
+  } else {
+    format = "console";
+    int opts = benchmark::ConsoleReporter::OO_None;
+    const bool use_color = color == "true" || color == "yes" || color == "1" ||
+                           ((color.empty() || color == "auto") && isatty(STDOUT_FILENO));
+    if (use_color) opts |= benchmark::ConsoleReporter::OO_Color;
+    if (tabular) opts |= benchmark::ConsoleReporter::OO_Tabular;
+    inner = std::make_unique<benchmark::ConsoleReporter>(
+        static_cast<benchmark::ConsoleReporter::OutputOptions>(opts));
+  }
+  SummaryReporter reporter(std::move(inner), format == "console");
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  return 0;
+}
