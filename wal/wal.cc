@@ -305,9 +305,27 @@ Status Wal::Submit(Op* op) {
   if (closing_ || closed_) return Status::Aborted("the WAL is closed");
   if (!bg_error_.ok()) return bg_error_;
   queue_.push_back(op);
+  if (gather_target_ != 0 && queue_.size() >= gather_target_) queue_.front()->cv.Signal();
   while (!op->done && queue_.front() != op) op->cv.Wait();
-  if (!op->done) RunGroup(op);
+  if (!op->done) {
+    GatherGroup(op);
+    RunGroup(op);
+  }
   return op->status;
+}
+
+void Wal::GatherGroup(Op* leader) {
+  if (options_.sync_policy != SyncPolicy::kEveryCommit) return;
+  if (leader->kind != Op::Kind::kAppend && leader->kind != Op::Kind::kRaw) return;
+  const size_t want = std::min<size_t>(expected_group_, 64);
+  if (want <= 1 || queue_.size() >= want) return;
+  const auto wait = std::min(last_sync_time_ / 4, std::chrono::microseconds(100));
+  const auto deadline = std::chrono::steady_clock::now() + wait;
+  gather_target_ = want;
+  while (queue_.size() < want) {
+    if (!leader->cv.WaitUntil(deadline) && std::chrono::steady_clock::now() >= deadline) break;
+  }
+  gather_target_ = 0;
 }
 
 void Wal::RunGroup(Op* leader) {
@@ -445,7 +463,14 @@ void Wal::RunGroup(Op* leader) {
         if (want_sync) {
           durable_lsn_ = last_lsn_;
           ++stats_.syncs;
+          last_sync_time_ = sync_time_;
         }
+        // Appenders in flight now: this group's, which return and append
+        // again, and those already queued behind it.
+        // (The group's ops are still at the front of queue_ here.)
+        size_t in_flight = 0;
+        for (Op* op : queue_) in_flight += op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw ? 1 : 0;
+        expected_group_ = std::max<size_t>(1, in_flight);
         if (history_changed) history_ = std::move(new_history);
       }
       mu_.Unlock();
@@ -525,7 +550,9 @@ Status Wal::WriteFrames(bool sync) {
     for (const auto& old : unsynced_) REPLICA_RETURN_IF_ERROR(old->Sync());
     if (!unsynced_.empty()) REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
     unsynced_.clear();
+    const auto start = std::chrono::steady_clock::now();
     REPLICA_RETURN_IF_ERROR(file->Sync());
+    sync_time_ = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
   }
   return Status::OK();
 }

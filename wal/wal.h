@@ -162,6 +162,9 @@ class Wal {
   Status CreateSegment(Lsn first_lsn, Lsn prev_first_lsn);
 
   Status Submit(Op* op) EXCLUDES(mu_);
+  // A new leader under kEveryCommit briefly waits for the appenders it expects
+  // (see expected_group_), so that one fdatasync serves all of them.
+  void GatherGroup(Op* leader) REQUIRES(mu_);
   // Leader work; mu_ is released during I/O.
   void RunGroup(Op* leader) REQUIRES(mu_);
   Status WriteFrames(bool sync) EXCLUDES(mu_);
@@ -194,6 +197,13 @@ class Wal {
   Lsn retention_floor_ GUARDED_BY(mu_) = UINT64_MAX;
   std::atomic<uint64_t> generation_{0};  // bumped by Truncate; readers check it on every call
   Status bg_error_ GUARDED_BY(mu_);
+  // Group commit sizing. With closed-loop appenders, back-to-back fsyncs split
+  // them into two alternating cohorts; so a leader waits (at most half an
+  // fdatasync) until as many ops are queued as were in flight when the last
+  // group finished: that group plus those queued behind it.
+  size_t expected_group_ GUARDED_BY(mu_) = 1;
+  size_t gather_target_ GUARDED_BY(mu_) = 0;  // non-zero while a leader gathers
+  std::chrono::microseconds last_sync_time_ GUARDED_BY(mu_){200};
   bool closing_ GUARDED_BY(mu_) = false;
   bool closed_ GUARDED_BY(mu_) = false;
   WalStats stats_ GUARDED_BY(mu_);
@@ -204,6 +214,7 @@ class Wal {
   // Owned by the current leader only (one at a time, by the queue).
   std::string group_buf_;
   uint64_t cur_size_ = 0;
+  std::chrono::microseconds sync_time_{0};  // of the last group's fdatasync
   bool rolled_ = false;  // the current group rolled a segment
   // Segments closed without fdatasync (policy none); Sync() syncs them.
   std::vector<std::shared_ptr<WritableFile>> unsynced_;
