@@ -182,6 +182,17 @@ TEST(ReaderTest, RawSpanFromInsideABlockStartsAtTheBlock) {
   EXPECT_EQ((*span)->last_lsn, 30u);
 }
 
+// The bytes of the reader's next raw span (the test fails if there is none).
+std::string NextRawBytes(Reader* reader) {
+  auto span = reader->NextRaw(1 << 20);
+  EXPECT_TRUE(span.ok() && span->has_value());
+  std::string bytes;
+  if (span.ok() && span->has_value()) {
+    EXPECT_TRUE((*span)->ReadInto(&bytes).ok());
+  }
+  return bytes;
+}
+
 TEST(ReaderTest, AppendRawRefusesWhatDoesNotFit) {
   TempDir a, b;
   auto active = OpenOrDie(a.path(), Small(false));
@@ -189,10 +200,7 @@ TEST(ReaderTest, AppendRawRefusesWhatDoesNotFit) {
   AppendN(active.get(), 10, 50, 2);
   auto reader = active->NewReader(1);
   ASSERT_TRUE(reader.ok());
-  auto span = (*reader)->NextRaw(1 << 20);
-  ASSERT_TRUE(span.ok() && span->has_value());
-  std::string bytes;
-  ASSERT_TRUE((*span)->ReadInto(&bytes).ok());
+  const std::string bytes = NextRawBytes(reader->get());
 
   // Damaged bytes: refused, nothing stored.
   std::string bad = bytes;
@@ -205,10 +213,7 @@ TEST(ReaderTest, AppendRawRefusesWhatDoesNotFit) {
   EXPECT_EQ(standby->last_lsn(), 0u);
   // Not continuing the log: the standby is at 0, these start at LSN 11.
   AppendN(active.get(), 5, 50, 2);
-  auto later = (*reader)->NextRaw(1 << 20);
-  ASSERT_TRUE(later.ok() && later->has_value());
-  std::string later_bytes;
-  ASSERT_TRUE((*later)->ReadInto(&later_bytes).ok());
+  const std::string later_bytes = NextRawBytes(reader->get());
   EXPECT_EQ(standby->AppendRaw(later_bytes).status().code(), StatusCode::kInvalidArgument);
   // In order they are accepted.
   ASSERT_TRUE(standby->AppendRaw(bytes).ok());
@@ -221,10 +226,7 @@ TEST(ReaderTest, AppendRawRefusesWhatDoesNotFit) {
   AppendN(old.get(), 17, 10, 2);
   auto old_reader = old->NewReader(17);
   ASSERT_TRUE(old_reader.ok());
-  auto old_span = (*old_reader)->NextRaw(1 << 20);
-  ASSERT_TRUE(old_span.ok() && old_span->has_value());
-  std::string old_bytes;
-  ASSERT_TRUE((*old_span)->ReadInto(&old_bytes).ok());
+  const std::string old_bytes = NextRawBytes(old_reader->get());
   EXPECT_TRUE(standby->AppendRaw(old_bytes).status().IsStaleEpoch());
 }
 
