@@ -60,6 +60,7 @@ class EngineImpl final : public Engine, public transport::Handler {
   Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) override;
   Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) override;
   EngineStatus status() const override;
+  Status SetCommitRule(const CommitRule& rule) override;
   uint16_t listen_port() const override { return port_; }
   Status Close() override;
 
@@ -92,6 +93,9 @@ class EngineImpl final : public Engine, public transport::Handler {
   CondVar cv_{&mu_};  // applied_lsn_, commit_lsn_, acks, upstream, closing_
   wal::Lsn applied_lsn_ GUARDED_BY(mu_) = 0;
   wal::Lsn commit_lsn_ GUARDED_BY(mu_) = 0;
+  CommitRule rule_ GUARDED_BY(mu_);
+  bool degraded_ GUARDED_BY(mu_) = false;  // async fallback after a commit timeout
+  uint64_t fallbacks_ GUARDED_BY(mu_) = 0;
   bool closing_ GUARDED_BY(mu_) = false;
   bool closed_ GUARDED_BY(mu_) = false;
   Status apply_error_ GUARDED_BY(mu_);
@@ -107,6 +111,13 @@ Status EngineImpl::Init() {
   if (opts_.node_id.empty()) return Status::InvalidArgument("node_id is required");
   if (opts_.data_dir.empty()) return Status::InvalidArgument("data_dir is required");
   if (opts_.secret.empty()) return Status::InvalidArgument("the cluster secret is required");
+  if (opts_.commit_fallback != "strict" && opts_.commit_fallback != "async") {
+    return Status::InvalidArgument("commit_fallback '" + opts_.commit_fallback + "': expected strict or async");
+  }
+  {
+    MutexLock l(&mu_);
+    rule_ = opts_.commit;
+  }
   wal::Options wo;
   if (!wal::ParseSyncPolicy(opts_.wal_sync, &wo.sync_policy)) {
     return Status::InvalidArgument("wal_sync '" + opts_.wal_sync + "': expected every, interval or none");
@@ -158,7 +169,8 @@ Status EngineImpl::Init() {
   REPLICA_ASSIGN_OR_RETURN(port_, endpoint_->Listen(opts_.listen_host, opts_.listen_port));
   RLOG(kInfo, "engine.open") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " epoch=" << epoch_
                              << " last_lsn=" << wal_->last_lsn() << " applied_lsn=" << applied
-                             << " listen=" << opts_.listen_host << ":" << port_ << " commit=" << opts_.commit.ToString();
+                             << " listen=" << opts_.listen_host << ":" << port_ << " commit=" << opts_.commit.ToString()
+                             << " fallback=" << opts_.commit_fallback;
   applier_ = std::thread([this] { ApplierLoop(); });
   if (role_ == Role::kStandby) follower_ = std::thread([this] { FollowerLoop(); });
   if (opts_.on_role_change) opts_.on_role_change(role_.load());
@@ -168,14 +180,32 @@ Status EngineImpl::Init() {
 wal::Lsn EngineImpl::ComputeCommit() {
   // Append returned, so the local WAL's sync policy is met up to last_lsn.
   const wal::Lsn local = wal_->last_lsn();
-  if (opts_.commit.mode == CommitRule::Mode::kAsync) return local;
+  if (rule_.mode == CommitRule::Mode::kAsync) return local;
   std::vector<wal::Lsn> remote;
   for (const auto& [_, sb] : standbys_) {
-    remote.push_back(opts_.commit.mode == CommitRule::Mode::kRemoteWrite ? sb->flushed : sb->applied);
+    remote.push_back(rule_.mode == CommitRule::Mode::kRemoteWrite ? sb->flushed : sb->applied);
   }
-  if (remote.size() < static_cast<size_t>(opts_.commit.count)) return commit_lsn_;
+  if (remote.size() < static_cast<size_t>(rule_.count)) {
+    return degraded_ ? local : commit_lsn_;  // too few standbys to judge the rule
+  }
   std::sort(remote.begin(), remote.end(), std::greater<>());
-  return std::min(local, remote[static_cast<size_t>(opts_.commit.count) - 1]);
+  const wal::Lsn by_rule = std::min(local, remote[static_cast<size_t>(rule_.count) - 1]);
+  if (degraded_ && by_rule >= local) {
+    degraded_ = false;  // the standbys hold everything again
+    RLOG(kWarn, "engine.commit_restored") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
+                                          << " lsn=" << local;
+  }
+  return degraded_ ? local : by_rule;
+}
+
+Status EngineImpl::SetCommitRule(const CommitRule& rule) {
+  MutexLock l(&mu_);
+  RLOG(kInfo, "engine.commit_rule") << "node=" << opts_.node_id << " from=" << rule_.ToString()
+                                    << " to=" << rule.ToString();
+  rule_ = rule;
+  AdvanceCommit();
+  cv_.SignalAll();
+  return Status::OK();
 }
 
 void EngineImpl::AdvanceCommit() {
@@ -195,7 +225,27 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
   MutexLock l(&mu_);
   AdvanceCommit();
   // After-sync: acknowledged only once applied, which waits for the commit rule.
-  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok()) cv_.Wait();
+  auto deadline = Clock::now() + opts_.commit_timeout;
+  bool warned = false;
+  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok()) {
+    if (cv_.WaitUntil(deadline) || Clock::now() < deadline || commit_lsn_ >= lsn) continue;
+    if (opts_.commit_fallback == "async") {
+      if (!degraded_) {
+        degraded_ = true;
+        ++fallbacks_;
+        RLOG(kWarn, "engine.commit_fallback") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
+                                              << " lsn=" << lsn << " waited_ms=" << opts_.commit_timeout.count()
+                                              << " standbys=" << standbys_.size() << " (acknowledging as async)";
+      }
+      AdvanceCommit();
+    } else if (!warned) {
+      warned = true;  // strict: keep waiting, say so once per write
+      RLOG(kWarn, "engine.commit_waiting") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
+                                           << " lsn=" << lsn << " waited_ms=" << opts_.commit_timeout.count()
+                                           << " standbys=" << standbys_.size();
+    }
+    deadline = Clock::now() + opts_.commit_timeout;
+  }
   if (!apply_error_.ok()) return apply_error_;
   if (applied_lsn_ < lsn) return Status::Aborted("the engine is closing");
   return lsn;
@@ -513,6 +563,9 @@ EngineStatus EngineImpl::status() const {
   MutexLock l(&mu_);
   st.applied_lsn = applied_lsn_;
   st.commit_lsn = commit_lsn_;
+  st.commit = rule_;
+  st.commit_degraded = degraded_;
+  st.commit_fallbacks = fallbacks_;
   for (const auto& [_, sb] : standbys_) st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied});
   if (st.role == Role::kStandby) st.active_address = opts_.follow;
   return st;

@@ -62,6 +62,10 @@ int main(int argc, char** argv) {
       ("secret-file", po::value<std::string>(), "file whose first line is the cluster's shared secret")
       ("commit", po::value<std::string>()->default_value("async"),
        "when the active acknowledges a write: async | remote-write:N | remote-apply:N")
+      ("commit-timeout-ms", po::value<int64_t>()->default_value(5000),
+       "how long a write waits for its standbys before the fallback applies")
+      ("commit-fallback", po::value<std::string>()->default_value("strict"),
+       "after the timeout: strict (keep waiting) | async (acknowledge as async until standbys catch up)")
       ("wal-sync", po::value<std::string>()->default_value("every"),
        "WAL durability: every (fdatasync per commit group) | interval | none")
       ("wal-segment-size", po::value<uint64_t>()->default_value(64ull << 20), "bytes per WAL segment file")
@@ -123,6 +127,10 @@ int main(int argc, char** argv) {
   auto commit = CommitRule::Parse(vm["commit"].as<std::string>());
   if (!commit.ok()) Fail("--commit: " + commit.status().message());
   o.commit = *commit;
+  if (vm["commit-timeout-ms"].as<int64_t>() < 1) Fail("--commit-timeout-ms must be positive");
+  o.commit_timeout = std::chrono::milliseconds(vm["commit-timeout-ms"].as<int64_t>());
+  o.commit_fallback = vm["commit-fallback"].as<std::string>();
+  if (o.commit_fallback != "strict" && o.commit_fallback != "async") Fail("--commit-fallback must be strict or async");
   o.wal_sync = vm["wal-sync"].as<std::string>();
   o.wal_segment_size = vm["wal-segment-size"].as<uint64_t>();
 

@@ -48,6 +48,11 @@ struct EngineOptions {
   std::string cluster = "default";
   std::string secret;  // the cluster's shared secret (required)
   CommitRule commit;
+  // When a write has waited this long for its standbys: keep waiting
+  // (fallback "strict"), or fall back to async until enough standbys have
+  // caught up again ("async"); both are logged, a fallback is counted.
+  std::chrono::milliseconds commit_timeout{5000};
+  std::string commit_fallback = "strict";
   // WAL: "every" | "interval" | "none" (see docs/wal-format.md)
   std::string wal_sync = "every";
   uint64_t wal_segment_size = 64ull << 20;
@@ -84,6 +89,9 @@ struct EngineStatus {
   uint64_t durable_lsn = 0;  // local WAL durable up to
   uint64_t applied_lsn = 0;  // applied to the local RocksDB up to
   uint64_t commit_lsn = 0;   // active: the commit rule holds up to here
+  CommitRule commit;         // the rule in force
+  bool commit_degraded = false;   // running as async after a commit timeout
+  uint64_t commit_fallbacks = 0;  // how often that happened
   struct Standby {
     std::string id;
     std::string address;
@@ -112,6 +120,8 @@ class Engine {
   // the timeout passes; returns how many do (Redis WAIT).
   virtual Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) = 0;
   virtual EngineStatus status() const = 0;
+  // Changes the commit rule at run time (waiting writes are re-judged).
+  virtual Status SetCommitRule(const CommitRule& rule) = 0;
   virtual uint16_t listen_port() const = 0;
   virtual Status Close() = 0;
 };

@@ -143,6 +143,46 @@ TEST(EngineTest, RemoteWriteWaitsForAStandby) {
   EXPECT_GE(standby->status().durable_lsn, *lsn);
 }
 
+TEST(EngineTest, CommitTimeoutFallsBackToAsyncAndRestores) {
+  TempDir dir;
+  EngineOptions o = Node(dir, "a", "", "remote-write:1");
+  o.commit_timeout = 200ms;
+  o.commit_fallback = "async";
+  auto active = OpenOrDie(o);
+  WriteBatch b;
+  b.Put("k", "v");
+  auto lsn = active->Write(b);  // no standby: acknowledged as async after the timeout
+  ASSERT_TRUE(lsn.ok()) << lsn.status().ToString();
+  EXPECT_TRUE(active->status().commit_degraded);
+  EXPECT_EQ(active->status().commit_fallbacks, 1u);
+  ASSERT_TRUE(active->Write(b).ok());
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (active->status().commit_degraded && std::chrono::steady_clock::now() < deadline) {
+    ASSERT_TRUE(active->Write(b).ok());  // acks from the standby re-judge the rule
+  }
+  EXPECT_FALSE(active->status().commit_degraded) << "never restored after the standby caught up";
+  EXPECT_EQ(active->status().commit.ToString(), "remote-write:1");
+}
+
+TEST(EngineTest, StrictCommitKeepsWaitingUntilTheRuleChanges) {
+  TempDir dir;
+  EngineOptions o = Node(dir, "a", "", "remote-apply:1");
+  o.commit_timeout = 100ms;
+  auto active = OpenOrDie(o);
+  auto pending = std::async(std::launch::async, [&] {
+    WriteBatch b;
+    b.Put("k", "v");
+    return active->Write(b);
+  });
+  EXPECT_EQ(pending.wait_for(400ms), std::future_status::timeout) << "strict must not give up";
+  EXPECT_FALSE(active->status().commit_degraded);
+  ASSERT_TRUE(active->SetCommitRule(*CommitRule::Parse("async")).ok());
+  ASSERT_EQ(pending.wait_for(30s), std::future_status::ready);
+  EXPECT_TRUE(pending.get().ok());
+  EXPECT_EQ(*active->Get("k"), std::optional<std::string>("v"));
+}
+
 TEST(EngineTest, RestartedStandbyCatchesUp) {
   TempDir dir;
   auto active = OpenOrDie(Node(dir, "a"));
@@ -183,6 +223,9 @@ TEST(EngineTest, BadOptionsAreClearErrors) {
   EngineOptions o = Node(dir, "a");
   o.secret.clear();
   EXPECT_EQ(Engine::Open(o).status().code(), StatusCode::kInvalidArgument);
+  o = Node(dir, "a");
+  o.commit_fallback = "maybe";
+  EXPECT_NE(Engine::Open(o).status().message().find("maybe"), std::string::npos);
   o = Node(dir, "a");
   o.wal_sync = "sometimes";
   EXPECT_NE(Engine::Open(o).status().message().find("sometimes"), std::string::npos);
