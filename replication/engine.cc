@@ -39,6 +39,8 @@ struct Standby {
   std::string address;
   wal::Lsn flushed = 0;  // guarded by EngineImpl::mu_
   wal::Lsn applied = 0;  // guarded by EngineImpl::mu_
+  // When its flushed LSN last reached the active's last LSN (lag in time).
+  std::chrono::steady_clock::time_point caught_up_at = std::chrono::steady_clock::now();  // mu_
   std::atomic<bool> stop{false};
   std::thread shipper;
   Mutex writable_mu;
@@ -61,6 +63,7 @@ class EngineImpl final : public Engine, public transport::Handler {
   Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) override;
   EngineStatus status() const override;
   Status SetCommitRule(const CommitRule& rule) override;
+  std::string PrometheusMetrics() const override;
   uint16_t listen_port() const override { return port_; }
   Status Close() override;
 
@@ -502,6 +505,7 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
     if (it == standbys_.end()) return;
     it->second->flushed = std::max(it->second->flushed, msg.ack().flushed_lsn());
     it->second->applied = std::max(it->second->applied, msg.ack().applied_lsn());
+    if (it->second->flushed >= wal_->last_lsn()) it->second->caught_up_at = Clock::now();
     AdvanceCommit();
     cv_.SignalAll();  // WaitForReplicas counts acks, not the commit point
   }
@@ -552,6 +556,78 @@ void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
   MutexLock l(&mu_);
   hb->set_applied_lsn(applied_lsn_);
   hb->set_epoch(epoch_);
+}
+
+std::string EngineImpl::PrometheusMetrics() const {
+  const EngineStatus st = status();
+  const wal::WalStats ws = wal_->stats();
+  const transport::Stats& ts = endpoint_->stats();
+  std::string out;
+  auto metric = [&](const char* name, const char* type, const char* help, const std::string& labels, double v) {
+    if (out.find(std::string("# TYPE ") + name + " ") == std::string::npos) {
+      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+    }
+    char num[64];
+    std::snprintf(num, sizeof num, "%.17g", v);
+    out += std::string(name) + (labels.empty() ? "" : "{" + labels + "}") + " " + num + "\n";
+  };
+  const std::string node = "node=\"" + opts_.node_id + "\"";
+  metric("replica_role_active", "gauge", "1 on the active, 0 on a standby", node, st.role == Role::kActive);
+  metric("replica_epoch", "gauge", "current epoch", node, static_cast<double>(st.epoch));
+  metric("replica_last_lsn", "gauge", "last LSN in the local WAL", node, static_cast<double>(st.last_lsn));
+  metric("replica_durable_lsn", "gauge", "local WAL durable up to this LSN", node, static_cast<double>(st.durable_lsn));
+  metric("replica_applied_lsn", "gauge", "applied to the local RocksDB up to this LSN", node,
+         static_cast<double>(st.applied_lsn));
+  metric("replica_commit_lsn", "gauge", "the commit rule holds up to this LSN (active)", node,
+         static_cast<double>(st.commit_lsn));
+  metric("replica_commit_degraded", "gauge", "1 while acknowledging as async after a commit timeout", node,
+         st.commit_degraded);
+  metric("replica_commit_fallbacks_total", "counter", "commit timeouts that fell back to async", node,
+         static_cast<double>(st.commit_fallbacks));
+  metric("replica_standbys", "gauge", "connected standbys (active)", node, static_cast<double>(st.standbys.size()));
+  {
+    MutexLock l(&mu_);
+    for (const auto& [_, sb] : standbys_) {
+      const std::string lab = node + ",standby=\"" + sb->id + "\"";
+      const double behind = static_cast<double>(st.last_lsn - std::min(st.last_lsn, sb->flushed));
+      metric("replica_standby_flushed_lsn", "gauge", "standby's WAL durable up to this LSN", lab,
+             static_cast<double>(sb->flushed));
+      metric("replica_standby_applied_lsn", "gauge", "standby applied up to this LSN", lab,
+             static_cast<double>(sb->applied));
+      metric("replica_standby_lag_records", "gauge", "records the standby does not hold durably yet", lab, behind);
+      const double ms = behind == 0 ? 0.0
+                                    : std::chrono::duration<double, std::milli>(Clock::now() - sb->caught_up_at).count();
+      metric("replica_standby_lag_ms", "gauge", "time since the standby last held every record", lab, ms);
+    }
+  }
+  metric("replica_wal_records_total", "counter", "records appended to the local WAL", node, static_cast<double>(ws.records));
+  metric("replica_wal_bytes_total", "counter", "bytes written to the local WAL", node, static_cast<double>(ws.bytes));
+  metric("replica_wal_group_commits_total", "counter", "group commits (writes)", node, static_cast<double>(ws.groups));
+  metric("replica_wal_fsyncs_total", "counter", "group-commit fdatasync calls", node, static_cast<double>(ws.syncs));
+  metric("replica_wal_fsync_seconds_total", "counter", "time spent in group-commit fdatasync", node,
+         static_cast<double>(ws.sync_micros) / 1e6);
+  metric("replica_wal_size_bytes", "gauge", "bytes of retained WAL segments", node,
+         static_cast<double>(wal_->size_bytes()));
+  metric("replica_wal_first_lsn", "gauge", "first retained LSN", node, static_cast<double>(wal_->first_lsn()));
+  metric("replica_transport_sessions_established_total", "counter", "authenticated sessions", node,
+         static_cast<double>(ts.sessions_established.load()));
+  metric("replica_transport_auth_failures_total", "counter", "peers refused for a wrong secret or cluster", node,
+         static_cast<double>(ts.auth_failures.load()));
+  metric("replica_transport_tls_failures_total", "counter", "failed TLS handshakes", node,
+         static_cast<double>(ts.tls_failures.load()));
+  metric("replica_transport_version_mismatches_total", "counter", "peers of another protocol version", node,
+         static_cast<double>(ts.version_mismatches.load()));
+  metric("replica_transport_protocol_errors_total", "counter", "connections closed for bad input", node,
+         static_cast<double>(ts.protocol_errors.load()));
+  metric("replica_transport_timeouts_total", "counter", "handshake and silent-peer timeouts", node,
+         static_cast<double>(ts.handshake_timeouts.load() + ts.peer_timeouts.load()));
+  metric("replica_transport_data_bytes_sent_total", "counter", "WAL bytes shipped", node,
+         static_cast<double>(ts.data_bytes_sent.load()));
+  metric("replica_transport_data_bytes_received_total", "counter", "WAL bytes received", node,
+         static_cast<double>(ts.data_bytes_received.load()));
+  metric("replica_transport_payload_bytes_copied_total", "counter", "payload bytes copied on the send path", node,
+         static_cast<double>(ts.payload_bytes_copied.load()));
+  return out;
 }
 
 EngineStatus EngineImpl::status() const {

@@ -12,6 +12,7 @@
 #include "base/env.h"
 #include "base/log.h"
 #include "replica/engine.h"
+#include "replication/metrics_server.h"
 #include "replication/resp_server.h"
 
 namespace po = boost::program_options;
@@ -70,6 +71,7 @@ int main(int argc, char** argv) {
        "WAL durability: every (fdatasync per commit group) | interval | none")
       ("wal-segment-size", po::value<uint64_t>()->default_value(64ull << 20), "bytes per WAL segment file")
       ("max-clients", po::value<int>()->default_value(1000), "client connections served at once")
+      ("metrics-listen", po::value<std::string>(), "HOST:PORT for Prometheus (GET /metrics); off if not given")
       ("log-level", po::value<std::string>()->default_value("info"), "debug | info | warn | error | off")
       ("config", po::value<std::string>(), "file of 'option = value' lines (names as above, without --)");
   // clang-format on
@@ -88,8 +90,7 @@ int main(int argc, char** argv) {
   }
   if (vm.count("help")) {
     std::cout << desc << "\nSignals: SIGTERM or SIGINT shut the node down cleanly.\n"
-              << "The etcd arbiter (--etcd), automatic failover and the metrics endpoint\n"
-              << "are not implemented yet.\n";
+              << "The etcd arbiter (--etcd) and automatic failover are not implemented yet.\n";
     return 0;
   }
   LogLevel level;
@@ -147,14 +148,38 @@ int main(int argc, char** argv) {
   if (!engine.ok()) Fail(engine.status().ToString(), 1);
   auto server = RespServer::Start(engine->get(), ro);
   if (!server.ok()) Fail("client port: " + server.status().ToString(), 1);
-  std::printf("replicad: ready node=%s role=%s replication=%s:%u client=%s:%u\n", o.node_id.c_str(),
+  std::unique_ptr<MetricsServer> metrics;
+  if (vm.count("metrics-listen")) {
+    std::string mh;
+    uint16_t mp;
+    if (!SplitHostPort(vm["metrics-listen"].as<std::string>(), &mh, &mp)) Fail("--metrics-listen must be HOST:PORT");
+    Engine* e = engine->get();
+    RespServer* rs = server->get();
+    auto m = MetricsServer::Start(mh, mp, [e, rs] {
+      const RespStats& s = rs->stats();
+      return e->PrometheusMetrics() +
+             "# HELP replica_client_connections_total Redis-protocol client connections\n"
+             "# TYPE replica_client_connections_total counter\nreplica_client_connections_total " +
+             std::to_string(s.connections.load()) +
+             "\n# HELP replica_client_commands_total Redis-protocol commands served\n"
+             "# TYPE replica_client_commands_total counter\nreplica_client_commands_total " +
+             std::to_string(s.commands.load()) +
+             "\n# HELP replica_client_protocol_errors_total clients closed for bad input\n"
+             "# TYPE replica_client_protocol_errors_total counter\nreplica_client_protocol_errors_total " +
+             std::to_string(s.protocol_errors.load()) + "\n";
+    });
+    if (!m.ok()) Fail("metrics port: " + m.status().ToString(), 1);
+    metrics = std::move(m).value();
+  }
+  std::printf("replicad: ready node=%s role=%s replication=%s:%u client=%s:%u metrics=%u\n", o.node_id.c_str(),
               RoleName((*engine)->status().role), o.listen_host.c_str(), (*engine)->listen_port(), ro.host.c_str(),
-              (*server)->port());
+              (*server)->port(), metrics ? metrics->port() : 0);
   std::fflush(stdout);
 
   int sig = 0;
   sigwait(&signals, &sig);
   RLOG(kInfo, "replicad.stopping") << "node=" << o.node_id << " signal=" << sig;
+  if (metrics) metrics->Stop();
   (*server)->Stop();
   Status st = (*engine)->Close();
   if (!st.ok()) Fail("close: " + st.ToString(), 1);

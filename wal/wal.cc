@@ -464,6 +464,7 @@ void Wal::RunGroup(Op* leader) {
           durable_lsn_ = last_lsn_;
           ++stats_.syncs;
           last_sync_time_ = sync_time_;
+          stats_.sync_micros += static_cast<uint64_t>(sync_time_.count());
         }
         // Appenders in flight now: this group's, which return and append
         // again, and those already queued behind it.

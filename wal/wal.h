@@ -89,6 +89,7 @@ struct WalStats {
   uint64_t bytes = 0;
   uint64_t segments_created = 0;
   uint64_t segments_purged = 0;
+  uint64_t sync_micros = 0;  // total time spent in group-commit fdatasync
 };
 
 struct SegmentInfo {

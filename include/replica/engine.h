@@ -122,6 +122,8 @@ class Engine {
   virtual EngineStatus status() const = 0;
   // Changes the commit rule at run time (waiting writes are re-judged).
   virtual Status SetCommitRule(const CommitRule& rule) = 0;
+  // Every metric in the Prometheus text exposition format (docs/operations.md).
+  virtual std::string PrometheusMetrics() const = 0;
   virtual uint16_t listen_port() const = 0;
   virtual Status Close() = 0;
 };

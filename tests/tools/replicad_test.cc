@@ -49,13 +49,14 @@ class Daemon {
     }
     auto deadline = Clock::now() + 20s;
     std::smatch m;
-    static const std::regex ready("replication=127.0.0.1:(\\d+) client=127.0.0.1:(\\d+)");
+    static const std::regex ready("replication=127.0.0.1:(\\d+) client=127.0.0.1:(\\d+) metrics=(\\d+)");
     while (Clock::now() < deadline) {
       std::ifstream in(out_);
       std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
       if (std::regex_search(text, m, ready)) {
         repl_port_ = std::stoi(m[1]);
         client_port_ = std::stoi(m[2]);
+        metrics_port_ = std::stoi(m[3]);
         return;
       }
       int st;
@@ -82,11 +83,12 @@ class Daemon {
   }
   int repl_port() const { return repl_port_; }
   int client_port() const { return client_port_; }
+  int metrics_port() const { return metrics_port_; }
 
  private:
   std::string out_;
   pid_t pid_ = -1;
-  int repl_port_ = 0, client_port_ = 0;
+  int repl_port_ = 0, client_port_ = 0, metrics_port_ = 0;
 };
 
 TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
@@ -164,6 +166,28 @@ TEST(ReplicadTest, BadClientInputGetsErrorsAndTheDaemonServesOn) {
             "-ERR Protocol error: expected '$', got ':'\r\n");
   // Inline commands and QUIT.
   EXPECT_EQ(Exchange(a.client_port(), "PING\r\nQUIT\r\n"), "+PONG\r\n+OK\r\n");
+  EXPECT_EQ(a.Cli("PING"), "PONG\n");
+}
+
+TEST(ReplicadTest, PrometheusMetrics) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "--metrics-listen 127.0.0.1:0 --commit remote-write:1");
+  Daemon b(dir, "b", "--follow 127.0.0.1:" + std::to_string(a.repl_port()));
+  ASSERT_GT(a.metrics_port(), 0);
+  for (int i = 0; i < 5; ++i) ASSERT_EQ(a.Cli("SET k" + std::to_string(i) + " v"), "OK\n");
+  const std::string page = Exchange(a.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(page.find("HTTP/1.1 200"), std::string::npos) << page;
+  EXPECT_NE(page.find("text/plain; version=0.0.4"), std::string::npos);
+  EXPECT_NE(page.find("replica_role_active{node=\"a\"} 1\n"), std::string::npos) << page;
+  EXPECT_NE(page.find("replica_last_lsn{node=\"a\"} 5\n"), std::string::npos) << page;
+  EXPECT_NE(page.find("# TYPE replica_standby_lag_records gauge"), std::string::npos) << page;
+  EXPECT_NE(page.find("replica_standby_flushed_lsn{node=\"a\",standby=\"b\"} 5"), std::string::npos) << page;
+  EXPECT_NE(page.find("replica_wal_fsyncs_total{node=\"a\"}"), std::string::npos);
+  EXPECT_NE(page.find("replica_client_commands_total 5"), std::string::npos) << page;
+  EXPECT_NE(Exchange(a.metrics_port(), "GET /other HTTP/1.1\r\n\r\n").find("404"), std::string::npos);
+  EXPECT_NE(Exchange(a.metrics_port(), "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").find("405"),
+            std::string::npos);
+  EXPECT_EQ(Exchange(a.metrics_port(), "garbage\r\n\r\n").find("200"), std::string::npos);
   EXPECT_EQ(a.Cli("PING"), "PONG\n");
 }
 

@@ -1,0 +1,109 @@
+#include "replication/metrics_server.h"
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <thread>
+
+namespace replica {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(tcp::socket s, const std::function<std::string()>* render) : stream_(std::move(s)), render_(render) {}
+  void Start() {
+    stream_.expires_after(std::chrono::seconds(5));
+    http::async_read(stream_, buf_, req_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (!ec) self->Respond();
+    });
+  }
+
+ private:
+  void Respond() {
+    res_.version(req_.version());
+    res_.keep_alive(false);
+    if (req_.method() != http::verb::get) {
+      res_.result(http::status::method_not_allowed);
+      res_.body() = "only GET\n";
+    } else if (req_.target() != "/metrics") {
+      res_.result(http::status::not_found);
+      res_.body() = "try /metrics\n";
+    } else {
+      res_.result(http::status::ok);
+      res_.set(http::field::content_type, "text/plain; version=0.0.4");
+      res_.body() = (*render_)();
+    }
+    res_.prepare_payload();
+    http::async_write(stream_, res_, [self = shared_from_this()](beast::error_code, size_t) {
+      beast::error_code ec;
+      self->stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    });
+  }
+  beast::tcp_stream stream_;
+  const std::function<std::string()>* render_;
+  beast::flat_buffer buf_;
+  http::request<http::string_body> req_;
+  http::response<http::string_body> res_;
+};
+
+class MetricsServerImpl final : public MetricsServer {
+ public:
+  explicit MetricsServerImpl(std::function<std::string()> render) : render_(std::move(render)), acceptor_(ioc_) {}
+  ~MetricsServerImpl() override { Stop(); }
+
+  Status Listen(const std::string& host, uint16_t port) {
+    beast::error_code ec;
+    auto addr = asio::ip::make_address(host, ec);
+    if (ec) return Status::InvalidArgument("metrics address '" + host + "': " + ec.message());
+    tcp::endpoint ep(addr, port);
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) return Status::IOError("metrics port " + host + ":" + std::to_string(port) + ": " + ec.message());
+    port_ = acceptor_.local_endpoint().port();
+    Accept();
+    thread_ = std::thread([this] { ioc_.run(); });
+    return Status::OK();
+  }
+  uint16_t port() const override { return port_; }
+  void Stop() override {
+    if (!thread_.joinable()) return;
+    asio::post(ioc_, [this] {
+      beast::error_code ec;
+      acceptor_.close(ec);
+    });
+    ioc_.stop();
+    thread_.join();
+  }
+
+ private:
+  void Accept() {
+    acceptor_.async_accept([this](beast::error_code ec, tcp::socket s) {
+      if (ec) return;  // closed
+      std::make_shared<Connection>(std::move(s), &render_)->Start();
+      Accept();
+    });
+  }
+  std::function<std::string()> render_;
+  asio::io_context ioc_;
+  tcp::acceptor acceptor_;
+  std::thread thread_;
+  uint16_t port_ = 0;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& host, uint16_t port,
+                                                            std::function<std::string()> render) {
+  auto s = std::make_unique<MetricsServerImpl>(std::move(render));
+  REPLICA_RETURN_IF_ERROR(s->Listen(host, port));
+  return std::unique_ptr<MetricsServer>(std::move(s));
+}
+
+}  // namespace replica
