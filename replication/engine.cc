@@ -98,6 +98,7 @@ class EngineImpl final : public Engine, public transport::Handler {
   wal::Lsn commit_lsn_ GUARDED_BY(mu_) = 0;
   CommitRule rule_ GUARDED_BY(mu_);
   bool degraded_ GUARDED_BY(mu_) = false;  // async fallback after a commit timeout
+  wal::Lsn degraded_at_ GUARDED_BY(mu_) = 0;  // the local LSN when it fell back
   uint64_t fallbacks_ GUARDED_BY(mu_) = 0;
   bool closing_ GUARDED_BY(mu_) = false;
   bool closed_ GUARDED_BY(mu_) = false;
@@ -193,12 +194,15 @@ wal::Lsn EngineImpl::ComputeCommit() {
   }
   std::sort(remote.begin(), remote.end(), std::greater<>());
   const wal::Lsn by_rule = std::min(local, remote[static_cast<size_t>(rule_.count) - 1]);
-  if (degraded_ && by_rule >= local) {
-    degraded_ = false;  // the standbys hold everything again
+  if (degraded_ && by_rule >= degraded_at_) {
+    // The standbys hold everything up to where the fallback began: the rule
+    // applies again. Under a load they cannot follow, later writes wait for
+    // them again (or time out and fall back again, logged and counted).
+    degraded_ = false;
     RLOG(kWarn, "engine.commit_restored") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
                                           << " lsn=" << local;
   }
-  return degraded_ ? local : by_rule;
+  return degraded_ ? local : std::max(by_rule, commit_lsn_);
 }
 
 Status EngineImpl::SetCommitRule(const CommitRule& rule) {
@@ -235,6 +239,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     if (opts_.commit_fallback == "async") {
       if (!degraded_) {
         degraded_ = true;
+        degraded_at_ = wal_->last_lsn();
         ++fallbacks_;
         RLOG(kWarn, "engine.commit_fallback") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
                                               << " lsn=" << lsn << " waited_ms=" << opts_.commit_timeout.count()
