@@ -39,6 +39,9 @@ struct Standby {
   std::string address;
   wal::Lsn flushed = 0;  // guarded by EngineImpl::mu_
   wal::Lsn applied = 0;  // guarded by EngineImpl::mu_
+  // Last LSN shipped on this session: acks are never credited beyond it.
+  std::atomic<wal::Lsn> shipped{0};
+  std::atomic<bool> done{false};  // the shipper thread has returned
   // When its flushed LSN last reached the active's last LSN (lag in time).
   std::chrono::steady_clock::time_point caught_up_at = std::chrono::steady_clock::now();  // mu_
   std::atomic<bool> stop{false};
@@ -66,6 +69,7 @@ class EngineImpl final : public Engine, public transport::Handler {
   std::string PrometheusMetrics() const override;
   uint16_t listen_port() const override { return port_; }
   Status Close() override;
+  void Interrupt() override;
 
   void OnEstablished(const std::shared_ptr<transport::Session>& s) override;
   void OnControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) override;
@@ -81,6 +85,13 @@ class EngineImpl final : public Engine, public transport::Handler {
   void AdvanceCommit() REQUIRES(mu_);
   wal::Lsn ComputeCommit() REQUIRES(mu_);
   void SendAck(const std::shared_ptr<transport::Session>& s);
+  void SendSubscribe(const std::shared_ptr<transport::Session>& s);
+  void OnSubscribe(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg);
+  // Credits a standby's flushed/applied LSNs (from an ack or a heartbeat),
+  // never beyond what was shipped to it on this session.
+  void Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) EXCLUDES(mu_);
+  std::shared_ptr<Standby> FindBySession(const transport::Session* s) REQUIRES(mu_);
+  Status ValidateRule(const CommitRule& rule) const;
   Status ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last);
 
   const EngineOptions opts_;
@@ -100,10 +111,14 @@ class EngineImpl final : public Engine, public transport::Handler {
   bool degraded_ GUARDED_BY(mu_) = false;  // async fallback after a commit timeout
   wal::Lsn degraded_at_ GUARDED_BY(mu_) = 0;  // the local LSN when it fell back
   uint64_t fallbacks_ GUARDED_BY(mu_) = 0;
-  bool closing_ GUARDED_BY(mu_) = false;
-  bool closed_ GUARDED_BY(mu_) = false;
+  std::atomic<uint64_t> refused_{0};
+  bool closing_ GUARDED_BY(mu_) = false;   // Interrupt or Close began
+  bool close_started_ GUARDED_BY(mu_) = false;
+  std::atomic<bool> db_closed_{false};
   Status apply_error_ GUARDED_BY(mu_);
-  std::map<const transport::Session*, std::shared_ptr<Standby>> standbys_ GUARDED_BY(mu_);
+  // Keyed by node id: a reconnecting standby replaces its old session, so one
+  // node is never counted twice toward the commit rule.
+  std::map<std::string, std::shared_ptr<Standby>> standbys_ GUARDED_BY(mu_);
   std::vector<std::shared_ptr<Standby>> finished_ GUARDED_BY(mu_);  // shippers to join
   std::shared_ptr<transport::Session> upstream_ GUARDED_BY(mu_);     // standby: to the active
 
@@ -118,6 +133,7 @@ Status EngineImpl::Init() {
   if (opts_.commit_fallback != "strict" && opts_.commit_fallback != "async") {
     return Status::InvalidArgument("commit_fallback '" + opts_.commit_fallback + "': expected strict or async");
   }
+  REPLICA_RETURN_IF_ERROR(ValidateRule(opts_.commit));
   {
     MutexLock l(&mu_);
     rule_ = opts_.commit;
@@ -205,7 +221,15 @@ wal::Lsn EngineImpl::ComputeCommit() {
   return degraded_ ? local : std::max(by_rule, commit_lsn_);
 }
 
+Status EngineImpl::ValidateRule(const CommitRule& rule) const {
+  if (rule.mode != CommitRule::Mode::kAsync && (rule.count < 1 || rule.count > 999)) {
+    return Status::InvalidArgument("commit rule " + rule.ToString() + ": N must be 1..999");
+  }
+  return Status::OK();
+}
+
 Status EngineImpl::SetCommitRule(const CommitRule& rule) {
+  REPLICA_RETURN_IF_ERROR(ValidateRule(rule));
   MutexLock l(&mu_);
   RLOG(kInfo, "engine.commit_rule") << "node=" << opts_.node_id << " from=" << rule_.ToString()
                                     << " to=" << rule.ToString();
@@ -228,6 +252,10 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     return Status::NotActive("node " + opts_.node_id + " is a standby; the active is at " + opts_.follow);
   }
   if (batch.empty()) return Status::InvalidArgument("empty write batch");
+  {
+    MutexLock l(&mu_);
+    if (closing_) return Status::Aborted("the engine is shutting down");
+  }
   REPLICA_ASSIGN_OR_RETURN(wal::Lsn lsn, wal_->Append(epoch_, wal::RecordType::kData, batch.Encode()));
   MutexLock l(&mu_);
   AdvanceCommit();
@@ -235,7 +263,11 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
   auto deadline = Clock::now() + opts_.commit_timeout;
   bool warned = false;
   while (applied_lsn_ < lsn && !closing_ && apply_error_.ok()) {
-    if (cv_.WaitUntil(deadline) || Clock::now() < deadline || commit_lsn_ >= lsn) continue;
+    if (commit_lsn_ >= lsn) {
+      cv_.Wait();  // committed; the applier signals once it is applied
+      continue;
+    }
+    if (cv_.WaitUntil(deadline) || Clock::now() < deadline) continue;
     if (opts_.commit_fallback == "async") {
       if (!degraded_) {
         degraded_ = true;
@@ -260,6 +292,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
 }
 
 Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
+  if (db_closed_.load()) return Status::Aborted("the engine is closed");
   std::string value;
   auto s = db_->Get(rocksdb::ReadOptions(), handles_[0], key, &value);
   if (s.IsNotFound()) return std::optional<std::string>();
@@ -268,6 +301,7 @@ Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
 }
 
 Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const std::string& start, size_t limit) {
+  if (db_closed_.load()) return Status::Aborted("the engine is closed");
   std::vector<std::pair<std::string, std::string>> out;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[0]));
   for (it->Seek(start); it->Valid() && out.size() < limit; it->Next()) {
@@ -406,6 +440,10 @@ void EngineImpl::SendAck(const std::shared_ptr<transport::Session>& s) {
 }
 
 void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
+  struct Done {
+    Standby* sb;
+    ~Done() { sb->done.store(true); }
+  } done{sb.get()};
   auto reader_or = wal_->NewReader(from);
   if (!reader_or.ok()) {
     Status st = reader_or.status().IsPurged()
@@ -432,7 +470,10 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
     std::shared_ptr<const void> keep = s.file;  // keeps the segment open until sent
     for (;;) {
       Status st = sb->session->SendFile(keep, s.file->NativeHandle(), s.offset, s.length);
-      if (st.ok()) break;
+      if (st.ok()) {
+        sb->shipped.store(s.last_lsn);
+        break;
+      }
       if (st.code() != StatusCode::kBusy || sb->stop.load()) return;
       // The standby is slow: stop reading the log until the queue drains.
       MutexLock l(&sb->writable_mu);
@@ -456,8 +497,18 @@ void EngineImpl::FollowerLoop() {
       session = *s;
       MutexLock l(&mu_);
       upstream_ = session;
-      // OnClosed signals cv_; the timed wait also covers a close that raced us.
-      while (!closing_ && !session->closed()) cv_.WaitUntil(Clock::now() + 200ms);
+      // OnEstablished and OnClosed signal cv_; the timed wait covers races.
+      bool subscribed = false;
+      while (!closing_ && !session->closed()) {
+        if (!subscribed && session->established()) {
+          subscribed = true;
+          mu_.Unlock();
+          SendSubscribe(session);
+          mu_.Lock();
+          continue;
+        }
+        cv_.WaitUntil(Clock::now() + 200ms);
+      }
       if (upstream_ == session) upstream_.reset();
       if (closing_) return;
     } else {
@@ -469,50 +520,134 @@ void EngineImpl::FollowerLoop() {
 }
 
 void EngineImpl::OnEstablished(const std::shared_ptr<transport::Session>& s) {
-  if (role_.load() != Role::kStandby) return;
+  MutexLock l(&mu_);
+  cv_.SignalAll();  // the follower thread subscribes on its upstream session
+}
+
+void EngineImpl::SendSubscribe(const std::shared_ptr<transport::Session>& s) {
+  proto::Control msg;
+  auto* sub = msg.mutable_subscribe();
+  const wal::Lsn last = wal_->last_lsn();
+  sub->set_from_lsn(last + 1);
+  sub->set_last_epoch(wal_->last_epoch());
+  if (last >= 1 && last >= wal_->first_lsn()) {
+    auto reader = wal_->NewReader(last);
+    wal::RecordView rec;
+    if (reader.ok()) {
+      auto got = (*reader)->Next(&rec);
+      if (got.ok() && *got) sub->set_last_record_digest(wal::RecordDigest(rec));
+    }
+  }
   {
     MutexLock l(&mu_);
-    if (s != upstream_ && upstream_ != nullptr) return;
+    sub->set_applied_lsn(applied_lsn_);
   }
-  proto::Control msg;
-  msg.mutable_subscribe()->set_from_lsn(wal_->last_lsn() + 1);
-  msg.mutable_subscribe()->set_last_epoch(wal_->last_epoch());
   (void)s->SendControl(msg);
 }
 
-void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) {
-  if (msg.has_subscribe()) {
-    if (role_.load() != Role::kActive) {
-      s->Close(Status::NotActive("node " + opts_.node_id + " is not the active"));
-      return;
-    }
-    const wal::Lsn from = msg.subscribe().from_lsn();
-    if (from == 0 || from > wal_->last_lsn() + 1) {
-      s->Close(Status::InvalidArgument("standby " + s->peer_id() + " asks for LSN " + std::to_string(from) +
-                                       " but this log ends at LSN " + std::to_string(wal_->last_lsn())));
-      return;
-    }
-    auto sb = std::make_shared<Standby>();
-    sb->session = s;
-    sb->id = s->peer_id();
-    sb->address = s->remote_address();
-    sb->flushed = sb->applied = from - 1;
-    RLOG(kInfo, "engine.standby_subscribed") << "standby=" << sb->id << " from_lsn=" << from;
-    MutexLock l(&mu_);
-    if (closing_) return;
-    standbys_[s.get()] = sb;
-    sb->shipper = std::thread([this, sb, from] { ShipperLoop(sb, from); });
+std::shared_ptr<Standby> EngineImpl::FindBySession(const transport::Session* s) {
+  for (const auto& [_, sb] : standbys_) {
+    if (sb->session.get() == s) return sb;
+  }
+  return nullptr;
+}
+
+void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) {
+  MutexLock l(&mu_);
+  auto sb = FindBySession(s);
+  if (!sb) return;
+  sb->flushed = std::max(sb->flushed, std::min(flushed, sb->shipped.load()));
+  sb->applied = std::max(sb->applied, std::min(applied, sb->flushed));
+  if (sb->flushed >= wal_->last_lsn()) sb->caught_up_at = Clock::now();
+  AdvanceCommit();
+  cv_.SignalAll();  // WaitForReplicas counts acks, not the commit point
+}
+
+void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg) {
+  if (role_.load() != Role::kActive) {
+    s->Close(Status::NotActive("node " + opts_.node_id + " is not the active"));
     return;
   }
-  if (msg.has_ack()) {
+  const wal::Lsn from = msg.from_lsn();
+  if (from == 0 || from > wal_->last_lsn() + 1) {
+    ++refused_;
+    s->Close(Status::InvalidArgument("standby " + s->peer_id() + " asks for LSN " + std::to_string(from) +
+                                     " but this log ends at LSN " + std::to_string(wal_->last_lsn())));
+    return;
+  }
+  // The standby's last record must be ours too, or its log has diverged.
+  if (from > 1) {
+    if (from - 1 < wal_->first_lsn()) {
+      ++refused_;
+      s->Close(Status::Purged("cannot check standby " + s->peer_id() + "'s log: LSN " + std::to_string(from - 1) +
+                              " is no longer retained here (snapshot resync is not built yet)"));
+      return;
+    }
+    auto reader = wal_->NewReader(from - 1);
+    wal::RecordView rec;
+    Result<bool> got = reader.ok() ? (*reader)->Next(&rec) : Result<bool>(reader.status());
+    if (!got.ok() || !*got || wal::RecordDigest(rec) != msg.last_record_digest()) {
+      Status st = Status::InvalidArgument("standby " + s->peer_id() + " has diverged: its record at LSN " +
+                                          std::to_string(from - 1) + " differs from this node's" +
+                                          (got.ok() ? std::string() : " (" + got.status().ToString() + ")") +
+                                          "; truncate or re-seed it");
+      RLOG(kWarn, "engine.standby_diverged") << "standby=" << s->peer_id() << " lsn=" << from - 1;
+      ++refused_;
+      s->Close(st);
+      return;
+    }
+  }
+  auto sb = std::make_shared<Standby>();
+  sb->session = s;
+  sb->id = s->peer_id();
+  sb->address = s->remote_address();
+  sb->flushed = from - 1;  // its log matches ours up to here
+  sb->applied = std::min<wal::Lsn>(msg.applied_lsn(), from - 1);
+  sb->shipped.store(from - 1);
+  std::shared_ptr<Standby> replaced;
+  std::vector<std::shared_ptr<Standby>> reap;
+  {
     MutexLock l(&mu_);
-    auto it = standbys_.find(s.get());
-    if (it == standbys_.end()) return;
-    it->second->flushed = std::max(it->second->flushed, msg.ack().flushed_lsn());
-    it->second->applied = std::max(it->second->applied, msg.ack().applied_lsn());
-    if (it->second->flushed >= wal_->last_lsn()) it->second->caught_up_at = Clock::now();
-    AdvanceCommit();
-    cv_.SignalAll();  // WaitForReplicas counts acks, not the commit point
+    if (closing_) return;
+    if (FindBySession(s.get())) {
+      mu_.Unlock();
+      s->Close(Status::InvalidArgument("a second Subscribe on one session"));
+      mu_.Lock();
+      return;
+    }
+    auto it = standbys_.find(sb->id);
+    if (it != standbys_.end()) {
+      replaced = it->second;
+      replaced->stop.store(true);
+      finished_.push_back(replaced);
+      standbys_.erase(it);
+    }
+    for (auto f = finished_.begin(); f != finished_.end();) {
+      if ((*f)->done.load()) {
+        reap.push_back(std::move(*f));
+        f = finished_.erase(f);
+      } else {
+        ++f;
+      }
+    }
+    RLOG(kInfo, "engine.standby_subscribed") << "standby=" << sb->id << " from_lsn=" << from
+                                             << (replaced ? " (replaces its previous session)" : "");
+    standbys_[sb->id] = sb;
+    sb->shipper = std::thread([this, sb, from] { ShipperLoop(sb, from); });
+  }
+  if (replaced) replaced->session->Close(Status::Aborted("replaced by a new session of the same standby"));
+  for (auto& r : reap) {
+    if (r->shipper.joinable()) r->shipper.join();  // already returned: joins at once
+  }
+}
+
+void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) {
+  if (msg.has_subscribe()) return OnSubscribe(s, msg.subscribe());
+  if (msg.has_ack()) return Credit(s.get(), msg.ack().flushed_lsn(), msg.ack().applied_lsn());
+  // A standby's heartbeats carry its flushed and applied LSNs too (its
+  // interval sync advances them without any data arriving).
+  if (msg.has_heartbeat() && role_.load() == Role::kActive) {
+    return Credit(s.get(), msg.heartbeat().flushed_lsn(), msg.heartbeat().applied_lsn());
   }
 }
 
@@ -520,6 +655,15 @@ void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::strin
   if (role_.load() != Role::kStandby) {
     s->Close(Status::InvalidArgument("WAL data sent to the active"));
     return;
+  }
+  {
+    MutexLock l(&mu_);
+    if (s != upstream_) {
+      mu_.Unlock();
+      s->Close(Status::InvalidArgument("WAL data from a node this standby does not follow"));
+      mu_.Lock();
+      return;
+    }
   }
   // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
   auto last = wal_->AppendRaw(payload);
@@ -535,9 +679,8 @@ void EngineImpl::OnWritable(const std::shared_ptr<transport::Session>& s) {
   std::shared_ptr<Standby> sb;
   {
     MutexLock l(&mu_);
-    auto it = standbys_.find(s.get());
-    if (it == standbys_.end()) return;
-    sb = it->second;
+    sb = FindBySession(s.get());
+    if (!sb) return;
   }
   MutexLock l(&sb->writable_mu);
   sb->writable_cv.SignalAll();
@@ -545,12 +688,13 @@ void EngineImpl::OnWritable(const std::shared_ptr<transport::Session>& s) {
 
 void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const Status& why) {
   MutexLock l(&mu_);
-  auto it = standbys_.find(s.get());
-  if (it != standbys_.end()) {
+  for (auto it = standbys_.begin(); it != standbys_.end(); ++it) {
+    if (it->second->session.get() != s.get()) continue;
     it->second->stop.store(true);
     RLOG(kInfo, "engine.standby_gone") << "standby=" << it->second->id << " reason=\"" << why.ToString() << "\"";
     finished_.push_back(it->second);
     standbys_.erase(it);
+    break;
   }
   cv_.SignalAll();
 }
@@ -647,15 +791,23 @@ EngineStatus EngineImpl::status() const {
   st.commit = rule_;
   st.commit_degraded = degraded_;
   st.commit_fallbacks = fallbacks_;
+  st.standbys_refused = refused_.load();
   for (const auto& [_, sb] : standbys_) st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied});
   if (st.role == Role::kStandby) st.active_address = opts_.follow;
   return st;
 }
 
+void EngineImpl::Interrupt() {
+  MutexLock l(&mu_);
+  closing_ = true;
+  cv_.SignalAll();
+}
+
 Status EngineImpl::Close() {
   {
     MutexLock l(&mu_);
-    if (closing_ || !wal_) return Status::OK();
+    if (close_started_ || !wal_) return Status::OK();
+    close_started_ = true;
     closing_ = true;
     for (auto& [_, sb] : standbys_) sb->stop.store(true);
     cv_.SignalAll();
@@ -674,6 +826,7 @@ Status EngineImpl::Close() {
     if (sb->shipper.joinable()) sb->shipper.join();
   }
   Status st = wal_->Close();
+  db_closed_.store(true);
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   handles_.clear();
   if (db_) {
@@ -681,8 +834,6 @@ Status EngineImpl::Close() {
     if (st.ok()) st = cs;
     db_.reset();
   }
-  MutexLock l(&mu_);
-  closed_ = true;
   return st;
 }
 

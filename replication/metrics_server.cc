@@ -76,18 +76,20 @@ class MetricsServerImpl final : public MetricsServer {
     if (!thread_.joinable()) return;
     asio::post(ioc_, [this] {
       beast::error_code ec;
-      acceptor_.close(ec);
+      acceptor_.close(ec);  // frees the port before the loop stops
+      ioc_.stop();
     });
-    ioc_.stop();
     thread_.join();
   }
 
  private:
   void Accept() {
     acceptor_.async_accept([this](beast::error_code ec, tcp::socket s) {
-      if (ec) return;  // closed
+      if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;  // closed
+      if (ec) return Accept();  // e.g. out of descriptors: keep serving
       std::make_shared<Connection>(std::move(s), &render_)->Start();
       Accept();
+      (void)ec;
     });
   }
   std::function<std::string()> render_;

@@ -68,6 +68,7 @@ class RespServerImpl final : public RespServer {
   struct Conn {
     uint64_t last_write_lsn = 0;
     bool quit = false;
+    uint64_t id = 0;
   };
 
   void AcceptLoop();
@@ -157,6 +158,7 @@ void RespServerImpl::AcceptLoop() {
 void RespServerImpl::Serve(Client* c) {
   resp::Parser parser(opts_.max_bulk);
   Conn conn;
+  conn.id = stats_.connections.load();
   std::vector<std::string> args;
   std::string out, error;
   char buf[64 << 10];
@@ -315,9 +317,13 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
   }
   if (cmd == "DEL" || cmd == "UNLINK") {
     if (argc < 2) return arity_error();
+    // Counted before the write, as Redis counts: keys that existed, each once.
     WriteBatch b;
     long long existed = 0;
+    std::vector<std::string> seen;
     for (size_t i = 1; i < argc; ++i) {
+      if (std::find(seen.begin(), seen.end(), args[i]) != seen.end()) continue;
+      seen.push_back(args[i]);
       auto v = engine_->Get(args[i]);
       if (v.ok() && v->has_value()) ++existed;
       b.Delete(args[i]);
@@ -400,7 +406,10 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
     return args[1] == "0" ? resp::AppendSimple(out, "OK") : resp::AppendError(out, "ERR DB index is out of range");
   }
   if (cmd == "COMMAND" || cmd == "CONFIG") return resp::AppendArrayHeader(out, 0);
-  if (cmd == "CLIENT") return resp::AppendSimple(out, "OK");
+  if (cmd == "CLIENT") {
+    if (argc >= 2 && Upper(args[1]) == "ID") return resp::AppendInteger(out, static_cast<long long>(conn->id));
+    return resp::AppendSimple(out, "OK");
+  }
   std::string first = argc > 1 ? "'" + args[1].substr(0, 64) + "' " : "";
   resp::AppendError(out, "ERR unknown command '" + args[0].substr(0, 64) + "', with args beginning with: " + first);
 }

@@ -2,12 +2,14 @@
 // protocol client port. Static mode: without --follow the node is the
 // active; with --follow HOST:PORT it is a standby of that active.
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <thread>
 
 #include "base/env.h"
 #include "base/log.h"
@@ -110,6 +112,27 @@ int main(int argc, char** argv) {
     Fail("--client-listen must be HOST:PORT, got '" + vm["client-listen"].as<std::string>() + "'");
   }
   ro.max_clients = vm["max-clients"].as<int>();
+  if (ro.max_clients < 1) Fail("--max-clients must be at least 1");
+  // Each client holds a descriptor, and WAL segments, sockets and RocksDB need
+  // theirs: raise the soft limit to the hard one and keep a reserve.
+  rlimit nofile{};
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0) {
+    nofile.rlim_cur = nofile.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &nofile);
+    ::getrlimit(RLIMIT_NOFILE, &nofile);
+    const long usable = static_cast<long>(nofile.rlim_cur) - 256;
+    if (usable < ro.max_clients) {
+      if (usable < 1) Fail("the open-file limit (" + std::to_string(nofile.rlim_cur) + ") is too low", 1);
+      RLOG(kWarn, "replicad.max_clients") << "lowered from " << ro.max_clients << " to " << usable
+                                          << " (open-file limit " << nofile.rlim_cur << ")";
+      ro.max_clients = static_cast<int>(usable);
+    }
+  }
+  std::string metrics_host;
+  uint16_t metrics_port = 0;
+  if (vm.count("metrics-listen") && !SplitHostPort(vm["metrics-listen"].as<std::string>(), &metrics_host, &metrics_port)) {
+    Fail("--metrics-listen must be HOST:PORT, got '" + vm["metrics-listen"].as<std::string>() + "'");
+  }
   if (vm.count("follow")) {
     std::string h;
     uint16_t p;
@@ -128,7 +151,9 @@ int main(int argc, char** argv) {
   auto commit = CommitRule::Parse(vm["commit"].as<std::string>());
   if (!commit.ok()) Fail("--commit: " + commit.status().message());
   o.commit = *commit;
-  if (vm["commit-timeout-ms"].as<int64_t>() < 1) Fail("--commit-timeout-ms must be positive");
+  if (vm["commit-timeout-ms"].as<int64_t>() < 1 || vm["commit-timeout-ms"].as<int64_t>() > 86400000) {
+    Fail("--commit-timeout-ms must be 1..86400000");
+  }
   o.commit_timeout = std::chrono::milliseconds(vm["commit-timeout-ms"].as<int64_t>());
   o.commit_fallback = vm["commit-fallback"].as<std::string>();
   if (o.commit_fallback != "strict" && o.commit_fallback != "async") Fail("--commit-fallback must be strict or async");
@@ -147,12 +172,22 @@ int main(int argc, char** argv) {
   auto engine = Engine::Open(o);
   if (!engine.ok()) Fail(engine.status().ToString(), 1);
   auto server = RespServer::Start(engine->get(), ro);
-  if (!server.ok()) Fail("client port: " + server.status().ToString(), 1);
+  if (!server.ok()) {
+    (*engine)->Interrupt();
+    (void)(*engine)->Close();
+    Fail("client port: " + server.status().ToString(), 1);
+  }
   std::unique_ptr<MetricsServer> metrics;
+  // A failure from here on closes what is open before exiting.
+  auto fail_open = [&](const std::string& msg) {
+    if (server.ok()) (*server)->Stop();
+    (*engine)->Interrupt();
+    (void)(*engine)->Close();
+    Fail(msg, 1);
+  };
   if (vm.count("metrics-listen")) {
-    std::string mh;
-    uint16_t mp;
-    if (!SplitHostPort(vm["metrics-listen"].as<std::string>(), &mh, &mp)) Fail("--metrics-listen must be HOST:PORT");
+    const std::string& mh = metrics_host;
+    const uint16_t mp = metrics_port;
     Engine* e = engine->get();
     RespServer* rs = server->get();
     auto m = MetricsServer::Start(mh, mp, [e, rs] {
@@ -168,7 +203,7 @@ int main(int argc, char** argv) {
              "# TYPE replica_client_protocol_errors_total counter\nreplica_client_protocol_errors_total " +
              std::to_string(s.protocol_errors.load()) + "\n";
     });
-    if (!m.ok()) Fail("metrics port: " + m.status().ToString(), 1);
+    if (!m.ok()) fail_open("metrics port: " + m.status().ToString());
     metrics = std::move(m).value();
   }
   std::printf("replicad: ready node=%s role=%s replication=%s:%u client=%s:%u metrics=%u\n", o.node_id.c_str(),
@@ -179,7 +214,15 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&signals, &sig);
   RLOG(kInfo, "replicad.stopping") << "node=" << o.node_id << " signal=" << sig;
+  // A second signal while shutting down means: stop now.
+  std::thread([signals]() mutable {
+    int again = 0;
+    sigwait(&signals, &again);
+    std::fprintf(stderr, "replicad: second signal, exiting at once\n");
+    std::_Exit(1);
+  }).detach();
   if (metrics) metrics->Stop();
+  (*engine)->Interrupt();  // clients blocked in a write or WAIT return now
   (*server)->Stop();
   Status st = (*engine)->Close();
   if (!st.ok()) Fail("close: " + st.ToString(), 1);

@@ -39,6 +39,18 @@ uint64_t FrameChecksum(const char* header, std::string_view payload) {
   return XXH3_64bits_digest(&state);
 }
 
+uint64_t RecordDigest(const RecordView& r) {
+  char meta[17];
+  EncodeFixed64(meta, r.lsn);
+  EncodeFixed64(meta + 8, r.epoch);
+  meta[16] = static_cast<char>(r.type);
+  XXH3_state_t state;
+  XXH3_64bits_reset(&state);
+  XXH3_64bits_update(&state, meta, sizeof meta);
+  XXH3_64bits_update(&state, r.payload.data(), r.payload.size());
+  return XXH3_64bits_digest(&state);
+}
+
 bool FrameChecksumOk(const char* frame, size_t payload_len) {
   return FrameChecksum(frame, std::string_view(frame + kFrameHeaderSize, payload_len)) ==
          DecodeFixed64(frame + kFrameChecksumOffset);

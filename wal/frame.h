@@ -57,6 +57,10 @@ struct RecordView {
   std::string_view payload;
 };
 
+// A digest of one record (LSN, epoch, type and payload): two logs hold the
+// same record at an LSN exactly when the digests agree (up to XXH3 collisions).
+uint64_t RecordDigest(const RecordView& r);
+
 // Decompresses a verified block payload into *raw and splits it into records.
 Status DecodeBlock(const FrameHeader& h, std::string_view payload, std::string* raw,
                    std::vector<RecordView>* out);

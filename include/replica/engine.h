@@ -92,6 +92,7 @@ struct EngineStatus {
   CommitRule commit;         // the rule in force
   bool commit_degraded = false;   // running as async after a commit timeout
   uint64_t commit_fallbacks = 0;  // how often that happened
+  uint64_t standbys_refused = 0;  // subscriptions refused (diverged, purged, bad LSN)
   struct Standby {
     std::string id;
     std::string address;
@@ -125,6 +126,10 @@ class Engine {
   // Every metric in the Prometheus text exposition format (docs/operations.md).
   virtual std::string PrometheusMetrics() const = 0;
   virtual uint16_t listen_port() const = 0;
+  // Wakes every waiting call (Write, WaitForApplied, WaitForReplicas) with
+  // Aborted and refuses new writes: the first step of a shutdown, so that
+  // threads blocked in the engine can be joined before Close.
+  virtual void Interrupt() = 0;
   virtual Status Close() = 0;
 };
 

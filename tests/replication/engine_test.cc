@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 
+#include <filesystem>
 #include <future>
+#include <thread>
 #include <map>
 
 #include "replica/engine.h"
@@ -181,6 +183,68 @@ TEST(EngineTest, StrictCommitKeepsWaitingUntilTheRuleChanges) {
   ASSERT_EQ(pending.wait_for(30s), std::future_status::ready);
   EXPECT_TRUE(pending.get().ok());
   EXPECT_EQ(*active->Get("k"), std::optional<std::string>("v"));
+}
+
+// Review regressions: a standby whose log diverged must be refused, not
+// credited; a standby that syncs on an interval must still count.
+TEST(EngineTest, DivergedStandbyIsRefused) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a"));
+  const uint16_t port = active->listen_port();
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  const uint64_t last = WriteMany(active.get(), 50);
+  ASSERT_TRUE(standby->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(active->Close().ok());
+  active.reset();
+  std::filesystem::remove_all(dir.Sub("a"));  // the active loses its data and starts over
+  EngineOptions again = Node(dir, "a");
+  again.listen_port = port;
+  active = OpenOrDie(again);
+  WriteBatch b;
+  for (int i = 0; i < 60; ++i) {
+    b = WriteBatch();
+    b.Put("new" + std::to_string(i), "x");
+    ASSERT_TRUE(active->Write(b).ok());
+  }
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (active->status().standbys_refused < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);  // the standby retries every 200 ms; nothing to wait on
+  }
+  EXPECT_GE(active->status().standbys_refused, 2u);
+  EXPECT_TRUE(active->status().standbys.empty()) << "a diverged standby was accepted";
+  EXPECT_EQ(standby->status().applied_lsn, 50u);
+  EXPECT_EQ(*standby->Get("new55"), std::nullopt) << "the diverged standby received new records";
+}
+
+TEST(EngineTest, StandbySyncingOnAnIntervalStillCounts) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a", "", "remote-write:1"));
+  EngineOptions so = Node(dir, "b", Follow(*active));
+  so.wal_sync = "interval";
+  auto standby = OpenOrDie(so);
+  auto pending = std::async(std::launch::async, [&] {
+    WriteBatch b;
+    b.Put("k", "v");
+    return active->Write(b);
+  });
+  ASSERT_EQ(pending.wait_for(30s), std::future_status::ready) << "remote-write never saw the standby's sync";
+  EXPECT_TRUE(pending.get().ok());
+}
+
+TEST(EngineTest, RulesAreValidated) {
+  TempDir dir;
+  EngineOptions o = Node(dir, "a");
+  o.commit = CommitRule{CommitRule::Mode::kRemoteWrite, 0};
+  EXPECT_EQ(Engine::Open(o).status().code(), StatusCode::kInvalidArgument);
+  auto active = OpenOrDie(Node(dir, "a"));
+  EXPECT_EQ(active->SetCommitRule(CommitRule{CommitRule::Mode::kRemoteApply, -1}).code(),
+            StatusCode::kInvalidArgument);
+  active->Interrupt();
+  WriteBatch b;
+  b.Put("k", "v");
+  EXPECT_TRUE(active->Write(b).status().IsAborted());
+  ASSERT_TRUE(active->Close().ok());
+  EXPECT_TRUE(active->Get("k").status().IsAborted());
 }
 
 TEST(EngineTest, RestartedStandbyCatchesUp) {

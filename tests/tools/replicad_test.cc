@@ -102,7 +102,8 @@ TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   EXPECT_EQ(b.Cli("MGET k1 k2 nope"), "v1\nv2\n\n");
   EXPECT_EQ(a.Cli("EXISTS k1 k2 nope"), "2\n");
   EXPECT_EQ(a.Cli("DBSIZE"), "3\n");
-  EXPECT_EQ(a.Cli("DEL k1 nope"), "1\n");
+  EXPECT_EQ(a.Cli("DEL k1 nope k1"), "1\n");  // each key counted once, as Redis does
+  EXPECT_NE(a.Cli("CLIENT ID").find_first_of("0123456789"), std::string::npos);
   EXPECT_EQ(a.Cli("WAIT 1 5000"), "1\n");
   const std::string ro = b.Cli("SET x y");
   EXPECT_NE(ro.find("READONLY"), std::string::npos) << ro;
@@ -189,6 +190,23 @@ TEST(ReplicadTest, PrometheusMetrics) {
             std::string::npos);
   EXPECT_EQ(Exchange(a.metrics_port(), "garbage\r\n\r\n").find("200"), std::string::npos);
   EXPECT_EQ(a.Cli("PING"), "PONG\n");
+}
+
+TEST(ReplicadTest, SigtermWhileAWriteWaitsForStandbys) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "--commit remote-write:1");
+  // No standby: this SET waits (strict) until the node shuts down.
+  FILE* blocked = ::popen(("redis-cli -p " + std::to_string(a.client_port()) + " SET k v 2>&1").c_str(), "r");
+  ASSERT_NE(blocked, nullptr);
+  auto deadline = Clock::now() + 10s;
+  while (a.Cli("INFO replication").find("replica_last_lsn:1") == std::string::npos && Clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);  // until the SET is in the log and waiting
+  }
+  EXPECT_EQ(a.Kill(SIGTERM), 0) << "replicad did not shut down cleanly with a write waiting";
+  std::array<char, 256> buf{};
+  size_t n = std::fread(buf.data(), 1, buf.size() - 1, blocked);
+  ::pclose(blocked);
+  EXPECT_NE(std::string(buf.data(), n).find("ERR"), std::string::npos) << "the waiting client got no error";
 }
 
 TEST(ReplicadTest, CommandLineErrors) {
