@@ -424,7 +424,9 @@ void RespServerImpl::Stop() {
   std::list<std::unique_ptr<Client>> clients;
   {
     MutexLock l(&mu_);
-    for (auto& c : clients_) ::shutdown(c->fd, SHUT_RDWR);  // wakes recv(); still open
+    // Only the read side: recv() wakes, while a reply still being sent (say the
+    // error of a write the engine aborted) gets out before the thread ends.
+    for (auto& c : clients_) ::shutdown(c->fd, SHUT_RD);
     clients = std::move(clients_);
   }
   for (auto& c : clients) {
