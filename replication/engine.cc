@@ -85,6 +85,12 @@ class EngineImpl final : public Engine, public transport::Handler {
   void AdvanceCommit() REQUIRES(mu_);
   wal::Lsn ComputeCommit() REQUIRES(mu_);
   void SendAck(const std::shared_ptr<transport::Session>& s);
+  // The last LSN that may be applied or counted as committed locally: durable
+  // in the WAL, so RocksDB never gets ahead of the log (under wal_sync
+  // "none" nothing is promised: the last written LSN).
+  wal::Lsn LocalDurable() const {
+    return wal_->options().sync_policy == wal::SyncPolicy::kNone ? wal_->last_lsn() : wal_->durable_lsn();
+  }
   void SendSubscribe(const std::shared_ptr<transport::Session>& s);
   void OnSubscribe(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg);
   // Credits a standby's flushed/applied LSNs (from an ack or a heartbeat),
@@ -198,8 +204,7 @@ Status EngineImpl::Init() {
 }
 
 wal::Lsn EngineImpl::ComputeCommit() {
-  // Append returned, so the local WAL's sync policy is met up to last_lsn.
-  const wal::Lsn local = wal_->last_lsn();
+  const wal::Lsn local = LocalDurable();
   if (rule_.mode == CommitRule::Mode::kAsync) return local;
   std::vector<wal::Lsn> remote;
   for (const auto& [_, sb] : standbys_) {
@@ -398,9 +403,22 @@ void EngineImpl::ApplierLoop() {
         MutexLock l(&mu_);
         AdvanceCommit();
         if (commit_lsn_ < rec.lsn) {
-          if (records.empty()) cv_.WaitUntil(Clock::now() + 100ms);
+          if (records.empty()) {
+            if (LocalDurable() < rec.lsn) {
+              mu_.Unlock();  // not yet durable here (interval sync): wait for the WAL
+              wal_->WaitForDurable(rec.lsn, Clock::now() + 100ms);
+              mu_.Lock();
+              AdvanceCommit();
+            } else {
+              cv_.WaitUntil(Clock::now() + 100ms);
+            }
+          }
           break;  // not committed yet: apply what we have, then wait
         }
+      } else if (LocalDurable() < rec.lsn) {
+        // A standby applies only what its own WAL holds durably.
+        if (records.empty()) wal_->WaitForDurable(rec.lsn, Clock::now() + 100ms);
+        if (LocalDurable() < rec.lsn) break;
       }
       if (rec.type == static_cast<uint8_t>(wal::RecordType::kData)) records.emplace_back(rec.lsn, rec.payload);
       last = rec.lsn;
@@ -783,10 +801,12 @@ EngineStatus EngineImpl::status() const {
   EngineStatus st;
   st.role = role_.load();
   st.epoch = epoch_;
+  MutexLock l(&mu_);
+  // Applied first: it never passes durable, and both only grow, so reading
+  // it first keeps applied <= durable in the snapshot too.
+  st.applied_lsn = applied_lsn_;
   st.last_lsn = wal_->last_lsn();
   st.durable_lsn = wal_->durable_lsn();
-  MutexLock l(&mu_);
-  st.applied_lsn = applied_lsn_;
   st.commit_lsn = commit_lsn_;
   st.commit = rule_;
   st.commit_degraded = degraded_;

@@ -713,7 +713,10 @@ void Wal::SyncLoop() {
       continue;
     }
     // A truncation in the meantime makes `target` meaningless.
-    if (generation == generation_.load() && target > durable_lsn_) durable_lsn_ = std::min(target, last_lsn_);
+    if (generation == generation_.load() && target > durable_lsn_) {
+      durable_lsn_ = std::min(target, last_lsn_);
+      data_cv_.SignalAll();  // WaitForDurable
+    }
     ++stats_.syncs;
   }
 }
@@ -781,6 +784,14 @@ Lsn Wal::last_lsn() const {
   MutexLock l(&mu_);
   return last_lsn_;
 }
+bool Wal::WaitForDurable(Lsn lsn, std::chrono::steady_clock::time_point deadline) {
+  MutexLock l(&mu_);
+  while (durable_lsn_ < lsn && !closed_ && !closing_) {
+    if (!data_cv_.WaitUntil(deadline) && std::chrono::steady_clock::now() >= deadline) break;
+  }
+  return durable_lsn_ >= lsn;
+}
+
 Lsn Wal::durable_lsn() const {
   MutexLock l(&mu_);
   return durable_lsn_;

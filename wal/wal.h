@@ -138,6 +138,9 @@ class Wal {
   Lsn first_lsn() const EXCLUDES(mu_);    // first retained LSN
   Lsn last_lsn() const EXCLUDES(mu_);     // last LSN written (visible to readers)
   Lsn durable_lsn() const EXCLUDES(mu_);  // last LSN known to be on disk
+  // Waits until durable_lsn() >= lsn or the deadline passes; returns whether
+  // it is. Under SyncPolicy::kNone nothing becomes durable without Sync().
+  bool WaitForDurable(Lsn lsn, std::chrono::steady_clock::time_point deadline) EXCLUDES(mu_);
   Epoch last_epoch() const EXCLUDES(mu_);
   EpochHistory epoch_history() const EXCLUDES(mu_);
   // Where did `epoch` end in this log (see EpochHistory::EndOf).
