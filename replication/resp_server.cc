@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <list>
+#include <map>
 #include <thread>
 
 #include "base/log.h"
@@ -88,6 +89,13 @@ class RespServerImpl final : public RespServer {
   std::thread acceptor_;
   Mutex mu_;
   std::list<std::unique_ptr<Client>> clients_ GUARDED_BY(mu_);
+  // SCAN cursors: a number the client passes back, standing for the last key
+  // returned, so the next page starts after it whatever was deleted since.
+  // Shared by all connections; the oldest are forgotten past kMaxCursors.
+  static constexpr size_t kMaxCursors = 100000;
+  Mutex cursor_mu_;
+  std::map<uint64_t, std::string> cursors_ GUARDED_BY(cursor_mu_);
+  uint64_t next_cursor_ GUARDED_BY(cursor_mu_) = 1;
 };
 
 Status RespServerImpl::Listen() {
@@ -354,7 +362,6 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
     return resp::AppendInteger(out, n);
   }
   if (cmd == "SCAN") {
-    // The cursor is the number of keys already returned (numeric, as clients expect).
     long long cursor = 0, count = 10;
     std::string match;
     if (argc < 2 || !ParseInt(args[1], &cursor) || cursor < 0) return resp::AppendError(out, "ERR invalid cursor");
@@ -369,17 +376,30 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
         return resp::AppendError(out, "ERR syntax error");
       }
     }
-    auto page = engine_->Scan("", static_cast<size_t>(cursor + count));
+    count = std::min<long long>(count, 100000);
+    std::string start;
+    if (cursor != 0) {
+      MutexLock l(&cursor_mu_);
+      auto it = cursors_.find(static_cast<uint64_t>(cursor));
+      if (it == cursors_.end()) return resp::AppendError(out, "ERR invalid cursor");
+      start = it->second + '\0';  // the first key after the last one returned
+    }
+    auto page = engine_->Scan(start, static_cast<size_t>(count));
     if (!page.ok()) return WriteReplyForStatus(page.status(), out);
     std::vector<std::string> keys;
-    for (size_t i = static_cast<size_t>(std::min<long long>(cursor, static_cast<long long>(page->size())));
-         i < page->size(); ++i) {
-      const std::string& k = (*page)[i].first;
-      if (match.empty() || ::fnmatch(match.c_str(), k.c_str(), 0) == 0) keys.push_back(k);
+    for (const auto& kv : *page) {
+      if (match.empty() || ::fnmatch(match.c_str(), kv.first.c_str(), 0) == 0) keys.push_back(kv.first);
     }
-    const bool end = page->size() < static_cast<size_t>(cursor + count);
+    std::string next = "0";
+    if (page->size() == static_cast<size_t>(count)) {
+      MutexLock l(&cursor_mu_);
+      const uint64_t id = next_cursor_++;
+      cursors_[id] = page->back().first;
+      while (cursors_.size() > kMaxCursors) cursors_.erase(cursors_.begin());
+      next = std::to_string(id);
+    }
     resp::AppendArrayHeader(out, 2);
-    resp::AppendBulk(out, end ? "0" : std::to_string(cursor + count));
+    resp::AppendBulk(out, next);
     resp::AppendArrayHeader(out, keys.size());
     for (const auto& k : keys) resp::AppendBulk(out, k);
     return;

@@ -113,6 +113,17 @@ TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   EXPECT_NE(a.Cli("INFO replication").find("connected_slaves:1"), std::string::npos);
   EXPECT_NE(b.Cli("INFO replication").find("role:slave"), std::string::npos);
   EXPECT_EQ(a.Cli("--scan"), "greeting\nk2\n");
+  // A cursor stands for the last key returned: deleting earlier keys between
+  // pages does not make SCAN skip any.
+  ASSERT_EQ(a.Cli("MSET s1 1 s2 2 s3 3 s4 4"), "OK\n");
+  const std::string page1 = a.Cli("SCAN 0 MATCH s* COUNT 4");  // greeting k2 s1 s2
+  const std::string cursor = page1.substr(0, page1.find('\n'));
+  EXPECT_NE(cursor, "0");
+  EXPECT_NE(page1.find("s2\n"), std::string::npos) << page1;
+  ASSERT_EQ(a.Cli("DEL greeting s1"), "2\n");
+  const std::string page2 = a.Cli("SCAN " + cursor + " COUNT 10");
+  EXPECT_EQ(page2, "0\ns3\ns4\n") << page2;
+  EXPECT_NE(a.Cli("SCAN 987654 COUNT 1").find("invalid cursor"), std::string::npos);
   EXPECT_NE(a.Cli("FLUSHALL").find("unknown command"), std::string::npos);
   EXPECT_NE(a.Cli("GET").find("wrong number of arguments"), std::string::npos);
   EXPECT_EQ(b.Kill(SIGTERM), 0);
