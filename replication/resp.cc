@@ -15,6 +15,7 @@ bool ParseLength(std::string_view s, long long* out) {
 void Parser::Feed(std::string_view bytes) {
   if (pos_ > 0 && pos_ * 2 > buf_.size()) {
     buf_.erase(0, pos_);
+    mb_pos_ -= std::min(mb_pos_, pos_);
     pos_ = 0;
   }
   buf_.append(bytes);
@@ -52,36 +53,45 @@ Parser::Outcome Parser::Next(std::vector<std::string>* args, std::string* error)
       if (args->empty()) continue;  // an empty line is ignored, as Redis does
       return Outcome::kCommand;
     }
-    // Multibulk: *N\r\n then N times $len\r\n<len bytes>\r\n. Parse without
-    // consuming until the whole command is buffered.
-    size_t p = pos_;
-    size_t end = FindLineEnd(p);
-    if (end == std::string::npos) {
-      if (buf_.size() - p > kMaxLine) {
-        *error = "Protocol error: too big multibulk count";
-        return Outcome::kError;
-      }
-      return Outcome::kNeedMore;
-    }
-    long long n = 0;
-    if (!ParseLength(std::string_view(buf_.data() + p + 1, end - p - 1), &n) || n > static_cast<long long>(max_args_)) {
-      *error = "Protocol error: invalid multibulk length";
+    // Multibulk: *N\r\n then N times $len\r\n<len bytes>\r\n. The command
+    // is consumed only once whole; what is parsed of it is kept meanwhile.
+    if (buffered() > kMaxQueryBuffer) {
+      *error = "Protocol error: query buffer over " + std::to_string(kMaxQueryBuffer) + " bytes";
       return Outcome::kError;
     }
-    p = end + 2;
-    if (n <= 0) {
-      pos_ = p;
-      continue;
+    if (!in_multibulk_) {
+      size_t end = FindLineEnd(pos_);
+      if (end == std::string::npos) {
+        if (buf_.size() - pos_ > kMaxLine) {
+          *error = "Protocol error: too big multibulk count";
+          return Outcome::kError;
+        }
+        return Outcome::kNeedMore;
+      }
+      long long n = 0;
+      if (!ParseLength(std::string_view(buf_.data() + pos_ + 1, end - pos_ - 1), &n) ||
+          n > static_cast<long long>(max_args_)) {
+        *error = "Protocol error: invalid multibulk length";
+        return Outcome::kError;
+      }
+      if (n <= 0) {
+        pos_ = end + 2;
+        continue;
+      }
+      in_multibulk_ = true;
+      mb_total_ = n;
+      mb_pos_ = end + 2;
+      mb_args_.clear();
+      mb_args_.reserve(static_cast<size_t>(std::min<long long>(n, 1024)));
     }
-    std::vector<std::string> parsed;
-    parsed.reserve(static_cast<size_t>(std::min<long long>(n, 1024)));
-    for (long long i = 0; i < n; ++i) {
+    size_t p = mb_pos_;
+    while (static_cast<long long>(mb_args_.size()) < mb_total_) {
       if (p >= buf_.size()) return Outcome::kNeedMore;
       if (buf_[p] != '$') {
         *error = std::string("Protocol error: expected '$', got '") + buf_[p] + "'";
         return Outcome::kError;
       }
-      end = FindLineEnd(p);
+      size_t end = FindLineEnd(p);
       if (end == std::string::npos) {
         if (buf_.size() - p > kMaxLine) {
           *error = "Protocol error: invalid bulk length";
@@ -95,17 +105,20 @@ Parser::Outcome Parser::Next(std::vector<std::string>* args, std::string* error)
         *error = "Protocol error: invalid bulk length";
         return Outcome::kError;
       }
-      p = end + 2;
-      if (buf_.size() - p < static_cast<size_t>(len) + 2) return Outcome::kNeedMore;
-      if (buf_[p + static_cast<size_t>(len)] != '\r' || buf_[p + static_cast<size_t>(len) + 1] != '\n') {
+      const size_t data = end + 2;
+      if (buf_.size() - data < static_cast<size_t>(len) + 2) return Outcome::kNeedMore;
+      if (buf_[data + static_cast<size_t>(len)] != '\r' || buf_[data + static_cast<size_t>(len) + 1] != '\n') {
         *error = "Protocol error: bulk string not followed by CRLF";
         return Outcome::kError;
       }
-      parsed.emplace_back(buf_.data() + p, static_cast<size_t>(len));
-      p += static_cast<size_t>(len) + 2;
+      mb_args_.emplace_back(buf_.data() + data, static_cast<size_t>(len));
+      p = data + static_cast<size_t>(len) + 2;
+      mb_pos_ = p;
     }
     pos_ = p;
-    *args = std::move(parsed);
+    in_multibulk_ = false;
+    *args = std::move(mb_args_);
+    mb_args_.clear();
     return Outcome::kCommand;
   }
 }

@@ -1,7 +1,8 @@
 // RESP (the Redis serialization protocol): a request parser and reply
 // encoders. Pure functions over bytes, so they are unit-tested and fuzzed.
 // Limits make hostile input harmless: a bulk string is at most max_bulk
-// bytes, a command at most max_args arguments, an inline line 64 KiB.
+// bytes, a command at most max_args arguments, an inline line 64 KiB, and
+// the unconsumed input at most kMaxQueryBuffer.
 #pragma once
 
 #include <string>
@@ -9,6 +10,8 @@
 #include <vector>
 
 namespace replica::resp {
+
+inline constexpr size_t kMaxQueryBuffer = 512u << 20;
 
 class Parser {
  public:
@@ -24,9 +27,16 @@ class Parser {
   // Finds "\r\n" from `from`; npos if absent.
   size_t FindLineEnd(size_t from) const;
   std::string buf_;
-  size_t pos_ = 0;
+  size_t pos_ = 0;  // start of the first unconsumed command
   const size_t max_bulk_;
   const size_t max_args_;
+  // A multibulk command received in part: the arguments parsed so far and
+  // where the next one starts, so that each byte is parsed once however
+  // slowly the command arrives.
+  bool in_multibulk_ = false;
+  long long mb_total_ = 0;
+  size_t mb_pos_ = 0;
+  std::vector<std::string> mb_args_;
 };
 
 void AppendSimple(std::string* out, std::string_view s);   // +s
