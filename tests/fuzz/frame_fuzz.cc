@@ -1,6 +1,7 @@
 // libFuzzer target for everything that parses bytes from the network: the
-// transport frame decoder, the protobuf control messages, and the WAL frame
-// verifier that a standby runs over every data frame before storing it.
+// transport frame decoder, the protobuf control messages, the WAL frame
+// verifier that a standby runs over every data frame before storing it, and
+// the Redis-protocol parser of the client port.
 // Built with -DREPLICA_FUZZ=ON under clang (the sanitizer build); CI runs it
 // briefly over the seed corpus in tests/fuzz/corpus.
 #include <cstddef>
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "proto/replication.pb.h"
+#include "replication/resp.h"
 #include "transport/frame.h"
 #include "wal/frame.h"
 
@@ -39,6 +41,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       std::vector<wal::RecordView> recs;
       (void)wal::DecodeBlock(fh, input.substr(wal::kFrameHeaderSize, fh.payload_len), &raw, &recs);
     }
+  }
+  // The same bytes as a Redis-protocol stream, arriving in three pieces.
+  resp::Parser parser(1 << 16, 1 << 12);
+  std::vector<std::string> args;
+  std::string error;
+  for (std::string_view piece : {input.substr(0, cut / 2), input.substr(cut / 2, cut - cut / 2), input.substr(cut)}) {
+    parser.Feed(piece);
+    resp::Parser::Outcome o;
+    while ((o = parser.Next(&args, &error)) == resp::Parser::Outcome::kCommand) {
+    }
+    if (o == resp::Parser::Outcome::kError) break;
   }
   return 0;
 }
