@@ -31,6 +31,17 @@ uint64_t NowUnixMicros() {
           .count());
 }
 
+class SessionImpl;
+// The session whose strand this thread is running a handler for, if any: a
+// send from inside one of its own handlers can skip the post to the strand.
+thread_local SessionImpl* t_in_handler_of = nullptr;
+
+struct InHandler {
+  explicit InHandler(SessionImpl* s) : prev(t_in_handler_of) { t_in_handler_of = s; }
+  ~InHandler() { t_in_handler_of = prev; }
+  SessionImpl* prev;
+};
+
 Status FromAsio(const boost::system::error_code& ec, const std::string& what) {
   if (ec == asio::error::eof) return Status::Aborted(what + ": the peer closed the connection");
   if (ec == asio::error::operation_aborted) return Status::Aborted(what + ": cancelled");
@@ -328,6 +339,14 @@ Status SessionImpl::Enqueue(std::shared_ptr<OutItem> item, bool data) {
   item->accounted = bytes;
   item->is_data = data;
   queued_bytes_ += bytes;
+  if (t_in_handler_of == this) {
+    // Already on this session's strand: queue and write now.
+    if (!closing_) {
+      out_.push_back(std::move(item));
+      DoWrite();
+    }
+    return Status::OK();
+  }
   auto self = shared_from_this();
   asio::post(ex_, [self, item] {
     if (self->closing_) return;
@@ -466,7 +485,10 @@ void SessionImpl::FinishItem() {
   if (done->close_after) return DoClose(done->close_status);
   if (refused_.load() && left < ep_->options().max_send_queue_bytes / 2) {
     refused_.store(false);
+    {
+    InHandler in(this);
     ep_->handler()->OnWritable(handle_);
+  }
   }
   DoWrite();
 }
@@ -510,7 +532,10 @@ void SessionImpl::OnFrame(FrameHeader h) {
   auto self = shared_from_this();
   if (h.type == FrameType::kData) {
     stats.data_bytes_received += h.payload_len;
+    {
+    InHandler in(this);
     ep_->handler()->OnData(handle_, in_payload_);
+  }
   } else {
     proto::Control msg;
     if (!msg.ParseFromString(in_payload_)) {
@@ -525,7 +550,10 @@ void SessionImpl::OnFrame(FrameHeader h) {
       return Fail(Status::InvalidArgument("handshake message after the handshake"), &stats.protocol_errors);
     } else {
       if (msg.has_heartbeat()) last_peer_heartbeat_us_ = msg.heartbeat().sent_unix_us();
-      ep_->handler()->OnControl(handle_, msg);
+      {
+    InHandler in(this);
+    ep_->handler()->OnControl(handle_, msg);
+  }
     }
   }
   if (!closing_) ReadHeader();
@@ -599,7 +627,10 @@ void SessionImpl::Established() {
   ++ep_->mutable_stats().sessions_established;
   RLOG(kInfo, "transport.established") << "peer=" << peer_id() << " address=" << remote_address()
                                        << " role=" << (is_client_ ? "client" : "server");
-  ep_->handler()->OnEstablished(handle_);
+  {
+    InHandler in(this);
+    ep_->handler()->OnEstablished(handle_);
+  }
   HeartbeatTick();
 }
 
@@ -655,7 +686,10 @@ void SessionImpl::DoClose(const Status& why) {
                                     << why.ToString() << "\"";
   }
   auto self = shared_from_this();
-  ep_->handler()->OnClosed(handle_, why);
+  {
+    InHandler in(this);
+    ep_->handler()->OnClosed(handle_, why);
+  }
   ep_->Unregister(self);
 }
 
