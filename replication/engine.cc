@@ -4,14 +4,20 @@
 #include <rocksdb/options.h>
 #include <rocksdb/write_batch.h>
 
+#include <xxhash.h>
+
 #include <algorithm>
+#include <array>
 #include <map>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "base/coding.h"
 #include "base/log.h"
 #include "base/mutex.h"
 #include "replica/engine.h"
+#include "replication/snapshot.h"
 #include "transport/transport.h"
 #include "wal/wal.h"
 
@@ -25,6 +31,51 @@ constexpr char kMetaColumnFamily[] = "replica_meta";
 constexpr char kAppliedKey[] = "applied_lsn";
 constexpr size_t kMaxShipBytes = 1u << 20;
 constexpr size_t kMaxApplyRecords = 256;
+constexpr char kSlotsFile[] = "slots";
+constexpr auto kRetentionEvery = 250ms;
+constexpr auto kSnapshotRequestTimeout = 60s;
+// Replication lag histogram buckets, in seconds (Prometheus `le`).
+constexpr std::array<double, 16> kLagBuckets = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                                0.05,   0.1,     0.25,   0.5,   1,      2.5,    5,     10};
+
+struct LagHistogram {
+  std::array<uint64_t, kLagBuckets.size() + 1> counts{};  // the last one: +Inf
+  uint64_t count = 0;
+  double sum = 0;
+  void Observe(double seconds) {
+    size_t i = 0;
+    while (i < kLagBuckets.size() && seconds > kLagBuckets[i]) ++i;
+    ++counts[i];
+    ++count;
+    sum += seconds;
+  }
+};
+
+// When each recent record became durable locally (for lag in time), by LSN
+// modulo its size. Entries are overwritten; a stale one is recognised by its LSN.
+class AppendTimes {
+ public:
+  void Record(wal::Lsn lsn, Clock::time_point t) {
+    Slot& s = slots_[lsn & kMask];
+    s.us.store(std::chrono::duration_cast<std::chrono::microseconds>(t.time_since_epoch()).count(),
+               std::memory_order_relaxed);
+    s.lsn.store(lsn, std::memory_order_release);
+  }
+  std::optional<Clock::time_point> Get(wal::Lsn lsn) const {
+    const Slot& s = slots_[lsn & kMask];
+    if (s.lsn.load(std::memory_order_acquire) != lsn) return std::nullopt;
+    return Clock::time_point(std::chrono::microseconds(s.us.load(std::memory_order_relaxed)));
+  }
+
+ private:
+  static constexpr size_t kSize = 1u << 16;
+  static constexpr size_t kMask = kSize - 1;
+  struct Slot {
+    std::atomic<wal::Lsn> lsn{0};
+    std::atomic<int64_t> us{0};
+  };
+  std::array<Slot, kSize> slots_;
+};
 
 Status FromRocks(const rocksdb::Status& s, const std::string& what) {
   if (s.ok()) return Status::OK();
@@ -45,14 +96,36 @@ struct Standby {
   // When its flushed LSN last reached the active's last LSN (lag in time).
   std::chrono::steady_clock::time_point caught_up_at = std::chrono::steady_clock::now();  // mu_
   std::atomic<bool> stop{false};
+  // Being resynced from a snapshot: not counted by the commit rule.
+  bool resync = false;
   std::thread shipper;
   Mutex writable_mu;
-  CondVar writable_cv{&writable_mu};
+  CondVar writable_cv{&writable_mu};  // also: snapshot_request arrived
+  std::optional<proto::SnapshotRequest> snapshot_request;  // guarded by writable_mu
 };
 
-// Lock order: EngineImpl::mu_ before Wal's internal lock (the Wal never calls
-// back). Handler callbacks run on transport I/O threads and never block on
-// anything but mu_ and the WAL.
+// A snapshot being received (standby). Guarded by EngineImpl::recv_mu_.
+struct Receive {
+  proto::SnapshotOffer offer;
+  std::set<std::string> expected;  // file names requested (WAL-SEED included)
+  std::map<std::string, uint64_t> received;  // name -> XXH3 of what arrived
+  std::unique_ptr<WritableFile> file;  // the file being received
+  std::string name;
+  uint64_t remaining = 0;
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> hash{XXH3_createState(), &XXH3_freeState};
+  uint64_t bytes = 0;
+  uint64_t reused = 0;
+  bool done = false;
+};
+
+// Lock order: store_mu_, then mu_, then Wal's internal lock (the Wal never
+// calls back); recv_mu_ and Standby::writable_mu are leaves. Handler callbacks
+// run on transport I/O threads and never block on anything but these and the
+// WAL.
+//
+// wal_ and db_ are replaced only by a snapshot install on a standby, under
+// store_mu_ held exclusively with the applier stopped; every other thread
+// that uses them on a standby holds store_mu_ shared.
 class EngineImpl final : public Engine, public transport::Handler {
  public:
   explicit EngineImpl(EngineOptions o) : opts_(std::move(o)) {}
@@ -65,6 +138,7 @@ class EngineImpl final : public Engine, public transport::Handler {
   Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) override;
   Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) override;
   EngineStatus status() const override;
+  EngineStatus StatusLocked() const;  // the caller holds store_mu_ (shared)
   Status SetCommitRule(const CommitRule& rule) override;
   std::string PrometheusMetrics() const override;
   uint16_t listen_port() const override { return port_; }
@@ -79,8 +153,29 @@ class EngineImpl final : public Engine, public transport::Handler {
   void FillHeartbeat(proto::Heartbeat* hb) override;
 
  private:
+  Status OpenStorage();
+  void CloseStorage();
+  void StartApplier() EXCLUDES(mu_);
+  void StopApplier() EXCLUDES(mu_);
   void ApplierLoop();
   void ShipperLoop(std::shared_ptr<Standby> standby, wal::Lsn from);
+  // Active: serves a snapshot to a standby whose log cannot be shipped.
+  void SnapshotLoop(std::shared_ptr<Standby> standby, std::string reason);
+  // Sends length bytes of fd from offset as data frames, waiting while the
+  // standby's queue is full. False if the standby stopped or the session closed.
+  bool SendFileRange(Standby* sb, const std::shared_ptr<const void>& keep, int fd, uint64_t offset,
+                     uint64_t length);
+  void StartResync(const std::shared_ptr<transport::Session>& s, const std::string& reason);
+  void AddStandby(const std::shared_ptr<transport::Session>& s, std::shared_ptr<Standby> sb, wal::Lsn slot,
+                  const std::string& what, std::function<void()> run);
+  // Standby: answers an offer (reusing the files it holds), then installs.
+  Status PrepareResync(const std::shared_ptr<transport::Session>& s, const proto::SnapshotOffer& offer);
+  Status InstallSnapshot();
+  void OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg);
+  // Moves the WAL retention floor (slots, applied LSN) and drops slots past
+  // their cap; persists the slots first. Throttled unless force.
+  void MaintainRetention(bool force) EXCLUDES(mu_);
+  Status LoadSlots();
   void FollowerLoop();
   void AdvanceCommit() REQUIRES(mu_);
   wal::Lsn ComputeCommit() REQUIRES(mu_);
@@ -101,13 +196,15 @@ class EngineImpl final : public Engine, public transport::Handler {
   Status ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last);
 
   const EngineOptions opts_;
+  wal::Options wal_options_;
+  mutable SharedMutex store_mu_ ACQUIRED_BEFORE(mu_);
   std::unique_ptr<wal::Wal> wal_;
   std::unique_ptr<rocksdb::DB> db_;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, meta
   std::unique_ptr<transport::Endpoint> endpoint_;
   uint16_t port_ = 0;
   std::atomic<Role> role_{Role::kStandby};
-  wal::Epoch epoch_ = 1;
+  std::atomic<wal::Epoch> epoch_{1};
 
   mutable Mutex mu_;
   CondVar cv_{&mu_};  // applied_lsn_, commit_lsn_, acks, upstream, closing_
@@ -127,6 +224,26 @@ class EngineImpl final : public Engine, public transport::Handler {
   std::map<std::string, std::shared_ptr<Standby>> standbys_ GUARDED_BY(mu_);
   std::vector<std::shared_ptr<Standby>> finished_ GUARDED_BY(mu_);  // shippers to join
   std::shared_ptr<transport::Session> upstream_ GUARDED_BY(mu_);     // standby: to the active
+  bool applier_stop_ GUARDED_BY(mu_) = false;
+
+  // Retention slots (active): standby id -> first LSN to keep for it.
+  std::map<std::string, wal::Lsn> slots_ GUARDED_BY(mu_);
+  std::map<std::string, wal::Lsn> persisted_slots_ GUARDED_BY(mu_);
+  uint64_t slots_dropped_ GUARDED_BY(mu_) = 0;
+  Clock::time_point last_retention_ GUARDED_BY(mu_);
+  // Lag in time: standby id -> histogram of (its durable ack - local durable).
+  std::map<std::string, LagHistogram> lag_ GUARDED_BY(mu_);
+  AppendTimes append_times_;
+
+  // Snapshot resync.
+  std::atomic<uint64_t> snapshot_seq_{0};
+  std::atomic<uint64_t> snapshots_sent_{0}, snapshot_files_sent_{0}, snapshot_bytes_sent_{0};
+  std::atomic<uint64_t> snapshots_installed_{0}, snapshot_files_reused_{0}, snapshot_bytes_received_{0};
+  std::optional<proto::SnapshotOffer> pending_offer_ GUARDED_BY(mu_);  // standby: for the follower thread
+  bool snapshot_received_ GUARDED_BY(mu_) = false;
+  Mutex recv_mu_;
+  std::unique_ptr<Receive> recv_ GUARDED_BY(recv_mu_);
+  std::atomic<bool> receiving_{false};
 
   std::thread applier_;
   std::thread follower_;
@@ -144,14 +261,37 @@ Status EngineImpl::Init() {
     MutexLock l(&mu_);
     rule_ = opts_.commit;
   }
-  wal::Options wo;
-  if (!wal::ParseSyncPolicy(opts_.wal_sync, &wo.sync_policy)) {
+  if (!wal::ParseSyncPolicy(opts_.wal_sync, &wal_options_.sync_policy)) {
     return Status::InvalidArgument("wal_sync '" + opts_.wal_sync + "': expected every, interval or none");
   }
-  wo.segment_size = opts_.wal_segment_size;
+  wal_options_.segment_size = opts_.wal_segment_size;
+  wal_options_.retention_bytes = opts_.wal_keep_bytes;
   REPLICA_RETURN_IF_ERROR(Env::Default()->CreateDirIfMissing(opts_.data_dir));
-  REPLICA_ASSIGN_OR_RETURN(wal_, wal::Wal::Open(JoinPath(opts_.data_dir, "wal"), wo));
+  // A snapshot install that a crash interrupted is finished before anything opens.
+  REPLICA_RETURN_IF_ERROR(snapshot::RecoverInstall(opts_.data_dir));
+  REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(opts_.data_dir, "checkpoints")));
+  REPLICA_RETURN_IF_ERROR(LoadSlots());
+  REPLICA_RETURN_IF_ERROR(OpenStorage());
+  role_ = opts_.follow.empty() ? Role::kActive : Role::kStandby;
 
+  transport::Options to;
+  to.node_id = opts_.node_id;
+  to.cluster = opts_.cluster;
+  to.secret = opts_.secret;
+  REPLICA_ASSIGN_OR_RETURN(endpoint_, transport::Endpoint::Create(to, this));
+  REPLICA_ASSIGN_OR_RETURN(port_, endpoint_->Listen(opts_.listen_host, opts_.listen_port));
+  RLOG(kInfo, "engine.open") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " epoch=" << epoch_
+                             << " last_lsn=" << wal_->last_lsn() << " applied_lsn=" << status().applied_lsn
+                             << " listen=" << opts_.listen_host << ":" << port_ << " commit=" << opts_.commit.ToString()
+                             << " fallback=" << opts_.commit_fallback;
+  StartApplier();
+  if (role_ == Role::kStandby) follower_ = std::thread([this] { FollowerLoop(); });
+  if (opts_.on_role_change) opts_.on_role_change(role_.load());
+  return Status::OK();
+}
+
+Status EngineImpl::OpenStorage() {
+  REPLICA_ASSIGN_OR_RETURN(wal_, wal::Wal::Open(JoinPath(opts_.data_dir, "wal"), wal_options_));
   rocksdb::Options ro;
   ro.create_if_missing = true;
   ro.create_missing_column_families = true;
@@ -162,6 +302,7 @@ Status EngineImpl::Init() {
   const std::string db_path = JoinPath(opts_.data_dir, "db");
   REPLICA_RETURN_IF_ERROR(FromRocks(rocksdb::DB::Open(ro, db_path, cfs, &handles_, &raw), "open RocksDB " + db_path));
   db_.reset(raw);
+  db_closed_.store(false);
 
   std::string v;
   auto s = db_->Get(rocksdb::ReadOptions(), handles_[1], kAppliedKey, &v);
@@ -184,23 +325,115 @@ Status EngineImpl::Init() {
     applied_lsn_ = applied;
     commit_lsn_ = applied;
   }
-  role_ = opts_.follow.empty() ? Role::kActive : Role::kStandby;
   epoch_ = std::max<wal::Epoch>(1, wal_->last_epoch());
-
-  transport::Options to;
-  to.node_id = opts_.node_id;
-  to.cluster = opts_.cluster;
-  to.secret = opts_.secret;
-  REPLICA_ASSIGN_OR_RETURN(endpoint_, transport::Endpoint::Create(to, this));
-  REPLICA_ASSIGN_OR_RETURN(port_, endpoint_->Listen(opts_.listen_host, opts_.listen_port));
-  RLOG(kInfo, "engine.open") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " epoch=" << epoch_
-                             << " last_lsn=" << wal_->last_lsn() << " applied_lsn=" << applied
-                             << " listen=" << opts_.listen_host << ":" << port_ << " commit=" << opts_.commit.ToString()
-                             << " fallback=" << opts_.commit_fallback;
-  applier_ = std::thread([this] { ApplierLoop(); });
-  if (role_ == Role::kStandby) follower_ = std::thread([this] { FollowerLoop(); });
-  if (opts_.on_role_change) opts_.on_role_change(role_.load());
+  MaintainRetention(/*force=*/true);  // the floor must stand before the first segment roll
   return Status::OK();
+}
+
+void EngineImpl::CloseStorage() {
+  db_closed_.store(true);
+  if (wal_) (void)wal_->Close();
+  wal_.reset();
+  if (db_) {
+    for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+    (void)db_->Close();
+  }
+  handles_.clear();
+  db_.reset();
+}
+
+void EngineImpl::StartApplier() {
+  {
+    MutexLock l(&mu_);
+    applier_stop_ = false;
+  }
+  applier_ = std::thread([this] { ApplierLoop(); });
+}
+
+void EngineImpl::StopApplier() {
+  {
+    MutexLock l(&mu_);
+    applier_stop_ = true;
+    cv_.SignalAll();
+  }
+  if (applier_.joinable()) applier_.join();
+}
+
+Status EngineImpl::LoadSlots() {
+  const std::string path = JoinPath(opts_.data_dir, kSlotsFile);
+  if (!Env::Default()->FileExists(path)) return Status::OK();
+  REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(Env::Default(), path));
+  std::istringstream in(data);
+  std::string line;
+  std::map<std::string, wal::Lsn> slots;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty()) continue;
+    std::istringstream ls(line);
+    std::string id;
+    unsigned long long lsn = 0;
+    std::string rest;
+    if (!(ls >> id >> lsn) || (ls >> rest)) {
+      return Status::Corruption(path + " line " + std::to_string(n) + ": expected \"STANDBY_ID FIRST_LSN\"");
+    }
+    slots[id] = lsn;
+  }
+  MutexLock l(&mu_);
+  slots_ = slots;
+  persisted_slots_ = std::move(slots);
+  return Status::OK();
+}
+
+void EngineImpl::MaintainRetention(bool force) {
+  if (!wal_) return;
+  std::vector<wal::SegmentInfo> segs;
+  if (opts_.slot_max_bytes > 0) segs = wal_->segments();
+  std::map<std::string, wal::Lsn> to_persist;
+  bool persist = false;
+  wal::Lsn floor = 0;
+  {
+    MutexLock l(&mu_);
+    const auto now = Clock::now();
+    if (!force && now - last_retention_ < kRetentionEvery) return;
+    last_retention_ = now;
+    // The last applied record stays: a snapshot at that LSN is seeded with it.
+    floor = std::max<wal::Lsn>(1, applied_lsn_);
+    for (auto it = slots_.begin(); it != slots_.end();) {
+      uint64_t behind = 0;
+      for (const auto& seg : segs) {
+        if (seg.last_lsn + 1 > it->second) behind += seg.size;  // segments holding what it still needs
+      }
+      if (opts_.slot_max_bytes > 0 && behind > opts_.slot_max_bytes) {
+        RLOG(kWarn, "engine.slot_dropped") << "node=" << opts_.node_id << " standby=" << it->first
+                                           << " slot_lsn=" << it->second << " behind_bytes=" << behind
+                                           << " cap_bytes=" << opts_.slot_max_bytes
+                                           << " (it will be resynced from a snapshot if its log is gone)";
+        ++slots_dropped_;
+        it = slots_.erase(it);
+        continue;
+      }
+      floor = std::min(floor, std::max<wal::Lsn>(1, it->second));
+      ++it;
+    }
+    if (slots_ != persisted_slots_) {
+      // Persisted before the floor moves, so a restart never keeps less than promised.
+      to_persist = slots_;
+      persist = true;
+    }
+  }
+  if (persist) {
+    std::string data;
+    for (const auto& [id, lsn] : to_persist) data += id + " " + std::to_string(lsn) + "\n";
+    Status st = WriteFileAtomically(Env::Default(), JoinPath(opts_.data_dir, kSlotsFile), data);
+    if (!st.ok()) {
+      RLOG(kError, "engine.slots_not_saved") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+      return;  // the floor stays where it was
+    }
+    MutexLock l(&mu_);
+    persisted_slots_ = std::move(to_persist);
+  }
+  wal_->SetRetentionFloor(floor);
 }
 
 wal::Lsn EngineImpl::ComputeCommit() {
@@ -208,6 +441,7 @@ wal::Lsn EngineImpl::ComputeCommit() {
   if (rule_.mode == CommitRule::Mode::kAsync) return local;
   std::vector<wal::Lsn> remote;
   for (const auto& [_, sb] : standbys_) {
+    if (sb->resync) continue;
     remote.push_back(rule_.mode == CommitRule::Mode::kRemoteWrite ? sb->flushed : sb->applied);
   }
   if (remote.size() < static_cast<size_t>(rule_.count)) {
@@ -235,6 +469,7 @@ Status EngineImpl::ValidateRule(const CommitRule& rule) const {
 
 Status EngineImpl::SetCommitRule(const CommitRule& rule) {
   REPLICA_RETURN_IF_ERROR(ValidateRule(rule));
+  ReaderLock store(&store_mu_);
   MutexLock l(&mu_);
   RLOG(kInfo, "engine.commit_rule") << "node=" << opts_.node_id << " from=" << rule_.ToString()
                                     << " to=" << rule.ToString();
@@ -262,6 +497,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     if (closing_) return Status::Aborted("the engine is shutting down");
   }
   REPLICA_ASSIGN_OR_RETURN(wal::Lsn lsn, wal_->Append(epoch_, wal::RecordType::kData, batch.Encode()));
+  append_times_.Record(lsn, Clock::now());
   MutexLock l(&mu_);
   AdvanceCommit();
   // After-sync: acknowledged only once applied, which waits for the commit rule.
@@ -297,6 +533,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
 }
 
 Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
+  ReaderLock store(&store_mu_);
   if (db_closed_.load()) return Status::Aborted("the engine is closed");
   std::string value;
   auto s = db_->Get(rocksdb::ReadOptions(), handles_[0], key, &value);
@@ -306,6 +543,7 @@ Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
 }
 
 Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const std::string& start, size_t limit) {
+  ReaderLock store(&store_mu_);
   if (db_closed_.load()) return Status::Aborted("the engine is closed");
   std::vector<std::pair<std::string, std::string>> out;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[0]));
@@ -321,11 +559,11 @@ Result<int> EngineImpl::WaitForReplicas(uint64_t lsn, int count, std::chrono::mi
   MutexLock l(&mu_);
   for (;;) {
     int have = 0;
-    for (const auto& [_, sb] : standbys_) have += sb->flushed >= lsn ? 1 : 0;
+    for (const auto& [_, sb] : standbys_) have += !sb->resync && sb->flushed >= lsn ? 1 : 0;
     if (have >= count || closing_) return have;
     if (!cv_.WaitUntil(deadline) && Clock::now() >= deadline) {
       have = 0;
-      for (const auto& [_, sb] : standbys_) have += sb->flushed >= lsn ? 1 : 0;
+      for (const auto& [_, sb] : standbys_) have += !sb->resync && sb->flushed >= lsn ? 1 : 0;
       return have;
     }
   }
@@ -383,8 +621,9 @@ void EngineImpl::ApplierLoop() {
   for (;;) {
     {
       MutexLock l(&mu_);
-      if (closing_) return;
+      if (closing_ || applier_stop_) return;
     }
+    MaintainRetention(/*force=*/false);
     // Take what is readable (and, on the active, committed), up to a batch.
     records.clear();
     wal::Lsn last = 0;
@@ -427,7 +666,7 @@ void EngineImpl::ApplierLoop() {
     if (error.ok() && last > 0) error = ApplyRecords(records, last);
     if (!error.ok()) {
       MutexLock l(&mu_);
-      if (closing_) return;
+      if (closing_ || applier_stop_) return;
       RLOG(kError, "engine.apply_failed") << "node=" << opts_.node_id << " error=\"" << error.ToString() << "\"";
       apply_error_ = error;
       cv_.SignalAll();
@@ -466,7 +705,8 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
   if (!reader_or.ok()) {
     Status st = reader_or.status().IsPurged()
                     ? Status::Purged("standby " + sb->id + " needs LSN " + std::to_string(from) +
-                                     ", which this node no longer retains (snapshot resync not yet supported)")
+                                     ", which this node no longer retains; it is resynced from a snapshot when it "
+                                     "subscribes again")
                     : reader_or.status();
     RLOG(kWarn, "engine.ship_refused") << "standby=" << sb->id << " reason=\"" << st.ToString() << "\"";
     sb->session->Close(st);
@@ -500,6 +740,358 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
   }
 }
 
+bool EngineImpl::SendFileRange(Standby* sb, const std::shared_ptr<const void>& keep, int fd, uint64_t offset,
+                               uint64_t length) {
+  while (length > 0) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(length, kMaxShipBytes));
+    for (;;) {
+      Status st = sb->session->SendFile(keep, fd, offset, n);
+      if (st.ok()) break;
+      if (st.code() != StatusCode::kBusy || sb->stop.load()) return false;
+      MutexLock l(&sb->writable_mu);
+      sb->writable_cv.WaitUntil(Clock::now() + 100ms);
+    }
+    offset += n;
+    length -= n;
+  }
+  return true;
+}
+
+void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
+  struct Done {
+    Standby* sb;
+    ~Done() { sb->done.store(true); }
+  } done{sb.get()};
+  const auto started = Clock::now();
+  auto fail = [&](const Status& st) {
+    RLOG(kError, "engine.resync_failed") << "node=" << opts_.node_id << " standby=" << sb->id << " error=\""
+                                         << st.ToString() << "\"";
+    sb->session->Close(st);
+  };
+  const std::string cp_root = JoinPath(opts_.data_dir, "checkpoints");
+  const std::string cp_dir = JoinPath(cp_root, sb->id + "-" + std::to_string(++snapshot_seq_));
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() { (void)snapshot::RemoveTree(dir); }  // open descriptors keep queued files readable
+  } cleanup{cp_dir};
+  Status st = Env::Default()->CreateDirIfMissing(cp_root);
+  if (st.ok()) st = snapshot::RemoveTree(cp_dir);
+  if (!st.ok()) return fail(st);
+  auto cp = snapshot::MakeCheckpoint(db_.get(), cp_dir, kMetaColumnFamily, kAppliedKey);
+  if (!cp.ok()) return fail(cp.status());
+
+  // The seed: the stored frames holding the checkpoint's LSN, from which the
+  // standby's new log starts, so that its next Subscribe can be checked.
+  proto::Control offer_msg;
+  auto* offer = offer_msg.mutable_snapshot_offer();
+  std::optional<wal::RawSpan> seed;
+  if (cp->lsn > 0) {
+    auto reader = wal_->NewReader(cp->lsn);
+    if (!reader.ok()) return fail(reader.status().WithContext("read the seed at LSN " + std::to_string(cp->lsn)));
+    auto span = (*reader)->NextRaw(1);
+    if (!span.ok()) return fail(span.status());
+    if (!span->has_value() || (*span)->first_lsn > cp->lsn || (*span)->last_lsn < cp->lsn) {
+      return fail(Status::Corruption("no stored frame holds the checkpoint's LSN " + std::to_string(cp->lsn)));
+    }
+    seed = std::move(**span);
+    std::string bytes;
+    st = seed->ReadInto(&bytes);
+    if (!st.ok()) return fail(st);
+    offer->set_seed_first_lsn(seed->first_lsn);
+    offer->set_seed_size(bytes.size());
+    offer->set_seed_xxh3(XXH3_64bits(bytes.data(), bytes.size()));
+    MutexLock l(&mu_);
+    slots_[sb->id] = seed->first_lsn;  // keep the seed and everything after it
+  } else {
+    offer->set_seed_first_lsn(1);
+  }
+  offer->set_lsn(cp->lsn);
+  offer->set_epoch(epoch_.load());
+  offer->set_epoch_history(wal_->epoch_history().Encode());
+  offer->set_reason(reason);
+  std::map<std::string, const snapshot::FileInfo*> by_name;
+  for (const auto& f : cp->files) {
+    auto* pf = offer->add_files();
+    pf->set_name(f.name);
+    pf->set_size(f.size);
+    pf->set_xxh3(f.xxh3);
+    by_name[f.name] = &f;
+  }
+  if (!sb->session->SendControl(offer_msg).ok()) return;
+
+  // Wait for the standby to say which files it lacks.
+  proto::SnapshotRequest request;
+  {
+    MutexLock l(&sb->writable_mu);
+    const auto deadline = Clock::now() + kSnapshotRequestTimeout;
+    while (!sb->snapshot_request && !sb->stop.load() && !sb->session->closed() && Clock::now() < deadline) {
+      sb->writable_cv.WaitUntil(std::min(deadline, Clock::now() + 100ms));
+    }
+    if (!sb->snapshot_request) {
+      if (!sb->stop.load() && !sb->session->closed()) {
+        fail(Status::TimedOut("the standby did not answer the snapshot offer"));
+      }
+      return;
+    }
+    request = *sb->snapshot_request;
+  }
+  uint64_t files = 0, bytes = 0;
+  for (const auto& name : request.names()) {
+    proto::Control begin;
+    begin.mutable_snapshot_file()->set_name(name);
+    if (name == snapshot::kSeedName && seed) {
+      begin.mutable_snapshot_file()->set_size(seed->length);
+      if (!sb->session->SendControl(begin).ok()) return;
+      if (!SendFileRange(sb.get(), seed->file, seed->file->NativeHandle(), seed->offset, seed->length)) return;
+      bytes += seed->length;
+      continue;
+    }
+    auto it = by_name.find(name);
+    if (it == by_name.end()) return fail(Status::InvalidArgument("the standby asked for '" + name +
+                                                                 "', which is not in the snapshot"));
+    auto file = Env::Default()->NewRandomAccessFile(JoinPath(cp_dir, name));
+    if (!file.ok()) return fail(file.status());
+    std::shared_ptr<RandomAccessFile> keep = std::move(file).value();
+    if (keep->NativeHandle() < 0) return fail(Status::NotSupported("checkpoint file without a descriptor"));
+    begin.mutable_snapshot_file()->set_size(it->second->size);
+    if (!sb->session->SendControl(begin).ok()) return;
+    if (!SendFileRange(sb.get(), keep, keep->NativeHandle(), 0, it->second->size)) return;
+    ++files;
+    bytes += it->second->size;
+  }
+  proto::Control end;
+  end.mutable_snapshot_done()->set_lsn(cp->lsn);
+  if (!sb->session->SendControl(end).ok()) return;
+  ++snapshots_sent_;
+  snapshot_files_sent_ += files;
+  snapshot_bytes_sent_ += bytes;
+  RLOG(kInfo, "engine.resync_sent") << "node=" << opts_.node_id << " standby=" << sb->id << " lsn=" << cp->lsn
+                                    << " files_sent=" << files << " files_in_snapshot=" << cp->files.size()
+                                    << " bytes_sent=" << bytes << " ms="
+                                    << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started)
+                                           .count();
+}
+
+void EngineImpl::OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) {
+  if (role_.load() != Role::kStandby) {
+    s->Close(Status::InvalidArgument("a snapshot sent to the active"));
+    return;
+  }
+  {
+    MutexLock l(&mu_);
+    if (s != upstream_) {
+      mu_.Unlock();
+      s->Close(Status::InvalidArgument("a snapshot from a node this standby does not follow"));
+      mu_.Lock();
+      return;
+    }
+    if (msg.has_snapshot_offer()) {
+      pending_offer_ = msg.snapshot_offer();  // the follower thread answers it
+      cv_.SignalAll();
+      return;
+    }
+  }
+  Status st;
+  bool complete = false;
+  {
+    MutexLock l(&recv_mu_);
+    if (!recv_ || recv_->done) {
+      st = Status::InvalidArgument("snapshot data without an accepted offer");
+    } else if (msg.has_snapshot_file()) {
+      Receive& r = *recv_;
+      const auto& f = msg.snapshot_file();
+      if (r.file) {
+        st = Status::InvalidArgument("snapshot file '" + f.name() + "' begins before '" + r.name + "' ended");
+      } else if (!r.expected.count(f.name()) || r.received.count(f.name())) {
+        st = Status::InvalidArgument("snapshot file '" + f.name() + "' was not requested, or came twice");
+      } else {
+        const std::string path = f.name() == snapshot::kSeedName
+                                     ? JoinPath(snapshot::StagingDir(opts_.data_dir), snapshot::kSeedName)
+                                     : JoinPath(snapshot::StagingDb(opts_.data_dir), f.name());
+        auto file = Env::Default()->NewWritableFile(path);
+        if (!file.ok()) {
+          st = file.status();
+        } else {
+          r.file = std::move(file).value();
+          r.name = f.name();
+          r.remaining = f.size();
+          XXH3_64bits_reset(r.hash.get());
+          if (r.remaining == 0) {
+            st = r.file->Sync();
+            if (st.ok()) st = r.file->Close();
+            r.file.reset();
+            r.received[r.name] = XXH3_64bits_digest(r.hash.get());
+          }
+        }
+      }
+    } else if (msg.has_snapshot_done()) {
+      Receive& r = *recv_;
+      if (r.file || r.received.size() != r.expected.size()) {
+        st = Status::InvalidArgument("snapshot ended with " + std::to_string(r.received.size()) + " of " +
+                                     std::to_string(r.expected.size()) + " files received");
+      } else {
+        r.done = true;
+        complete = true;
+      }
+    }
+  }
+  if (!st.ok()) {
+    RLOG(kError, "engine.resync_receive_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+    s->Close(st);
+    return;
+  }
+  if (complete) {
+    MutexLock l(&mu_);
+    snapshot_received_ = true;  // the follower thread installs it
+    cv_.SignalAll();
+  }
+}
+
+Status EngineImpl::PrepareResync(const std::shared_ptr<transport::Session>& s, const proto::SnapshotOffer& offer) {
+  Env* env = Env::Default();
+  std::set<std::string> names;
+  for (const auto& f : offer.files()) {
+    if (!snapshot::IsPlainFileName(f.name()) || f.name() == snapshot::kSeedName || !names.insert(f.name()).second) {
+      return Status::InvalidArgument("snapshot offer with a bad or repeated file name '" + f.name() + "'");
+    }
+  }
+  if (offer.seed_first_lsn() == 0 || (offer.lsn() > 0 && offer.seed_first_lsn() > offer.lsn())) {
+    return Status::InvalidArgument("snapshot offer whose seed starts at LSN " + std::to_string(offer.seed_first_lsn()) +
+                                   ", after its LSN " + std::to_string(offer.lsn()));
+  }
+  RLOG(kWarn, "engine.resync_offer") << "node=" << opts_.node_id << " lsn=" << offer.lsn()
+                                     << " files=" << offer.files_size() << " reason=\"" << offer.reason() << "\"";
+  const std::string staging = snapshot::StagingDir(opts_.data_dir);
+  const std::string staged_db = snapshot::StagingDb(opts_.data_dir);
+  REPLICA_RETURN_IF_ERROR(env->CreateDirIfMissing(staging));
+  REPLICA_RETURN_IF_ERROR(env->CreateDirIfMissing(staged_db));
+  REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(snapshot::StagingWal(opts_.data_dir)));
+  REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(staging, snapshot::kSeedName)));
+  // What a previous, interrupted resync left and the snapshot does not hold goes.
+  REPLICA_ASSIGN_OR_RETURN(auto leftovers, env->GetChildren(staged_db));
+  for (const auto& name : leftovers) {
+    if (!names.count(name)) REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(staged_db, name)));
+  }
+  // Files held unchanged (same name, size and XXH3) are kept or linked, not sent.
+  auto same = [&](const std::string& path, const proto::SnapshotFile& f) {
+    if (!env->FileExists(path)) return false;
+    auto size = env->GetFileSize(path);
+    if (!size.ok() || *size != f.size()) return false;
+    auto hash = snapshot::HashFile(path);
+    return hash.ok() && *hash == f.xxh3();
+  };
+  auto recv = std::make_unique<Receive>();
+  recv->offer = offer;
+  proto::Control request;
+  for (const auto& f : offer.files()) {
+    const std::string staged = JoinPath(staged_db, f.name());
+    if (same(staged, f)) {
+      ++recv->reused;
+      continue;
+    }
+    (void)snapshot::RemoveTree(staged);
+    const std::string live = JoinPath(JoinPath(opts_.data_dir, "db"), f.name());
+    if (same(live, f)) {
+      if (snapshot::LinkFile(live, staged).ok()) {
+        ++recv->reused;
+        continue;
+      }
+    }
+    request.mutable_snapshot_request()->add_names(f.name());
+    recv->expected.insert(f.name());
+  }
+  if (offer.seed_size() > 0) {
+    request.mutable_snapshot_request()->add_names(snapshot::kSeedName);
+    recv->expected.insert(snapshot::kSeedName);
+  }
+  RLOG(kInfo, "engine.resync_request") << "node=" << opts_.node_id << " files_needed=" << recv->expected.size()
+                                       << " files_reused=" << recv->reused;
+  {
+    MutexLock l(&recv_mu_);
+    recv_ = std::move(recv);
+    receiving_.store(true);
+  }
+  return s->SendControl(request);
+}
+
+Status EngineImpl::InstallSnapshot() {
+  const auto started = Clock::now();
+  std::unique_ptr<Receive> r;
+  {
+    MutexLock l(&recv_mu_);
+    r = std::move(recv_);
+    receiving_.store(false);
+  }
+  if (!r || !r->done) return Status::Aborted("no complete snapshot to install");
+  const proto::SnapshotOffer& offer = r->offer;
+  // Every file is there, whole: received ones were hashed as they arrived,
+  // kept ones were compared before the request.
+  for (const auto& f : offer.files()) {
+    const std::string path = JoinPath(snapshot::StagingDb(opts_.data_dir), f.name());
+    auto size = Env::Default()->GetFileSize(path);
+    if (!size.ok() || *size != f.size()) {
+      return Status::Corruption("snapshot file " + f.name() + " is missing or has the wrong size");
+    }
+    auto got = r->received.find(f.name());
+    if (got != r->received.end() && got->second != f.xxh3()) {
+      return Status::Corruption("snapshot file " + f.name() + " arrived with a different checksum");
+    }
+  }
+  auto history = wal::EpochHistory::Decode(offer.epoch_history());
+  if (!history.ok()) return history.status().WithContext("snapshot offer's epoch history");
+  // The new log: the active's history, then the seed frames as stored.
+  {
+    const std::string wal_dir = snapshot::StagingWal(opts_.data_dir);
+    REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(wal_dir));
+    wal::Options wo = wal_options_;
+    wo.start_lsn = offer.seed_first_lsn();
+    wo.initial_history = *history;
+    REPLICA_ASSIGN_OR_RETURN(auto wal, wal::Wal::Open(wal_dir, wo));
+    if (offer.seed_size() > 0) {
+      if (r->received[snapshot::kSeedName] != offer.seed_xxh3()) {
+        return Status::Corruption("the snapshot's WAL seed arrived with a different checksum");
+      }
+      REPLICA_ASSIGN_OR_RETURN(std::string seed, ReadWholeFile(Env::Default(), JoinPath(snapshot::StagingDir(
+                                                                                     opts_.data_dir),
+                                                                                 snapshot::kSeedName)));
+      auto last = wal->AppendRaw(seed);
+      if (!last.ok()) return last.status().WithContext("the snapshot's WAL seed");
+      if (*last < offer.lsn()) {
+        return Status::Corruption("the snapshot's WAL seed ends at LSN " + std::to_string(*last) + ", before LSN " +
+                                  std::to_string(offer.lsn()));
+      }
+    }
+    REPLICA_RETURN_IF_ERROR(wal->Close());
+  }
+  // The switch: nothing may use the old log or database from here on.
+  StopApplier();
+  Status st;
+  {
+    WriterLock store(&store_mu_);
+    CloseStorage();
+    st = snapshot::CommitInstall(opts_.data_dir);
+    if (st.ok()) st = OpenStorage();
+    if (!st.ok()) {
+      // Whatever happened, a restart finishes or discards the install
+      // (RecoverInstall); this process cannot go on without its storage.
+      RLOG(kError, "engine.resync_install_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString()
+                                                   << "\" (exiting; restart the node to finish the install)";
+      std::fprintf(stderr, "replica: snapshot install failed: %s\n", st.ToString().c_str());
+      std::_Exit(70);
+    }
+  }
+  StartApplier();
+  ++snapshots_installed_;
+  snapshot_files_reused_ += r->reused;
+  RLOG(kWarn, "engine.resync_installed") << "node=" << opts_.node_id << " lsn=" << offer.lsn()
+                                         << " files_received=" << r->received.size() << " files_reused=" << r->reused
+                                         << " bytes_received=" << r->bytes << " ms="
+                                         << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() -
+                                                                                                   started)
+                                                .count();
+  return Status::OK();
+}
+
 void EngineImpl::FollowerLoop() {
   const auto colon = opts_.follow.rfind(':');
   const std::string host = opts_.follow.substr(0, colon);
@@ -515,6 +1107,8 @@ void EngineImpl::FollowerLoop() {
       session = *s;
       MutexLock l(&mu_);
       upstream_ = session;
+      pending_offer_.reset();
+      snapshot_received_ = false;
       // OnEstablished and OnClosed signal cv_; the timed wait covers races.
       bool subscribed = false;
       while (!closing_ && !session->closed()) {
@@ -525,9 +1119,39 @@ void EngineImpl::FollowerLoop() {
           mu_.Lock();
           continue;
         }
+        if (pending_offer_) {
+          // The active cannot ship the log this node needs: it offers a snapshot.
+          proto::SnapshotOffer offer = std::move(*pending_offer_);
+          pending_offer_.reset();
+          mu_.Unlock();
+          Status st = PrepareResync(session, offer);
+          if (!st.ok()) {
+            RLOG(kError, "engine.resync_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+            session->Close(st);
+          }
+          mu_.Lock();
+          continue;
+        }
+        if (snapshot_received_) {
+          snapshot_received_ = false;
+          mu_.Unlock();
+          Status st = InstallSnapshot();
+          if (!st.ok()) {
+            RLOG(kError, "engine.resync_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+          }
+          // Either way: subscribe again, now from the installed log's end.
+          session->Close(st.ok() ? Status::Aborted("snapshot installed; subscribing again") : st);
+          mu_.Lock();
+          continue;
+        }
         cv_.WaitUntil(Clock::now() + 200ms);
       }
       if (upstream_ == session) upstream_.reset();
+      {
+        MutexLock rl(&recv_mu_);
+        recv_.reset();  // a transfer cut short; its files stay in resync/ for the next one
+        receiving_.store(false);
+      }
       if (closing_) return;
     } else {
       RLOG(kWarn, "engine.follow_failed") << "node=" << opts_.node_id << " error=\"" << s.status().ToString() << "\"";
@@ -573,9 +1197,22 @@ std::shared_ptr<Standby> EngineImpl::FindBySession(const transport::Session* s) 
 void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) {
   MutexLock l(&mu_);
   auto sb = FindBySession(s);
-  if (!sb) return;
+  if (!sb || sb->resync) return;
+  const wal::Lsn before = sb->flushed;
   sb->flushed = std::max(sb->flushed, std::min(flushed, sb->shipped.load()));
   sb->applied = std::max(sb->applied, std::min(applied, sb->flushed));
+  if (sb->flushed > before) {
+    slots_[sb->id] = std::max(slots_[sb->id], sb->flushed);
+    // Lag in time of each newly held record: its ack now minus when it was
+    // durable here (as PostgreSQL's flush_lag), at most one ring's worth.
+    const auto now = Clock::now();
+    LagHistogram& h = lag_[sb->id];
+    for (wal::Lsn l = std::max(before + 1, sb->flushed > 65536 ? sb->flushed - 65535 : 1); l <= sb->flushed; ++l) {
+      if (auto t = append_times_.Get(l)) {
+        h.Observe(std::max(0.0, std::chrono::duration<double>(now - *t).count()));
+      }
+    }
+  }
   if (sb->flushed >= wal_->last_lsn()) sb->caught_up_at = Clock::now();
   AdvanceCommit();
   cv_.SignalAll();  // WaitForReplicas counts acks, not the commit point
@@ -587,32 +1224,35 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     return;
   }
   const wal::Lsn from = msg.from_lsn();
-  if (from == 0 || from > wal_->last_lsn() + 1) {
+  if (from == 0) {
     ++refused_;
-    s->Close(Status::InvalidArgument("standby " + s->peer_id() + " asks for LSN " + std::to_string(from) +
-                                     " but this log ends at LSN " + std::to_string(wal_->last_lsn())));
+    s->Close(Status::InvalidArgument("standby " + s->peer_id() + " asks for LSN 0"));
     return;
   }
-  // The standby's last record must be ours too, or its log has diverged.
+  // The log can be shipped only if the standby's last record is ours too;
+  // otherwise (it is ahead of us, its last record differs, or we no longer
+  // hold it) it is resynced from a snapshot.
+  if (from > wal_->last_lsn() + 1) {
+    return StartResync(s, "its log ends at LSN " + std::to_string(from - 1) + ", past this node's last LSN " +
+                              std::to_string(wal_->last_lsn()) + " (diverged)");
+  }
+  // (Its last record, from - 1, must still be here to be checked.)
+  if (from > 1 ? from - 1 < wal_->first_lsn() : from < wal_->first_lsn()) {
+    return StartResync(s, "it needs LSN " + std::to_string(from) + " but this node's log now starts at LSN " +
+                              std::to_string(wal_->first_lsn()) + " (purged)");
+  }
   if (from > 1) {
-    if (from - 1 < wal_->first_lsn()) {
-      ++refused_;
-      s->Close(Status::Purged("cannot check standby " + s->peer_id() + "'s log: LSN " + std::to_string(from - 1) +
-                              " is no longer retained here (snapshot resync is not built yet)"));
-      return;
-    }
     auto reader = wal_->NewReader(from - 1);
     wal::RecordView rec;
     Result<bool> got = reader.ok() ? (*reader)->Next(&rec) : Result<bool>(reader.status());
-    if (!got.ok() || !*got || wal::RecordDigest(rec) != msg.last_record_digest()) {
-      Status st = Status::InvalidArgument("standby " + s->peer_id() + " has diverged: its record at LSN " +
-                                          std::to_string(from - 1) + " differs from this node's" +
-                                          (got.ok() ? std::string() : " (" + got.status().ToString() + ")") +
-                                          "; truncate or re-seed it");
-      RLOG(kWarn, "engine.standby_diverged") << "standby=" << s->peer_id() << " lsn=" << from - 1;
+    if (!got.ok() && !got.status().IsPurged()) {
       ++refused_;
-      s->Close(st);
+      s->Close(got.status().WithContext("check standby " + s->peer_id() + "'s log"));
       return;
+    }
+    if (!got.ok() || !*got || wal::RecordDigest(rec) != msg.last_record_digest()) {
+      RLOG(kWarn, "engine.standby_diverged") << "standby=" << s->peer_id() << " lsn=" << from - 1;
+      return StartResync(s, "its record at LSN " + std::to_string(from - 1) + " differs from this node's (diverged)");
     }
   }
   auto sb = std::make_shared<Standby>();
@@ -622,6 +1262,24 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
   sb->flushed = from - 1;  // its log matches ours up to here
   sb->applied = std::min<wal::Lsn>(msg.applied_lsn(), from - 1);
   sb->shipped.store(from - 1);
+  AddStandby(s, sb, std::max<wal::Lsn>(1, from - 1), "from_lsn=" + std::to_string(from),
+             [this, sb, from] { ShipperLoop(sb, from); });
+}
+
+void EngineImpl::StartResync(const std::shared_ptr<transport::Session>& s, const std::string& reason) {
+  auto sb = std::make_shared<Standby>();
+  sb->session = s;
+  sb->id = s->peer_id();
+  sb->address = s->remote_address();
+  sb->resync = true;
+  RLOG(kWarn, "engine.resync_start") << "node=" << opts_.node_id << " standby=" << sb->id << " reason=\"" << reason
+                                     << "\"";
+  // The slot is set to the checkpoint's seed once it is known.
+  AddStandby(s, sb, 0, "snapshot resync", [this, sb, reason] { SnapshotLoop(sb, reason); });
+}
+
+void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::shared_ptr<Standby> sb,
+                            wal::Lsn slot, const std::string& what, std::function<void()> run) {
   std::shared_ptr<Standby> replaced;
   std::vector<std::shared_ptr<Standby>> reap;
   {
@@ -648,10 +1306,11 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
         ++f;
       }
     }
-    RLOG(kInfo, "engine.standby_subscribed") << "standby=" << sb->id << " from_lsn=" << from
+    RLOG(kInfo, "engine.standby_subscribed") << "standby=" << sb->id << " " << what
                                              << (replaced ? " (replaces its previous session)" : "");
     standbys_[sb->id] = sb;
-    sb->shipper = std::thread([this, sb, from] { ShipperLoop(sb, from); });
+    if (slot > 0) slots_[sb->id] = slot;
+    sb->shipper = std::thread(std::move(run));
   }
   if (replaced) replaced->session->Close(Status::Aborted("replaced by a new session of the same standby"));
   for (auto& r : reap) {
@@ -661,6 +1320,24 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
 
 void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) {
   if (msg.has_subscribe()) return OnSubscribe(s, msg.subscribe());
+  if (msg.has_snapshot_request()) {
+    std::shared_ptr<Standby> sb;
+    {
+      MutexLock l(&mu_);
+      sb = FindBySession(s.get());
+    }
+    if (!sb || !sb->resync) {
+      s->Close(Status::InvalidArgument("a snapshot request without a snapshot offer"));
+      return;
+    }
+    MutexLock l(&sb->writable_mu);
+    sb->snapshot_request = msg.snapshot_request();
+    sb->writable_cv.SignalAll();
+    return;
+  }
+  if (msg.has_snapshot_offer() || msg.has_snapshot_file() || msg.has_snapshot_done()) {
+    return OnSnapshotControl(s, msg);
+  }
   if (msg.has_ack()) return Credit(s.get(), msg.ack().flushed_lsn(), msg.ack().applied_lsn());
   // A standby's heartbeats carry its flushed and applied LSNs too (its
   // interval sync advances them without any data arriving).
@@ -683,6 +1360,37 @@ void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::strin
       return;
     }
   }
+  if (receiving_.load()) {
+    Status st;
+    {
+      MutexLock l(&recv_mu_);
+      if (recv_) {
+        Receive& r = *recv_;
+        if (!r.file || payload.size() > r.remaining) {
+          st = Status::InvalidArgument("snapshot data outside a file, or past its announced size");
+        } else {
+          st = r.file->Append(payload);
+          XXH3_64bits_update(r.hash.get(), payload.data(), payload.size());
+          r.remaining -= payload.size();
+          r.bytes += payload.size();
+          snapshot_bytes_received_ += payload.size();
+          if (st.ok() && r.remaining == 0) {
+            st = r.file->Sync();
+            if (st.ok()) st = r.file->Close();
+            r.file.reset();
+            r.received[r.name] = XXH3_64bits_digest(r.hash.get());
+          }
+        }
+        if (st.ok()) return;
+      }
+    }
+    if (!st.ok()) {
+      RLOG(kError, "engine.resync_receive_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+      s->Close(st);
+      return;
+    }
+  }
+  ReaderLock store(&store_mu_);
   // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
   auto last = wal_->AppendRaw(payload);
   if (!last.ok()) {
@@ -718,6 +1426,7 @@ void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const St
 }
 
 void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
+  ReaderLock store(&store_mu_);
   hb->set_last_lsn(wal_->last_lsn());
   hb->set_flushed_lsn(wal_->durable_lsn());
   MutexLock l(&mu_);
@@ -726,7 +1435,8 @@ void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
 }
 
 std::string EngineImpl::PrometheusMetrics() const {
-  const EngineStatus st = status();
+  ReaderLock store(&store_mu_);
+  const EngineStatus st = StatusLocked();
   const wal::WalStats ws = wal_->stats();
   const transport::Stats& ts = endpoint_->stats();
   std::string out;
@@ -765,8 +1475,46 @@ std::string EngineImpl::PrometheusMetrics() const {
       const double ms = behind == 0 ? 0.0
                                     : std::chrono::duration<double, std::milli>(Clock::now() - sb->caught_up_at).count();
       metric("replica_standby_lag_ms", "gauge", "time since the standby last held every record", lab, ms);
+      metric("replica_standby_resyncing", "gauge", "1 while the standby is being sent a snapshot", lab, sb->resync);
+    }
+    for (const auto& [id, lsn] : slots_) {
+      metric("replica_slot_lsn", "gauge", "first LSN kept for this standby (its slot)", node + ",standby=\"" + id + "\"",
+             static_cast<double>(lsn));
+    }
+    metric("replica_slots_dropped_total", "counter", "slots dropped for passing slot_max_bytes", node,
+           static_cast<double>(slots_dropped_));
+    bool first = true;
+    for (const auto& [id, h] : lag_) {
+      if (first) {
+        out += "# HELP replica_standby_lag_seconds time from a record being durable here to the standby "
+               "acknowledging it durable\n# TYPE replica_standby_lag_seconds histogram\n";
+        first = false;
+      }
+      const std::string lab = node + ",standby=\"" + id + "\"";
+      uint64_t cum = 0;
+      char num[64];
+      for (size_t i = 0; i < h.counts.size(); ++i) {
+        cum += h.counts[i];
+        if (i < kLagBuckets.size()) {
+          std::snprintf(num, sizeof num, "%g", kLagBuckets[i]);
+        } else {
+          std::snprintf(num, sizeof num, "+Inf");
+        }
+        out += "replica_standby_lag_seconds_bucket{" + lab + ",le=\"" + num + "\"} " + std::to_string(cum) + "\n";
+      }
+      std::snprintf(num, sizeof num, "%.9g", h.sum);
+      out += "replica_standby_lag_seconds_sum{" + lab + "} " + num + "\n";
+      out += "replica_standby_lag_seconds_count{" + lab + "} " + std::to_string(h.count) + "\n";
     }
   }
+  metric("replica_snapshots_sent_total", "counter", "snapshot resyncs served (active)", node,
+         static_cast<double>(st.snapshots_sent));
+  metric("replica_snapshot_bytes_sent_total", "counter", "snapshot bytes sent (active)", node,
+         static_cast<double>(st.snapshot_bytes_sent));
+  metric("replica_snapshots_installed_total", "counter", "snapshots installed (standby)", node,
+         static_cast<double>(st.snapshots_installed));
+  metric("replica_snapshot_files_reused_total", "counter", "snapshot files already held, not sent again (standby)",
+         node, static_cast<double>(st.snapshot_files_reused));
   metric("replica_wal_records_total", "counter", "records appended to the local WAL", node, static_cast<double>(ws.records));
   metric("replica_wal_bytes_total", "counter", "bytes written to the local WAL", node, static_cast<double>(ws.bytes));
   metric("replica_wal_group_commits_total", "counter", "group commits (writes)", node, static_cast<double>(ws.groups));
@@ -798,6 +1546,11 @@ std::string EngineImpl::PrometheusMetrics() const {
 }
 
 EngineStatus EngineImpl::status() const {
+  ReaderLock store(&store_mu_);
+  return StatusLocked();
+}
+
+EngineStatus EngineImpl::StatusLocked() const {
   EngineStatus st;
   st.role = role_.load();
   st.epoch = epoch_;
@@ -805,6 +1558,7 @@ EngineStatus EngineImpl::status() const {
   // Applied first: it never passes durable, and both only grow, so reading
   // it first keeps applied <= durable in the snapshot too.
   st.applied_lsn = applied_lsn_;
+  st.first_lsn = wal_->first_lsn();
   st.last_lsn = wal_->last_lsn();
   st.durable_lsn = wal_->durable_lsn();
   st.commit_lsn = commit_lsn_;
@@ -812,7 +1566,17 @@ EngineStatus EngineImpl::status() const {
   st.commit_degraded = degraded_;
   st.commit_fallbacks = fallbacks_;
   st.standbys_refused = refused_.load();
-  for (const auto& [_, sb] : standbys_) st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied});
+  for (const auto& [_, sb] : standbys_) {
+    st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied, sb->resync});
+  }
+  for (const auto& [id, lsn] : slots_) st.slots.emplace_back(id, lsn);
+  st.slots_dropped = slots_dropped_;
+  st.snapshots_sent = snapshots_sent_.load();
+  st.snapshot_files_sent = snapshot_files_sent_.load();
+  st.snapshot_bytes_sent = snapshot_bytes_sent_.load();
+  st.snapshots_installed = snapshots_installed_.load();
+  st.snapshot_files_reused = snapshot_files_reused_.load();
+  st.snapshot_bytes_received = snapshot_bytes_received_.load();
   if (st.role == Role::kStandby) st.active_address = opts_.follow;
   return st;
 }
@@ -845,8 +1609,10 @@ Status EngineImpl::Close() {
   for (auto& sb : shippers) {
     if (sb->shipper.joinable()) sb->shipper.join();
   }
-  Status st = wal_->Close();
+  MaintainRetention(/*force=*/true);  // saves the slots
+  WriterLock store(&store_mu_);
   db_closed_.store(true);
+  Status st = wal_ ? wal_->Close() : Status::OK();
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   handles_.clear();
   if (db_) {

@@ -72,6 +72,11 @@ int main(int argc, char** argv) {
       ("wal-sync", po::value<std::string>()->default_value("every"),
        "WAL durability: every (fdatasync per commit group) | interval | none")
       ("wal-segment-size", po::value<uint64_t>()->default_value(64ull << 20), "bytes per WAL segment file")
+      ("wal-keep-bytes", po::value<uint64_t>()->default_value(1ull << 30),
+       "WAL kept at least (older segments are deleted once applied and no standby's slot needs them); 0: keep all")
+      ("slot-max-bytes", po::value<uint64_t>()->default_value(4ull << 30),
+       "active: a standby further behind than this many WAL bytes loses its slot and is resynced from a "
+       "snapshot once its log is gone; 0: no cap")
       ("max-clients", po::value<int>()->default_value(1000), "client connections served at once")
       ("metrics-listen", po::value<std::string>(), "HOST:PORT for Prometheus (GET /metrics); off if not given")
       ("log-level", po::value<std::string>()->default_value("info"), "debug | info | warn | error | off")
@@ -159,6 +164,8 @@ int main(int argc, char** argv) {
   if (o.commit_fallback != "strict" && o.commit_fallback != "async") Fail("--commit-fallback must be strict or async");
   o.wal_sync = vm["wal-sync"].as<std::string>();
   o.wal_segment_size = vm["wal-segment-size"].as<uint64_t>();
+  o.wal_keep_bytes = vm["wal-keep-bytes"].as<uint64_t>();
+  o.slot_max_bytes = vm["slot-max-bytes"].as<uint64_t>();
 
   // Signals are taken by sigwait in this thread; every thread started below
   // inherits the mask, so none is interrupted.

@@ -184,7 +184,14 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
   if (segs.empty()) {
     if (ro) return Status::NotFound("no WAL segments in " + dir_);
     Lsn first = removed_first != 0 ? removed_first : options_.start_lsn;
-    if (history_.TruncateAfter(first - 1)) REPLICA_RETURN_IF_ERROR(PersistHistory(history_));
+    bool seeded = false;
+    if (history_.empty() && !options_.initial_history.empty()) {
+      history_ = options_.initial_history;
+      seeded = true;
+    }
+    if (history_.TruncateAfter(first - 1) || seeded) {
+      REPLICA_RETURN_IF_ERROR(PersistHistory(history_));
+    }
     REPLICA_RETURN_IF_ERROR(CreateSegment(first, 0));
     last_lsn_ = durable_lsn_ = first - 1;
     next_lsn_ = first;

@@ -64,6 +64,10 @@ struct Options {
   // First LSN of a log created empty (a standby seeded from a snapshot at
   // LSN n starts at n + 1).
   Lsn start_lsn = 1;
+  // For a log created empty: the epoch history of the log it continues (a
+  // standby seeded from a snapshot keeps the active's history). Entries that
+  // start after start_lsn - 1 are dropped; later ones come with the records.
+  EpochHistory initial_history;
   // Inspect without changing anything: no lock, no repair of a torn tail
   // (readers stop before it), no appends. For tools such as waldump.
   bool read_only = false;

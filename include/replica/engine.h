@@ -56,6 +56,15 @@ struct EngineOptions {
   // WAL: "every" | "interval" | "none" (see docs/wal-format.md)
   std::string wal_sync = "every";
   uint64_t wal_segment_size = 64ull << 20;
+  // WAL retention: segments are deleted while the log is larger than this,
+  // but never records a known standby still needs (its slot, see below) or
+  // that this node has not applied yet. 0 keeps every segment.
+  uint64_t wal_keep_bytes = 1ull << 30;
+  // The active keeps the log each known standby still needs (a slot, kept in
+  // DATA_DIR/slots across restarts), until that standby is this many WAL
+  // bytes behind: then the slot is dropped (logged), the log it needs may be
+  // deleted, and the standby is resynced from a snapshot. 0: no cap.
+  uint64_t slot_max_bytes = 4ull << 30;
   // Called (from an internal thread) when the node's role changes.
   std::function<void(Role)> on_role_change;
 };
@@ -85,6 +94,7 @@ class WriteBatch {
 struct EngineStatus {
   Role role = Role::kStandby;
   uint64_t epoch = 0;
+  uint64_t first_lsn = 0;    // first LSN the local WAL still holds (retention)
   uint64_t last_lsn = 0;     // last LSN in the local WAL
   uint64_t durable_lsn = 0;  // local WAL durable up to
   uint64_t applied_lsn = 0;  // applied to the local RocksDB up to
@@ -98,8 +108,19 @@ struct EngineStatus {
     std::string address;
     uint64_t flushed_lsn = 0;
     uint64_t applied_lsn = 0;
+    bool resyncing = false;  // being sent a snapshot; not counted by the commit rule
   };
   std::vector<Standby> standbys;  // active only: connected standbys
+  // Active: the log kept for each known standby (slot: the first LSN kept).
+  std::vector<std::pair<std::string, uint64_t>> slots;
+  uint64_t slots_dropped = 0;        // slots dropped for passing slot_max_bytes
+  // Snapshot resync.
+  uint64_t snapshots_sent = 0;       // active: snapshots served
+  uint64_t snapshot_files_sent = 0;
+  uint64_t snapshot_bytes_sent = 0;
+  uint64_t snapshots_installed = 0;  // standby: snapshots installed
+  uint64_t snapshot_files_reused = 0;  // standby: files it already held, not sent again
+  uint64_t snapshot_bytes_received = 0;
   std::string active_address;     // standby only: whom it follows
 };
 

@@ -1,0 +1,75 @@
+// Snapshot resync, the file side (docs/replication.md, "Snapshot resync"):
+// RocksDB checkpoints on the active, the staging directory and the crash-safe
+// install on the standby. The engine drives the protocol; this file knows
+// nothing of sessions.
+//
+// Layout under DATA_DIR while a resync runs:
+//   checkpoints/NAME/   active: a checkpoint being sent (removed afterwards)
+//   resync/db/          standby: the checkpoint being received
+//   resync/WAL-SEED     standby: the active's frames holding the checkpoint LSN
+//   resync/wal/         standby: the new log, built from the seed
+//   INSTALL             standby: present from the moment resync/ is complete
+//                       until db/ and wal/ are replaced (the commit point)
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "replica/status.h"
+
+namespace rocksdb {
+class DB;
+class ColumnFamilyHandle;
+}  // namespace rocksdb
+
+namespace replica::snapshot {
+
+inline constexpr char kSeedName[] = "WAL-SEED";
+
+struct FileInfo {
+  std::string name;
+  uint64_t size = 0;
+  uint64_t xxh3 = 0;
+};
+
+struct Checkpoint {
+  std::string dir;
+  uint64_t lsn = 0;  // applied LSN stored in the checkpoint
+  std::vector<FileInfo> files;
+};
+
+// XXH3-64 of a whole file, read in 1 MiB pieces.
+Result<uint64_t> HashFile(const std::string& path);
+
+// A plain name of a file inside a directory: no '/', not "." or "..", not empty.
+bool IsPlainFileName(const std::string& name);
+
+// Creates a RocksDB checkpoint of db in dir (which must not exist), with
+// memtables flushed so that it needs no RocksDB log, and lists its files.
+// The applied LSN is read back from the checkpoint itself (meta_cf /
+// applied_key, u64 little-endian), so it matches the data exactly.
+Result<Checkpoint> MakeCheckpoint(rocksdb::DB* db, const std::string& dir, const std::string& meta_cf,
+                                  const std::string& applied_key);
+
+// Paths of the standby's staging area.
+std::string StagingDir(const std::string& data_dir);
+std::string StagingDb(const std::string& data_dir);
+std::string StagingWal(const std::string& data_dir);
+
+// Finishes an install that crashed after its commit point, or removes the
+// debris of one that was finished. A staging area without the marker is kept
+// (its files may be reused by the next resync). Call before opening db/ and wal/.
+Status RecoverInstall(const std::string& data_dir);
+
+// With db/ and wal/ closed: marks resync/ complete, then moves resync/db and
+// resync/wal into place. A crash anywhere in it is finished by RecoverInstall.
+Status CommitInstall(const std::string& data_dir);
+
+// A hard link: to names the same file as from.
+Status LinkFile(const std::string& from, const std::string& to);
+
+// Removes a directory tree; missing is fine.
+Status RemoveTree(const std::string& path);
+
+}  // namespace replica::snapshot
