@@ -61,9 +61,14 @@ class AppendTimes {
                std::memory_order_relaxed);
     s.lsn.store(lsn, std::memory_order_release);
   }
-  std::optional<Clock::time_point> Get(wal::Lsn lsn) const {
+  // When lsn became durable here; `pending` (and nullopt) if it has not yet
+  // (a standby may hold a record before the active's own fdatasync ends);
+  // nullopt alone if it is too old to be remembered.
+  std::optional<Clock::time_point> Get(wal::Lsn lsn, bool* pending) const {
     const Slot& s = slots_[lsn & kMask];
-    if (s.lsn.load(std::memory_order_acquire) != lsn) return std::nullopt;
+    const wal::Lsn held = s.lsn.load(std::memory_order_acquire);
+    *pending = held < lsn;
+    if (held != lsn) return std::nullopt;
     return Clock::time_point(std::chrono::microseconds(s.us.load(std::memory_order_relaxed)));
   }
 
@@ -1208,8 +1213,11 @@ void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn 
     const auto now = Clock::now();
     LagHistogram& h = lag_[sb->id];
     for (wal::Lsn l = std::max(before + 1, sb->flushed > 65536 ? sb->flushed - 65535 : 1); l <= sb->flushed; ++l) {
-      if (auto t = append_times_.Get(l)) {
+      bool pending = false;
+      if (auto t = append_times_.Get(l, &pending)) {
         h.Observe(std::max(0.0, std::chrono::duration<double>(now - *t).count()));
+      } else if (pending) {
+        h.Observe(0.0);  // held by the standby before it was durable here
       }
     }
   }
