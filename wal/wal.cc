@@ -457,12 +457,21 @@ void Wal::RunGroup(Op* leader) {
       flush();
       rolled_ = false;
       if (history_changed) st = PersistHistory(new_history);
-      if (st.ok()) st = WriteFrames(want_sync);
+      if (st.ok()) st = WriteFrames();
+      if (st.ok() && !group_buf_.empty()) {
+        // Readers see the group once it is written, while its fdatasync
+        // runs: a shipper sends it to standbys in parallel with the local
+        // sync (appenders still return only once the policy is met).
+        MutexLock l(&mu_);
+        last_lsn_ = group_last;
+        segments_.back().end = cur_size_;
+        if (history_changed) history_ = new_history;
+        data_cv_.SignalAll();
+      }
+      if (st.ok() && want_sync) st = SyncFrames();
       mu_.Lock();
       if (st.ok()) {
         if (!group_buf_.empty()) {
-          last_lsn_ = group_last;
-          segments_.back().end = cur_size_;
           ++stats_.groups;
           stats_.records += records;
           stats_.bytes += group_buf_.size();
@@ -518,7 +527,7 @@ void Wal::RunGroup(Op* leader) {
   data_cv_.SignalAll();
 }
 
-Status Wal::WriteFrames(bool sync) {
+Status Wal::WriteFrames() {
   std::shared_ptr<WritableFile> file;
   {
     MutexLock l(&mu_);
@@ -553,7 +562,16 @@ Status Wal::WriteFrames(bool sync) {
     REPLICA_RETURN_IF_ERROR(file->Append(std::string_view(buf).substr(chunk, pos - chunk)));
     cur_size_ += pos - chunk;
   }
-  if (sync) {
+  return Status::OK();
+}
+
+Status Wal::SyncFrames() {
+  std::shared_ptr<WritableFile> file;
+  {
+    MutexLock l(&mu_);
+    file = cur_file_;
+  }
+  {
     // Segments rolled without a sync (policy none), then their directory.
     for (const auto& old : unsynced_) REPLICA_RETURN_IF_ERROR(old->Sync());
     if (!unsynced_.empty()) REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));

@@ -140,7 +140,10 @@ class Wal {
   Result<std::unique_ptr<Reader>> NewReader(Lsn from) EXCLUDES(mu_);
 
   Lsn first_lsn() const EXCLUDES(mu_);    // first retained LSN
-  Lsn last_lsn() const EXCLUDES(mu_);     // last LSN written (visible to readers)
+  // Last LSN written, visible to readers. Under kEveryCommit it may be ahead
+  // of durable_lsn() while a group's fdatasync runs: readers (shippers) see
+  // records before their appenders return.
+  Lsn last_lsn() const EXCLUDES(mu_);
   Lsn durable_lsn() const EXCLUDES(mu_);  // last LSN known to be on disk
   // Waits until durable_lsn() >= lsn or the deadline passes; returns whether
   // it is. Under SyncPolicy::kNone nothing becomes durable without Sync().
@@ -175,7 +178,10 @@ class Wal {
   void GatherGroup(Op* leader) REQUIRES(mu_);
   // Leader work; mu_ is released during I/O.
   void RunGroup(Op* leader) REQUIRES(mu_);
-  Status WriteFrames(bool sync) EXCLUDES(mu_);
+  // Writes group_buf_ (rolling segments as needed); SyncFrames then makes
+  // everything written durable.
+  Status WriteFrames() EXCLUDES(mu_);
+  Status SyncFrames() EXCLUDES(mu_);
   Status RollSegment(Lsn first_lsn) EXCLUDES(mu_);
   Status PersistHistory(const EpochHistory& h) EXCLUDES(mu_);
   // *mutated turns true once the first file changes; before that a failure
@@ -198,7 +204,7 @@ class Wal {
   std::deque<Op*> queue_ GUARDED_BY(mu_);
   std::deque<Segment> segments_ GUARDED_BY(mu_);
   EpochHistory history_ GUARDED_BY(mu_);
-  Lsn last_lsn_ GUARDED_BY(mu_) = 0;     // last written, visible to readers
+  Lsn last_lsn_ GUARDED_BY(mu_) = 0;     // last written (maybe not yet synced), visible to readers
   Lsn durable_lsn_ GUARDED_BY(mu_) = 0;
   Lsn next_lsn_ GUARDED_BY(mu_) = 1;     // LSN the next admitted record gets
   Epoch tail_epoch_ GUARDED_BY(mu_) = 0; // epoch of the last admitted record
