@@ -1,0 +1,495 @@
+#!/usr/bin/env bash
+# replbench.sh: end-to-end replication throughput with redis-benchmark.
+#
+# Drives redis-benchmark (SET, 100-byte values, 50 clients) at replicad in
+# four configurations: a single node without standby, and an active with one
+# standby under each commit rule (async, remote-write:1, remote-apply:1).
+# Every run gets fresh data directories and free ports on 127.0.0.1; the
+# modes are interleaved round by round and the median per mode is reported,
+# with the standby's replication lag read from the active's
+# replica_standby_lag_seconds histogram on /metrics. Run with --help.
+set -uo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: bench/replbench.sh [--requests N] [--rounds N] [--replicad PATH] [--keep] [--help]
+
+End-to-end replication benchmark. In one run it measures, with redis-benchmark
+(SET only, 100-byte values, 50 clients, keys drawn at random from 100,000):
+  single          one replicad, no standby (the baseline)
+  async           active + one standby, --commit async
+  remote-write:1  active + one standby, --commit remote-write:1
+  remote-apply:1  active + one standby, --commit remote-apply:1
+Every node runs with --wal-sync every, on 127.0.0.1 only, ports chosen by the
+kernel (port 0, read back from replicad's "ready" line), a shared secret file,
+and a fresh data directory under one mktemp -d directory. Each round runs the
+four modes in the order above; after all rounds it prints, per mode, the
+median over the rounds of: SET/s, client latency p50 and p99 (ms, as
+redis-benchmark reports them), SET/s relative to the single node, and for the
+modes with a standby the replication lag p50 and p99 (ms). The lag is the
+active's replica_standby_lag_seconds histogram (time from the local WAL
+append of a record until the standby acknowledged it durably), scraped from
+/metrics after the standby has caught up, with quantiles interpolated within
+buckets as Prometheus' histogram_quantile does. A replicad without that
+metric (or without --metrics-listen) gives "n/a".
+
+Options:
+  --requests N     SET requests per run (default 100000)
+  --rounds N       runs per mode, interleaved round by round (default 3)
+  --replicad PATH  the replicad binary (default: build/tools/replicad under
+                   the repository root)
+  --keep           keep the temporary directory (data dirs, node logs,
+                   redis-benchmark output, /metrics pages); by default it is
+                   removed, run by run
+  -h, --help       show this help
+
+Needs redis-benchmark and redis-cli; curl for the lag (otherwise bash's
+/dev/tcp is used). Every process it starts is stopped when it exits, also on
+Ctrl-C or an error. If a node fails to start, dies, or a load does not finish
+in time, it stops with exit status 1, prints the node's log, and keeps the
+temporary directory for inspection. Exit status 0 when every run completed.
+EOF
+}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REQUESTS=100000
+ROUNDS=3
+REPLICAD="$ROOT/build/tools/replicad"
+KEEP=0
+CLIENTS=50
+VALUE_SIZE=100
+KEYSPACE=100000
+MODES=(single async remote-write:1 remote-apply:1)
+START_TIMEOUT=30    # s: the ready line, the first PING, the standby connecting
+CATCHUP_TIMEOUT=60  # s: the standby holding everything after the load
+STOP_TIMEOUT=15     # s: SIGTERM to exit, before SIGKILL
+
+work=""
+pids=()         # every process started and not yet reaped
+keep_work=0
+notes=()        # odd things seen, printed at the end
+
+nap_pid=""      # the sleep of the current nap
+
+die() { echo "replbench: $*" >&2; exit 1; }
+# nap [SECONDS]: sleep (default 0.05 s) in the background and wait for it
+# with the wait builtin, which a trapped signal interrupts at once. (A SIGINT
+# sent to this script alone during a foreground sleep would be dropped: bash
+# assumes the child handled it when the child does not die of it.)
+nap() { sleep "${1:-0.05}" & nap_pid=$!; wait "$nap_pid"; nap_pid=""; }
+note() { notes+=("$*"); echo "   note: $*"; }
+
+cleanup() {
+  local p deadline
+  trap '' INT TERM   # a second Ctrl-C must not cut the cleanup short
+  [ -z "$nap_pid" ] || kill "$nap_pid" 2>/dev/null
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  deadline=$((SECONDS + 5))
+  for p in "${pids[@]}"; do
+    while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+  done
+  pids=()
+  if [ -n "$work" ] && [ -d "$work" ]; then
+    if [ "$KEEP" = 1 ] || [ "$keep_work" = 1 ]; then
+      echo "replbench: kept $work" >&2
+    else
+      rm -rf "$work"
+    fi
+  fi
+}
+
+forget_pid() {  # forget_pid PID: drop PID from pids
+  local p rest=()
+  for p in "${pids[@]}"; do [ "$p" = "$1" ] || rest+=("$p"); done
+  pids=("${rest[@]}")
+}
+
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+
+# ---------------------------------------------------------------- parsing
+
+# median: numbers on stdin (one a line, "n/a" ignored); prints the median or n/a
+median() {
+  grep -E '^-?[0-9.]+([eE][-+]?[0-9]+)?$' | sort -g |
+    awk '{ v[n++] = $1 } END {
+      if (n == 0) { print "n/a"; exit }
+      if (n % 2) print v[(n - 1) / 2]; else print (v[n / 2 - 1] + v[n / 2]) / 2 }'
+}
+
+# hist_quantile Q NAME: Prometheus text on stdin; prints the Q-quantile of the
+# histogram NAME (buckets summed over all label sets, so several standbys
+# give their combined distribution) in the histogram's unit, or n/a.
+# Same rules as Prometheus' histogram_quantile: rank = Q * count(+Inf); the
+# first bucket whose cumulative count reaches the rank; linear interpolation
+# between its lower bound (0 for the first bucket) and its upper bound; the
+# +Inf bucket yields the highest finite bound.
+hist_quantile() {
+  local q=$1 name=$2
+  awk -v name="${name}_bucket" '
+    index($0, name "{") == 1 && match($0, /le="[^"]*"/) {
+      le = substr($0, RSTART + 4, RLENGTH - 5)
+      rest = $0; sub(/^[^}]*}[ \t]*/, "", rest); split(rest, f, /[ \t]+/)
+      if (le == "+Inf" || le == "Inf" || le == "inf") le = "+Inf"
+      if (!(le in count)) order[n++] = le
+      count[le] += f[1]
+    }
+    END { for (i = 0; i < n; i++) print order[i], count[order[i]] }' |
+    sort -g -k1,1 |
+    awk -v q="$q" '
+      BEGIN { n = 0 }
+      { ub[n] = $1; c[n] = $2 + 0; n++ }
+      END {
+        if (n < 2 || ub[n - 1] != "+Inf") { print "n/a"; exit }
+        for (i = 1; i < n; i++) if (c[i] < c[i - 1]) c[i] = c[i - 1]   # keep it monotonic
+        total = c[n - 1]
+        if (total <= 0) { print "n/a"; exit }
+        rank = q * total
+        b = 0
+        while (b < n - 1 && c[b] < rank) b++
+        if (b == n - 1) { printf "%.9g\n", ub[n - 2]; exit }
+        if (b == 0 && ub[0] + 0 <= 0) { printf "%.9g\n", ub[0]; exit }
+        start = 0; prev = 0
+        if (b > 0) { start = ub[b - 1]; prev = c[b - 1] }
+        printf "%.9g\n", start + (ub[b] - start) * ((rank - prev) / (c[b] - prev))
+      }'
+}
+
+# metric_sum NAME: Prometheus text on stdin; prints NAME summed over its label sets, or n/a
+metric_sum() {
+  awk -v name="$1" '
+    index($0, name "{") == 1 || index($0, name " ") == 1 {
+      rest = $0
+      if (index(rest, "}")) sub(/^[^}]*}/, "", rest); else sub(/^[^ \t]+/, "", rest)
+      sub(/^[ \t]+/, "", rest); split(rest, f, /[ \t]+/); s += f[1]; seen = 1 }
+    END { if (seen) printf "%.17g\n", s; else print "n/a" }'
+}
+
+# hist_count NAME: Prometheus text on stdin; prints the summed NAME_count or n/a
+hist_count() { metric_sum "${1}_count" | awk '{ if ($1 == "n/a") print; else printf "%.0f\n", $1 }'; }
+
+# parse_bench FILE: prints "rps p50_ms p99_ms" from redis-benchmark output
+# (--csv with a header, or the normal output's throughput and latency
+# summaries); missing values are n/a.
+parse_bench() {
+  local f=$1
+  if [ "$BENCH_CSV" = 1 ]; then
+    tr -d '\r' < "$f" | awk -F, '
+      { for (i = 1; i <= NF; i++) gsub(/"/, "", $i) }
+      $1 == "test" { for (i = 1; i <= NF; i++) col[$i] = i; next }
+      $1 == "SET" && ("rps" in col) {
+        p50 = ("p50_latency_ms" in col) ? $(col["p50_latency_ms"]) : "n/a"
+        p99 = ("p99_latency_ms" in col) ? $(col["p99_latency_ms"]) : "n/a"
+        print $(col["rps"]), p50, p99; found = 1 }
+      END { if (!found) print "n/a n/a n/a" }'
+  else
+    tr '\r' '\n' < "$f" | awk '
+      /throughput summary:/ { for (i = 1; i <= NF; i++) if ($i == "summary:") rps = $(i + 1) }
+      /^SET: [0-9.]+ requests per second/ && rps == "" { rps = $2 }
+      hdr == 1 { for (i = 1; i <= NF; i++) v[h[i]] = $i; hdr = 2 }
+      hdr == 0 && seen && /p50/ { for (i = 1; i <= NF; i++) h[i] = $i; hdr = 1 }
+      /latency summary \(msec\):/ { seen = 1 }
+      END {
+        if (rps == "") rps = "n/a"
+        p50 = ("p50" in v) ? v["p50"] : "n/a"; p99 = ("p99" in v) ? v["p99"] : "n/a"
+        print rps, p50, p99 }'
+  fi
+}
+
+# cpu_busy: percent of all CPUs busy over the next second (/proc/stat), to
+# show how quiet the machine was before a round
+cpu_busy() {
+  local a b
+  a=$(head -1 /proc/stat); nap 1; b=$(head -1 /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN {
+    n = split(a, x, / +/); split(b, y, / +/)
+    for (i = 2; i <= n; i++) { t += y[i] - x[i]; if (i == 5 || i == 6) idle += y[i] - x[i] }
+    if (t > 0) printf "%.0f", 100 * (t - idle) / t; else print "?" }'
+}
+
+# ---------------------------------------------------------------- nodes
+
+# start_node DIR ID [replicad args...]: starts replicad, waits for its ready
+# line and a PING; sets NODE_PID, NODE_REPL, NODE_CLIENT, NODE_METRICS
+start_node() {
+  local dir=$1 id=$2; shift 2
+  local args=(--id "$id" --data-dir "$dir/$id" --listen 127.0.0.1:0 --client-listen 127.0.0.1:0
+              --secret-file "$work/secret" --wal-sync every --log-level warn)
+  [ "$HAVE_METRICS" = 1 ] && args+=(--metrics-listen 127.0.0.1:0)
+  "$REPLICAD" "${args[@]}" "$@" > "$dir/$id.out" 2> "$dir/$id.log" &
+  NODE_PID=$!
+  pids+=("$NODE_PID")
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until grep -q '^replicad: ready' "$dir/$id.out" 2>/dev/null; do
+    if ! kill -0 "$NODE_PID" 2>/dev/null; then
+      fail_run "$dir" "node $id exited before it was ready"
+    fi
+    [ $SECONDS -lt $deadline ] || fail_run "$dir" "node $id not ready within ${START_TIMEOUT}s"
+    nap
+  done
+  local ready
+  ready=$(grep -m1 '^replicad: ready' "$dir/$id.out")
+  NODE_REPL=$(grep -o 'replication=127\.0\.0\.1:[0-9]*' <<<"$ready" | cut -d: -f2)
+  NODE_CLIENT=$(grep -o 'client=127\.0\.0\.1:[0-9]*' <<<"$ready" | cut -d: -f2)
+  NODE_METRICS=$(grep -o 'metrics=[0-9]*' <<<"$ready" | cut -d= -f2)
+  if [ -z "$NODE_REPL" ] || [ -z "$NODE_CLIENT" ]; then
+    fail_run "$dir" "node $id: cannot read its ports from: $ready"
+  fi
+  [ "${NODE_METRICS:-0}" != 0 ] || NODE_METRICS=""
+  until [ "$(redis-cli -h 127.0.0.1 -p "$NODE_CLIENT" PING 2>/dev/null)" = PONG ]; do
+    [ $SECONDS -lt $deadline ] || fail_run "$dir" "node $id does not answer PING on port $NODE_CLIENT"
+    kill -0 "$NODE_PID" 2>/dev/null || fail_run "$dir" "node $id exited"
+    nap
+  done
+}
+
+# info_field PORT NAME: a field of the active's INFO replication
+info_field() {
+  redis-cli -h 127.0.0.1 -p "$1" INFO replication 2>/dev/null | tr -d '\r' |
+    awk -F: -v k="$2" '$1 == k { print $2; exit }'
+}
+
+# standby_offset PORT: slave0's offset (the standby's durable LSN) on the active
+standby_offset() {
+  redis-cli -h 127.0.0.1 -p "$1" INFO replication 2>/dev/null | tr -d '\r' |
+    grep -m1 '^slave0:' | grep -o 'offset=[0-9]*' | cut -d= -f2
+}
+
+# scrape PORT: the /metrics page
+scrape() {
+  if [ "$HAVE_CURL" = 1 ]; then
+    curl -sf --max-time 10 "http://127.0.0.1:$1/metrics"
+  else
+    # shellcheck disable=SC2016  # $1 is expanded by the inner bash
+    timeout 10 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" &&
+      printf "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" >&3 &&
+      cat <&3' _ "$1" | tr -d '\r' | sed '1,/^$/d'
+  fi
+}
+
+# stop_nodes DIR ID PID ...: SIGTERM, wait (SIGKILL after STOP_TIMEOUT), note odd exits
+stop_nodes() {
+  local dir=$1; shift
+  local id pid rc deadline
+  while [ $# -ge 2 ]; do
+    id=$1 pid=$2; shift 2
+    kill -TERM "$pid" 2>/dev/null
+    deadline=$((SECONDS + STOP_TIMEOUT))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do nap; done
+    if kill -0 "$pid" 2>/dev/null; then
+      note "$(basename "$dir") node $id did not stop within ${STOP_TIMEOUT}s of SIGTERM; SIGKILLed"
+      kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null; rc=$?
+    forget_pid "$pid"
+    [ "$rc" = 0 ] || note "$(basename "$dir") node $id exited with status $rc after SIGTERM"
+  done
+}
+
+# fail_run DIR MESSAGE: print what the nodes logged and stop (the trap cleans up)
+fail_run() {
+  local dir=$1 f; shift
+  echo "replbench: $(basename "$dir"): $*" >&2
+  for f in "$dir"/*.log "$dir"/*.out "$dir"/bench.err; do
+    [ -s "$f" ] || continue
+    echo "---- $(basename "$f") (last 20 lines)" >&2
+    tail -n 20 "$f" >&2
+  done
+  keep_work=1
+  exit 1
+}
+
+# ---------------------------------------------------------------- one run
+
+declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99
+
+run_one() {
+  local round=$1 mode=$2
+  local dir="$work/round$round-${mode/:/-}"
+  mkdir -p "$dir"
+  local commit=async
+  [ "$mode" = single ] || commit=$mode
+
+  start_node "$dir" a --commit "$commit"
+  local a_pid=$NODE_PID a_repl=$NODE_REPL a_client=$NODE_CLIENT a_metrics=$NODE_METRICS
+  local b_pid="" deadline
+  if [ "$mode" != single ]; then
+    start_node "$dir" b --follow "127.0.0.1:$a_repl"
+    b_pid=$NODE_PID
+    deadline=$((SECONDS + START_TIMEOUT))
+    until [ "$(info_field "$a_client" connected_slaves)" = 1 ]; do
+      [ $SECONDS -lt $deadline ] || fail_run "$dir" "the standby did not connect within ${START_TIMEOUT}s"
+      kill -0 "$b_pid" 2>/dev/null || fail_run "$dir" "the standby exited"
+      nap
+    done
+  fi
+
+  # The load, in the background so that Ctrl-C is handled at once and the
+  # nodes can be watched while it runs.
+  local load_timeout=$((60 + REQUESTS / 200))
+  local bench_args=(-h 127.0.0.1 -p "$a_client" -t set -n "$REQUESTS" -d "$VALUE_SIZE" -c "$CLIENTS" -r "$KEYSPACE")
+  [ "$BENCH_CSV" = 1 ] && bench_args+=(--csv)
+  redis-benchmark "${bench_args[@]}" > "$dir/bench.out" 2> "$dir/bench.err" &
+  local bench=$!
+  pids+=("$bench")
+  deadline=$((SECONDS + load_timeout))
+  while kill -0 "$bench" 2>/dev/null; do
+    kill -0 "$a_pid" 2>/dev/null || fail_run "$dir" "the active died during the load"
+    [ -z "$b_pid" ] || kill -0 "$b_pid" 2>/dev/null || fail_run "$dir" "the standby died during the load"
+    [ $SECONDS -lt $deadline ] || fail_run "$dir" "redis-benchmark did not finish within ${load_timeout}s"
+    nap 0.2
+  done
+  wait "$bench"; local brc=$?
+  forget_pid "$bench"
+  [ "$brc" = 0 ] || fail_run "$dir" "redis-benchmark exited with status $brc"
+  if grep -v 'Could not fetch server CONFIG' "$dir/bench.err" | grep -q .; then
+    note "$(basename "$dir") redis-benchmark stderr: $(grep -v 'Could not fetch server CONFIG' "$dir/bench.err" | head -3 | tr '\n' ' ')"
+  fi
+  local rps p50 p99
+  read -r rps p50 p99 < <(parse_bench "$dir/bench.out")
+  [ "$rps" != n/a ] || fail_run "$dir" "no SET result in the redis-benchmark output"
+
+  local lag50=n/a lag99=n/a lagtxt="" last=""
+  if [ "$mode" != single ]; then
+    # Let the standby acknowledge every record, so the histogram holds them all.
+    local off
+    last=$(info_field "$a_client" master_repl_offset)
+    deadline=$((SECONDS + CATCHUP_TIMEOUT))
+    while off=$(standby_offset "$a_client"); [ "${off:-x}" != "$last" ]; do
+      if [ $SECONDS -ge $deadline ]; then
+        note "$(basename "$dir") the standby held LSN ${off:-?} of $last after ${CATCHUP_TIMEOUT}s"
+        break
+      fi
+      nap
+    done
+  fi
+  local fsynctxt=""
+  if [ -n "$a_metrics" ]; then
+    if scrape "$a_metrics" > "$dir/metrics.txt"; then
+      # The active's WAL: mean fdatasync time and records per fdatasync (a
+      # slow disk or a busy machine shows here first).
+      local recs syncs ssec
+      recs=$(metric_sum replica_wal_records_total < "$dir/metrics.txt")
+      syncs=$(metric_sum replica_wal_fsyncs_total < "$dir/metrics.txt")
+      ssec=$(metric_sum replica_wal_fsync_seconds_total < "$dir/metrics.txt")
+      fsynctxt=$(awk -v r="$recs" -v n="$syncs" -v t="$ssec" 'BEGIN {
+        if (n != "n/a" && n > 0 && t != "n/a" && r != "n/a") printf "  fsync %.0f us, %.1f rec/fsync", t / n * 1e6, r / n }')
+      if [ "$mode" != single ]; then
+        local v obs
+        v=$(hist_quantile 0.5 replica_standby_lag_seconds < "$dir/metrics.txt")
+        [ "$v" = n/a ] || lag50=$(awk -v s="$v" 'BEGIN { printf "%.3f", s * 1000 }')
+        v=$(hist_quantile 0.99 replica_standby_lag_seconds < "$dir/metrics.txt")
+        [ "$v" = n/a ] || lag99=$(awk -v s="$v" 'BEGIN { printf "%.3f", s * 1000 }')
+        obs=$(hist_count replica_standby_lag_seconds < "$dir/metrics.txt")
+        if [ "$obs" != n/a ]; then
+          lagtxt=" ($obs samples)"
+          [ "$obs" -ge "$last" ] 2>/dev/null ||
+            note "$(basename "$dir") the lag histogram has $obs samples for $last records"
+        fi
+      fi
+    else
+      note "$(basename "$dir") could not read /metrics on port $a_metrics"
+    fi
+  fi
+
+  if [ -n "$b_pid" ]; then stop_nodes "$dir" a "$a_pid" b "$b_pid"; else stop_nodes "$dir" a "$a_pid"; fi
+  local f
+  for f in "$dir"/a.log "$dir"/b.log; do
+    [ -s "$f" ] && note "$(basename "$dir") $(basename "$f" .log) logged $(wc -l < "$f") line(s), first: $(head -1 "$f")"
+  done
+
+  R_RPS[$mode]+="$rps "; R_P50[$mode]+="$p50 "; R_P99[$mode]+="$p99 "
+  R_LAG50[$mode]+="$lag50 "; R_LAG99[$mode]+="$lag99 "
+  local lagcol=""
+  [ "$mode" = single ] || lagcol="  lag p50 $lag50 ms  p99 $lag99 ms$lagtxt"
+  printf '   round %d/%d  %-15s %7.0f SET/s  p50 %6s ms  p99 %7s ms%s%s\n' \
+    "$round" "$ROUNDS" "$mode" "$rps" "$p50" "$p99" "$fsynctxt" "$lagcol"
+
+  [ "$KEEP" = 1 ] || rm -rf "$dir"
+  sync   # no run pays for the previous run's writeback
+}
+
+# ---------------------------------------------------------------- main
+
+main() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --requests) [ $# -ge 2 ] || die "--requests needs a value"; REQUESTS=$2; shift 2 ;;
+      --requests=*) REQUESTS=${1#*=}; shift ;;
+      --rounds) [ $# -ge 2 ] || die "--rounds needs a value"; ROUNDS=$2; shift 2 ;;
+      --rounds=*) ROUNDS=${1#*=}; shift ;;
+      --replicad) [ $# -ge 2 ] || die "--replicad needs a value"; REPLICAD=$2; shift 2 ;;
+      --replicad=*) REPLICAD=${1#*=}; shift ;;
+      --keep) KEEP=1; shift ;;
+      -h|--help) usage; exit 0 ;;
+      *) echo "replbench: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+    esac
+  done
+  is_count "$REQUESTS" || die "--requests must be a positive integer, got '$REQUESTS'"
+  is_count "$ROUNDS" || die "--rounds must be a positive integer, got '$ROUNDS'"
+  [ -x "$REPLICAD" ] || die "no executable replicad at '$REPLICAD' (build it, or pass --replicad PATH)"
+  command -v redis-benchmark >/dev/null || die "redis-benchmark not found"
+  command -v redis-cli >/dev/null || die "redis-cli not found"
+  HAVE_CURL=0; command -v curl >/dev/null && HAVE_CURL=1
+  HAVE_METRICS=0; "$REPLICAD" --help 2>/dev/null | grep -q -- '--metrics-listen' && HAVE_METRICS=1
+  # redis-benchmark 7 and later print p50/p99 in --csv; older ones do not.
+  local bver
+  bver=$(redis-benchmark --version 2>/dev/null | grep -o '[0-9][0-9.]*' | head -1)
+  BENCH_CSV=0; [ "${bver%%.*}" -ge 7 ] 2>/dev/null && BENCH_CSV=1
+
+  trap cleanup EXIT
+  trap 'echo "replbench: interrupted" >&2; exit 130' INT
+  trap 'echo "replbench: terminated" >&2; exit 143' TERM
+  work=$(mktemp -d "${TMPDIR:-/tmp}/replbench.XXXXXX") || die "mktemp failed"
+  echo "replbench-secret-$$-$RANDOM" > "$work/secret"
+  chmod 600 "$work/secret"
+
+  echo "replbench: $(date '+%Y-%m-%d %H:%M:%S'), $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "  replicad: $REPLICAD"
+  echo "  redis-benchmark ${bver:-?}: -t set -n $REQUESTS -d $VALUE_SIZE -c $CLIENTS -r $KEYSPACE$([ "$BENCH_CSV" = 1 ] && echo ' --csv')"
+  echo "  --wal-sync every, $ROUNDS round(s) of: ${MODES[*]}; data under $work"
+  [ "$HAVE_METRICS" = 1 ] || echo "  this replicad has no --metrics-listen: lag is n/a"
+
+  local round mode
+  for ((round = 1; round <= ROUNDS; round++)); do
+    echo "   round $round/$ROUNDS: CPU $(cpu_busy)% busy in the second before it"
+    for mode in "${MODES[@]}"; do run_one "$round" "$mode"; done
+  done
+
+  local base
+  base=$(tr ' ' '\n' <<<"${R_RPS[single]}" | median)
+  echo
+  echo "Median of $ROUNDS round(s), $REQUESTS SETs of $VALUE_SIZE B from $CLIENTS clients per run; load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
+  printf '%-16s %10s %8s %8s %10s %12s %12s\n' mode SET/s "p50 ms" "p99 ms" "vs single" "lag p50 ms" "lag p99 ms"
+  local rps p50 p99 l50 l99 ratio async_ratio="n/a" async_lag99="n/a"
+  for mode in "${MODES[@]}"; do
+    rps=$(tr ' ' '\n' <<<"${R_RPS[$mode]}" | median)
+    p50=$(tr ' ' '\n' <<<"${R_P50[$mode]}" | median)
+    p99=$(tr ' ' '\n' <<<"${R_P99[$mode]}" | median)
+    l50=$(tr ' ' '\n' <<<"${R_LAG50[$mode]}" | median)
+    l99=$(tr ' ' '\n' <<<"${R_LAG99[$mode]}" | median)
+    ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
+    if [ "$mode" = single ]; then l50="-"; l99="-"; fi
+    [ "$l50" = n/a ] || [ "$l50" = "-" ] || l50=$(printf '%.3f' "$l50")
+    [ "$l99" = n/a ] || [ "$l99" = "-" ] || l99=$(printf '%.3f' "$l99")
+    [ "$mode" = async ] && { async_ratio=$ratio; async_lag99=$l99; }
+    printf '%-16s %10.0f %8s %8s %10s %12s %12s\n' "$mode" "$rps" "$p50" "$p99" "${ratio}x" "$l50" "$l99"
+  done
+  echo
+  local g1 g2
+  g1=$(awk -v r="$async_ratio" 'BEGIN { if (r == "n/a") print "n/a"; else print (r >= 0.90 ? "met" : "missed") }')
+  g2=$(awk -v l="$async_lag99" 'BEGIN { if (l == "n/a") print "n/a (no lag metric)"; else print (l < 1.0 ? "met" : "missed") }')
+  echo "goal: async >= 90% of the single node's SET/s: ${async_ratio}x, $g1"
+  echo "goal: async replication lag p99 < 1 ms: ${async_lag99} ms, $g2"
+  if [ ${#notes[@]} -gt 0 ]; then
+    echo
+    echo "notes:"
+    printf '  %s\n' "${notes[@]}"
+  fi
+}
+
+# Sourcing the file (e.g. to test hist_quantile) defines the functions only.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
+fi
