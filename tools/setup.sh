@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config clang libclang-rt-14-dev
-  libboost1.81-dev libboost-program-options1.81-dev libprotobuf-dev protobuf-compiler libssl-dev
+  libboost1.81-dev libboost-program-options1.81-dev libboost-json1.81-dev libprotobuf-dev protobuf-compiler libssl-dev
   liblz4-dev libxxhash-dev librocksdb-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   etcd-server rocksdb-tools redis-tools openssl

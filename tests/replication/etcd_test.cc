@@ -1,0 +1,149 @@
+// The etcd client against a real etcd (Debian's etcd-server) on loopback.
+#include "replication/etcd.h"
+
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <mutex>
+
+#include "tests/support/etcd_server.h"
+#include "tests/support/test_util.h"
+
+namespace replica::etcd {
+namespace {
+
+using namespace std::chrono_literals;
+
+class EtcdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    server_ = std::make_unique<test::EtcdServer>(dir_.path());
+    ASSERT_TRUE(server_->Start());
+    client_ = NewClient({server_->endpoint()});
+  }
+  std::unique_ptr<Client> NewClient(std::vector<std::string> endpoints) {
+    Options o;
+    o.endpoints = std::move(endpoints);
+    o.timeout = 1000ms;
+    auto c = Client::Create(o);
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    return std::move(c).value();
+  }
+  test::TempDir dir_;
+  std::unique_ptr<test::EtcdServer> server_;
+  std::unique_ptr<Client> client_;
+};
+
+TEST_F(EtcdTest, PutGetPrefixDeleteWithBinaryBytes) {
+  const std::string binary("\x00\xff\x01 v=\n", 7);
+  ASSERT_TRUE(client_->Put("/t/a", binary).ok());
+  ASSERT_TRUE(client_->Put("/t/b", "2").ok());
+  ASSERT_TRUE(client_->Put("/u/c", "3").ok());
+  auto got = client_->Get("/t/a");
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->value, binary);
+  EXPECT_GT((*got)->mod_revision, 0);
+  auto all = client_->GetPrefix("/t/");
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[1].key, "/t/b");
+  ASSERT_TRUE(client_->Delete("/t/a").ok());
+  EXPECT_FALSE(client_->Get("/t/a")->has_value());
+}
+
+TEST_F(EtcdTest, CreateIfAbsentTransactionHasOneWinner) {
+  auto other = NewClient({server_->endpoint()});
+  auto create = [](Client* c, const std::string& who) {
+    return c->Txn({{"/t/active", Compare::Target::kVersion, Compare::Result::kEqual, 0, {}}},
+                  {Op::Put("/t/active", who)}, {Op::Get("/t/active")});
+  };
+  auto first = create(client_.get(), "a");
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  EXPECT_TRUE(first->succeeded);
+  auto second = create(other.get(), "b");
+  ASSERT_TRUE(second.ok());
+  EXPECT_FALSE(second->succeeded);
+  ASSERT_EQ(second->gets.size(), 1u);
+  ASSERT_TRUE(second->gets[0].has_value());
+  EXPECT_EQ(second->gets[0]->value, "a");
+}
+
+TEST_F(EtcdTest, LeaseKeepsItsKeysOnlyWhileRefreshed) {
+  auto lease = client_->LeaseGrant(2);
+  ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+  ASSERT_TRUE(client_->Put("/t/session", "x", *lease).ok());
+  // Refreshed for longer than its TTL: the key stays.
+  const auto until = std::chrono::steady_clock::now() + 3s;
+  while (std::chrono::steady_clock::now() < until) {
+    auto ttl = client_->LeaseKeepAlive(*lease);
+    ASSERT_TRUE(ttl.ok()) << ttl.status().ToString();
+    EXPECT_GE(*ttl, 2);
+    std::this_thread::sleep_for(500ms);  // the refresh cadence under test
+  }
+  EXPECT_TRUE(client_->Get("/t/session")->has_value());
+  // No longer refreshed: etcd deletes it within TTL + 0.5 s; await it.
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (client_->Get("/t/session")->has_value() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_FALSE(client_->Get("/t/session")->has_value());
+  auto expired = client_->LeaseKeepAlive(*lease);
+  EXPECT_TRUE(expired.status().IsNotFound()) << expired.status().ToString();
+}
+
+TEST_F(EtcdTest, WatchSeesPutsAndDeletesUnderAPrefix) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::pair<WatchEvent::Type, std::string>> seen;
+  auto w = client_->StartWatch(
+      "/t/", true, 0,
+      [&](const WatchEvent& e, int64_t) {
+        std::lock_guard<std::mutex> l(mu);
+        seen.emplace_back(e.type, e.kv.key + "=" + e.kv.value);
+        cv.notify_all();
+      },
+      [&](const Status&) {});
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  ASSERT_TRUE(client_->Put("/t/x", "1").ok());
+  ASSERT_TRUE(client_->Put("/other", "1").ok());
+  ASSERT_TRUE(client_->Delete("/t/x").ok());
+  std::unique_lock<std::mutex> l(mu);
+  ASSERT_TRUE(cv.wait_for(l, 10s, [&] { return seen.size() >= 2; }));
+  EXPECT_EQ(seen[0].first, WatchEvent::Type::kPut);
+  EXPECT_EQ(seen[0].second, "/t/x=1");
+  EXPECT_EQ(seen[1].first, WatchEvent::Type::kDelete);
+  EXPECT_EQ(seen.size(), 2u) << "a key outside the prefix was reported";
+  l.unlock();
+  (*w)->Stop();  // returns promptly, stream closed
+}
+
+TEST_F(EtcdTest, AnUnreachableMemberIsSkipped) {
+  auto c = NewClient({"127.0.0.1:" + std::to_string(test::FreePort()), server_->endpoint()});
+  ASSERT_TRUE(c->Put("/t/k", "v").ok());
+  EXPECT_EQ((*c->Get("/t/k"))->value, "v");
+}
+
+TEST_F(EtcdTest, NoReachableMemberIsAClearError) {
+  auto c = NewClient({"127.0.0.1:" + std::to_string(test::FreePort())});
+  auto r = c->Get("/t/k");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().ToString().find("etcd unreachable"), std::string::npos) << r.status().ToString();
+  server_->Kill(SIGSTOP);  // a member that accepts nothing in time
+  auto slow = client_->Get("/t/k");
+  server_->Kill(SIGCONT);
+  EXPECT_FALSE(slow.ok());
+}
+
+TEST(EtcdEndpointsTest, ParseEndpoints) {
+  auto eps = ParseEndpoints("http://127.0.0.1:2379,localhost:2380/");
+  ASSERT_TRUE(eps.ok());
+  EXPECT_EQ(*eps, (std::vector<std::string>{"127.0.0.1:2379", "localhost:2380"}));
+  for (const char* bad : {"", "nohost", "h:", ":1", "h:x1", "https://h:1", "a:1,,b:2"}) {
+    EXPECT_FALSE(ParseEndpoints(bad).ok()) << bad;
+  }
+  EXPECT_EQ(PrefixEnd("/a/"), "/a0");
+}
+
+}  // namespace
+}  // namespace replica::etcd

@@ -1,0 +1,110 @@
+#include "tests/support/etcd_server.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+namespace replica::test {
+
+int FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof a;
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
+
+namespace {
+
+// GET /health; true if etcd says it is healthy.
+bool Healthy(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  timeval tv{1, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  bool ok = false;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    const char req[] = "GET /health HTTP/1.0\r\nHost: x\r\n\r\n";
+    if (::write(fd, req, sizeof req - 1) == static_cast<ssize_t>(sizeof req - 1)) {
+      std::string resp;
+      char buf[1024];
+      ssize_t n;
+      while ((n = ::read(fd, buf, sizeof buf)) > 0) resp.append(buf, static_cast<size_t>(n));
+      ok = resp.find("\"health\":\"true\"") != std::string::npos;
+    }
+  }
+  ::close(fd);
+  return ok;
+}
+
+}  // namespace
+
+EtcdServer::EtcdServer(const std::string& data_dir) : dir_(data_dir) {
+  client_port_ = FreePort();
+  peer_port_ = FreePort();
+}
+
+EtcdServer::~EtcdServer() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGCONT);
+    Kill(SIGKILL);
+  }
+}
+
+bool EtcdServer::Start() {
+  const std::string client = "http://127.0.0.1:" + std::to_string(client_port_);
+  const std::string peer = "http://127.0.0.1:" + std::to_string(peer_port_);
+  const std::string log = dir_ + "/etcd.log";
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    FILE* f = std::freopen(log.c_str(), "a", stderr);
+    (void)f;
+    ::execlp("etcd", "etcd", "--name", "t", "--data-dir", (dir_ + "/etcd").c_str(), "--listen-client-urls",
+             client.c_str(), "--advertise-client-urls", client.c_str(), "--listen-peer-urls", peer.c_str(),
+             "--initial-advertise-peer-urls", peer.c_str(), "--initial-cluster", ("t=" + peer).c_str(),
+             "--log-level", "error", nullptr);
+    _exit(127);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (Healthy(client_port_)) return true;
+    int st;
+    if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+      pid_ = -1;
+      ADD_FAILURE() << "etcd exited at start; see " << log;
+      return false;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // no event to wait on: poll /health
+  }
+  ADD_FAILURE() << "etcd not healthy within 20 s; see " << log;
+  return false;
+}
+
+void EtcdServer::Kill(int sig) {
+  if (pid_ <= 0) return;
+  ::kill(pid_, sig);
+  if (sig == SIGSTOP || sig == SIGCONT) return;
+  int st;
+  ::waitpid(pid_, &st, 0);
+  pid_ = -1;
+}
+
+}  // namespace replica::test
