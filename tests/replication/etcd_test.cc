@@ -1,5 +1,6 @@
 // The etcd client against a real etcd (Debian's etcd-server) on loopback.
 #include "replication/etcd.h"
+#include "replication/arbiter.h"
 
 #include <gtest/gtest.h>
 
@@ -133,6 +134,74 @@ TEST_F(EtcdTest, NoReachableMemberIsAClearError) {
   auto slow = client_->Get("/t/k");
   server_->Kill(SIGCONT);
   EXPECT_FALSE(slow.ok());
+}
+
+std::unique_ptr<Arbiter> NewArbiter(const std::string& endpoint) {
+  EtcdArbiterOptions o;
+  o.endpoints = {endpoint};
+  o.cluster = "t";
+  auto a = NewEtcdArbiter(o);
+  EXPECT_TRUE(a.ok()) << a.status().ToString();
+  return std::move(a).value();
+}
+
+NodeInfo Me(const std::string& id) {
+  NodeInfo n;
+  n.id = id;
+  n.address = "127.0.0.1:1" + id.substr(0, 1);
+  n.role = "standby";
+  return n;
+}
+
+TEST_F(EtcdTest, ArbiterCampaignHasOneWinnerAndTheEpochGrows) {
+  auto a = NewArbiter(server_->endpoint());
+  auto b = NewArbiter(server_->endpoint());
+  ASSERT_TRUE(a->Start(Me("a")).ok());
+  ASSERT_TRUE(b->Start(Me("b")).ok());
+  EXPECT_GT(a->LeaseDeadline(), std::chrono::steady_clock::now());
+  auto won = a->Campaign(Me("a"), 0);
+  ASSERT_TRUE(won.ok()) << won.status().ToString();
+  ASSERT_EQ(*won, std::optional<uint64_t>(1));
+  auto lost = b->Campaign(Me("b"), 0);
+  ASSERT_TRUE(lost.ok());
+  EXPECT_EQ(*lost, std::nullopt);
+  auto active = b->GetActive();
+  ASSERT_TRUE(active.ok() && active->has_value());
+  EXPECT_EQ((*active)->id, "a");
+  EXPECT_EQ((*active)->epoch, 1u);
+  EXPECT_EQ(b->GetNodes()->size(), 2u);
+  // a goes away (its lease revoked): b sees the change and wins the next
+  // epoch, never lower than what its own log has seen.
+  const auto before = std::chrono::steady_clock::now();
+  const uint64_t seen = b->changes();
+  a->Stop();
+  b->WaitForChange(seen, before + 5s);
+  EXPECT_LT(std::chrono::steady_clock::now() - before, 4s) << "the watch did not report the change";
+  EXPECT_FALSE(b->GetActive()->has_value());
+  auto next = b->Campaign(Me("b"), 7);
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(*next, std::optional<uint64_t>(8));
+  EXPECT_EQ(b->GetNodes()->size(), 1u);
+  ASSERT_TRUE(b->PublishSyncSet({"x", "y"}).ok());
+  EXPECT_EQ(**b->GetSyncSet(), (std::vector<std::string>{"x", "y"}));
+}
+
+TEST_F(EtcdTest, ArbiterLeaseDeadlineStopsWhenEtcdIsUnreachable) {
+  auto a = NewArbiter(server_->endpoint());
+  ASSERT_TRUE(a->Start(Me("a")).ok());
+  const auto first = a->LeaseDeadline();
+  // Renewals move the deadline on (await one).
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (a->LeaseDeadline() == first && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(50ms);
+  EXPECT_GT(a->LeaseDeadline(), first);
+  server_->Kill(SIGSTOP);
+  const auto paused = std::chrono::steady_clock::now();
+  // Never later than TTL - margin after the last renewal was sent.
+  EXPECT_LE(a->LeaseDeadline(), paused + 1500ms + 10ms);
+  std::this_thread::sleep_for(2s);  // renewals fail meanwhile (bounded by the request timeout)
+  EXPECT_LT(a->LeaseDeadline(), std::chrono::steady_clock::now()) << "the deadline moved without etcd";
+  server_->Kill(SIGCONT);
+  a->Stop();
 }
 
 TEST(EtcdEndpointsTest, ParseEndpoints) {

@@ -1,0 +1,349 @@
+#include "replication/arbiter.h"
+
+#include <boost/json.hpp>
+
+#include <atomic>
+#include <thread>
+
+#include "base/log.h"
+#include "base/mutex.h"
+#include "replication/etcd.h"
+
+namespace replica {
+namespace {
+
+namespace json = boost::json;
+using namespace std::chrono_literals;
+
+Result<json::object> ParseObject(const std::string& text, const char* what) {
+  boost::system::error_code ec;
+  json::value v = json::parse(text, ec);
+  if (ec || !v.is_object()) return Status::Corruption(std::string(what) + " is not a JSON object: " + text.substr(0, 200));
+  return std::move(v.as_object());
+}
+
+uint64_t U64(const json::object& o, const char* f) {
+  auto it = o.find(f);
+  if (it == o.end()) return 0;
+  if (it->value().is_uint64()) return it->value().as_uint64();
+  if (it->value().is_int64()) return static_cast<uint64_t>(std::max<int64_t>(0, it->value().as_int64()));
+  if (it->value().is_string()) {
+    try {
+      return std::stoull(std::string(it->value().as_string()));
+    } catch (...) {
+    }
+  }
+  return 0;
+}
+
+std::string S(const json::object& o, const char* f) {
+  auto it = o.find(f);
+  return it != o.end() && it->value().is_string() ? std::string(it->value().as_string()) : std::string();
+}
+
+class EtcdArbiter final : public Arbiter {
+ public:
+  explicit EtcdArbiter(EtcdArbiterOptions o) : opts_(std::move(o)), prefix_(ClusterPrefix(opts_.cluster)) {}
+  ~EtcdArbiter() override { Stop(); }
+
+  Status Init() {
+    etcd::Options eo;
+    eo.endpoints = opts_.endpoints;
+    eo.timeout = opts_.request_timeout;
+    REPLICA_ASSIGN_OR_RETURN(client_, etcd::Client::Create(eo));
+    // The keep-alive has a client of its own, so that a slow request of the
+    // engine never delays a renewal.
+    REPLICA_ASSIGN_OR_RETURN(keepalive_client_, etcd::Client::Create(eo));
+    return Status::OK();
+  }
+
+  Status Start(const NodeInfo& me) override {
+    {
+      MutexLock l(&mu_);
+      me_ = me;
+    }
+    REPLICA_RETURN_IF_ERROR(NewSession());
+    StartWatch();
+    keepalive_ = std::thread([this] { KeepAliveLoop(); });
+    return Status::OK();
+  }
+
+  Status Publish(const NodeInfo& me) override {
+    int64_t lease;
+    {
+      MutexLock l(&mu_);
+      me_ = me;
+      lease = lease_;
+    }
+    return client_->Put(NodeKey(me.id), me.ToJson(), lease).status();
+  }
+
+  Result<std::optional<ActiveInfo>> GetActive() override {
+    REPLICA_ASSIGN_OR_RETURN(auto kv, client_->Get(prefix_ + "active"));
+    if (!kv) return std::optional<ActiveInfo>();
+    REPLICA_ASSIGN_OR_RETURN(ActiveInfo a, ActiveInfo::FromJson(kv->value));
+    return std::optional<ActiveInfo>(std::move(a));
+  }
+
+  Result<std::vector<NodeInfo>> GetNodes() override {
+    REPLICA_ASSIGN_OR_RETURN(auto kvs, client_->GetPrefix(prefix_ + "nodes/"));
+    std::vector<NodeInfo> out;
+    for (const auto& kv : kvs) {
+      auto n = NodeInfo::FromJson(kv.value);
+      if (n.ok()) out.push_back(std::move(n).value());
+    }
+    return out;
+  }
+
+  Result<std::optional<uint64_t>> Campaign(const NodeInfo& me, uint64_t min_epoch) override {
+    const std::string epoch_key = prefix_ + "epoch";
+    REPLICA_ASSIGN_OR_RETURN(auto current, client_->Get(epoch_key));
+    uint64_t stored = 0;
+    if (current) {
+      try {
+        stored = std::stoull(current->value);
+      } catch (...) {
+        return Status::Corruption("etcd key " + epoch_key + " holds '" + current->value + "', not an epoch");
+      }
+    }
+    const uint64_t epoch = std::max(stored, min_epoch) + 1;
+    int64_t lease;
+    {
+      MutexLock l(&mu_);
+      lease = lease_;
+    }
+    ActiveInfo a{me.id, me.address, epoch};
+    std::vector<etcd::Compare> cmp = {
+        {prefix_ + "active", etcd::Compare::Target::kVersion, etcd::Compare::Result::kEqual, 0, {}}};
+    if (current) {
+      cmp.push_back({epoch_key, etcd::Compare::Target::kModRevision, etcd::Compare::Result::kEqual,
+                     current->mod_revision, {}});
+    } else {
+      cmp.push_back({epoch_key, etcd::Compare::Target::kVersion, etcd::Compare::Result::kEqual, 0, {}});
+    }
+    REPLICA_ASSIGN_OR_RETURN(auto r, client_->Txn(cmp,
+                                                  {etcd::Op::Put(epoch_key, std::to_string(epoch)),
+                                                   etcd::Op::Put(prefix_ + "active", a.ToJson(), lease)},
+                                                  {}));
+    if (!r.succeeded) return std::optional<uint64_t>();
+    return std::optional<uint64_t>(epoch);
+  }
+
+  Status Resign(const std::string& id) override {
+    REPLICA_ASSIGN_OR_RETURN(auto kv, client_->Get(prefix_ + "active"));
+    if (!kv) return Status::OK();
+    REPLICA_ASSIGN_OR_RETURN(auto r, client_->Txn({{prefix_ + "active", etcd::Compare::Target::kModRevision,
+                                                    etcd::Compare::Result::kEqual, kv->mod_revision, {}}},
+                                                  {etcd::Op::Delete(prefix_ + "active")}, {}));
+    (void)r;
+    return Status::OK();
+  }
+
+  Status PublishSyncSet(const std::vector<std::string>& ids) override {
+    json::array a;
+    for (const auto& id : ids) a.push_back(json::string(id));
+    return client_->Put(prefix_ + "sync", json::serialize(a)).status();
+  }
+
+  Result<std::optional<std::vector<std::string>>> GetSyncSet() override {
+    REPLICA_ASSIGN_OR_RETURN(auto kv, client_->Get(prefix_ + "sync"));
+    if (!kv) return std::optional<std::vector<std::string>>();
+    boost::system::error_code ec;
+    json::value v = json::parse(kv->value, ec);
+    if (ec || !v.is_array()) return Status::Corruption("etcd key " + prefix_ + "sync is not a JSON array");
+    std::vector<std::string> out;
+    for (const auto& e : v.as_array()) {
+      if (e.is_string()) out.emplace_back(e.as_string());
+    }
+    return std::optional<std::vector<std::string>>(std::move(out));
+  }
+
+  Clock::time_point LeaseDeadline() const override {
+    return Clock::time_point(Clock::duration(deadline_.load()));
+  }
+
+  uint64_t changes() const override {
+    MutexLock l(&mu_);
+    return changes_;
+  }
+
+  void WaitForChange(uint64_t seen, Clock::time_point deadline) override {
+    MutexLock l(&mu_);
+    while (changes_ == seen && !stopping_) {
+      if (!cv_.WaitUntil(deadline) && Clock::now() >= deadline) break;
+    }
+  }
+
+  void Stop() override {
+    {
+      MutexLock l(&mu_);
+      if (stopping_) return;
+      stopping_ = true;
+      cv_.SignalAll();
+    }
+    if (keepalive_.joinable()) keepalive_.join();
+    if (watch_) watch_->Stop();
+    watch_.reset();
+    std::unique_ptr<etcd::Watch> pending;
+    {
+      MutexLock l(&mu_);
+      pending = std::move(pending_watch_);
+    }
+    pending.reset();  // its callbacks take mu_: stopped outside it
+    int64_t lease;
+    {
+      MutexLock l(&mu_);
+      lease = lease_;
+    }
+    if (lease != 0 && keepalive_client_) (void)keepalive_client_->LeaseRevoke(lease);
+  }
+
+ private:
+  std::string NodeKey(const std::string& id) const { return prefix_ + "nodes/" + id; }
+
+  Status NewSession() {
+    const auto sent = Clock::now();
+    REPLICA_ASSIGN_OR_RETURN(int64_t lease, keepalive_client_->LeaseGrant(opts_.lease_ttl.count()));
+    NodeInfo me;
+    {
+      MutexLock l(&mu_);
+      lease_ = lease;
+      me = me_;
+    }
+    REPLICA_RETURN_IF_ERROR(keepalive_client_->Put(NodeKey(me.id), me.ToJson(), lease).status());
+    deadline_.store((sent + opts_.lease_ttl - opts_.safety_margin).time_since_epoch().count());
+    return Status::OK();
+  }
+
+  void StartWatch() {
+    auto w = client_->StartWatch(
+        prefix_ + "active", false, 0,
+        [this](const etcd::WatchEvent&, int64_t) {
+          MutexLock l(&mu_);
+          ++changes_;
+          cv_.SignalAll();
+        },
+        [this](const Status& st) {
+          MutexLock l(&mu_);
+          watch_broken_ = true;
+          ++changes_;  // whoever waits looks again
+          cv_.SignalAll();
+        });
+    MutexLock l(&mu_);
+    if (w.ok()) {
+      pending_watch_ = std::move(w).value();
+      watch_broken_ = false;
+    } else {
+      watch_broken_ = true;
+    }
+  }
+
+  void KeepAliveLoop() {
+    const auto every = std::max<Clock::duration>(std::chrono::milliseconds(200), opts_.lease_ttl / 4);
+    for (;;) {
+      {
+        MutexLock l(&mu_);
+        cv_.WaitUntil(Clock::now() + every);
+        if (stopping_) return;
+        if (pending_watch_) {
+          // The watch is installed by this thread only, so Stop can join it.
+          old_watch_ = std::move(watch_);
+          watch_ = std::move(pending_watch_);
+        }
+      }
+      old_watch_.reset();
+      int64_t lease;
+      bool rewatch;
+      {
+        MutexLock l(&mu_);
+        lease = lease_;
+        rewatch = watch_broken_;
+      }
+      const auto sent = Clock::now();
+      auto ttl = keepalive_client_->LeaseKeepAlive(lease);
+      if (ttl.ok()) {
+        deadline_.store((sent + opts_.lease_ttl - opts_.safety_margin).time_since_epoch().count());
+      } else if (ttl.status().IsNotFound()) {
+        RLOG(kWarn, "arbiter.lease_lost") << "lease=" << lease << " (taking a new one)";
+        Status st = NewSession();
+        if (!st.ok()) RLOG(kWarn, "arbiter.session_failed") << "error=\"" << st.ToString() << "\"";
+      } else {
+        RLOG(kDebug, "arbiter.keepalive_failed") << "error=\"" << ttl.status().ToString() << "\"";
+      }
+      if (rewatch) StartWatch();
+    }
+  }
+
+  const EtcdArbiterOptions opts_;
+  const std::string prefix_;
+  std::unique_ptr<etcd::Client> client_;
+  std::unique_ptr<etcd::Client> keepalive_client_;
+  std::atomic<Clock::rep> deadline_{0};
+  mutable Mutex mu_;
+  CondVar cv_{&mu_};
+  NodeInfo me_ GUARDED_BY(mu_);
+  int64_t lease_ GUARDED_BY(mu_) = 0;
+  uint64_t changes_ GUARDED_BY(mu_) = 0;
+  bool stopping_ GUARDED_BY(mu_) = false;
+  bool watch_broken_ GUARDED_BY(mu_) = false;
+  std::unique_ptr<etcd::Watch> pending_watch_ GUARDED_BY(mu_);
+  std::unique_ptr<etcd::Watch> watch_;      // keep-alive thread, then Stop
+  std::unique_ptr<etcd::Watch> old_watch_;  // keep-alive thread only
+  std::thread keepalive_;
+};
+
+}  // namespace
+
+std::string ClusterPrefix(const std::string& cluster) { return "/replica/" + cluster + "/"; }
+
+std::string NodeInfo::ToJson() const {
+  json::object o{{"id", id},
+                 {"address", address},
+                 {"client_address", client_address},
+                 {"role", role},
+                 {"epoch", epoch},
+                 {"last_lsn", last_lsn},
+                 {"durable_lsn", durable_lsn},
+                 {"applied_lsn", applied_lsn}};
+  return json::serialize(o);
+}
+
+Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
+  REPLICA_ASSIGN_OR_RETURN(json::object o, ParseObject(text, "a node session"));
+  NodeInfo n;
+  n.id = S(o, "id");
+  n.address = S(o, "address");
+  n.client_address = S(o, "client_address");
+  n.role = S(o, "role");
+  n.epoch = U64(o, "epoch");
+  n.last_lsn = U64(o, "last_lsn");
+  n.durable_lsn = U64(o, "durable_lsn");
+  n.applied_lsn = U64(o, "applied_lsn");
+  if (n.id.empty()) return Status::Corruption("a node session without an id");
+  return n;
+}
+
+std::string ActiveInfo::ToJson() const {
+  return json::serialize(json::object{{"id", id}, {"address", address}, {"epoch", epoch}});
+}
+
+Result<ActiveInfo> ActiveInfo::FromJson(const std::string& text) {
+  REPLICA_ASSIGN_OR_RETURN(json::object o, ParseObject(text, "the active key"));
+  ActiveInfo a{S(o, "id"), S(o, "address"), U64(o, "epoch")};
+  if (a.id.empty() || a.address.empty()) return Status::Corruption("the active key lacks an id or address");
+  return a;
+}
+
+Result<std::unique_ptr<Arbiter>> NewEtcdArbiter(const EtcdArbiterOptions& options) {
+  if (options.lease_ttl < std::chrono::seconds(2)) {
+    return Status::InvalidArgument("lease TTL must be at least 2 s (etcd's minimum)");
+  }
+  if (options.safety_margin >= options.lease_ttl) {
+    return Status::InvalidArgument("the safety margin must be shorter than the lease TTL");
+  }
+  auto a = std::make_unique<EtcdArbiter>(options);
+  REPLICA_RETURN_IF_ERROR(a->Init());
+  return std::unique_ptr<Arbiter>(std::move(a));
+}
+
+}  // namespace replica

@@ -1,0 +1,90 @@
+// The arbiter: who is the active, at which epoch, and who is alive
+// (docs/failover.md). The engine talks to it through this interface; the
+// real one is etcd (NewEtcdArbiter), tests may substitute a fake.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "replica/status.h"
+
+namespace replica {
+
+// What a node publishes about itself (its session key, under its lease).
+struct NodeInfo {
+  std::string id;
+  std::string address;         // replication HOST:PORT
+  std::string client_address;  // RESP HOST:PORT, if any
+  std::string role;            // "active" | "standby"
+  uint64_t epoch = 0;
+  uint64_t last_lsn = 0;
+  uint64_t durable_lsn = 0;
+  uint64_t applied_lsn = 0;
+  std::string ToJson() const;
+  static Result<NodeInfo> FromJson(const std::string& text);
+};
+
+struct ActiveInfo {
+  std::string id;
+  std::string address;  // replication HOST:PORT
+  uint64_t epoch = 0;
+  std::string ToJson() const;
+  static Result<ActiveInfo> FromJson(const std::string& text);
+};
+
+class Arbiter {
+ public:
+  using Clock = std::chrono::steady_clock;
+  virtual ~Arbiter() = default;
+
+  // Takes a lease, publishes the node's session under it and keeps both
+  // alive from now on (a lost lease is replaced by a new one).
+  virtual Status Start(const NodeInfo& me) = 0;
+  // Refreshes the session's content.
+  virtual Status Publish(const NodeInfo& me) = 0;
+  virtual Result<std::optional<ActiveInfo>> GetActive() = 0;
+  virtual Result<std::vector<NodeInfo>> GetNodes() = 0;
+  // Becomes the active if nobody is, at epoch max(stored epoch, min_epoch) + 1,
+  // in one transaction; the active key lives under this node's lease.
+  // Returns the new epoch, or nullopt if another node is the active.
+  virtual Result<std::optional<uint64_t>> Campaign(const NodeInfo& me, uint64_t min_epoch) = 0;
+  // Deletes the active key if it is this node's (planned hand-over).
+  virtual Status Resign(const std::string& id) = 0;
+  // The standbys that satisfy the active's commit rule (eligible for
+  // promotion); absent until an active publishes one.
+  virtual Status PublishSyncSet(const std::vector<std::string>& ids) = 0;
+  virtual Result<std::optional<std::vector<std::string>>> GetSyncSet() = 0;
+  // Until when this node's lease is certainly still alive at the arbiter:
+  // the send time of the last successful renewal + TTL - the safety margin,
+  // on the monotonic clock. An active stops accepting writes past it.
+  virtual Clock::time_point LeaseDeadline() const = 0;
+  // A counter of changes seen to the active key. Read it, look at the
+  // state, then WaitForChange(that count): no change can slip between.
+  virtual uint64_t changes() const = 0;
+  // Returns once changes() differs from `since`, or at the deadline.
+  virtual void WaitForChange(uint64_t since, Clock::time_point deadline) = 0;
+  // Stops keeping the lease alive and revokes it (the session and, if held,
+  // the active key vanish at once).
+  virtual void Stop() = 0;
+};
+
+struct EtcdArbiterOptions {
+  std::vector<std::string> endpoints;  // etcd client URLs
+  std::string cluster = "default";     // keys live under /replica/CLUSTER/
+  std::chrono::seconds lease_ttl{2};
+  // Subtracted from the lease's end when judging whether it still stands
+  // (clock drift between this node and etcd, scheduling delays).
+  std::chrono::milliseconds safety_margin{500};
+  std::chrono::milliseconds request_timeout{1000};
+};
+
+Result<std::unique_ptr<Arbiter>> NewEtcdArbiter(const EtcdArbiterOptions& options);
+
+// The key prefix of a cluster: "/replica/CLUSTER/".
+std::string ClusterPrefix(const std::string& cluster);
+
+}  // namespace replica
