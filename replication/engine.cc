@@ -17,6 +17,7 @@
 #include "base/log.h"
 #include "base/mutex.h"
 #include "replica/engine.h"
+#include "replication/arbiter.h"
 #include "replication/snapshot.h"
 #include "transport/transport.h"
 #include "wal/wal.h"
@@ -283,6 +284,22 @@ class EngineImpl final : public Engine, public transport::Handler {
 
   std::thread applier_;
   std::thread follower_;
+
+  // High availability (opts_.etcd set).
+  std::unique_ptr<Arbiter> arbiter_;
+  std::thread role_thread_;
+  std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
+  std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
+  // A demoted active applies nothing past its last committed LSN until an
+  // active accepts its log (its tail may not be in the new active's history).
+  wal::Lsn apply_cap_ GUARDED_BY(mu_) = UINT64_MAX;
+  void RoleLoop();
+  NodeInfo MyInfo();
+  Status Promote(uint64_t epoch);
+  void Demote(const std::string& reason);
+  void SendFences(uint64_t epoch);
+  // Self-fencing: false once the lease may have expired at etcd.
+  bool LeaseHeld() const { return !arbiter_ || Clock::now() < arbiter_->LeaseDeadline(); }
 };
 
 Status EngineImpl::Init() {
@@ -308,7 +325,11 @@ Status EngineImpl::Init() {
   REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(opts_.data_dir, "checkpoints")));
   REPLICA_RETURN_IF_ERROR(LoadSlots());
   REPLICA_RETURN_IF_ERROR(OpenStorage());
-  role_ = opts_.follow.empty() ? Role::kActive : Role::kStandby;
+  role_ = opts_.etcd.empty() && opts_.follow.empty() ? Role::kActive : Role::kStandby;
+  {
+    MutexLock l(&mu_);
+    follow_ = opts_.etcd.empty() ? opts_.follow : std::string();
+  }
 
   transport::Options to;
   to.node_id = opts_.node_id;
@@ -321,10 +342,20 @@ Status EngineImpl::Init() {
                              << " listen=" << opts_.listen_host << ":" << port_ << " commit=" << opts_.commit.ToString()
                              << " fallback=" << opts_.commit_fallback;
   StartApplier();
+  if (!opts_.etcd.empty()) {
+    EtcdArbiterOptions ao;
+    ao.endpoints = opts_.etcd;
+    ao.cluster = opts_.cluster;
+    ao.lease_ttl = opts_.lease_ttl;
+    ao.safety_margin = opts_.fence_margin;
+    REPLICA_ASSIGN_OR_RETURN(arbiter_, NewEtcdArbiter(ao));
+    REPLICA_RETURN_IF_ERROR_CTX(arbiter_->Start(MyInfo()), "register with etcd");
+  }
   if (role_ == Role::kStandby) {
     receiver_ = std::thread([this] { ReceiverLoop(); });
     follower_ = std::thread([this] { FollowerLoop(); });
   }
+  if (arbiter_) role_thread_ = std::thread([this] { RoleLoop(); });
   if (opts_.on_role_change) opts_.on_role_change(role_.load());
   return Status::OK();
 }
@@ -529,7 +560,12 @@ void EngineImpl::AdvanceCommit() {
 
 Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
   if (role_.load() != Role::kActive) {
-    return Status::NotActive("node " + opts_.node_id + " is a standby; the active is at " + opts_.follow);
+    MutexLock l(&mu_);
+    return Status::NotActive("node " + opts_.node_id + " is a standby; the active is " +
+                             (follow_.empty() ? std::string("not known") : "at " + follow_));
+  }
+  if (!LeaseHeld()) {
+    return Status::NotActive("node " + opts_.node_id + " cannot renew its etcd lease: it accepts no writes");
   }
   if (batch.empty()) return Status::InvalidArgument("empty write batch");
   {
@@ -550,7 +586,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
   } unregister{this, registered};
   auto deadline = Clock::now() + opts_.commit_timeout;
   bool warned = false;
-  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok()) {
+  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok() && role_.load() == Role::kActive) {
     if (commit_lsn_ >= lsn) {
       waiter.cv.Wait();  // committed; the applier wakes it once it is applied
       continue;
@@ -575,7 +611,17 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     deadline = Clock::now() + opts_.commit_timeout;
   }
   if (!apply_error_.ok()) return apply_error_;
+  if (applied_lsn_ < lsn && role_.load() != Role::kActive) {
+    return Status::NotActive("node " + opts_.node_id + " was fenced before LSN " + std::to_string(lsn) +
+                             " was acknowledged; the write may be lost");
+  }
   if (applied_lsn_ < lsn) return Status::Aborted("the engine is closing");
+  if (!LeaseHeld()) {
+    // Acknowledged only while the lease certainly stands, so that no two
+    // nodes ever acknowledge writes in overlapping intervals.
+    return Status::NotActive("node " + opts_.node_id + " lost its etcd lease before LSN " + std::to_string(lsn) +
+                             " was acknowledged; the write may be lost");
+  }
   return lsn;
 }
 
@@ -702,10 +748,19 @@ void EngineImpl::ApplierLoop() {
           }
           break;  // not committed yet: apply what we have, then wait
         }
-      } else if (LocalDurable() < rec.lsn) {
-        // A standby applies only what its own WAL holds durably.
-        if (records.empty()) wal_->WaitForDurable(rec.lsn, Clock::now() + 100ms);
-        if (LocalDurable() < rec.lsn) break;
+      } else {
+        {
+          MutexLock l(&mu_);
+          if (rec.lsn > apply_cap_) {
+            if (records.empty()) cv_.WaitUntil(Clock::now() + 100ms);
+            break;  // a demoted active's tail: not until an active accepts the log
+          }
+        }
+        if (LocalDurable() < rec.lsn) {
+          // A standby applies only what its own WAL holds durably.
+          if (records.empty()) wal_->WaitForDurable(rec.lsn, Clock::now() + 100ms);
+          if (LocalDurable() < rec.lsn) break;
+        }
       }
       if (rec.type == static_cast<uint8_t>(wal::RecordType::kData)) records.emplace_back(rec.lsn, rec.payload);
       last = rec.lsn;
@@ -1142,16 +1197,237 @@ Status EngineImpl::InstallSnapshot() {
   return Status::OK();
 }
 
-void EngineImpl::FollowerLoop() {
-  const auto colon = opts_.follow.rfind(':');
-  const std::string host = opts_.follow.substr(0, colon);
-  const int port = colon == std::string::npos ? 0 : std::atoi(opts_.follow.c_str() + colon + 1);
+NodeInfo EngineImpl::MyInfo() {
+  NodeInfo n;
+  n.id = opts_.node_id;
+  n.address = opts_.listen_host + ":" + std::to_string(port_);
+  n.client_address = opts_.client_address;
+  n.role = RoleName(role_.load());
+  n.epoch = epoch_.load();
+  ReaderLock store(&store_mu_);
+  if (wal_) {
+    n.last_lsn = wal_->last_lsn();
+    n.durable_lsn = wal_->durable_lsn();
+  }
+  MutexLock l(&mu_);
+  n.applied_lsn = applied_lsn_;
+  return n;
+}
+
+void EngineImpl::RoleLoop() {
+  auto last_publish = Clock::time_point();
+  auto stand_aside_until = Clock::time_point();
   for (;;) {
-    std::shared_ptr<transport::Session> session;
+    const uint64_t seen = arbiter_->changes();
     {
       MutexLock l(&mu_);
       if (closing_) return;
     }
+    const auto now = Clock::now();
+    if (now - last_publish >= 500ms) {
+      Status st = arbiter_->Publish(MyInfo());
+      if (st.ok()) last_publish = now;
+    }
+    if (role_.load() == Role::kActive && !LeaseHeld()) {
+      Demote("its etcd lease could not be renewed in time (self-fencing)");
+    }
+    auto active = arbiter_->GetActive();
+    if (!active.ok()) {
+      RLOG(kDebug, "engine.arbiter_unreachable") << "node=" << opts_.node_id << " error=\""
+                                                 << active.status().ToString() << "\"";
+    } else if (role_.load() == Role::kActive) {
+      if (!*active || (*active)->id != opts_.node_id) {
+        Demote(*active ? "node " + (*active)->id + " holds the active key" : std::string("its active key is gone"));
+      } else if (opts_.commit.mode != CommitRule::Mode::kAsync) {
+        // Standbys that hold everything committed are eligible (added late is
+        // safe; removal happens before any write is acknowledged without them).
+        std::vector<std::string> sync;
+        {
+          MutexLock l(&mu_);
+          if (!degraded_) {
+            for (const auto& [id, sb] : standbys_) {
+              if (!sb->resync && sb->flushed >= commit_lsn_) sync.push_back(id);
+            }
+          }
+        }
+        (void)arbiter_->PublishSyncSet(sync);
+      }
+    } else if (*active) {
+      MutexLock l(&mu_);
+      active_id_ = (*active)->id;
+      if ((*active)->id != opts_.node_id && follow_ != (*active)->address) {
+        RLOG(kInfo, "engine.follow") << "node=" << opts_.node_id << " active=" << (*active)->id
+                                     << " address=" << (*active)->address << " epoch=" << (*active)->epoch;
+        follow_ = (*active)->address;
+        cv_.SignalAll();
+      }
+    } else if (LeaseHeld()) {
+      // Nobody is active. Only an eligible node campaigns, and the most
+      // caught-up one first: the others stand aside for a while in
+      // proportion to how many are ahead of them, then look again.
+      bool eligible = true;
+      if (opts_.commit.mode != CommitRule::Mode::kAsync) {
+        auto sync = arbiter_->GetSyncSet();
+        if (sync.ok() && *sync) {
+          eligible = std::find((*sync)->begin(), (*sync)->end(), opts_.node_id) != (*sync)->end();
+        }
+      }
+      const NodeInfo me = MyInfo();
+      int ahead = 0;
+      if (auto nodes = arbiter_->GetNodes(); nodes.ok()) {
+        for (const auto& n : *nodes) {
+          if (n.id != me.id && (n.durable_lsn > me.durable_lsn || (n.durable_lsn == me.durable_lsn && n.id < me.id))) {
+            ++ahead;
+          }
+        }
+      }
+      if (!eligible) {
+        RLOG(kDebug, "engine.not_eligible") << "node=" << opts_.node_id;
+      } else if (ahead > 0 && stand_aside_until == Clock::time_point()) {
+        stand_aside_until = now + ahead * 400ms;
+      } else if (ahead == 0 || now >= stand_aside_until) {
+        stand_aside_until = Clock::time_point();
+        auto won = arbiter_->Campaign(me, wal_->last_epoch());
+        if (won.ok() && *won) {
+          Status st = Promote(**won);
+          if (!st.ok()) {
+            RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+            (void)arbiter_->Resign(opts_.node_id);
+            Demote("promotion failed");
+          }
+          continue;
+        }
+      }
+    }
+    if (active.ok() && *active) stand_aside_until = Clock::time_point();
+    arbiter_->WaitForChange(seen, Clock::now() + 200ms);
+  }
+}
+
+Status EngineImpl::Promote(uint64_t epoch) {
+  const auto started = Clock::now();
+  {
+    // Stop following, and wait until nothing more can arrive.
+    MutexLock l(&mu_);
+    follow_.clear();
+    auto up = upstream_;
+    cv_.SignalAll();
+    if (up) {
+      mu_.Unlock();
+      up->Close(Status::Aborted("this node is being promoted"));
+      mu_.Lock();
+    }
+    const auto deadline = Clock::now() + 5s;
+    while (upstream_ && !closing_ && Clock::now() < deadline) cv_.WaitUntil(deadline);
+    if (upstream_) return Status::TimedOut("the upstream session did not end");
+  }
+  DrainReceiver();
+  // Apply everything received (it is all in the new active's history now).
+  REPLICA_RETURN_IF_ERROR(wal_->Sync());
+  {
+    MutexLock l(&mu_);
+    apply_cap_ = UINT64_MAX;
+    cv_.SignalAll();
+  }
+  REPLICA_RETURN_IF_ERROR(WaitForApplied(wal_->last_lsn(), 60s));
+  epoch_ = epoch;
+  REPLICA_ASSIGN_OR_RETURN(wal::Lsn start, wal_->Append(epoch, wal::RecordType::kEpochStart, opts_.node_id));
+  SendFences(epoch);
+  {
+    MutexLock l(&mu_);
+    commit_lsn_ = std::max(commit_lsn_, applied_lsn_);
+    degraded_ = false;
+    active_id_ = opts_.node_id;
+    role_ = Role::kActive;
+    cv_.SignalAll();
+  }
+  RLOG(kWarn, "engine.promoted") << "node=" << opts_.node_id << " epoch=" << epoch << " first_lsn=" << start
+                                 << " ms="
+                                 << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started).count();
+  if (opts_.on_role_change) opts_.on_role_change(Role::kActive);
+  (void)arbiter_->Publish(MyInfo());
+  return Status::OK();
+}
+
+void EngineImpl::SendFences(uint64_t epoch) {
+  auto nodes = arbiter_->GetNodes();
+  if (!nodes.ok()) return;
+  std::vector<std::shared_ptr<transport::Session>> sessions;
+  for (const auto& n : *nodes) {
+    if (n.id == opts_.node_id) continue;
+    const auto colon = n.address.rfind(':');
+    if (colon == std::string::npos) continue;
+    auto s = endpoint_->Connect(n.address.substr(0, colon), static_cast<uint16_t>(std::atoi(n.address.c_str() + colon + 1)));
+    if (s.ok()) sessions.push_back(*s);
+  }
+  // Best effort within a short bound: an old active that cannot be reached
+  // has fenced itself already (its lease ended before this node could win).
+  const auto deadline = Clock::now() + 500ms;
+  std::vector<bool> sent(sessions.size(), false);
+  size_t done = 0;
+  while (done < sessions.size() && Clock::now() < deadline) {
+    for (size_t i = 0; i < sessions.size(); ++i) {
+      if (sent[i]) continue;
+      if (sessions[i]->closed()) {
+        sent[i] = true;
+        ++done;
+      } else if (sessions[i]->established()) {
+        proto::Control msg;
+        msg.mutable_fence()->set_epoch(epoch);
+        msg.mutable_fence()->set_new_active(opts_.node_id);
+        (void)sessions[i]->SendControl(msg);  // the peer closes the session once it has handled it
+        sent[i] = true;
+        ++done;
+      }
+    }
+    if (done < sessions.size()) {
+      MutexLock l(&mu_);
+      cv_.WaitUntil(Clock::now() + 10ms);  // OnEstablished signals cv_
+    }
+  }
+}
+
+void EngineImpl::Demote(const std::string& reason) {
+  std::vector<std::shared_ptr<Standby>> gone;
+  {
+    MutexLock l(&mu_);
+    if (role_.load() != Role::kActive) return;
+    role_ = Role::kStandby;
+    apply_cap_ = commit_lsn_;
+    for (auto& [_, sb] : standbys_) {
+      sb->stop.store(true);
+      gone.push_back(sb);
+      finished_.push_back(sb);
+    }
+    standbys_.clear();
+    active_id_.clear();
+    cv_.SignalAll();
+    acks_cv_.SignalAll();
+    WakeAllWriters();
+  }
+  for (auto& sb : gone) sb->session->Close(Status::Aborted("this node is no longer the active"));
+  RLOG(kWarn, "engine.demoted") << "node=" << opts_.node_id << " epoch=" << epoch_.load() << " reason=\"" << reason
+                                << "\"";
+  if (opts_.on_role_change) opts_.on_role_change(Role::kStandby);
+  // A static-mode engine has no follower; with an arbiter it already runs.
+}
+
+void EngineImpl::FollowerLoop() {
+  for (;;) {
+    std::shared_ptr<transport::Session> session;
+    std::string target;
+    {
+      MutexLock l(&mu_);
+      if (closing_) return;
+      target = follow_;
+      if (target.empty() || role_.load() != Role::kStandby) {
+        cv_.WaitUntil(Clock::now() + 200ms);  // nobody to follow yet (the arbiter tells)
+        continue;
+      }
+    }
+    const auto colon = target.rfind(':');
+    const std::string host = target.substr(0, colon);
+    const int port = colon == std::string::npos ? 0 : std::atoi(target.c_str() + colon + 1);
     auto s = endpoint_->Connect(host, static_cast<uint16_t>(port));
     if (s.ok()) {
       session = *s;
@@ -1194,9 +1470,16 @@ void EngineImpl::FollowerLoop() {
           mu_.Lock();
           continue;
         }
+        if (follow_ != target || role_.load() != Role::kStandby) {
+          mu_.Unlock();
+          session->Close(Status::Aborted("following another node now"));
+          mu_.Lock();
+          continue;
+        }
         cv_.WaitUntil(Clock::now() + 200ms);
       }
       if (upstream_ == session) upstream_.reset();
+      cv_.SignalAll();  // Promote waits for the upstream session to end
       mu_.Unlock();
       DrainReceiver();  // the next Subscribe must see the log as it will stay
       mu_.Lock();
@@ -1277,6 +1560,13 @@ void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn 
 void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg) {
   if (role_.load() != Role::kActive) {
     s->Close(Status::NotActive("node " + opts_.node_id + " is not the active"));
+    return;
+  }
+  if (msg.last_epoch() > epoch_.load()) {
+    // The standby has seen a newer epoch: this node is a stale active.
+    ++refused_;
+    s->Close(Status::StaleEpoch("standby " + s->peer_id() + " is at epoch " + std::to_string(msg.last_epoch()) +
+                                ", past this active's epoch " + std::to_string(epoch_.load())));
     return;
   }
   const wal::Lsn from = msg.from_lsn();
@@ -1394,6 +1684,17 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   if (msg.has_snapshot_offer() || msg.has_snapshot_file() || msg.has_snapshot_done()) {
     return OnSnapshotControl(s, msg);
   }
+  if (msg.has_fence()) {
+    const auto& f = msg.fence();
+    if (f.epoch() > epoch_.load()) {
+      Demote("fenced by " + f.new_active() + " at epoch " + std::to_string(f.epoch()));
+    } else {
+      RLOG(kWarn, "engine.stale_fence") << "node=" << opts_.node_id << " from=" << f.new_active()
+                                        << " epoch=" << f.epoch() << " own_epoch=" << epoch_.load();
+    }
+    s->Close(Status::Aborted("fence handled"));
+    return;
+  }
   if (msg.has_ack()) return Credit(s.get(), msg.ack().flushed_lsn(), msg.ack().applied_lsn());
   // A standby's heartbeats carry its flushed and applied LSNs too (its
   // interval sync advances them without any data arriving).
@@ -1485,6 +1786,11 @@ void EngineImpl::ReceiverLoop() {
       // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
       auto last = wal_->AppendRaw(batch);
       if (last.ok()) {
+        {
+          MutexLock l(&mu_);
+          apply_cap_ = UINT64_MAX;  // an active continued this log: all of it is in its history
+          cv_.SignalAll();
+        }
         SendAck(s);
       } else {
         st = last.status();
@@ -1685,7 +1991,8 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.snapshots_installed = snapshots_installed_.load();
   st.snapshot_files_reused = snapshot_files_reused_.load();
   st.snapshot_bytes_received = snapshot_bytes_received_.load();
-  if (st.role == Role::kStandby) st.active_address = opts_.follow;
+  if (st.role == Role::kStandby) st.active_address = follow_;
+  st.active_id = st.role == Role::kActive ? opts_.node_id : active_id_;
   return st;
 }
 
@@ -1708,6 +2015,8 @@ Status EngineImpl::Close() {
     acks_cv_.SignalAll();
     WakeAllWriters();
   }
+  if (role_thread_.joinable()) role_thread_.join();
+  if (arbiter_) arbiter_->Stop();  // revokes the lease: a successor is elected at once
   if (follower_.joinable()) follower_.join();
   if (endpoint_) endpoint_->Stop();  // OnClosed moves every standby to finished_
   {

@@ -14,6 +14,7 @@
 #include "base/env.h"
 #include "base/log.h"
 #include "replica/engine.h"
+#include "replication/etcd.h"
 #include "replication/metrics_server.h"
 #include "replication/resp_server.h"
 
@@ -48,7 +49,9 @@ int main(int argc, char** argv) {
       "Runs one replication node: a write-ahead log and a RocksDB database in\n"
       "--data-dir, a replication port for the other nodes, and a client port that\n"
       "speaks the Redis protocol (redis-cli and Redis client libraries work).\n"
-      "Without --follow the node is the active; with --follow it is a standby.\n"
+      "With --etcd the cluster elects its active through etcd and fails over on\n"
+      "its own (docs/failover.md); without it, static mode: without --follow the\n"
+      "node is the active, with --follow it is a standby of that active.\n"
       "Options on the command line win over the same options in --config.\n\nOptions");
   // clang-format off
   desc.add_options()
@@ -59,7 +62,13 @@ int main(int argc, char** argv) {
        "HOST:PORT of the replication port (port 0: any free port)")
       ("client-listen", po::value<std::string>()->default_value("127.0.0.1:6380"),
        "HOST:PORT of the Redis-protocol client port (port 0: any free port)")
-      ("follow", po::value<std::string>(), "HOST:PORT of the active's replication port: run as its standby")
+      ("follow", po::value<std::string>(), "static mode: HOST:PORT of the active's replication port; run as its standby")
+      ("etcd", po::value<std::string>(), "etcd client URLs, comma-separated (http://HOST:PORT or HOST:PORT): "
+       "high availability with automatic failover")
+      ("lease-ttl", po::value<int>()->default_value(2),
+       "with --etcd: seconds of the node's etcd lease; a dead active is replaced about this long after (min 2)")
+      ("fence-margin-ms", po::value<int>()->default_value(500),
+       "with --etcd: the active stops accepting writes this long before its lease could expire")
       ("cluster", po::value<std::string>()->default_value("default"), "cluster name; peers must agree")
       ("secret", po::value<std::string>(), "the cluster's shared secret (or --secret-file)")
       ("secret-file", po::value<std::string>(), "file whose first line is the cluster's shared secret")
@@ -96,8 +105,8 @@ int main(int argc, char** argv) {
     Fail(e.what());
   }
   if (vm.count("help")) {
-    std::cout << desc << "\nSignals: SIGTERM or SIGINT shut the node down cleanly.\n"
-              << "The etcd arbiter (--etcd) and automatic failover are not implemented yet.\n";
+    std::cout << desc << "\nSignals: SIGTERM or SIGINT shut the node down cleanly (with --etcd, its lease is\n"
+              << "revoked, so that another node takes over at once).\n";
     return 0;
   }
   LogLevel level;
@@ -144,6 +153,19 @@ int main(int argc, char** argv) {
     o.follow = vm["follow"].as<std::string>();
     if (!SplitHostPort(o.follow, &h, &p) || p == 0) Fail("--follow must be HOST:PORT, got '" + o.follow + "'");
   }
+  if (vm.count("etcd")) {
+    if (vm.count("follow")) Fail("--etcd and --follow exclude each other: with --etcd, etcd says whom to follow");
+    auto eps = etcd::ParseEndpoints(vm["etcd"].as<std::string>());
+    if (!eps.ok()) Fail("--etcd: " + eps.status().message());
+    o.etcd = *eps;
+    const int ttl = vm["lease-ttl"].as<int>();
+    const int margin = vm["fence-margin-ms"].as<int>();
+    if (ttl < 2 || ttl > 600) Fail("--lease-ttl must be 2..600 seconds");
+    if (margin < 0 || margin >= ttl * 1000) Fail("--fence-margin-ms must be at least 0 and below the lease TTL");
+    o.lease_ttl = std::chrono::seconds(ttl);
+    o.fence_margin = std::chrono::milliseconds(margin);
+  }
+  if (ro.port != 0) o.client_address = ro.host + ":" + std::to_string(ro.port);
   o.cluster = vm["cluster"].as<std::string>();
   if (vm.count("secret")) {
     o.secret = vm["secret"].as<std::string>();

@@ -43,8 +43,21 @@ struct EngineOptions {
   // Replication port to listen on (port 0: any free port; see listen_port()).
   std::string listen_host = "127.0.0.1";
   uint16_t listen_port = 0;
-  // Empty: this node is the active. "HOST:PORT": follow that active.
+  // Static mode (etcd empty): "" makes this node the active; "HOST:PORT"
+  // makes it a standby of the active listening there.
   std::string follow;
+  // High availability (docs/failover.md): etcd client URLs. Set, the node
+  // starts as a standby, follows whichever node holds the active key, and
+  // campaigns when there is none; `follow` is ignored.
+  std::vector<std::string> etcd;
+  // The etcd lease of the node's session (etcd's minimum is 2 s): an active
+  // that dies is replaced about this long after.
+  std::chrono::seconds lease_ttl{2};
+  // An active stops accepting writes this long before its lease could
+  // expire at etcd, counted from the send time of the last renewal.
+  std::chrono::milliseconds fence_margin{500};
+  // Published for clients and tools (repctl): this node's RESP address.
+  std::string client_address;
   std::string cluster = "default";
   std::string secret;  // the cluster's shared secret (required)
   CommitRule commit;
@@ -122,6 +135,7 @@ struct EngineStatus {
   uint64_t snapshot_files_reused = 0;  // standby: files it already held, not sent again
   uint64_t snapshot_bytes_received = 0;
   std::string active_address;     // standby only: whom it follows
+  std::string active_id;          // high availability: the active's node id, if known
 };
 
 class Engine {
