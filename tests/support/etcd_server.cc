@@ -73,6 +73,7 @@ bool EtcdServer::Start() {
   const std::string client = "http://127.0.0.1:" + std::to_string(client_port_);
   const std::string peer = "http://127.0.0.1:" + std::to_string(peer_port_);
   const std::string log = dir_ + "/etcd.log";
+  std::fflush(nullptr);
   pid_ = ::fork();
   if (pid_ == 0) {
     FILE* f = std::freopen(log.c_str(), "a", stderr);

@@ -16,82 +16,20 @@
 #include <thread>
 
 #include "tests/support/test_util.h"
+#include "tests/tools/daemon.h"
 
 namespace replica {
 namespace {
 
+using test::CaughtUp;
+using test::Daemon;
+using test::Exchange;
+using test::InfoField;
+using test::Shell;
+using test::kReplicad;
+
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
-const std::string kReplicad = REPLICAD_PATH;
-
-std::string Shell(const std::string& cmd, int* code = nullptr) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = ::pclose(p);
-  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
-
-// A replicad process; its stdout goes to a file that is read for the ready line.
-class Daemon {
- public:
-  Daemon(const test::TempDir& dir, const std::string& id, const std::string& extra) : out_(dir.Sub(id + ".out")) {
-    std::remove(out_.c_str());  // a restarted node must not be taken for its predecessor
-    std::string cmd = kReplicad + " --id " + id + " --data-dir " + dir.Sub(id) +
-                      " --listen 127.0.0.1:0 --client-listen 127.0.0.1:0 --secret test --log-level warn " + extra;
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      FILE* f = std::freopen(out_.c_str(), "w", stdout);
-      (void)f;
-      ::execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
-      _exit(127);
-    }
-    auto deadline = Clock::now() + 20s;
-    std::smatch m;
-    static const std::regex ready("replication=127.0.0.1:(\\d+) client=127.0.0.1:(\\d+) metrics=(\\d+)");
-    while (Clock::now() < deadline) {
-      std::ifstream in(out_);
-      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      if (std::regex_search(text, m, ready)) {
-        repl_port_ = std::stoi(m[1]);
-        client_port_ = std::stoi(m[2]);
-        metrics_port_ = std::stoi(m[3]);
-        return;
-      }
-      int st;
-      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        break;
-      }
-      std::this_thread::sleep_for(20ms);  // polling a file the child writes; no event to wait on
-    }
-    ADD_FAILURE() << id << " never became ready";
-  }
-  ~Daemon() { Kill(SIGKILL); }
-  // Sends sig and waits; returns the exit code (or 128 + signal).
-  int Kill(int sig) {
-    if (pid_ <= 0) return -1;
-    ::kill(pid_, sig);
-    int st = 0;
-    ::waitpid(pid_, &st, 0);
-    pid_ = -1;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  }
-  std::string Cli(const std::string& args) {
-    return Shell("redis-cli -h 127.0.0.1 -p " + std::to_string(client_port_) + " " + args);
-  }
-  int repl_port() const { return repl_port_; }
-  int client_port() const { return client_port_; }
-  int metrics_port() const { return metrics_port_; }
-
- private:
-  std::string out_;
-  pid_t pid_ = -1;
-  int repl_port_ = 0, client_port_ = 0, metrics_port_ = 0;
-};
 
 TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   test::TempDir dir;
@@ -142,48 +80,6 @@ TEST(ReplicadTest, AcknowledgedWritesSurviveSigkill) {
   Daemon a(dir, "a", "");
   EXPECT_EQ(a.Cli("DBSIZE"), "20\n");
   EXPECT_EQ(a.Cli("GET key19"), "v19\n");
-}
-
-int Connect(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  timeval tv{10, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  return fd;
-}
-
-// Everything the server sends until it closes the connection.
-std::string Exchange(int port, const std::string& request) {
-  int fd = Connect(port);
-  (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
-  ::close(fd);
-  return out;
-}
-
-uint64_t InfoField(Daemon& d, const std::string& field) {
-  const std::string info = d.Cli("INFO replication");
-  std::smatch m;
-  if (!std::regex_search(info, m, std::regex(field + ":(\\d+)"))) return 0;
-  return std::stoull(m[1]);
-}
-
-// Waits until the standby has applied everything the active holds.
-bool CaughtUp(Daemon& active, Daemon& standby) {
-  const auto deadline = Clock::now() + 60s;
-  while (Clock::now() < deadline) {
-    const uint64_t want = InfoField(active, "master_repl_offset");
-    if (want > 0 && InfoField(standby, "slave_repl_offset") == want) return true;
-    std::this_thread::sleep_for(50ms);  // polling over RESP; the daemons offer no event
-  }
-  return false;
 }
 
 // Records as waldump prints them, by LSN, over [from, to].

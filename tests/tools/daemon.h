@@ -1,0 +1,203 @@
+// Helpers for tests that run replicad processes: a daemon handle, shell
+// commands, raw HTTP exchanges, and INFO-based catch-up waits.
+#pragma once
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/support/test_util.h"
+
+namespace replica::test {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+inline const std::string kReplicad = REPLICAD_PATH;
+
+inline std::string Shell(const std::string& cmd, int* code = nullptr) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = ::pclose(p);
+  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+// A replicad process; its stdout goes to a file that is read for the ready line.
+class Daemon {
+ public:
+  Daemon(const TempDir& dir, const std::string& id, const std::string& extra) : out_(dir.Sub(id + ".out")) {
+    std::remove(out_.c_str());  // a restarted node must not be taken for its predecessor
+    std::string cmd = kReplicad + " --id " + id + " --data-dir " + dir.Sub(id) +
+                      " --listen 127.0.0.1:0 --client-listen 127.0.0.1:0 --secret test --log-level warn " + extra;
+    std::fflush(nullptr);  // or the child would write this process's buffered output again
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      FILE* f = std::freopen(out_.c_str(), "w", stdout);
+      (void)f;
+      ::execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), nullptr);
+      _exit(127);
+    }
+    auto deadline = Clock::now() + 20s;
+    std::smatch m;
+    static const std::regex ready("replication=127.0.0.1:(\\d+) client=127.0.0.1:(\\d+) metrics=(\\d+)");
+    while (Clock::now() < deadline) {
+      std::ifstream in(out_);
+      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      if (std::regex_search(text, m, ready)) {
+        repl_port_ = std::stoi(m[1]);
+        client_port_ = std::stoi(m[2]);
+        metrics_port_ = std::stoi(m[3]);
+        return;
+      }
+      int st;
+      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      std::this_thread::sleep_for(20ms);  // polling a file the child writes; no event to wait on
+    }
+    ADD_FAILURE() << id << " never became ready";
+  }
+  ~Daemon() { Kill(SIGKILL); }
+  // Sends sig and waits; returns the exit code (or 128 + signal).
+  int Kill(int sig) {
+    if (pid_ <= 0) return -1;
+    ::kill(pid_, sig);
+    int st = 0;
+    ::waitpid(pid_, &st, 0);
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+  std::string Cli(const std::string& args) {
+    return Shell("redis-cli -h 127.0.0.1 -p " + std::to_string(client_port_) + " " + args);
+  }
+  int repl_port() const { return repl_port_; }
+  int client_port() const { return client_port_; }
+  int metrics_port() const { return metrics_port_; }
+
+ private:
+  std::string out_;
+  pid_t pid_ = -1;
+  int repl_port_ = 0, client_port_ = 0, metrics_port_ = 0;
+};
+
+inline int Connect(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  return fd;
+}
+
+// Everything the server sends until it closes the connection.
+inline std::string Exchange(int port, const std::string& request) {
+  int fd = Connect(port);
+  (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  return out;
+}
+
+inline uint64_t InfoField(Daemon& d, const std::string& field) {
+  const std::string info = d.Cli("INFO replication");
+  std::smatch m;
+  if (!std::regex_search(info, m, std::regex(field + ":(\\d+)"))) return 0;
+  return std::stoull(m[1]);
+}
+
+// Waits until the standby has applied everything the active holds.
+inline bool CaughtUp(Daemon& active, Daemon& standby) {
+  const auto deadline = Clock::now() + 60s;
+  while (Clock::now() < deadline) {
+    const uint64_t want = InfoField(active, "master_repl_offset");
+    if (want > 0 && InfoField(standby, "slave_repl_offset") == want) return true;
+    std::this_thread::sleep_for(50ms);  // polling over RESP; the daemons offer no event
+  }
+  return false;
+}
+
+
+}  // namespace replica::test
+
+namespace replica::test {
+
+// A Redis-protocol client on one connection (what a client library does):
+// Command sends one command and returns the first line of the reply, or ""
+// if the connection failed (it reconnects on the next call).
+class RespClient {
+ public:
+  explicit RespClient(int port) : port_(port) {}
+  ~RespClient() { Close(); }
+  std::string Command(const std::vector<std::string>& args) {
+    if (fd_ < 0) {
+      fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(static_cast<uint16_t>(port_));
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      timeval tv{5, 0};
+      ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+        Close();
+        return "";
+      }
+    }
+    std::string req = "*" + std::to_string(args.size()) + "\r\n";
+    for (const auto& a : args) req += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+    if (::send(fd_, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
+      Close();
+      return "";
+    }
+    std::string line;
+    char c;
+    while (::recv(fd_, &c, 1, 0) == 1) {
+      if (c == '\n') break;
+      if (c != '\r') line += c;
+    }
+    if (line.empty()) {
+      Close();
+      return "";
+    }
+    if (line[0] == '$' && line != "$-1") {  // a bulk string: read its body
+      line.clear();
+      while (::recv(fd_, &c, 1, 0) == 1) {
+        if (c == '\n') break;
+        if (c != '\r') line += c;
+      }
+      return line;
+    }
+    return line;
+  }
+  void Close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int port_;
+  int fd_ = -1;
+};
+
+}  // namespace replica::test

@@ -1,0 +1,186 @@
+// Automatic failover (docs/failover.md) with real processes: a real etcd,
+// replicad nodes with --etcd, SIGKILL for crashes, SIGSTOP for a stalled etcd.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+
+#include "tests/support/etcd_server.h"
+#include "tests/tools/daemon.h"
+
+namespace replica {
+namespace {
+
+using namespace std::chrono_literals;
+using test::Clock;
+using test::Daemon;
+using test::RespClient;
+
+class FailoverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    etcd_ = std::make_unique<test::EtcdServer>(dir_.path());
+    ASSERT_TRUE(etcd_->Start());
+  }
+  std::unique_ptr<Daemon> Start(const std::string& id, const std::string& extra = "") {
+    return std::make_unique<Daemon>(dir_, id, "--etcd " + etcd_->endpoint() + " --cluster f " + extra);
+  }
+  // Index of the only node answering ROLE with master; -1 if none within the
+  // limit. Fails the test if two ever answer master in one look.
+  int WaitForOneActive(const std::vector<Daemon*>& nodes, Clock::duration limit = 20s) {
+    const auto deadline = Clock::now() + limit;
+    while (Clock::now() < deadline) {
+      int found = -1, count = 0;
+      for (size_t i = 0; i < nodes.size(); ++i) {
+        if (nodes[i] && nodes[i]->Cli("ROLE").rfind("master", 0) == 0) {
+          found = static_cast<int>(i);
+          ++count;
+        }
+      }
+      EXPECT_LE(count, 1) << "two nodes are active at once";
+      if (count == 1) return found;
+      std::this_thread::sleep_for(50ms);  // roles change in other processes; nothing to wait on
+    }
+    return -1;
+  }
+  test::TempDir dir_;
+  std::unique_ptr<test::EtcdServer> etcd_;
+};
+
+// Writes SET kN vN on whichever node accepts it, remembering every
+// acknowledged key, until stopped.
+class Writer {
+ public:
+  explicit Writer(std::vector<int> ports) : ports_(std::move(ports)) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~Writer() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  size_t acked() const { return acked_.load(); }
+  std::vector<std::string> keys() const { return keys_; }  // after Stop
+
+ private:
+  void Run() {
+    std::vector<std::unique_ptr<RespClient>> clients;
+    for (int p : ports_) clients.push_back(std::make_unique<RespClient>(p));
+    size_t at = 0;
+    for (int i = 0; !stop_; ++i) {
+      const std::string k = "k" + std::to_string(i);
+      for (size_t tries = 0; tries < clients.size() * 50 && !stop_; ++tries) {
+        if (clients[at]->Command({"SET", k, "v" + std::to_string(i)}) == "+OK") {
+          keys_.push_back(k);
+          ++acked_;
+          break;
+        }
+        at = (at + 1) % clients.size();  // not the active (or gone): try the next node
+        if (at == 0) std::this_thread::sleep_for(20ms);
+      }
+    }
+  }
+  std::vector<int> ports_;
+  std::atomic<bool> stop_{false};
+  std::atomic<size_t> acked_{0};
+  std::vector<std::string> keys_;
+  std::thread thread_;
+};
+
+TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAndRejoins) {
+  const std::string rule = "--commit remote-write:1";
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id, rule));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int first = WaitForOneActive(nodes);
+  ASSERT_GE(first, 0);
+  Writer writer({d[0]->client_port(), d[1]->client_port(), d[2]->client_port()});
+  auto deadline = Clock::now() + 30s;
+  while (writer.acked() < 300 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  ASSERT_GE(writer.acked(), 300u);
+  const size_t before = writer.acked();
+  const auto killed_at = Clock::now();
+  EXPECT_EQ(d[first]->Kill(SIGKILL), 128 + SIGKILL);
+  nodes[first] = nullptr;
+  deadline = Clock::now() + 30s;
+  while (writer.acked() == before && Clock::now() < deadline) std::this_thread::sleep_for(5ms);
+  ASSERT_GT(writer.acked(), before) << "no write was accepted after the active died";
+  std::printf("failover: first write accepted %lld ms after the SIGKILL\n",
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - killed_at).count()));
+  while (writer.acked() < before + 300 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  writer.Stop();
+  const int second = WaitForOneActive(nodes);
+  ASSERT_GE(second, 0);
+  ASSERT_NE(second, first);
+  // remote-write:1: every acknowledged write is on the new active.
+  test::RespClient c(d[second]->client_port());
+  for (const auto& k : writer.keys()) ASSERT_EQ(c.Command({"GET", k}), "v" + k.substr(1)) << k;
+  // The old active comes back as a standby and catches up.
+  d[first] = Start(std::string(1, static_cast<char>('a' + first)), rule);
+  nodes[first] = d[first].get();
+  EXPECT_EQ(WaitForOneActive(nodes), second);
+  for (int i = 0; i < 3; ++i) {
+    if (i != second) {
+      EXPECT_TRUE(test::CaughtUp(*d[second], *d[i])) << "node " << i;
+      EXPECT_EQ(d[i]->Cli("ROLE").rfind("slave", 0), 0u);
+    }
+  }
+  const std::string size = d[second]->Cli("DBSIZE");
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(d[i]->Cli("DBSIZE"), size) << "node " << i;
+}
+
+TEST_F(FailoverTest, ExactlyOneActiveEveryRound) {
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  int active = WaitForOneActive(nodes);
+  for (int round = 0; round < 4; ++round) {
+    ASSERT_GE(active, 0) << "round " << round;
+    EXPECT_EQ(d[active]->Cli("SET round " + std::to_string(round)), "OK\n");
+    // The others follow it.
+    for (int i = 0; i < 3; ++i) {
+      if (i != active) {
+        EXPECT_TRUE(test::CaughtUp(*d[active], *d[i])) << "round " << round << " node " << i;
+      }
+    }
+    d[active]->Kill(SIGKILL);
+    nodes[active] = nullptr;
+    const int next = WaitForOneActive(nodes);  // one of the two left, and only one
+    ASSERT_GE(next, 0) << "round " << round;
+    EXPECT_NE(next, active);
+    d[active] = Start(std::string(1, static_cast<char>('a' + active)));
+    nodes[active] = d[active].get();
+    active = WaitForOneActive(nodes);
+    EXPECT_EQ(active, next) << "the restarted node took the role back";
+  }
+}
+
+TEST_F(FailoverTest, AnActiveCutOffFromEtcdStopsAcceptingWritesBeforeItsLeaseEnds) {
+  auto a = Start("a");
+  std::vector<Daemon*> nodes = {a.get()};
+  ASSERT_EQ(WaitForOneActive(nodes), 0);
+  RespClient c(a->client_port());
+  ASSERT_EQ(c.Command({"SET", "x", "1"}), "+OK");
+  etcd_->Kill(SIGSTOP);
+  const auto paused = Clock::now();
+  std::string reply;
+  while (Clock::now() - paused < 5s) {
+    reply = c.Command({"SET", "x", "2"});
+    if (reply != "+OK") break;
+    std::this_thread::sleep_for(20ms);
+  }
+  const auto refused_after = Clock::now() - paused;
+  etcd_->Kill(SIGCONT);
+  EXPECT_NE(reply, "+OK");
+  EXPECT_NE(reply.find("READONLY"), std::string::npos) << reply;
+  // The lease (2 s) cannot have ended at etcd before this node stopped.
+  EXPECT_LT(refused_after, 2s);
+  // etcd back: the cluster accepts writes again (the node campaigns anew).
+  ASSERT_EQ(WaitForOneActive(nodes), 0);
+  const auto deadline = Clock::now() + 15s;
+  while (c.Command({"SET", "x", "3"}) != "+OK" && Clock::now() < deadline) std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(c.Command({"GET", "x"}), "3");
+}
+
+}  // namespace
+}  // namespace replica
