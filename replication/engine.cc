@@ -287,6 +287,7 @@ class EngineImpl final : public Engine, public transport::Handler {
 
   // High availability (opts_.etcd set).
   std::unique_ptr<Arbiter> arbiter_;
+  Mutex sync_mu_ ACQUIRED_BEFORE(mu_);  // serialises publishing the sync set
   std::thread role_thread_;
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
@@ -593,7 +594,29 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     }
     if (waiter.cv.WaitUntil(deadline) || Clock::now() < deadline) continue;
     if (opts_.commit_fallback == "async") {
-      if (!degraded_) {
+      if (!degraded_ && arbiter_) {
+        // Nothing is acknowledged without the standbys until etcd no longer
+        // lists them as eligible for promotion.
+        mu_.Unlock();
+        sync_mu_.Lock();
+        Status ps = arbiter_->PublishSyncSet({});
+        mu_.Lock();
+        if (ps.ok() && !degraded_) {
+          degraded_ = true;
+          degraded_at_ = wal_->last_lsn();
+          ++fallbacks_;
+          RLOG(kWarn, "engine.commit_fallback") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
+                                                << " lsn=" << lsn << " waited_ms=" << opts_.commit_timeout.count()
+                                                << " standbys=" << standbys_.size()
+                                                << " (acknowledging as async; no standby is eligible now)";
+        }
+        sync_mu_.Unlock();
+        if (!ps.ok()) {
+          RLOG(kWarn, "engine.commit_waiting") << "node=" << opts_.node_id << " lsn=" << lsn
+                                               << " (cannot withdraw the standbys' eligibility from etcd: "
+                                               << ps.ToString() << ")";
+        }
+      } else if (!degraded_) {
         degraded_ = true;
         degraded_at_ = wal_->last_lsn();
         ++fallbacks_;
@@ -1242,6 +1265,7 @@ void EngineImpl::RoleLoop() {
         // Standbys that hold everything committed are eligible (added late is
         // safe; removal happens before any write is acknowledged without them).
         std::vector<std::string> sync;
+        MutexLock sl(&sync_mu_);  // never overwrites a withdrawal made meanwhile by a degrading write
         {
           MutexLock l(&mu_);
           if (!degraded_) {
