@@ -1239,7 +1239,8 @@ NodeInfo EngineImpl::MyInfo() {
 
 void EngineImpl::RoleLoop() {
   auto last_publish = Clock::time_point();
-  auto stand_aside_until = Clock::time_point();
+  auto vacancy_seen = Clock::time_point();  // when this node first saw no active
+  constexpr auto kSettle = 100ms;
   for (;;) {
     const uint64_t seen = arbiter_->changes();
     {
@@ -1286,44 +1287,48 @@ void EngineImpl::RoleLoop() {
         cv_.SignalAll();
       }
     } else if (LeaseHeld()) {
-      // Nobody is active. Only an eligible node campaigns, and the most
-      // caught-up one first: the others stand aside for a while in
-      // proportion to how many are ahead of them, then look again.
-      bool eligible = true;
-      if (opts_.commit.mode != CommitRule::Mode::kAsync) {
-        auto sync = arbiter_->GetSyncSet();
-        if (sync.ok() && *sync) {
-          eligible = std::find((*sync)->begin(), (*sync)->end(), opts_.node_id) != (*sync)->end();
+      // Nobody is active. First every node publishes its final LSNs (what
+      // it received from the dead active no longer changes) and waits a
+      // moment for the others to do the same; then only an eligible node
+      // campaigns, and only if no eligible live node holds more: such a node
+      // is given a lease TTL to win before the others campaign anyway.
+      if (vacancy_seen == Clock::time_point()) {
+        vacancy_seen = now;
+        if (arbiter_->Publish(MyInfo()).ok()) last_publish = now;
+      } else if (now - vacancy_seen >= kSettle) {
+        std::optional<std::vector<std::string>> sync;
+        if (opts_.commit.mode != CommitRule::Mode::kAsync) {
+          if (auto got = arbiter_->GetSyncSet(); got.ok()) sync = *got;
         }
-      }
-      const NodeInfo me = MyInfo();
-      int ahead = 0;
-      if (auto nodes = arbiter_->GetNodes(); nodes.ok()) {
-        for (const auto& n : *nodes) {
-          if (n.id != me.id && (n.durable_lsn > me.durable_lsn || (n.durable_lsn == me.durable_lsn && n.id < me.id))) {
-            ++ahead;
+        auto eligible = [&](const std::string& id) {
+          return !sync || std::find(sync->begin(), sync->end(), id) != sync->end();
+        };
+        const NodeInfo me = MyInfo();
+        int ahead = 0;
+        if (auto nodes = arbiter_->GetNodes(); nodes.ok()) {
+          for (const auto& n : *nodes) {
+            if (n.id == me.id || !eligible(n.id)) continue;
+            if (n.durable_lsn > me.durable_lsn || (n.durable_lsn == me.durable_lsn && n.id < me.id)) ++ahead;
           }
         }
-      }
-      if (!eligible) {
-        RLOG(kDebug, "engine.not_eligible") << "node=" << opts_.node_id;
-      } else if (ahead > 0 && stand_aside_until == Clock::time_point()) {
-        stand_aside_until = now + ahead * 400ms;
-      } else if (ahead == 0 || now >= stand_aside_until) {
-        stand_aside_until = Clock::time_point();
-        auto won = arbiter_->Campaign(me, wal_->last_epoch());
-        if (won.ok() && *won) {
-          Status st = Promote(**won);
-          if (!st.ok()) {
-            RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
-            (void)arbiter_->Resign(opts_.node_id);
-            Demote("promotion failed");
+        if (!eligible(me.id)) {
+          RLOG(kDebug, "engine.not_eligible") << "node=" << opts_.node_id;
+        } else if (ahead == 0 || now - vacancy_seen >= kSettle + opts_.lease_ttl + 1s) {
+          auto won = arbiter_->Campaign(me, wal_->last_epoch());
+          if (won.ok() && *won) {
+            vacancy_seen = Clock::time_point();
+            Status st = Promote(**won);
+            if (!st.ok()) {
+              RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+              (void)arbiter_->Resign(opts_.node_id);
+              Demote("promotion failed");
+            }
+            continue;
           }
-          continue;
         }
       }
     }
-    if (active.ok() && *active) stand_aside_until = Clock::time_point();
+    if (active.ok() && *active) vacancy_seen = Clock::time_point();
     arbiter_->WaitForChange(seen, Clock::now() + 200ms);
   }
 }

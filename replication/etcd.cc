@@ -523,7 +523,9 @@ void Watch::Stop() {
   {
     MutexLock l(&state_->mu);
     if (state_->connected) {
-      auto state = state_;
+      // A raw pointer: a handler left queued (the thread already out of run())
+      // is destroyed with the io_context, and must not keep the state alive.
+      State* state = state_.get();
       asio::post(state->ioc, [state] { state->stream.cancel(); });
     }
   }
