@@ -158,6 +158,19 @@ class EtcdArbiter final : public Arbiter {
     return std::optional<std::vector<std::string>>(std::move(out));
   }
 
+  Result<std::vector<std::pair<std::string, std::string>>> GetControls() override {
+    REPLICA_ASSIGN_OR_RETURN(auto kvs, client_->GetPrefix(prefix_ + "ctl/"));
+    std::vector<std::pair<std::string, std::string>> out;
+    for (auto& kv : kvs) out.emplace_back(kv.key.substr(prefix_.size() + 4), std::move(kv.value));
+    return out;
+  }
+
+  Status PutControl(const std::string& name, const std::string& value) override {
+    return client_->Put(prefix_ + "ctl/" + name, value).status();
+  }
+
+  Status ClearControl(const std::string& name) override { return client_->Delete(prefix_ + "ctl/" + name); }
+
   Clock::time_point LeaseDeadline() const override {
     return Clock::time_point(Clock::duration(deadline_.load()));
   }

@@ -67,6 +67,12 @@ class Arbiter {
   virtual uint64_t changes() const = 0;
   // Returns once changes() differs from `since`, or at the deadline.
   virtual void WaitForChange(uint64_t since, Clock::time_point deadline) = 0;
+  // Operator requests (repctl), under CTL/: "fence/NODE", "switchover"
+  // (value: the target node), "promote" (value: the node to force). Keys
+  // are relative to CTL/.
+  virtual Result<std::vector<std::pair<std::string, std::string>>> GetControls() = 0;
+  virtual Status PutControl(const std::string& name, const std::string& value) = 0;
+  virtual Status ClearControl(const std::string& name) = 0;
   // Stops keeping the lease alive and revokes it (the session and, if held,
   // the active key vanish at once).
   virtual void Stop() = 0;

@@ -295,6 +295,10 @@ class EngineImpl final : public Engine, public transport::Handler {
   // active accepts its log (its tail may not be in the new active's history).
   wal::Lsn apply_cap_ GUARDED_BY(mu_) = UINT64_MAX;
   void RoleLoop();
+  // Planned switchover (repctl): refuse writes, wait for the target to hold
+  // everything, step down and free the active key for it.
+  void HandOver(const std::string& target);
+  std::atomic<bool> handing_over_{false};
   NodeInfo MyInfo();
   Status Promote(uint64_t epoch);
   void Demote(const std::string& reason);
@@ -567,6 +571,9 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
   }
   if (!LeaseHeld()) {
     return Status::NotActive("node " + opts_.node_id + " cannot renew its etcd lease: it accepts no writes");
+  }
+  if (handing_over_.load()) {
+    return Status::NotActive("node " + opts_.node_id + " is handing the active role over (switchover)");
   }
   if (batch.empty()) return Status::InvalidArgument("empty write batch");
   {
@@ -1256,6 +1263,49 @@ void EngineImpl::RoleLoop() {
       Demote("its etcd lease could not be renewed in time (self-fencing)");
     }
     auto active = arbiter_->GetActive();
+    std::map<std::string, std::string> ctl;
+    if (auto c = arbiter_->GetControls(); c.ok()) ctl.insert(c->begin(), c->end());
+    if (ctl.count("fence/" + opts_.node_id)) {
+      if (role_.load() == Role::kActive) {
+        Demote("fenced by an operator (repctl fence)");
+        (void)arbiter_->Resign(opts_.node_id);
+      }
+      (void)arbiter_->ClearControl("fence/" + opts_.node_id);
+      continue;
+    }
+    const std::string switch_to = ctl.count("switchover") ? ctl["switchover"] : std::string();
+    const std::string forced = ctl.count("promote") ? ctl["promote"] : std::string();
+    if (role_.load() == Role::kActive && !switch_to.empty() && switch_to != opts_.node_id) {
+      HandOver(switch_to);
+      continue;
+    }
+    if (role_.load() == Role::kStandby && active.ok() && !*active &&
+        (switch_to == opts_.node_id || forced == opts_.node_id)) {
+      // Named by the operator: campaign now, without waiting for the others
+      // (a forced promotion ignores eligibility: acknowledged writes may be lost).
+      RLOG(kWarn, "engine.operator_promotion") << "node=" << opts_.node_id
+                                               << (forced == opts_.node_id ? " (promote --force)" : " (switchover)");
+      auto won = arbiter_->Campaign(MyInfo(), wal_->last_epoch());
+      if (won.ok() && *won) {
+        Status st = Promote(**won);
+        if (!st.ok()) {
+          RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+          (void)arbiter_->Resign(opts_.node_id);
+          Demote("promotion failed");
+        }
+        (void)arbiter_->ClearControl(forced == opts_.node_id ? "promote" : "switchover");
+      }
+      continue;
+    }
+    if (!switch_to.empty() && switch_to != opts_.node_id && active.ok() && !*active) {
+      // A switchover to another node is under way: stand aside (for at most
+      // a lease TTL, in case the target died meanwhile).
+      if (vacancy_seen == Clock::time_point()) vacancy_seen = now;
+      if (now - vacancy_seen < opts_.lease_ttl + 1s) {
+        arbiter_->WaitForChange(seen, Clock::now() + 100ms);
+        continue;
+      }
+    }
     if (!active.ok()) {
       RLOG(kDebug, "engine.arbiter_unreachable") << "node=" << opts_.node_id << " error=\""
                                                  << active.status().ToString() << "\"";
@@ -1333,6 +1383,36 @@ void EngineImpl::RoleLoop() {
   }
 }
 
+void EngineImpl::HandOver(const std::string& target) {
+  const auto started = Clock::now();
+  handing_over_ = true;  // writes are refused from here on
+  RLOG(kWarn, "engine.switchover_start") << "node=" << opts_.node_id << " to=" << target;
+  bool ready = false;
+  {
+    MutexLock l(&mu_);
+    const auto deadline = Clock::now() + 10s;
+    for (;;) {
+      const wal::Lsn last = wal_->last_lsn();
+      auto it = standbys_.find(target);
+      ready = it != standbys_.end() && !it->second->resync && it->second->flushed >= last && applied_lsn_ >= last;
+      if (ready || closing_ || Clock::now() >= deadline) break;
+      acks_cv_.WaitUntil(std::min(deadline, Clock::now() + 50ms));
+    }
+  }
+  if (!ready) {
+    handing_over_ = false;
+    (void)arbiter_->ClearControl("switchover");
+    RLOG(kError, "engine.switchover_failed") << "node=" << opts_.node_id << " to=" << target
+                                             << " reason=\"the target did not catch up within 10 s (or is not connected)\"";
+    return;
+  }
+  Demote("switchover to " + target);
+  (void)arbiter_->Resign(opts_.node_id);
+  RLOG(kWarn, "engine.switchover_handed") << "node=" << opts_.node_id << " to=" << target << " ms="
+                                          << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started)
+                                                 .count();
+}
+
 Status EngineImpl::Promote(uint64_t epoch) {
   const auto started = Clock::now();
   {
@@ -1362,6 +1442,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
   epoch_ = epoch;
   REPLICA_ASSIGN_OR_RETURN(wal::Lsn start, wal_->Append(epoch, wal::RecordType::kEpochStart, opts_.node_id));
   SendFences(epoch);
+  handing_over_ = false;
   {
     MutexLock l(&mu_);
     commit_lsn_ = std::max(commit_lsn_, applied_lsn_);
@@ -1717,6 +1798,8 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
     const auto& f = msg.fence();
     if (f.epoch() > epoch_.load()) {
       Demote("fenced by " + f.new_active() + " at epoch " + std::to_string(f.epoch()));
+    } else if (f.epoch() == epoch_.load() && role_.load() == Role::kStandby) {
+      // The active of this very epoch announcing itself: nothing to do.
     } else {
       RLOG(kWarn, "engine.stale_fence") << "node=" << opts_.node_id << " from=" << f.new_active()
                                         << " epoch=" << f.epoch() << " own_epoch=" << epoch_.load();
@@ -1820,6 +1903,8 @@ void EngineImpl::ReceiverLoop() {
           apply_cap_ = UINT64_MAX;  // an active continued this log: all of it is in its history
           cv_.SignalAll();
         }
+        const wal::Epoch seen = wal_->last_epoch();
+        if (seen > epoch_.load()) epoch_ = seen;  // the epoch this standby now knows of
         SendAck(s);
       } else {
         st = last.status();

@@ -61,6 +61,12 @@ class Writer {
   }
   size_t acked() const { return acked_.load(); }
   std::vector<std::string> keys() const { return keys_; }  // after Stop
+  // The longest time between two acknowledged writes (after Stop).
+  Clock::duration longest_gap() const {
+    Clock::duration g{};
+    for (size_t i = 1; i < times_.size(); ++i) g = std::max(g, times_[i] - times_[i - 1]);
+    return g;
+  }
 
  private:
   void Run() {
@@ -72,6 +78,7 @@ class Writer {
       for (size_t tries = 0; tries < clients.size() * 50 && !stop_; ++tries) {
         if (clients[at]->Command({"SET", k, "v" + std::to_string(i)}) == "+OK") {
           keys_.push_back(k);
+          times_.push_back(Clock::now());
           ++acked_;
           break;
         }
@@ -84,8 +91,13 @@ class Writer {
   std::atomic<bool> stop_{false};
   std::atomic<size_t> acked_{0};
   std::vector<std::string> keys_;
+  std::vector<Clock::time_point> times_;
   std::thread thread_;
 };
+
+std::string Repctl(const std::string& etcd, const std::string& args, int* code) {
+  return test::Shell(std::string(REPCTL_PATH) + " --etcd " + etcd + " --cluster f " + args, code);
+}
 
 TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAndRejoins) {
   const std::string rule = "--commit remote-write:1";
@@ -180,6 +192,59 @@ TEST_F(FailoverTest, AnActiveCutOffFromEtcdStopsAcceptingWritesBeforeItsLeaseEnd
   const auto deadline = Clock::now() + 15s;
   while (c.Command({"SET", "x", "3"}) != "+OK" && Clock::now() < deadline) std::this_thread::sleep_for(50ms);
   EXPECT_EQ(c.Command({"GET", "x"}), "3");
+}
+
+TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id, "--commit remote-write:1"));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int first = WaitForOneActive(nodes);
+  ASSERT_GE(first, 0);
+  int code = 0;
+  std::string out = Repctl(etcd_->endpoint(), "status", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find(std::string("active: ") + static_cast<char>('a' + first)), std::string::npos) << out;
+  for (const char* id : {"a ", "b ", "c "}) EXPECT_NE(out.find(std::string("\n") + id), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "status --json", &code);
+  EXPECT_EQ(code, 0);
+  EXPECT_NE(out.find("\"nodes\":["), std::string::npos) << out;
+
+  // Planned switchover under load: no acknowledged write lost.
+  Writer writer({d[0]->client_port(), d[1]->client_port(), d[2]->client_port()});
+  auto deadline = Clock::now() + 30s;
+  while (writer.acked() < 200 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  const int target = (first + 1) % 3;
+  const std::string target_id(1, static_cast<char>('a' + target));
+  out = Repctl(etcd_->endpoint(), "switchover --to " + target_id, &code);
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("switched over"), std::string::npos) << out;
+  const size_t at_switch = writer.acked();
+  deadline = Clock::now() + 30s;
+  while (writer.acked() < at_switch + 200 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  writer.Stop();
+  EXPECT_EQ(WaitForOneActive(nodes), target);
+  std::printf("switchover: longest gap between acknowledged writes %lld ms\n",
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(writer.longest_gap()).count()));
+  RespClient c(d[target]->client_port());
+  for (const auto& k : writer.keys()) ASSERT_EQ(c.Command({"GET", k}), "v" + k.substr(1)) << k;
+
+  // Manual fence: the active gives up its role; another node takes over.
+  out = Repctl(etcd_->endpoint(), "fence " + target_id, &code);
+  EXPECT_EQ(code, 0) << out;
+  const int after = WaitForOneActive(nodes);
+  ASSERT_GE(after, 0);
+  EXPECT_NE(c.Command({"SET", "k", "v"}), "+OK") << "the fenced node still accepts writes";
+  // Errors name the problem and exit non-zero.
+  out = Repctl(etcd_->endpoint(), "fence nosuchnode", &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("no node 'nosuchnode'"), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "promote --force a", &code);
+  EXPECT_EQ(code, 1) << "a forced promotion while an active exists";
+  out = Repctl("127.0.0.1:" + std::to_string(test::FreePort()), "status", &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("etcd unreachable"), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "frobnicate", &code);
+  EXPECT_EQ(code, 2);
 }
 
 }  // namespace

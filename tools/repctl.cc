@@ -1,0 +1,234 @@
+// repctl: the operator's view of a cluster through etcd (docs/failover.md):
+// status, planned switchover, forced promotion, manual fencing.
+#include <boost/json.hpp>
+#include <boost/program_options.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <thread>
+
+#include "base/log.h"
+#include "replication/arbiter.h"
+#include "replication/etcd.h"
+
+namespace po = boost::program_options;
+using namespace replica;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+[[noreturn]] void Fail(const std::string& msg, int code = 1) {
+  std::fprintf(stderr, "repctl: %s\n", msg.c_str());
+  std::exit(code);
+}
+
+template <typename T>
+T OrFail(Result<T> r, const std::string& what) {
+  if (!r.ok()) Fail(what + ": " + r.status().ToString());
+  return std::move(r).value();
+}
+
+const char kUsage[] =
+    "Usage: repctl [--etcd URLS] [--cluster NAME] COMMAND [ARGS]\n\n"
+    "Commands:\n"
+    "  status [--json]              every node: role, epoch, LSNs, lag in records, eligibility\n"
+    "  switchover [--to NODE]       planned hand-over to NODE (default: the most caught-up standby);\n"
+    "                               the active refuses writes until NODE holds everything, then steps down\n"
+    "  promote --force NODE         make NODE the active when there is none and no eligible standby\n"
+    "                               came forward; writes the old active acknowledged but NODE lacks are LOST\n"
+    "  fence NODE                   make NODE stop accepting writes and give up the active role\n\n"
+    "Exit status: 0 done, 1 failed (etcd unreachable, no such node, timed out), 2 usage error.\n\nOptions";
+
+struct Cluster {
+  std::optional<ActiveInfo> active;
+  std::vector<NodeInfo> nodes;
+  std::optional<std::vector<std::string>> sync;
+};
+
+Cluster Read(Arbiter* a) {
+  Cluster c;
+  c.active = OrFail(a->GetActive(), "read the active key from etcd");
+  c.nodes = OrFail(a->GetNodes(), "read the node sessions from etcd");
+  c.sync = OrFail(a->GetSyncSet(), "read the sync set from etcd");
+  return c;
+}
+
+const NodeInfo* Find(const Cluster& c, const std::string& id) {
+  for (const auto& n : c.nodes) {
+    if (n.id == id) return &n;
+  }
+  return nullptr;
+}
+
+bool Eligible(const Cluster& c, const std::string& id) {
+  return !c.sync || std::find(c.sync->begin(), c.sync->end(), id) != c.sync->end();
+}
+
+int PrintStatus(Arbiter* a, bool as_json) {
+  const Cluster c = Read(a);
+  uint64_t head = 0;
+  if (c.active) {
+    if (const NodeInfo* n = Find(c, c.active->id)) head = n->last_lsn;
+  }
+  if (as_json) {
+    boost::json::array nodes;
+    for (const auto& n : c.nodes) {
+      const bool is_active = c.active && c.active->id == n.id;
+      nodes.push_back(boost::json::object{{"id", n.id},
+                                          {"role", is_active ? "active" : "standby"},
+                                          {"address", n.address},
+                                          {"client_address", n.client_address},
+                                          {"epoch", n.epoch},
+                                          {"last_lsn", n.last_lsn},
+                                          {"durable_lsn", n.durable_lsn},
+                                          {"applied_lsn", n.applied_lsn},
+                                          {"lag_records", is_active || head < n.durable_lsn ? 0 : head - n.durable_lsn},
+                                          {"eligible", !is_active && Eligible(c, n.id)}});
+    }
+    boost::json::object out{{"active", c.active ? boost::json::value(c.active->id) : boost::json::value(nullptr)},
+                            {"epoch", c.active ? c.active->epoch : 0},
+                            {"nodes", std::move(nodes)}};
+    std::cout << boost::json::serialize(out) << "\n";
+    return 0;
+  }
+  std::printf("active: %s", c.active ? c.active->id.c_str() : "(none)");
+  if (c.active) std::printf(" at epoch %llu (%s)", static_cast<unsigned long long>(c.active->epoch), c.active->address.c_str());
+  std::printf("\n%-12s %-8s %6s %10s %10s %10s %11s %-9s %-21s %s\n", "NODE", "ROLE", "EPOCH", "LAST", "DURABLE", "APPLIED",
+              "LAG(recs)", "ELIGIBLE", "REPLICATION", "CLIENT");
+  for (const auto& n : c.nodes) {
+    const bool is_active = c.active && c.active->id == n.id;
+    const uint64_t lag = is_active || head < n.durable_lsn ? 0 : head - n.durable_lsn;
+    std::printf("%-12s %-8s %6llu %10llu %10llu %10llu %11llu %-9s %-21s %s\n", n.id.c_str(),
+                is_active ? "active" : "standby", static_cast<unsigned long long>(n.epoch),
+                static_cast<unsigned long long>(n.last_lsn), static_cast<unsigned long long>(n.durable_lsn),
+                static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag),
+                is_active ? "-" : (Eligible(c, n.id) ? "yes" : "no"), n.address.c_str(),
+                n.client_address.empty() ? "-" : n.client_address.c_str());
+  }
+  if (c.nodes.empty()) std::printf("(no node has a session in this cluster)\n");
+  return 0;
+}
+
+// Polls the active key until pred holds or the limit passes; returns the elapsed time or -1.
+template <typename Pred>
+long WaitFor(Arbiter* a, Pred pred, std::chrono::seconds limit) {
+  const auto start = Clock::now();
+  while (Clock::now() - start < limit) {
+    auto active = a->GetActive();
+    if (active.ok() && pred(*active)) {
+      return static_cast<long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return -1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  po::options_description desc(kUsage);
+  // clang-format off
+  desc.add_options()
+      ("help,h", "show this help")
+      ("etcd", po::value<std::string>()->default_value("127.0.0.1:2379"), "etcd client URLs, comma-separated")
+      ("cluster", po::value<std::string>()->default_value("default"), "cluster name (as given to replicad)")
+      ("json", "status: one JSON object instead of a table")
+      ("to", po::value<std::string>(), "switchover: the node to hand over to")
+      ("force", "promote: required, to acknowledge the risk of losing writes")
+      ("timeout", po::value<int>()->default_value(20), "seconds to wait for a switchover, promotion or fence")
+      ("command", po::value<std::vector<std::string>>(), "COMMAND [NODE]");
+  // clang-format on
+  po::positional_options_description pos;
+  pos.add("command", -1);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc, argv).options(desc).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    Fail(std::string(e.what()) + " (see repctl --help)", 2);
+  }
+  if (vm.count("help") || !vm.count("command")) {
+    std::cout << desc << "\n";
+    return vm.count("help") ? 0 : 2;
+  }
+  SetLogLevel(LogLevel::kWarn);
+  const auto args = vm["command"].as<std::vector<std::string>>();
+  const std::string& cmd = args[0];
+  auto endpoints = etcd::ParseEndpoints(vm["etcd"].as<std::string>());
+  if (!endpoints.ok()) Fail("--etcd: " + endpoints.status().message(), 2);
+  EtcdArbiterOptions ao;
+  ao.endpoints = *endpoints;
+  ao.cluster = vm["cluster"].as<std::string>();
+  auto arbiter = OrFail(NewEtcdArbiter(ao), "etcd");
+  const auto limit = std::chrono::seconds(std::max(1, vm["timeout"].as<int>()));
+
+  if (cmd == "status") {
+    if (args.size() != 1) Fail("status takes no argument", 2);
+    return PrintStatus(arbiter.get(), vm.count("json") > 0);
+  }
+  if (cmd == "fence") {
+    if (args.size() != 2) Fail("usage: repctl fence NODE", 2);
+    const Cluster c = Read(arbiter.get());
+    if (!Find(c, args[1])) Fail("no node '" + args[1] + "' has a session in cluster '" + ao.cluster + "'");
+    Status put = arbiter->PutControl("fence/" + args[1], "repctl");
+    if (!put.ok()) Fail("etcd: " + put.ToString());
+    const long ms = WaitFor(arbiter.get(), [&](const std::optional<ActiveInfo>& a) { return !a || a->id != args[1]; }, limit);
+    if (ms < 0) Fail("node " + args[1] + " still holds the active key after " + std::to_string(limit.count()) + " s");
+    std::printf("fenced %s: it no longer holds the active role (%ld ms)\n", args[1].c_str(), ms);
+    return 0;
+  }
+  if (cmd == "switchover") {
+    if (args.size() != 1) Fail("usage: repctl switchover [--to NODE]", 2);
+    const Cluster c = Read(arbiter.get());
+    if (!c.active) Fail("there is no active to switch over from");
+    std::string target;
+    if (vm.count("to")) {
+      target = vm["to"].as<std::string>();
+      if (!Find(c, target)) Fail("no node '" + target + "' has a session in cluster '" + ao.cluster + "'");
+      if (target == c.active->id) Fail(target + " is already the active");
+    } else {
+      uint64_t best = 0;
+      for (const auto& n : c.nodes) {
+        if (n.id != c.active->id && (target.empty() || n.durable_lsn > best)) {
+          target = n.id;
+          best = n.durable_lsn;
+        }
+      }
+      if (target.empty()) Fail("no standby to switch over to");
+    }
+    const std::string from = c.active->id;
+    Status put = arbiter->PutControl("switchover", target);
+    if (!put.ok()) Fail("etcd: " + put.ToString());
+    const long ms = WaitFor(arbiter.get(), [&](const std::optional<ActiveInfo>& a) { return a && a->id == target; }, limit);
+    (void)arbiter->ClearControl("switchover");
+    if (ms < 0) Fail("the switchover to " + target + " did not complete in " + std::to_string(limit.count()) +
+                     " s (see the logs of " + from + ": engine.switchover_failed)");
+    std::printf("switched over from %s to %s: the active key moved %ld ms after the request\n", from.c_str(),
+                target.c_str(), ms);
+    return 0;
+  }
+  if (cmd == "promote") {
+    if (args.size() != 2 || !vm.count("force")) {
+      Fail("usage: repctl promote --force NODE (writes NODE lacks are lost; prefer switchover)", 2);
+    }
+    const Cluster c = Read(arbiter.get());
+    if (c.active) Fail(c.active->id + " is the active; use repctl switchover --to " + args[1]);
+    const NodeInfo* n = Find(c, args[1]);
+    if (!n) Fail("no node '" + args[1] + "' has a session in cluster '" + ao.cluster + "'");
+    uint64_t best = 0;
+    for (const auto& o : c.nodes) best = std::max(best, o.durable_lsn);
+    std::fprintf(stderr, "repctl: WARNING: forcing %s (durable LSN %llu; the highest known is %llu): writes the old "
+                         "active acknowledged but %s lacks are lost\n",
+                 args[1].c_str(), static_cast<unsigned long long>(n->durable_lsn),
+                 static_cast<unsigned long long>(best), args[1].c_str());
+    Status put = arbiter->PutControl("promote", args[1]);
+    if (!put.ok()) Fail("etcd: " + put.ToString());
+    const long ms = WaitFor(arbiter.get(), [&](const std::optional<ActiveInfo>& a) { return a && a->id == args[1]; }, limit);
+    (void)arbiter->ClearControl("promote");
+    if (ms < 0) Fail(args[1] + " did not become the active within " + std::to_string(limit.count()) + " s");
+    std::printf("promoted %s (%ld ms)\n", args[1].c_str(), ms);
+    return 0;
+  }
+  Fail("unknown command '" + cmd + "' (see repctl --help)", 2);
+}
