@@ -179,6 +179,10 @@ class EngineImpl final : public Engine, public transport::Handler {
   Status PrepareResync(const std::shared_ptr<transport::Session>& s, const proto::SnapshotOffer& offer);
   Status InstallSnapshot();
   void OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg);
+  // Closes s (saying why) unless this node is a standby and s its upstream.
+  bool FromUpstream(const std::shared_ptr<transport::Session>& s, const std::string& what) EXCLUDES(mu_);
+  // The snapshot file being received is complete: made durable and hashed.
+  static Status FinishFile(Receive& r);
   // Moves the WAL retention floor (slots, applied LSN) and drops slots past
   // their cap; persists the slots first. Throttled unless force.
   void MaintainRetention(bool force) EXCLUDES(mu_);
@@ -1007,19 +1011,35 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
                                            .count();
 }
 
-void EngineImpl::OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) {
-  if (role_.load() != Role::kStandby) {
-    s->Close(Status::InvalidArgument("a snapshot sent to the active"));
-    return;
-  }
+bool EngineImpl::FromUpstream(const std::shared_ptr<transport::Session>& s, const std::string& what) {
+  std::shared_ptr<transport::Session> upstream;
   {
     MutexLock l(&mu_);
-    if (s != upstream_) {
-      mu_.Unlock();
-      s->Close(Status::InvalidArgument("a snapshot from a node this standby does not follow"));
-      mu_.Lock();
-      return;
-    }
+    upstream = upstream_;
+  }
+  if (role_.load() != Role::kStandby) {
+    s->Close(Status::InvalidArgument(what + " sent to the active"));
+    return false;
+  }
+  if (s != upstream) {
+    s->Close(Status::InvalidArgument(what + " from a node this standby does not follow"));
+    return false;
+  }
+  return true;
+}
+
+Status EngineImpl::FinishFile(Receive& r) {
+  Status st = r.file->Sync();
+  if (st.ok()) st = r.file->Close();
+  r.file.reset();
+  r.received[r.name] = XXH3_64bits_digest(r.hash.get());
+  return st;
+}
+
+void EngineImpl::OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) {
+  if (!FromUpstream(s, "a snapshot")) return;
+  {
+    MutexLock l(&mu_);
     if (msg.has_snapshot_offer()) {
       pending_offer_ = msg.snapshot_offer();  // the follower thread answers it
       cv_.SignalAll();
@@ -1051,12 +1071,7 @@ void EngineImpl::OnSnapshotControl(const std::shared_ptr<transport::Session>& s,
           r.name = f.name();
           r.remaining = f.size();
           XXH3_64bits_reset(r.hash.get());
-          if (r.remaining == 0) {
-            st = r.file->Sync();
-            if (st.ok()) st = r.file->Close();
-            r.file.reset();
-            r.received[r.name] = XXH3_64bits_digest(r.hash.get());
-          }
+          if (r.remaining == 0) st = FinishFile(r);
         }
       }
     } else if (msg.has_snapshot_done()) {
@@ -1816,19 +1831,7 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
 }
 
 void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::string_view payload) {
-  if (role_.load() != Role::kStandby) {
-    s->Close(Status::InvalidArgument("WAL data sent to the active"));
-    return;
-  }
-  {
-    MutexLock l(&mu_);
-    if (s != upstream_) {
-      mu_.Unlock();
-      s->Close(Status::InvalidArgument("WAL data from a node this standby does not follow"));
-      mu_.Lock();
-      return;
-    }
-  }
+  if (!FromUpstream(s, "WAL data")) return;
   if (receiving_.load()) {
     Status st;
     {
@@ -1843,12 +1846,7 @@ void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::strin
           r.remaining -= payload.size();
           r.bytes += payload.size();
           snapshot_bytes_received_ += payload.size();
-          if (st.ok() && r.remaining == 0) {
-            st = r.file->Sync();
-            if (st.ok()) st = r.file->Close();
-            r.file.reset();
-            r.received[r.name] = XXH3_64bits_digest(r.hash.get());
-          }
+          if (st.ok() && r.remaining == 0) st = FinishFile(r);
         }
         if (st.ok()) return;
       }
