@@ -57,7 +57,7 @@ bool Healthy(int port) {
 
 }  // namespace
 
-EtcdServer::EtcdServer(const std::string& data_dir) : dir_(data_dir) {
+EtcdServer::EtcdServer(const std::string& data_dir, const std::string& name) : dir_(data_dir), name_(name) {
   client_port_ = FreePort();
   peer_port_ = FreePort();
 }
@@ -70,25 +70,35 @@ EtcdServer::~EtcdServer() {
 }
 
 bool EtcdServer::Start() {
+  Launch();
+  return WaitHealthy();
+}
+
+void EtcdServer::Launch(const std::string& initial_cluster) {
   const std::string client = "http://127.0.0.1:" + std::to_string(client_port_);
   const std::string peer = "http://127.0.0.1:" + std::to_string(peer_port_);
-  const std::string log = dir_ + "/etcd.log";
+  const std::string cluster = initial_cluster.empty() ? name_ + "=" + peer : initial_cluster;
+  const std::string log = dir_ + "/etcd-" + name_ + ".log";
   std::fflush(nullptr);
   pid_ = ::fork();
   if (pid_ == 0) {
     FILE* f = std::freopen(log.c_str(), "a", stderr);
     (void)f;
-    ::execlp("etcd", "etcd", "--name", "t", "--data-dir", (dir_ + "/etcd").c_str(), "--listen-client-urls",
-             client.c_str(), "--advertise-client-urls", client.c_str(), "--listen-peer-urls", peer.c_str(),
-             "--initial-advertise-peer-urls", peer.c_str(), "--initial-cluster", ("t=" + peer).c_str(),
+    ::execlp("etcd", "etcd", "--name", name_.c_str(), "--data-dir", (dir_ + "/etcd-" + name_).c_str(),
+             "--listen-client-urls", client.c_str(), "--advertise-client-urls", client.c_str(), "--listen-peer-urls",
+             peer.c_str(), "--initial-advertise-peer-urls", peer.c_str(), "--initial-cluster", cluster.c_str(),
              "--log-level", "error", nullptr);
     _exit(127);
   }
+}
+
+bool EtcdServer::WaitHealthy() {
+  const std::string log = dir_ + "/etcd-" + name_ + ".log";
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   while (std::chrono::steady_clock::now() < deadline) {
     if (Healthy(client_port_)) return true;
     int st;
-    if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+    if (pid_ > 0 && ::waitpid(pid_, &st, WNOHANG) == pid_) {
       pid_ = -1;
       ADD_FAILURE() << "etcd exited at start; see " << log;
       return false;

@@ -14,18 +14,25 @@ int FreePort();
 
 class EtcdServer {
  public:
-  // data_dir must exist; etcd keeps its state in data_dir/etcd.
-  explicit EtcdServer(const std::string& data_dir);
+  // data_dir must exist; etcd keeps its state in data_dir/etcd-NAME.
+  explicit EtcdServer(const std::string& data_dir, const std::string& name = "t");
   ~EtcdServer();
   // "127.0.0.1:PORT" of the client API.
   std::string endpoint() const { return "127.0.0.1:" + std::to_string(client_port_); }
   int client_port() const { return client_port_; }
   bool Start();  // starts and waits (bounded) until /health answers true
+  // For a cluster: every member is launched with the same initial cluster
+  // ("n1=http://127.0.0.1:P1,..."), then each waits until healthy.
+  void Launch(const std::string& initial_cluster = "");
+  bool WaitHealthy();
+  std::string name() const { return name_; }
+  int peer_port() const { return peer_port_; }
   void Kill(int sig);  // sends sig; waits for exit unless it is SIGSTOP/SIGCONT
   bool running() const { return pid_ > 0; }
 
  private:
   std::string dir_;
+  std::string name_;
   int client_port_ = 0;
   int peer_port_ = 0;
   pid_t pid_ = -1;

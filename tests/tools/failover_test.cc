@@ -194,6 +194,42 @@ TEST_F(FailoverTest, AnActiveCutOffFromEtcdStopsAcceptingWritesBeforeItsLeaseEnd
   EXPECT_EQ(c.Command({"GET", "x"}), "3");
 }
 
+TEST(EtcdClusterFailoverTest, LosingOneOfThreeEtcdMembersDoesNotDisturbTheActive) {
+  test::TempDir dir;
+  std::vector<std::unique_ptr<test::EtcdServer>> members;
+  std::string cluster, endpoints;
+  for (const char* name : {"e1", "e2", "e3"}) {
+    members.push_back(std::make_unique<test::EtcdServer>(dir.path(), name));
+    cluster += std::string(cluster.empty() ? "" : ",") + name + "=http://127.0.0.1:" +
+               std::to_string(members.back()->peer_port());
+    endpoints += std::string(endpoints.empty() ? "" : ",") + members.back()->endpoint();
+  }
+  for (auto& m : members) m->Launch(cluster);
+  for (auto& m : members) ASSERT_TRUE(m->WaitHealthy());
+  auto a = std::make_unique<Daemon>(dir, "a", "--etcd " + endpoints + " --cluster f");
+  auto b = std::make_unique<Daemon>(dir, "b", "--etcd " + endpoints + " --cluster f");
+  RespClient ca(a->client_port()), cb(b->client_port());
+  const auto deadline = Clock::now() + 20s;
+  RespClient* active = nullptr;
+  while (!active && Clock::now() < deadline) {
+    if (ca.Command({"SET", "k", "0"}) == "+OK") active = &ca;
+    else if (cb.Command({"SET", "k", "0"}) == "+OK") active = &cb;
+    else std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_NE(active, nullptr);
+  // The member each node talks to first dies; writes go on, on the same node,
+  // for longer than a lease TTL.
+  members[0]->Kill(SIGKILL);
+  const auto until = Clock::now() + 4s;
+  int i = 1;
+  while (Clock::now() < until) {
+    ASSERT_EQ(active->Command({"SET", "k", std::to_string(i)}), "+OK") << "write " << i << " refused";
+    ++i;
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_EQ(active->Command({"GET", "k"}), std::to_string(i - 1));
+}
+
 TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   std::vector<std::unique_ptr<Daemon>> d;
   for (const char* id : {"a", "b", "c"}) d.push_back(Start(id, "--commit remote-write:1"));
