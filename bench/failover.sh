@@ -67,13 +67,14 @@ active() {
     sleep 0.02
   done
 }
+offset() { redis-cli -p "${CLIENT[$1]}" INFO replication 2>/dev/null | tr -d '\r' | grep -o "$2:[0-9]*" | cut -d: -f2 || true; }
 caught_up() {  # every standby applied what the active holds
-  local act=$1 want id
-  redis-cli -p "${CLIENT[$act]}" SET sync x > /dev/null
-  want=$(redis-cli -p "${CLIENT[$act]}" INFO replication | tr -d '\r' | grep -o 'master_repl_offset:[0-9]*' | cut -d: -f2)
+  local act=$1 want="" id
+  redis-cli -p "${CLIENT[$act]}" SET sync x > /dev/null || true
+  until [ -n "$want" ]; do want=$(offset "$act" master_repl_offset); done
   for id in a b c; do
     [ "$id" = "$act" ] && continue
-    until [ "$(redis-cli -p "${CLIENT[$id]}" INFO replication | tr -d '\r' | grep -o 'slave_repl_offset:[0-9]*' | cut -d: -f2)" = "$want" ]; do sleep 0.02; done
+    until [ "$(offset "$id" slave_repl_offset)" = "$want" ]; do sleep 0.02; done
   done
 }
 for id in a b c; do start_node "$id"; done
