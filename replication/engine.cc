@@ -149,6 +149,13 @@ class EngineImpl final : public Engine, public transport::Handler {
   Status SetCommitRule(const CommitRule& rule) override;
   std::string PrometheusMetrics() const override;
   uint16_t listen_port() const override { return port_; }
+  void SetClientAddress(const std::string& address) override {
+    {
+      MutexLock l(&mu_);
+      client_address_ = address;
+    }
+    if (arbiter_) (void)arbiter_->Publish(MyInfo());  // standbys point clients here at once
+  }
   Status Close() override;
   void Interrupt() override;
 
@@ -295,6 +302,8 @@ class EngineImpl final : public Engine, public transport::Handler {
   std::thread role_thread_;
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
+  std::string active_client_ GUARDED_BY(mu_);  // the active's published client address
+  std::string client_address_ GUARDED_BY(mu_);  // this node's
   // A demoted active applies nothing past its last committed LSN until an
   // active accepts its log (its tail may not be in the new active's history).
   wal::Lsn apply_cap_ GUARDED_BY(mu_) = UINT64_MAX;
@@ -1246,7 +1255,6 @@ NodeInfo EngineImpl::MyInfo() {
   NodeInfo n;
   n.id = opts_.node_id;
   n.address = opts_.listen_host + ":" + std::to_string(port_);
-  n.client_address = opts_.client_address;
   n.role = RoleName(role_.load());
   n.epoch = epoch_.load();
   ReaderLock store(&store_mu_);
@@ -1256,6 +1264,7 @@ NodeInfo EngineImpl::MyInfo() {
   }
   MutexLock l(&mu_);
   n.applied_lsn = applied_lsn_;
+  n.client_address = client_address_.empty() ? opts_.client_address : client_address_;
   return n;
 }
 
@@ -1343,7 +1352,21 @@ void EngineImpl::RoleLoop() {
         (void)arbiter_->PublishSyncSet(sync);
       }
     } else if (*active) {
+      bool need_client;
+      {
+        MutexLock l(&mu_);
+        need_client = active_id_ != (*active)->id || active_client_.empty();
+      }
+      std::string client;
+      if (need_client) {
+        if (auto nodes = arbiter_->GetNodes(); nodes.ok()) {
+          for (const auto& n : *nodes) {
+            if (n.id == (*active)->id) client = n.client_address;
+          }
+        }
+      }
       MutexLock l(&mu_);
+      if (need_client) active_client_ = client;
       active_id_ = (*active)->id;
       if ((*active)->id != opts_.node_id && follow_ != (*active)->address) {
         RLOG(kInfo, "engine.follow") << "node=" << opts_.node_id << " active=" << (*active)->id
@@ -2105,6 +2128,7 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.snapshot_bytes_received = snapshot_bytes_received_.load();
   if (st.role == Role::kStandby) st.active_address = follow_;
   st.active_id = st.role == Role::kActive ? opts_.node_id : active_id_;
+  if (st.role == Role::kStandby) st.active_client_address = active_client_;
   return st;
 }
 

@@ -22,6 +22,12 @@ namespace {
 
 using namespace std::chrono_literals;
 
+// Where clients should go: the active's client port when it published one
+// (high availability), else its replication address (static mode).
+const std::string& MasterAddress(const EngineStatus& s) {
+  return s.active_client_address.empty() ? s.active_address : s.active_client_address;
+}
+
 std::string Upper(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
   return s;
@@ -202,7 +208,7 @@ void RespServerImpl::WriteReplyForStatus(const Status& st, std::string* out) {
   if (st.code() == StatusCode::kNotActive) {
     EngineStatus s = engine_->status();
     resp::AppendError(out, "READONLY You can't write against a read only replica. The active is at " +
-                               (s.active_address.empty() ? std::string("unknown") : s.active_address));
+                               (MasterAddress(s).empty() ? std::string("unknown") : MasterAddress(s)));
   } else {
     resp::AppendError(out, "ERR " + st.ToString());
   }
@@ -223,11 +229,12 @@ void RespServerImpl::Role(std::string* out) {
       resp::AppendBulk(out, std::to_string(sb.flushed_lsn));
     }
   } else {
-    auto colon = s.active_address.rfind(':');
+    const std::string& master = MasterAddress(s);
+    auto colon = master.rfind(':');
     resp::AppendArrayHeader(out, 5);
     resp::AppendBulk(out, "slave");
-    resp::AppendBulk(out, s.active_address.substr(0, colon));
-    resp::AppendInteger(out, colon == std::string::npos ? 0 : std::atoi(s.active_address.c_str() + colon + 1));
+    resp::AppendBulk(out, master.substr(0, colon));
+    resp::AppendInteger(out, colon == std::string::npos ? 0 : std::atoi(master.c_str() + colon + 1));
     resp::AppendBulk(out, "connected");
     resp::AppendInteger(out, static_cast<long long>(s.applied_lsn));
   }
@@ -248,9 +255,10 @@ void RespServerImpl::Info(const std::string& section, std::string* out) {
     }
     text += "master_repl_offset:" + std::to_string(s.last_lsn) + "\r\n";
   } else {
-    auto colon = s.active_address.rfind(':');
-    text += "role:slave\r\nmaster_host:" + s.active_address.substr(0, colon) + "\r\nmaster_port:" +
-            (colon == std::string::npos ? "0" : s.active_address.substr(colon + 1)) +
+    const std::string& master = MasterAddress(s);
+    auto colon = master.rfind(':');
+    text += "role:slave\r\nmaster_host:" + master.substr(0, colon) + "\r\nmaster_port:" +
+            (colon == std::string::npos ? "0" : master.substr(colon + 1)) +
             "\r\nslave_repl_offset:" + std::to_string(s.applied_lsn) + "\r\nslave_read_only:1\r\n";
   }
   text += "replica_epoch:" + std::to_string(s.epoch) + "\r\nreplica_last_lsn:" + std::to_string(s.last_lsn) +

@@ -165,7 +165,6 @@ int main(int argc, char** argv) {
     o.lease_ttl = std::chrono::seconds(ttl);
     o.fence_margin = std::chrono::milliseconds(margin);
   }
-  if (ro.port != 0) o.client_address = ro.host + ":" + std::to_string(ro.port);
   o.cluster = vm["cluster"].as<std::string>();
   if (vm.count("secret")) {
     o.secret = vm["secret"].as<std::string>();
@@ -206,6 +205,7 @@ int main(int argc, char** argv) {
     (void)(*engine)->Close();
     Fail("client port: " + server.status().ToString(), 1);
   }
+  (*engine)->SetClientAddress(ro.host + ":" + std::to_string((*server)->port()));
   std::unique_ptr<MetricsServer> metrics;
   // A failure from here on closes what is open before exiting.
   auto fail_open = [&](const std::string& msg) {

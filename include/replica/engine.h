@@ -136,6 +136,7 @@ struct EngineStatus {
   uint64_t snapshot_bytes_received = 0;
   std::string active_address;     // standby only: whom it follows
   std::string active_id;          // high availability: the active's node id, if known
+  std::string active_client_address;  // high availability: the active's client (RESP) address, if published
 };
 
 class Engine {
@@ -161,6 +162,9 @@ class Engine {
   // Every metric in the Prometheus text exposition format (docs/operations.md).
   virtual std::string PrometheusMetrics() const = 0;
   virtual uint16_t listen_port() const = 0;
+  // The address clients reach this node at (e.g. its RESP port once bound);
+  // published to the arbiter, so that standbys can send clients to the active.
+  virtual void SetClientAddress(const std::string& address) = 0;
   // Wakes every waiting call (Write, WaitForApplied, WaitForReplicas) with
   // Aborted and refuses new writes: the first step of a shutdown, so that
   // threads blocked in the engine can be joined before Close.

@@ -241,6 +241,18 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find(std::string("active: ") + static_cast<char>('a' + first)), std::string::npos) << out;
   for (const char* id : {"a ", "b ", "c "}) EXPECT_NE(out.find(std::string("\n") + id), std::string::npos) << out;
+  // A standby sends writers to the active's client port.
+  const int other = (first + 1) % 3;
+  const std::string want = "127.0.0.1:" + std::to_string(d[first]->client_port());
+  std::string ro;
+  for (auto until = Clock::now() + 5s; Clock::now() < until; std::this_thread::sleep_for(50ms)) {
+    ro = d[other]->Cli("SET x y");  // the standby learns the address from etcd within moments
+    if (ro.find(want) != std::string::npos) break;
+  }
+  EXPECT_NE(ro.find("READONLY"), std::string::npos) << ro;
+  EXPECT_NE(ro.find(want), std::string::npos) << ro;
+  EXPECT_NE(d[other]->Cli("INFO replication").find("master_port:" + std::to_string(d[first]->client_port())),
+            std::string::npos);
   out = Repctl(etcd_->endpoint(), "status --json", &code);
   EXPECT_EQ(code, 0);
   EXPECT_NE(out.find("\"nodes\":["), std::string::npos) << out;
