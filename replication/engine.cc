@@ -289,6 +289,11 @@ class EngineImpl final : public Engine, public transport::Handler {
   std::atomic<uint64_t> snapshots_installed_{0}, snapshot_files_reused_{0}, snapshot_bytes_received_{0};
   std::optional<proto::SnapshotOffer> pending_offer_ GUARDED_BY(mu_);  // standby: for the follower thread
   bool snapshot_received_ GUARDED_BY(mu_) = false;
+  std::optional<wal::Lsn> pending_rewind_ GUARDED_BY(mu_);  // standby: for the follower thread
+  bool want_snapshot_ GUARDED_BY(mu_) = false;  // a rewind failed: ask for a snapshot
+  std::atomic<uint64_t> rewinds_{0};
+  // Standby: drops its log after to (told by an active of a newer epoch).
+  Status RewindTo(wal::Lsn to);
   Mutex recv_mu_;
   std::unique_ptr<Receive> recv_ GUARDED_BY(recv_mu_);
   std::atomic<bool> receiving_{false};
@@ -347,6 +352,10 @@ Status EngineImpl::Init() {
   {
     MutexLock l(&mu_);
     follow_ = opts_.etcd.empty() ? opts_.follow : std::string();
+    // With an arbiter this node may have been an active whose last records
+    // were never replicated: apply nothing more until an active accepts the
+    // log (or this node is promoted), so that a rejoin can cut such a tail.
+    if (!opts_.etcd.empty()) apply_cap_ = applied_lsn_;
   }
 
   transport::Options to;
@@ -412,6 +421,7 @@ Status EngineImpl::OpenStorage() {
     MutexLock l(&mu_);
     applied_lsn_ = applied;
     commit_lsn_ = applied;
+    apply_cap_ = UINT64_MAX;  // a log installed from a snapshot is the active's
   }
   epoch_ = std::max<wal::Epoch>(1, wal_->last_epoch());
   MaintainRetention(/*force=*/true);  // the floor must stand before the first segment roll
@@ -1560,6 +1570,28 @@ void EngineImpl::Demote(const std::string& reason) {
   // A static-mode engine has no follower; with an arbiter it already runs.
 }
 
+Status EngineImpl::RewindTo(wal::Lsn to) {
+  StopApplier();  // its reader would fail once the log is cut
+  Status st;
+  {
+    MutexLock l(&mu_);
+    if (applied_lsn_ > to) {
+      st = Status::InvalidArgument("RocksDB already holds LSN " + std::to_string(applied_lsn_) + ", past LSN " +
+                                   std::to_string(to));
+    }
+  }
+  const wal::Lsn last = wal_->last_lsn();
+  if (st.ok() && to < last) st = wal_->Truncate(to);
+  StartApplier();
+  if (st.ok()) {
+    ++rewinds_;
+    RLOG(kWarn, "engine.rejoin_truncated") << "node=" << opts_.node_id << " kept_to=" << to
+                                           << " dropped_records=" << (last > to ? last - to : 0)
+                                           << " (a tail the active's history does not hold)";
+  }
+  return st;
+}
+
 void EngineImpl::FollowerLoop() {
   for (;;) {
     std::shared_ptr<transport::Session> session;
@@ -1582,6 +1614,7 @@ void EngineImpl::FollowerLoop() {
       MutexLock l(&mu_);
       upstream_ = session;
       pending_offer_.reset();
+      pending_rewind_.reset();
       snapshot_received_ = false;
       // OnEstablished and OnClosed signal cv_; the timed wait covers races.
       bool subscribed = false;
@@ -1604,6 +1637,21 @@ void EngineImpl::FollowerLoop() {
             session->Close(st);
           }
           mu_.Lock();
+          continue;
+        }
+        if (pending_rewind_) {
+          const wal::Lsn to = *pending_rewind_;
+          pending_rewind_.reset();
+          mu_.Unlock();
+          session->Close(Status::Aborted("rewinding the log; subscribing again"));
+          DrainReceiver();
+          Status st = RewindTo(to);
+          mu_.Lock();
+          if (!st.ok()) {
+            RLOG(kError, "engine.rewind_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString()
+                                                 << "\" (asking for a snapshot)";
+            want_snapshot_ = true;
+          }
           continue;
         }
         if (snapshot_received_) {
@@ -1667,6 +1715,8 @@ void EngineImpl::SendSubscribe(const std::shared_ptr<transport::Session>& s) {
   {
     MutexLock l(&mu_);
     sub->set_applied_lsn(applied_lsn_);
+    sub->set_want_snapshot(want_snapshot_);
+    want_snapshot_ = false;
   }
   (void)s->SendControl(msg);
 }
@@ -1726,10 +1776,30 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
   // The log can be shipped only if the standby's last record is ours too;
   // otherwise (it is ahead of us, its last record differs, or we no longer
   // hold it) it is resynced from a snapshot.
+  // A standby from an older epoch whose log went on past where that epoch
+  // ended here (an old active's unreplicated tail) is told to cut its log
+  // back to there, if it applied nothing beyond; otherwise, a snapshot.
+  auto try_rewind = [&]() -> bool {
+    if (msg.want_snapshot() || msg.last_epoch() == 0 || msg.last_epoch() >= epoch_.load()) return false;
+    const wal::EpochEnd end = wal_->EndOfEpoch(msg.last_epoch());
+    if (end.epoch != msg.last_epoch()) return false;
+    const wal::Lsn to = std::min<wal::Lsn>(end.end_lsn, from - 1);
+    if (to + 1 >= from || to < wal_->first_lsn() || msg.applied_lsn() > to) return false;
+    proto::Control rw;
+    rw.mutable_rewind()->set_to_lsn(to);
+    rw.mutable_rewind()->set_epoch(epoch_.load());
+    RLOG(kWarn, "engine.standby_rewind") << "node=" << opts_.node_id << " standby=" << s->peer_id()
+                                         << " its_epoch=" << msg.last_epoch() << " from_lsn=" << from
+                                         << " keep_to=" << to;
+    (void)s->SendControl(rw);
+    return true;
+  };
   if (from > wal_->last_lsn() + 1) {
+    if (try_rewind()) return;
     return StartResync(s, "its log ends at LSN " + std::to_string(from - 1) + ", past this node's last LSN " +
                               std::to_string(wal_->last_lsn()) + " (diverged)");
   }
+  if (msg.want_snapshot()) return StartResync(s, "it asked for one (its log could not be rewound)");
   // (Its last record, from - 1, must still be here to be checked.)
   if (from > 1 ? from - 1 < wal_->first_lsn() : from < wal_->first_lsn()) {
     return StartResync(s, "it needs LSN " + std::to_string(from) + " but this node's log now starts at LSN " +
@@ -1746,6 +1816,7 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     }
     if (!got.ok() || !*got || wal::RecordDigest(rec) != msg.last_record_digest()) {
       RLOG(kWarn, "engine.standby_diverged") << "standby=" << s->peer_id() << " lsn=" << from - 1;
+      if (try_rewind()) return;
       return StartResync(s, "its record at LSN " + std::to_string(from - 1) + " differs from this node's (diverged)");
     }
   }
@@ -1756,6 +1827,11 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
   sb->flushed = from - 1;  // its log matches ours up to here
   sb->applied = std::min<wal::Lsn>(msg.applied_lsn(), from - 1);
   sb->shipped.store(from - 1);
+  // Tells the standby its log is accepted (a prefix of this one), before any data.
+  proto::Control ok;
+  ok.mutable_ack()->set_flushed_lsn(from - 1);
+  ok.mutable_ack()->set_epoch(epoch_.load());
+  (void)s->SendControl(ok);
   AddStandby(s, sb, std::max<wal::Lsn>(1, from - 1), "from_lsn=" + std::to_string(from),
              [this, sb, from] { ShipperLoop(sb, from); });
 }
@@ -1845,7 +1921,23 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
     s->Close(Status::Aborted("fence handled"));
     return;
   }
+  if (msg.has_ack() && role_.load() == Role::kStandby) {
+    // The active accepted this node's log: all of it is in its history.
+    MutexLock l(&mu_);
+    if (s == upstream_) {
+      apply_cap_ = UINT64_MAX;
+      cv_.SignalAll();
+    }
+    return;
+  }
   if (msg.has_ack()) return Credit(s.get(), msg.ack().flushed_lsn(), msg.ack().applied_lsn());
+  if (msg.has_rewind()) {
+    if (!FromUpstream(s, "a rewind")) return;
+    MutexLock l(&mu_);
+    pending_rewind_ = msg.rewind().to_lsn();  // the follower thread does it
+    cv_.SignalAll();
+    return;
+  }
   // A standby's heartbeats carry its flushed and applied LSNs too (its
   // interval sync advances them without any data arriving).
   if (msg.has_heartbeat() && role_.load() == Role::kActive) {
@@ -2124,6 +2216,7 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.snapshot_files_sent = snapshot_files_sent_.load();
   st.snapshot_bytes_sent = snapshot_bytes_sent_.load();
   st.snapshots_installed = snapshots_installed_.load();
+  st.rewinds = rewinds_.load();
   st.snapshot_files_reused = snapshot_files_reused_.load();
   st.snapshot_bytes_received = snapshot_bytes_received_.load();
   if (st.role == Role::kStandby) st.active_address = follow_;

@@ -145,7 +145,7 @@ while kill -0 "$bench" 2>/dev/null; do
 done
 rps=$(tr '\r' '\n' < "$work/bench2.out" | grep -o 'SET: [0-9.]* requests per second' | tail -1 | grep -o '[0-9.]*' | head -1)
 echo "   redis-benchmark on $new: ${rps:-?} SET/s with remote-write:1"
-{ grep -h "resync_installed\|standby_diverged" "$work/$first.log" "$work/$new.log" || true; } | tail -2 | sed 's/^/   log: /'
+{ grep -h "resync_installed\|standby_rewind\|rejoin_truncated" "$work/$first.log" "$work/$new.log" || true; } | tail -2 | sed 's/^/   log: /'
 
 echo "== 5. catch-up, then stop all nodes (SIGTERM) and compare them"
 cli "$(client "$new")" SET last write > /dev/null

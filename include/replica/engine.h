@@ -134,6 +134,7 @@ struct EngineStatus {
   uint64_t snapshots_installed = 0;  // standby: snapshots installed
   uint64_t snapshot_files_reused = 0;  // standby: files it already held, not sent again
   uint64_t snapshot_bytes_received = 0;
+  uint64_t rewinds = 0;  // standby: times a diverged tail was cut back on rejoin
   std::string active_address;     // standby only: whom it follows
   std::string active_id;          // high availability: the active's node id, if known
   std::string active_client_address;  // high availability: the active's client (RESP) address, if published

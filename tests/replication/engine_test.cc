@@ -10,6 +10,7 @@
 #include <map>
 
 #include "replica/engine.h"
+#include "tests/support/etcd_server.h"
 #include "tests/support/test_util.h"
 #include "wal/wal.h"
 
@@ -350,6 +351,59 @@ TEST(EngineTest, StandbyPastTheSlotCapIsResyncedReusingTheFilesItHolds) {
   ASSERT_TRUE(standby->Close().ok());
   ASSERT_TRUE(active->Close().ok());
   EXPECT_EQ(DumpDb(dir.Sub("b")), DumpDb(dir.Sub("a")));
+  ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
+}
+
+// An old active whose last records were never replicated (nor applied, under
+// a synchronous rule) rejoins the new active: its log is cut back to where
+// its epoch ended in the new active's history, not replaced by a snapshot.
+TEST(EngineTest, RejoiningOldActiveRewindsItsUnreplicatedTail) {
+  TempDir dir;
+  test::EtcdServer etcd(dir.path());
+  ASSERT_TRUE(etcd.Start());
+  auto ha = [&](const std::string& id, const std::string& rule) {
+    EngineOptions o = Node(dir, id, "", rule);
+    o.etcd = {etcd.endpoint()};
+    o.commit_timeout = 100ms;
+    return o;
+  };
+  auto a = OpenOrDie(ha("a", "remote-write:1"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(ha("b", "async"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  const uint64_t shared = WriteMany(a.get(), 50);
+  ASSERT_TRUE(b->WaitForApplied(shared, 30s).ok());
+  ASSERT_TRUE(b->Close().ok());
+  b.reset();
+  // Alone, a logs writes it can never commit (strict remote-write:1).
+  std::vector<std::thread> writers;
+  for (int i = 0; i < 5; ++i) {
+    writers.emplace_back([&, i] {
+      WriteBatch w;
+      w.Put("lost" + std::to_string(i), "x");
+      EXPECT_FALSE(a->Write(w).ok());  // never acknowledged
+    });
+  }
+  ASSERT_TRUE(Eventually([&] { return a->status().last_lsn >= shared + 5; }));
+  a->Interrupt();
+  for (auto& t : writers) t.join();
+  ASSERT_TRUE(a->Close().ok());
+  a.reset();
+  // b becomes the active at the next epoch and writes on.
+  b = OpenOrDie(ha("b", "async"));
+  ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
+  const uint64_t last = WriteMany(b.get(), 20, 1000);
+  // a comes back: its five records after LSN 50 are not in b's history.
+  a = OpenOrDie(ha("a", "remote-write:1"));
+  ASSERT_TRUE(a->WaitForApplied(last, 30s).ok());
+  const EngineStatus st = a->status();
+  EXPECT_EQ(st.role, Role::kStandby);
+  EXPECT_EQ(st.rewinds, 1u);
+  EXPECT_EQ(st.snapshots_installed, 0u) << "a snapshot where a rewind would do";
+  EXPECT_EQ(*a->Get("lost0"), std::nullopt) << "an unreplicated write survived";
+  ASSERT_TRUE(a->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+  EXPECT_EQ(DumpDb(dir.Sub("a")), DumpDb(dir.Sub("b")));
   ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
 }
 
