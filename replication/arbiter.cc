@@ -252,7 +252,9 @@ class EtcdArbiter final : public Arbiter {
   }
 
   void KeepAliveLoop() {
-    const auto every = std::max<Clock::duration>(std::chrono::milliseconds(200), opts_.lease_ttl / 4);
+    // Often, so that the last renewal that got through is recent when etcd
+    // stalls (a leader election): the lease deadline counts from it.
+    const auto every = std::max<Clock::duration>(std::chrono::milliseconds(100), opts_.lease_ttl / 8);
     for (;;) {
       {
         MutexLock l(&mu_);

@@ -1281,6 +1281,7 @@ NodeInfo EngineImpl::MyInfo() {
 void EngineImpl::RoleLoop() {
   auto last_publish = Clock::time_point();
   auto vacancy_seen = Clock::time_point();  // when this node first saw no active
+  bool lease_held_logged = true;
   constexpr auto kSettle = 100ms;
   for (;;) {
     const uint64_t seen = arbiter_->changes();
@@ -1293,8 +1294,16 @@ void EngineImpl::RoleLoop() {
       Status st = arbiter_->Publish(MyInfo());
       if (st.ok()) last_publish = now;
     }
-    if (role_.load() == Role::kActive && !LeaseHeld()) {
-      Demote("its etcd lease could not be renewed in time (self-fencing)");
+    // Self-fencing needs no demotion: Write refuses while the lease is in
+    // doubt. If etcd answers again and the lease still stands, writes resume
+    // with no failover; if the lease ended, the key is gone and the node
+    // steps down below.
+    const bool held = LeaseHeld();
+    if (role_.load() == Role::kActive && held != lease_held_logged) {
+      RLOG(kWarn, held ? "engine.lease_regained" : "engine.self_fenced")
+          << "node=" << opts_.node_id
+          << (held ? " (writes accepted again)" : " (the etcd lease could not be renewed in time: writes refused)");
+      lease_held_logged = held;
     }
     auto active = arbiter_->GetActive();
     std::map<std::string, std::string> ctl;
@@ -1361,6 +1370,10 @@ void EngineImpl::RoleLoop() {
         }
         (void)arbiter_->PublishSyncSet(sync);
       }
+    } else if (*active && (*active)->id == opts_.node_id) {
+      // The key names this node, which is not the active (it was demoted, or
+      // restarted while its old lease lived on): free the role for an election.
+      (void)arbiter_->Resign(opts_.node_id);
     } else if (*active) {
       bool need_client;
       {
