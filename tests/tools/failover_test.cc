@@ -297,6 +297,23 @@ TEST_F(FailoverTest, NoTwoNodesAcknowledgeWritesInOverlappingIntervals) {
               static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(acks[1].front() - cut_at).count()));
 }
 
+TEST_F(FailoverTest, EtcdRestartedTheActiveKeepsItsRole) {
+  auto a = Start("a");
+  std::vector<Daemon*> nodes = {a.get(), nullptr};
+  ASSERT_EQ(WaitForOneActive(nodes), 0);
+  auto b = Start("b");
+  nodes[1] = b.get();
+  RespClient c(a->client_port());
+  ASSERT_EQ(c.Command({"SET", "k", "before"}), "+OK");
+  etcd_->Kill(SIGKILL);
+  ASSERT_TRUE(etcd_->Start());  // same ports, same data: the lease is still there
+  const auto deadline = Clock::now() + 15s;
+  while (c.Command({"SET", "k", "after"}) != "+OK" && Clock::now() < deadline) std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(c.Command({"GET", "k"}), "after") << "a did not take writes again";
+  EXPECT_EQ(WaitForOneActive(nodes), 0) << "the role moved";
+  EXPECT_EQ(b->Cli("ROLE").rfind("slave", 0), 0u);
+}
+
 TEST(EtcdClusterFailoverTest, LosingOneOfThreeEtcdMembersDoesNotDisturbTheActive) {
   test::TempDir dir;
   std::vector<std::unique_ptr<test::EtcdServer>> members;
