@@ -302,7 +302,7 @@ class EngineImpl final : public Engine, public transport::Handler {
   std::thread follower_;
 
   // High availability (opts_.etcd set).
-  std::unique_ptr<Arbiter> arbiter_;
+  std::shared_ptr<Arbiter> arbiter_;
   Mutex sync_mu_ ACQUIRED_BEFORE(mu_);  // serialises publishing the sync set
   std::thread role_thread_;
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
@@ -348,14 +348,15 @@ Status EngineImpl::Init() {
   REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(opts_.data_dir, "checkpoints")));
   REPLICA_RETURN_IF_ERROR(LoadSlots());
   REPLICA_RETURN_IF_ERROR(OpenStorage());
-  role_ = opts_.etcd.empty() && opts_.follow.empty() ? Role::kActive : Role::kStandby;
+  const bool ha = !opts_.etcd.empty() || opts_.arbiter != nullptr;
+  role_ = !ha && opts_.follow.empty() ? Role::kActive : Role::kStandby;
   {
     MutexLock l(&mu_);
-    follow_ = opts_.etcd.empty() ? opts_.follow : std::string();
+    follow_ = ha ? std::string() : opts_.follow;
     // With an arbiter this node may have been an active whose last records
     // were never replicated: apply nothing more until an active accepts the
     // log (or this node is promoted), so that a rejoin can cut such a tail.
-    if (!opts_.etcd.empty()) apply_cap_ = applied_lsn_;
+    if (ha) apply_cap_ = applied_lsn_;
   }
 
   transport::Options to;
@@ -369,7 +370,10 @@ Status EngineImpl::Init() {
                              << " listen=" << opts_.listen_host << ":" << port_ << " commit=" << opts_.commit.ToString()
                              << " fallback=" << opts_.commit_fallback;
   StartApplier();
-  if (!opts_.etcd.empty()) {
+  if (opts_.arbiter) {
+    arbiter_ = opts_.arbiter;
+    REPLICA_RETURN_IF_ERROR_CTX(arbiter_->Start(MyInfo()), "register with the arbiter");
+  } else if (!opts_.etcd.empty()) {
     EtcdArbiterOptions ao;
     ao.endpoints = opts_.etcd;
     ao.cluster = opts_.cluster;

@@ -20,6 +20,8 @@
 
 namespace replica {
 
+class Arbiter;  // replication/arbiter.h
+
 enum class Role { kActive, kStandby };
 const char* RoleName(Role role);
 
@@ -56,6 +58,9 @@ struct EngineOptions {
   // An active stops accepting writes this long before its lease could
   // expire at etcd, counted from the send time of the last renewal.
   std::chrono::milliseconds fence_margin{500};
+  // Tests: an arbiter to use instead of etcd (a fake that drives role
+  // changes deterministically). Set, the node runs as with `etcd`.
+  std::shared_ptr<Arbiter> arbiter;
   // Published for clients and tools (repctl): this node's RESP address.
   std::string client_address;
   std::string cluster = "default";

@@ -10,6 +10,7 @@
 #include <map>
 
 #include "replica/engine.h"
+#include "tests/replication/fake_arbiter.h"
 #include "tests/support/etcd_server.h"
 #include "tests/support/test_util.h"
 #include "wal/wal.h"
@@ -352,6 +353,49 @@ TEST(EngineTest, StandbyPastTheSlotCapIsResyncedReusingTheFilesItHolds) {
   ASSERT_TRUE(active->Close().ok());
   EXPECT_EQ(DumpDb(dir.Sub("b")), DumpDb(dir.Sub("a")));
   ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
+}
+
+// Role changes driven by a fake arbiter, at the moments the test chooses: a
+// promotion, the old active stepping down when its lease ends, the new
+// active's epoch in the log, and the old active following it.
+TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto node = [&](const std::string& id) {
+    EngineOptions o = Node(dir, id);
+    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
+    return o;
+  };
+  std::vector<Role> a_roles;
+  Mutex roles_mu;
+  EngineOptions ao = node("a");
+  ao.on_role_change = [&](Role r) {
+    MutexLock l(&roles_mu);
+    a_roles.push_back(r);
+  };
+  auto a = OpenOrDie(ao);
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(node("b"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  uint64_t last = WriteMany(a.get(), 30);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  EXPECT_EQ(b->status().role, Role::kStandby);
+  WriteBatch w;
+  w.Put("x", "y");
+  EXPECT_EQ(b->Write(w).status().code(), StatusCode::kNotActive);
+  // a's lease ends: a refuses writes at once, b is promoted at epoch 2, a follows b.
+  cluster.ExpireLease("a");
+  EXPECT_EQ(a->Write(w).status().code(), StatusCode::kNotActive);
+  ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
+  EXPECT_EQ(b->status().epoch, 2u);
+  EXPECT_EQ(cluster.active()->id, "b");
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kStandby; }));
+  last = WriteMany(b.get(), 10, 100);
+  EXPECT_EQ(last, 30u + 1u + 1u + 10u);  // a's epoch start, 30 writes, b's epoch start, 10 writes
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+  MutexLock l(&roles_mu);
+  EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
 // An old active whose last records were never replicated (nor applied, under

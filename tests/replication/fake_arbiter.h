@@ -1,0 +1,131 @@
+// FakeArbiter: an in-memory stand-in for etcd, for unit tests only. Several
+// engines share one FakeCluster; the test decides when a lease ends
+// (ExpireLease), so role changes happen exactly when the test says.
+#pragma once
+
+#include <algorithm>
+#include <map>
+#include <optional>
+
+#include "base/mutex.h"
+#include "replication/arbiter.h"
+
+namespace replica::test {
+
+class FakeCluster {
+ public:
+  // Ends a node's lease: its session and, if it holds it, the active key go.
+  void ExpireLease(const std::string& id) {
+    MutexLock l(&mu_);
+    lease_ok_[id] = false;
+    nodes_.erase(id);
+    if (active_ && active_->id == id) active_.reset();
+    Changed();
+  }
+  std::optional<ActiveInfo> active() {
+    MutexLock l(&mu_);
+    return active_;
+  }
+
+ private:
+  friend class FakeArbiter;
+  void Changed() REQUIRES(mu_) {
+    ++changes_;
+    cv_.SignalAll();
+  }
+  Mutex mu_;
+  CondVar cv_{&mu_};
+  std::optional<ActiveInfo> active_ GUARDED_BY(mu_);
+  uint64_t epoch_ GUARDED_BY(mu_) = 0;
+  std::map<std::string, NodeInfo> nodes_ GUARDED_BY(mu_);
+  std::map<std::string, bool> lease_ok_ GUARDED_BY(mu_);
+  std::optional<std::vector<std::string>> sync_ GUARDED_BY(mu_);
+  std::map<std::string, std::string> ctl_ GUARDED_BY(mu_);
+  uint64_t changes_ GUARDED_BY(mu_) = 0;
+};
+
+class FakeArbiter final : public Arbiter {
+ public:
+  FakeArbiter(FakeCluster* c, std::string id) : c_(c), id_(std::move(id)) {}
+  Status Start(const NodeInfo& me) override {
+    MutexLock l(&c_->mu_);
+    c_->lease_ok_[id_] = true;
+    c_->nodes_[id_] = me;
+    return Status::OK();
+  }
+  Status Publish(const NodeInfo& me) override {
+    MutexLock l(&c_->mu_);
+    if (c_->lease_ok_[id_]) c_->nodes_[id_] = me;
+    return Status::OK();
+  }
+  Result<std::optional<ActiveInfo>> GetActive() override {
+    MutexLock l(&c_->mu_);
+    return c_->active_;
+  }
+  Result<std::vector<NodeInfo>> GetNodes() override {
+    MutexLock l(&c_->mu_);
+    std::vector<NodeInfo> out;
+    for (const auto& [_, n] : c_->nodes_) out.push_back(n);
+    return out;
+  }
+  Result<std::optional<uint64_t>> Campaign(const NodeInfo& me, uint64_t min_epoch) override {
+    MutexLock l(&c_->mu_);
+    if (c_->active_ || !c_->lease_ok_[id_]) return std::optional<uint64_t>();
+    c_->epoch_ = std::max(c_->epoch_, min_epoch) + 1;
+    c_->active_ = ActiveInfo{me.id, me.address, c_->epoch_};
+    c_->Changed();
+    return std::optional<uint64_t>(c_->epoch_);
+  }
+  Status Resign(const std::string& id) override {
+    MutexLock l(&c_->mu_);
+    if (c_->active_ && c_->active_->id == id) {
+      c_->active_.reset();
+      c_->Changed();
+    }
+    return Status::OK();
+  }
+  Status PublishSyncSet(const std::vector<std::string>& ids) override {
+    MutexLock l(&c_->mu_);
+    c_->sync_ = ids;
+    return Status::OK();
+  }
+  Result<std::optional<std::vector<std::string>>> GetSyncSet() override {
+    MutexLock l(&c_->mu_);
+    return c_->sync_;
+  }
+  Result<std::vector<std::pair<std::string, std::string>>> GetControls() override {
+    MutexLock l(&c_->mu_);
+    return std::vector<std::pair<std::string, std::string>>(c_->ctl_.begin(), c_->ctl_.end());
+  }
+  Status PutControl(const std::string& name, const std::string& value) override {
+    MutexLock l(&c_->mu_);
+    c_->ctl_[name] = value;
+    return Status::OK();
+  }
+  Status ClearControl(const std::string& name) override {
+    MutexLock l(&c_->mu_);
+    c_->ctl_.erase(name);
+    return Status::OK();
+  }
+  Clock::time_point LeaseDeadline() const override {
+    MutexLock l(&c_->mu_);
+    auto it = c_->lease_ok_.find(id_);
+    return it != c_->lease_ok_.end() && it->second ? Clock::now() + std::chrono::hours(1)
+                                                   : Clock::now() - std::chrono::seconds(1);
+  }
+  uint64_t changes() const override {
+    MutexLock l(&c_->mu_);
+    return c_->changes_;
+  }
+  void WaitForChange(uint64_t since, Clock::time_point deadline) override {
+    MutexLock l(&c_->mu_);
+    while (c_->changes_ == since && Clock::now() < deadline) c_->cv_.WaitUntil(deadline);
+  }
+  void Stop() override { c_->ExpireLease(id_); }
+
+ private:
+  FakeCluster* c_;
+  std::string id_;
+};
+
+}  // namespace replica::test
