@@ -10,10 +10,24 @@
 # Part 2, the write-ahead log alone: 8 writers, SIGKILL, a torn write,
 # recovery, and proof that no acknowledged record was lost.
 # logdiff is not built yet: the comparison uses ldb and waldump.
+#
+#   tools/demo.sh                       install what is missing, build, run
+#   tools/demo.sh --no-setup --build DIR   run with the binaries already in DIR (the test suite does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh >/dev/null
-B=build/tools
+setup=1
+build=build
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-setup) setup=0 ;;
+    --build) build=$2; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "demo.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$setup" -eq 0 ] || bash tools/setup.sh >/dev/null
+B=$build/tools
 work=$(mktemp -d /tmp/replica-demo.XXXXXX)
 pids=()
 etcd_pid=""
