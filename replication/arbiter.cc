@@ -320,6 +320,11 @@ std::string NodeInfo::ToJson() const {
                  {"last_lsn", last_lsn},
                  {"durable_lsn", durable_lsn},
                  {"applied_lsn", applied_lsn}};
+  if (!standby_lag_ms.empty()) {
+    json::object lag;
+    for (const auto& [id, ms] : standby_lag_ms) lag[id] = ms;
+    o["standby_lag_ms"] = std::move(lag);
+  }
   return json::serialize(o);
 }
 
@@ -334,6 +339,12 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   n.last_lsn = U64(o, "last_lsn");
   n.durable_lsn = U64(o, "durable_lsn");
   n.applied_lsn = U64(o, "applied_lsn");
+  if (auto it = o.find("standby_lag_ms"); it != o.end() && it->value().is_object()) {
+    for (const auto& [id, v] : it->value().as_object()) {
+      if (v.is_uint64()) n.standby_lag_ms[std::string(id)] = v.as_uint64();
+      if (v.is_int64()) n.standby_lag_ms[std::string(id)] = static_cast<uint64_t>(std::max<int64_t>(0, v.as_int64()));
+    }
+  }
   if (n.id.empty()) return Status::Corruption("a node session without an id");
   return n;
 }

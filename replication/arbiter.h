@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -24,6 +25,8 @@ struct NodeInfo {
   uint64_t last_lsn = 0;
   uint64_t durable_lsn = 0;
   uint64_t applied_lsn = 0;
+  // Published by the active: how long each standby has not held every record.
+  std::map<std::string, uint64_t> standby_lag_ms;
   std::string ToJson() const;
   static Result<NodeInfo> FromJson(const std::string& text);
 };

@@ -1279,6 +1279,14 @@ NodeInfo EngineImpl::MyInfo() {
   MutexLock l(&mu_);
   n.applied_lsn = applied_lsn_;
   n.client_address = client_address_.empty() ? opts_.client_address : client_address_;
+  if (role_.load() == Role::kActive) {
+    const auto now = Clock::now();
+    for (const auto& [id, sb] : standbys_) {
+      n.standby_lag_ms[id] = sb->flushed >= n.last_lsn ? 0
+                             : static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                         now - sb->caught_up_at).count());
+    }
+  }
   return n;
 }
 

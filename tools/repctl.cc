@@ -32,7 +32,8 @@ T OrFail(Result<T> r, const std::string& what) {
 const char kUsage[] =
     "Usage: repctl [--etcd URLS] [--cluster NAME] COMMAND [ARGS]\n\n"
     "Commands:\n"
-    "  status [--json]              every node: role, epoch, LSNs, lag in records, eligibility\n"
+    "  status [--json]              every node: role, epoch, LSNs, lag in records and ms (n/c: not\n"
+    "                               connected to the active), eligibility\n"
     "  switchover [--to NODE]       planned hand-over to NODE (default: the most caught-up standby);\n"
     "                               the active refuses writes until NODE holds everything, then steps down\n"
     "  promote --force NODE         make NODE the active when there is none and no eligible standby\n"
@@ -68,9 +69,15 @@ bool Eligible(const Cluster& c, const std::string& id) {
 int PrintStatus(Arbiter* a, bool as_json) {
   const Cluster c = Read(a);
   uint64_t head = 0;
-  if (c.active) {
-    if (const NodeInfo* n = Find(c, c.active->id)) head = n->last_lsn;
-  }
+  const NodeInfo* act = c.active ? Find(c, c.active->id) : nullptr;
+  if (act) head = act->last_lsn;
+  // Lag in time, as the active measures it (absent: not connected to it).
+  auto lag_ms = [&](const std::string& id) -> std::optional<uint64_t> {
+    if (!act) return std::nullopt;
+    auto it = act->standby_lag_ms.find(id);
+    if (it == act->standby_lag_ms.end()) return std::nullopt;
+    return it->second;
+  };
   if (as_json) {
     boost::json::array nodes;
     for (const auto& n : c.nodes) {
@@ -84,6 +91,9 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                           {"durable_lsn", n.durable_lsn},
                                           {"applied_lsn", n.applied_lsn},
                                           {"lag_records", is_active || head < n.durable_lsn ? 0 : head - n.durable_lsn},
+                                          {"lag_ms", is_active ? boost::json::value(0)
+                                                     : lag_ms(n.id) ? boost::json::value(*lag_ms(n.id))
+                                                                    : boost::json::value(nullptr)},
                                           {"eligible", !is_active && Eligible(c, n.id)}});
     }
     boost::json::object out{{"active", c.active ? boost::json::value(c.active->id) : boost::json::value(nullptr)},
@@ -94,15 +104,17 @@ int PrintStatus(Arbiter* a, bool as_json) {
   }
   std::printf("active: %s", c.active ? c.active->id.c_str() : "(none)");
   if (c.active) std::printf(" at epoch %llu (%s)", static_cast<unsigned long long>(c.active->epoch), c.active->address.c_str());
-  std::printf("\n%-12s %-8s %6s %10s %10s %10s %11s %-9s %-21s %s\n", "NODE", "ROLE", "EPOCH", "LAST", "DURABLE", "APPLIED",
-              "LAG(recs)", "ELIGIBLE", "REPLICATION", "CLIENT");
+  std::printf("\n%-12s %-8s %6s %10s %10s %10s %11s %9s %-9s %-21s %s\n", "NODE", "ROLE", "EPOCH", "LAST", "DURABLE",
+              "APPLIED", "LAG(recs)", "LAG(ms)", "ELIGIBLE", "REPLICATION", "CLIENT");
   for (const auto& n : c.nodes) {
     const bool is_active = c.active && c.active->id == n.id;
     const uint64_t lag = is_active || head < n.durable_lsn ? 0 : head - n.durable_lsn;
-    std::printf("%-12s %-8s %6llu %10llu %10llu %10llu %11llu %-9s %-21s %s\n", n.id.c_str(),
+    const auto ms = lag_ms(n.id);
+    const std::string ms_text = is_active ? "-" : ms ? std::to_string(*ms) : "n/c";
+    std::printf("%-12s %-8s %6llu %10llu %10llu %10llu %11llu %9s %-9s %-21s %s\n", n.id.c_str(),
                 is_active ? "active" : "standby", static_cast<unsigned long long>(n.epoch),
                 static_cast<unsigned long long>(n.last_lsn), static_cast<unsigned long long>(n.durable_lsn),
-                static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag),
+                static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag), ms_text.c_str(),
                 is_active ? "-" : (Eligible(c, n.id) ? "yes" : "no"), n.address.c_str(),
                 n.client_address.empty() ? "-" : n.client_address.c_str());
   }
