@@ -318,6 +318,10 @@ class EngineImpl final : public Engine, public transport::Handler {
   void HandOver(const std::string& target);
   std::atomic<bool> handing_over_{false};
   NodeInfo MyInfo();
+  CommitRule CurrentRule() EXCLUDES(mu_) {
+    MutexLock l(&mu_);
+    return rule_;
+  }
   Status Promote(uint64_t epoch);
   void Demote(const std::string& reason);
   void SendFences(uint64_t epoch);
@@ -1294,7 +1298,7 @@ void EngineImpl::RoleLoop() {
   auto last_publish = Clock::time_point();
   auto vacancy_seen = Clock::time_point();  // when this node first saw no active
   bool lease_held_logged = true;
-  constexpr auto kSettle = 100ms;
+  constexpr auto kSettle = 50ms;
   for (;;) {
     const uint64_t seen = arbiter_->changes();
     {
@@ -1367,7 +1371,7 @@ void EngineImpl::RoleLoop() {
     } else if (role_.load() == Role::kActive) {
       if (!*active || (*active)->id != opts_.node_id) {
         Demote(*active ? "node " + (*active)->id + " holds the active key" : std::string("its active key is gone"));
-      } else if (opts_.commit.mode != CommitRule::Mode::kAsync) {
+      } else if (CurrentRule().mode != CommitRule::Mode::kAsync) {
         // Standbys that hold everything committed are eligible (added late is
         // safe; removal happens before any write is acknowledged without them).
         std::vector<std::string> sync;
@@ -1375,8 +1379,14 @@ void EngineImpl::RoleLoop() {
         {
           MutexLock l(&mu_);
           if (!degraded_) {
-            for (const auto& [id, sb] : standbys_) {
-              if (!sb->resync && sb->flushed >= commit_lsn_) sync.push_back(id);
+            // Every standby known to hold all that was committed: connected
+            // or not (its slot is its last durable LSN), so that one that
+            // briefly disconnected, or has not subscribed yet since this
+            // promotion, stays eligible until writes go past it.
+            for (const auto& [id, lsn] : slots_) {
+              auto it = standbys_.find(id);
+              const bool resyncing = it != standbys_.end() && it->second->resync;
+              if (!resyncing && lsn >= commit_lsn_) sync.push_back(id);
             }
           }
         }
@@ -1420,7 +1430,7 @@ void EngineImpl::RoleLoop() {
         if (arbiter_->Publish(MyInfo()).ok()) last_publish = now;
       } else if (now - vacancy_seen >= kSettle) {
         std::optional<std::vector<std::string>> sync;
-        if (opts_.commit.mode != CommitRule::Mode::kAsync) {
+        if (CurrentRule().mode != CommitRule::Mode::kAsync) {
           if (auto got = arbiter_->GetSyncSet(); got.ok()) sync = *got;
         }
         auto eligible = [&](const std::string& id) {
@@ -1513,6 +1523,15 @@ Status EngineImpl::Promote(uint64_t epoch) {
   }
   REPLICA_RETURN_IF_ERROR(WaitForApplied(wal_->last_lsn(), 60s));
   epoch_ = epoch;
+  // The other nodes' durable LSNs as they published them: they are the
+  // standbys of this epoch (their slots keep the log they need, and those
+  // that hold everything so far stay eligible until writes go past them).
+  if (auto nodes = arbiter_->GetNodes(); nodes.ok()) {
+    MutexLock l(&mu_);
+    for (const auto& n : *nodes) {
+      if (n.id != opts_.node_id) slots_[n.id] = std::max<wal::Lsn>(slots_[n.id], std::min(n.durable_lsn, wal_->last_lsn()));
+    }
+  }
   REPLICA_ASSIGN_OR_RETURN(wal::Lsn start, wal_->Append(epoch, wal::RecordType::kEpochStart, opts_.node_id));
   SendFences(epoch);
   handing_over_ = false;
