@@ -306,6 +306,7 @@ class EngineImpl final : public Engine, public transport::Handler {
   Mutex sync_mu_ ACQUIRED_BEFORE(mu_);  // serialises publishing the sync set
   std::thread role_thread_;
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
+  std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
   std::string active_client_ GUARDED_BY(mu_);  // the active's published client address
   std::string client_address_ GUARDED_BY(mu_);  // this node's
@@ -1720,6 +1721,15 @@ void EngineImpl::FollowerLoop() {
       }
       if (upstream_ == session) upstream_.reset();
       cv_.SignalAll();  // Promote waits for the upstream session to end
+      if (!session->established()) {
+        if (unreachable_target_ != target) {
+          unreachable_target_ = target;
+          RLOG(kWarn, "engine.upstream_unreachable") << "node=" << opts_.node_id << " active=" << target
+                                                     << " (retrying every 200 ms)";
+        }
+      } else if (unreachable_target_ == target) {
+        unreachable_target_.clear();
+      }
       mu_.Unlock();
       DrainReceiver();  // the next Subscribe must see the log as it will stay
       mu_.Lock();

@@ -678,7 +678,12 @@ void SessionImpl::DoClose(const Status& why) {
   out_.clear();
   queued_bytes_.store(0);
   ++ep_->mutable_stats().sessions_closed;
-  if (why.ok() || why.IsAborted()) {
+  if (!established_.load() && is_client_ && !why.IsAborted()) {
+    // A connection that never came up (peer down): its owner decides how
+    // loudly to say so, rather than one warning per retry.
+    RLOG(kDebug, "transport.closed") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
+                                     << why.ToString() << "\"";
+  } else if (why.ok() || why.IsAborted()) {
     RLOG(kInfo, "transport.closed") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
                                     << why.ToString() << "\"";
   } else {
