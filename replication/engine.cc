@@ -494,6 +494,13 @@ Status EngineImpl::LoadSlots() {
 
 void EngineImpl::MaintainRetention(bool force) {
   if (!wal_) return;
+  {
+    // Throttled first: the applier calls this on every batch.
+    MutexLock l(&mu_);
+    const auto now = Clock::now();
+    if (!force && now - last_retention_ < kRetentionEvery) return;
+    last_retention_ = now;
+  }
   std::vector<wal::SegmentInfo> segs;
   if (opts_.slot_max_bytes > 0) segs = wal_->segments();
   std::map<std::string, wal::Lsn> to_persist;
@@ -501,9 +508,6 @@ void EngineImpl::MaintainRetention(bool force) {
   wal::Lsn floor = 0;
   {
     MutexLock l(&mu_);
-    const auto now = Clock::now();
-    if (!force && now - last_retention_ < kRetentionEvery) return;
-    last_retention_ = now;
     // The last applied record stays: a snapshot at that LSN is seeded with it.
     floor = std::max<wal::Lsn>(1, applied_lsn_);
     for (auto it = slots_.begin(); it != slots_.end();) {

@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
+#include <mutex>
 #include <memory>
 
 #include "tests/support/etcd_server.h"
@@ -61,6 +63,11 @@ class Writer {
     if (thread_.joinable()) thread_.join();
   }
   size_t acked() const { return acked_.load(); }
+  // Waits until at least n writes were acknowledged or the deadline passes.
+  bool WaitAcked(size_t n, Clock::time_point deadline) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_until(l, deadline, [&] { return acked_.load() >= n; });
+  }
   std::vector<std::string> keys() const { return keys_; }  // after Stop
   // The longest time between two acknowledged writes (after Stop).
   Clock::duration longest_gap() const {
@@ -80,7 +87,11 @@ class Writer {
         if (clients[at]->Command({"SET", k, "v" + std::to_string(i)}) == "+OK") {
           keys_.push_back(k);
           times_.push_back(Clock::now());
-          ++acked_;
+          {
+            std::lock_guard<std::mutex> l(mu_);
+            ++acked_;
+          }
+          cv_.notify_all();
           break;
         }
         at = (at + 1) % clients.size();  // not the active (or gone): try the next node
@@ -91,6 +102,8 @@ class Writer {
   std::vector<int> ports_;
   std::atomic<bool> stop_{false};
   std::atomic<size_t> acked_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
   std::vector<std::string> keys_;
   std::vector<Clock::time_point> times_;
   std::thread thread_;
@@ -169,19 +182,15 @@ TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAnd
   const int first = WaitForOneActive(nodes);
   ASSERT_GE(first, 0);
   Writer writer({d[0]->client_port(), d[1]->client_port(), d[2]->client_port()});
-  auto deadline = Clock::now() + 30s;
-  while (writer.acked() < 300 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
-  ASSERT_GE(writer.acked(), 300u);
+  ASSERT_TRUE(writer.WaitAcked(300, Clock::now() + 30s));
   const size_t before = writer.acked();
   const auto killed_at = Clock::now();
   EXPECT_EQ(d[first]->Kill(SIGKILL), 128 + SIGKILL);
   nodes[first] = nullptr;
-  deadline = Clock::now() + 30s;
-  while (writer.acked() == before && Clock::now() < deadline) std::this_thread::sleep_for(5ms);
-  ASSERT_GT(writer.acked(), before) << "no write was accepted after the active died";
+  ASSERT_TRUE(writer.WaitAcked(before + 1, Clock::now() + 30s)) << "no write was accepted after the active died";
   std::printf("failover: first write accepted %lld ms after the SIGKILL\n",
               static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - killed_at).count()));
-  while (writer.acked() < before + 300 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  writer.WaitAcked(before + 300, Clock::now() + 30s);
   writer.Stop();
   const int second = WaitForOneActive(nodes);
   ASSERT_GE(second, 0);
@@ -269,23 +278,33 @@ TEST_F(FailoverTest, NoTwoNodesAcknowledgeWritesInOverlappingIntervals) {
   nodes[1] = b.get();
   ASSERT_EQ(WaitForOneActive(nodes), 0);
   std::atomic<bool> stop{false};
-  std::vector<Clock::time_point> acks[2];
+  std::vector<Clock::time_point> acks[2];  // read only after the writers joined
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t counts[2] = {0, 0};  // guarded by mu
+  auto wait_count = [&](int n, size_t want, Clock::duration limit) {
+    std::unique_lock<std::mutex> l(mu);
+    return cv.wait_for(l, limit, [&] { return counts[n] >= want; });
+  };
   std::vector<std::thread> writers;
   for (int n = 0; n < 2; ++n) {
     writers.emplace_back([&, n] {
       RespClient c(nodes[n]->client_port());
       for (int i = 0; !stop; ++i) {
-        if (c.Command({"SET", "k" + std::to_string(n), std::to_string(i)}) == "+OK") acks[n].push_back(Clock::now());
+        if (c.Command({"SET", "k" + std::to_string(n), std::to_string(i)}) == "+OK") {
+          acks[n].push_back(Clock::now());
+          std::lock_guard<std::mutex> l(mu);
+          ++counts[n];
+          cv.notify_all();
+        }
         std::this_thread::sleep_for(2ms);
       }
     });
   }
-  const auto deadline = Clock::now() + 5s;
-  while (acks[0].size() < 50 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  wait_count(0, 50, 5s);
   relay.Cut();  // a hears nothing from etcd from now on
   const auto cut_at = Clock::now();
-  const auto until = Clock::now() + 20s;
-  while ((acks[1].size() < 50) && Clock::now() < until) std::this_thread::sleep_for(10ms);
+  wait_count(1, 50, 20s);
   stop = true;
   for (auto& t : writers) t.join();
   ASSERT_GE(acks[0].size(), 50u);
@@ -392,16 +411,14 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
 
   // Planned switchover under load: no acknowledged write lost.
   Writer writer({d[0]->client_port(), d[1]->client_port(), d[2]->client_port()});
-  auto deadline = Clock::now() + 30s;
-  while (writer.acked() < 200 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  writer.WaitAcked(200, Clock::now() + 30s);
   const int target = (first + 1) % 3;
   const std::string target_id(1, static_cast<char>('a' + target));
   out = Repctl(etcd_->endpoint(), "switchover --to " + target_id, &code);
   ASSERT_EQ(code, 0) << out;
   EXPECT_NE(out.find("switched over"), std::string::npos) << out;
   const size_t at_switch = writer.acked();
-  deadline = Clock::now() + 30s;
-  while (writer.acked() < at_switch + 200 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  writer.WaitAcked(at_switch + 200, Clock::now() + 30s);
   writer.Stop();
   EXPECT_EQ(WaitForOneActive(nodes), target);
   std::printf("switchover: longest gap between acknowledged writes %lld ms\n",
