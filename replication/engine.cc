@@ -28,8 +28,8 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-constexpr char kMetaColumnFamily[] = "replica_meta";
-constexpr char kAppliedKey[] = "applied_lsn";
+using snapshot::kAppliedKey;
+using snapshot::kMetaColumnFamily;
 constexpr size_t kMaxShipBytes = 1u << 20;
 constexpr size_t kMaxApplyRecords = 256;
 constexpr size_t kMaxReceiveQueue = 32u << 20;

@@ -26,6 +26,10 @@ class ColumnFamilyHandle;
 namespace replica::snapshot {
 
 inline constexpr char kSeedName[] = "WAL-SEED";
+// The engine's column family for its own bookkeeping, and the key in it that
+// holds the applied LSN (u64 little-endian), written with the data it covers.
+inline constexpr char kMetaColumnFamily[] = "replica_meta";
+inline constexpr char kAppliedKey[] = "applied_lsn";
 
 struct FileInfo {
   std::string name;

@@ -1,0 +1,294 @@
+// logdiff against real replicas: an active and standbys made by the engine
+// over real sockets, then copied and damaged on purpose (a flipped value, a
+// missing key, an extra key, a truncated WAL, another epoch at the same LSN,
+// a replica that is merely behind). The logdiff binary runs as a process.
+#include <gtest/gtest.h>
+#include <rocksdb/db.h>
+
+#include <boost/json.hpp>
+
+#include "replica/engine.h"
+#include "tests/tools/daemon.h"
+#include "wal/wal.h"
+
+namespace replica::test {
+namespace {
+
+const std::string kLogdiff = LOGDIFF_PATH;
+
+std::string Logdiff(const std::string& args, int* code) { return Shell(kLogdiff + " --no-progress " + args, code); }
+
+EngineOptions Node(const std::string& dir, const std::string& id, const std::string& follow) {
+  EngineOptions o;
+  o.node_id = id;
+  o.data_dir = dir + "/" + id;
+  o.follow = follow;
+  o.secret = "test-secret";
+  o.cluster = "t";
+  o.wal_segment_size = 64 << 10;
+  return o;
+}
+
+void Write(Engine* e, int from, int to) {
+  for (int i = from; i < to; ++i) {
+    WriteBatch b;
+    b.Put("key" + std::to_string(i), Payload(static_cast<uint64_t>(i), 100));
+    b.Put("counter", std::to_string(i));
+    ASSERT_TRUE(e->Write(b).ok());
+  }
+}
+
+// Opens a node's RocksDB directly, for damage and for flushes.
+class RawDb {
+ public:
+  explicit RawDb(const std::string& data_dir) {
+    std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {{rocksdb::kDefaultColumnFamilyName, {}}, {"replica_meta", {}}};
+    rocksdb::DB* db = nullptr;
+    auto s = rocksdb::DB::Open(rocksdb::Options(), data_dir + "/db", cfs, &handles_, &db);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    db_.reset(db);
+  }
+  ~RawDb() {
+    for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+  }
+  rocksdb::DB* db() { return db_.get(); }
+
+ private:
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
+  std::unique_ptr<rocksdb::DB> db_;
+};
+
+// Built once: a (active, 300 writes), b (standby, caught up), c (standby
+// stopped after 200 writes).
+class LogdiffTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    base_ = new TempDir();
+    auto a = Engine::Open(Node(base_->path(), "a", ""));
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    const std::string follow = "127.0.0.1:" + std::to_string((*a)->listen_port());
+    auto b = Engine::Open(Node(base_->path(), "b", follow));
+    auto c = Engine::Open(Node(base_->path(), "c", follow));
+    ASSERT_TRUE(b.ok() && c.ok());
+    Write(a->get(), 0, 200);
+    ASSERT_TRUE((*c)->WaitForApplied(200, 30s).ok());
+    ASSERT_TRUE((*c)->Close().ok());
+    Write(a->get(), 200, 300);
+    ASSERT_TRUE((*b)->WaitForApplied(300, 30s).ok());
+    ASSERT_TRUE((*b)->Close().ok());
+    ASSERT_TRUE((*a)->Close().ok());
+  }
+  static void TearDownTestSuite() { delete base_; }
+
+  // A copy of a base node, to damage.
+  std::string Copy(const std::string& id, const std::string& as) {
+    CopyDir(base_->Sub(id), dir_.Sub(as));
+    return dir_.Sub(as);
+  }
+  static std::string Base(const std::string& id) { return base_->Sub(id); }
+
+  static TempDir* base_;
+  TempDir dir_;
+};
+TempDir* LogdiffTest::base_ = nullptr;
+
+TEST_F(LogdiffTest, IdenticalReplicasExitZero) {
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + Base("b"), &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(out.rfind("logdiff: IDENTICAL: a, b; WAL LSN 1..300 (300 records agree); 301 keys", 0), 0u) << out;
+  EXPECT_NE(out.find("MiB/s"), std::string::npos) << out;
+
+  out = Logdiff("--json --bytes " + Base("a") + " " + Base("b"), &code);
+  EXPECT_EQ(code, 0) << out;
+  auto v = boost::json::parse(out).as_object();
+  EXPECT_EQ(v["verdict"].as_string(), "identical");
+  EXPECT_EQ(v["records_compared"].as_int64(), 300);
+  EXPECT_EQ(v["keys_compared"].as_int64(), 301);
+  EXPECT_EQ(v["nodes"].as_array()[1].as_object()["applied"].as_int64(), 300);
+}
+
+TEST_F(LogdiffTest, FlippedValueIsNamedWithBothValues) {
+  const std::string b = Copy("b", "b");
+  {
+    RawDb db(b);
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "key42", "flipped").ok());
+  }
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + b, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_EQ(out.rfind("logdiff: DIFFERENT: 1 difference among a, b", 0), 0u) << out;
+  EXPECT_NE(out.find("value cf default key \"key42\": a: (applied 300) \""), std::string::npos) << out;
+  EXPECT_NE(out.find("b: (applied 300) \"flipped\" (7 bytes)"), std::string::npos) << out;
+}
+
+TEST_F(LogdiffTest, MissingAndExtraKeysAreNamed) {
+  const std::string b = Copy("b", "b");
+  {
+    RawDb db(b);
+    ASSERT_TRUE(db.db()->Delete(rocksdb::WriteOptions(), "key7").ok());
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "zz-extra", "x").ok());
+  }
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + b, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("DIFFERENT: 2 differences"), std::string::npos) << out;
+  EXPECT_NE(out.find("missing cf default key \"key7\": a: (applied 300) \""), std::string::npos) << out;
+  EXPECT_NE(out.find("b: (applied 300) missing"), std::string::npos) << out;
+  EXPECT_NE(out.find("missing cf default key \"zz-extra\": a: (applied 300) missing; b: (applied 300) \"x\""),
+            std::string::npos)
+      << out;
+}
+
+TEST_F(LogdiffTest, TruncatedWalIsADifferenceNotLag) {
+  const std::string b = Copy("b", "b");
+  auto segs = SegmentPaths(b + "/wal");
+  ASSERT_FALSE(segs.empty());
+  TruncateFileTo(segs.back(), FileSize(segs.back()) - 30);
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + b, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("log-end WAL of b: b: WAL ends at LSN 299 but RocksDB applied up to LSN 300"), std::string::npos)
+      << out;
+  EXPECT_NE(out.find("note: b: torn tail in the WAL"), std::string::npos) << out;
+}
+
+TEST_F(LogdiffTest, OtherEpochAtTheSameLsnIsTheFirstDivergence) {
+  const std::string b = Copy("b", "b");
+  {
+    auto w = wal::Wal::Open(b + "/wal", {});
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    ASSERT_TRUE((*w)->Truncate(297).ok());
+    for (int i = 0; i < 3; ++i) {
+      WriteBatch batch;
+      batch.Put("counter", "other");
+      ASSERT_TRUE((*w)->Append(2, wal::RecordType::kData, batch.Encode()).ok());
+    }
+  }
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + b, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("(297 records agree)"), std::string::npos) << out;
+  EXPECT_NE(out.find("wal LSN 298: a: epoch 1 data"), std::string::npos) << out;
+  EXPECT_NE(out.find("b: epoch 2 data"), std::string::npos) << out;
+  EXPECT_NE(out.find("epochs epoch history up to LSN 300: a: epoch 1 from LSN 1; b: epoch 1 from LSN 1, epoch 2 from LSN 298"),
+            std::string::npos)
+      << out;
+}
+
+TEST_F(LogdiffTest, ReplicaBehindIsLagUnlessStrict) {
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + Base("c"), &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("IDENTICAL"), std::string::npos) << out;
+  EXPECT_NE(out.find("note: c is behind a by 100 records (its WAL ends at LSN 200, a's at 300)"), std::string::npos)
+      << out;
+  EXPECT_NE(out.find("note: c has applied up to LSN 200, 100 records behind a"), std::string::npos) << out;
+  // 100 new keys and "counter" differ only by lag.
+  EXPECT_NE(out.find("note: 101 keys differ only because"), std::string::npos) << out;
+
+  out = Logdiff("--strict " + Base("a") + " " + Base("c"), &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("lag WAL end: c is behind a by 100 records"), std::string::npos) << out;
+  EXPECT_NE(out.find("missing cf default key \"key205\""), std::string::npos) << out;
+
+  // A real difference on the node that is behind is still reported.
+  const std::string c = Copy("c", "c");
+  {
+    RawDb db(c);
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "key10", "flipped").ok());
+  }
+  out = Logdiff(Base("a") + " " + c + " " + Base("b"), &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("DIFFERENT: 1 difference among a, c, b"), std::string::npos) << out;
+  EXPECT_NE(out.find("value cf default key \"key10\""), std::string::npos) << out;
+}
+
+TEST_F(LogdiffTest, ManyRangesAreHashedAndOnlyTheDifferingOneIsRead) {
+  // Identical extra data in several SST files, so the key space splits into
+  // several ranges; then one key in one range changed.
+  const std::string x = Copy("a", "x"), y = Copy("a", "y");
+  for (const auto& d : {x, y}) {
+    RawDb db(d);
+    for (int f = 0; f < 6; ++f) {
+      for (int i = 0; i < 500; ++i) {
+        char k[32];
+        std::snprintf(k, sizeof k, "bulk-%d-%04d", f, i);
+        ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), k, Payload(static_cast<uint64_t>(f * 1000 + i), 64)).ok());
+      }
+      ASSERT_TRUE(db.db()->Flush(rocksdb::FlushOptions()).ok());
+    }
+  }
+  int code = -1;
+  std::string out = Logdiff("--json --threads 3 " + x + " " + y, &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(boost::json::parse(out).as_object()["keys_compared"].as_int64(), 301 + 3000);
+  {
+    RawDb db(y);
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "bulk-3-0123", "changed").ok());
+  }
+  out = Logdiff("--json --threads 3 " + x + " " + y, &code);
+  EXPECT_EQ(code, 1) << out;
+  auto v = boost::json::parse(out).as_object();
+  EXPECT_EQ(v["difference_count"].as_int64(), 1);
+  EXPECT_EQ(v["differences"].as_array()[0].as_object()["where"].as_string(), "cf default key \"bulk-3-0123\"");
+  // Only the range holding the change was read entry by entry: far fewer
+  // bytes than hashing everything twice.
+  EXPECT_LT(v["bytes_hashed"].as_int64(), 3 * 2 * (3000 * 75 + 301 * 110)) << out;
+}
+
+TEST_F(LogdiffTest, DifferencesAreCappedButCounted) {
+  const std::string b = Copy("b", "b");
+  {
+    RawDb db(b);
+    for (int i = 0; i < 30; ++i) ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "key" + std::to_string(i), "v").ok());
+  }
+  int code = -1;
+  std::string out = Logdiff("--max-diffs 5 " + Base("a") + " " + b, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("DIFFERENT: 30 differences"), std::string::npos) << out;
+  EXPECT_NE(out.find("... and 25 more differences not listed"), std::string::npos) << out;
+}
+
+TEST_F(LogdiffTest, LiveNodeIsReadWithoutDisturbingIt) {
+  // A running active: logdiff reads its directory while it keeps writing.
+  const std::string a = Copy("a", "a");
+  auto e = Engine::Open(Node(dir_.path(), "a", ""));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  int code = -1;
+  std::string out = Logdiff(a + " " + Base("b"), &code);
+  EXPECT_EQ(code, 0) << out;
+  Write(e->get(), 300, 310);
+  out = Logdiff(a + " " + Base("b"), &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("note: b is behind a by 10 records"), std::string::npos) << out;
+  EXPECT_TRUE((*e)->Close().ok());
+}
+
+TEST_F(LogdiffTest, BadInputExitsTwoWithTheReason) {
+  int code = -1;
+  std::string out = Logdiff(Base("a"), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("give at least two nodes"), std::string::npos) << out;
+  out = Logdiff(Base("a") + " " + dir_.Sub("nope"), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("logdiff: ERROR: could not compare: nope: "), std::string::npos) << out;
+  out = Logdiff(Base("a") + " " + dir_.path(), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("is not a node's data directory"), std::string::npos) << out;
+  out = Logdiff("--max-diffs x " + Base("a") + " " + Base("b"), &code);
+  EXPECT_EQ(code, 2) << out;
+  out = Logdiff("--frobnicate " + Base("a") + " " + Base("b"), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("unknown option"), std::string::npos) << out;
+  // Corrupt WAL in the middle of a log.
+  const std::string b = Copy("b", "b");
+  auto segs = SegmentPaths(b + "/wal");
+  FlipBit(segs.front(), 200, 3);
+  out = Logdiff(Base("a") + " " + b, &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("ERROR"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace replica::test
