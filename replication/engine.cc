@@ -18,6 +18,7 @@
 #include "base/mutex.h"
 #include "replica/engine.h"
 #include "replication/arbiter.h"
+#include "replication/logdiff_server.h"
 #include "replication/snapshot.h"
 #include "transport/transport.h"
 #include "wal/wal.h"
@@ -133,7 +134,7 @@ struct Receive {
 // wal_ and db_ are replaced only by a snapshot install on a standby, under
 // store_mu_ held exclusively with the applier stopped; every other thread
 // that uses them on a standby holds store_mu_ shared.
-class EngineImpl final : public Engine, public transport::Handler {
+class EngineImpl final : public Engine, public transport::Handler, public logdiff::NodeHooks {
  public:
   explicit EngineImpl(EngineOptions o) : opts_(std::move(o)) {}
   ~EngineImpl() override { (void)Close(); }
@@ -166,7 +167,29 @@ class EngineImpl final : public Engine, public transport::Handler {
   void OnClosed(const std::shared_ptr<transport::Session>& s, const Status& why) override;
   void FillHeartbeat(proto::Heartbeat* hb) override;
 
+  // logdiff --live (replication/logdiff_server.h).
+  Status WithStore(const std::function<Status(const logdiff::Store&)>& fn) override EXCLUDES(mu_);
+  Result<const rocksdb::Snapshot*> PinAt(uint64_t lsn, std::chrono::milliseconds timeout) override EXCLUDES(mu_);
+
  private:
+  // A logdiff session waiting for the applied LSN to reach lsn: the applier
+  // ends a batch there and takes the snapshot, or marks it passed.
+  struct PinWait {
+    wal::Lsn lsn = 0;
+    const rocksdb::Snapshot* snapshot = nullptr;
+    bool passed = false;
+  };
+  std::vector<PinWait*> pin_waits_ GUARDED_BY(mu_);
+  std::atomic<int> pins_pending_{0};
+  bool PinWanted(wal::Lsn lsn) EXCLUDES(mu_) {
+    MutexLock l(&mu_);
+    for (auto* w : pin_waits_) {
+      if (w->lsn == lsn && !w->snapshot && !w->passed) return true;
+    }
+    return false;
+  }
+  logdiff::Server diff_{this};
+
   Status OpenStorage();
   void CloseStorage();
   void StartApplier() EXCLUDES(mu_);
@@ -831,6 +854,7 @@ void EngineImpl::ApplierLoop() {
       if (rec.type == static_cast<uint8_t>(wal::RecordType::kData)) records.emplace_back(rec.lsn, rec.payload);
       last = rec.lsn;
       have_pending = false;
+      if (pins_pending_.load() > 0 && PinWanted(last)) break;  // logdiff wants a snapshot exactly here
     }
     if (error.ok() && last > 0) error = ApplyRecords(records, last);
     if (!error.ok()) {
@@ -847,6 +871,14 @@ void EngineImpl::ApplierLoop() {
     {
       MutexLock l(&mu_);
       applied_lsn_ = last;
+      for (auto* w : pin_waits_) {
+        if (w->snapshot || w->passed) continue;
+        if (w->lsn == last) {
+          w->snapshot = db_->GetSnapshot();
+        } else if (w->lsn < last) {
+          w->passed = true;
+        }
+      }
       cv_.SignalAll();
       WakeWriters(last);
       upstream = upstream_;
@@ -1250,6 +1282,7 @@ Status EngineImpl::InstallSnapshot() {
   Status st;
   {
     WriterLock store(&store_mu_);
+    diff_.ReleaseAll(db_.get());
     CloseStorage();
     st = snapshot::CommitInstall(opts_.data_dir);
     if (st.ok()) st = OpenStorage();
@@ -1948,6 +1981,7 @@ void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::s
 
 void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) {
   if (msg.has_subscribe()) return OnSubscribe(s, msg.subscribe());
+  if (msg.has_diff_request()) return diff_.Submit(s, msg.diff_request());
   if (msg.has_snapshot_request()) {
     std::shared_ptr<Standby> sb;
     {
@@ -2112,6 +2146,7 @@ void EngineImpl::OnWritable(const std::shared_ptr<transport::Session>& s) {
 }
 
 void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const Status& why) {
+  diff_.SessionClosed(s.get());
   MutexLock l(&mu_);
   for (auto it = standbys_.begin(); it != standbys_.end(); ++it) {
     if (it->second->session.get() != s.get()) continue;
@@ -2122,6 +2157,55 @@ void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const St
     break;
   }
   cv_.SignalAll();
+}
+
+Status EngineImpl::WithStore(const std::function<Status(const logdiff::Store&)>& fn) {
+  ReaderLock store(&store_mu_);
+  if (!db_ || !wal_ || db_closed_.load()) return Status::Aborted("the node's storage is closed");
+  return fn(logdiff::Store{wal_.get(), db_.get(), handles_, {rocksdb::kDefaultColumnFamilyName, kMetaColumnFamily}});
+}
+
+Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::milliseconds timeout) {
+  // Called within WithStore: db_ stays. Registered first, so that the
+  // applier cannot pass lsn unseen between the check below and the wait.
+  PinWait w;
+  w.lsn = lsn;
+  {
+    MutexLock l(&mu_);
+    pin_waits_.push_back(&w);
+  }
+  pins_pending_.fetch_add(1);
+  auto unregister = [&]() REQUIRES(mu_) {
+    pin_waits_.erase(std::find(pin_waits_.begin(), pin_waits_.end(), &w));
+    pins_pending_.fetch_sub(1);
+  };
+  // Already there? The applied LSN inside a snapshot matches its data exactly.
+  const rocksdb::Snapshot* snap = db_->GetSnapshot();
+  rocksdb::ReadOptions ro;
+  ro.snapshot = snap;
+  std::string v;
+  wal::Lsn at = 0;
+  if (db_->Get(ro, handles_[1], kAppliedKey, &v).ok() && v.size() == 8) at = DecodeFixed64(v.data());
+  MutexLock l(&mu_);
+  if (at == lsn) {
+    unregister();
+    return snap;
+  }
+  db_->ReleaseSnapshot(snap);
+  const auto deadline = Clock::now() + timeout;
+  while (at < lsn && !w.snapshot && !w.passed && !closing_ && apply_error_.ok() && Clock::now() < deadline) {
+    cv_.WaitUntil(deadline);
+  }
+  unregister();
+  if (w.snapshot) return w.snapshot;
+  if (at > lsn || w.passed) {
+    return Status::Aborted("applied past LSN " + std::to_string(lsn) + " (at LSN " +
+                           std::to_string(std::max(at, applied_lsn_)) + ")");
+  }
+  if (closing_) return Status::Aborted("the node is closing");
+  if (!apply_error_.ok()) return apply_error_;
+  return Status::TimedOut("applied only up to LSN " + std::to_string(applied_lsn_) + ", not LSN " +
+                          std::to_string(lsn) + ", within " + std::to_string(timeout.count()) + " ms");
 }
 
 void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
@@ -2306,6 +2390,7 @@ Status EngineImpl::Close() {
   if (arbiter_) arbiter_->Stop();  // revokes the lease: a successor is elected at once
   if (follower_.joinable()) follower_.join();
   if (endpoint_) endpoint_->Stop();  // OnClosed moves every standby to finished_
+  diff_.Stop();  // releases logdiff's snapshots while the database is open
   {
     MutexLock l(&rx_mu_);
     rx_stop_ = true;

@@ -13,13 +13,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
+#include <unistd.h>
 #include <unordered_set>
 
 #include "base/coding.h"
 #include "base/env.h"
 #include "base/mutex.h"
 #include "replica/engine.h"
+#include "replication/logdiff_server.h"
 #include "replication/snapshot.h"
+#include "transport/transport.h"
 #include "wal/wal.h"
 
 namespace replica::logdiff {
@@ -59,75 +62,49 @@ bool IsDir(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-// A data directory read without disturbing a node that may be running on it.
-class DirectorySource final : public Source {
+}  // namespace
+
+// A node's open log and database; DB reads at `snapshot` (nullptr: latest),
+// WAL reads stop at wal_cap.
+class StoreSource : public Source {
  public:
-  ~DirectorySource() override {
-    for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
-    db_.reset();
-    wal_.reset();
-    if (!scratch_.empty()) (void)snapshot::RemoveTree(scratch_);
-  }
+  StoreSource() = default;
+  StoreSource(const Store& store, const rocksdb::Snapshot* snapshot, uint64_t wal_cap)
+      : store_(store), snapshot_(snapshot), wal_cap_(wal_cap) {}
 
-  Status Open(const std::string& data_dir) {
-    const std::string wal_dir = JoinPath(data_dir, "wal"), db_dir = JoinPath(data_dir, "db");
-    if (!IsDir(data_dir)) return Status::NotFound(data_dir + ": no such directory");
-    if (!IsDir(wal_dir) || !IsDir(db_dir)) {
-      return Status::InvalidArgument(data_dir + " is not a node's data directory (it needs wal/ and db/)");
+  Result<NodeInfo> Info() override {
+    NodeInfo info = extra_;
+    info.wal_first = store_.wal->first_lsn();
+    info.wal_last = std::min(store_.wal->last_lsn(), wal_cap_);
+    info.wal_bytes = store_.wal->size_bytes();
+    const wal::EpochHistory history = store_.wal->epoch_history();
+    for (const auto& e : history.entries()) {
+      if (e.first_lsn <= info.wal_last) info.epochs.emplace_back(e.epoch, e.first_lsn);
     }
-    wal::Options wo;
-    wo.read_only = true;
-    REPLICA_ASSIGN_OR_RETURN(wal_, wal::Wal::Open(wal_dir, wo));
-    const auto& rec = wal_->recovery();
-    if (rec.torn_tail) {
-      info_.torn_tail = std::to_string(rec.torn_bytes) + " bytes after the last whole record in " + rec.torn_segment +
-                        " at offset " + std::to_string(rec.torn_offset) + " (" + rec.torn_why + ")";
-    }
-    info_.wal_first = wal_->first_lsn();
-    info_.wal_last = wal_->last_lsn();
-    info_.wal_bytes = wal_->size_bytes();
-    const wal::EpochHistory history = wal_->epoch_history();
-    for (const auto& e : history.entries()) info_.epochs.emplace_back(e.epoch, e.first_lsn);
-
-    REPLICA_RETURN_IF_ERROR(FromRocks(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), db_dir, &cf_names_),
-                                      "list the column families of " + db_dir));
-    const char* tmp = std::getenv("TMPDIR");
-    std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/logdiff-XXXXXX";
-    if (::mkdtemp(templ.data()) == nullptr) return Status::FromErrno("create a scratch directory in " + templ, errno);
-    scratch_ = templ;
-    rocksdb::Options ro;
-    ro.max_open_files = -1;  // required of a secondary instance
-    std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
-    for (const auto& name : cf_names_) cfs.emplace_back(name, rocksdb::ColumnFamilyOptions());
-    rocksdb::DB* raw = nullptr;
-    REPLICA_RETURN_IF_ERROR(
-        FromRocks(rocksdb::DB::OpenAsSecondary(ro, db_dir, scratch_, cfs, &handles_, &raw), "open " + db_dir));
-    db_.reset(raw);
-    info_.column_families = cf_names_;
-
+    info.column_families = store_.names;
     if (auto* meta = Handle(snapshot::kMetaColumnFamily)) {
       std::string v;
-      auto s = db_->Get(rocksdb::ReadOptions(), meta, snapshot::kAppliedKey, &v);
+      rocksdb::ReadOptions ro;
+      ro.snapshot = snapshot_;
+      auto s = store_.db->Get(ro, meta, snapshot::kAppliedKey, &v);
       if (s.ok() && v.size() == 8) {
-        info_.applied = DecodeFixed64(v.data());
+        info.applied = DecodeFixed64(v.data());
       } else if (s.ok()) {
-        return Status::Corruption(db_dir + ": the applied LSN is " + std::to_string(v.size()) + " bytes, not 8");
+        return Status::Corruption("the applied LSN is " + std::to_string(v.size()) + " bytes, not 8");
       } else if (!s.IsNotFound()) {
-        return FromRocks(s, "read the applied LSN of " + db_dir);
+        return FromRocks(s, "read the applied LSN");
       }
     }
     std::vector<rocksdb::LiveFileMetaData> files;
-    db_->GetLiveFilesMetaData(&files);
-    for (const auto& f : files) info_.db_bytes += f.size;
-    return Status::OK();
+    store_.db->GetLiveFilesMetaData(&files);
+    for (const auto& f : files) info.db_bytes += f.size;
+    return info;
   }
 
-  Result<NodeInfo> Info() override { return info_; }
-
   Result<std::vector<Digest>> WalDigests(uint64_t from, uint64_t to, uint64_t chunk) override {
-    if (chunk == 0 || from > to) return Status::InvalidArgument("bad WAL range");
+    if (chunk == 0 || from > to || to > wal_cap_) return Status::InvalidArgument("bad WAL range");
     std::vector<Digest> out((to - from) / chunk + 1);
-    REPLICA_ASSIGN_OR_RETURN(auto reader, wal_->NewReader(from));
+    REPLICA_ASSIGN_OR_RETURN(auto reader, store_.wal->NewReader(from));
     std::unique_ptr<Hasher> h;
     size_t idx = 0;
     for (uint64_t lsn = from; lsn <= to; ++lsn) {
@@ -151,9 +128,15 @@ class DirectorySource final : public Source {
   }
 
   Result<std::vector<WalRecord>> WalRecords(uint64_t from, uint64_t to, bool payloads) override {
+    return WalRecordsLimited(from, std::min(to, wal_cap_), payloads, SIZE_MAX);
+  }
+
+  // At most max_bytes of payload (but at least one record).
+  Result<std::vector<WalRecord>> WalRecordsLimited(uint64_t from, uint64_t to, bool payloads, size_t max_bytes) {
     std::vector<WalRecord> out;
-    REPLICA_ASSIGN_OR_RETURN(auto reader, wal_->NewReader(from));
-    for (uint64_t lsn = from; lsn <= to; ++lsn) {
+    REPLICA_ASSIGN_OR_RETURN(auto reader, store_.wal->NewReader(from));
+    size_t bytes = 0;
+    for (uint64_t lsn = from; lsn <= to && (out.empty() || bytes < max_bytes); ++lsn) {
       wal::RecordView r;
       REPLICA_ASSIGN_OR_RETURN(bool got, reader->Next(&r));
       if (!got) break;
@@ -164,6 +147,7 @@ class DirectorySource final : public Source {
       w.digest = wal::RecordDigest(r);
       w.size = static_cast<uint32_t>(r.payload.size());
       if (payloads) w.payload.assign(r.payload);
+      bytes += r.payload.size() + 40;
       bytes_read.fetch_add(r.payload.size() + 40, std::memory_order_relaxed);
       out.push_back(std::move(w));
     }
@@ -173,7 +157,7 @@ class DirectorySource final : public Source {
   Result<std::vector<std::string>> SplitKeys(const std::string& cf, int n) override {
     if (!Handle(cf)) return Status::NotFound("no column family " + cf);
     std::vector<rocksdb::LiveFileMetaData> files;
-    db_->GetLiveFilesMetaData(&files);
+    store_.db->GetLiveFilesMetaData(&files);
     std::vector<std::string> keys;
     for (const auto& f : files) {
       if (f.column_family_name == cf && !f.smallestkey.empty()) keys.push_back(f.smallestkey);
@@ -216,10 +200,16 @@ class DirectorySource final : public Source {
     return out;
   }
 
+ protected:
+  Store store_;
+  const rocksdb::Snapshot* snapshot_ = nullptr;
+  uint64_t wal_cap_ = UINT64_MAX;
+  NodeInfo extra_;  // torn tail, found when the directory was opened
+
  private:
   rocksdb::ColumnFamilyHandle* Handle(const std::string& cf) const {
-    for (size_t i = 0; i < cf_names_.size(); ++i) {
-      if (cf_names_[i] == cf) return handles_[i];
+    for (size_t i = 0; i < store_.names.size() && i < store_.handles.size(); ++i) {
+      if (store_.names[i] == cf) return store_.handles[i];
     }
     return nullptr;
   }
@@ -232,9 +222,10 @@ class DirectorySource final : public Source {
     rocksdb::ReadOptions ro;
     ro.fill_cache = false;
     ro.readahead_size = 2 << 20;
+    ro.snapshot = snapshot_;
     rocksdb::Slice upper(end);
     if (!end.empty()) ro.iterate_upper_bound = &upper;
-    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, handle));
+    std::unique_ptr<rocksdb::Iterator> it(store_.db->NewIterator(ro, handle));
     size_t n = 0;
     for (it->Seek(begin); it->Valid() && n < limit; it->Next()) {
       std::string_view k(it->key().data(), it->key().size()), v(it->value().data(), it->value().size());
@@ -245,13 +236,60 @@ class DirectorySource final : public Source {
     }
     return FromRocks(it->status(), "read column family " + cf);
   }
+};
 
+namespace {
+
+// A data directory read without disturbing a node that may be running on it.
+class DirectorySource final : public StoreSource {
+ public:
+  ~DirectorySource() override {
+    if (db_) {
+      for (auto* h : store_.handles) db_->DestroyColumnFamilyHandle(h);
+    }
+    db_.reset();
+    wal_.reset();
+    if (!scratch_.empty()) (void)snapshot::RemoveTree(scratch_);
+  }
+
+  Status Open(const std::string& data_dir) {
+    const std::string wal_dir = JoinPath(data_dir, "wal"), db_dir = JoinPath(data_dir, "db");
+    if (!IsDir(data_dir)) return Status::NotFound(data_dir + ": no such directory");
+    if (!IsDir(wal_dir) || !IsDir(db_dir)) {
+      return Status::InvalidArgument(data_dir + " is not a node's data directory (it needs wal/ and db/)");
+    }
+    wal::Options wo;
+    wo.read_only = true;
+    REPLICA_ASSIGN_OR_RETURN(wal_, wal::Wal::Open(wal_dir, wo));
+    const auto& rec = wal_->recovery();
+    if (rec.torn_tail) {
+      extra_.torn_tail = std::to_string(rec.torn_bytes) + " bytes after the last whole record in " +
+                         rec.torn_segment + " at offset " + std::to_string(rec.torn_offset) + " (" + rec.torn_why + ")";
+    }
+    std::vector<std::string> names;
+    REPLICA_RETURN_IF_ERROR(FromRocks(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), db_dir, &names),
+                                      "list the column families of " + db_dir));
+    const char* tmp = std::getenv("TMPDIR");
+    std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/logdiff-XXXXXX";
+    if (::mkdtemp(templ.data()) == nullptr) return Status::FromErrno("create a scratch directory in " + templ, errno);
+    scratch_ = templ;
+    rocksdb::Options ro;
+    ro.max_open_files = -1;  // required of a secondary instance
+    std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+    for (const auto& name : names) cfs.emplace_back(name, rocksdb::ColumnFamilyOptions());
+    rocksdb::DB* raw = nullptr;
+    std::vector<rocksdb::ColumnFamilyHandle*> handles;
+    REPLICA_RETURN_IF_ERROR(
+        FromRocks(rocksdb::DB::OpenAsSecondary(ro, db_dir, scratch_, cfs, &handles, &raw), "open " + db_dir));
+    db_.reset(raw);
+    store_ = Store{wal_.get(), db_.get(), handles, names};
+    return Info().status().WithContext(db_dir);
+  }
+
+ private:
   std::unique_ptr<wal::Wal> wal_;
   std::unique_ptr<rocksdb::DB> db_;
-  std::vector<std::string> cf_names_;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   std::string scratch_;
-  NodeInfo info_;
 };
 
 // Runs every task on up to `threads` threads (the caller's among them).
@@ -806,6 +844,478 @@ std::string FormatJson(const Report& r) {
   o["differences"] = std::move(diffs);
   o["notes"] = json::value_from(r.notes);
   return json::serialize(o) + "\n";
+}
+
+
+// ---------------------------------------------------------------------------
+// logdiff --live: the node's side.
+
+namespace {
+
+void ToProto(const NodeInfo& ni, proto::DiffInfo* p) {
+  p->set_wal_first(ni.wal_first);
+  p->set_wal_last(ni.wal_last);
+  p->set_wal_bytes(ni.wal_bytes);
+  for (const auto& [e, l] : ni.epochs) {
+    p->add_epochs(e);
+    p->add_epochs(l);
+  }
+  p->set_applied(ni.applied);
+  p->set_db_bytes(ni.db_bytes);
+  for (const auto& cf : ni.column_families) p->add_column_families(cf);
+  p->set_torn_tail(ni.torn_tail);
+}
+
+NodeInfo FromProto(const proto::DiffInfo& p) {
+  NodeInfo ni;
+  ni.wal_first = p.wal_first();
+  ni.wal_last = p.wal_last();
+  ni.wal_bytes = p.wal_bytes();
+  for (int i = 0; i + 1 < p.epochs_size(); i += 2) ni.epochs.emplace_back(p.epochs(i), p.epochs(i + 1));
+  ni.applied = p.applied();
+  ni.db_bytes = p.db_bytes();
+  for (const auto& cf : p.column_families()) ni.column_families.push_back(cf);
+  ni.torn_tail = p.torn_tail();
+  return ni;
+}
+
+constexpr size_t kMaxReplyBytes = 4u << 20;
+
+}  // namespace
+
+void Server::Submit(const std::shared_ptr<transport::Session>& session, const proto::DiffRequest& request) {
+  MutexLock l(&mu_);
+  if (stop_) {
+    proto::Control msg;
+    auto* r = msg.mutable_diff_reply();
+    r->set_id(request.id());
+    r->set_code(static_cast<uint32_t>(StatusCode::kAborted));
+    r->set_message("the node is closing");
+    (void)session->SendControl(msg);
+    return;
+  }
+  queue_.emplace_back(session, request);
+  if (!started_) {
+    started_ = true;
+    worker_ = std::thread([this] { Run(); });
+  }
+  cv_.Signal();
+}
+
+void Server::SessionClosed(const transport::Session* session) {
+  Pin pin;
+  {
+    MutexLock l(&mu_);
+    auto it = pins_.find(session);
+    if (it == pins_.end()) return;
+    pin = it->second;
+    pins_.erase(it);
+  }
+  if (!pin.snapshot) return;
+  // Released with the store held, so that it is not closed meanwhile.
+  (void)hooks_->WithStore([&](const Store& st) {
+    if (st.db == pin.db) st.db->ReleaseSnapshot(pin.snapshot);
+    return Status::OK();
+  });
+}
+
+void Server::ReleaseAll(rocksdb::DB* db) {
+  MutexLock l(&mu_);
+  for (auto& [_, pin] : pins_) {
+    if (pin.snapshot && pin.db == db) db->ReleaseSnapshot(pin.snapshot);
+    pin.snapshot = nullptr;
+    pin.db = nullptr;
+  }
+}
+
+void Server::Stop() {
+  {
+    MutexLock l(&mu_);
+    stop_ = true;
+    cv_.SignalAll();
+  }
+  if (worker_.joinable()) worker_.join();
+  std::map<const transport::Session*, Pin> pins;
+  {
+    MutexLock l(&mu_);
+    pins.swap(pins_);
+    queue_.clear();
+  }
+  (void)hooks_->WithStore([&](const Store& st) {
+    for (auto& [_, pin] : pins) {
+      if (pin.snapshot && pin.db == st.db) st.db->ReleaseSnapshot(pin.snapshot);
+    }
+    return Status::OK();
+  });
+}
+
+void Server::Run() {
+  for (;;) {
+    std::shared_ptr<transport::Session> session;
+    proto::DiffRequest req;
+    {
+      MutexLock l(&mu_);
+      while (queue_.empty() && !stop_) cv_.Wait();
+      if (stop_) return;
+      session = std::move(queue_.front().first);
+      req = std::move(queue_.front().second);
+      queue_.pop_front();
+    }
+    if (session->closed()) continue;
+    proto::Control msg;
+    *msg.mutable_diff_reply() = Answer(session.get(), req);
+    (void)session->SendControl(msg);
+  }
+}
+
+proto::DiffReply Server::Answer(const transport::Session* session, const proto::DiffRequest& req) {
+  proto::DiffReply reply;
+  reply.set_id(req.id());
+  Status st = hooks_->WithStore([&](const Store& store) -> Status {
+    Pin pin;
+    bool pinned = false;
+    {
+      MutexLock l(&mu_);
+      auto it = pins_.find(session);
+      if (it != pins_.end()) pin = it->second, pinned = true;
+    }
+    if (req.op() == proto::DiffRequest::PIN) {
+      if (pinned && pin.snapshot && pin.db == store.db) store.db->ReleaseSnapshot(pin.snapshot);
+      {
+        MutexLock l(&mu_);
+        pins_.erase(session);
+      }
+      REPLICA_ASSIGN_OR_RETURN(const rocksdb::Snapshot* snap, hooks_->PinAt(req.at_lsn(), std::chrono::milliseconds(std::max<uint64_t>(req.limit(), 1))));
+      {
+        MutexLock l(&mu_);
+        pins_[session] = Pin{req.at_lsn(), store.db, snap};
+      }
+      StoreSource src(store, snap, req.at_lsn());
+      REPLICA_ASSIGN_OR_RETURN(auto info, src.Info());
+      ToProto(info, reply.mutable_info());
+      return Status::OK();
+    }
+    if (pinned && pin.db != store.db) {
+      return Status::Aborted("the node's database was replaced (snapshot resync) since it was pinned; pin again");
+    }
+    StoreSource src(store, pinned ? pin.snapshot : nullptr, pinned ? pin.lsn : UINT64_MAX);
+    switch (req.op()) {
+      case proto::DiffRequest::INFO: {
+        REPLICA_ASSIGN_OR_RETURN(auto info, src.Info());
+        ToProto(info, reply.mutable_info());
+        break;
+      }
+      case proto::DiffRequest::WAL_DIGESTS: {
+        REPLICA_ASSIGN_OR_RETURN(auto d, src.WalDigests(req.from(), req.to(), req.chunk()));
+        for (const auto& x : d) {
+          auto* p = reply.add_digests();
+          p->set_hash(x.hash);
+          p->set_count(x.count);
+          p->set_bytes(x.bytes);
+        }
+        break;
+      }
+      case proto::DiffRequest::WAL_RECORDS: {
+        REPLICA_ASSIGN_OR_RETURN(auto recs, src.WalRecordsLimited(req.from(), std::min(req.to(), pinned ? pin.lsn : UINT64_MAX),
+                                                                  req.payloads(), kMaxReplyBytes));
+        for (const auto& r : recs) {
+          auto* p = reply.add_records();
+          p->set_lsn(r.lsn);
+          p->set_epoch(r.epoch);
+          p->set_type(r.type);
+          p->set_digest(r.digest);
+          p->set_size(r.size);
+          if (req.payloads()) p->set_payload(r.payload);
+        }
+        break;
+      }
+      case proto::DiffRequest::SPLIT_KEYS: {
+        REPLICA_ASSIGN_OR_RETURN(auto keys, src.SplitKeys(req.cf(), static_cast<int>(std::min<uint32_t>(req.limit(), 4096))));
+        for (auto& k : keys) reply.add_keys(std::move(k));
+        break;
+      }
+      case proto::DiffRequest::RANGE_DIGEST: {
+        REPLICA_ASSIGN_OR_RETURN(auto d, src.RangeDigest(req.cf(), req.begin(), req.end()));
+        auto* p = reply.add_digests();
+        p->set_hash(d.hash);
+        p->set_count(d.count);
+        p->set_bytes(d.bytes);
+        break;
+      }
+      case proto::DiffRequest::ENTRIES: {
+        REPLICA_ASSIGN_OR_RETURN(auto entries,
+                                 src.Entries(req.cf(), req.begin(), req.end(), std::clamp<size_t>(req.limit(), 1, 16384)));
+        for (const auto& e : entries) {
+          auto* p = reply.add_entries();
+          p->set_key(e.key);
+          p->set_value_hash(e.value_hash);
+          p->set_value_size(e.value_size);
+          p->set_preview(e.preview);
+        }
+        break;
+      }
+      default:
+        return Status::InvalidArgument("unknown logdiff request " + std::to_string(static_cast<int>(req.op())));
+    }
+    reply.set_bytes_read(src.bytes_read.load());
+    return Status::OK();
+  });
+  if (!st.ok()) {
+    reply.set_code(static_cast<uint32_t>(st.code()));
+    reply.set_message(st.message());
+  }
+  return reply;
+}
+
+// ---------------------------------------------------------------------------
+// logdiff --live: the tool's side.
+
+namespace {
+
+// A node's error, with its code kept (PinCommonLsn tells "passed" apart).
+Status RemoteError(uint32_t code, std::string msg) {
+  switch (static_cast<StatusCode>(code)) {
+    case StatusCode::kAborted: return Status::Aborted(std::move(msg));
+    case StatusCode::kTimedOut: return Status::TimedOut(std::move(msg));
+    case StatusCode::kNotFound: return Status::NotFound(std::move(msg));
+    case StatusCode::kCorruption: return Status::Corruption(std::move(msg));
+    case StatusCode::kInvalidArgument: return Status::InvalidArgument(std::move(msg));
+    case StatusCode::kPurged: return Status::Purged(std::move(msg));
+    case StatusCode::kBusy: return Status::Busy(std::move(msg));
+    default: return Status::IOError(std::move(msg));
+  }
+}
+
+class RemoteSource final : public Source, public transport::Handler {
+ public:
+  ~RemoteSource() override {
+    if (endpoint_) endpoint_->Stop();
+  }
+
+  Status Open(const std::string& address, const LiveOptions& o) {
+    const auto colon = address.rfind(':');
+    uint64_t port = 0;
+    if (colon == std::string::npos || colon == 0 || !ParsePort(address.substr(colon + 1), &port)) {
+      return Status::InvalidArgument("bad node address '" + address + "' (want HOST:PORT)");
+    }
+    address_ = address;
+    transport::Options to;
+    to.node_id = "logdiff-" + std::to_string(::getpid());
+    to.cluster = o.cluster;
+    to.secret = o.secret;
+    to.io_threads = 1;
+    to.tls.enabled = !o.tls_cert.empty();
+    to.tls.cert_file = o.tls_cert;
+    to.tls.key_file = o.tls_key;
+    to.tls.ca_file = o.tls_ca;
+    REPLICA_ASSIGN_OR_RETURN(endpoint_, transport::Endpoint::Create(to, this));
+    REPLICA_ASSIGN_OR_RETURN(session_, endpoint_->Connect(address.substr(0, colon), static_cast<uint16_t>(port)));
+    pin_timeout_ = o.pin_timeout;
+    MutexLock l(&mu_);
+    const auto deadline = Clock::now() + o.connect_timeout;
+    while (!established_ && closed_.ok() && Clock::now() < deadline) cv_.WaitUntil(deadline);
+    if (!closed_.ok()) return closed_.WithContext("connect to " + address);
+    if (!established_) return Status::TimedOut("connect to " + address + ": no session within the timeout");
+    return Status::OK();
+  }
+
+  Result<NodeInfo> Info() override {
+    proto::DiffRequest req;
+    req.set_op(proto::DiffRequest::INFO);
+    REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+    return FromProto(reply.info());
+  }
+
+  Result<NodeInfo> Pin(uint64_t lsn) override {
+    proto::DiffRequest req;
+    req.set_op(proto::DiffRequest::PIN);
+    req.set_at_lsn(lsn);
+    req.set_limit(static_cast<uint32_t>(pin_timeout_.count()));
+    REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+    return FromProto(reply.info());
+  }
+
+  Result<std::vector<Digest>> WalDigests(uint64_t from, uint64_t to, uint64_t chunk) override {
+    proto::DiffRequest req;
+    req.set_op(proto::DiffRequest::WAL_DIGESTS);
+    req.set_from(from);
+    req.set_to(to);
+    req.set_chunk(chunk);
+    REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+    std::vector<Digest> out;
+    for (const auto& d : reply.digests()) out.push_back(Digest{d.hash(), d.count(), d.bytes()});
+    return out;
+  }
+
+  Result<std::vector<WalRecord>> WalRecords(uint64_t from, uint64_t to, bool payloads) override {
+    std::vector<WalRecord> out;
+    while (from <= to) {
+      proto::DiffRequest req;
+      req.set_op(proto::DiffRequest::WAL_RECORDS);
+      req.set_from(from);
+      req.set_to(to);
+      req.set_payloads(payloads);
+      REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+      if (reply.records().empty()) break;
+      for (const auto& r : reply.records()) {
+        out.push_back(WalRecord{r.lsn(), r.epoch(), static_cast<uint8_t>(r.type()), r.digest(), r.size(), r.payload()});
+      }
+      from = out.back().lsn + 1;
+    }
+    return out;
+  }
+
+  Result<std::vector<std::string>> SplitKeys(const std::string& cf, int n) override {
+    proto::DiffRequest req;
+    req.set_op(proto::DiffRequest::SPLIT_KEYS);
+    req.set_cf(cf);
+    req.set_limit(static_cast<uint32_t>(std::max(n, 1)));
+    REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+    return std::vector<std::string>(reply.keys().begin(), reply.keys().end());
+  }
+
+  Result<Digest> RangeDigest(const std::string& cf, const std::string& begin, const std::string& end) override {
+    proto::DiffRequest req;
+    req.set_op(proto::DiffRequest::RANGE_DIGEST);
+    req.set_cf(cf);
+    req.set_begin(begin);
+    req.set_end(end);
+    REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+    if (reply.digests_size() != 1) return Status::Corruption(address_ + ": a range digest reply without one digest");
+    return Digest{reply.digests(0).hash(), reply.digests(0).count(), reply.digests(0).bytes()};
+  }
+
+  Result<std::vector<Entry>> Entries(const std::string& cf, const std::string& begin, const std::string& end,
+                                     size_t limit) override {
+    proto::DiffRequest req;
+    req.set_op(proto::DiffRequest::ENTRIES);
+    req.set_cf(cf);
+    req.set_begin(begin);
+    req.set_end(end);
+    req.set_limit(static_cast<uint32_t>(std::min<size_t>(limit, 16384)));
+    REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+    std::vector<Entry> out;
+    for (const auto& e : reply.entries()) out.push_back(Entry{e.key(), e.value_hash(), e.value_size(), e.preview()});
+    return out;
+  }
+
+  void OnEstablished(const std::shared_ptr<transport::Session>&) override {
+    MutexLock l(&mu_);
+    established_ = true;
+    cv_.SignalAll();
+  }
+  void OnControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) override {
+    if (!msg.has_diff_reply()) return;  // heartbeats, and nothing else is expected
+    MutexLock l(&mu_);
+    replies_[msg.diff_reply().id()] = msg.diff_reply();
+    cv_.SignalAll();
+  }
+  void OnClosed(const std::shared_ptr<transport::Session>&, const Status& why) override {
+    MutexLock l(&mu_);
+    closed_ = why.ok() ? Status::Aborted("the connection closed") : why;
+    cv_.SignalAll();
+  }
+
+ private:
+  static bool ParsePort(const std::string& text, uint64_t* port) {
+    if (text.empty() || text.size() > 5) return false;
+    *port = 0;
+    for (char c : text) {
+      if (c < '0' || c > '9') return false;
+      *port = *port * 10 + static_cast<uint64_t>(c - '0');
+    }
+    return *port > 0 && *port < 65536;
+  }
+
+  // Sends a request and waits for its reply (the transport's heartbeats
+  // close a session whose node stops answering).
+  Result<proto::DiffReply> Call(proto::DiffRequest req) {
+    uint64_t id;
+    {
+      MutexLock l(&mu_);
+      id = ++next_id_;
+    }
+    req.set_id(id);
+    proto::Control msg;
+    *msg.mutable_diff_request() = req;
+    REPLICA_RETURN_IF_ERROR(session_->SendControl(msg).WithContext(address_));
+    MutexLock l(&mu_);
+    while (!replies_.count(id) && closed_.ok()) cv_.Wait();
+    auto it = replies_.find(id);
+    if (it == replies_.end()) return closed_.WithContext(address_);
+    proto::DiffReply reply = std::move(it->second);
+    replies_.erase(it);
+    if (reply.code() != 0) return RemoteError(reply.code(), address_ + ": " + reply.message());
+    bytes_read.fetch_add(reply.bytes_read(), std::memory_order_relaxed);
+    return reply;
+  }
+
+  std::string address_;
+  std::unique_ptr<transport::Endpoint> endpoint_;
+  std::shared_ptr<transport::Session> session_;
+  std::chrono::milliseconds pin_timeout_{10000};
+  Mutex mu_;
+  CondVar cv_{&mu_};
+  bool established_ GUARDED_BY(mu_) = false;
+  Status closed_ GUARDED_BY(mu_);
+  uint64_t next_id_ GUARDED_BY(mu_) = 0;
+  std::map<uint64_t, proto::DiffReply> replies_ GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Source>> ConnectNode(const std::string& address, const LiveOptions& options) {
+  auto src = std::make_unique<RemoteSource>();
+  REPLICA_RETURN_IF_ERROR(src->Open(address, options));
+  return std::unique_ptr<Source>(std::move(src));
+}
+
+Result<uint64_t> PinCommonLsn(const std::vector<std::string>& names, const std::vector<Source*>& sources,
+                              uint64_t at_lsn) {
+  constexpr int kAttempts = 6;
+  uint64_t lead = 0;
+  std::string why;
+  for (int attempt = 0; attempt < kAttempts; ++attempt) {
+    uint64_t target = at_lsn;
+    if (target == 0) {
+      for (size_t i = 0; i < sources.size(); ++i) {
+        auto info = sources[i]->Info();
+        if (!info.ok()) return info.status().WithContext(names[i]);
+        target = std::max(target, info->wal_last);
+      }
+      target += lead;
+    }
+    std::vector<Result<NodeInfo>> got(sources.size(), Status::Aborted("not pinned"));
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < sources.size(); ++i) {
+      threads.emplace_back([&, i] { got[i] = sources[i]->Pin(target); });
+    }
+    for (auto& t : threads) t.join();
+    bool passed = false;
+    uint64_t furthest = target;
+    for (size_t i = 0; i < sources.size(); ++i) {
+      if (got[i].ok()) continue;
+      const Status& st = got[i].status();
+      if (st.code() == StatusCode::kAborted && st.message().find("applied past") != std::string::npos && at_lsn == 0) {
+        passed = true;
+        why = names[i] + ": " + st.message();
+        // "... applied past LSN T (at LSN A)": aim beyond A next time.
+        const auto at = st.message().rfind("at LSN ");
+        if (at != std::string::npos) furthest = std::max<uint64_t>(furthest, std::strtoull(st.message().c_str() + at + 7, nullptr, 10));
+        continue;
+      }
+      if (st.code() == StatusCode::kTimedOut && lead > 0) {
+        passed = true;  // writes stopped before the lead was used up: try at the log's end
+        why = names[i] + ": " + st.message();
+        continue;
+      }
+      return st.WithContext(names[i] + ": pin at LSN " + std::to_string(target));
+    }
+    if (!passed) return target;
+    lead = furthest > target ? 2 * (furthest - target) + 1 : 0;
+  }
+  return Status::Busy("the nodes kept applying past every LSN chosen (" + why +
+                      "); try again under less load, or give one with --at");
 }
 
 }  // namespace replica::logdiff

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -81,6 +82,10 @@ class Source {
   // At most limit entries of [begin, end), in key order.
   virtual Result<std::vector<Entry>> Entries(const std::string& cf, const std::string& begin,
                                              const std::string& end, size_t limit) = 0;
+  // Live nodes only: answer from a snapshot taken exactly when the node's
+  // applied LSN reached lsn, and hold the WAL to lsn. Returns the node's
+  // info at that point. Aborted if it had already applied past lsn.
+  virtual Result<NodeInfo> Pin(uint64_t lsn) { return Status::NotSupported("only a live node can be pinned"); }
   // Bytes hashed so far (for the progress display and the throughput).
   std::atomic<uint64_t> bytes_read{0};
 };
@@ -89,6 +94,24 @@ class Source {
 // the WAL read-only (a torn tail is reported, not cut), RocksDB as a
 // secondary instance whose scratch files go to a temporary directory.
 Result<std::unique_ptr<Source>> OpenDirectory(const std::string& data_dir);
+
+struct LiveOptions {
+  std::string cluster = "default";
+  std::string secret;  // the cluster's shared secret
+  std::string tls_cert, tls_key, tls_ca;  // all three for a cluster that runs TLS
+  std::chrono::milliseconds connect_timeout{10000};
+  std::chrono::milliseconds pin_timeout{10000};  // how long a node may take to reach the LSN
+};
+
+// A running node, over its replication port ("HOST:PORT"): the node hashes
+// its own ranges and sends only digests and the entries asked for.
+Result<std::unique_ptr<Source>> ConnectNode(const std::string& address, const LiveOptions& options);
+
+// Pins every live node at one LSN: at_lsn, or (0) the highest WAL end among
+// them, retried a few times with a lead while writes keep moving the nodes
+// past it. Returns the LSN.
+Result<uint64_t> PinCommonLsn(const std::vector<std::string>& names, const std::vector<Source*>& sources,
+                              uint64_t at_lsn);
 
 struct Options {
   bool bytes = false;   // compare WAL payloads byte for byte, not only digests

@@ -16,6 +16,7 @@ using namespace replica;
 namespace {
 
 constexpr const char* kHelp = R"(Usage: logdiff [OPTIONS] NODE NODE [NODE...]
+       logdiff --live [OPTIONS] HOST:PORT HOST:PORT [...]
 
 Compares the replicas of two or more nodes and proves them identical, or
 shows exactly where they differ:
@@ -32,6 +33,14 @@ read without a lock or repair, its RocksDB opened as a secondary instance
 (scratch files under $TMPDIR). On a running node the comparison sees the
 state at the moment each directory is opened.
 
+With --live, each NODE is a running node's replication address (its
+--listen), optionally named NAME=HOST:PORT; no data directory needs to be
+reachable. logdiff authenticates with the cluster's secret, picks one LSN
+(--at, or the highest WAL end among the nodes, retried while writes move
+the nodes past it), and has every node take a RocksDB snapshot exactly when
+its applied LSN reaches it; each node then hashes its own ranges at that
+LSN and sends only digests, and entries where digests differ.
+
 A node behind another (a shorter WAL, a lower applied LSN) is reported as
 "behind by N records", not as a difference: keys written by the records it has
 not applied yet are set aside, provided some node still holds those records.
@@ -42,6 +51,13 @@ Options:
   --bytes          compare WAL payloads byte for byte (reads every record)
   --max-diffs N    list at most N differences (default 20; all are counted)
   --threads N      hashing threads (default: one per core)
+  --live           NODEs are running nodes' replication addresses
+  --at LSN         (--live) compare at this LSN (default: the highest WAL end)
+  --cluster NAME   (--live) the cluster name (default "default")
+  --secret-file F  (--live) file whose first line is the cluster's secret
+  --secret S       (--live) the secret itself (visible in ps; prefer a file)
+  --tls-cert F --tls-key F --tls-ca F
+                   (--live) for a cluster that runs TLS
   --progress       show progress on stderr (default: when stderr is a terminal)
   --no-progress    never show progress
   -h, --help       show this help
@@ -72,6 +88,10 @@ int main(int argc, char** argv) {
   bool json = false;
   int progress = -1;  // -1: when stderr is a terminal
   std::vector<std::string> names, dirs;
+  bool live = false;
+  uint64_t at = 0;
+  logdiff::LiveOptions lo;
+  std::string secret_file;
   for (int i = 1; i < argc; ++i) {
     std::string_view a = argv[i];
     auto value = [&](uint64_t* out) {
@@ -91,6 +111,21 @@ int main(int argc, char** argv) {
       progress = 1;
     } else if (a == "--no-progress") {
       progress = 0;
+    } else if (a == "--live") {
+      live = true;
+    } else if (a == "--at") {
+      value(&at);
+      if (at == 0) cli::UsageError("logdiff", "--at needs an LSN above 0%.*s", "");
+    } else if (a == "--cluster" || a == "--secret" || a == "--secret-file" || a == "--tls-cert" || a == "--tls-key" ||
+               a == "--tls-ca") {
+      if (i + 1 >= argc) cli::UsageError("logdiff", "%.*s needs a value", a);
+      std::string v = argv[++i];
+      if (a == "--cluster") lo.cluster = v;
+      if (a == "--secret") lo.secret = v;
+      if (a == "--secret-file") secret_file = v;
+      if (a == "--tls-cert") lo.tls_cert = v;
+      if (a == "--tls-key") lo.tls_key = v;
+      if (a == "--tls-ca") lo.tls_ca = v;
     } else if (a == "--max-diffs") {
       uint64_t v;
       value(&v);
@@ -120,6 +155,24 @@ int main(int argc, char** argv) {
     }
   }
   if (dirs.size() < 2) cli::UsageError("logdiff", "give at least two nodes%.*s", "");
+  if (live) {
+    if (!secret_file.empty()) {
+      std::FILE* f = std::fopen(secret_file.c_str(), "r");
+      if (!f) cli::UsageError("logdiff", "cannot read --secret-file %.*s", secret_file);
+      char line[4096] = "";
+      if (!std::fgets(line, sizeof line, f)) line[0] = 0;
+      std::fclose(f);
+      lo.secret = line;
+      while (!lo.secret.empty() && (lo.secret.back() == '\n' || lo.secret.back() == '\r')) lo.secret.pop_back();
+    }
+    if (lo.secret.empty()) cli::UsageError("logdiff", "--live needs the cluster's secret (--secret-file)%.*s", "");
+    if (lo.tls_cert.empty() != lo.tls_key.empty() || lo.tls_cert.empty() != lo.tls_ca.empty()) {
+      cli::UsageError("logdiff", "TLS needs all of --tls-cert, --tls-key and --tls-ca%.*s", "");
+    }
+    if (opt.bytes) cli::UsageError("logdiff", "--bytes needs data directories, not --live%.*s", "");
+  } else if (at != 0 || !lo.secret.empty() || !secret_file.empty()) {
+    cli::UsageError("logdiff", "--at and --secret only go with --live%.*s", "");
+  }
   // Names must tell the nodes apart; fall back to the paths as given.
   for (size_t i = 0; i < names.size(); ++i) {
     for (size_t j = i + 1; j < names.size(); ++j) {
@@ -131,7 +184,7 @@ int main(int argc, char** argv) {
   std::vector<std::unique_ptr<logdiff::Source>> sources;
   std::vector<logdiff::Source*> raw;
   for (size_t i = 0; i < dirs.size(); ++i) {
-    auto s = logdiff::OpenDirectory(dirs[i]);
+    auto s = live ? logdiff::ConnectNode(dirs[i], lo) : logdiff::OpenDirectory(dirs[i]);
     if (!s.ok()) {
       logdiff::Report r;
       r.names = names;
@@ -142,12 +195,28 @@ int main(int argc, char** argv) {
     raw.push_back(s->get());
     sources.push_back(std::move(s).value());
   }
+  uint64_t pinned_at = 0;
+  if (live) {
+    auto pinned = logdiff::PinCommonLsn(names, raw, at);
+    if (!pinned.ok()) {
+      logdiff::Report r;
+      r.names = names;
+      r.error = pinned.status().ToString();
+      std::fputs(json ? logdiff::FormatJson(r).c_str() : logdiff::FormatText(r).c_str(), stdout);
+      return 2;
+    }
+    pinned_at = *pinned;
+  }
   const bool tty = ::isatty(STDERR_FILENO) == 1;
   if (progress == 1 || (progress == -1 && tty)) {
     opt.progress = [tty](uint64_t done, uint64_t expected) { ShowProgress(done, expected, tty); };
   }
   logdiff::Report report = logdiff::Compare(names, raw, opt);
   if (opt.progress && tty) std::fputs("\n", stderr);
+  if (live) {
+    report.notes.insert(report.notes.begin(), "live: every node hashed its replica as of LSN " +
+                                                  std::to_string(pinned_at) + " (a RocksDB snapshot taken there)");
+  }
   std::fputs(json ? logdiff::FormatJson(report).c_str() : logdiff::FormatText(report).c_str(), stdout);
   return report.exit_code();
 }

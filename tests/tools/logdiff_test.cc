@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 
+#include <atomic>
 #include <boost/json.hpp>
+#include <thread>
 
 #include "replica/engine.h"
 #include "tests/tools/daemon.h"
@@ -288,6 +290,103 @@ TEST_F(LogdiffTest, BadInputExitsTwoWithTheReason) {
   out = Logdiff(Base("a") + " " + b, &code);
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("ERROR"), std::string::npos) << out;
+}
+
+// logdiff --live: running nodes hash their own replicas at one LSN.
+class LiveLogdiffTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<Engine> Open(const std::string& id, const std::string& follow) {
+    auto e = Engine::Open(Node(dir_.path(), id, follow));
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    return e.ok() ? std::move(e).value() : nullptr;
+  }
+  static std::string Addr(const Engine& e) { return "127.0.0.1:" + std::to_string(e.listen_port()); }
+  std::string Live(const std::string& args, int* code) {
+    WriteFileBytes(dir_.Sub("secret"), "test-secret\n");
+    return Logdiff("--live --cluster t --secret-file " + dir_.Sub("secret") + " " + args, code);
+  }
+  TempDir dir_;
+};
+
+TEST_F(LiveLogdiffTest, NodesUnderWriteLoadAreComparedAtOneLsn) {
+  auto a = Open("a", "");
+  auto b = Open("b", Addr(*a));
+  auto c = Open("c", Addr(*a));
+  ASSERT_TRUE(a && b && c);
+  Write(a.get(), 0, 200);
+  std::atomic<bool> stop{false};
+  std::atomic<int> written{0};
+  std::thread writer([&] {
+    for (int i = 200; !stop.load(); ++i) {
+      WriteBatch batch;
+      batch.Put("key" + std::to_string(i % 500), Payload(static_cast<uint64_t>(i), 100));
+      if (!a->Write(batch).ok()) break;
+      written++;
+    }
+  });
+  int code = -1;
+  std::string out = Live("a=" + Addr(*a) + " b=" + Addr(*b) + " c=" + Addr(*c), &code);
+  const int during = written.load();
+  stop = true;
+  writer.join();
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(out.rfind("logdiff: IDENTICAL: a, b, c; WAL LSN 1..", 0), 0u) << out;
+  EXPECT_NE(out.find("note: live: every node hashed its replica as of LSN "), std::string::npos) << out;
+  EXPECT_GT(during, 0) << "the load never ran while logdiff did";
+  // The nodes keep working: the standbys follow the writes made meanwhile.
+  const uint64_t last = a->status().last_lsn;
+  EXPECT_TRUE(b->WaitForApplied(last, 30s).ok());
+  EXPECT_TRUE(c->WaitForApplied(last, 30s).ok());
+}
+
+TEST_F(LiveLogdiffTest, DamagedStandbyIsFoundWithoutItsDirectory) {
+  auto a = Open("a", "");
+  ASSERT_TRUE(a);
+  Write(a.get(), 0, 100);
+  {
+    auto b = Open("b", Addr(*a));
+    ASSERT_TRUE(b->WaitForApplied(100, 30s).ok());
+    ASSERT_TRUE(b->Close().ok());
+  }
+  {
+    RawDb db(dir_.Sub("b"));
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "key42", "flipped").ok());
+  }
+  auto b = Open("b", Addr(*a));
+  Write(a.get(), 100, 120);
+  ASSERT_TRUE(b->WaitForApplied(120, 30s).ok());
+  int code = -1;
+  std::string out = Live("--json --at 120 a=" + Addr(*a) + " b=" + Addr(*b), &code);
+  EXPECT_EQ(code, 1) << out;
+  auto v = boost::json::parse(out).as_object();
+  EXPECT_EQ(v["difference_count"].as_int64(), 1) << out;
+  EXPECT_EQ(v["differences"].as_array()[0].as_object()["where"].as_string(), "cf default key \"key42\"");
+  EXPECT_EQ(v["common_last"].as_int64(), 120);
+
+  // An LSN a node has passed cannot be pinned: a clear error, exit 2.
+  out = Live("--at 50 a=" + Addr(*a) + " b=" + Addr(*b), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("applied past LSN 50"), std::string::npos) << out;
+}
+
+TEST_F(LiveLogdiffTest, WrongSecretOrNoNodeExitsTwo) {
+  auto a = Open("a", "");
+  auto b = Open("b", Addr(*a));
+  ASSERT_TRUE(a && b);
+  WriteFileBytes(dir_.Sub("wrong"), "not-the-secret\n");
+  int code = -1;
+  std::string out = Logdiff("--live --cluster t --secret-file " + dir_.Sub("wrong") + " " + Addr(*a) + " " + Addr(*b),
+                            &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("logdiff: ERROR: could not compare"), std::string::npos) << out;
+  out = Live(Addr(*a) + " 127.0.0.1:1", &code);
+  EXPECT_EQ(code, 2) << out;
+  out = Live(Addr(*a) + " nonsense", &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("bad node address"), std::string::npos) << out;
+  out = Logdiff("--live " + Addr(*a) + " " + Addr(*b), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("needs the cluster's secret"), std::string::npos) << out;
 }
 
 }  // namespace
