@@ -1,6 +1,7 @@
 #include "base/log.h"
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -51,6 +52,32 @@ LogLine::~LogLine() {
   std::string line = out_.str();
   // One fwrite per event keeps concurrent lines whole.
   std::fwrite(line.data(), 1, line.size(), stderr);
+}
+
+std::string ProgressText(uint64_t done, uint64_t total, double seconds, bool bytes) {
+  const double scale = bytes ? 1024.0 * 1024.0 : 1.0;
+  const double d = static_cast<double>(done) / scale, t = static_cast<double>(total) / scale;
+  const double rate = seconds > 0 ? d / seconds : 0;
+  char buf[160];
+  int n;
+  if (bytes) {
+    n = std::snprintf(buf, sizeof buf, "%.1f of %.1f MiB", d, t);
+  } else {
+    n = std::snprintf(buf, sizeof buf, "%llu of %llu records", static_cast<unsigned long long>(done),
+                      static_cast<unsigned long long>(total));
+  }
+  std::string out(buf, static_cast<size_t>(std::max(n, 0)));
+  if (total > 0) {
+    std::snprintf(buf, sizeof buf, " (%.0f%%)", std::min(100.0, 100.0 * static_cast<double>(done) / static_cast<double>(total)));
+    out += buf;
+  }
+  std::snprintf(buf, sizeof buf, bytes ? ", %.1f MiB/s" : ", %.0f records/s", rate);
+  out += buf;
+  if (rate > 0 && t > d) {
+    std::snprintf(buf, sizeof buf, ", about %.0f s left", (t - d) / rate);
+    out += buf;
+  }
+  return out;
 }
 
 }  // namespace replica

@@ -6,7 +6,9 @@
 // The level is process-wide; below it the stream expression is not evaluated.
 #pragma once
 
+#include <cstdint>
 #include <sstream>
+#include <string>
 #include <string_view>
 
 namespace replica {
@@ -17,6 +19,11 @@ LogLevel GetLogLevel();
 void SetLogLevel(LogLevel level);
 // Accepts debug|info|warn|error|off; returns false for anything else.
 bool ParseLogLevel(std::string_view text, LogLevel* level);
+
+// Progress of long work, for log lines and displays: "120.5 of 260.0 MiB
+// (46%), 30.1 MiB/s, about 5 s left" when bytes, or "12000 of 50000 records
+// (24%), 8000 records/s, about 5 s left". done may exceed total (an estimate).
+std::string ProgressText(uint64_t done, uint64_t total, double seconds, bool bytes);
 
 class LogLine {
  public:

@@ -191,8 +191,7 @@ main() {
     for c in "${caches[@]}"; do for m in raw logdiff ldb; do run_method "$c" "$m" "$r"; done; done
   done
 
-  echo
-  echo "Median of $ROUNDS round(s); both data directories: $(mib "$bytes") MiB in $(find "$work/a" "$work/b" -type f | wc -l) files; $(nproc) CPUs"
+  printf '\nMedian of %s round(s); both data directories: %s MiB in %s files; %s CPUs\n' "$ROUNDS" "$(mib "$bytes")" "$(find "$work/a" "$work/b" -type f | wc -l)" "$(nproc)"
   printf '%-5s %-34s %10s %10s %8s\n' cache method "median s" "MiB/s" "vs raw"
   local raw s own_s own_r
   for c in "${caches[@]}"; do
@@ -209,8 +208,9 @@ main() {
       fi
     done
   done
-  echo "(*) logdiff's \"seconds\" and \"mib_per_second\": $(mib "${HASHED[warm]}") MiB hashed (bytes_hashed) per run,"
-  echo "    against $(mib "$bytes") MiB in the two directories; \"vs raw\" compares its seconds with the raw read's."
+  echo "(*) logdiff's \"seconds\" and \"mib_per_second\" (its verdict line's figures): $(mib "${HASHED[warm]}") MiB"
+  echo "    hashed (bytes_hashed) per run, against $(mib "$bytes") MiB in the directories; the time before the comparison"
+  echo "    starts (opening the WALs and RocksDBs) is not in them. \"vs raw\": raw read seconds / its seconds."
   if [ ${#notes[@]} -gt 0 ]; then echo; echo "notes:"; printf '  %s\n' "${notes[@]}"; fi
   return "$failed"
 }

@@ -325,6 +325,17 @@ std::string NodeInfo::ToJson() const {
     for (const auto& [id, ms] : standby_lag_ms) lag[id] = ms;
     o["standby_lag_ms"] = std::move(lag);
   }
+  if (!slots.empty()) {
+    json::object sl;
+    for (const auto& [id, lsn] : slots) sl[id] = lsn;
+    o["slots"] = std::move(sl);
+  }
+  o["commit"] = commit;
+  o["wal_first_lsn"] = wal_first_lsn;
+  o["wal_bytes"] = wal_bytes;
+  o["db_bytes"] = db_bytes;
+  o["resyncs"] = resyncs;
+  if (!progress.empty()) o["progress"] = progress;
   return json::serialize(o);
 }
 
@@ -339,12 +350,22 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   n.last_lsn = U64(o, "last_lsn");
   n.durable_lsn = U64(o, "durable_lsn");
   n.applied_lsn = U64(o, "applied_lsn");
-  if (auto it = o.find("standby_lag_ms"); it != o.end() && it->value().is_object()) {
+  auto u64_map = [&](const char* name, std::map<std::string, uint64_t>* out) {
+    auto it = o.find(name);
+    if (it == o.end() || !it->value().is_object()) return;
     for (const auto& [id, v] : it->value().as_object()) {
-      if (v.is_uint64()) n.standby_lag_ms[std::string(id)] = v.as_uint64();
-      if (v.is_int64()) n.standby_lag_ms[std::string(id)] = static_cast<uint64_t>(std::max<int64_t>(0, v.as_int64()));
+      if (v.is_uint64()) (*out)[std::string(id)] = v.as_uint64();
+      if (v.is_int64()) (*out)[std::string(id)] = static_cast<uint64_t>(std::max<int64_t>(0, v.as_int64()));
     }
-  }
+  };
+  u64_map("standby_lag_ms", &n.standby_lag_ms);
+  u64_map("slots", &n.slots);
+  n.commit = S(o, "commit");
+  n.wal_first_lsn = U64(o, "wal_first_lsn");
+  n.wal_bytes = U64(o, "wal_bytes");
+  n.db_bytes = U64(o, "db_bytes");
+  n.resyncs = U64(o, "resyncs");
+  n.progress = S(o, "progress");
   if (n.id.empty()) return Status::Corruption("a node session without an id");
   return n;
 }

@@ -27,6 +27,14 @@ struct NodeInfo {
   uint64_t applied_lsn = 0;
   // Published by the active: how long each standby has not held every record.
   std::map<std::string, uint64_t> standby_lag_ms;
+  // Published by the active: the first LSN it keeps for each standby (slots).
+  std::map<std::string, uint64_t> slots;
+  std::string commit;          // the commit rule in force on this node
+  uint64_t wal_first_lsn = 0;  // retention: the oldest LSN still in the WAL
+  uint64_t wal_bytes = 0;      // disk use of the WAL
+  uint64_t db_bytes = 0;       // disk use of RocksDB (SST files)
+  uint64_t resyncs = 0;        // snapshots installed since the node started
+  std::string progress;        // long work under way (resync, catch-up), or empty
   std::string ToJson() const;
   static Result<NodeInfo> FromJson(const std::string& text);
 };
@@ -71,8 +79,9 @@ class Arbiter {
   // Returns once changes() differs from `since`, or at the deadline.
   virtual void WaitForChange(uint64_t since, Clock::time_point deadline) = 0;
   // Operator requests (repctl), under CTL/: "fence/NODE", "switchover"
-  // (value: the target node), "promote" (value: the node to force). Keys
-  // are relative to CTL/.
+  // (value: the target node), "promote" (value: the node to force),
+  // "reseed/NODE", "remove/NODE", and "commit" (value: the cluster's commit
+  // rule; kept, so that every later active takes it). Keys are relative to CTL/.
   virtual Result<std::vector<std::pair<std::string, std::string>>> GetControls() = 0;
   virtual Status PutControl(const std::string& name, const std::string& value) = 0;
   virtual Status ClearControl(const std::string& name) = 0;

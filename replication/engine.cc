@@ -32,6 +32,10 @@ using Clock = std::chrono::steady_clock;
 using snapshot::kAppliedKey;
 using snapshot::kMetaColumnFamily;
 constexpr size_t kMaxShipBytes = 1u << 20;
+// Long work (a snapshot transfer, a catch-up) logs its progress this often.
+constexpr auto kProgressEvery = std::chrono::seconds(2);
+// A standby this many records behind its active reports its catch-up.
+constexpr uint64_t kCatchUpReportRecords = 20000;
 constexpr size_t kMaxApplyRecords = 256;
 constexpr size_t kMaxReceiveQueue = 32u << 20;
 constexpr char kSlotsFile[] = "slots";
@@ -124,6 +128,9 @@ struct Receive {
   uint64_t bytes = 0;
   uint64_t reused = 0;
   bool done = false;
+  uint64_t total = 0;  // bytes requested (progress)
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point reported = started;
 };
 
 // Lock order: store_mu_, then mu_, then Wal's internal lock (the Wal never
@@ -189,6 +196,21 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     return false;
   }
   logdiff::Server diff_{this};
+  // Long work under way, for repctl status (NodeInfo::progress).
+  std::string progress_ GUARDED_BY(mu_);
+  // Standby: the active's last LSN, from its heartbeats (catch-up progress).
+  std::atomic<wal::Lsn> upstream_last_{0};
+  // Standby, follower thread only: a catch-up being reported.
+  struct CatchUp {
+    bool on = false;
+    Clock::time_point started, reported;
+    wal::Lsn from = 0;
+  } catch_up_;
+  void ReportCatchUp() EXCLUDES(mu_);
+  // Operator requests (repctl, through the arbiter's ctl/ keys).
+  void RequestReseed() EXCLUDES(mu_);
+  void RemoveStandby(const std::string& id) EXCLUDES(mu_);
+  std::string refused_rule_;  // role thread: a ctl/commit rule refused (logged once)
 
   Status OpenStorage();
   void CloseStorage();
@@ -1213,10 +1235,12 @@ Status EngineImpl::PrepareResync(const std::shared_ptr<transport::Session>& s, c
     }
     request.mutable_snapshot_request()->add_names(f.name());
     recv->expected.insert(f.name());
+    recv->total += f.size();
   }
   if (offer.seed_size() > 0) {
     request.mutable_snapshot_request()->add_names(snapshot::kSeedName);
     recv->expected.insert(snapshot::kSeedName);
+    recv->total += offer.seed_size();
   }
   RLOG(kInfo, "engine.resync_request") << "node=" << opts_.node_id << " files_needed=" << recv->expected.size()
                                        << " files_reused=" << recv->reused;
@@ -1297,6 +1321,10 @@ Status EngineImpl::InstallSnapshot() {
   }
   StartApplier();
   ++snapshots_installed_;
+  {
+    MutexLock l(&mu_);
+    progress_.clear();
+  }
   snapshot_files_reused_ += r->reused;
   RLOG(kWarn, "engine.resync_installed") << "node=" << opts_.node_id << " lsn=" << offer.lsn()
                                          << " files_received=" << r->received.size() << " files_reused=" << r->reused
@@ -1317,9 +1345,19 @@ NodeInfo EngineImpl::MyInfo() {
   if (wal_) {
     n.last_lsn = wal_->last_lsn();
     n.durable_lsn = wal_->durable_lsn();
+    n.wal_first_lsn = wal_->first_lsn();
+    n.wal_bytes = wal_->size_bytes();
   }
+  if (db_ && !db_closed_.load()) {
+    uint64_t v = 0;
+    if (db_->GetAggregatedIntProperty("rocksdb.total-sst-files-size", &v)) n.db_bytes = v;
+  }
+  n.resyncs = snapshots_installed_.load();
   MutexLock l(&mu_);
   n.applied_lsn = applied_lsn_;
+  n.commit = rule_.ToString();
+  n.progress = progress_;
+  if (role_.load() == Role::kActive) n.slots = slots_;
   n.client_address = client_address_.empty() ? opts_.client_address : client_address_;
   if (role_.load() == Role::kActive) {
     const auto now = Clock::now();
@@ -1369,6 +1407,32 @@ void EngineImpl::RoleLoop() {
       }
       (void)arbiter_->ClearControl("fence/" + opts_.node_id);
       continue;
+    }
+    if (ctl.count("reseed/" + opts_.node_id)) {
+      (void)arbiter_->ClearControl("reseed/" + opts_.node_id);
+      if (role_.load() == Role::kStandby) {
+        RequestReseed();
+      } else {
+        RLOG(kWarn, "engine.reseed_refused") << "node=" << opts_.node_id
+                                             << " (the active is the source of snapshots; switch over first)";
+      }
+    }
+    if (role_.load() == Role::kActive) {
+      for (const auto& [key, value] : ctl) {
+        if (key.rfind("remove/", 0) != 0) continue;
+        if (key.substr(7) != opts_.node_id) RemoveStandby(key.substr(7));
+        (void)arbiter_->ClearControl(key);
+      }
+      if (auto it = ctl.find("commit"); it != ctl.end()) {
+        auto rule = CommitRule::Parse(it->second);
+        Status st = rule.ok() ? Status::OK() : rule.status();
+        if (st.ok() && rule->ToString() != CurrentRule().ToString()) st = SetCommitRule(*rule);
+        if (!st.ok() && refused_rule_ != it->second) {
+          RLOG(kError, "engine.commit_rule_refused") << "node=" << opts_.node_id << " rule=\"" << it->second
+                                                     << "\" error=\"" << st.ToString() << "\"";
+        }
+        refused_rule_ = st.ok() ? std::string() : it->second;
+      }
     }
     const std::string switch_to = ctl.count("switchover") ? ctl["switchover"] : std::string();
     const std::string forced = ctl.count("promote") ? ctl["promote"] : std::string();
@@ -1755,6 +1819,9 @@ void EngineImpl::FollowerLoop() {
           continue;
         }
         cv_.WaitUntil(Clock::now() + 200ms);
+        mu_.Unlock();
+        ReportCatchUp();
+        mu_.Lock();
       }
       if (upstream_ == session) upstream_.reset();
       cv_.SignalAll();  // Promote waits for the upstream session to end
@@ -1890,7 +1957,7 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     return StartResync(s, "its log ends at LSN " + std::to_string(from - 1) + ", past this node's last LSN " +
                               std::to_string(wal_->last_lsn()) + " (diverged)");
   }
-  if (msg.want_snapshot()) return StartResync(s, "it asked for one (its log could not be rewound)");
+  if (msg.want_snapshot()) return StartResync(s, "it asked for one (repctl reseed, or its log could not be rewound)");
   // (Its last record, from - 1, must still be here to be checked.)
   if (from > 1 ? from - 1 < wal_->first_lsn() : from < wal_->first_lsn()) {
     return StartResync(s, "it needs LSN " + std::to_string(from) + " but this node's log now starts at LSN " +
@@ -2035,15 +2102,22 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   if (msg.has_heartbeat() && role_.load() == Role::kActive) {
     return Credit(s.get(), msg.heartbeat().flushed_lsn(), msg.heartbeat().applied_lsn());
   }
+  if (msg.has_heartbeat()) {
+    MutexLock l(&mu_);
+    if (s == upstream_) upstream_last_.store(msg.heartbeat().last_lsn());
+  }
 }
 
 void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::string_view payload) {
   if (!FromUpstream(s, "WAL data")) return;
   if (receiving_.load()) {
     Status st;
+    std::string progress;  // set under mu_ after recv_mu_ (a leaf) is released
+    bool consumed = false;  // snapshot bytes, not WAL frames
     {
       MutexLock l(&recv_mu_);
       if (recv_) {
+        consumed = true;
         Receive& r = *recv_;
         if (!r.file || payload.size() > r.remaining) {
           st = Status::InvalidArgument("snapshot data outside a file, or past its announced size");
@@ -2054,10 +2128,22 @@ void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::strin
           r.bytes += payload.size();
           snapshot_bytes_received_ += payload.size();
           if (st.ok() && r.remaining == 0) st = FinishFile(r);
+          if (const auto now = Clock::now(); now - r.reported >= kProgressEvery) {
+            r.reported = now;
+            const std::string text =
+                ProgressText(r.bytes, r.total, std::chrono::duration<double>(now - r.started).count(), true);
+            RLOG(kInfo, "engine.resync_progress") << "node=" << opts_.node_id << " lsn=" << r.offer.lsn()
+                                                  << " received=\"" << text << "\"";
+            progress = "receiving a snapshot: " + text;
+          }
         }
-        if (st.ok()) return;
       }
     }
+    if (st.ok() && !progress.empty()) {
+      MutexLock l(&mu_);
+      progress_ = std::move(progress);
+    }
+    if (consumed && st.ok()) return;
     if (!st.ok()) {
       RLOG(kError, "engine.resync_receive_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
       s->Close(st);
@@ -2157,6 +2243,70 @@ void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const St
     break;
   }
   cv_.SignalAll();
+}
+
+void EngineImpl::ReportCatchUp() {
+  wal::Lsn applied;
+  {
+    MutexLock l(&mu_);
+    applied = applied_lsn_;
+  }
+  const wal::Lsn head = upstream_last_.load();
+  const uint64_t behind = head > applied ? head - applied : 0;
+  const auto now = Clock::now();
+  CatchUp& c = catch_up_;
+  if (!c.on) {
+    if (behind < kCatchUpReportRecords) return;
+    c = CatchUp{true, now, now, applied};
+    RLOG(kInfo, "engine.catchup_started") << "node=" << opts_.node_id << " applied_lsn=" << applied
+                                          << " active_lsn=" << head << " behind=" << behind;
+    return;
+  }
+  if (behind == 0) {
+    RLOG(kInfo, "engine.caught_up") << "node=" << opts_.node_id << " lsn=" << applied << " records=" << applied - c.from
+                                    << " ms=" << std::chrono::duration_cast<std::chrono::milliseconds>(now - c.started).count();
+    c.on = false;
+    MutexLock l(&mu_);
+    progress_.clear();
+    return;
+  }
+  if (now - c.reported < kProgressEvery) return;
+  c.reported = now;
+  const std::string text = ProgressText(applied - c.from, head - c.from,
+                                        std::chrono::duration<double>(now - c.started).count(), false);
+  RLOG(kInfo, "engine.catchup_progress") << "node=" << opts_.node_id << " applied_lsn=" << applied
+                                         << " active_lsn=" << head << " applied=\"" << text << "\"";
+  MutexLock l(&mu_);
+  progress_ = "catching up: " + text;
+}
+
+void EngineImpl::RequestReseed() {
+  std::shared_ptr<transport::Session> up;
+  {
+    MutexLock l(&mu_);
+    want_snapshot_ = true;
+    up = upstream_;
+  }
+  RLOG(kWarn, "engine.reseed_requested") << "node=" << opts_.node_id
+                                         << " (repctl reseed: the replica is replaced by a snapshot of the active)";
+  if (up) up->Close(Status::Aborted("reseed requested: subscribing again for a snapshot"));
+}
+
+void EngineImpl::RemoveStandby(const std::string& id) {
+  {
+    MutexLock l(&mu_);
+    if (standbys_.count(id)) {
+      RLOG(kWarn, "engine.remove_refused") << "node=" << opts_.node_id << " standby=" << id
+                                           << " (it is connected: stop it first)";
+      return;
+    }
+    const bool had = slots_.erase(id) > 0;
+    lag_.erase(id);
+    RLOG(kWarn, "engine.standby_removed") << "node=" << opts_.node_id << " standby=" << id
+                                          << (had ? " (its slot is dropped: the log it needed may be deleted)"
+                                                  : " (it had no slot)");
+  }
+  MaintainRetention(/*force=*/true);  // persists the slots without it
 }
 
 Status EngineImpl::WithStore(const std::function<Status(const logdiff::Store&)>& fn) {

@@ -73,12 +73,8 @@ Exit status: 0 identical (lag allowed unless --strict), 1 different,
 void ShowProgress(uint64_t done, uint64_t expected, bool tty) {
   static auto start = std::chrono::steady_clock::now();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const double mib = static_cast<double>(done) / (1 << 20), total = static_cast<double>(expected) / (1 << 20);
-  const double rate = secs > 0 ? mib / secs : 0;
-  char left[64] = "";
-  if (rate > 0 && total > mib) std::snprintf(left, sizeof left, ", about %.0f s left", (total - mib) / rate);
-  std::fprintf(stderr, "%slogdiff: %.1f MiB of ~%.1f MiB hashed, %.0f MiB/s%s%s", tty ? "\r" : "", mib, total, rate,
-               left, tty ? "   " : "\n");
+  std::fprintf(stderr, "%slogdiff: hashed %s%s", tty ? "\r" : "", ProgressText(done, expected, secs, true).c_str(),
+               tty ? "   " : "\n");
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "base/log.h"
 #include "replication/arbiter.h"
+#include "replica/engine.h"
 #include "replication/etcd.h"
 
 namespace po = boost::program_options;
@@ -38,7 +39,13 @@ const char kUsage[] =
     "                               the active refuses writes until NODE holds everything, then steps down\n"
     "  promote --force NODE         make NODE the active when there is none and no eligible standby\n"
     "                               came forward; writes the old active acknowledged but NODE lacks are LOST\n"
-    "  fence NODE                   make NODE stop accepting writes and give up the active role\n\n"
+    "  fence NODE                   make NODE stop accepting writes and give up the active role\n"
+    "  set-commit RULE              change the commit rule at run time (async | remote-write:N |\n"
+    "                               remote-apply:N); kept in etcd, so every later active takes it too\n"
+    "  reseed NODE                  replace standby NODE's replica with a snapshot of the active\n"
+    "                               (files it holds intact are not sent again)\n"
+    "  remove NODE                  forget a standby that was shut down for good: the active drops\n"
+    "                               its slot (the log kept for it may then be deleted)\n\n"
     "Exit status: 0 done, 1 failed (etcd unreachable, no such node, timed out), 2 usage error.\n\nOptions";
 
 struct Cluster {
@@ -94,7 +101,15 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                           {"lag_ms", is_active ? boost::json::value(0)
                                                      : lag_ms(n.id) ? boost::json::value(*lag_ms(n.id))
                                                                     : boost::json::value(nullptr)},
-                                          {"eligible", !is_active && Eligible(c, n.id)}});
+                                          {"eligible", !is_active && Eligible(c, n.id)},
+                                          {"commit", n.commit},
+                                          {"wal_first_lsn", n.wal_first_lsn},
+                                          {"wal_bytes", n.wal_bytes},
+                                          {"db_bytes", n.db_bytes},
+                                          {"slot_lsn", act && act->slots.count(n.id) ? boost::json::value(act->slots.at(n.id))
+                                                                                     : boost::json::value(nullptr)},
+                                          {"resyncs", n.resyncs},
+                                          {"progress", n.progress}});
     }
     boost::json::object out{{"active", c.active ? boost::json::value(c.active->id) : boost::json::value(nullptr)},
                             {"epoch", c.active ? c.active->epoch : 0},
@@ -118,7 +133,39 @@ int PrintStatus(Arbiter* a, bool as_json) {
                 is_active ? "-" : (Eligible(c, n.id) ? "yes" : "no"), n.address.c_str(),
                 n.client_address.empty() ? "-" : n.client_address.c_str());
   }
-  if (c.nodes.empty()) std::printf("(no node has a session in this cluster)\n");
+  if (c.nodes.empty()) {
+    std::printf("(no node has a session in this cluster)\n");
+    return 0;
+  }
+  if (act) std::printf("\ncommit rule: %s (on the active)\n", act->commit.empty() ? "?" : act->commit.c_str());
+  std::printf("\n%-12s %21s %12s %12s %s\n", "NODE", "WAL (LSNs kept)", "WAL SIZE", "DB SIZE", "SLOT ON THE ACTIVE");
+  auto mib = [](uint64_t b) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(b) / (1 << 20));
+    return std::string(buf);
+  };
+  for (const auto& n : c.nodes) {
+    const bool is_active = c.active && c.active->id == n.id;
+    std::string slot = "-";
+    if (!is_active && act) {
+      auto it = act->slots.find(n.id);
+      slot = it == act->slots.end() ? "none" : "from LSN " + std::to_string(it->second);
+    }
+    const std::string kept = std::to_string(n.wal_first_lsn) + ".." + std::to_string(n.last_lsn);
+    std::printf("%-12s %21s %12s %12s %s\n", n.id.c_str(), kept.c_str(), mib(n.wal_bytes).c_str(),
+                mib(n.db_bytes).c_str(), slot.c_str());
+  }
+  if (act) {
+    for (const auto& [id, lsn] : act->slots) {
+      if (!Find(c, id)) {
+        std::printf("%-12s %21s %12s %12s from LSN %llu (not running: repctl remove %s forgets it)\n", id.c_str(), "-",
+                    "-", "-", static_cast<unsigned long long>(lsn), id.c_str());
+      }
+    }
+  }
+  for (const auto& n : c.nodes) {
+    if (!n.progress.empty()) std::printf("%s: %s\n", n.id.c_str(), n.progress.c_str());
+  }
   return 0;
 }
 
@@ -241,6 +288,98 @@ int main(int argc, char** argv) {
     if (ms < 0) Fail(args[1] + " did not become the active within " + std::to_string(limit.count()) + " s");
     std::printf("promoted %s (%ld ms)\n", args[1].c_str(), ms);
     return 0;
+  }
+  if (cmd == "set-commit") {
+    if (args.size() != 2) Fail("usage: repctl set-commit RULE (async | remote-write:N | remote-apply:N)", 2);
+    auto rule = CommitRule::Parse(args[1]);
+    if (!rule.ok()) Fail("bad rule '" + args[1] + "': " + rule.status().message(), 2);
+    const std::string want = rule->ToString();
+    Status put = arbiter->PutControl("commit", want);
+    if (!put.ok()) Fail("etcd: " + put.ToString());
+    const Cluster c = Read(arbiter.get());
+    if (!c.active) {
+      std::printf("stored commit rule %s; there is no active now: the next one takes it\n", want.c_str());
+      return 0;
+    }
+    const auto start = Clock::now();
+    while (Clock::now() - start < limit) {
+      auto nodes = arbiter->GetNodes();
+      auto active = arbiter->GetActive();
+      if (nodes.ok() && active.ok() && *active) {
+        for (const auto& n : *nodes) {
+          if (n.id == (*active)->id && n.commit == want) {
+            std::printf("commit rule is now %s on the active %s (%lld ms)\n", want.c_str(), n.id.c_str(),
+                        static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()));
+            return 0;
+          }
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    Fail("the active did not take commit rule " + want + " within " + std::to_string(limit.count()) +
+         " s (see its log: engine.commit_rule_refused); the rule stays stored in etcd");
+  }
+  if (cmd == "reseed") {
+    if (args.size() != 2) Fail("usage: repctl reseed NODE", 2);
+    const Cluster c = Read(arbiter.get());
+    const NodeInfo* n = Find(c, args[1]);
+    if (!n) Fail("no node '" + args[1] + "' has a session in cluster '" + ao.cluster + "'");
+    if (c.active && c.active->id == args[1]) Fail(args[1] + " is the active; switch over first, then reseed it");
+    if (!c.active) Fail("there is no active to take a snapshot from");
+    const uint64_t before = n->resyncs;
+    Status put = arbiter->PutControl("reseed/" + args[1], "repctl");
+    if (!put.ok()) Fail("etcd: " + put.ToString());
+    const auto start = Clock::now();
+    std::string last_progress;
+    while (Clock::now() - start < limit) {
+      auto nodes = arbiter->GetNodes();
+      if (nodes.ok()) {
+        for (const auto& m : *nodes) {
+          if (m.id != args[1]) continue;
+          if (m.resyncs > before) {
+            std::printf("reseeded %s from a snapshot of %s; it now holds LSN %llu (%lld ms)\n", args[1].c_str(),
+                        c.active->id.c_str(), static_cast<unsigned long long>(m.last_lsn),
+                        static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()));
+            return 0;
+          }
+          if (!m.progress.empty() && m.progress != last_progress) {
+            std::fprintf(stderr, "repctl: %s: %s\n", args[1].c_str(), m.progress.c_str());
+            last_progress = m.progress;
+          }
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    Fail(args[1] + " was not reseeded within " + std::to_string(limit.count()) +
+         " s (a large database needs a larger --timeout; see its log: engine.resync_*)");
+  }
+  if (cmd == "remove") {
+    if (args.size() != 2) Fail("usage: repctl remove NODE", 2);
+    const Cluster c = Read(arbiter.get());
+    if (Find(c, args[1])) Fail(args[1] + " is running (it has a session); stop it first, then remove it");
+    if (!c.active) Fail("there is no active to drop the slot of " + args[1]);
+    const NodeInfo* act = Find(c, c.active->id);
+    if (!act || !act->slots.count(args[1])) {
+      std::printf("%s has no slot on the active %s: nothing to remove\n", args[1].c_str(), c.active->id.c_str());
+      return 0;
+    }
+    Status put = arbiter->PutControl("remove/" + args[1], "repctl");
+    if (!put.ok()) Fail("etcd: " + put.ToString());
+    const auto start = Clock::now();
+    while (Clock::now() - start < limit) {
+      auto nodes = arbiter->GetNodes();
+      if (nodes.ok()) {
+        for (const auto& m : *nodes) {
+          if (m.id == c.active->id && !m.slots.count(args[1])) {
+            std::printf("removed %s: the active %s no longer keeps log for it\n", args[1].c_str(), m.id.c_str());
+            return 0;
+          }
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    (void)arbiter->ClearControl("remove/" + args[1]);
+    Fail("the active did not drop the slot of " + args[1] + " within " + std::to_string(limit.count()) + " s");
   }
   Fail("unknown command '" + cmd + "' (see repctl --help)", 2);
 }

@@ -445,5 +445,75 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   EXPECT_EQ(code, 2);
 }
 
+TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int act = WaitForOneActive(nodes);
+  ASSERT_GE(act, 0);
+  const int s1 = (act + 1) % 3, s2 = (act + 2) % 3;
+  auto id = [](int i) { return std::string(1, static_cast<char>('a' + i)); };
+  int code = 0;
+
+  // The commit rule, changed at run time and kept in etcd.
+  std::string out = Repctl(etcd_->endpoint(), "set-commit remote-apply:1", &code);
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("commit rule is now remote-apply:1 on the active " + id(act)), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "status", &code);
+  EXPECT_NE(out.find("commit rule: remote-apply:1"), std::string::npos) << out;
+  EXPECT_NE(out.find("WAL SIZE"), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "set-commit sometimes", &code);
+  EXPECT_EQ(code, 2) << out;
+  RespClient c(d[act]->client_port());
+  for (int i = 0; i < 200; ++i) ASSERT_EQ(c.Command({"SET", "k" + std::to_string(i), "v" + std::to_string(i)}), "+OK");
+
+  // A damaged standby (its RocksDB changed behind its back), found by
+  // logdiff --live and repaired by repctl reseed.
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[s1]));
+  EXPECT_EQ(d[s1]->Kill(SIGTERM), 0);
+  test::Shell("ldb --db=" + dir_.Sub(id(s1)) + "/db put k42 flipped");
+  d[s1] = Start(id(s1));
+  nodes[s1] = d[s1].get();
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[s1]));
+  auto live = [&](int* rc) {
+    return test::Shell(std::string(LOGDIFF_PATH) + " --live --no-progress --cluster f --secret test " + id(act) +
+                           "=127.0.0.1:" + std::to_string(d[act]->repl_port()) + " " + id(s1) + "=127.0.0.1:" +
+                           std::to_string(d[s1]->repl_port()),
+                       rc);
+  };
+  out = live(&code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("value cf default key \"k42\""), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "reseed " + id(s1), &code);
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("reseeded " + id(s1) + " from a snapshot of " + id(act)), std::string::npos) << out;
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[s1]));
+  out = live(&code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(out.rfind("logdiff: IDENTICAL", 0), 0u) << out;
+  out = Repctl(etcd_->endpoint(), "reseed " + id(act), &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("is the active"), std::string::npos) << out;
+
+  // A standby shut down for good: its slot stays until it is removed.
+  // (remote-apply:1 is still met by the other standby.)
+  EXPECT_EQ(d[s2]->Kill(SIGTERM), 0);
+  nodes[s2] = nullptr;
+  out = Repctl(etcd_->endpoint(), "remove " + id(s1), &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("is running"), std::string::npos) << out;
+  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(100ms)) {
+    out = Repctl(etcd_->endpoint(), "status", &code);
+    if (out.find("not running: repctl remove " + id(s2)) != std::string::npos) break;  // its session lease ran out
+  }
+  EXPECT_NE(out.find("not running: repctl remove " + id(s2) + " forgets it"), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "remove " + id(s2), &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("removed " + id(s2)), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "status", &code);
+  EXPECT_EQ(out.find("repctl remove " + id(s2)), std::string::npos) << out;
+  EXPECT_EQ(c.Command({"SET", "after", "removal"}), "+OK");
+}
+
 }  // namespace
 }  // namespace replica
