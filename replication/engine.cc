@@ -446,6 +446,10 @@ Status EngineImpl::OpenStorage() {
   rocksdb::Options ro;
   ro.create_if_missing = true;
   ro.create_missing_column_families = true;
+  // The meta column family takes a tiny write with every batch and would
+  // hold every RocksDB log file alive until its memtable filled: past this
+  // much log, RocksDB flushes the column families that pin the oldest file.
+  ro.max_total_wal_size = 64ull << 20;
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {
       {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
       {kMetaColumnFamily, rocksdb::ColumnFamilyOptions()}};
@@ -912,7 +916,7 @@ void EngineImpl::ApplierLoop() {
 void EngineImpl::SendAck(const std::shared_ptr<transport::Session>& s) {
   proto::Control msg;
   auto* ack = msg.mutable_ack();
-  ack->set_flushed_lsn(wal_->durable_lsn());
+  ack->set_flushed_lsn(LocalDurable());  // under --wal-sync none: what was written
   {
     MutexLock l(&mu_);
     ack->set_applied_lsn(applied_lsn_);
@@ -2361,7 +2365,7 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
 void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
   ReaderLock store(&store_mu_);
   hb->set_last_lsn(wal_->last_lsn());
-  hb->set_flushed_lsn(wal_->durable_lsn());
+  hb->set_flushed_lsn(LocalDurable());
   MutexLock l(&mu_);
   hb->set_applied_lsn(applied_lsn_);
   hb->set_epoch(epoch_);

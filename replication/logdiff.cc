@@ -783,7 +783,7 @@ std::string FormatText(const Report& r) {
                   r.common_last, r.records_compared);
     out += buf;
   }
-  std::snprintf(buf, sizeof buf, "; %" PRIu64 " keys in %zu column families; %.1f MiB hashed in %.3f s (%.0f MiB/s)\n",
+  std::snprintf(buf, sizeof buf, "; %" PRIu64 " keys in %zu column families; %.1f MiB of records and entries hashed in %.3f s (%.0f MiB/s)\n",
                 r.keys_compared, cfs, MiB(r.bytes_hashed), r.seconds,
                 r.seconds > 0 ? MiB(r.bytes_hashed) / r.seconds : 0.0);
   out += buf;

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -50,7 +51,7 @@ Options:
   --strict         count a node behind another as a difference
   --bytes          compare WAL payloads byte for byte (reads every record)
   --max-diffs N    list at most N differences (default 20; all are counted)
-  --threads N      hashing threads (default: one per core)
+  --threads N      hashing threads (default: one per core, at least 2)
   --live           NODEs are running nodes' replication addresses
   --at LSN         (--live) compare at this LSN (default: the highest WAL end)
   --cluster NAME   (--live) the cluster name (default "default")
@@ -177,19 +178,31 @@ int main(int argc, char** argv) {
   }
 
   SetLogLevel(LogLevel::kError);
+  const auto started = std::chrono::steady_clock::now();
+  // Opened in parallel: opening a RocksDB replays its own log, which takes a
+  // while on a large node.
+  std::vector<Result<std::unique_ptr<logdiff::Source>>> opened;
+  opened.reserve(dirs.size());
+  for (size_t i = 0; i < dirs.size(); ++i) opened.emplace_back(Status::Aborted("not opened"));
+  {
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < dirs.size(); ++i) {
+      threads.emplace_back([&, i] { opened[i] = live ? logdiff::ConnectNode(dirs[i], lo) : logdiff::OpenDirectory(dirs[i]); });
+    }
+    for (auto& t : threads) t.join();
+  }
   std::vector<std::unique_ptr<logdiff::Source>> sources;
   std::vector<logdiff::Source*> raw;
   for (size_t i = 0; i < dirs.size(); ++i) {
-    auto s = live ? logdiff::ConnectNode(dirs[i], lo) : logdiff::OpenDirectory(dirs[i]);
-    if (!s.ok()) {
+    if (!opened[i].ok()) {
       logdiff::Report r;
       r.names = names;
-      r.error = names[i] + ": " + s.status().ToString();
+      r.error = names[i] + ": " + opened[i].status().ToString();
       std::fputs(json ? logdiff::FormatJson(r).c_str() : logdiff::FormatText(r).c_str(), stdout);
       return 2;
     }
-    raw.push_back(s->get());
-    sources.push_back(std::move(s).value());
+    sources.push_back(std::move(opened[i]).value());
+    raw.push_back(sources.back().get());
   }
   uint64_t pinned_at = 0;
   if (live) {
@@ -208,6 +221,8 @@ int main(int argc, char** argv) {
     opt.progress = [tty](uint64_t done, uint64_t expected) { ShowProgress(done, expected, tty); };
   }
   logdiff::Report report = logdiff::Compare(names, raw, opt);
+  // The time reported covers opening the nodes too (and pinning them, live).
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   if (opt.progress && tty) std::fputs("\n", stderr);
   if (live) {
     report.notes.insert(report.notes.begin(), "live: every node hashed its replica as of LSN " +
