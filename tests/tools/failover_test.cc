@@ -8,6 +8,7 @@
 #include <mutex>
 #include <memory>
 
+#include "replica/client.h"
 #include "tests/support/etcd_server.h"
 #include "tests/tools/daemon.h"
 
@@ -513,6 +514,71 @@ TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
   out = Repctl(etcd_->endpoint(), "status", &code);
   EXPECT_EQ(out.find("repctl remove " + id(s2)), std::string::npos) << out;
   EXPECT_EQ(c.Command({"SET", "after", "removal"}), "+OK");
+}
+
+TEST_F(FailoverTest, ClientFollowsTheActiveAcrossAKillAndASwitchover) {
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id, "--commit remote-write:1"));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int first = WaitForOneActive(nodes);
+  ASSERT_GE(first, 0);
+  ClientOptions o;
+  o.etcd = {etcd_->endpoint()};
+  o.cluster = "f";
+  auto opened = Client::Open(o);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  auto& client = *opened;
+  int n = 0;
+  auto write = [&](int count) {
+    for (int i = 0; i < count; ++i, ++n) {
+      Status st = client->Set("c" + std::to_string(n), "v" + std::to_string(n));
+      ASSERT_TRUE(st.ok()) << "write " << n << ": " << st.ToString();
+    }
+  };
+  write(100);
+  EXPECT_EQ(client->active(), "127.0.0.1:" + std::to_string(d[first]->client_port()));
+
+  // The active dies: the next writes wait for the new active and go there.
+  EXPECT_EQ(d[first]->Kill(SIGKILL), 128 + SIGKILL);
+  nodes[first] = nullptr;
+  const auto killed = Clock::now();
+  write(1);
+  std::printf("client: first write acknowledged %lld ms after the SIGKILL\n",
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - killed).count()));
+  write(99);
+  const int second = WaitForOneActive(nodes);
+  ASSERT_GE(second, 0);
+  EXPECT_EQ(client->active(), "127.0.0.1:" + std::to_string(d[second]->client_port()));
+
+  // A planned switchover: the client follows the -READONLY redirect.
+  const int third = 3 - first - second;
+  int code = 0;
+  std::string out = Repctl(etcd_->endpoint(), "switchover --to " + std::string(1, static_cast<char>('a' + third)), &code);
+  ASSERT_EQ(code, 0) << out;
+  write(100);
+  EXPECT_EQ(client->active(), "127.0.0.1:" + std::to_string(d[third]->client_port()));
+  EXPECT_GE(client->moves(), 2u);
+  // Every acknowledged write is there (remote-write:1), read back through the client.
+  for (int i = 0; i < n; ++i) {
+    auto got = client->Get("c" + std::to_string(i));
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    ASSERT_EQ(*got, std::optional<std::string>("v" + std::to_string(i))) << i;
+  }
+  auto del = client->Del("c0");
+  ASSERT_TRUE(del.ok());
+  EXPECT_TRUE(*del);
+  EXPECT_EQ(*client->Get("c0"), std::nullopt);
+  // Errors that are not about roles come back at once.
+  ClientOptions none;
+  EXPECT_EQ(Client::Open(none).status().code(), StatusCode::kInvalidArgument);
+  ClientOptions lost = o;
+  lost.cluster = "nosuchcluster";
+  lost.timeout = 500ms;
+  auto c2 = Client::Open(lost);
+  ASSERT_TRUE(c2.ok());
+  Status st = (*c2)->Set("x", "y");
+  EXPECT_EQ(st.code(), StatusCode::kTimedOut) << st.ToString();
+  EXPECT_NE(st.message().find("has no active"), std::string::npos) << st.ToString();
 }
 
 }  // namespace
