@@ -325,6 +325,11 @@ std::string NodeInfo::ToJson() const {
     for (const auto& [id, ms] : standby_lag_ms) lag[id] = ms;
     o["standby_lag_ms"] = std::move(lag);
   }
+  if (!standby_lag_bytes.empty()) {
+    json::object lag;
+    for (const auto& [id, b] : standby_lag_bytes) lag[id] = b;
+    o["standby_lag_bytes"] = std::move(lag);
+  }
   if (!slots.empty()) {
     json::object sl;
     for (const auto& [id, lsn] : slots) sl[id] = lsn;
@@ -360,6 +365,7 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   };
   u64_map("standby_lag_ms", &n.standby_lag_ms);
   u64_map("slots", &n.slots);
+  u64_map("standby_lag_bytes", &n.standby_lag_bytes);
   n.commit = S(o, "commit");
   n.wal_first_lsn = U64(o, "wal_first_lsn");
   n.wal_bytes = U64(o, "wal_bytes");

@@ -27,6 +27,8 @@ struct NodeInfo {
   uint64_t applied_lsn = 0;
   // Published by the active: how long each standby has not held every record.
   std::map<std::string, uint64_t> standby_lag_ms;
+  // And the bytes of its WAL each standby does not hold durably yet.
+  std::map<std::string, uint64_t> standby_lag_bytes;
   // Published by the active: the first LSN it keeps for each standby (slots).
   std::map<std::string, uint64_t> slots;
   std::string commit;          // the commit rule in force on this node

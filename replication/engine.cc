@@ -1366,6 +1366,7 @@ NodeInfo EngineImpl::MyInfo() {
   if (role_.load() == Role::kActive) {
     const auto now = Clock::now();
     for (const auto& [id, sb] : standbys_) {
+      n.standby_lag_bytes[id] = wal_->BytesAfter(sb->flushed);
       n.standby_lag_ms[id] = sb->flushed >= n.last_lsn ? 0
                              : static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
                                                          now - sb->caught_up_at).count());
@@ -2409,6 +2410,8 @@ std::string EngineImpl::PrometheusMetrics() const {
       metric("replica_standby_applied_lsn", "gauge", "standby applied up to this LSN", lab,
              static_cast<double>(sb->applied));
       metric("replica_standby_lag_records", "gauge", "records the standby does not hold durably yet", lab, behind);
+      metric("replica_standby_lag_bytes", "gauge", "bytes of this node's WAL after the standby's durable LSN", lab,
+             static_cast<double>(wal_->BytesAfter(sb->flushed)));
       const double ms = behind == 0 ? 0.0
                                     : std::chrono::duration<double, std::milli>(Clock::now() - sb->caught_up_at).count();
       metric("replica_standby_lag_ms", "gauge", "time since the standby last held every record", lab, ms);
@@ -2504,7 +2507,7 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.commit_fallbacks = fallbacks_;
   st.standbys_refused = refused_.load();
   for (const auto& [_, sb] : standbys_) {
-    st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied, sb->resync});
+    st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied, sb->resync, wal_->BytesAfter(sb->flushed)});
   }
   for (const auto& [id, lsn] : slots_) st.slots.emplace_back(id, lsn);
   st.slots_dropped = slots_dropped_;

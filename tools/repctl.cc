@@ -98,6 +98,10 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                           {"durable_lsn", n.durable_lsn},
                                           {"applied_lsn", n.applied_lsn},
                                           {"lag_records", is_active || head < n.durable_lsn ? 0 : head - n.durable_lsn},
+                                          {"lag_bytes", is_active ? boost::json::value(0)
+                                                        : act && act->standby_lag_bytes.count(n.id)
+                                                            ? boost::json::value(act->standby_lag_bytes.at(n.id))
+                                                            : boost::json::value(nullptr)},
                                           {"lag_ms", is_active ? boost::json::value(0)
                                                      : lag_ms(n.id) ? boost::json::value(*lag_ms(n.id))
                                                                     : boost::json::value(nullptr)},
@@ -119,17 +123,21 @@ int PrintStatus(Arbiter* a, bool as_json) {
   }
   std::printf("active: %s", c.active ? c.active->id.c_str() : "(none)");
   if (c.active) std::printf(" at epoch %llu (%s)", static_cast<unsigned long long>(c.active->epoch), c.active->address.c_str());
-  std::printf("\n%-12s %-8s %6s %10s %10s %10s %11s %9s %-9s %-21s %s\n", "NODE", "ROLE", "EPOCH", "LAST", "DURABLE",
-              "APPLIED", "LAG(recs)", "LAG(ms)", "ELIGIBLE", "REPLICATION", "CLIENT");
+  std::printf("\n%-12s %-8s %6s %10s %10s %10s %11s %11s %9s %-9s %-21s %s\n", "NODE", "ROLE", "EPOCH", "LAST",
+              "DURABLE", "APPLIED", "LAG(recs)", "LAG(bytes)", "LAG(ms)", "ELIGIBLE", "REPLICATION", "CLIENT");
   for (const auto& n : c.nodes) {
     const bool is_active = c.active && c.active->id == n.id;
     const uint64_t lag = is_active || head < n.durable_lsn ? 0 : head - n.durable_lsn;
     const auto ms = lag_ms(n.id);
     const std::string ms_text = is_active ? "-" : ms ? std::to_string(*ms) : "n/c";
-    std::printf("%-12s %-8s %6llu %10llu %10llu %10llu %11llu %9s %-9s %-21s %s\n", n.id.c_str(),
+    const std::string bytes_text = is_active ? "-"
+                                   : act && act->standby_lag_bytes.count(n.id) ? std::to_string(act->standby_lag_bytes.at(n.id))
+                                                                               : "n/c";
+    std::printf("%-12s %-8s %6llu %10llu %10llu %10llu %11llu %11s %9s %-9s %-21s %s\n", n.id.c_str(),
                 is_active ? "active" : "standby", static_cast<unsigned long long>(n.epoch),
                 static_cast<unsigned long long>(n.last_lsn), static_cast<unsigned long long>(n.durable_lsn),
-                static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag), ms_text.c_str(),
+                static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag), bytes_text.c_str(),
+                ms_text.c_str(),
                 is_active ? "-" : (Eligible(c, n.id) ? "yes" : "no"), n.address.c_str(),
                 n.client_address.empty() ? "-" : n.client_address.c_str());
   }

@@ -842,6 +842,24 @@ std::vector<SegmentInfo> Wal::segments() const {
   }
   return out;
 }
+uint64_t Wal::BytesAfter(Lsn lsn) const {
+  MutexLock l(&mu_);
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < segments_.size(); ++i) {
+    const Lsn first = segments_[i].first_lsn;
+    const Lsn last = i + 1 < segments_.size() ? segments_[i + 1].first_lsn - 1 : last_lsn_;
+    if (last < first || last <= lsn) continue;
+    const uint64_t body = segments_[i].end > kSegmentHeaderSize ? segments_[i].end - kSegmentHeaderSize : 0;
+    if (first > lsn) {
+      bytes += body;
+    } else {
+      bytes += static_cast<uint64_t>(static_cast<double>(body) * static_cast<double>(last - lsn) /
+                                     static_cast<double>(last - first + 1));
+    }
+  }
+  return bytes;
+}
+
 uint64_t Wal::size_bytes() const {
   MutexLock l(&mu_);
   uint64_t total = 0;

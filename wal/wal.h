@@ -154,6 +154,11 @@ class Wal {
   EpochEnd EndOfEpoch(Epoch epoch) const EXCLUDES(mu_);
   std::vector<SegmentInfo> segments() const EXCLUDES(mu_);
   uint64_t size_bytes() const EXCLUDES(mu_);
+  // Lag in bytes: the record bytes of this log after `lsn` (what a replica
+  // holding up to lsn lacks). Whole segments count in full (less their
+  // headers); in the segment where lsn falls, the part after it is estimated
+  // by the segment's average record size (offsets of records are not indexed).
+  uint64_t BytesAfter(Lsn lsn) const EXCLUDES(mu_);
   WalStats stats() const EXCLUDES(mu_);
   const RecoveryReport& recovery() const { return recovery_; }
   const std::string& dir() const { return dir_; }

@@ -127,6 +127,9 @@ struct EngineStatus {
     uint64_t flushed_lsn = 0;
     uint64_t applied_lsn = 0;
     bool resyncing = false;  // being sent a snapshot; not counted by the commit rule
+    // Bytes of the active's WAL after flushed_lsn (the partial segment
+    // estimated by its average record size).
+    uint64_t lag_bytes = 0;
   };
   std::vector<Standby> standbys;  // active only: connected standbys
   // Active: the log kept for each known standby (slot: the first LSN kept).

@@ -126,6 +126,10 @@ TEST(EngineTest, ActiveAndTwoStandbysConverge) {
   ASSERT_TRUE(s2->WaitForApplied(last, 30s).ok());
   EXPECT_EQ(*s1->Get("counter"), std::optional<std::string>("599"));
   EXPECT_EQ(active->status().standbys.size(), 2u);
+  ASSERT_TRUE(Eventually([&] {
+    auto st = active->status();
+    return st.standbys.size() == 2 && st.standbys[0].lag_bytes == 0 && st.standbys[1].lag_bytes == 0;
+  })) << "a caught-up standby lacks no bytes";
   ASSERT_TRUE(s1->Close().ok());
   ASSERT_TRUE(s2->Close().ok());
   ASSERT_TRUE(active->Close().ok());

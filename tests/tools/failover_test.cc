@@ -393,6 +393,7 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   EXPECT_NE(out.find(std::string("active: ") + static_cast<char>('a' + first)), std::string::npos) << out;
   for (const char* id : {"a ", "b ", "c "}) EXPECT_NE(out.find(std::string("\n") + id), std::string::npos) << out;
   EXPECT_NE(out.find("LAG(ms)"), std::string::npos) << out;
+  EXPECT_NE(out.find("LAG(bytes)"), std::string::npos) << out;
   // A standby sends writers to the active's client port.
   const int other = (first + 1) % 3;
   const std::string want = "127.0.0.1:" + std::to_string(d[first]->client_port());
@@ -409,6 +410,7 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   EXPECT_EQ(code, 0);
   EXPECT_NE(out.find("\"nodes\":["), std::string::npos) << out;
   EXPECT_NE(out.find("\"lag_ms\":"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"lag_bytes\":"), std::string::npos) << out;
 
   // Planned switchover under load: no acknowledged write lost.
   Writer writer({d[0]->client_port(), d[1]->client_port(), d[2]->client_port()});

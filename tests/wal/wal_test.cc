@@ -122,6 +122,24 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(info.param.compress ? "Lz4" : "Plain") + "_" + SyncPolicyName(info.param.sync);
     });
 
+TEST(WalTest, BytesAfterCountsWhatAReplicaLacks) {
+  TempDir dir;
+  Options o;
+  o.segment_size = 4096;  // about 28 records of 100 bytes per segment
+  auto wal = OpenOrDie(dir.path(), o);
+  AppendN(wal.get(), 200, 100);
+  const uint64_t frame = 100 + kFrameHeaderSize;
+  EXPECT_EQ(wal->BytesAfter(200), 0u);
+  EXPECT_EQ(wal->BytesAfter(0), 200 * frame);
+  EXPECT_EQ(wal->BytesAfter(199), frame);
+  // Inside a segment the average record size is used: exact here, since
+  // every record has the same size.
+  EXPECT_EQ(wal->BytesAfter(123), 77 * frame);
+  const auto segs = wal->segments();
+  ASSERT_GT(segs.size(), 3u);
+  EXPECT_EQ(wal->BytesAfter(segs[1].last_lsn), (200 - segs[1].last_lsn) * frame);
+}
+
 TEST(WalTest, IntervalPolicyBecomesDurableWithoutBeingAsked) {
   TempDir dir;
   Options o;
