@@ -1698,11 +1698,13 @@ void EngineImpl::SendFences(uint64_t epoch) {
 
 void EngineImpl::Demote(const std::string& reason) {
   std::vector<std::shared_ptr<Standby>> gone;
+  wal::Lsn committed;
   {
     MutexLock l(&mu_);
     if (role_.load() != Role::kActive) return;
     role_ = Role::kStandby;
     apply_cap_ = commit_lsn_;
+    committed = commit_lsn_;
     for (auto& [_, sb] : standbys_) {
       sb->stop.store(true);
       gone.push_back(sb);
@@ -1715,8 +1717,8 @@ void EngineImpl::Demote(const std::string& reason) {
     WakeAllWriters();
   }
   for (auto& sb : gone) sb->session->Close(Status::Aborted("this node is no longer the active"));
-  RLOG(kWarn, "engine.demoted") << "node=" << opts_.node_id << " epoch=" << epoch_.load() << " reason=\"" << reason
-                                << "\"";
+  RLOG(kWarn, "engine.demoted") << "node=" << opts_.node_id << " epoch=" << epoch_.load()
+                                << " commit_lsn=" << committed << " reason=\"" << reason << "\"";
   if (opts_.on_role_change) opts_.on_role_change(Role::kStandby);
   // A static-mode engine has no follower; with an arbiter it already runs.
 }
