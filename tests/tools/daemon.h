@@ -42,8 +42,10 @@ class Daemon {
  public:
   Daemon(const TempDir& dir, const std::string& id, const std::string& extra) : out_(dir.Sub(id + ".out")) {
     std::remove(out_.c_str());  // a restarted node must not be taken for its predecessor
-    std::string cmd = kReplicad + " --id " + id + " --data-dir " + dir.Sub(id) +
-                      " --listen 127.0.0.1:0 --client-listen 127.0.0.1:0 --secret test --log-level warn " + extra;
+    // A fixed --listen in extra (an active restarted on its address) replaces the default.
+    const std::string listen = extra.find("--listen ") == std::string::npos ? " --listen 127.0.0.1:0" : "";
+    std::string cmd = kReplicad + " --id " + id + " --data-dir " + dir.Sub(id) + listen +
+                      " --client-listen 127.0.0.1:0 --secret test --log-level warn " + extra;
     std::fflush(nullptr);  // or the child would write this process's buffered output again
     pid_ = ::fork();
     if (pid_ == 0) {

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/support/etcd_server.h"
 #include "tests/support/test_util.h"
 #include "tests/tools/daemon.h"
 
@@ -158,6 +159,40 @@ TEST(ReplicadTest, UnderLoadAStandbyKilledAndALateOneSeededBySnapshotEndIdentica
     ++same_files;
   }
   EXPECT_GE(same_files, 1);
+}
+
+TEST(ReplicadTest, ActiveRestartedUnderLoadKeepsItsStandbys) {
+  test::TempDir dir;
+  // The active on a fixed port, so that it comes back where the standbys look.
+  const int port = test::FreePort();
+  const std::string listen = "--listen 127.0.0.1:" + std::to_string(port);
+  auto a = std::make_unique<Daemon>(dir, "a", listen);
+  const std::string follow = "--follow 127.0.0.1:" + std::to_string(port);
+  Daemon b(dir, "b", follow), c(dir, "c", follow);
+  auto bench = [&](int n) {
+    return Shell("redis-benchmark -h 127.0.0.1 -p " + std::to_string(a->client_port()) + " -t set -d 100 -r 5000 -c 8 -q -n " +
+                 std::to_string(n));
+  };
+  std::thread load([&] { bench(20000); });
+  const auto deadline = Clock::now() + 60s;
+  while (InfoField(*a, "master_repl_offset") < 5000 && Clock::now() < deadline) std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(a->Kill(SIGKILL), 128 + SIGKILL);  // mid-load: the benchmark's connections break
+  load.join();
+  a = std::make_unique<Daemon>(dir, "a", listen);
+  bench(5000);
+  ASSERT_EQ(a->Cli("SET last write"), "OK\n");
+  ASSERT_TRUE(CaughtUp(*a, b));
+  ASSERT_TRUE(CaughtUp(*a, c));
+  EXPECT_EQ(b.Cli("GET last"), "write\n");
+  EXPECT_EQ(c.Kill(SIGTERM), 0);
+  EXPECT_EQ(b.Kill(SIGTERM), 0);
+  EXPECT_EQ(a->Kill(SIGTERM), 0);
+  int code = -1;
+  const std::string out = Shell(std::string(LOGDIFF_PATH) + " --strict --no-progress " + dir.Sub("a") + " " +
+                                    dir.Sub("b") + " " + dir.Sub("c"),
+                                &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(out.rfind("logdiff: IDENTICAL: a, b, c; WAL LSN 1..", 0), 0u) << out;
 }
 
 TEST(ReplicadTest, BadClientInputGetsErrorsAndTheDaemonServesOn) {
