@@ -23,6 +23,7 @@ namespace replica {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr auto kReadRecheck = std::chrono::seconds(1);
 
 struct Reply {
   char type = 0;  // '+', '-', ':', '$' (null: is_null), '*'
@@ -66,7 +67,7 @@ class ClientImpl final : public Client {
 
   Result<std::optional<std::string>> Get(const std::string& key) override {
     // To the active too, so that a client reads its own writes.
-    REPLICA_ASSIGN_OR_RETURN(Reply r, Call({"GET", key}));
+    REPLICA_ASSIGN_OR_RETURN(Reply r, Call({"GET", key}, /*read=*/true));
     if (r.type == '$') return r.is_null ? std::nullopt : std::optional<std::string>(r.text);
     return Status::Corruption("unexpected reply to GET from " + active());
   }
@@ -80,18 +81,23 @@ class ClientImpl final : public Client {
  private:
   // Sends one command to the active, moving to another node and retrying as
   // the header describes.
-  Result<Reply> Call(const std::vector<std::string>& args) {
+  Result<Reply> Call(const std::vector<std::string>& args, bool read = false) {
     std::string req = "*" + std::to_string(args.size()) + "\r\n";
     for (const auto& a : args) req += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
     MutexLock l(&mu_);
     const auto deadline = Clock::now() + opts_.timeout;
     std::string last_error = "no attempt made";
     auto backoff = std::chrono::milliseconds(20);
+    // A standby serves reads too: a client that only reads would not notice
+    // that its node was demoted, so reads check etcd once a second.
+    if (read && Clock::now() - looked_up_ > kReadRecheck) needs_lookup_ = true;
+    bool redirected = false;
     for (;;) {
       if (target_.empty() || needs_lookup_) {
         auto found = LookUp();
         if (found.ok()) {
           Retarget(*found);
+          looked_up_ = Clock::now();
         } else {
           last_error = found.status().ToString();
         }
@@ -105,9 +111,10 @@ class ClientImpl final : public Client {
           last_error = target_ + ": " + reply->text;
           const auto at = reply->text.rfind("The active is at ");
           const std::string hint = at == std::string::npos ? "" : reply->text.substr(at + 17);
-          if (!hint.empty() && hint != "unknown" && hint != target_) {
+          if (!hint.empty() && hint != "unknown" && hint != target_ && !redirected) {
             Retarget(hint);
-            continue;  // at once: the node told us where to go
+            redirected = true;  // once at once; after that with a pause (two nodes may name each other)
+            continue;
           }
           needs_lookup_ = true;
         } else if (reply.ok() && reply->type == '-') {
@@ -279,6 +286,7 @@ class ClientImpl final : public Client {
   mutable Mutex mu_;
   std::string target_ GUARDED_BY(mu_);  // the active's client address, as last known
   bool needs_lookup_ GUARDED_BY(mu_) = false;
+  Clock::time_point looked_up_ GUARDED_BY(mu_);  // the last answer from etcd
   int fd_ GUARDED_BY(mu_) = -1;
   std::string in_ GUARDED_BY(mu_);  // received, not yet parsed
   std::atomic<uint64_t> moves_{0};

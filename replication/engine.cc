@@ -261,6 +261,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   const EngineOptions opts_;
   wal::Options wal_options_;
   mutable SharedMutex store_mu_ ACQUIRED_BEFORE(mu_);
+  Mutex retention_mu_ ACQUIRED_BEFORE(mu_);  // serialises MaintainRetention
   std::unique_ptr<wal::Wal> wal_;
   std::unique_ptr<rocksdb::DB> db_;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, meta
@@ -543,6 +544,8 @@ Status EngineImpl::LoadSlots() {
 
 void EngineImpl::MaintainRetention(bool force) {
   if (!wal_) return;
+  // One at a time (the applier, the role thread, Close): each writes DATA_DIR/slots.
+  MutexLock retention(&retention_mu_);
   {
     // Throttled first: the applier calls this on every batch.
     MutexLock l(&mu_);
@@ -1328,6 +1331,7 @@ Status EngineImpl::InstallSnapshot() {
   {
     MutexLock l(&mu_);
     progress_.clear();
+    want_snapshot_ = false;
   }
   snapshot_files_reused_ += r->reused;
   RLOG(kWarn, "engine.resync_installed") << "node=" << opts_.node_id << " lsn=" << offer.lsn()
@@ -1428,6 +1432,10 @@ void EngineImpl::RoleLoop() {
         if (key.substr(7) != opts_.node_id) RemoveStandby(key.substr(7));
         (void)arbiter_->ClearControl(key);
       }
+    }
+    {
+      // Every node takes the cluster's rule: the active commits by it, and a
+      // standby judges eligibility by it when the active is gone.
       if (auto it = ctl.find("commit"); it != ctl.end()) {
         auto rule = CommitRule::Parse(it->second);
         Status st = rule.ok() ? Status::OK() : rule.status();
@@ -1881,7 +1889,7 @@ void EngineImpl::SendSubscribe(const std::shared_ptr<transport::Session>& s) {
     MutexLock l(&mu_);
     sub->set_applied_lsn(applied_lsn_);
     sub->set_want_snapshot(want_snapshot_);
-    want_snapshot_ = false;
+    // Kept until a snapshot is installed (a resync cut short asks again).
   }
   (void)s->SendControl(msg);
 }
@@ -2239,7 +2247,7 @@ void EngineImpl::OnWritable(const std::shared_ptr<transport::Session>& s) {
 }
 
 void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const Status& why) {
-  diff_.SessionClosed(s.get());
+  diff_.SessionClosed(s);
   MutexLock l(&mu_);
   for (auto it = standbys_.begin(); it != standbys_.end(); ++it) {
     if (it->second->session.get() != s.get()) continue;
@@ -2269,7 +2277,7 @@ void EngineImpl::ReportCatchUp() {
                                           << " active_lsn=" << head << " behind=" << behind;
     return;
   }
-  if (behind == 0) {
+  if (behind < kCatchUpReportRecords / 20) {  // within a moment of the active: steady state
     RLOG(kInfo, "engine.caught_up") << "node=" << opts_.node_id << " lsn=" << applied << " records=" << applied - c.from
                                     << " ms=" << std::chrono::duration_cast<std::chrono::milliseconds>(now - c.started).count();
     c.on = false;
@@ -2330,8 +2338,8 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
   {
     MutexLock l(&mu_);
     pin_waits_.push_back(&w);
+    pins_pending_.fetch_add(1);  // under mu_: the applier checks it, then the list under mu_
   }
-  pins_pending_.fetch_add(1);
   auto unregister = [&]() REQUIRES(mu_) {
     pin_waits_.erase(std::find(pin_waits_.begin(), pin_waits_.end(), &w));
     pins_pending_.fetch_sub(1);
@@ -2344,13 +2352,18 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
   wal::Lsn at = 0;
   if (db_->Get(ro, handles_[1], kAppliedKey, &v).ok() && v.size() == 8) at = DecodeFixed64(v.data());
   MutexLock l(&mu_);
-  if (at == lsn) {
+  if (w.snapshot || at != lsn) {
+    // The applier may have taken one at lsn meanwhile: that one is used.
+    db_->ReleaseSnapshot(snap);
+    snap = nullptr;
+  }
+  if (snap) {
     unregister();
     return snap;
   }
-  db_->ReleaseSnapshot(snap);
   const auto deadline = Clock::now() + timeout;
-  while (at < lsn && !w.snapshot && !w.passed && !closing_ && apply_error_.ok() && Clock::now() < deadline) {
+  while (at < lsn && !w.snapshot && !w.passed && !closing_ && !applier_stop_ && apply_error_.ok() &&
+         Clock::now() < deadline) {
     cv_.WaitUntil(deadline);
   }
   unregister();
@@ -2360,6 +2373,7 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
                            std::to_string(std::max(at, applied_lsn_)) + ")");
   }
   if (closing_) return Status::Aborted("the node is closing");
+  if (applier_stop_) return Status::Aborted("the node is replacing its replica (snapshot install); pin again");
   if (!apply_error_.ok()) return apply_error_;
   return Status::TimedOut("applied only up to LSN " + std::to_string(applied_lsn_) + ", not LSN " +
                           std::to_string(lsn) + ", within " + std::to_string(timeout.count()) + " ms");

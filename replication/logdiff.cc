@@ -102,7 +102,10 @@ class StoreSource : public Source {
   }
 
   Result<std::vector<Digest>> WalDigests(uint64_t from, uint64_t to, uint64_t chunk) override {
-    if (chunk == 0 || from > to || to > wal_cap_) return Status::InvalidArgument("bad WAL range");
+    if (chunk == 0 || from == 0 || from > to || to > wal_cap_ || to > store_.wal->last_lsn() ||
+        (to - from) / chunk >= (1u << 24)) {
+      return Status::InvalidArgument("bad WAL range " + std::to_string(from) + ".." + std::to_string(to));
+    }
     std::vector<Digest> out((to - from) / chunk + 1);
     REPLICA_ASSIGN_OR_RETURN(auto reader, store_.wal->NewReader(from));
     std::unique_ptr<Hasher> h;
@@ -258,14 +261,6 @@ class DirectorySource final : public StoreSource {
     if (!IsDir(wal_dir) || !IsDir(db_dir)) {
       return Status::InvalidArgument(data_dir + " is not a node's data directory (it needs wal/ and db/)");
     }
-    wal::Options wo;
-    wo.read_only = true;
-    REPLICA_ASSIGN_OR_RETURN(wal_, wal::Wal::Open(wal_dir, wo));
-    const auto& rec = wal_->recovery();
-    if (rec.torn_tail) {
-      extra_.torn_tail = std::to_string(rec.torn_bytes) + " bytes after the last whole record in " +
-                         rec.torn_segment + " at offset " + std::to_string(rec.torn_offset) + " (" + rec.torn_why + ")";
-    }
     std::vector<std::string> names;
     REPLICA_RETURN_IF_ERROR(FromRocks(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), db_dir, &names),
                                       "list the column families of " + db_dir));
@@ -282,7 +277,18 @@ class DirectorySource final : public StoreSource {
     REPLICA_RETURN_IF_ERROR(
         FromRocks(rocksdb::DB::OpenAsSecondary(ro, db_dir, scratch_, cfs, &handles, &raw), "open " + db_dir));
     db_.reset(raw);
-    store_ = Store{wal_.get(), db_.get(), handles, names};
+    store_ = Store{nullptr, db_.get(), handles, names};  // the handles are the destructor's to free
+    // The WAL after RocksDB: on a running node, the log then reaches at
+    // least as far as the applied LSN the database shows.
+    wal::Options wo;
+    wo.read_only = true;
+    REPLICA_ASSIGN_OR_RETURN(wal_, wal::Wal::Open(wal_dir, wo));
+    const auto& rec = wal_->recovery();
+    if (rec.torn_tail) {
+      extra_.torn_tail = std::to_string(rec.torn_bytes) + " bytes after the last whole record in " +
+                         rec.torn_segment + " at offset " + std::to_string(rec.torn_offset) + " (" + rec.torn_why + ")";
+    }
+    store_.wal = wal_.get();
     return Info().status().WithContext(db_dir);
   }
 
@@ -715,7 +721,9 @@ class Comparison {
         same = same && at[i] && at[0] && at[i]->value_hash == at[0]->value_hash && at[i]->value_size == at[0]->value_size;
       }
       if (same) continue;
-      if (lag_cf && lag_keys_.count(key)) {
+      if (lag_cf && lag_keys_.count(key) && AheadAgree(at)) {
+        // Written by records the nodes behind have not applied: lag, as
+        // long as the nodes that applied everything agree among themselves.
         rep_.lag_keys++;
         continue;
       }
@@ -729,6 +737,25 @@ class Comparison {
       }
       AddDiff(std::move(d));
     }
+  }
+
+  // Whether the nodes with the highest applied LSN hold the same entry.
+  bool AheadAgree(const std::vector<const Entry*>& at) const {
+    uint64_t hi = 0;
+    for (const auto& ni : rep_.nodes) hi = std::max(hi, ni.applied);
+    const Entry* first = nullptr;
+    bool seen = false;
+    for (size_t i = 0; i < n(); ++i) {
+      if (rep_.nodes[i].applied != hi) continue;
+      if (!seen) {
+        first = at[i];
+        seen = true;
+        continue;
+      }
+      if ((first == nullptr) != (at[i] == nullptr)) return false;
+      if (first && (first->value_hash != at[i]->value_hash || first->value_size != at[i]->value_size)) return false;
+    }
+    return true;
   }
 
   const std::vector<std::string>& names_;
@@ -880,21 +907,23 @@ NodeInfo FromProto(const proto::DiffInfo& p) {
 }
 
 constexpr size_t kMaxReplyBytes = 4u << 20;
+constexpr uint64_t kMaxChunks = 1u << 20;     // WAL digests in one reply
+constexpr uint32_t kMaxPinMillis = 60000;     // how long a PIN may wait
 
 }  // namespace
 
 void Server::Submit(const std::shared_ptr<transport::Session>& session, const proto::DiffRequest& request) {
   MutexLock l(&mu_);
-  if (stop_) {
+  if (stop_ || queue_.size() >= kMaxQueued) {
     proto::Control msg;
     auto* r = msg.mutable_diff_reply();
     r->set_id(request.id());
-    r->set_code(static_cast<uint32_t>(StatusCode::kAborted));
-    r->set_message("the node is closing");
+    r->set_code(static_cast<uint32_t>(stop_ ? StatusCode::kAborted : StatusCode::kBusy));
+    r->set_message(stop_ ? "the node is closing" : "too many logdiff requests queued");
     (void)session->SendControl(msg);
     return;
   }
-  queue_.emplace_back(session, request);
+  queue_.push_back(Item{session, request, false});
   if (!started_) {
     started_ = true;
     worker_ = std::thread([this] { Run(); });
@@ -902,21 +931,13 @@ void Server::Submit(const std::shared_ptr<transport::Session>& session, const pr
   cv_.Signal();
 }
 
-void Server::SessionClosed(const transport::Session* session) {
-  Pin pin;
-  {
-    MutexLock l(&mu_);
-    auto it = pins_.find(session);
-    if (it == pins_.end()) return;
-    pin = it->second;
-    pins_.erase(it);
-  }
-  if (!pin.snapshot) return;
-  // Released with the store held, so that it is not closed meanwhile.
-  (void)hooks_->WithStore([&](const Store& st) {
-    if (st.db == pin.db) st.db->ReleaseSnapshot(pin.snapshot);
-    return Status::OK();
-  });
+void Server::SessionClosed(const std::shared_ptr<transport::Session>& session) {
+  // The worker owns the snapshots: it releases this session's after every
+  // request the session queued (the queue is in order).
+  MutexLock l(&mu_);
+  if (stop_ || !started_) return;  // Stop releases everything; no worker, no pins
+  queue_.push_back(Item{session, proto::DiffRequest(), true});
+  cv_.Signal();
 }
 
 void Server::ReleaseAll(rocksdb::DB* db) {
@@ -931,6 +952,8 @@ void Server::ReleaseAll(rocksdb::DB* db) {
 void Server::Stop() {
   {
     MutexLock l(&mu_);
+    if (stopped_) return;
+    stopped_ = true;
     stop_ = true;
     cv_.SignalAll();
   }
@@ -941,6 +964,9 @@ void Server::Stop() {
     pins.swap(pins_);
     queue_.clear();
   }
+  bool any = false;
+  for (const auto& [_, pin] : pins) any = any || pin.snapshot;
+  if (!any) return;
   (void)hooks_->WithStore([&](const Store& st) {
     for (auto& [_, pin] : pins) {
       if (pin.snapshot && pin.db == st.db) st.db->ReleaseSnapshot(pin.snapshot);
@@ -949,22 +975,40 @@ void Server::Stop() {
   });
 }
 
+void Server::Release(const transport::Session* session) {
+  Pin pin;
+  {
+    MutexLock l(&mu_);
+    auto it = pins_.find(session);
+    if (it == pins_.end()) return;
+    pin = it->second;
+    pins_.erase(it);
+  }
+  if (!pin.snapshot) return;
+  (void)hooks_->WithStore([&](const Store& st) {
+    if (st.db == pin.db) st.db->ReleaseSnapshot(pin.snapshot);
+    return Status::OK();
+  });
+}
+
 void Server::Run() {
   for (;;) {
-    std::shared_ptr<transport::Session> session;
-    proto::DiffRequest req;
+    Item item;
     {
       MutexLock l(&mu_);
       while (queue_.empty() && !stop_) cv_.Wait();
       if (stop_) return;
-      session = std::move(queue_.front().first);
-      req = std::move(queue_.front().second);
+      item = std::move(queue_.front());
       queue_.pop_front();
     }
-    if (session->closed()) continue;
+    if (item.release) {
+      Release(item.session.get());
+      continue;
+    }
+    if (item.session->closed()) continue;
     proto::Control msg;
-    *msg.mutable_diff_reply() = Answer(session.get(), req);
-    (void)session->SendControl(msg);
+    *msg.mutable_diff_reply() = Answer(item.session.get(), item.request);
+    (void)item.session->SendControl(msg);
   }
 }
 
@@ -985,7 +1029,9 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
         MutexLock l(&mu_);
         pins_.erase(session);
       }
-      REPLICA_ASSIGN_OR_RETURN(const rocksdb::Snapshot* snap, hooks_->PinAt(req.at_lsn(), std::chrono::milliseconds(std::max<uint64_t>(req.limit(), 1))));
+      if (req.at_lsn() == 0) return Status::InvalidArgument("PIN needs an LSN above 0");
+      const auto timeout = std::chrono::milliseconds(std::clamp<uint32_t>(req.limit(), 1, kMaxPinMillis));
+      REPLICA_ASSIGN_OR_RETURN(const rocksdb::Snapshot* snap, hooks_->PinAt(req.at_lsn(), timeout));
       {
         MutexLock l(&mu_);
         pins_[session] = Pin{req.at_lsn(), store.db, snap};
@@ -995,8 +1041,22 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
       ToProto(info, reply.mutable_info());
       return Status::OK();
     }
-    if (pinned && pin.db != store.db) {
-      return Status::Aborted("the node's database was replaced (snapshot resync) since it was pinned; pin again");
+    if (req.op() != proto::DiffRequest::INFO) {
+      if (!pinned) return Status::InvalidArgument("pin an LSN first (PIN)");
+      if (pin.db != store.db) {
+        return Status::Aborted("the node's database was replaced (snapshot resync) since it was pinned; pin again");
+      }
+    }
+    if (req.op() == proto::DiffRequest::WAL_DIGESTS || req.op() == proto::DiffRequest::WAL_RECORDS) {
+      if (req.from() == 0 || req.from() > req.to() || req.to() > pin.lsn) {
+        return Status::InvalidArgument("bad WAL range " + std::to_string(req.from()) + ".." + std::to_string(req.to()) +
+                                       " (pinned at LSN " + std::to_string(pin.lsn) + ")");
+      }
+      if (req.op() == proto::DiffRequest::WAL_DIGESTS &&
+          (req.chunk() == 0 || (req.to() - req.from()) / req.chunk() >= kMaxChunks)) {
+        return Status::InvalidArgument("WAL digests: chunk " + std::to_string(req.chunk()) + " is too small for " +
+                                       std::to_string(req.to() - req.from() + 1) + " records");
+      }
     }
     StoreSource src(store, pinned ? pin.snapshot : nullptr, pinned ? pin.lsn : UINT64_MAX);
     switch (req.op()) {

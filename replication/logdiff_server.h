@@ -68,12 +68,14 @@ class Server {
 
   // Queues a request (never blocks; starts the worker on first use).
   void Submit(const std::shared_ptr<transport::Session>& session, const proto::DiffRequest& request) EXCLUDES(mu_);
-  // Forgets a closed session and releases its snapshot.
-  void SessionClosed(const transport::Session* session) EXCLUDES(mu_);
+  // Forgets a closed session; its snapshot is released after the requests
+  // it queued (the worker owns every snapshot).
+  void SessionClosed(const std::shared_ptr<transport::Session>& session) EXCLUDES(mu_);
   // The store is about to close or be replaced (no request runs: the caller
   // holds the store exclusively): releases every snapshot taken from db.
   void ReleaseAll(rocksdb::DB* db) EXCLUDES(mu_);
-  // Joins the worker; later requests are refused.
+  // Joins the worker and releases every snapshot; later requests are
+  // refused. Idempotent (the destructor calls it again).
   void Stop() EXCLUDES(mu_);
 
  private:
@@ -82,16 +84,24 @@ class Server {
     rocksdb::DB* db = nullptr;
     const rocksdb::Snapshot* snapshot = nullptr;
   };
+  struct Item {
+    std::shared_ptr<transport::Session> session;
+    proto::DiffRequest request;
+    bool release = false;  // the session closed: release its snapshot
+  };
+  static constexpr size_t kMaxQueued = 256;
   void Run() EXCLUDES(mu_);
+  void Release(const transport::Session* session) EXCLUDES(mu_);
   proto::DiffReply Answer(const transport::Session* session, const proto::DiffRequest& req) EXCLUDES(mu_);
 
   NodeHooks* const hooks_;
   Mutex mu_;
   CondVar cv_{&mu_};
-  std::deque<std::pair<std::shared_ptr<transport::Session>, proto::DiffRequest>> queue_ GUARDED_BY(mu_);
+  std::deque<Item> queue_ GUARDED_BY(mu_);
   std::map<const transport::Session*, Pin> pins_ GUARDED_BY(mu_);
   bool stop_ GUARDED_BY(mu_) = false;
   bool started_ GUARDED_BY(mu_) = false;
+  bool stopped_ GUARDED_BY(mu_) = false;
   std::thread worker_;
 };
 

@@ -358,6 +358,7 @@ int main(int argc, char** argv) {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
+    (void)arbiter->ClearControl("reseed/" + args[1]);
     Fail(args[1] + " was not reseeded within " + std::to_string(limit.count()) +
          " s (a large database needs a larger --timeout; see its log: engine.resync_*)");
   }

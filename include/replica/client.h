@@ -49,9 +49,12 @@ class Client {
 
   // Written on the active and acknowledged under its commit rule.
   virtual Status Set(const std::string& key, const std::string& value) = 0;
-  // Whether the key existed.
+  // Whether the key existed (false too when a retried DEL finds it already
+  // deleted by the attempt whose reply was lost).
   virtual Result<bool> Del(const std::string& key) = 0;
   // Read on the active (so a client reads its own writes); nullopt if absent.
+  // Reads ask etcd again at most once a second, so a client that only reads
+  // moves off a demoted node within about a second.
   virtual Result<std::optional<std::string>> Get(const std::string& key) = 0;
   // The client address of the node the client sends to now ("" before the first call).
   virtual std::string active() const = 0;

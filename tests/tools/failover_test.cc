@@ -465,6 +465,18 @@ TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
   out = Repctl(etcd_->endpoint(), "status", &code);
   EXPECT_NE(out.find("commit rule: remote-apply:1"), std::string::npos) << out;
   EXPECT_NE(out.find("WAL SIZE"), std::string::npos) << out;
+  // Every node takes the rule (a standby judges eligibility by it).
+  auto nodes_with_rule = [&] {
+    out = Repctl(etcd_->endpoint(), "status --json", &code);
+    size_t n = 0;
+    const std::string want = "\"commit\":\"remote-apply:1\"";
+    for (size_t p = out.find(want); p != std::string::npos; p = out.find(want, p + 1)) ++n;
+    return n;
+  };
+  for (auto until = Clock::now() + 10s; nodes_with_rule() < 3 && Clock::now() < until;) {
+    std::this_thread::sleep_for(100ms);  // nodes publish their session every 0.5 s
+  }
+  EXPECT_EQ(nodes_with_rule(), 3u) << "not every node took the rule: " << out;
   out = Repctl(etcd_->endpoint(), "set-commit sometimes", &code);
   EXPECT_EQ(code, 2) << out;
   RespClient c(d[act]->client_port());
