@@ -209,8 +209,8 @@ main() {
     done
   done
   echo "(*) logdiff's \"seconds\" and \"mib_per_second\" (its verdict line's figures): $(mib "${HASHED[warm]}") MiB"
-  echo "    hashed (bytes_hashed) per run, against $(mib "$bytes") MiB in the directories; the time before the comparison"
-  echo "    starts (opening the WALs and RocksDBs) is not in them. \"vs raw\": raw read seconds / its seconds."
+  echo "    hashed (bytes_hashed) per run, against $(mib "$bytes") MiB in the directories; its time covers opening the"
+  echo "    nodes too. \"vs raw\": raw read seconds / its seconds."
   if [ ${#notes[@]} -gt 0 ]; then echo; echo "notes:"; printf '  %s\n' "${notes[@]}"; fi
   return "$failed"
 }

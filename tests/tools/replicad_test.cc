@@ -169,6 +169,7 @@ TEST(ReplicadTest, ActiveRestartedUnderLoadKeepsItsStandbys) {
   auto a = std::make_unique<Daemon>(dir, "a", listen);
   const std::string follow = "--follow 127.0.0.1:" + std::to_string(port);
   Daemon b(dir, "b", follow), c(dir, "c", follow);
+  ASSERT_GT(a->client_port(), 0);
   auto bench = [&](int n) {
     return Shell("redis-benchmark -h 127.0.0.1 -p " + std::to_string(a->client_port()) + " -t set -d 100 -r 5000 -c 8 -q -n " +
                  std::to_string(n));
@@ -179,6 +180,7 @@ TEST(ReplicadTest, ActiveRestartedUnderLoadKeepsItsStandbys) {
   EXPECT_EQ(a->Kill(SIGKILL), 128 + SIGKILL);  // mid-load: the benchmark's connections break
   load.join();
   a = std::make_unique<Daemon>(dir, "a", listen);
+  ASSERT_GT(a->client_port(), 0) << "the active did not come back on its address";
   bench(5000);
   ASSERT_EQ(a->Cli("SET last write"), "OK\n");
   ASSERT_TRUE(CaughtUp(*a, b));
