@@ -320,21 +320,16 @@ std::string NodeInfo::ToJson() const {
                  {"last_lsn", last_lsn},
                  {"durable_lsn", durable_lsn},
                  {"applied_lsn", applied_lsn}};
-  if (!standby_lag_ms.empty()) {
-    json::object lag;
-    for (const auto& [id, ms] : standby_lag_ms) lag[id] = ms;
-    o["standby_lag_ms"] = std::move(lag);
-  }
-  if (!standby_lag_bytes.empty()) {
-    json::object lag;
-    for (const auto& [id, b] : standby_lag_bytes) lag[id] = b;
-    o["standby_lag_bytes"] = std::move(lag);
-  }
-  if (!slots.empty()) {
-    json::object sl;
-    for (const auto& [id, lsn] : slots) sl[id] = lsn;
-    o["slots"] = std::move(sl);
-  }
+  // Maps of node id to a number, left out when empty.
+  auto put_map = [&](const char* name, const std::map<std::string, uint64_t>& m) {
+    if (m.empty()) return;
+    json::object v;
+    for (const auto& [k, n] : m) v[k] = n;
+    o[name] = std::move(v);
+  };
+  put_map("standby_lag_ms", standby_lag_ms);
+  put_map("standby_lag_bytes", standby_lag_bytes);
+  put_map("slots", slots);
   o["commit"] = commit;
   o["wal_first_lsn"] = wal_first_lsn;
   o["wal_bytes"] = wal_bytes;

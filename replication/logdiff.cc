@@ -893,6 +893,12 @@ void ToProto(const NodeInfo& ni, proto::DiffInfo* p) {
   p->set_torn_tail(ni.torn_tail);
 }
 
+void ToProto(const Digest& d, proto::DiffDigest* p) {
+  p->set_hash(d.hash);
+  p->set_count(d.count);
+  p->set_bytes(d.bytes);
+}
+
 NodeInfo FromProto(const proto::DiffInfo& p) {
   NodeInfo ni;
   ni.wal_first = p.wal_first();
@@ -1067,12 +1073,7 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
       }
       case proto::DiffRequest::WAL_DIGESTS: {
         REPLICA_ASSIGN_OR_RETURN(auto d, src.WalDigests(req.from(), req.to(), req.chunk()));
-        for (const auto& x : d) {
-          auto* p = reply.add_digests();
-          p->set_hash(x.hash);
-          p->set_count(x.count);
-          p->set_bytes(x.bytes);
-        }
+        for (const auto& x : d) ToProto(x, reply.add_digests());
         break;
       }
       case proto::DiffRequest::WAL_RECORDS: {
@@ -1096,10 +1097,7 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
       }
       case proto::DiffRequest::RANGE_DIGEST: {
         REPLICA_ASSIGN_OR_RETURN(auto d, src.RangeDigest(req.cf(), req.begin(), req.end()));
-        auto* p = reply.add_digests();
-        p->set_hash(d.hash);
-        p->set_count(d.count);
-        p->set_bytes(d.bytes);
+        ToProto(d, reply.add_digests());
         break;
       }
       case proto::DiffRequest::ENTRIES: {
