@@ -95,9 +95,9 @@ class ClientImpl final : public Client {
     for (;;) {
       if (target_.empty() || needs_lookup_) {
         auto found = LookUp();
+        looked_up_ = Clock::now();  // asked, answered or not: reads do not queue up behind a dead etcd
         if (found.ok()) {
           Retarget(*found);
-          looked_up_ = Clock::now();
         } else {
           last_error = found.status().ToString();
         }

@@ -133,8 +133,9 @@ struct Receive {
   std::chrono::steady_clock::time_point reported = started;
 };
 
-// Lock order: store_mu_, then mu_, then Wal's internal lock (the Wal never
-// calls back); recv_mu_ and Standby::writable_mu are leaves. Handler callbacks
+// Lock order: store_mu_, then retention_mu_, then mu_, then Wal's internal
+// lock (the Wal never calls back); recv_mu_ and Standby::writable_mu are
+// leaves; logdiff::Server's lock comes after store_mu_ (WithStore). Handler callbacks
 // run on transport I/O threads and never block on anything but these and the
 // WAL.
 //
@@ -637,7 +638,9 @@ Status EngineImpl::SetCommitRule(const CommitRule& rule) {
   RLOG(kInfo, "engine.commit_rule") << "node=" << opts_.node_id << " from=" << rule_.ToString()
                                     << " to=" << rule.ToString();
   rule_ = rule;
-  AdvanceCommit();
+  // A standby only keeps the rule (it judges eligibility by it); its commit
+  // point is the active's business.
+  if (role_.load() == Role::kActive) AdvanceCommit();
   cv_.SignalAll();
   WakeAllWriters();
   return Status::OK();
@@ -1652,7 +1655,10 @@ Status EngineImpl::Promote(uint64_t epoch) {
   handing_over_ = false;
   {
     MutexLock l(&mu_);
-    commit_lsn_ = std::max(commit_lsn_, applied_lsn_);
+    // Everything received was applied above; nothing past it counts as
+    // committed until the rule holds in this epoch (a commit point left
+    // from an earlier term, past a rewound tail, must not).
+    commit_lsn_ = applied_lsn_;
     degraded_ = false;
     active_id_ = opts_.node_id;
     role_ = Role::kActive;
@@ -1743,6 +1749,10 @@ Status EngineImpl::RewindTo(wal::Lsn to) {
   }
   const wal::Lsn last = wal_->last_lsn();
   if (st.ok() && to < last) st = wal_->Truncate(to);
+  if (st.ok()) {
+    MutexLock l(&mu_);
+    commit_lsn_ = std::min(commit_lsn_, to);  // nothing past the cut was ever committed here
+  }
   StartApplier();
   if (st.ok()) {
     ++rewinds_;
@@ -2373,7 +2383,7 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
                            std::to_string(std::max(at, applied_lsn_)) + ")");
   }
   if (closing_) return Status::Aborted("the node is closing");
-  if (applier_stop_) return Status::Aborted("the node is replacing its replica (snapshot install); pin again");
+  if (applier_stop_) return Status::Aborted("the node is replacing or rewinding its replica; pin again");
   if (!apply_error_.ok()) return apply_error_;
   return Status::TimedOut("applied only up to LSN " + std::to_string(applied_lsn_) + ", not LSN " +
                           std::to_string(lsn) + ", within " + std::to_string(timeout.count()) + " ms");

@@ -982,19 +982,24 @@ void Server::Stop() {
 }
 
 void Server::Release(const transport::Session* session) {
-  Pin pin;
-  {
-    MutexLock l(&mu_);
-    auto it = pins_.find(session);
-    if (it == pins_.end()) return;
-    pin = it->second;
-    pins_.erase(it);
-  }
-  if (!pin.snapshot) return;
-  (void)hooks_->WithStore([&](const Store& st) {
-    if (st.db == pin.db) st.db->ReleaseSnapshot(pin.snapshot);
+  // Looked up with the store held, as ReleaseAll runs: an install cannot
+  // slip in between and close the database under a pin taken out of pins_.
+  Status st = hooks_->WithStore([&](const Store& store) {
+    Pin pin;
+    {
+      MutexLock l(&mu_);
+      auto it = pins_.find(session);
+      if (it == pins_.end()) return Status::OK();
+      pin = it->second;
+      pins_.erase(it);
+    }
+    if (pin.snapshot && pin.db == store.db) store.db->ReleaseSnapshot(pin.snapshot);
     return Status::OK();
   });
+  if (!st.ok()) {
+    MutexLock l(&mu_);
+    pins_.erase(session);  // the storage is closed: ReleaseAll already let go of its snapshots
+  }
 }
 
 void Server::Run() {
