@@ -175,6 +175,21 @@ std::string Repctl(const std::string& etcd, const std::string& args, int* code) 
   return test::Shell(std::string(REPCTL_PATH) + " --etcd " + etcd + " --cluster f " + args, code);
 }
 
+// Waits (bounded) until every one of `nodes` publishes commit rule `rule` in
+// its session (nodes publish every 0.5 s); returns how many do.
+size_t WaitForRuleEverywhere(const std::string& etcd, const std::string& rule, size_t nodes) {
+  const std::string want = "\"commit\":\"" + rule + "\"";
+  size_t n = 0;
+  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(100ms)) {
+    int code = 0;
+    const std::string out = Repctl(etcd, "status --json", &code);
+    n = 0;
+    for (size_t p = out.find(want); p != std::string::npos; p = out.find(want, p + 1)) ++n;
+    if (n >= nodes) break;  // other processes publish; nothing to wait on but etcd
+  }
+  return n;
+}
+
 TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAndRejoins) {
   const std::string rule = "--commit remote-write:1";
   std::vector<std::unique_ptr<Daemon>> d;
@@ -466,17 +481,7 @@ TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
   EXPECT_NE(out.find("commit rule: remote-apply:1"), std::string::npos) << out;
   EXPECT_NE(out.find("WAL SIZE"), std::string::npos) << out;
   // Every node takes the rule (a standby judges eligibility by it).
-  auto nodes_with_rule = [&] {
-    out = Repctl(etcd_->endpoint(), "status --json", &code);
-    size_t n = 0;
-    const std::string want = "\"commit\":\"remote-apply:1\"";
-    for (size_t p = out.find(want); p != std::string::npos; p = out.find(want, p + 1)) ++n;
-    return n;
-  };
-  for (auto until = Clock::now() + 10s; nodes_with_rule() < 3 && Clock::now() < until;) {
-    std::this_thread::sleep_for(100ms);  // nodes publish their session every 0.5 s
-  }
-  EXPECT_EQ(nodes_with_rule(), 3u) << "not every node took the rule: " << out;
+  EXPECT_EQ(WaitForRuleEverywhere(etcd_->endpoint(), "remote-apply:1", 3), 3u);
   out = Repctl(etcd_->endpoint(), "set-commit sometimes", &code);
   EXPECT_EQ(code, 2) << out;
   RespClient c(d[act]->client_port());
@@ -593,6 +598,34 @@ TEST_F(FailoverTest, ClientFollowsTheActiveAcrossAKillAndASwitchover) {
   Status st = (*c2)->Set("x", "y");
   EXPECT_EQ(st.code(), StatusCode::kTimedOut) << st.ToString();
   EXPECT_NE(st.message().find("has no active"), std::string::npos) << st.ToString();
+}
+
+TEST_F(FailoverTest, RuleSetAtRunTimeGovernsTheNextElection) {
+  // Started async; made remote-write:1 with repctl. The standbys judge
+  // eligibility by the new rule, so the node elected after the active dies
+  // holds every acknowledged write.
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int first = WaitForOneActive(nodes);
+  ASSERT_GE(first, 0);
+  int code = 0;
+  std::string out = Repctl(etcd_->endpoint(), "set-commit remote-write:1", &code);
+  ASSERT_EQ(code, 0) << out;
+  ASSERT_EQ(WaitForRuleEverywhere(etcd_->endpoint(), "remote-write:1", 3), 3u);
+  Writer writer({d[0]->client_port(), d[1]->client_port(), d[2]->client_port()});
+  ASSERT_TRUE(writer.WaitAcked(300, Clock::now() + 30s));
+  const size_t before = writer.acked();
+  EXPECT_EQ(d[first]->Kill(SIGKILL), 128 + SIGKILL);
+  nodes[first] = nullptr;
+  ASSERT_TRUE(writer.WaitAcked(before + 100, Clock::now() + 30s)) << "no write was accepted after the active died";
+  writer.Stop();
+  const int second = WaitForOneActive(nodes);
+  ASSERT_GE(second, 0);
+  RespClient c(d[second]->client_port());
+  for (const auto& k : writer.keys()) ASSERT_EQ(c.Command({"GET", k}), "v" + k.substr(1)) << k;
+  out = Repctl(etcd_->endpoint(), "status", &code);
+  EXPECT_NE(out.find("commit rule: remote-write:1"), std::string::npos) << "the new active took the stored rule\n" << out;
 }
 
 }  // namespace
