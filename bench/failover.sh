@@ -52,6 +52,7 @@ until curl -sf "http://127.0.0.1:$etcd_port/health" 2>/dev/null | grep -q true; 
 
 start_node() {
   local id=$1
+  rm -f "$work/$id.out"  # a restarted node's ready line must not be taken for its predecessor's
   "$B/replicad" --id "$id" --data-dir "$work/$id" --listen 127.0.0.1:0 --client-listen 127.0.0.1:0 \
     --secret-file "$work/secret" --etcd "127.0.0.1:$etcd_port" --cluster fb --lease-ttl "$ttl" \
     --commit remote-write:1 --log-level warn > "$work/$id.out" 2>> "$work/$id.log" &

@@ -75,6 +75,7 @@ done
 # start_node ID: starts replicad with --etcd, waits for its ready line, sets PID_<ID>, PORT_<ID>, CLIENT_<ID>
 start_node() {
   local id=$1; shift
+  rm -f "$work/$id.out"  # a restarted node's ready line must not be taken for its predecessor's
   "$B/replicad" --id "$id" --data-dir "$work/$id" --listen 127.0.0.1:0 --client-listen 127.0.0.1:0 \
     --secret-file "$work/secret" --wal-segment-size 1048576 --log-level warn \
     --etcd "127.0.0.1:$etcd_port" --cluster demo --commit remote-write:1 \
