@@ -628,5 +628,45 @@ TEST_F(FailoverTest, RuleSetAtRunTimeGovernsTheNextElection) {
   EXPECT_NE(out.find("commit rule: remote-write:1"), std::string::npos) << "the new active took the stored rule\n" << out;
 }
 
+TEST_F(FailoverTest, NoEligibleStandbyMeansNoPromotionUntilForced) {
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id, "--commit remote-write:1"));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int act = WaitForOneActive(nodes);
+  ASSERT_GE(act, 0);
+  const int late = (act + 1) % 3, other = (act + 2) % 3;
+  const std::string late_id(1, static_cast<char>('a' + late));
+  // The late standby stops; writes go on with the other one, which alone
+  // stays eligible.
+  EXPECT_EQ(d[late]->Kill(SIGTERM), 0);
+  nodes[late] = nullptr;
+  RespClient c(d[act]->client_port());
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(c.Command({"SET", "k" + std::to_string(i), "v"}), "+OK");
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[other]));
+  // Then the active and the eligible standby die together.
+  d[act]->Kill(SIGKILL);
+  d[other]->Kill(SIGKILL);
+  nodes[act] = nodes[other] = nullptr;
+  d[late] = Start(late_id, "--commit remote-write:1");
+  nodes[late] = d[late].get();
+  // Not eligible: it lacks acknowledged writes, so it does not take over.
+  EXPECT_EQ(WaitForOneActive(nodes, 5s), -1) << "a node that lacks acknowledged writes promoted itself";
+  int code = 0;
+  std::string out = Repctl(etcd_->endpoint(), "status", &code);
+  EXPECT_NE(out.find("active: (none)"), std::string::npos) << out;
+  // The operator accepts the loss.
+  out = Repctl(etcd_->endpoint(), "promote --force " + late_id, &code);
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("WARNING: forcing " + late_id), std::string::npos) << out;
+  EXPECT_NE(out.find("promoted " + late_id), std::string::npos) << out;
+  EXPECT_EQ(WaitForOneActive(nodes), late);
+  // Alone, it can acknowledge writes only once the rule asks for no standby.
+  out = Repctl(etcd_->endpoint(), "set-commit async", &code);
+  ASSERT_EQ(code, 0) << out;
+  RespClient l(d[late]->client_port());
+  EXPECT_EQ(l.Command({"SET", "after", "forced"}), "+OK");
+  EXPECT_EQ(l.Command({"GET", "k99"}), "$-1") << "the writes it never had are lost, as repctl warned";
+}
+
 }  // namespace
 }  // namespace replica
