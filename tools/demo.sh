@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The main job: installs what is missing, builds, and runs the demo.
 #
-# Part 1, failover: a local etcd, then three replicad nodes with --etcd that
+# Part 1, the write-ahead log alone: 8 writers, SIGKILL, a torn write,
+# recovery, and proof that no acknowledged record was lost.
+# Part 2, failover: a local etcd, then three replicad nodes with --etcd that
 # elect an active (commit rule remote-write:1); a redis-benchmark write load
 # with live lag; the active SIGKILLed mid-load, a standby promoted (the time
 # it took is shown); the load moved to the new active; the old active back
-# as a standby; then proof that all three RocksDB databases hold the same
-# keys and values and all three WALs the same records: logdiff --live while
-# they run, logdiff --strict on their directories once stopped.
-# Part 2, the write-ahead log alone: 8 writers, SIGKILL, a torn write,
-# recovery, and proof that no acknowledged record was lost.
+# as a standby; then repctl status and the proof that all three replicas are
+# identical (WALs, epoch histories, RocksDB contents): logdiff --live while
+# they run, logdiff --strict on their directories once stopped; a summary.
 #
 #   tools/demo.sh                       install what is missing, build, run
 #   tools/demo.sh --no-setup --build DIR   run with the binaries already in DIR (the test suite does)
@@ -113,6 +113,34 @@ find_active() {
   echo none
 }
 
+echo "== Part 1: the write-ahead log alone: SIGKILL, torn write, recovery"
+wal="$work/wal"
+"$B/walgen" "$wal" --records 100000000 --threads 8 --print-acks --segment-size 1048576 --log-level warn \
+  > "$work/acks" &
+gen=$!
+pids+=($gen)
+deadline=$((SECONDS + 60))
+while [ "$(grep -c '^ack' "$work/acks" || true)" -lt 20000 ]; do
+  kill -0 "$gen" 2>/dev/null || { echo "demo: the writer died early"; exit 1; }
+  [ $SECONDS -lt $deadline ] || { echo "demo: the writer made no progress in 60 s"; exit 1; }
+  sleep 0.2
+done
+kill -9 "$gen"; wait "$gen" 2>/dev/null || true
+pids=()
+acked=$(grep '^ack' "$work/acks" | cut -d' ' -f2 | sort -n | tail -1)
+nacks=$(grep -c '^ack' "$work/acks")
+echo "   8 writers SIGKILLed after $nacks acknowledged appends (highest LSN $acked)"
+head -c 57 /dev/urandom >> "$(ls "$wal"/*.wal | tail -1)"
+echo "   57 bytes of a half-written frame appended (a torn write, as a power cut leaves)"
+"$B/walgen" "$wal" --records 1000 --log-level warn > "$work/recover.out" 2>&1
+grep -o 'a torn tail was cut' "$work/recover.out" | sed 's/^/   recovery: /'
+summary=$("$B/waldump" --json --summary "$wal")
+last=$(echo "$summary" | grep -o '"last_lsn":[0-9]*' | cut -d: -f2)
+records=$(echo "$summary" | grep -o '"records":[0-9]*' | cut -d: -f2)
+wal_ok=yes
+[ "$records" = "$last" ] && [ "$last" -ge $((acked + 1000)) ] || wal_ok=no
+echo
+echo "== Part 2: failover, then proof that the replicas are identical"
 echo "== 1. etcd on 127.0.0.1:$etcd_port; three nodes a, b, c with --etcd (commit rule remote-write:1)"
 start_node a; start_node b; start_node c
 first=$(find_active)
@@ -187,33 +215,6 @@ echo "   logdiff --strict on the data directories (the nodes stopped):"
 sed 's/^/     /' "$work/logdiff.out"
 epochs=$("$B/waldump" --summary "$work/$new/wal" | grep -c 'epoch .* starts' || true)
 echo "   epochs in the log: $epochs"
-echo
-echo "== Part 2: the write-ahead log alone: SIGKILL, torn write, recovery"
-wal="$work/wal"
-"$B/walgen" "$wal" --records 100000000 --threads 8 --print-acks --segment-size 1048576 --log-level warn \
-  > "$work/acks" &
-gen=$!
-pids+=($gen)
-deadline=$((SECONDS + 60))
-while [ "$(grep -c '^ack' "$work/acks" || true)" -lt 20000 ]; do
-  kill -0 "$gen" 2>/dev/null || { echo "demo: the writer died early"; exit 1; }
-  [ $SECONDS -lt $deadline ] || { echo "demo: the writer made no progress in 60 s"; exit 1; }
-  sleep 0.2
-done
-kill -9 "$gen"; wait "$gen" 2>/dev/null || true
-pids=()
-acked=$(grep '^ack' "$work/acks" | cut -d' ' -f2 | sort -n | tail -1)
-nacks=$(grep -c '^ack' "$work/acks")
-echo "   8 writers SIGKILLed after $nacks acknowledged appends (highest LSN $acked)"
-head -c 57 /dev/urandom >> "$(ls "$wal"/*.wal | tail -1)"
-echo "   57 bytes of a half-written frame appended (a torn write, as a power cut leaves)"
-"$B/walgen" "$wal" --records 1000 --log-level warn > "$work/recover.out" 2>&1
-grep -o 'a torn tail was cut' "$work/recover.out" | sed 's/^/   recovery: /'
-summary=$("$B/waldump" --json --summary "$wal")
-last=$(echo "$summary" | grep -o '"last_lsn":[0-9]*' | cut -d: -f2)
-records=$(echo "$summary" | grep -o '"records":[0-9]*' | cut -d: -f2)
-wal_ok=yes
-[ "$records" = "$last" ] && [ "$last" -ge $((acked + 1000)) ] || wal_ok=no
 
 printf '\n%-52s %s\n' "summary" ""
 printf '%-52s %s\n' "active SIGKILLed under load: new active" "$new, first write after ${failover_ms} ms"
