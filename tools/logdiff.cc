@@ -54,6 +54,8 @@ Options:
   --threads N      hashing threads (default: one per core, at least 2)
   --live           NODEs are running nodes' replication addresses
   --at LSN         (--live) compare at this LSN (default: the highest WAL end)
+  --pin-timeout S  (--live) how long a node may take to reach that LSN
+                   (default 10, at most 60 seconds)
   --cluster NAME   (--live) the cluster name (default "default")
   --secret-file F  (--live) file whose first line is the cluster's secret
   --secret S       (--live) the secret itself (visible in ps; prefer a file)
@@ -87,6 +89,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> names, dirs;
   bool live = false;
   uint64_t at = 0;
+  bool live_only = false;  // an option that means something only with --live
   logdiff::LiveOptions lo;
   std::string secret_file;
   for (int i = 1; i < argc; ++i) {
@@ -110,6 +113,12 @@ int main(int argc, char** argv) {
       progress = 0;
     } else if (a == "--live") {
       live = true;
+    } else if (a == "--pin-timeout") {
+      uint64_t v;
+      value(&v);
+      if (v == 0 || v > 60) cli::UsageError("logdiff", "--pin-timeout must be 1..60 seconds, not '%.*s'", argv[i]);
+      lo.pin_timeout = std::chrono::seconds(v);
+      live_only = true;
     } else if (a == "--at") {
       value(&at);
       if (at == 0) cli::UsageError("logdiff", "--at needs an LSN above 0%.*s", "");
@@ -167,8 +176,8 @@ int main(int argc, char** argv) {
       cli::UsageError("logdiff", "TLS needs all of --tls-cert, --tls-key and --tls-ca%.*s", "");
     }
     if (opt.bytes) cli::UsageError("logdiff", "--bytes needs data directories, not --live%.*s", "");
-  } else if (at != 0 || !lo.secret.empty() || !secret_file.empty()) {
-    cli::UsageError("logdiff", "--at and --secret only go with --live%.*s", "");
+  } else if (at != 0 || !lo.secret.empty() || !secret_file.empty() || live_only) {
+    cli::UsageError("logdiff", "--at, --secret and --pin-timeout only go with --live%.*s", "");
   }
   // Names must tell the nodes apart; fall back to the paths as given.
   for (size_t i = 0; i < names.size(); ++i) {
