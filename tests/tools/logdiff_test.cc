@@ -323,6 +323,9 @@ TEST_F(LogdiffTest, BadInputExitsTwoWithTheReason) {
   EXPECT_NE(out.find("is not a node's data directory"), std::string::npos) << out;
   out = Logdiff("--max-diffs x " + Base("a") + " " + Base("b"), &code);
   EXPECT_EQ(code, 2) << out;
+  out = Logdiff("--pin-timeout 5 " + Base("a") + " " + Base("b"), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("only go with --live"), std::string::npos) << out;
   out = Logdiff("--frobnicate " + Base("a") + " " + Base("b"), &code);
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("unknown option"), std::string::npos) << out;
