@@ -2421,6 +2421,20 @@ std::string EngineImpl::PrometheusMetrics() const {
          static_cast<double>(st.applied_lsn));
   metric("replica_commit_lsn", "gauge", "the commit rule holds up to this LSN (active)", node,
          static_cast<double>(st.commit_lsn));
+  if (st.role == Role::kStandby) {
+    // The standby's own view of its lag, from the active's heartbeats: in
+    // records, and in bytes at this log's average record size.
+    const wal::Lsn head = upstream_last_.load();
+    const uint64_t behind = head > st.durable_lsn ? head - st.durable_lsn : 0;
+    const uint64_t records = st.last_lsn >= st.first_lsn ? st.last_lsn - st.first_lsn + 1 : 0;
+    const double avg = records > 0 ? static_cast<double>(wal_->BytesAfter(st.first_lsn - 1)) / static_cast<double>(records) : 0;
+    metric("replica_upstream_last_lsn", "gauge", "the active's last LSN, as its heartbeats say (standby)", node,
+           static_cast<double>(head));
+    metric("replica_upstream_lag_records", "gauge", "records the active has that this standby does not hold durably",
+           node, static_cast<double>(behind));
+    metric("replica_upstream_lag_bytes", "gauge", "the same in bytes, at this log's average record size", node,
+           static_cast<double>(behind) * avg);
+  }
   metric("replica_commit_degraded", "gauge", "1 while acknowledging as async after a commit timeout", node,
          st.commit_degraded);
   metric("replica_commit_fallbacks_total", "counter", "commit timeouts that fell back to async", node,

@@ -215,7 +215,7 @@ TEST(ReplicadTest, BadClientInputGetsErrorsAndTheDaemonServesOn) {
 TEST(ReplicadTest, PrometheusMetrics) {
   test::TempDir dir;
   Daemon a(dir, "a", "--metrics-listen 127.0.0.1:0 --commit remote-write:1");
-  Daemon b(dir, "b", "--follow 127.0.0.1:" + std::to_string(a.repl_port()));
+  Daemon b(dir, "b", "--metrics-listen 127.0.0.1:0 --follow 127.0.0.1:" + std::to_string(a.repl_port()));
   ASSERT_GT(a.metrics_port(), 0);
   for (int i = 0; i < 5; ++i) ASSERT_EQ(a.Cli("SET k" + std::to_string(i) + " v"), "OK\n");
   const std::string page = Exchange(a.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -237,6 +237,15 @@ TEST(ReplicadTest, PrometheusMetrics) {
             std::string::npos);
   EXPECT_EQ(Exchange(a.metrics_port(), "garbage\r\n\r\n").find("200"), std::string::npos);
   EXPECT_EQ(a.Cli("PING"), "PONG\n");
+  // The standby's own view of its lag, from the active's heartbeats (every 0.5 s).
+  std::string bpage;
+  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(100ms)) {
+    bpage = Exchange(b.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    if (bpage.find("replica_upstream_last_lsn{node=\"b\"} 5\n") != std::string::npos) break;
+  }
+  EXPECT_NE(bpage.find("replica_upstream_last_lsn{node=\"b\"} 5\n"), std::string::npos) << bpage;
+  EXPECT_NE(bpage.find("replica_upstream_lag_records{node=\"b\"} 0\n"), std::string::npos) << bpage;
+  EXPECT_NE(bpage.find("replica_upstream_lag_bytes{node=\"b\"} 0\n"), std::string::npos) << bpage;
 }
 
 TEST(ReplicadTest, SigtermWhileAWriteWaitsForStandbys) {
