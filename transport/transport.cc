@@ -205,15 +205,20 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   std::atomic<size_t> queued_bytes_{0};
   std::atomic<bool> refused_{false};  // a Send was refused for a full queue
   // Inline sends (TryInline). pending_ counts items from Enqueue until they
-  // are written (or dropped by a close); an inline send needs it at 0 and
-  // holds it at 1, and while inline_active_ the strand starts no write.
-  // inline_fd_ is the socket's descriptor once established (plain TCP), -1
-  // before and after: DoClose clears it under inline_mu_ before closing the
-  // socket, so no inline send ever writes to a reused descriptor.
+  // are written (or dropped by a close), plus kInline while an inline send
+  // owns the socket: it is claimed by one compare-and-swap from 0 to
+  // kInline + 1, and the strand starts no write while the bit is set (every
+  // strand path counts its item before it calls DoWrite, so either the claim
+  // fails or DoWrite sees the bit). inline_fd_ is the socket's descriptor
+  // once established (plain TCP), -1 before and after: DoClose (and an Error
+  // frame) clear it under inline_mu_ before the socket closes, so no inline
+  // send ever writes to a closed or reused descriptor, or after an Error.
+  static constexpr int kInline = 1 << 30;
   Mutex inline_mu_;
   int inline_fd_ GUARDED_BY(inline_mu_) = -1;
   std::atomic<int> pending_{0};
-  std::atomic<bool> inline_active_{false};
+  // A sender refused for a full queue is told once the queue has drained.
+  void NotifyWritableIfDrained();
 
   std::shared_ptr<SessionHandle> handle_;
 
@@ -385,8 +390,7 @@ bool SessionImpl::TryInline(const std::shared_ptr<OutItem>& item) {
   MutexLock l(&inline_mu_);
   if (inline_fd_ < 0) return false;
   int idle = 0;
-  if (!pending_.compare_exchange_strong(idle, 1)) return false;  // others first: keep the order
-  inline_active_.store(true);
+  if (!pending_.compare_exchange_strong(idle, kInline + 1)) return false;  // others first: keep the order
   const char* payload = item->data != nullptr ? item->data : item->owned.data();
   const size_t payload_len = item->data != nullptr ? item->data_len : item->owned.size();
   iovec iov[2] = {{item->header, kFrameHeaderSize}, {const_cast<char*>(payload), payload_len}};
@@ -400,15 +404,18 @@ bool SessionImpl::TryInline(const std::shared_ptr<OutItem>& item) {
   const size_t total = kFrameHeaderSize + payload_len;
   auto self = shared_from_this();
   if (n == static_cast<ssize_t>(total)) {
-    size_t left = queued_bytes_ -= item->accounted;
+    queued_bytes_ -= item->accounted;
     auto& stats = ep_->mutable_stats();
     ++stats.frames_sent;
     if (item->is_data) stats.data_bytes_sent += item->accounted - kFrameHeaderSize;
-    inline_active_.store(false);
     // Items queued meanwhile wait for the strand; so may a writer refused
     // for a full queue.
-    if (--pending_ > 0 || (refused_.load() && left < ep_->options().max_send_queue_bytes / 2)) {
-      asio::post(ex_, [self] { self->DoWrite(); });
+    const int left = pending_.fetch_sub(kInline + 1) - (kInline + 1);
+    if (left > 0 || refused_.load()) {
+      asio::post(ex_, [self] {
+        self->NotifyWritableIfDrained();
+        self->DoWrite();
+      });
     }
     return true;
   }
@@ -416,12 +423,12 @@ bool SessionImpl::TryInline(const std::shared_ptr<OutItem>& item) {
   // on the strand, whose write reports any error and closes.
   item->sent_inline = n > 0 ? static_cast<size_t>(n) : 0;
   asio::post(ex_, [self, item] {
-    self->inline_active_.store(false);
     if (self->closing_) {
-      --self->pending_;
+      self->pending_ -= kInline + 1;
       return;
     }
     self->out_.push_front(item);
+    self->pending_ -= kInline;  // the item stays counted until it is written
     self->DoWrite();
   });
   return true;
@@ -467,6 +474,10 @@ void SessionImpl::SendError(const Status& st) {
   EncodeFrameHeader(FrameType::kControl, static_cast<uint32_t>(item->owned.size()), item->header);
   item->close_after = true;
   item->close_status = st;
+  {
+    MutexLock l(&inline_mu_);  // nothing may go out inline after the Error frame
+    inline_fd_ = -1;
+  }
   item->accounted = kFrameHeaderSize + item->owned.size();
   queued_bytes_ += item->accounted;
   ++pending_;
@@ -475,7 +486,7 @@ void SessionImpl::SendError(const Status& st) {
 }
 
 void SessionImpl::DoWrite() {
-  if (writing_ || out_.empty() || closing_ || !stream_ready_ || inline_active_.load()) return;
+  if (writing_ || out_.empty() || closing_ || !stream_ready_ || (pending_.load() & kInline) != 0) return;
   writing_ = true;
   auto self = shared_from_this();
   OutItem& it = *out_.front();
@@ -557,19 +568,20 @@ void SessionImpl::FinishItem() {
   out_.pop_front();
   writing_ = false;
   --pending_;
-  size_t left = queued_bytes_ -= done->accounted;
+  queued_bytes_ -= done->accounted;
   auto& stats = ep_->mutable_stats();
   ++stats.frames_sent;
   if (done->is_data) stats.data_bytes_sent += done->accounted - kFrameHeaderSize;
   if (done->close_after) return DoClose(done->close_status);
-  if (refused_.load() && left < ep_->options().max_send_queue_bytes / 2) {
-    refused_.store(false);
-    {
-    InHandler in(this);
-    ep_->handler()->OnWritable(handle_);
-  }
-  }
+  NotifyWritableIfDrained();
   DoWrite();
+}
+
+void SessionImpl::NotifyWritableIfDrained() {
+  if (closing_ || queued_bytes_.load() >= ep_->options().max_send_queue_bytes / 2) return;
+  if (!refused_.exchange(false)) return;
+  InHandler in(this);
+  ep_->handler()->OnWritable(handle_);
 }
 
 void SessionImpl::ReadHeader() {
