@@ -263,6 +263,11 @@ TEST(SessionTest, DataWithoutCopies) {
     ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.data_.size() >= want; }));
     EXPECT_EQ(p.server_rec.data_, *mem + file_bytes.substr(1000));
     EXPECT_EQ(p.server_rec.data_frames_, 2u);
+    // The sender counts a frame once its write completes, which may be just
+    // after the receiver has it all: a bounded wait (stats raise no event).
+    for (auto until = Clock::now() + 10s; p.client->stats().data_bytes_sent.load() < want && Clock::now() < until;) {
+      std::this_thread::sleep_for(1ms);
+    }
     EXPECT_EQ(p.client->stats().payload_bytes_copied.load(), sendfile ? 0u : file_bytes.size() - 1000);
     EXPECT_EQ(p.client->stats().data_bytes_sent.load(), want);
   }
