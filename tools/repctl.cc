@@ -117,6 +117,7 @@ int PrintStatus(Arbiter* a, bool as_json) {
     }
     boost::json::object out{{"active", c.active ? boost::json::value(c.active->id) : boost::json::value(nullptr)},
                             {"epoch", c.active ? c.active->epoch : 0},
+                            {"sync_set", c.sync ? boost::json::value_from(*c.sync) : boost::json::value(nullptr)},
                             {"nodes", std::move(nodes)}};
     std::cout << boost::json::serialize(out) << "\n";
     return 0;
@@ -146,6 +147,11 @@ int PrintStatus(Arbiter* a, bool as_json) {
     return 0;
   }
   if (act) std::printf("\ncommit rule: %s (on the active)\n", act->commit.empty() ? "?" : act->commit.c_str());
+  if (c.sync) {
+    std::string ids;
+    for (const auto& id : *c.sync) ids += (ids.empty() ? "" : ", ") + id;
+    std::printf("sync set (eligible for promotion): %s\n", ids.empty() ? "(empty: none)" : ids.c_str());
+  }
   std::printf("\n%-12s %21s %12s %12s %s\n", "NODE", "WAL (LSNs kept)", "WAL SIZE", "DB SIZE", "SLOT ON THE ACTIVE");
   auto mib = [](uint64_t b) {
     char buf[32];
