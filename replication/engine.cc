@@ -201,6 +201,14 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::string progress_ GUARDED_BY(mu_);
   // Standby: the active's last LSN, from its heartbeats (catch-up progress).
   std::atomic<wal::Lsn> upstream_last_{0};
+  // Standby: when it last held everything the active's heartbeats named
+  // (steady-clock microseconds), for its own view of its lag in time.
+  std::atomic<int64_t> caught_up_us_{0};
+  void NoteCaughtUp() {
+    if (LocalDurable() >= upstream_last_.load()) {
+      caught_up_us_.store(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count());
+    }
+  }
   // Standby, follower thread only: a catch-up being reported.
   struct CatchUp {
     bool on = false;
@@ -2128,8 +2136,16 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
     return Credit(s.get(), msg.heartbeat().flushed_lsn(), msg.heartbeat().applied_lsn());
   }
   if (msg.has_heartbeat()) {
-    MutexLock l(&mu_);
-    if (s == upstream_) upstream_last_.store(msg.heartbeat().last_lsn());
+    bool from_upstream;
+    {
+      MutexLock l(&mu_);
+      from_upstream = s == upstream_;
+      if (from_upstream) upstream_last_.store(msg.heartbeat().last_lsn());
+    }
+    if (from_upstream) {
+      ReaderLock store(&store_mu_);
+      if (wal_) NoteCaughtUp();
+    }
   }
 }
 
@@ -2221,6 +2237,7 @@ void EngineImpl::ReceiverLoop() {
         }
         const wal::Epoch seen = wal_->last_epoch();
         if (seen > epoch_.load()) epoch_ = seen;  // the epoch this standby now knows of
+        NoteCaughtUp();
         SendAck(s);
       } else {
         st = last.status();
@@ -2434,6 +2451,11 @@ std::string EngineImpl::PrometheusMetrics() const {
            node, static_cast<double>(behind));
     metric("replica_upstream_lag_bytes", "gauge", "the same in bytes, at this log's average record size", node,
            static_cast<double>(behind) * avg);
+    const int64_t now_us =
+        std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+    const int64_t since = caught_up_us_.load();
+    metric("replica_upstream_lag_ms", "gauge", "time since this standby last held all the active had (0 when it does)",
+           node, behind == 0 || since == 0 ? 0.0 : static_cast<double>(now_us - since) / 1000.0);
   }
   metric("replica_commit_degraded", "gauge", "1 while acknowledging as async after a commit timeout", node,
          st.commit_degraded);
