@@ -89,11 +89,7 @@ class AppendTimes {
   std::array<Slot, kSize> slots_;
 };
 
-Status FromRocks(const rocksdb::Status& s, const std::string& what) {
-  if (s.ok()) return Status::OK();
-  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
-  return Status::IOError(what + ": " + s.ToString());
-}
+using snapshot::FromRocks;
 
 // One connected standby, as the active sees it.
 struct Standby {

@@ -51,11 +51,8 @@ class Hasher {
   XXH3_state_t* state_;
 };
 
-Status FromRocks(const rocksdb::Status& s, const std::string& what) {
-  if (s.ok()) return Status::OK();
-  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
-  return Status::IOError(what + ": " + s.ToString());
-}
+using snapshot::FromRocks;
+
 
 bool IsDir(const std::string& path) {
   struct stat st;

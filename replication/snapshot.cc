@@ -33,6 +33,12 @@ Status Rename(const std::string& from, const std::string& to) {
 
 }  // namespace
 
+Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return Status::OK();
+  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
+  return Status::IOError(what + ": " + s.ToString());
+}
+
 Result<uint64_t> HashFile(const std::string& path) {
   REPLICA_ASSIGN_OR_RETURN(auto file, Env::Default()->NewRandomAccessFile(path));
   std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);

@@ -20,6 +20,7 @@
 
 namespace rocksdb {
 class DB;
+class Status;
 class ColumnFamilyHandle;
 }  // namespace rocksdb
 
@@ -42,6 +43,10 @@ struct Checkpoint {
   uint64_t lsn = 0;  // applied LSN stored in the checkpoint
   std::vector<FileInfo> files;
 };
+
+// A RocksDB status as ours: Corruption stays Corruption, the rest is IOError;
+// `what` says what was being done.
+Status FromRocks(const rocksdb::Status& s, const std::string& what);
 
 // XXH3-64 of a whole file, read in 1 MiB pieces.
 Result<uint64_t> HashFile(const std::string& path);

@@ -197,6 +197,24 @@ long WaitFor(Arbiter* a, Pred pred, std::chrono::seconds limit) {
   return -1;
 }
 
+// Polls node `id`'s session until pred holds or the limit passes; returns
+// the elapsed time or -1. Nodes publish their session every 0.5 s.
+template <typename Pred>
+long WaitForNode(Arbiter* a, const std::string& id, Pred pred, std::chrono::seconds limit) {
+  const auto start = Clock::now();
+  while (Clock::now() - start < limit) {
+    if (auto nodes = a->GetNodes(); nodes.ok()) {
+      for (const auto& n : *nodes) {
+        if (n.id == id && pred(n)) {
+          return static_cast<long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count());
+        }
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return -1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -315,20 +333,10 @@ int main(int argc, char** argv) {
       std::printf("stored commit rule %s; there is no active now: the next one takes it\n", want.c_str());
       return 0;
     }
-    const auto start = Clock::now();
-    while (Clock::now() - start < limit) {
-      auto nodes = arbiter->GetNodes();
-      auto active = arbiter->GetActive();
-      if (nodes.ok() && active.ok() && *active) {
-        for (const auto& n : *nodes) {
-          if (n.id == (*active)->id && n.commit == want) {
-            std::printf("commit rule is now %s on the active %s (%lld ms)\n", want.c_str(), n.id.c_str(),
-                        static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()));
-            return 0;
-          }
-        }
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const long ms = WaitForNode(arbiter.get(), c.active->id, [&](const NodeInfo& n) { return n.commit == want; }, limit);
+    if (ms >= 0) {
+      std::printf("commit rule is now %s on the active %s (%ld ms)\n", want.c_str(), c.active->id.c_str(), ms);
+      return 0;
     }
     Fail("the active did not take commit rule " + want + " within " + std::to_string(limit.count()) +
          " s (see its log: engine.commit_rule_refused); the rule stays stored in etcd");
@@ -343,26 +351,20 @@ int main(int argc, char** argv) {
     const uint64_t before = n->resyncs;
     Status put = arbiter->PutControl("reseed/" + args[1], "repctl");
     if (!put.ok()) Fail("etcd: " + put.ToString());
-    const auto start = Clock::now();
     std::string last_progress;
-    while (Clock::now() - start < limit) {
-      auto nodes = arbiter->GetNodes();
-      if (nodes.ok()) {
-        for (const auto& m : *nodes) {
-          if (m.id != args[1]) continue;
-          if (m.resyncs > before) {
-            std::printf("reseeded %s from a snapshot of %s; it now holds LSN %llu (%lld ms)\n", args[1].c_str(),
-                        c.active->id.c_str(), static_cast<unsigned long long>(m.last_lsn),
-                        static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()));
-            return 0;
-          }
-          if (!m.progress.empty() && m.progress != last_progress) {
-            std::fprintf(stderr, "repctl: %s: %s\n", args[1].c_str(), m.progress.c_str());
-            last_progress = m.progress;
-          }
-        }
+    uint64_t holds = 0;
+    const long ms = WaitForNode(arbiter.get(), args[1], [&](const NodeInfo& m) {
+      if (!m.progress.empty() && m.progress != last_progress) {
+        std::fprintf(stderr, "repctl: %s: %s\n", args[1].c_str(), m.progress.c_str());
+        last_progress = m.progress;
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      holds = m.last_lsn;
+      return m.resyncs > before;
+    }, limit);
+    if (ms >= 0) {
+      std::printf("reseeded %s from a snapshot of %s; it now holds LSN %llu (%ld ms)\n", args[1].c_str(),
+                  c.active->id.c_str(), static_cast<unsigned long long>(holds), ms);
+      return 0;
     }
     (void)arbiter->ClearControl("reseed/" + args[1]);
     Fail(args[1] + " was not reseeded within " + std::to_string(limit.count()) +
@@ -380,18 +382,9 @@ int main(int argc, char** argv) {
     }
     Status put = arbiter->PutControl("remove/" + args[1], "repctl");
     if (!put.ok()) Fail("etcd: " + put.ToString());
-    const auto start = Clock::now();
-    while (Clock::now() - start < limit) {
-      auto nodes = arbiter->GetNodes();
-      if (nodes.ok()) {
-        for (const auto& m : *nodes) {
-          if (m.id == c.active->id && !m.slots.count(args[1])) {
-            std::printf("removed %s: the active %s no longer keeps log for it\n", args[1].c_str(), m.id.c_str());
-            return 0;
-          }
-        }
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (WaitForNode(arbiter.get(), c.active->id, [&](const NodeInfo& m) { return !m.slots.count(args[1]); }, limit) >= 0) {
+      std::printf("removed %s: the active %s no longer keeps log for it\n", args[1].c_str(), c.active->id.c_str());
+      return 0;
     }
     (void)arbiter->ClearControl("remove/" + args[1]);
     Fail("the active did not drop the slot of " + args[1] + " within " + std::to_string(limit.count()) + " s");

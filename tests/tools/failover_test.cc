@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <memory>
 
@@ -175,19 +176,29 @@ std::string Repctl(const std::string& etcd, const std::string& args, int* code) 
   return test::Shell(std::string(REPCTL_PATH) + " --etcd " + etcd + " --cluster f " + args, code);
 }
 
-// Waits (bounded) until every one of `nodes` publishes commit rule `rule` in
-// its session (nodes publish every 0.5 s); returns how many do.
+// Runs `repctl ARGS` until its output holds `want` or 10 s pass; returns the
+// last output. The nodes publish to etcd on their own schedule (sessions
+// every 0.5 s, the sync set every 0.2 s): nothing to wait on but etcd.
+std::string RepctlUntil(const std::string& etcd, const std::string& args, const std::function<bool(const std::string&)>& want) {
+  std::string out;
+  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(50ms)) {
+    int code = 0;
+    out = Repctl(etcd, args, &code);
+    if (want(out)) break;
+  }
+  return out;
+}
+
+size_t Count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
+  return n;
+}
+
+// How many node sessions publish commit rule `rule`, once `nodes` do (or 10 s pass).
 size_t WaitForRuleEverywhere(const std::string& etcd, const std::string& rule, size_t nodes) {
   const std::string want = "\"commit\":\"" + rule + "\"";
-  size_t n = 0;
-  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(100ms)) {
-    int code = 0;
-    const std::string out = Repctl(etcd, "status --json", &code);
-    n = 0;
-    for (size_t p = out.find(want); p != std::string::npos; p = out.find(want, p + 1)) ++n;
-    if (n >= nodes) break;  // other processes publish; nothing to wait on but etcd
-  }
-  return n;
+  return Count(RepctlUntil(etcd, "status --json", [&](const std::string& out) { return Count(out, want) >= nodes; }), want);
 }
 
 TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAndRejoins) {
@@ -522,10 +533,10 @@ TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
   out = Repctl(etcd_->endpoint(), "remove " + id(s1), &code);
   EXPECT_EQ(code, 1) << out;
   EXPECT_NE(out.find("is running"), std::string::npos) << out;
-  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(100ms)) {
-    out = Repctl(etcd_->endpoint(), "status", &code);
-    if (out.find("not running: repctl remove " + id(s2)) != std::string::npos) break;  // its session lease ran out
-  }
+  // Its session is gone, its slot stays.
+  out = RepctlUntil(etcd_->endpoint(), "status", [&](const std::string& o) {
+    return o.find("not running: repctl remove " + id(s2)) != std::string::npos;
+  });
   EXPECT_NE(out.find("not running: repctl remove " + id(s2) + " forgets it"), std::string::npos) << out;
   out = Repctl(etcd_->endpoint(), "remove " + id(s2), &code);
   EXPECT_EQ(code, 0) << out;
@@ -646,13 +657,11 @@ TEST_F(FailoverTest, NoEligibleStandbyMeansNoPromotionUntilForced) {
   // The active publishes the sync set every 0.2 s: wait until it names only
   // the standby that holds the writes (a known window: see docs/failover.md).
   const std::string other_id(1, static_cast<char>('a' + other));
+  const std::string only_other = "\"sync_set\":[\"" + other_id + "\"]";
+  std::string out = RepctlUntil(etcd_->endpoint(), "status --json",
+                                [&](const std::string& o) { return o.find(only_other) != std::string::npos; });
   int code = 0;
-  std::string out;
-  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(50ms)) {
-    out = Repctl(etcd_->endpoint(), "status --json", &code);
-    if (out.find("\"sync_set\":[\"" + other_id + "\"]") != std::string::npos) break;
-  }
-  ASSERT_NE(out.find("\"sync_set\":[\"" + other_id + "\"]"), std::string::npos) << out;
+  ASSERT_NE(out.find(only_other), std::string::npos) << out;
   // Then the active and the eligible standby die together.
   d[act]->Kill(SIGKILL);
   d[other]->Kill(SIGKILL);

@@ -160,6 +160,7 @@ TEST(SessionTest, ConcurrentSendersKeepEachOnesOrderAndEveryByte) {
   ASSERT_TRUE(p.WaitEstablished());
   constexpr int kThreads = 4, kFrames = 2000;
   std::vector<std::thread> senders;
+  std::atomic<int> senders_done{0};
   auto payload = std::make_shared<std::string>(48 << 10, 'x');
   p.server_rec.SetGate(false);  // the receiver stalls at first: sockets fill up
   for (int t = 0; t < kThreads; ++t) {
@@ -177,9 +178,15 @@ TEST(SessionTest, ConcurrentSendersKeepEachOnesOrderAndEveryByte) {
           ASSERT_TRUE(st.ok()) << st.ToString();
         }
       }
+      ++senders_done;
     });
   }
-  std::this_thread::sleep_for(50ms);  // let the socket buffers fill while the gate is shut
+  // The gate opens once the socket buffers are full and frames queue up
+  // behind them (or the senders are done: then every frame is in flight).
+  for (auto until = Clock::now() + 10s;
+       p.client_session->queued_bytes() < (1u << 20) && senders_done.load() < kThreads && Clock::now() < until;) {
+    std::this_thread::sleep_for(1ms);  // queued_bytes raises no event
+  }
   p.server_rec.SetGate(true);
   for (auto& t : senders) t.join();
   const size_t want_data = static_cast<size_t>(kThreads) * (kFrames / 50) * payload->size();
