@@ -126,6 +126,8 @@ class EtcdArbiter final : public Arbiter {
                                                    etcd::Op::Put(prefix_ + "active", a.ToJson(), lease)},
                                                   {}));
     if (!r.succeeded) return std::optional<uint64_t>();
+    MutexLock l(&mu_);
+    won_ = a.ToJson();
     return std::optional<uint64_t>(epoch);
   }
 
@@ -142,7 +144,20 @@ class EtcdArbiter final : public Arbiter {
   Status PublishSyncSet(const std::vector<std::string>& ids) override {
     json::array a;
     for (const auto& id : ids) a.push_back(json::string(id));
-    return client_->Put(prefix_ + "sync", json::serialize(a)).status();
+    std::string won;
+    {
+      MutexLock l(&mu_);
+      won = won_;
+    }
+    // Only while the active key is still the one this node won: a deposed
+    // active must never overwrite its successor's set.
+    REPLICA_ASSIGN_OR_RETURN(auto r, client_->Txn({{prefix_ + "active", etcd::Compare::Target::kValue,
+                                                    etcd::Compare::Result::kEqual, 0, won}},
+                                                  {etcd::Op::Put(prefix_ + "sync", json::serialize(a))}, {}));
+    if (won.empty() || !r.succeeded) {
+      return Status::NotActive("the active key in etcd no longer names this node; the sync set is not its to publish");
+    }
+    return Status::OK();
   }
 
   Result<std::optional<std::vector<std::string>>> GetSyncSet() override {
@@ -298,6 +313,7 @@ class EtcdArbiter final : public Arbiter {
   CondVar cv_{&mu_};
   NodeInfo me_ GUARDED_BY(mu_);
   int64_t lease_ GUARDED_BY(mu_) = 0;
+  std::string won_ GUARDED_BY(mu_);  // the active key's value this node last wrote
   uint64_t changes_ GUARDED_BY(mu_) = 0;
   bool stopping_ GUARDED_BY(mu_) = false;
   bool watch_broken_ GUARDED_BY(mu_) = false;

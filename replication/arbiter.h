@@ -67,8 +67,9 @@ class Arbiter {
   virtual Result<std::optional<uint64_t>> Campaign(const NodeInfo& me, uint64_t min_epoch) = 0;
   // Deletes the active key if it is this node's (planned hand-over).
   virtual Status Resign(const std::string& id) = 0;
-  // The standbys that satisfy the active's commit rule (eligible for
-  // promotion); absent until an active publishes one.
+  // The standbys that hold every write the active acknowledged (eligible
+  // for promotion); absent until an active publishes one. Publishing fails
+  // (kNotActive) unless the active key is the one this node won last.
   virtual Status PublishSyncSet(const std::vector<std::string>& ids) = 0;
   virtual Result<std::optional<std::vector<std::string>>> GetSyncSet() = 0;
   // Until when this node's lease is certainly still alive at the arbiter:

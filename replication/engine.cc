@@ -355,6 +355,24 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // High availability (opts_.etcd set).
   std::shared_ptr<Arbiter> arbiter_;
   Mutex sync_mu_ ACQUIRED_BEFORE(mu_);  // serialises publishing the sync set
+  // The standbys etcd may list as eligible (the published sync set, and
+  // while a change is being written, the union of the old and the new one).
+  // Each holds every acknowledged write: the commit point never passes what
+  // one of them holds, and one that lags is removed in etcd first.
+  std::set<std::string> sync_bound_ GUARDED_BY(mu_);
+  bool sync_dirty_ GUARDED_BY(mu_) = false;  // etcd may not hold sync_bound_
+  // What a member surely holds durably; the lowest among sync_bound_
+  // (UINT64_MAX when empty).
+  wal::Lsn MemberLsn(const std::string& id) const REQUIRES(mu_);
+  wal::Lsn MembersHold() const REQUIRES(mu_);
+  // The commit point the rule alone allows (nullopt: too few standbys).
+  std::optional<wal::Lsn> QuorumLsn() const REQUIRES(mu_);
+  // Under sync_mu_: publishes `next` as the sync set, holding commit to
+  // every member of both sets until etcd has it. False if etcd refused.
+  bool PublishSync(std::set<std::string> next) REQUIRES(sync_mu_) EXCLUDES(mu_);
+  // A write waited past --sync-grace-ms for members that lack it while the
+  // rule itself holds: removes them from the set (etcd first).
+  void DropLaggingMembers(wal::Lsn lsn) REQUIRES(mu_);
   std::thread role_thread_;
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
@@ -385,6 +403,8 @@ Status EngineImpl::Init() {
   if (opts_.node_id.empty()) return Status::InvalidArgument("node_id is required");
   if (opts_.data_dir.empty()) return Status::InvalidArgument("data_dir is required");
   if (opts_.secret.empty()) return Status::InvalidArgument("the cluster secret is required");
+  if (opts_.commit_timeout.count() < 1) return Status::InvalidArgument("commit_timeout must be at least 1 ms");
+  if (opts_.sync_grace.count() < 1) return Status::InvalidArgument("sync_grace must be at least 1 ms");
   if (opts_.commit_fallback != "strict" && opts_.commit_fallback != "async") {
     return Status::InvalidArgument("commit_fallback '" + opts_.commit_fallback + "': expected strict or async");
   }
@@ -604,19 +624,40 @@ void EngineImpl::MaintainRetention(bool force) {
   wal_->SetRetentionFloor(floor);
 }
 
-wal::Lsn EngineImpl::ComputeCommit() {
-  const wal::Lsn local = LocalDurable();
-  if (rule_.mode == CommitRule::Mode::kAsync) return local;
+std::optional<wal::Lsn> EngineImpl::QuorumLsn() const {
   std::vector<wal::Lsn> remote;
   for (const auto& [_, sb] : standbys_) {
     if (sb->resync) continue;
     remote.push_back(rule_.mode == CommitRule::Mode::kRemoteWrite ? sb->flushed : sb->applied);
   }
-  if (remote.size() < static_cast<size_t>(rule_.count)) {
-    return degraded_ ? local : commit_lsn_;  // too few standbys to judge the rule
-  }
-  std::sort(remote.begin(), remote.end(), std::greater<>());
-  const wal::Lsn by_rule = std::min(local, remote[static_cast<size_t>(rule_.count) - 1]);
+  if (remote.size() < static_cast<size_t>(rule_.count)) return std::nullopt;
+  std::nth_element(remote.begin(), remote.begin() + (rule_.count - 1), remote.end(), std::greater<>());
+  return remote[static_cast<size_t>(rule_.count) - 1];
+}
+
+wal::Lsn EngineImpl::MemberLsn(const std::string& id) const {
+  // Durable is what makes a member safe to promote, under either rule. One
+  // being resynced holds nothing for sure; one disconnected holds what its
+  // slot says.
+  auto it = standbys_.find(id);
+  auto slot = slots_.find(id);
+  wal::Lsn held = slot == slots_.end() ? 0 : slot->second;
+  if (it != standbys_.end()) held = it->second->resync ? 0 : std::max(held, it->second->flushed);
+  return held;
+}
+
+wal::Lsn EngineImpl::MembersHold() const {
+  wal::Lsn low = UINT64_MAX;
+  for (const auto& id : sync_bound_) low = std::min(low, MemberLsn(id));
+  return low;
+}
+
+wal::Lsn EngineImpl::ComputeCommit() {
+  const wal::Lsn local = LocalDurable();
+  if (rule_.mode == CommitRule::Mode::kAsync) return local;
+  const std::optional<wal::Lsn> quorum = QuorumLsn();
+  if (!quorum) return degraded_ ? local : commit_lsn_;  // too few standbys to judge the rule
+  const wal::Lsn by_rule = std::min(local, *quorum);
   if (degraded_ && by_rule >= degraded_at_) {
     // The standbys hold everything up to where the fallback began: the rule
     // applies again. Under a load they cannot follow, later writes wait for
@@ -625,7 +666,62 @@ wal::Lsn EngineImpl::ComputeCommit() {
     RLOG(kWarn, "engine.commit_restored") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
                                           << " lsn=" << local;
   }
-  return degraded_ ? local : std::max(by_rule, commit_lsn_);
+  if (degraded_) return local;
+  return std::max(commit_lsn_, std::min(by_rule, MembersHold()));
+}
+
+bool EngineImpl::PublishSync(std::set<std::string> next) {
+  {
+    MutexLock l(&mu_);
+    // Added members bound the commit point before etcd lists them; removed
+    // ones keep bounding it until etcd no longer does.
+    for (const auto& id : next) sync_bound_.insert(id);
+  }
+  Status st = arbiter_->PublishSyncSet(std::vector<std::string>(next.begin(), next.end()));
+  MutexLock l(&mu_);
+  if (!st.ok()) {
+    sync_dirty_ = true;
+    RLOG(kDebug, "engine.sync_set_not_published") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+    return false;
+  }
+  sync_dirty_ = false;
+  if (next != sync_bound_) {
+    std::string dropped;
+    for (const auto& id : sync_bound_) {
+      if (!next.count(id)) dropped += (dropped.empty() ? "" : ",") + id;
+    }
+    RLOG(kInfo, "engine.sync_set_dropped") << "node=" << opts_.node_id << " standbys=" << dropped;
+    sync_bound_ = std::move(next);
+    AdvanceCommit();
+  }
+  return true;
+}
+
+void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
+  const std::optional<wal::Lsn> quorum = QuorumLsn();
+  if (degraded_ || !quorum || std::min(LocalDurable(), *quorum) < lsn || MembersHold() >= lsn) return;
+  mu_.Unlock();
+  {
+    MutexLock sl(&sync_mu_);
+    std::set<std::string> keep;
+    bool changed;
+    {
+      MutexLock l(&mu_);
+      for (const auto& id : sync_bound_) {
+        // Another writer may have done it meanwhile; after a demotion the
+        // set is the next active's business.
+        if (MemberLsn(id) >= lsn || role_.load() != Role::kActive) keep.insert(id);
+      }
+      changed = keep != sync_bound_;
+    }
+    if (changed) {
+      RLOG(kWarn, "engine.sync_member_lagging") << "node=" << opts_.node_id << " lsn=" << lsn
+                                                << " grace_ms=" << opts_.sync_grace.count()
+                                                << " (removing the standbys that lack it from the sync set)";
+      (void)PublishSync(std::move(keep));
+    }
+  }
+  mu_.Lock();
 }
 
 Status EngineImpl::ValidateRule(const CommitRule& rule) const {
@@ -688,10 +784,21 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     ~Unregister() NO_THREAD_SAFETY_ANALYSIS { e->waiters_.erase(it); }  // mu_ is held
   } unregister{this, registered};
   auto deadline = Clock::now() + opts_.commit_timeout;
+  auto grace = Clock::now() + opts_.sync_grace;
   bool warned = false;
   while (applied_lsn_ < lsn && !closing_ && apply_error_.ok() && role_.load() == Role::kActive) {
     if (commit_lsn_ >= lsn) {
       waiter.cv.Wait();  // committed; the applier wakes it once it is applied
+      continue;
+    }
+    if (!sync_bound_.empty() && grace < deadline) {
+      // Held back by a listed standby that lacks it (the rule may hold
+      // without it): after the grace, it is removed from the set in etcd,
+      // then the write is acknowledged without it.
+      if (!waiter.cv.WaitUntil(grace) && Clock::now() >= grace) {
+        DropLaggingMembers(lsn);
+        grace = Clock::now() + opts_.sync_grace;  // again, if etcd could not be told
+      }
       continue;
     }
     if (waiter.cv.WaitUntil(deadline) || Clock::now() < deadline) continue;
@@ -703,6 +810,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
         sync_mu_.Lock();
         Status ps = arbiter_->PublishSyncSet({});
         mu_.Lock();
+        if (ps.ok()) sync_bound_.clear();
         if (ps.ok() && !degraded_) {
           degraded_ = true;
           degraded_at_ = wal_->last_lsn();
@@ -1494,25 +1602,27 @@ void EngineImpl::RoleLoop() {
       if (!*active || (*active)->id != opts_.node_id) {
         Demote(*active ? "node " + (*active)->id + " holds the active key" : std::string("its active key is gone"));
       } else if (CurrentRule().mode != CommitRule::Mode::kAsync) {
-        // Standbys that hold everything committed are eligible (added late is
-        // safe; removal happens before any write is acknowledged without them).
-        std::vector<std::string> sync;
+        // The sync set: its members stay while they hold everything
+        // committed (a resync or a dropped slot ends that; a writer removes
+        // one that lags, see Write), and a connected standby joins once it
+        // holds everything committed: from then on the commit point waits
+        // for it too. Published only when it changes.
         MutexLock sl(&sync_mu_);  // never overwrites a withdrawal made meanwhile by a degrading write
+        std::set<std::string> next;
+        bool publish;
         {
           MutexLock l(&mu_);
           if (!degraded_) {
-            // Every standby known to hold all that was committed: connected
-            // or not (its slot is its last durable LSN), so that one that
-            // briefly disconnected, or has not subscribed yet since this
-            // promotion, stays eligible until writes go past it.
-            for (const auto& [id, lsn] : slots_) {
-              auto it = standbys_.find(id);
-              const bool resyncing = it != standbys_.end() && it->second->resync;
-              if (!resyncing && lsn >= commit_lsn_) sync.push_back(id);
+            for (const auto& id : sync_bound_) {
+              if (MemberLsn(id) >= commit_lsn_) next.insert(id);
+            }
+            for (const auto& [id, sb] : standbys_) {
+              if (!sb->resync && sb->flushed >= commit_lsn_) next.insert(id);
             }
           }
+          publish = next != sync_bound_ || sync_dirty_;
         }
-        (void)arbiter_->PublishSyncSet(sync);
+        if (publish) (void)PublishSync(std::move(next));
       }
     } else if (*active && (*active)->id == opts_.node_id) {
       // The key names this node, which is not the active (it was demoted, or
@@ -1648,11 +1758,33 @@ Status EngineImpl::Promote(uint64_t epoch) {
   // The other nodes' durable LSNs as they published them: they are the
   // standbys of this epoch (their slots keep the log they need, and those
   // that hold everything so far stay eligible until writes go past them).
-  if (auto nodes = arbiter_->GetNodes(); nodes.ok()) {
+  auto nodes = arbiter_->GetNodes();
+  if (nodes.ok()) {
     MutexLock l(&mu_);
     for (const auto& n : *nodes) {
       if (n.id != opts_.node_id) slots_[n.id] = std::max<wal::Lsn>(slots_[n.id], std::min(n.durable_lsn, wal_->last_lsn()));
     }
+  }
+  // The standbys etcd lists as eligible hold everything the last active
+  // acknowledged; each write of this epoch must reach them too, until they
+  // are removed from the set (the dead ones at once, below).
+  REPLICA_ASSIGN_OR_RETURN(auto listed, arbiter_->GetSyncSet());
+  {
+    MutexLock sl(&sync_mu_);
+    std::set<std::string> live;
+    {
+      MutexLock l(&mu_);
+      sync_bound_.clear();
+      for (const auto& id : listed.value_or(std::vector<std::string>{})) {
+        if (id == opts_.node_id) continue;
+        sync_bound_.insert(id);
+        if (nodes.ok() && std::any_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) { return n.id == id; })) {
+          live.insert(id);
+        }
+      }
+      sync_dirty_ = false;
+    }
+    if (listed && CurrentRule().mode != CommitRule::Mode::kAsync) (void)PublishSync(std::move(live));
   }
   REPLICA_ASSIGN_OR_RETURN(wal::Lsn start, wal_->Append(epoch, wal::RecordType::kEpochStart, opts_.node_id));
   SendFences(epoch);

@@ -78,6 +78,9 @@ int main(int argc, char** argv) {
        "how long a write waits for its standbys before the fallback applies")
       ("commit-fallback", po::value<std::string>()->default_value("strict"),
        "after the timeout: strict (keep waiting) | async (acknowledge as async until standbys catch up)")
+      ("sync-grace-ms", po::value<int64_t>()->default_value(100),
+       "with --etcd: how long a write waits for a standby listed as eligible for promotion that lacks it, "
+       "before that standby is removed from the list in etcd and the write acknowledged without it")
       ("wal-sync", po::value<std::string>()->default_value("every"),
        "WAL durability: every (fdatasync per commit group) | interval | none")
       ("wal-segment-size", po::value<uint64_t>()->default_value(64ull << 20), "bytes per WAL segment file")
@@ -181,6 +184,10 @@ int main(int argc, char** argv) {
     Fail("--commit-timeout-ms must be 1..86400000");
   }
   o.commit_timeout = std::chrono::milliseconds(vm["commit-timeout-ms"].as<int64_t>());
+  if (vm["sync-grace-ms"].as<int64_t>() < 1 || vm["sync-grace-ms"].as<int64_t>() > 86400000) {
+    Fail("--sync-grace-ms must be 1..86400000");
+  }
+  o.sync_grace = std::chrono::milliseconds(vm["sync-grace-ms"].as<int64_t>());
   o.commit_fallback = vm["commit-fallback"].as<std::string>();
   if (o.commit_fallback != "strict" && o.commit_fallback != "async") Fail("--commit-fallback must be strict or async");
   o.wal_sync = vm["wal-sync"].as<std::string>();

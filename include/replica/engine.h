@@ -71,6 +71,12 @@ struct EngineOptions {
   // caught up again ("async"); both are logged, a fallback is counted.
   std::chrono::milliseconds commit_timeout{5000};
   std::string commit_fallback = "strict";
+  // Under remote-write/remote-apply, a write is acknowledged only once every
+  // standby listed as eligible for promotion (the sync set in etcd) holds it.
+  // A listed standby that still lacks it after this long, while the rule
+  // holds without it, is first removed from the set in etcd, then the write
+  // is acknowledged. It rejoins once it holds everything committed again.
+  std::chrono::milliseconds sync_grace{100};
   // WAL: "every" | "interval" | "none" (see docs/wal-format.md)
   std::string wal_sync = "every";
   uint64_t wal_segment_size = 64ull << 20;

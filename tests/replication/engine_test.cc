@@ -402,6 +402,47 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// Under remote-write:1 with two standbys, both are listed as eligible; when
+// one stops, a write it lacks is acknowledged only after the arbiter no
+// longer lists it (else the active and the other standby dying together
+// would let it win without that write). It is listed again once back.
+TEST(EngineTest, AStandbyThatLacksAnAcknowledgedWriteIsNeverListedAsEligible) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto node = [&](const std::string& id) {
+    EngineOptions o = Node(dir, id, "", "remote-write:1");
+    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
+    o.sync_grace = 50ms;
+    return o;
+  };
+  auto listed = [&](const std::string& id) {
+    auto s = cluster.sync();
+    return s && std::find(s->begin(), s->end(), id) != s->end();
+  };
+  auto a = OpenOrDie(node("a"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(node("b"));
+  auto c = OpenOrDie(node("c"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 2; }));
+  uint64_t last = WriteMany(a.get(), 20);
+  ASSERT_TRUE(Eventually([&] { return listed("b") && listed("c"); }));
+  ASSERT_TRUE(c->Close().ok());
+  c.reset();
+  for (int i = 0; i < 5; ++i) {
+    last = WriteMany(a.get(), 1, 100 + i);
+    ASSERT_GT(last, 0u);
+    EXPECT_FALSE(listed("c")) << "LSN " << last << " was acknowledged while c, which lacks it, was listed";
+    EXPECT_TRUE(listed("b"));
+  }
+  c = OpenOrDie(node("c"));
+  ASSERT_TRUE(Eventually([&] { return listed("c"); })) << "c never listed again after catching up";
+  last = WriteMany(a.get(), 5, 200);
+  ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 // An old active whose last records were never replicated (nor applied, under
 // a synchronous rule) rejoins the new active: its log is cut back to where
 // its epoch ended in the new active's history, not replaced by a snapshot.

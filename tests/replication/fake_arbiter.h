@@ -26,6 +26,10 @@ class FakeCluster {
     MutexLock l(&mu_);
     return active_;
   }
+  std::optional<std::vector<std::string>> sync() {
+    MutexLock l(&mu_);
+    return sync_;
+  }
 
  private:
   friend class FakeArbiter;
@@ -86,6 +90,7 @@ class FakeArbiter final : public Arbiter {
   }
   Status PublishSyncSet(const std::vector<std::string>& ids) override {
     MutexLock l(&c_->mu_);
+    if (!c_->active_ || c_->active_->id != id_) return Status::NotActive("not the active");
     c_->sync_ = ids;
     return Status::OK();
   }
