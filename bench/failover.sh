@@ -77,6 +77,9 @@ caught_up() {  # every standby applied what the active holds
     [ "$id" = "$act" ] && continue
     until [ "$(offset "$id" slave_repl_offset)" = "$want" ]; do sleep 0.02; done
   done
+  # and both are listed as eligible for promotion (the sync set)
+  until "$B/repctl" --etcd "127.0.0.1:$etcd_port" --cluster fb status --json 2>/dev/null |
+      grep -q '"sync_set":\["[abc]","[abc]"\]'; do sleep 0.02; done
 }
 for id in a b c; do start_node "$id"; done
 

@@ -195,6 +195,12 @@ class EtcdArbiter final : public Arbiter {
     return changes_;
   }
 
+  void Kick() override {
+    MutexLock l(&mu_);
+    ++changes_;
+    cv_.SignalAll();
+  }
+
   void WaitForChange(uint64_t seen, Clock::time_point deadline) override {
     MutexLock l(&mu_);
     while (changes_ == seen && !stopping_) {

@@ -81,6 +81,9 @@ class Arbiter {
   virtual uint64_t changes() const = 0;
   // Returns once changes() differs from `since`, or at the deadline.
   virtual void WaitForChange(uint64_t since, Clock::time_point deadline) = 0;
+  // Counts as a change: wakes WaitForChange at once (the engine has work
+  // for its role loop). Never blocks on etcd.
+  virtual void Kick() = 0;
   // Operator requests (repctl), under CTL/: "fence/NODE", "switchover"
   // (value: the target node), "promote" (value: the node to force),
   // "reseed/NODE", "remove/NODE", and "commit" (value: the cluster's commit

@@ -355,16 +355,27 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // High availability (opts_.etcd set).
   std::shared_ptr<Arbiter> arbiter_;
   Mutex sync_mu_ ACQUIRED_BEFORE(mu_);  // serialises publishing the sync set
-  // The standbys etcd may list as eligible (the published sync set, and
-  // while a change is being written, the union of the old and the new one).
-  // Each holds every acknowledged write: the commit point never passes what
-  // one of them holds, and one that lags is removed in etcd first.
-  std::set<std::string> sync_bound_ GUARDED_BY(mu_);
-  bool sync_dirty_ GUARDED_BY(mu_) = false;  // etcd may not hold sync_bound_
-  // What a member surely holds durably; the lowest among sync_bound_
-  // (UINT64_MAX when empty).
+  // The sync set (docs/failover.md). Listed: the standbys etcd may list as
+  // eligible (the published set; after a failed write, the old one and the
+  // new one together). Joining: standbys that held everything committed
+  // when last checked, not listed yet. Both bound the commit point: it never
+  // passes what one of them holds, and one that lags is dropped (from the
+  // listed ones only once etcd no longer lists it).
+  std::set<std::string> sync_listed_ GUARDED_BY(mu_);
+  std::set<std::string> sync_joining_ GUARDED_BY(mu_);
+  std::map<std::string, Clock::time_point> sync_backoff_ GUARDED_BY(mu_);  // dropped for lag: not before
+  bool sync_dirty_ GUARDED_BY(mu_) = false;  // the last write of the set failed
+  // False from a promotion, or a switch to a synchronous rule, until this
+  // node has written the set: etcd may hold one it does not bound (or none,
+  // which makes every node eligible), so nothing commits meanwhile.
+  bool sync_confirmed_ GUARDED_BY(mu_) = true;
+  // What a member surely holds durably; the lowest among the listed and
+  // joining ones (UINT64_MAX when none).
   wal::Lsn MemberLsn(const std::string& id) const REQUIRES(mu_);
   wal::Lsn MembersHold() const REQUIRES(mu_);
+  // A standby that holds everything committed joins (bounds the commit point
+  // at once; the role loop lists it).
+  void MaybeJoin(const Standby& sb) REQUIRES(mu_);
   // The commit point the rule alone allows (nullopt: too few standbys).
   std::optional<wal::Lsn> QuorumLsn() const REQUIRES(mu_);
   // Under sync_mu_: publishes `next` as the sync set, holding commit to
@@ -648,8 +659,17 @@ wal::Lsn EngineImpl::MemberLsn(const std::string& id) const {
 
 wal::Lsn EngineImpl::MembersHold() const {
   wal::Lsn low = UINT64_MAX;
-  for (const auto& id : sync_bound_) low = std::min(low, MemberLsn(id));
+  for (const auto& id : sync_listed_) low = std::min(low, MemberLsn(id));
+  for (const auto& id : sync_joining_) low = std::min(low, MemberLsn(id));
   return low;
+}
+
+void EngineImpl::MaybeJoin(const Standby& sb) {
+  if (!arbiter_ || role_.load() != Role::kActive || degraded_ || rule_.mode == CommitRule::Mode::kAsync) return;
+  if (sb.resync || sb.flushed < commit_lsn_ || sync_listed_.count(sb.id) || sync_joining_.count(sb.id)) return;
+  if (auto b = sync_backoff_.find(sb.id); b != sync_backoff_.end() && Clock::now() < b->second) return;
+  sync_joining_.insert(sb.id);
+  arbiter_->Kick();
 }
 
 wal::Lsn EngineImpl::ComputeCommit() {
@@ -667,15 +687,28 @@ wal::Lsn EngineImpl::ComputeCommit() {
                                           << " lsn=" << local;
   }
   if (degraded_) return local;
+  if (!sync_confirmed_) return commit_lsn_;
   return std::max(commit_lsn_, std::min(by_rule, MembersHold()));
 }
 
 bool EngineImpl::PublishSync(std::set<std::string> next) {
   {
     MutexLock l(&mu_);
-    // Added members bound the commit point before etcd lists them; removed
-    // ones keep bounding it until etcd no longer does.
-    for (const auto& id : next) sync_bound_.insert(id);
+    for (auto it = next.begin(); it != next.end();) {
+      // Only standbys that bound the commit point already can be listed:
+      // one checked earlier may have been dropped since.
+      if (sync_listed_.count(*it) || sync_joining_.count(*it)) {
+        ++it;
+      } else {
+        it = next.erase(it);
+      }
+    }
+    // They stay bound as listed from here; removed ones stay listed until
+    // etcd no longer lists them.
+    for (const auto& id : next) {
+      sync_listed_.insert(id);
+      sync_joining_.erase(id);
+    }
   }
   Status st = arbiter_->PublishSyncSet(std::vector<std::string>(next.begin(), next.end()));
   MutexLock l(&mu_);
@@ -685,39 +718,67 @@ bool EngineImpl::PublishSync(std::set<std::string> next) {
     return false;
   }
   sync_dirty_ = false;
-  if (next != sync_bound_) {
-    std::string dropped;
-    for (const auto& id : sync_bound_) {
-      if (!next.count(id)) dropped += (dropped.empty() ? "" : ",") + id;
-    }
-    RLOG(kInfo, "engine.sync_set_dropped") << "node=" << opts_.node_id << " standbys=" << dropped;
-    sync_bound_ = std::move(next);
-    AdvanceCommit();
+  if (next != sync_listed_ || !sync_confirmed_) {
+    std::string members;
+    for (const auto& id : next) members += (members.empty() ? "" : ",") + id;
+    RLOG(kInfo, "engine.sync_set") << "node=" << opts_.node_id << " standbys=" << members;
   }
+  sync_confirmed_ = true;
+  sync_listed_ = std::move(next);
+  AdvanceCommit();
   return true;
 }
 
 void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
   const std::optional<wal::Lsn> quorum = QuorumLsn();
   if (degraded_ || !quorum || std::min(LocalDurable(), *quorum) < lsn || MembersHold() >= lsn) return;
+  const auto backoff = Clock::now() + 1s;
+  // Joining ones are not listed yet: dropped at once.
+  for (auto it = sync_joining_.begin(); it != sync_joining_.end();) {
+    if (MemberLsn(*it) < lsn) {
+      sync_backoff_[*it] = backoff;
+      it = sync_joining_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (MembersHold() >= lsn) {
+    AdvanceCommit();
+    return;
+  }
   mu_.Unlock();
   {
     MutexLock sl(&sync_mu_);
     std::set<std::string> keep;
-    bool changed;
+    std::string dropped;
     {
       MutexLock l(&mu_);
-      for (const auto& id : sync_bound_) {
+      for (const auto& id : sync_listed_) {
         // Another writer may have done it meanwhile; after a demotion the
         // set is the next active's business.
-        if (MemberLsn(id) >= lsn || role_.load() != Role::kActive) keep.insert(id);
+        if (MemberLsn(id) >= lsn || role_.load() != Role::kActive) {
+          keep.insert(id);
+        } else {
+          sync_backoff_[id] = backoff;
+          dropped += (dropped.empty() ? "" : ",") + id;
+        }
       }
-      changed = keep != sync_bound_;
+      if (!dropped.empty()) {
+        // The same write lists every standby that holds this write (they
+        // hold all that is committed, which is less): the rule's standbys
+        // always stay eligible.
+        for (const auto& [id, sb] : standbys_) {
+          if (sb->resync || sb->flushed < lsn || keep.count(id)) continue;
+          sync_joining_.insert(id);
+          sync_backoff_.erase(id);
+          keep.insert(id);
+        }
+      }
     }
-    if (changed) {
-      RLOG(kWarn, "engine.sync_member_lagging") << "node=" << opts_.node_id << " lsn=" << lsn
+    if (!dropped.empty()) {
+      RLOG(kWarn, "engine.sync_member_lagging") << "node=" << opts_.node_id << " lsn=" << lsn << " standbys=" << dropped
                                                 << " grace_ms=" << opts_.sync_grace.count()
-                                                << " (removing the standbys that lack it from the sync set)";
+                                                << " (no longer eligible for promotion until caught up)";
       (void)PublishSync(std::move(keep));
     }
   }
@@ -737,7 +798,14 @@ Status EngineImpl::SetCommitRule(const CommitRule& rule) {
   MutexLock l(&mu_);
   RLOG(kInfo, "engine.commit_rule") << "node=" << opts_.node_id << " from=" << rule_.ToString()
                                     << " to=" << rule.ToString();
+  const bool to_sync = rule_.mode == CommitRule::Mode::kAsync && rule.mode != CommitRule::Mode::kAsync;
   rule_ = rule;
+  if (to_sync && arbiter_ && role_.load() == Role::kActive) {
+    // The set in etcd is from before (or absent): nothing commits by the
+    // new rule until the role loop has written a current one.
+    sync_confirmed_ = false;
+    arbiter_->Kick();
+  }
   // A standby only keeps the rule (it judges eligibility by it); its commit
   // point is the active's business.
   if (role_.load() == Role::kActive) AdvanceCommit();
@@ -791,7 +859,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
       waiter.cv.Wait();  // committed; the applier wakes it once it is applied
       continue;
     }
-    if (!sync_bound_.empty() && grace < deadline) {
+    if ((!sync_listed_.empty() || !sync_joining_.empty()) && grace < deadline) {
       // Held back by a listed standby that lacks it (the rule may hold
       // without it): after the grace, it is removed from the set in etcd,
       // then the write is acknowledged without it.
@@ -810,7 +878,13 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
         sync_mu_.Lock();
         Status ps = arbiter_->PublishSyncSet({});
         mu_.Lock();
-        if (ps.ok()) sync_bound_.clear();
+        if (ps.ok()) {
+          sync_listed_.clear();
+          sync_joining_.clear();
+          sync_confirmed_ = true;
+        } else {
+          sync_dirty_ = true;
+        }
         if (ps.ok() && !degraded_) {
           degraded_ = true;
           degraded_at_ = wal_->last_lsn();
@@ -1498,6 +1572,7 @@ void EngineImpl::RoleLoop() {
   auto last_publish = Clock::time_point();
   auto vacancy_seen = Clock::time_point();  // when this node first saw no active
   bool lease_held_logged = true;
+  bool sync_unreadable_logged = false;
   constexpr auto kSettle = 50ms;
   for (;;) {
     const uint64_t seen = arbiter_->changes();
@@ -1602,25 +1677,27 @@ void EngineImpl::RoleLoop() {
       if (!*active || (*active)->id != opts_.node_id) {
         Demote(*active ? "node " + (*active)->id + " holds the active key" : std::string("its active key is gone"));
       } else if (CurrentRule().mode != CommitRule::Mode::kAsync) {
-        // The sync set: its members stay while they hold everything
-        // committed (a resync or a dropped slot ends that; a writer removes
-        // one that lags, see Write), and a connected standby joins once it
-        // holds everything committed: from then on the commit point waits
-        // for it too. Published only when it changes.
+        // The sync set: listed standbys stay while they can be judged (one
+        // being resynced, or whose slot was dropped, cannot; one that lags
+        // is dropped by a writer, see Write); joining ones, and connected
+        // ones that hold everything committed, are listed. Written when it
+        // changes. The first write of a term (or after a switch to this
+        // rule) lists only standbys that hold everything committed.
         MutexLock sl(&sync_mu_);  // never overwrites a withdrawal made meanwhile by a degrading write
         std::set<std::string> next;
         bool publish;
         {
           MutexLock l(&mu_);
           if (!degraded_) {
-            for (const auto& id : sync_bound_) {
-              if (MemberLsn(id) >= commit_lsn_) next.insert(id);
+            for (const auto& [id, sb] : standbys_) MaybeJoin(*sb);
+            for (const auto& id : sync_listed_) {
+              auto it = standbys_.find(id);
+              const bool judged = slots_.count(id) && (it == standbys_.end() || !it->second->resync);
+              if (judged && (sync_confirmed_ || MemberLsn(id) >= commit_lsn_)) next.insert(id);
             }
-            for (const auto& [id, sb] : standbys_) {
-              if (!sb->resync && sb->flushed >= commit_lsn_) next.insert(id);
-            }
+            next.insert(sync_joining_.begin(), sync_joining_.end());
           }
-          publish = next != sync_bound_ || sync_dirty_;
+          publish = next != sync_listed_ || sync_dirty_ || !sync_confirmed_;
         }
         if (publish) (void)PublishSync(std::move(next));
       }
@@ -1663,7 +1740,22 @@ void EngineImpl::RoleLoop() {
       } else if (now - vacancy_seen >= kSettle) {
         std::optional<std::vector<std::string>> sync;
         if (CurrentRule().mode != CommitRule::Mode::kAsync) {
-          if (auto got = arbiter_->GetSyncSet(); got.ok()) sync = *got;
+          auto got = arbiter_->GetSyncSet();
+          if (!got.ok()) {
+            // Not knowing who is eligible is not "everyone is": wait.
+            if (!got.status().IsCorruption()) {
+              RLOG(kDebug, "engine.sync_set_unreadable")
+                  << "node=" << opts_.node_id << " error=\"" << got.status().ToString() << "\" (not campaigning)";
+            } else if (!sync_unreadable_logged) {
+              RLOG(kError, "engine.sync_set_unreadable")
+                  << "node=" << opts_.node_id << " error=\"" << got.status().ToString() << "\" (not campaigning)";
+            }
+            sync_unreadable_logged = got.status().IsCorruption();
+            arbiter_->WaitForChange(seen, Clock::now() + 100ms);
+            continue;
+          }
+          sync_unreadable_logged = false;
+          sync = *got;
         }
         auto eligible = [&](const std::string& id) {
           return !sync || std::find(sync->begin(), sync->end(), id) != sync->end();
@@ -1694,7 +1786,11 @@ void EngineImpl::RoleLoop() {
       }
     }
     if (active.ok() && *active) vacancy_seen = Clock::time_point();
-    arbiter_->WaitForChange(seen, Clock::now() + 200ms);
+    auto wake = Clock::now() + 200ms;
+    if (vacancy_seen != Clock::time_point() && vacancy_seen + kSettle > Clock::now()) {
+      wake = std::min(wake, vacancy_seen + kSettle);  // campaign as soon as the settling ends
+    }
+    arbiter_->WaitForChange(seen, wake);
   }
 }
 
@@ -1759,32 +1855,41 @@ Status EngineImpl::Promote(uint64_t epoch) {
   // standbys of this epoch (their slots keep the log they need, and those
   // that hold everything so far stay eligible until writes go past them).
   auto nodes = arbiter_->GetNodes();
-  if (nodes.ok()) {
+  {
     MutexLock l(&mu_);
-    for (const auto& n : *nodes) {
-      if (n.id != opts_.node_id) slots_[n.id] = std::max<wal::Lsn>(slots_[n.id], std::min(n.durable_lsn, wal_->last_lsn()));
+    // A slot past this log's end is from another term's history.
+    for (auto& [id, lsn] : slots_) lsn = std::min(lsn, wal_->last_lsn());
+    if (nodes.ok()) {
+      for (const auto& n : *nodes) {
+        if (n.id != opts_.node_id) slots_[n.id] = std::min(n.durable_lsn, wal_->last_lsn());
+      }
     }
   }
-  // The standbys etcd lists as eligible hold everything the last active
-  // acknowledged; each write of this epoch must reach them too, until they
-  // are removed from the set (the dead ones at once, below).
-  REPLICA_ASSIGN_OR_RETURN(auto listed, arbiter_->GetSyncSet());
+  // The sync set of this term. Until this node has written it, nothing
+  // commits (etcd may hold a set, or none, that this node does not bound).
+  // It starts with the standbys the last active listed that are alive: they
+  // hold every write it acknowledged. The others join once they hold
+  // everything (MaybeJoin).
+  std::set<std::string> keep;
+  if (auto listed = arbiter_->GetSyncSet(); listed.ok() && *listed && nodes.ok()) {
+    for (const auto& id : **listed) {
+      if (id != opts_.node_id &&
+          std::any_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) { return n.id == id; })) {
+        keep.insert(id);
+      }
+    }
+  }
   {
     MutexLock sl(&sync_mu_);
-    std::set<std::string> live;
     {
       MutexLock l(&mu_);
-      sync_bound_.clear();
-      for (const auto& id : listed.value_or(std::vector<std::string>{})) {
-        if (id == opts_.node_id) continue;
-        sync_bound_.insert(id);
-        if (nodes.ok() && std::any_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) { return n.id == id; })) {
-          live.insert(id);
-        }
-      }
+      sync_listed_.clear();
+      sync_joining_ = keep;
+      sync_backoff_.clear();
+      sync_confirmed_ = false;
       sync_dirty_ = false;
     }
-    if (listed && CurrentRule().mode != CommitRule::Mode::kAsync) (void)PublishSync(std::move(live));
+    if (CurrentRule().mode != CommitRule::Mode::kAsync) (void)PublishSync(std::move(keep));
   }
   REPLICA_ASSIGN_OR_RETURN(wal::Lsn start, wal_->Append(epoch, wal::RecordType::kEpochStart, opts_.node_id));
   SendFences(epoch);
@@ -2070,6 +2175,7 @@ void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn 
     }
   }
   if (sb->flushed >= wal_->last_lsn()) sb->caught_up_at = Clock::now();
+  MaybeJoin(*sb);
   AdvanceCommit();
   acks_cv_.SignalAll();  // WaitForReplicas counts acks, not the commit point
 }

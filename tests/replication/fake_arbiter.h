@@ -77,6 +77,7 @@ class FakeArbiter final : public Arbiter {
     if (c_->active_ || !c_->lease_ok_[id_]) return std::optional<uint64_t>();
     c_->epoch_ = std::max(c_->epoch_, min_epoch) + 1;
     c_->active_ = ActiveInfo{me.id, me.address, c_->epoch_};
+    won_epoch_ = c_->epoch_;
     c_->Changed();
     return std::optional<uint64_t>(c_->epoch_);
   }
@@ -90,7 +91,9 @@ class FakeArbiter final : public Arbiter {
   }
   Status PublishSyncSet(const std::vector<std::string>& ids) override {
     MutexLock l(&c_->mu_);
-    if (!c_->active_ || c_->active_->id != id_) return Status::NotActive("not the active");
+    if (!c_->active_ || c_->active_->id != id_ || c_->active_->epoch != won_epoch_) {
+      return Status::NotActive("the active key is not the one this node won");
+    }
     c_->sync_ = ids;
     return Status::OK();
   }
@@ -126,11 +129,16 @@ class FakeArbiter final : public Arbiter {
     MutexLock l(&c_->mu_);
     while (c_->changes_ == since && Clock::now() < deadline) c_->cv_.WaitUntil(deadline);
   }
+  void Kick() override {
+    MutexLock l(&c_->mu_);
+    c_->Changed();
+  }
   void Stop() override { c_->ExpireLease(id_); }
 
  private:
   FakeCluster* c_;
   std::string id_;
+  uint64_t won_epoch_ = 0;  // guarded by c_->mu_
 };
 
 }  // namespace replica::test
