@@ -120,13 +120,15 @@ TEST_F(EtcdTest, WatchSeesPutsAndDeletesUnderAPrefix) {
 }
 
 TEST_F(EtcdTest, AnUnreachableMemberIsSkipped) {
-  auto c = NewClient({"127.0.0.1:" + std::to_string(test::FreePort()), server_->endpoint()});
+  test::RefusingPort dead;
+  auto c = NewClient({dead.endpoint(), server_->endpoint()});
   ASSERT_TRUE(c->Put("/t/k", "v").ok());
   EXPECT_EQ((*c->Get("/t/k"))->value, "v");
 }
 
 TEST_F(EtcdTest, NoReachableMemberIsAClearError) {
-  auto c = NewClient({"127.0.0.1:" + std::to_string(test::FreePort())});
+  test::RefusingPort dead;
+  auto c = NewClient({dead.endpoint()});
   auto r = c->Get("/t/k");
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().ToString().find("etcd unreachable"), std::string::npos) << r.status().ToString();

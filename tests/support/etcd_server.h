@@ -12,6 +12,23 @@ namespace replica::test {
 // A TCP port on 127.0.0.1 that was free a moment ago.
 int FreePort();
 
+// A port on 127.0.0.1 that refuses connections for as long as this object
+// lives: bound, never listening, so no other process can take it meanwhile
+// (a port merely free a moment ago can be taken by a test running alongside).
+class RefusingPort {
+ public:
+  RefusingPort();
+  ~RefusingPort();
+  RefusingPort(const RefusingPort&) = delete;
+  RefusingPort& operator=(const RefusingPort&) = delete;
+  int port() const { return port_; }
+  std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
 class EtcdServer {
  public:
   // data_dir must exist; etcd keeps its state in data_dir/etcd-NAME.

@@ -467,7 +467,8 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   EXPECT_NE(out.find("no node 'nosuchnode'"), std::string::npos) << out;
   out = Repctl(etcd_->endpoint(), "promote --force a", &code);
   EXPECT_EQ(code, 1) << "a forced promotion while an active exists";
-  out = Repctl("127.0.0.1:" + std::to_string(test::FreePort()), "status", &code);
+  test::RefusingPort dead;
+  out = Repctl(dead.endpoint(), "status", &code);
   EXPECT_EQ(code, 1);
   EXPECT_NE(out.find("etcd unreachable"), std::string::npos) << out;
   out = Repctl(etcd_->endpoint(), "frobnicate", &code);
