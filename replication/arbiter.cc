@@ -250,9 +250,14 @@ class EtcdArbiter final : public Arbiter {
   }
 
   void StartWatch() {
+    // The whole cluster prefix, but only the active key and operator
+    // requests (ctl/) count as changes: sessions are republished all the
+    // time, and a request such as a switchover is acted on at once.
     auto w = client_->StartWatch(
-        prefix_ + "active", false, 0,
-        [this](const etcd::WatchEvent&, int64_t) {
+        prefix_, true, 0,
+        [this](const etcd::WatchEvent& e, int64_t) {
+          const std::string_view key(e.kv.key);
+          if (key != prefix_ + "active" && key.rfind(prefix_ + "ctl/", 0) != 0) return;
           MutexLock l(&mu_);
           ++changes_;
           cv_.SignalAll();
