@@ -365,6 +365,8 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::set<std::string> sync_joining_ GUARDED_BY(mu_);
   std::map<std::string, Clock::time_point> sync_backoff_ GUARDED_BY(mu_);  // dropped for lag: not before
   bool sync_dirty_ GUARDED_BY(mu_) = false;  // the last write of the set failed
+  bool sync_dropping_ GUARDED_BY(mu_) = false;  // a writer is removing laggards
+  Clock::time_point sync_drop_retry_ GUARDED_BY(mu_);
   // False from a promotion, or a switch to a synchronous rule, until this
   // node has written the set: etcd may hold one it does not bound (or none,
   // which makes every node eligible), so nothing commits meanwhile.
@@ -376,6 +378,9 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // A standby that holds everything committed joins (bounds the commit point
   // at once; the role loop lists it).
   void MaybeJoin(const Standby& sb) REQUIRES(mu_);
+  // Whether what a member holds can be judged: it has a slot and is not
+  // being resynced from a snapshot.
+  bool Judged(const std::string& id) const REQUIRES(mu_);
   // The commit point the rule alone allows (nullopt: too few standbys).
   std::optional<wal::Lsn> QuorumLsn() const REQUIRES(mu_);
   // Under sync_mu_: publishes `next` as the sync set, holding commit to
@@ -636,6 +641,7 @@ void EngineImpl::MaintainRetention(bool force) {
 }
 
 std::optional<wal::Lsn> EngineImpl::QuorumLsn() const {
+  if (rule_.mode == CommitRule::Mode::kAsync || rule_.count < 1) return std::nullopt;
   std::vector<wal::Lsn> remote;
   for (const auto& [_, sb] : standbys_) {
     if (sb->resync) continue;
@@ -662,6 +668,11 @@ wal::Lsn EngineImpl::MembersHold() const {
   for (const auto& id : sync_listed_) low = std::min(low, MemberLsn(id));
   for (const auto& id : sync_joining_) low = std::min(low, MemberLsn(id));
   return low;
+}
+
+bool EngineImpl::Judged(const std::string& id) const {
+  auto it = standbys_.find(id);
+  return slots_.count(id) && (it == standbys_.end() || !it->second->resync);
 }
 
 void EngineImpl::MaybeJoin(const Standby& sb) {
@@ -697,7 +708,7 @@ bool EngineImpl::PublishSync(std::set<std::string> next) {
     for (auto it = next.begin(); it != next.end();) {
       // Only standbys that bound the commit point already can be listed:
       // one checked earlier may have been dropped since.
-      if (sync_listed_.count(*it) || sync_joining_.count(*it)) {
+      if (sync_listed_.count(*it) || (sync_joining_.count(*it) && Judged(*it))) {
         ++it;
       } else {
         it = next.erase(it);
@@ -732,7 +743,7 @@ bool EngineImpl::PublishSync(std::set<std::string> next) {
 void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
   const std::optional<wal::Lsn> quorum = QuorumLsn();
   if (degraded_ || !quorum || std::min(LocalDurable(), *quorum) < lsn || MembersHold() >= lsn) return;
-  const auto backoff = Clock::now() + 1s;
+  const auto backoff = Clock::now() + 1s;  // before a dropped standby may join again
   // Joining ones are not listed yet: dropped at once.
   for (auto it = sync_joining_.begin(); it != sync_joining_.end();) {
     if (MemberLsn(*it) < lsn) {
@@ -746,6 +757,10 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
     AdvanceCommit();
     return;
   }
+  // One drop at a time (the others wait for its outcome); after etcd
+  // refused one, the next try waits a grace.
+  if (sync_dropping_ || Clock::now() < sync_drop_retry_) return;
+  sync_dropping_ = true;
   mu_.Unlock();
   {
     MutexLock sl(&sync_mu_);
@@ -779,10 +794,15 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
       RLOG(kWarn, "engine.sync_member_lagging") << "node=" << opts_.node_id << " lsn=" << lsn << " standbys=" << dropped
                                                 << " grace_ms=" << opts_.sync_grace.count()
                                                 << " (no longer eligible for promotion until caught up)";
-      (void)PublishSync(std::move(keep));
+      if (!PublishSync(std::move(keep))) {
+        MutexLock l(&mu_);
+        sync_drop_retry_ = Clock::now() + opts_.sync_grace;
+      }
     }
   }
   mu_.Lock();
+  sync_dropping_ = false;
+  WakeAllWriters();
 }
 
 Status EngineImpl::ValidateRule(const CommitRule& rule) const {
@@ -799,7 +819,9 @@ Status EngineImpl::SetCommitRule(const CommitRule& rule) {
   RLOG(kInfo, "engine.commit_rule") << "node=" << opts_.node_id << " from=" << rule_.ToString()
                                     << " to=" << rule.ToString();
   const bool to_sync = rule_.mode == CommitRule::Mode::kAsync && rule.mode != CommitRule::Mode::kAsync;
+  const bool to_async = rule_.mode != CommitRule::Mode::kAsync && rule.mode == CommitRule::Mode::kAsync;
   rule_ = rule;
+  if (to_sync || to_async) sync_joining_.clear();  // joined by what the other rule committed
   if (to_sync && arbiter_ && role_.load() == Role::kActive) {
     // The set in etcd is from before (or absent): nothing commits by the
     // new rule until the role loop has written a current one.
@@ -839,7 +861,11 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     MutexLock l(&mu_);
     if (closing_) return Status::Aborted("the engine is shutting down");
   }
-  REPLICA_ASSIGN_OR_RETURN(wal::Lsn lsn, wal_->Append(epoch_, wal::RecordType::kData, batch.Encode()));
+  // Acknowledged only while this node is still the active of the epoch it
+  // wrote in: waiting may release mu_ (etcd calls), and a node demoted
+  // meanwhile can apply another active's record at this LSN.
+  const uint64_t term = epoch_.load();
+  REPLICA_ASSIGN_OR_RETURN(wal::Lsn lsn, wal_->Append(term, wal::RecordType::kData, batch.Encode()));
   append_times_.Record(lsn, Clock::now());
   MutexLock l(&mu_);
   AdvanceCommit();
@@ -854,12 +880,14 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
   auto deadline = Clock::now() + opts_.commit_timeout;
   auto grace = Clock::now() + opts_.sync_grace;
   bool warned = false;
-  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok() && role_.load() == Role::kActive) {
+  auto still_active = [&] { return role_.load() == Role::kActive && epoch_.load() == term; };
+  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok() && still_active()) {
     if (commit_lsn_ >= lsn) {
       waiter.cv.Wait();  // committed; the applier wakes it once it is applied
       continue;
     }
-    if ((!sync_listed_.empty() || !sync_joining_.empty()) && grace < deadline) {
+    if (rule_.mode != CommitRule::Mode::kAsync && (!sync_listed_.empty() || !sync_joining_.empty()) &&
+        grace < deadline) {
       // Held back by a listed standby that lacks it (the rule may hold
       // without it): after the grace, it is removed from the set in etcd,
       // then the write is acknowledged without it.
@@ -918,7 +946,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     deadline = Clock::now() + opts_.commit_timeout;
   }
   if (!apply_error_.ok()) return apply_error_;
-  if (applied_lsn_ < lsn && role_.load() != Role::kActive) {
+  if (!still_active()) {
     return Status::NotActive("node " + opts_.node_id + " was fenced before LSN " + std::to_string(lsn) +
                              " was acknowledged; the write may be lost");
   }
@@ -1691,11 +1719,11 @@ void EngineImpl::RoleLoop() {
           if (!degraded_) {
             for (const auto& [id, sb] : standbys_) MaybeJoin(*sb);
             for (const auto& id : sync_listed_) {
-              auto it = standbys_.find(id);
-              const bool judged = slots_.count(id) && (it == standbys_.end() || !it->second->resync);
-              if (judged && (sync_confirmed_ || MemberLsn(id) >= commit_lsn_)) next.insert(id);
+              if (Judged(id) && (sync_confirmed_ || MemberLsn(id) >= commit_lsn_)) next.insert(id);
             }
-            next.insert(sync_joining_.begin(), sync_joining_.end());
+            for (const auto& id : sync_joining_) {
+              if (Judged(id) && (sync_confirmed_ || MemberLsn(id) >= commit_lsn_)) next.insert(id);
+            }
           }
           publish = next != sync_listed_ || sync_dirty_ || !sync_confirmed_;
         }
@@ -1884,7 +1912,8 @@ Status EngineImpl::Promote(uint64_t epoch) {
     {
       MutexLock l(&mu_);
       sync_listed_.clear();
-      sync_joining_ = keep;
+      sync_joining_.clear();
+      if (rule_.mode != CommitRule::Mode::kAsync) sync_joining_ = keep;
       sync_backoff_.clear();
       sync_confirmed_ = false;
       sync_dirty_ = false;

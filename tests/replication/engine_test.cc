@@ -429,6 +429,15 @@ TEST(EngineTest, AStandbyThatLacksAnAcknowledgedWriteIsNeverListedAsEligible) {
   ASSERT_TRUE(Eventually([&] { return listed("b") && listed("c"); }));
   ASSERT_TRUE(c->Close().ok());
   c.reset();
+  // While etcd cannot be told, a write c lacks is not acknowledged.
+  cluster.HoldSyncPublishes(true);
+  auto held = std::async(std::launch::async, [&] { return WriteMany(a.get(), 1, 50); });
+  EXPECT_EQ(held.wait_for(500ms), std::future_status::timeout) << "acknowledged before c was unlisted";
+  EXPECT_TRUE(listed("c"));
+  cluster.HoldSyncPublishes(false);
+  ASSERT_EQ(held.wait_for(30s), std::future_status::ready);
+  EXPECT_GT(held.get(), 0u);
+  EXPECT_FALSE(listed("c"));
   for (int i = 0; i < 5; ++i) {
     last = WriteMany(a.get(), 1, 100 + i);
     ASSERT_GT(last, 0u);
@@ -490,35 +499,42 @@ TEST(EngineTest, ARestartedStandbyIsListedAgainUnderSteadyLoad) {
   ASSERT_TRUE(a->Close().ok());
 }
 
-// A new active writes its term's set before its first write: without the
-// dead old active, with the listed standbys that are alive.
+// A new active writes its term's set before it takes writes: the standbys
+// the last active listed that are still alive (not d, listed but dead).
 TEST(EngineTest, ANewActiveListsOnlyLiveStandbysBeforeItsFirstWrite) {
   TempDir dir;
   test::FakeCluster cluster;
   auto node = [&](const std::string& id) {
     EngineOptions o = Node(dir, id, "", "remote-write:1");
     o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
+    o.sync_grace = 30s;  // a dead listed standby would hold every write back
     return o;
   };
   auto a = OpenOrDie(node("a"));
   ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
   auto b = OpenOrDie(node("b"));
   auto c = OpenOrDie(node("c"));
+  auto d = OpenOrDie(node("d"));
   ASSERT_TRUE(Eventually([&] {
     auto s = cluster.sync();
-    return s && s->size() == 2;
+    return s && s->size() == 3;
   }));
   uint64_t last = WriteMany(a.get(), 10);
-  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
-  ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
+  for (Engine* e : {b.get(), c.get(), d.get()}) ASSERT_TRUE(e->WaitForApplied(last, 30s).ok());
+  // d dies (its lease ends); with no write since, a still lists it.
+  ASSERT_TRUE(d->Close().ok());
+  d.reset();
+  EXPECT_EQ(cluster.sync()->size(), 3u);
   cluster.ExpireLease("a");
   ASSERT_TRUE(a->Close().ok());
   a.reset();
   // b holds no more than c: the smaller id wins the tie.
   ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
+  EXPECT_EQ(cluster.sync(), std::optional<std::vector<std::string>>(std::vector<std::string>{"c"}));
+  const auto started = std::chrono::steady_clock::now();
   last = WriteMany(b.get(), 1, 100);
   ASSERT_GT(last, 0u);
-  EXPECT_EQ(cluster.sync(), std::optional<std::vector<std::string>>(std::vector<std::string>{"c"}));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 10s) << "the first write waited for the dead d";
   ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
   ASSERT_TRUE(c->Close().ok());
   ASSERT_TRUE(b->Close().ok());

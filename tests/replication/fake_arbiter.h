@@ -30,6 +30,12 @@ class FakeCluster {
     MutexLock l(&mu_);
     return sync_;
   }
+  // While held, writes of the sync set wait (etcd slow to answer).
+  void HoldSyncPublishes(bool hold) {
+    MutexLock l(&mu_);
+    hold_sync_ = hold;
+    hold_cv_.SignalAll();
+  }
 
  private:
   friend class FakeArbiter;
@@ -44,6 +50,8 @@ class FakeCluster {
   std::map<std::string, NodeInfo> nodes_ GUARDED_BY(mu_);
   std::map<std::string, bool> lease_ok_ GUARDED_BY(mu_);
   std::optional<std::vector<std::string>> sync_ GUARDED_BY(mu_);
+  bool hold_sync_ GUARDED_BY(mu_) = false;
+  CondVar hold_cv_{&mu_};
   std::map<std::string, std::string> ctl_ GUARDED_BY(mu_);
   uint64_t changes_ GUARDED_BY(mu_) = 0;
 };
@@ -91,6 +99,7 @@ class FakeArbiter final : public Arbiter {
   }
   Status PublishSyncSet(const std::vector<std::string>& ids) override {
     MutexLock l(&c_->mu_);
+    while (c_->hold_sync_) c_->hold_cv_.Wait();
     if (!c_->active_ || c_->active_->id != id_ || c_->active_->epoch != won_epoch_) {
       return Status::NotActive("the active key is not the one this node won");
     }

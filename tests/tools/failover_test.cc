@@ -648,6 +648,13 @@ TEST_F(FailoverTest, NoEligibleStandbyMeansNoPromotionUntilForced) {
   ASSERT_GE(act, 0);
   const int late = (act + 1) % 3, other = (act + 2) % 3;
   const std::string late_id(1, static_cast<char>('a' + late));
+  // Both standbys listed as eligible first, so that the late one must be
+  // unlisted before a write it lacks is acknowledged.
+  const std::string both = "\"sync_set\":[\"" + std::string(1, static_cast<char>('a' + std::min(late, other))) +
+                           "\",\"" + std::string(1, static_cast<char>('a' + std::max(late, other))) + "\"]";
+  const std::string listed = RepctlUntil(etcd_->endpoint(), "status --json",
+                                         [&](const std::string& o) { return o.find(both) != std::string::npos; });
+  ASSERT_NE(listed.find(both), std::string::npos) << listed;
   // The late standby stops; writes go on with the other one, which alone
   // stays eligible.
   EXPECT_EQ(d[late]->Kill(SIGTERM), 0);
