@@ -87,6 +87,10 @@ times=()
 for r in $(seq 1 "$rounds"); do
   act=$(active)
   caught_up "$act"
+  # A random pause (0-999 ms) first: etcd looks for expired leases every
+  # 500 ms, and rounds of a fixed length would all kill at the same phase
+  # of that loop, measuring one point of the distribution 20 times.
+  sleep "$(printf '0.%03d' $((RANDOM % 1000)))"
   t0=$(now_ms)
   kill -9 "${PID[$act]}"; wait "${PID[$act]}" 2>/dev/null || true
   new=""

@@ -1764,6 +1764,7 @@ void EngineImpl::RoleLoop() {
       // is given a lease TTL to win before the others campaign anyway.
       if (vacancy_seen == Clock::time_point()) {
         vacancy_seen = now;
+        RLOG(kInfo, "engine.no_active") << "node=" << opts_.node_id << " (the active key is gone: election)";
         if (arbiter_->Publish(MyInfo()).ok()) last_publish = now;
       } else if (now - vacancy_seen >= kSettle) {
         std::optional<std::vector<std::string>> sync;
