@@ -432,7 +432,9 @@ main() {
   command -v redis-benchmark >/dev/null || die "redis-benchmark not found"
   command -v redis-cli >/dev/null || die "redis-cli not found"
   HAVE_CURL=0; command -v curl >/dev/null && HAVE_CURL=1
-  HAVE_METRICS=0; "$REPLICAD" --help 2>/dev/null | grep -q -- '--metrics-listen' && HAVE_METRICS=1
+  # (not piped into grep -q: under pipefail, grep leaving early can fail the pipe)
+  HAVE_METRICS=0; help_text=$("$REPLICAD" --help 2>/dev/null || true)
+  [[ $help_text == *--metrics-listen* ]] && HAVE_METRICS=1
   # redis-benchmark 7 and later print p50/p99 in --csv; older ones do not.
   local bver
   bver=$(redis-benchmark --version 2>/dev/null | grep -o '[0-9][0-9.]*' | head -1)
