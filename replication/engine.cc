@@ -2183,6 +2183,9 @@ std::shared_ptr<Standby> EngineImpl::FindBySession(const transport::Session* s) 
 }
 
 void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) {
+  // When the acknowledgement arrived, not when mu_ became free: lag is the
+  // standby's, not this node's lock contention under load.
+  const auto arrived = Clock::now();
   MutexLock l(&mu_);
   auto sb = FindBySession(s);
   if (!sb || sb->resync) return;
@@ -2193,7 +2196,7 @@ void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn 
     slots_[sb->id] = std::max(slots_[sb->id], sb->flushed);
     // Lag in time of each newly held record: its ack now minus when it was
     // durable here (as PostgreSQL's flush_lag), at most one ring's worth.
-    const auto now = Clock::now();
+    const auto now = arrived;
     LagHistogram& h = lag_[sb->id];
     for (wal::Lsn l = std::max(before + 1, sb->flushed > 65536 ? sb->flushed - 65535 : 1); l <= sb->flushed; ++l) {
       bool pending = false;

@@ -77,6 +77,7 @@ class MetricsServerImpl final : public MetricsServer {
     asio::post(ioc_, [this] {
       beast::error_code ec;
       acceptor_.close(ec);  // frees the port before the loop stops
+      retry_.cancel();
       ioc_.stop();
     });
     thread_.join();
@@ -86,7 +87,15 @@ class MetricsServerImpl final : public MetricsServer {
   void Accept() {
     acceptor_.async_accept([this](beast::error_code ec, tcp::socket s) {
       if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;  // closed
-      if (ec) return Accept();  // e.g. out of descriptors: keep serving
+      if (ec) {
+        // E.g. out of descriptors: keep serving, but retry in 100 ms, not
+        // in a busy loop while the condition lasts.
+        retry_.expires_after(std::chrono::milliseconds(100));
+        retry_.async_wait([this](beast::error_code wec) {
+          if (!wec && acceptor_.is_open()) Accept();
+        });
+        return;
+      }
       std::make_shared<Connection>(std::move(s), &render_)->Start();
       Accept();
       (void)ec;
@@ -95,6 +104,7 @@ class MetricsServerImpl final : public MetricsServer {
   std::function<std::string()> render_;
   asio::io_context ioc_;
   tcp::acceptor acceptor_;
+  asio::steady_timer retry_{ioc_};
   std::thread thread_;
   uint16_t port_ = 0;
 };

@@ -305,15 +305,20 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
   }
   if (cmd == "MGET") {
     if (argc < 2) return arity_error();
-    resp::AppendArrayHeader(out, argc - 1);
+    // A key that cannot be read is an error for the whole reply, never a
+    // null that would read as "no such key".
+    std::string values;
     for (size_t i = 1; i < argc; ++i) {
       auto v = engine_->Get(args[i]);
-      if (v.ok() && v->has_value()) {
-        resp::AppendBulk(out, **v);
+      if (!v.ok()) return WriteReplyForStatus(v.status(), out);
+      if (v->has_value()) {
+        resp::AppendBulk(&values, **v);
       } else {
-        resp::AppendNull(out);
+        resp::AppendNull(&values);
       }
     }
+    resp::AppendArrayHeader(out, argc - 1);
+    out->append(values);
     return;
   }
   if (cmd == "SET") {

@@ -11,7 +11,9 @@
 #include <map>
 
 #include "replica/engine.h"
+#include "replication/resp_server.h"
 #include "tests/replication/fake_arbiter.h"
+#include "tests/support/resp_client.h"
 #include "tests/support/etcd_server.h"
 #include "tests/support/test_util.h"
 #include "wal/wal.h"
@@ -699,6 +701,24 @@ TEST(EngineTest, BadOptionsAreClearErrors) {
   EXPECT_FALSE(CommitRule::Parse("remote-write:0").ok());
   EXPECT_FALSE(CommitRule::Parse("quorum").ok());
   EXPECT_EQ(CommitRule::Parse("remote-apply:2")->ToString(), "remote-apply:2");
+}
+
+// MGET of a key that cannot be read is an error, not a null ("no such key").
+TEST(EngineTest, RespMgetReportsAReadErrorInsteadOfANull) {
+  TempDir dir;
+  auto e = OpenOrDie(Node(dir, "a"));
+  RespServerOptions ro;
+  ro.port = 0;
+  auto server = RespServer::Start(e.get(), ro);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  test::RespClient c((*server)->port());
+  ASSERT_EQ(c.Command({"SET", "k", "v"}), "+OK");
+  ASSERT_EQ(c.Command({"MGET", "k", "missing"}), "*2");
+  c.Close();
+  ASSERT_TRUE(e->Close().ok());  // reads fail from here on
+  const std::string reply = c.Command({"MGET", "k", "missing"});
+  EXPECT_EQ(reply.rfind("-ERR", 0), 0u) << reply;
+  (*server)->Stop();
 }
 
 TEST(WriteBatchTest, EncodeDecodeAndDamage) {

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/resp_client.h"
 #include "tests/support/test_util.h"
 
 namespace replica::test {
@@ -145,61 +146,5 @@ inline bool CaughtUp(Daemon& active, Daemon& standby) {
 
 namespace replica::test {
 
-// A Redis-protocol client on one connection (what a client library does):
-// Command sends one command and returns the first line of the reply, or ""
-// if the connection failed (it reconnects on the next call).
-class RespClient {
- public:
-  explicit RespClient(int port) : port_(port) {}
-  ~RespClient() { Close(); }
-  std::string Command(const std::vector<std::string>& args) {
-    if (fd_ < 0) {
-      fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in addr{};
-      addr.sin_family = AF_INET;
-      addr.sin_port = htons(static_cast<uint16_t>(port_));
-      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-      timeval tv{5, 0};
-      ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-      if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-        Close();
-        return "";
-      }
-    }
-    std::string req = "*" + std::to_string(args.size()) + "\r\n";
-    for (const auto& a : args) req += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
-    if (::send(fd_, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
-      Close();
-      return "";
-    }
-    std::string line;
-    char c;
-    while (::recv(fd_, &c, 1, 0) == 1) {
-      if (c == '\n') break;
-      if (c != '\r') line += c;
-    }
-    if (line.empty()) {
-      Close();
-      return "";
-    }
-    if (line[0] == '$' && line != "$-1") {  // a bulk string: read its body
-      line.clear();
-      while (::recv(fd_, &c, 1, 0) == 1) {
-        if (c == '\n') break;
-        if (c != '\r') line += c;
-      }
-      return line;
-    }
-    return line;
-  }
-  void Close() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int port_;
-  int fd_ = -1;
-};
 
 }  // namespace replica::test
