@@ -892,8 +892,10 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
       // without it): after the grace, it is removed from the set in etcd,
       // then the write is acknowledged without it.
       if (!waiter.cv.WaitUntil(grace) && Clock::now() >= grace) {
+        // Another writer's drop under way: look again soon after it ends.
+        const bool busy = sync_dropping_;
         DropLaggingMembers(lsn);
-        grace = Clock::now() + opts_.sync_grace;  // again, if etcd could not be told
+        grace = Clock::now() + (busy ? std::min<std::chrono::milliseconds>(opts_.sync_grace, 10ms) : opts_.sync_grace);
       }
       continue;
     }
@@ -1721,8 +1723,13 @@ void EngineImpl::RoleLoop() {
             for (const auto& id : sync_listed_) {
               if (Judged(id) && (sync_confirmed_ || MemberLsn(id) >= commit_lsn_)) next.insert(id);
             }
-            for (const auto& id : sync_joining_) {
-              if (Judged(id) && (sync_confirmed_ || MemberLsn(id) >= commit_lsn_)) next.insert(id);
+            for (auto it = sync_joining_.begin(); it != sync_joining_.end();) {
+              if (!Judged(*it)) {
+                it = sync_joining_.erase(it);  // not listed: it can go at once
+                continue;
+              }
+              if (sync_confirmed_ || MemberLsn(*it) >= commit_lsn_) next.insert(*it);
+              ++it;
             }
           }
           publish = next != sync_listed_ || sync_dirty_ || !sync_confirmed_;
@@ -1916,6 +1923,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
       sync_joining_.clear();
       if (rule_.mode != CommitRule::Mode::kAsync) sync_joining_ = keep;
       sync_backoff_.clear();
+      sync_drop_retry_ = Clock::time_point();
       sync_confirmed_ = false;
       sync_dirty_ = false;
     }
