@@ -357,6 +357,13 @@ Status SessionImpl::Enqueue(std::shared_ptr<OutItem> item, bool data) {
     if (cur > 0 && cur + bytes > cap) {
       refused_.store(true);
       ++ep_->mutable_stats().send_queue_full;
+      // The strand may have drained the queue between the check above and
+      // the flag: no later write completion would then tell the sender, so
+      // look again (on the strand) once the flag is set.
+      if (queued_bytes_.load() < cap / 2) {
+        auto self = shared_from_this();
+        asio::post(ex_, [self] { self->NotifyWritableIfDrained(); });
+      }
       return Status::Busy("send queue full (" + std::to_string(cur) + " bytes queued)");
     }
   }
