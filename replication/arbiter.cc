@@ -363,6 +363,7 @@ std::string NodeInfo::ToJson() const {
   o["db_bytes"] = db_bytes;
   o["resyncs"] = resyncs;
   if (!progress.empty()) o["progress"] = progress;
+  if (final_epoch != 0) o["final_epoch"] = final_epoch;
   return json::serialize(o);
 }
 
@@ -394,6 +395,7 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   n.db_bytes = U64(o, "db_bytes");
   n.resyncs = U64(o, "resyncs");
   n.progress = S(o, "progress");
+  n.final_epoch = U64(o, "final_epoch");
   if (n.id.empty()) return Status::Corruption("a node session without an id");
   return n;
 }

@@ -37,6 +37,9 @@ struct NodeInfo {
   uint64_t db_bytes = 0;       // disk use of RocksDB (SST files)
   uint64_t resyncs = 0;        // snapshots installed since the node started
   std::string progress;        // long work under way (resync, catch-up), or empty
+  // Set when the node saw the active of this epoch gone: its LSNs above are
+  // final for the election (nothing more arrives from that active).
+  uint64_t final_epoch = 0;
   std::string ToJson() const;
   static Result<NodeInfo> FromJson(const std::string& text);
 };

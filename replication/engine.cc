@@ -390,6 +390,9 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // rule itself holds: removes them from the set (etcd first).
   void DropLaggingMembers(wal::Lsn lsn) REQUIRES(mu_);
   std::thread role_thread_;
+  // Set while there is no active: the epoch whose active this node saw go
+  // (its published LSNs are final for the election); 0 otherwise.
+  std::atomic<uint64_t> final_epoch_{0};
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
@@ -1584,6 +1587,7 @@ NodeInfo EngineImpl::MyInfo() {
   n.applied_lsn = applied_lsn_;
   n.commit = rule_.ToString();
   n.progress = progress_;
+  n.final_epoch = final_epoch_.load();
   if (role_.load() == Role::kActive) n.slots = slots_;
   n.client_address = client_address_.empty() ? opts_.client_address : client_address_;
   if (role_.load() == Role::kActive) {
@@ -1771,9 +1775,10 @@ void EngineImpl::RoleLoop() {
       // is given a lease TTL to win before the others campaign anyway.
       if (vacancy_seen == Clock::time_point()) {
         vacancy_seen = now;
+        final_epoch_ = epoch_.load();  // the LSNs published now are final for this election
         RLOG(kInfo, "engine.no_active") << "node=" << opts_.node_id << " (the active key is gone: election)";
         if (arbiter_->Publish(MyInfo()).ok()) last_publish = now;
-      } else if (now - vacancy_seen >= kSettle) {
+      } else {
         std::optional<std::vector<std::string>> sync;
         if (CurrentRule().mode != CommitRule::Mode::kAsync) {
           auto got = arbiter_->GetSyncSet();
@@ -1797,8 +1802,21 @@ void EngineImpl::RoleLoop() {
           return !sync || std::find(sync->begin(), sync->end(), id) != sync->end();
         };
         const NodeInfo me = MyInfo();
+        auto nodes = arbiter_->GetNodes();
+        // Settled once every eligible node has published its final LSNs
+        // for this election, or after kSettle at the latest.
+        bool settled = now - vacancy_seen >= kSettle;
+        if (!settled && nodes.ok()) {
+          settled = std::all_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) {
+            return n.id == me.id || !eligible(n.id) || n.final_epoch == me.final_epoch;
+          });
+        }
+        if (!settled) {
+          arbiter_->WaitForChange(seen, std::min(vacancy_seen + kSettle, Clock::now() + 5ms));
+          continue;
+        }
         int ahead = 0;
-        if (auto nodes = arbiter_->GetNodes(); nodes.ok()) {
+        if (nodes.ok()) {
           for (const auto& n : *nodes) {
             if (n.id == me.id || !eligible(n.id)) continue;
             if (n.durable_lsn > me.durable_lsn || (n.durable_lsn == me.durable_lsn && n.id < me.id)) ++ahead;
@@ -1810,6 +1828,7 @@ void EngineImpl::RoleLoop() {
           auto won = arbiter_->Campaign(me, wal_->last_epoch());
           if (won.ok() && *won) {
             vacancy_seen = Clock::time_point();
+            final_epoch_ = 0;
             Status st = Promote(**won);
             if (!st.ok()) {
               RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
@@ -1821,10 +1840,13 @@ void EngineImpl::RoleLoop() {
         }
       }
     }
-    if (active.ok() && *active) vacancy_seen = Clock::time_point();
+    if (active.ok() && *active) {
+      vacancy_seen = Clock::time_point();
+      final_epoch_ = 0;
+    }
     auto wake = Clock::now() + 200ms;
     if (vacancy_seen != Clock::time_point() && vacancy_seen + kSettle > Clock::now()) {
-      wake = std::min(wake, vacancy_seen + kSettle);  // campaign as soon as the settling ends
+      wake = std::min(wake, Clock::now() + 5ms);  // look for the others' final LSNs soon
     }
     arbiter_->WaitForChange(seen, wake);
   }
