@@ -405,49 +405,62 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// Engines under remote-write:1 sharing one FakeCluster as their arbiter,
+// and what the cluster lists as eligible (the sync set).
+struct SyncSetCluster {
+  TempDir dir;
+  test::FakeCluster cluster;
+  std::chrono::milliseconds grace{100};
+  EngineOptions Options(const std::string& id) {
+    EngineOptions o = Node(dir, id, "", "remote-write:1");
+    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
+    o.sync_grace = grace;
+    return o;
+  }
+  // Opens the first node and waits until it is the active.
+  std::unique_ptr<Engine> OpenActive(const std::string& id) {
+    auto e = OpenOrDie(Options(id));
+    EXPECT_TRUE(Eventually([&] { return e && e->status().role == Role::kActive; }));
+    return e;
+  }
+  bool Listed(const std::string& id) {
+    auto s = cluster.sync();
+    return s && std::find(s->begin(), s->end(), id) != s->end();
+  }
+};
+
 // Under remote-write:1 with two standbys, both are listed as eligible; when
 // one stops, a write it lacks is acknowledged only after the arbiter no
 // longer lists it (else the active and the other standby dying together
 // would let it win without that write). It is listed again once back.
 TEST(EngineTest, AStandbyThatLacksAnAcknowledgedWriteIsNeverListedAsEligible) {
-  TempDir dir;
-  test::FakeCluster cluster;
-  auto node = [&](const std::string& id) {
-    EngineOptions o = Node(dir, id, "", "remote-write:1");
-    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
-    o.sync_grace = 50ms;
-    return o;
-  };
-  auto listed = [&](const std::string& id) {
-    auto s = cluster.sync();
-    return s && std::find(s->begin(), s->end(), id) != s->end();
-  };
-  auto a = OpenOrDie(node("a"));
-  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
-  auto b = OpenOrDie(node("b"));
-  auto c = OpenOrDie(node("c"));
+  SyncSetCluster sc;
+  sc.grace = 50ms;
+  auto a = sc.OpenActive("a");
+  auto b = OpenOrDie(sc.Options("b"));
+  auto c = OpenOrDie(sc.Options("c"));
   ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 2; }));
   uint64_t last = WriteMany(a.get(), 20);
-  ASSERT_TRUE(Eventually([&] { return listed("b") && listed("c"); }));
+  ASSERT_TRUE(Eventually([&] { return sc.Listed("b") && sc.Listed("c"); }));
   ASSERT_TRUE(c->Close().ok());
   c.reset();
   // While etcd cannot be told, a write c lacks is not acknowledged.
-  cluster.HoldSyncPublishes(true);
+  sc.cluster.HoldSyncPublishes(true);
   auto held = std::async(std::launch::async, [&] { return WriteMany(a.get(), 1, 50); });
   EXPECT_EQ(held.wait_for(500ms), std::future_status::timeout) << "acknowledged before c was unlisted";
-  EXPECT_TRUE(listed("c"));
-  cluster.HoldSyncPublishes(false);
+  EXPECT_TRUE(sc.Listed("c"));
+  sc.cluster.HoldSyncPublishes(false);
   ASSERT_EQ(held.wait_for(30s), std::future_status::ready);
   EXPECT_GT(held.get(), 0u);
-  EXPECT_FALSE(listed("c"));
+  EXPECT_FALSE(sc.Listed("c"));
   for (int i = 0; i < 5; ++i) {
     last = WriteMany(a.get(), 1, 100 + i);
     ASSERT_GT(last, 0u);
-    EXPECT_FALSE(listed("c")) << "LSN " << last << " was acknowledged while c, which lacks it, was listed";
-    EXPECT_TRUE(listed("b"));
+    EXPECT_FALSE(sc.Listed("c")) << "LSN " << last << " was acknowledged while c, which lacks it, was listed";
+    EXPECT_TRUE(sc.Listed("b"));
   }
-  c = OpenOrDie(node("c"));
-  ASSERT_TRUE(Eventually([&] { return listed("c"); })) << "c never listed again after catching up";
+  c = OpenOrDie(sc.Options("c"));
+  ASSERT_TRUE(Eventually([&] { return sc.Listed("c"); })) << "c never listed again after catching up";
   last = WriteMany(a.get(), 5, 200);
   ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
   ASSERT_TRUE(c->Close().ok());
@@ -459,22 +472,11 @@ TEST(EngineTest, AStandbyThatLacksAnAcknowledgedWriteIsNeverListedAsEligible) {
 // a given instant: one that restarted is still listed again once caught up
 // (it joins on an acknowledgement that reaches the commit point).
 TEST(EngineTest, ARestartedStandbyIsListedAgainUnderSteadyLoad) {
-  TempDir dir;
-  test::FakeCluster cluster;
-  auto node = [&](const std::string& id) {
-    EngineOptions o = Node(dir, id, "", "remote-write:1");
-    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
-    return o;
-  };
-  auto listed = [&](const std::string& id) {
-    auto s = cluster.sync();
-    return s && std::find(s->begin(), s->end(), id) != s->end();
-  };
-  auto a = OpenOrDie(node("a"));
-  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
-  auto b = OpenOrDie(node("b"));
-  auto c = OpenOrDie(node("c"));
-  ASSERT_TRUE(Eventually([&] { return listed("b") && listed("c"); }));
+  SyncSetCluster sc;
+  auto a = sc.OpenActive("a");
+  auto b = OpenOrDie(sc.Options("b"));
+  auto c = OpenOrDie(sc.Options("c"));
+  ASSERT_TRUE(Eventually([&] { return sc.Listed("b") && sc.Listed("c"); }));
   ASSERT_TRUE(c->Close().ok());
   c.reset();
   std::atomic<bool> stop{false};
@@ -489,10 +491,10 @@ TEST(EngineTest, ARestartedStandbyIsListedAgainUnderSteadyLoad) {
       }
     });
   }
-  ASSERT_TRUE(Eventually([&] { return acked.load() > 200 && !listed("c"); }));
-  c = OpenOrDie(node("c"));
+  ASSERT_TRUE(Eventually([&] { return acked.load() > 200 && !sc.Listed("c"); }));
+  c = OpenOrDie(sc.Options("c"));
   const int before = acked.load();
-  EXPECT_TRUE(Eventually([&] { return listed("c"); })) << "c never listed again under load";
+  EXPECT_TRUE(Eventually([&] { return sc.Listed("c"); })) << "c never listed again under load";
   EXPECT_GT(acked.load(), before) << "the load stopped";
   stop = true;
   for (auto& w : writers) w.join();
@@ -504,19 +506,13 @@ TEST(EngineTest, ARestartedStandbyIsListedAgainUnderSteadyLoad) {
 // A new active writes its term's set before it takes writes: the standbys
 // the last active listed that are still alive (not d, listed but dead).
 TEST(EngineTest, ANewActiveListsOnlyLiveStandbysBeforeItsFirstWrite) {
-  TempDir dir;
-  test::FakeCluster cluster;
-  auto node = [&](const std::string& id) {
-    EngineOptions o = Node(dir, id, "", "remote-write:1");
-    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
-    o.sync_grace = 30s;  // a dead listed standby would hold every write back
-    return o;
-  };
-  auto a = OpenOrDie(node("a"));
-  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
-  auto b = OpenOrDie(node("b"));
-  auto c = OpenOrDie(node("c"));
-  auto d = OpenOrDie(node("d"));
+  SyncSetCluster sc;
+  sc.grace = 30s;  // a dead listed standby would hold every write back
+  auto& cluster = sc.cluster;
+  auto a = sc.OpenActive("a");
+  auto b = OpenOrDie(sc.Options("b"));
+  auto c = OpenOrDie(sc.Options("c"));
+  auto d = OpenOrDie(sc.Options("d"));
   ASSERT_TRUE(Eventually([&] {
     auto s = cluster.sync();
     return s && s->size() == 3;
