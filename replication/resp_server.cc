@@ -20,6 +20,9 @@
 namespace replica {
 namespace {
 
+// Pipelined SETs merged into one write stop at this many key and value bytes.
+constexpr size_t kMaxSetBatchBytes = 1 << 20;
+
 using namespace std::chrono_literals;
 
 // Where clients should go: the active's client port when it published one
@@ -183,19 +186,47 @@ void RespServerImpl::Serve(Client* c) {
     parser.Feed(std::string_view(buf, static_cast<size_t>(n)));
     bool broken = false;
     // Pipelined commands run in order; their replies go out together.
+    // Consecutive SETs of one pipeline share one write (one WAL record, one
+    // commit) instead of waiting for a commit each.
+    WriteBatch sets;
+    size_t set_count = 0, set_bytes = 0;
+    auto flush_sets = [&] {
+      if (set_count == 0) return;
+      auto lsn = engine_->Write(sets);
+      for (size_t i = 0; i < set_count; ++i) {
+        if (lsn.ok()) {
+          resp::AppendSimple(&out, "OK");
+        } else {
+          WriteReplyForStatus(lsn.status(), &out);
+        }
+      }
+      if (lsn.ok()) conn.last_write_lsn = *lsn;
+      sets = WriteBatch();
+      set_count = set_bytes = 0;
+    };
     for (;;) {
       auto outcome = parser.Next(&args, &error);
       if (outcome == resp::Parser::Outcome::kNeedMore) break;
       if (outcome == resp::Parser::Outcome::kError) {
+        flush_sets();
         ++stats_.protocol_errors;
         resp::AppendError(&out, "ERR " + error);
         broken = true;
         break;
       }
       ++stats_.commands;
+      if (args.size() == 3 && Upper(args[0]) == "SET") {
+        sets.Put(args[1], args[2]);
+        ++set_count;
+        set_bytes += args[1].size() + args[2].size();
+        if (set_bytes >= kMaxSetBatchBytes) flush_sets();
+        continue;
+      }
+      flush_sets();
       Execute(args, &conn, &out);
       if (conn.quit) break;
     }
+    flush_sets();
     if (!out.empty() && !SendAll(c->fd, out)) break;
     out.clear();
     if (broken) break;

@@ -717,6 +717,50 @@ TEST(EngineTest, RespMgetReportsAReadErrorInsteadOfANull) {
   (*server)->Stop();
 }
 
+// A pipeline of SETs shares one write (one WAL record) instead of one
+// commit each; every SET still gets its reply, in order, and a command that
+// is not a SET ends the run.
+TEST(EngineTest, RespPipelinedSetsShareOneWrite) {
+  TempDir dir;
+  auto e = OpenOrDie(Node(dir, "a"));
+  RespServerOptions ro;
+  ro.port = 0;
+  auto server = RespServer::Start(e.get(), ro);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  const uint64_t before = e->status().durable_lsn;
+  std::string req;
+  auto add = [&](const std::vector<std::string>& args) {
+    req += "*" + std::to_string(args.size()) + "\r\n";
+    for (const auto& a : args) req += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+  };
+  for (int i = 0; i < 100; ++i) add({"SET", "k" + std::to_string(i), "v" + std::to_string(i)});
+  add({"GET", "k99"});
+  add({"SET", "k0", "again"});
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons((*server)->port());
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  std::string expected;
+  for (int i = 0; i < 100; ++i) expected += "+OK\r\n";
+  expected += "$3\r\nv99\r\n+OK\r\n";
+  std::string got;
+  char buf[4096];
+  while (got.size() < expected.size()) {
+    ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  EXPECT_EQ(got, expected);
+  EXPECT_LE(e->status().durable_lsn - before, 4u) << "each SET of the pipeline was its own write";
+  EXPECT_EQ(*e->Get("k0"), std::optional<std::string>("again"));
+  EXPECT_EQ(*e->Get("k50"), std::optional<std::string>("v50"));
+  (*server)->Stop();
+}
+
 TEST(WriteBatchTest, EncodeDecodeAndDamage) {
   WriteBatch b;
   b.Put("a", "1");
