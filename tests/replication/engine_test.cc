@@ -699,22 +699,29 @@ TEST(EngineTest, BadOptionsAreClearErrors) {
   EXPECT_EQ(CommitRule::Parse("remote-apply:2")->ToString(), "remote-apply:2");
 }
 
+// The client port of an engine, on a free port.
+std::unique_ptr<RespServer> StartResp(Engine* e) {
+  RespServerOptions ro;
+  ro.port = 0;
+  auto server = RespServer::Start(e, ro);
+  EXPECT_TRUE(server.ok()) << server.status().ToString();
+  return server.ok() ? std::move(server).value() : nullptr;
+}
+
 // MGET of a key that cannot be read is an error, not a null ("no such key").
 TEST(EngineTest, RespMgetReportsAReadErrorInsteadOfANull) {
   TempDir dir;
   auto e = OpenOrDie(Node(dir, "a"));
-  RespServerOptions ro;
-  ro.port = 0;
-  auto server = RespServer::Start(e.get(), ro);
-  ASSERT_TRUE(server.ok()) << server.status().ToString();
-  test::RespClient c((*server)->port());
+  auto server = StartResp(e.get());
+  ASSERT_TRUE(server);
+  test::RespClient c(server->port());
   ASSERT_EQ(c.Command({"SET", "k", "v"}), "+OK");
   ASSERT_EQ(c.Command({"MGET", "k", "missing"}), "*2");
   c.Close();
   ASSERT_TRUE(e->Close().ok());  // reads fail from here on
   const std::string reply = c.Command({"MGET", "k", "missing"});
   EXPECT_EQ(reply.rfind("-ERR", 0), 0u) << reply;
-  (*server)->Stop();
+  server->Stop();
 }
 
 // A pipeline of SETs shares one write (one WAL record) instead of one
@@ -723,10 +730,8 @@ TEST(EngineTest, RespMgetReportsAReadErrorInsteadOfANull) {
 TEST(EngineTest, RespPipelinedSetsShareOneWrite) {
   TempDir dir;
   auto e = OpenOrDie(Node(dir, "a"));
-  RespServerOptions ro;
-  ro.port = 0;
-  auto server = RespServer::Start(e.get(), ro);
-  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  auto server = StartResp(e.get());
+  ASSERT_TRUE(server);
   const uint64_t before = e->status().durable_lsn;
   std::string req;
   auto add = [&](const std::vector<std::string>& args) {
@@ -739,7 +744,7 @@ TEST(EngineTest, RespPipelinedSetsShareOneWrite) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  addr.sin_port = htons((*server)->port());
+  addr.sin_port = htons(server->port());
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
   ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
@@ -758,7 +763,7 @@ TEST(EngineTest, RespPipelinedSetsShareOneWrite) {
   EXPECT_LE(e->status().durable_lsn - before, 4u) << "each SET of the pipeline was its own write";
   EXPECT_EQ(*e->Get("k0"), std::optional<std::string>("again"));
   EXPECT_EQ(*e->Get("k50"), std::optional<std::string>("v50"));
-  (*server)->Stop();
+  server->Stop();
 }
 
 TEST(WriteBatchTest, EncodeDecodeAndDamage) {
