@@ -363,7 +363,16 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // listed ones only once etcd no longer lists it).
   std::set<std::string> sync_listed_ GUARDED_BY(mu_);
   std::set<std::string> sync_joining_ GUARDED_BY(mu_);
-  std::map<std::string, Clock::time_point> sync_backoff_ GUARDED_BY(mu_);  // dropped for lag: not before
+  // A standby dropped for lagging joins again no sooner than `until`: the
+  // back-off doubles with each drop (from sync_rejoin_backoff, at most 64
+  // times it) and starts over after a minute without one, so that a standby
+  // that cannot keep up does not stall writes for a grace every second.
+  struct Backoff {
+    Clock::time_point until, last;
+    int drops = 0;
+  };
+  std::map<std::string, Backoff> sync_backoff_ GUARDED_BY(mu_);
+  void NoteDropped(const std::string& id) REQUIRES(mu_);
   bool sync_dirty_ GUARDED_BY(mu_) = false;  // the last write of the set failed
   bool sync_dropping_ GUARDED_BY(mu_) = false;  // a writer is removing laggards
   Clock::time_point sync_drop_retry_ GUARDED_BY(mu_);
@@ -424,6 +433,7 @@ Status EngineImpl::Init() {
   if (opts_.secret.empty()) return Status::InvalidArgument("the cluster secret is required");
   if (opts_.commit_timeout.count() < 1) return Status::InvalidArgument("commit_timeout must be at least 1 ms");
   if (opts_.sync_grace.count() < 1) return Status::InvalidArgument("sync_grace must be at least 1 ms");
+  if (opts_.sync_rejoin_backoff.count() < 0) return Status::InvalidArgument("sync_rejoin_backoff must not be negative");
   if (opts_.commit_fallback != "strict" && opts_.commit_fallback != "async") {
     return Status::InvalidArgument("commit_fallback '" + opts_.commit_fallback + "': expected strict or async");
   }
@@ -673,6 +683,15 @@ wal::Lsn EngineImpl::MembersHold() const {
   return low;
 }
 
+void EngineImpl::NoteDropped(const std::string& id) {
+  const auto now = Clock::now();
+  Backoff& b = sync_backoff_[id];
+  if (now - b.last > 60s) b.drops = 0;
+  b.drops = std::min(b.drops + 1, 7);
+  b.last = now;
+  b.until = now + opts_.sync_rejoin_backoff * (1 << (b.drops - 1));
+}
+
 bool EngineImpl::Judged(const std::string& id) const {
   auto it = standbys_.find(id);
   return slots_.count(id) && (it == standbys_.end() || !it->second->resync);
@@ -681,7 +700,7 @@ bool EngineImpl::Judged(const std::string& id) const {
 void EngineImpl::MaybeJoin(const Standby& sb) {
   if (!arbiter_ || role_.load() != Role::kActive || degraded_ || rule_.mode == CommitRule::Mode::kAsync) return;
   if (sb.resync || sb.flushed < commit_lsn_ || sync_listed_.count(sb.id) || sync_joining_.count(sb.id)) return;
-  if (auto b = sync_backoff_.find(sb.id); b != sync_backoff_.end() && Clock::now() < b->second) return;
+  if (auto b = sync_backoff_.find(sb.id); b != sync_backoff_.end() && Clock::now() < b->second.until) return;
   sync_joining_.insert(sb.id);
   arbiter_->Kick();
 }
@@ -746,11 +765,10 @@ bool EngineImpl::PublishSync(std::set<std::string> next) {
 void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
   const std::optional<wal::Lsn> quorum = QuorumLsn();
   if (degraded_ || !quorum || std::min(LocalDurable(), *quorum) < lsn || MembersHold() >= lsn) return;
-  const auto backoff = Clock::now() + 1s;  // before a dropped standby may join again
   // Joining ones are not listed yet: dropped at once.
   for (auto it = sync_joining_.begin(); it != sync_joining_.end();) {
     if (MemberLsn(*it) < lsn) {
-      sync_backoff_[*it] = backoff;
+      NoteDropped(*it);
       it = sync_joining_.erase(it);
     } else {
       ++it;
@@ -777,7 +795,7 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
         if (MemberLsn(id) >= lsn || role_.load() != Role::kActive) {
           keep.insert(id);
         } else {
-          sync_backoff_[id] = backoff;
+          NoteDropped(id);
           dropped += (dropped.empty() ? "" : ",") + id;
         }
       }
@@ -788,7 +806,7 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
         for (const auto& [id, sb] : standbys_) {
           if (sb->resync || sb->flushed < lsn || keep.count(id)) continue;
           sync_joining_.insert(id);
-          sync_backoff_.erase(id);
+          sync_backoff_[id].until = Clock::time_point();  // it holds the write: no wait
           keep.insert(id);
         }
       }

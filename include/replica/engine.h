@@ -77,6 +77,10 @@ struct EngineOptions {
   // holds without it, is first removed from the set in etcd, then the write
   // is acknowledged. It rejoins once it holds everything committed again.
   std::chrono::milliseconds sync_grace{100};
+  // A standby dropped from the sync set for lagging may join again after
+  // this long, doubled with each further drop (at most 64 times it), and
+  // back to this after a minute without a drop.
+  std::chrono::milliseconds sync_rejoin_backoff{1000};
   // WAL: "every" | "interval" | "none" (see docs/wal-format.md)
   std::string wal_sync = "every";
   uint64_t wal_segment_size = 64ull << 20;

@@ -411,10 +411,12 @@ struct SyncSetCluster {
   TempDir dir;
   test::FakeCluster cluster;
   std::chrono::milliseconds grace{100};
+  std::chrono::milliseconds rejoin{1000};
   EngineOptions Options(const std::string& id) {
     EngineOptions o = Node(dir, id, "", "remote-write:1");
     o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
     o.sync_grace = grace;
+    o.sync_rejoin_backoff = rejoin;
     return o;
   }
   // Opens the first node and waits until it is the active.
@@ -498,6 +500,38 @@ TEST(EngineTest, ARestartedStandbyIsListedAgainUnderSteadyLoad) {
   EXPECT_GT(acked.load(), before) << "the load stopped";
   stop = true;
   for (auto& w : writers) w.join();
+  ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
+// A standby that keeps falling behind waits longer each time before it is
+// listed again (else it would stall writes for a grace every second).
+TEST(EngineTest, AStandbyDroppedAgainWaitsLongerToBeListed) {
+  SyncSetCluster sc;
+  sc.grace = 20ms;
+  sc.rejoin = 400ms;
+  auto a = sc.OpenActive("a");
+  auto b = OpenOrDie(sc.Options("b"));
+  auto c = OpenOrDie(sc.Options("c"));
+  ASSERT_TRUE(Eventually([&] { return sc.Listed("b") && sc.Listed("c"); }));
+  std::vector<std::chrono::steady_clock::duration> waited;
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_TRUE(c->Close().ok());
+    c.reset();
+    ASSERT_GT(WriteMany(a.get(), 1, 100 + round), 0u);  // c lacks it: dropped first
+    ASSERT_FALSE(sc.Listed("c"));
+    const auto dropped = std::chrono::steady_clock::now();
+    c = OpenOrDie(sc.Options("c"));
+    ASSERT_TRUE(Eventually([&] {
+      (void)WriteMany(a.get(), 1, 200 + round);  // acknowledgements that may let it join
+      return sc.Listed("c");
+    }));
+    waited.push_back(std::chrono::steady_clock::now() - dropped);
+  }
+  // At least the back-off each time: 400 ms, then 800 ms.
+  EXPECT_GE(waited[0], 400ms);
+  EXPECT_GE(waited[1], 800ms) << "the second drop did not double the wait";
   ASSERT_TRUE(c->Close().ok());
   ASSERT_TRUE(b->Close().ok());
   ASSERT_TRUE(a->Close().ok());
