@@ -131,6 +131,16 @@ class EtcdArbiter final : public Arbiter {
     return std::optional<uint64_t>(epoch);
   }
 
+  Result<uint64_t> GetEpoch() override {
+    REPLICA_ASSIGN_OR_RETURN(auto kv, client_->Get(prefix_ + "epoch"));
+    if (!kv) return uint64_t{0};
+    try {
+      return static_cast<uint64_t>(std::stoull(kv->value));
+    } catch (...) {
+      return Status::Corruption("etcd key " + prefix_ + "epoch holds '" + kv->value + "', not an epoch");
+    }
+  }
+
   Status Resign(const std::string& id) override {
     REPLICA_ASSIGN_OR_RETURN(auto kv, client_->Get(prefix_ + "active"));
     if (!kv) return Status::OK();

@@ -37,8 +37,9 @@ struct NodeInfo {
   uint64_t db_bytes = 0;       // disk use of RocksDB (SST files)
   uint64_t resyncs = 0;        // snapshots installed since the node started
   std::string progress;        // long work under way (resync, catch-up), or empty
-  // Set when the node saw the active of this epoch gone: its LSNs above are
-  // final for the election (nothing more arrives from that active).
+  // Set while there is no active, to the cluster's epoch key as the node
+  // read it then: its LSNs above are final for that election (nothing more
+  // arrives from the active that is gone). 0 otherwise.
   uint64_t final_epoch = 0;
   std::string ToJson() const;
   static Result<NodeInfo> FromJson(const std::string& text);
@@ -68,6 +69,8 @@ class Arbiter {
   // in one transaction; the active key lives under this node's lease.
   // Returns the new epoch, or nullopt if another node is the active.
   virtual Result<std::optional<uint64_t>> Campaign(const NodeInfo& me, uint64_t min_epoch) = 0;
+  // The cluster's epoch key: the last epoch won (0 before the first).
+  virtual Result<uint64_t> GetEpoch() = 0;
   // Deletes the active key if it is this node's (planned hand-over).
   virtual Status Resign(const std::string& id) = 0;
   // The standbys that hold every write the active acknowledged (eligible

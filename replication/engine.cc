@@ -109,6 +109,15 @@ struct Standby {
   std::thread shipper;
   Mutex writable_mu;
   CondVar writable_cv{&writable_mu};  // also: snapshot_request arrived
+  // Set by OnWritable, so that a send refused just before it still sees it.
+  bool writable_signaled = false;  // guarded by writable_mu
+  // After a send refused for a full queue: until the transport says the
+  // queue drained (or 100 ms, then the caller tries again).
+  void WaitWritable() {
+    MutexLock l(&writable_mu);
+    if (!writable_signaled) writable_cv.WaitUntil(std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
+    writable_signaled = false;
+  }
   std::optional<proto::SnapshotRequest> snapshot_request;  // guarded by writable_mu
 };
 
@@ -368,7 +377,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // times it) and starts over after a minute without one, so that a standby
   // that cannot keep up does not stall writes for a grace every second.
   struct Backoff {
-    Clock::time_point until, last;
+    Clock::time_point until;
     int drops = 0;
   };
   std::map<std::string, Backoff> sync_backoff_ GUARDED_BY(mu_);
@@ -433,7 +442,9 @@ Status EngineImpl::Init() {
   if (opts_.secret.empty()) return Status::InvalidArgument("the cluster secret is required");
   if (opts_.commit_timeout.count() < 1) return Status::InvalidArgument("commit_timeout must be at least 1 ms");
   if (opts_.sync_grace.count() < 1) return Status::InvalidArgument("sync_grace must be at least 1 ms");
-  if (opts_.sync_rejoin_backoff.count() < 0) return Status::InvalidArgument("sync_rejoin_backoff must not be negative");
+  if (opts_.sync_rejoin_backoff.count() < 0 || opts_.sync_rejoin_backoff > std::chrono::hours(1)) {
+    return Status::InvalidArgument("sync_rejoin_backoff must be 0..1 h");
+  }
   if (opts_.commit_fallback != "strict" && opts_.commit_fallback != "async") {
     return Status::InvalidArgument("commit_fallback '" + opts_.commit_fallback + "': expected strict or async");
   }
@@ -686,9 +697,8 @@ wal::Lsn EngineImpl::MembersHold() const {
 void EngineImpl::NoteDropped(const std::string& id) {
   const auto now = Clock::now();
   Backoff& b = sync_backoff_[id];
-  if (now - b.last > 60s) b.drops = 0;
+  if (now - b.until > 60s) b.drops = 0;  // a quiet minute since it was let back
   b.drops = std::min(b.drops + 1, 7);
-  b.last = now;
   b.until = now + opts_.sync_rejoin_backoff * (1 << (b.drops - 1));
 }
 
@@ -787,6 +797,7 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
     MutexLock sl(&sync_mu_);
     std::set<std::string> keep;
     std::string dropped;
+    std::vector<std::string> dropped_ids;
     {
       MutexLock l(&mu_);
       for (const auto& id : sync_listed_) {
@@ -795,7 +806,7 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
         if (MemberLsn(id) >= lsn || role_.load() != Role::kActive) {
           keep.insert(id);
         } else {
-          NoteDropped(id);
+          dropped_ids.push_back(id);
           dropped += (dropped.empty() ? "" : ",") + id;
         }
       }
@@ -806,7 +817,8 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
         for (const auto& [id, sb] : standbys_) {
           if (sb->resync || sb->flushed < lsn || keep.count(id)) continue;
           sync_joining_.insert(id);
-          sync_backoff_[id].until = Clock::time_point();  // it holds the write: no wait
+          Backoff& b = sync_backoff_[id];
+          b.until = std::min(b.until, Clock::now());  // it holds the write: no wait
           keep.insert(id);
         }
       }
@@ -815,8 +827,11 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
       RLOG(kWarn, "engine.sync_member_lagging") << "node=" << opts_.node_id << " lsn=" << lsn << " standbys=" << dropped
                                                 << " grace_ms=" << opts_.sync_grace.count()
                                                 << " (no longer eligible for promotion until caught up)";
-      if (!PublishSync(std::move(keep))) {
-        MutexLock l(&mu_);
+      const bool published = PublishSync(std::move(keep));
+      MutexLock l(&mu_);
+      if (published) {
+        for (const auto& id : dropped_ids) NoteDropped(id);  // counted once etcd took it
+      } else {
         sync_drop_retry_ = Clock::now() + opts_.sync_grace;
       }
     }
@@ -1206,8 +1221,7 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
       }
       if (st.code() != StatusCode::kBusy || sb->stop.load()) return;
       // The standby is slow: stop reading the log until the queue drains.
-      MutexLock l(&sb->writable_mu);
-      sb->writable_cv.WaitUntil(Clock::now() + 100ms);
+      sb->WaitWritable();
     }
   }
 }
@@ -1220,8 +1234,7 @@ bool EngineImpl::SendFileRange(Standby* sb, const std::shared_ptr<const void>& k
       Status st = sb->session->SendFile(keep, fd, offset, n);
       if (st.ok()) break;
       if (st.code() != StatusCode::kBusy || sb->stop.load()) return false;
-      MutexLock l(&sb->writable_mu);
-      sb->writable_cv.WaitUntil(Clock::now() + 100ms);
+      sb->WaitWritable();
     }
     offset += n;
     length -= n;
@@ -1793,7 +1806,11 @@ void EngineImpl::RoleLoop() {
       // is given a lease TTL to win before the others campaign anyway.
       if (vacancy_seen == Clock::time_point()) {
         vacancy_seen = now;
-        final_epoch_ = epoch_.load();  // the LSNs published now are final for this election
+        // The LSNs published now are final for this election, which every
+        // node names alike: by the epoch key (each win bumps it, so a mark
+        // left from an earlier election never matches).
+        auto e = arbiter_->GetEpoch();
+        final_epoch_ = e.ok() ? *e : 0;
         RLOG(kInfo, "engine.no_active") << "node=" << opts_.node_id << " (the active key is gone: election)";
         if (arbiter_->Publish(MyInfo()).ok()) last_publish = now;
       } else {
@@ -1826,7 +1843,7 @@ void EngineImpl::RoleLoop() {
         bool settled = now - vacancy_seen >= kSettle;
         if (!settled && nodes.ok()) {
           settled = std::all_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) {
-            return n.id == me.id || !eligible(n.id) || n.final_epoch == me.final_epoch;
+            return n.id == me.id || !eligible(n.id) || (me.final_epoch != 0 && n.final_epoch == me.final_epoch);
           });
         }
         if (!settled) {
@@ -1860,7 +1877,8 @@ void EngineImpl::RoleLoop() {
     }
     if (active.ok() && *active) {
       vacancy_seen = Clock::time_point();
-      final_epoch_ = 0;
+      // The mark goes from the published session at once.
+      if (final_epoch_.exchange(0) != 0 && arbiter_->Publish(MyInfo()).ok()) last_publish = Clock::now();
     }
     auto wake = Clock::now() + 200ms;
     if (vacancy_seen != Clock::time_point() && vacancy_seen + kSettle > Clock::now()) {
@@ -2585,6 +2603,7 @@ void EngineImpl::OnWritable(const std::shared_ptr<transport::Session>& s) {
     if (!sb) return;
   }
   MutexLock l(&sb->writable_mu);
+  sb->writable_signaled = true;
   sb->writable_cv.SignalAll();
 }
 

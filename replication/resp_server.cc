@@ -193,13 +193,13 @@ void RespServerImpl::Serve(Client* c) {
     auto flush_sets = [&] {
       if (set_count == 0) return;
       auto lsn = engine_->Write(sets);
-      for (size_t i = 0; i < set_count; ++i) {
-        if (lsn.ok()) {
-          resp::AppendSimple(&out, "OK");
-        } else {
-          WriteReplyForStatus(lsn.status(), &out);
-        }
+      std::string reply;
+      if (lsn.ok()) {
+        resp::AppendSimple(&reply, "OK");
+      } else {
+        WriteReplyForStatus(lsn.status(), &reply);
       }
+      for (size_t i = 0; i < set_count; ++i) out += reply;
       if (lsn.ok()) conn.last_write_lsn = *lsn;
       sets = WriteBatch();
       set_count = set_bytes = 0;

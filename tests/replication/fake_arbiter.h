@@ -89,6 +89,10 @@ class FakeArbiter final : public Arbiter {
     c_->Changed();
     return std::optional<uint64_t>(c_->epoch_);
   }
+  Result<uint64_t> GetEpoch() override {
+    MutexLock l(&c_->mu_);
+    return c_->epoch_;
+  }
   Status Resign(const std::string& id) override {
     MutexLock l(&c_->mu_);
     if (c_->active_ && c_->active_->id == id) {
