@@ -98,14 +98,7 @@ class EtcdArbiter final : public Arbiter {
   Result<std::optional<uint64_t>> Campaign(const NodeInfo& me, uint64_t min_epoch) override {
     const std::string epoch_key = prefix_ + "epoch";
     REPLICA_ASSIGN_OR_RETURN(auto current, client_->Get(epoch_key));
-    uint64_t stored = 0;
-    if (current) {
-      try {
-        stored = std::stoull(current->value);
-      } catch (...) {
-        return Status::Corruption("etcd key " + epoch_key + " holds '" + current->value + "', not an epoch");
-      }
-    }
+    REPLICA_ASSIGN_OR_RETURN(uint64_t stored, StoredEpoch(current));
     const uint64_t epoch = std::max(stored, min_epoch) + 1;
     int64_t lease;
     {
@@ -133,12 +126,7 @@ class EtcdArbiter final : public Arbiter {
 
   Result<uint64_t> GetEpoch() override {
     REPLICA_ASSIGN_OR_RETURN(auto kv, client_->Get(prefix_ + "epoch"));
-    if (!kv) return uint64_t{0};
-    try {
-      return static_cast<uint64_t>(std::stoull(kv->value));
-    } catch (...) {
-      return Status::Corruption("etcd key " + prefix_ + "epoch holds '" + kv->value + "', not an epoch");
-    }
+    return StoredEpoch(kv);
   }
 
   Status Resign(const std::string& id) override {
@@ -244,6 +232,16 @@ class EtcdArbiter final : public Arbiter {
 
  private:
   std::string NodeKey(const std::string& id) const { return prefix_ + "nodes/" + id; }
+
+  // The value of the epoch key (0 when absent).
+  Result<uint64_t> StoredEpoch(const std::optional<etcd::KeyValue>& kv) const {
+    if (!kv) return uint64_t{0};
+    try {
+      return static_cast<uint64_t>(std::stoull(kv->value));
+    } catch (...) {
+      return Status::Corruption("etcd key " + prefix_ + "epoch holds '" + kv->value + "', not an epoch");
+    }
+  }
 
   Status NewSession() {
     const auto sent = Clock::now();

@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "wal/wal.h"
@@ -22,6 +24,20 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// Waits until pred holds or `limit` passes; returns whether it held. For
+// state that raises no event a test could wait on (stats, etcd, a peer's
+// metrics page), so it looks again every `every`.
+template <typename Pred>
+bool Eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(30),
+                std::chrono::milliseconds every = std::chrono::milliseconds(10)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(every);
+  }
+  return true;
+}
 
 // Payload of `size` bytes determined by `seed`, so a reader can check every byte.
 std::string Payload(uint64_t seed, size_t size);

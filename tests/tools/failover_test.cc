@@ -181,11 +181,11 @@ std::string Repctl(const std::string& etcd, const std::string& args, int* code) 
 // every 0.5 s, the sync set every 0.2 s): nothing to wait on but etcd.
 std::string RepctlUntil(const std::string& etcd, const std::string& args, const std::function<bool(const std::string&)>& want) {
   std::string out;
-  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(50ms)) {
+  test::Eventually([&] {
     int code = 0;
     out = Repctl(etcd, args, &code);
-    if (want(out)) break;
-  }
+    return want(out);
+  }, 10s, 50ms);
   return out;
 }
 

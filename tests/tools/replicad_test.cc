@@ -175,8 +175,7 @@ TEST(ReplicadTest, ActiveRestartedUnderLoadKeepsItsStandbys) {
                  std::to_string(n));
   };
   std::thread load([&] { bench(20000); });
-  const auto deadline = Clock::now() + 60s;
-  while (InfoField(*a, "master_repl_offset") < 5000 && Clock::now() < deadline) std::this_thread::sleep_for(20ms);
+  test::Eventually([&] { return InfoField(*a, "master_repl_offset") >= 5000; }, 60s, 20ms);
   EXPECT_EQ(a->Kill(SIGKILL), 128 + SIGKILL);  // mid-load: the benchmark's connections break
   load.join();
   a = std::make_unique<Daemon>(dir, "a", listen);
@@ -239,10 +238,10 @@ TEST(ReplicadTest, PrometheusMetrics) {
   EXPECT_EQ(a.Cli("PING"), "PONG\n");
   // The standby's own view of its lag, from the active's heartbeats (every 0.5 s).
   std::string bpage;
-  for (auto until = Clock::now() + 10s; Clock::now() < until; std::this_thread::sleep_for(100ms)) {
+  test::Eventually([&] {
     bpage = Exchange(b.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    if (bpage.find("replica_upstream_last_lsn{node=\"b\"} 5\n") != std::string::npos) break;
-  }
+    return bpage.find("replica_upstream_last_lsn{node=\"b\"} 5\n") != std::string::npos;
+  }, 10s, 100ms);
   EXPECT_NE(bpage.find("replica_upstream_last_lsn{node=\"b\"} 5\n"), std::string::npos) << bpage;
   EXPECT_NE(bpage.find("replica_upstream_lag_records{node=\"b\"} 0\n"), std::string::npos) << bpage;
   EXPECT_NE(bpage.find("replica_upstream_lag_bytes{node=\"b\"} 0\n"), std::string::npos) << bpage;

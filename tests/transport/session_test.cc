@@ -183,10 +183,8 @@ TEST(SessionTest, ConcurrentSendersKeepEachOnesOrderAndEveryByte) {
   }
   // The gate opens once the socket buffers are full and frames queue up
   // behind them (or the senders are done: then every frame is in flight).
-  for (auto until = Clock::now() + 10s;
-       p.client_session->queued_bytes() < (1u << 20) && senders_done.load() < kThreads && Clock::now() < until;) {
-    std::this_thread::sleep_for(1ms);  // queued_bytes raises no event
-  }
+  test::Eventually([&] { return p.client_session->queued_bytes() >= (1u << 20) || senders_done.load() == kThreads; },
+                   10s, 1ms);  // queued_bytes raises no event
   p.server_rec.SetGate(true);
   for (auto& t : senders) t.join();
   const size_t want_data = static_cast<size_t>(kThreads) * (kFrames / 50) * payload->size();
@@ -272,9 +270,7 @@ TEST(SessionTest, DataWithoutCopies) {
     EXPECT_EQ(p.server_rec.data_frames_, 2u);
     // The sender counts a frame once its write completes, which may be just
     // after the receiver has it all: a bounded wait (stats raise no event).
-    for (auto until = Clock::now() + 10s; p.client->stats().data_bytes_sent.load() < want && Clock::now() < until;) {
-      std::this_thread::sleep_for(1ms);
-    }
+    test::Eventually([&] { return p.client->stats().data_bytes_sent.load() >= want; }, 10s, 1ms);
     EXPECT_EQ(p.client->stats().payload_bytes_copied.load(), sendfile ? 0u : file_bytes.size() - 1000);
     EXPECT_EQ(p.client->stats().data_bytes_sent.load(), want);
   }
