@@ -403,7 +403,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::optional<wal::Lsn> QuorumLsn() const REQUIRES(mu_);
   // Under sync_mu_: publishes `next` as the sync set, holding commit to
   // every member of both sets until etcd has it. False if etcd refused.
-  bool PublishSync(std::set<std::string> next) REQUIRES(sync_mu_) EXCLUDES(mu_);
+  Status PublishSync(std::set<std::string> next) REQUIRES(sync_mu_) EXCLUDES(mu_);
   // A write waited past --sync-grace-ms for members that lack it while the
   // rule itself holds: removes them from the set (etcd first).
   void DropLaggingMembers(wal::Lsn lsn) REQUIRES(mu_);
@@ -734,7 +734,7 @@ wal::Lsn EngineImpl::ComputeCommit() {
   return std::max(commit_lsn_, std::min(by_rule, MembersHold()));
 }
 
-bool EngineImpl::PublishSync(std::set<std::string> next) {
+Status EngineImpl::PublishSync(std::set<std::string> next) {
   {
     MutexLock l(&mu_);
     for (auto it = next.begin(); it != next.end();) {
@@ -758,7 +758,7 @@ bool EngineImpl::PublishSync(std::set<std::string> next) {
   if (!st.ok()) {
     sync_dirty_ = true;
     RLOG(kDebug, "engine.sync_set_not_published") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
-    return false;
+    return st;
   }
   sync_dirty_ = false;
   if (next != sync_listed_ || !sync_confirmed_) {
@@ -769,7 +769,7 @@ bool EngineImpl::PublishSync(std::set<std::string> next) {
   sync_confirmed_ = true;
   sync_listed_ = std::move(next);
   AdvanceCommit();
-  return true;
+  return Status::OK();
 }
 
 void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
@@ -827,7 +827,7 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
       RLOG(kWarn, "engine.sync_member_lagging") << "node=" << opts_.node_id << " lsn=" << lsn << " standbys=" << dropped
                                                 << " grace_ms=" << opts_.sync_grace.count()
                                                 << " (no longer eligible for promotion until caught up)";
-      const bool published = PublishSync(std::move(keep));
+      const bool published = PublishSync(std::move(keep)).ok();
       MutexLock l(&mu_);
       if (published) {
         for (const auto& id : dropped_ids) NoteDropped(id);  // counted once etcd took it
@@ -937,43 +937,38 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     }
     if (waiter.cv.WaitUntil(deadline) || Clock::now() < deadline) continue;
     if (opts_.commit_fallback == "async") {
-      if (!degraded_ && arbiter_) {
+      bool withdrawn = true;
+      const bool withdraw = !degraded_ && arbiter_;
+      if (withdraw) {
         // Nothing is acknowledged without the standbys until etcd no longer
-        // lists them as eligible for promotion.
+        // lists them as eligible for promotion (degraded_ is set under
+        // sync_mu_, so that no role-loop write of the set comes between).
         mu_.Unlock();
         sync_mu_.Lock();
-        Status ps = arbiter_->PublishSyncSet({});
-        mu_.Lock();
-        if (ps.ok()) {
-          sync_listed_.clear();
+        {
+          MutexLock jl(&mu_);
           sync_joining_.clear();
-          sync_confirmed_ = true;
-        } else {
-          sync_dirty_ = true;
         }
-        if (ps.ok() && !degraded_) {
-          degraded_ = true;
-          degraded_at_ = wal_->last_lsn();
-          ++fallbacks_;
-          RLOG(kWarn, "engine.commit_fallback") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
-                                                << " lsn=" << lsn << " waited_ms=" << opts_.commit_timeout.count()
-                                                << " standbys=" << standbys_.size()
-                                                << " (acknowledging as async; no standby is eligible now)";
-        }
-        sync_mu_.Unlock();
-        if (!ps.ok()) {
+        Status ps = PublishSync({});
+        mu_.Lock();
+        withdrawn = ps.ok();
+        if (!withdrawn) {
           RLOG(kWarn, "engine.commit_waiting") << "node=" << opts_.node_id << " lsn=" << lsn
                                                << " (cannot withdraw the standbys' eligibility from etcd: "
                                                << ps.ToString() << ")";
         }
-      } else if (!degraded_) {
+      }
+      if (withdrawn && !degraded_) {
         degraded_ = true;
         degraded_at_ = wal_->last_lsn();
         ++fallbacks_;
         RLOG(kWarn, "engine.commit_fallback") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
                                               << " lsn=" << lsn << " waited_ms=" << opts_.commit_timeout.count()
-                                              << " standbys=" << standbys_.size() << " (acknowledging as async)";
+                                              << " standbys=" << standbys_.size()
+                                              << (arbiter_ ? " (acknowledging as async; no standby is eligible now)"
+                                                           : " (acknowledging as async)");
       }
+      if (withdraw) sync_mu_.Unlock();
       AdvanceCommit();
     } else if (!warned) {
       warned = true;  // strict: keep waiting, say so once per write

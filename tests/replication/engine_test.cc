@@ -93,16 +93,7 @@ void ExpectSameRecords(const std::string& a, const std::string& b) {
   }
 }
 
-// Waits (bounded) until pred holds; the engine offers nothing to wait on here.
-template <typename Pred>
-bool Eventually(Pred pred, std::chrono::seconds limit = 30s) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(10ms);
-  }
-  return true;
-}
+using test::Eventually;
 
 uint64_t WriteMany(Engine* e, int batches, int start = 0) {
   uint64_t last = 0;
@@ -502,6 +493,32 @@ TEST(EngineTest, ARestartedStandbyIsListedAgainUnderSteadyLoad) {
   for (auto& w : writers) w.join();
   ASSERT_TRUE(c->Close().ok());
   ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
+// The async fallback withdraws every standby's eligibility in etcd before
+// it acknowledges anything without them.
+TEST(EngineTest, AsyncFallbackUnlistsTheStandbysFirst) {
+  SyncSetCluster sc;
+  auto ao = sc.Options("a");
+  ao.commit_timeout = 300ms;
+  ao.commit_fallback = "async";
+  auto a = OpenOrDie(ao);
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(sc.Options("b"));
+  ASSERT_TRUE(Eventually([&] { return sc.Listed("b"); }));
+  ASSERT_GT(WriteMany(a.get(), 5), 0u);
+  ASSERT_TRUE(b->Close().ok());
+  b.reset();
+  sc.cluster.HoldSyncPublishes(true);
+  auto held = std::async(std::launch::async, [&] { return WriteMany(a.get(), 1, 50); });
+  EXPECT_EQ(held.wait_for(1s), std::future_status::timeout) << "acknowledged as async while b was still listed";
+  EXPECT_FALSE(a->status().commit_degraded);
+  sc.cluster.HoldSyncPublishes(false);
+  ASSERT_EQ(held.wait_for(30s), std::future_status::ready);
+  EXPECT_GT(held.get(), 0u);
+  EXPECT_TRUE(a->status().commit_degraded);
+  EXPECT_EQ(sc.cluster.sync(), std::optional<std::vector<std::string>>(std::vector<std::string>{}));
   ASSERT_TRUE(a->Close().ok());
 }
 
