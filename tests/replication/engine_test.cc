@@ -526,7 +526,9 @@ TEST(EngineTest, AsyncFallbackUnlistsTheStandbysFirst) {
 // listed again (else it would stall writes for a grace every second).
 TEST(EngineTest, AStandbyDroppedAgainWaitsLongerToBeListed) {
   SyncSetCluster sc;
-  sc.grace = 100ms;
+  // A grace long enough that b never lags past it under a loaded CI: a drop
+  // of b would list c at once (it holds that write), whatever its back-off.
+  sc.grace = 500ms;
   sc.rejoin = 1s;
   auto a = sc.OpenActive("a");
   auto b = OpenOrDie(sc.Options("b"));
