@@ -407,6 +407,9 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // A write waited past --sync-grace-ms for members that lack it while the
   // rule itself holds: removes them from the set (etcd first).
   void DropLaggingMembers(wal::Lsn lsn) REQUIRES(mu_);
+  // A write waited commit_timeout under --commit-fallback async: acknowledge
+  // as async from here (logged and counted) until the standbys catch up.
+  void FallBackToAsync(wal::Lsn lsn) REQUIRES(mu_);
   std::thread role_thread_;
   // Set while there is no active: the epoch whose active this node saw go
   // (its published LSNs are final for the election); 0 otherwise.
@@ -841,6 +844,18 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
   WakeAllWriters();
 }
 
+void EngineImpl::FallBackToAsync(wal::Lsn lsn) {
+  if (degraded_) return;
+  degraded_ = true;
+  degraded_at_ = wal_->last_lsn();
+  ++fallbacks_;
+  RLOG(kWarn, "engine.commit_fallback") << "node=" << opts_.node_id << " rule=" << rule_.ToString() << " lsn=" << lsn
+                                        << " waited_ms=" << opts_.commit_timeout.count()
+                                        << " standbys=" << standbys_.size()
+                                        << (arbiter_ ? " (acknowledging as async; no standby is eligible now)"
+                                                     : " (acknowledging as async)");
+}
+
 Status EngineImpl::ValidateRule(const CommitRule& rule) const {
   if (rule.mode != CommitRule::Mode::kAsync && (rule.count < 1 || rule.count > 999)) {
     return Status::InvalidArgument("commit rule " + rule.ToString() + ": N must be 1..999");
@@ -937,9 +952,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     }
     if (waiter.cv.WaitUntil(deadline) || Clock::now() < deadline) continue;
     if (opts_.commit_fallback == "async") {
-      bool withdrawn = true;
-      const bool withdraw = !degraded_ && arbiter_;
-      if (withdraw) {
+      if (!degraded_ && arbiter_) {
         // Nothing is acknowledged without the standbys until etcd no longer
         // lists them as eligible for promotion (degraded_ is set under
         // sync_mu_, so that no role-loop write of the set comes between).
@@ -951,24 +964,16 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
         }
         Status ps = PublishSync({});
         mu_.Lock();
-        withdrawn = ps.ok();
-        if (!withdrawn) {
+        if (ps.ok()) FallBackToAsync(lsn);
+        sync_mu_.Unlock();
+        if (!ps.ok()) {
           RLOG(kWarn, "engine.commit_waiting") << "node=" << opts_.node_id << " lsn=" << lsn
                                                << " (cannot withdraw the standbys' eligibility from etcd: "
                                                << ps.ToString() << ")";
         }
+      } else {
+        FallBackToAsync(lsn);
       }
-      if (withdrawn && !degraded_) {
-        degraded_ = true;
-        degraded_at_ = wal_->last_lsn();
-        ++fallbacks_;
-        RLOG(kWarn, "engine.commit_fallback") << "node=" << opts_.node_id << " rule=" << rule_.ToString()
-                                              << " lsn=" << lsn << " waited_ms=" << opts_.commit_timeout.count()
-                                              << " standbys=" << standbys_.size()
-                                              << (arbiter_ ? " (acknowledging as async; no standby is eligible now)"
-                                                           : " (acknowledging as async)");
-      }
-      if (withdraw) sync_mu_.Unlock();
       AdvanceCommit();
     } else if (!warned) {
       warned = true;  // strict: keep waiting, say so once per write
