@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <pthread.h>
 #include <shared_mutex>
 
 #include "base/thread_annotations.h"
@@ -15,6 +16,18 @@ namespace replica {
 class CAPABILITY("mutex") Mutex {
  public:
   Mutex() = default;
+  // A mutex whose contended Lock spins briefly before sleeping (glibc's
+  // adaptive mutex), for locks held only for a short syscall: a waiter
+  // takes it as soon as the holder lets go instead of paying a sleep and a
+  // wake-up. Linux/glibc only.
+  struct Adaptive {};
+  explicit Mutex(Adaptive) {
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+    pthread_mutex_init(mu_.native_handle(), &attr);
+    pthread_mutexattr_destroy(&attr);
+  }
   Mutex(const Mutex&) = delete;
   Mutex& operator=(const Mutex&) = delete;
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "base/log.h"
+#include "base/wake_word.h"
 
 namespace replica::wal {
 
@@ -42,8 +43,14 @@ struct Wal::Op {
   bool admitted = false;
   Status status;
   Lsn result = 0;
-  bool done = false;
-  CondVar cv;
+  // Where a queued op stands: kLook once it may have become the queue's
+  // front, kDone once a leader has finished it (status and result are then
+  // final; the op's thread returns without taking mu_). Changes are
+  // announced through Wal::turns_.
+  std::atomic<uint32_t> state{kWaiting};
+  CondVar cv;  // the gathering leader waits for appenders here
+
+  static constexpr uint32_t kWaiting = 0, kLook = 1, kDone = 2;
 
   size_t bytes() const {
     if (kind == Kind::kRaw) return raw.size();
@@ -307,18 +314,77 @@ void Wal::SetRetentionFloor(Lsn lsn) {
 }
 
 Status Wal::Submit(Op* op) {
-  MutexLock l(&mu_);
+  // Without group commit an appender writes its own records (under
+  // write_mu_), so that concurrent appenders pay no hand-off: there is no
+  // fdatasync to share, only the write() each would make anyway.
+  if (options_.sync_policy != SyncPolicy::kEveryCommit && (op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw)) {
+    MutexLock w(&write_mu_);
+    MutexLock l(&mu_);
+    REPLICA_RETURN_IF_ERROR(Admissible());
+    Op* group[1] = {op};
+    RunGroup(op, group, /*queued=*/false);
+    return op->status;
+  }
+  bool lead;
+  {
+    MutexLock l(&mu_);
+    REPLICA_RETURN_IF_ERROR(Admissible());
+    queue_.push_back(op);
+    if (gather_target_ != 0 && queue_.size() >= gather_target_) queue_.front()->cv.Signal();
+    lead = queue_.front() == op;
+    if (!lead) op->state.store(Op::kWaiting, std::memory_order_relaxed);
+  }
+  while (!lead) {
+    for (;;) {
+      const uint32_t seen = turns_.Load();  // before the state: no Bump is missed
+      const uint32_t state = op->state.load(std::memory_order_acquire);
+      if (state == Op::kDone) return op->status;
+      if (state == Op::kLook) break;
+      turns_.WaitOnce(seen);
+    }
+    MutexLock l(&mu_);
+    lead = queue_.front() == op;
+    if (!lead) op->state.store(Op::kWaiting, std::memory_order_relaxed);
+  }
+  return Lead(op);
+}
+
+Status Wal::Admissible() const {
   if (options_.read_only) return Status::NotSupported("the WAL was opened read-only");
   if (closing_ || closed_) return Status::Aborted("the WAL is closed");
-  if (!bg_error_.ok()) return bg_error_;
-  queue_.push_back(op);
-  if (gather_target_ != 0 && queue_.size() >= gather_target_) queue_.front()->cv.Signal();
-  while (!op->done && queue_.front() != op) op->cv.Wait();
-  if (!op->done) {
-    GatherGroup(op);
-    RunGroup(op);
+  return bg_error_;
+}
+
+Status Wal::Lead(Op* leader) {
+  std::vector<Op*> group;
+  {
+    MutexLock w(&write_mu_);
+    MutexLock l(&mu_);
+    GatherGroup(leader);
+    // The group: the leader alone for maintenance, else the appends (and
+    // sync requests) queued behind it, up to max_group_bytes.
+    if (leader->kind == Op::Kind::kTruncate || leader->kind == Op::Kind::kPurge) {
+      group.push_back(leader);
+    } else {
+      size_t bytes = 0;
+      for (Op* op : queue_) {
+        if (op->kind == Op::Kind::kTruncate || op->kind == Op::Kind::kPurge) break;
+        if (!group.empty() && bytes + op->bytes() > options_.max_group_bytes) break;
+        bytes += op->bytes();
+        group.push_back(op);
+      }
+    }
+    RunGroup(leader, group, /*queued=*/true);
   }
-  return op->status;
+  // Outside both locks, so that a woken appender can append again at once.
+  // An op must not be touched once it is marked done: its thread may have
+  // returned already.
+  for (Op* op : group) {
+    if (op != leader) op->state.store(Op::kDone, std::memory_order_release);
+  }
+  // One system call wakes the whole group (and the next leader).
+  turns_.Bump();
+  return leader->status;
 }
 
 void Wal::GatherGroup(Op* leader) {
@@ -335,22 +401,8 @@ void Wal::GatherGroup(Op* leader) {
   gather_target_ = 0;
 }
 
-void Wal::RunGroup(Op* leader) {
-  // The group: the leader alone for maintenance, else the appends (and sync
-  // requests) queued behind it, up to max_group_bytes.
-  std::vector<Op*> group;
+void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
   const bool maintenance = leader->kind == Op::Kind::kTruncate || leader->kind == Op::Kind::kPurge;
-  if (maintenance) {
-    group.push_back(leader);
-  } else {
-    size_t bytes = 0;
-    for (Op* op : queue_) {
-      if (op->kind == Op::Kind::kTruncate || op->kind == Op::Kind::kPurge) break;
-      if (!group.empty() && bytes + op->bytes() > options_.max_group_bytes) break;
-      bytes += op->bytes();
-      group.push_back(op);
-    }
-  }
 
   Status st = bg_error_;
   bool mutated = !maintenance;  // a failed write always leaves the disk unknown
@@ -362,7 +414,12 @@ void Wal::RunGroup(Op* leader) {
     // Admission: assign LSNs in queue order, refuse stale epochs and gaps.
     Lsn next = next_lsn_;
     Epoch tail = tail_epoch_;
-    new_history = history_;
+    // Copied only when the group starts an epoch (rarely).
+    const EpochHistory* current_history = &history_;
+    auto change_history = [&] {
+      if (!history_changed) new_history = *current_history;
+      history_changed = true;
+    };
     for (Op* op : group) {
       if (op->kind == Op::Kind::kSync) {
         want_sync = true;
@@ -376,8 +433,8 @@ void Wal::RunGroup(Op* leader) {
           continue;
         }
         if (op->epoch > tail) {
+          change_history();
           (void)new_history.Add(op->epoch, next);
-          history_changed = true;
         }
         op->first_lsn = next;
         next += op->n;
@@ -396,8 +453,8 @@ void Wal::RunGroup(Op* leader) {
         }
         for (const auto& [epoch, lsn] : op->run.epoch_starts) {
           if (epoch > tail) {
+            change_history();
             (void)new_history.Add(epoch, lsn);
-            history_changed = true;
             tail = epoch;
           }
         }
@@ -426,6 +483,8 @@ void Wal::RunGroup(Op* leader) {
       // Encode. Consecutive appends of one epoch share an LZ4 block when compressing.
       group_buf_.clear();
       std::vector<RecordIn> batch;
+      batch.swap(encode_batch_);  // reused: no allocation per group
+      batch.clear();
       Lsn batch_first = 0;
       Epoch batch_epoch = 0;
       size_t batch_raw = 0;
@@ -455,6 +514,7 @@ void Wal::RunGroup(Op* leader) {
         records += op->n;
       }
       flush();
+      batch.swap(encode_batch_);
       rolled_ = false;
       if (history_changed) st = PersistHistory(new_history);
       if (st.ok()) st = WriteFrames();
@@ -518,12 +578,12 @@ void Wal::RunGroup(Op* leader) {
   } else if (leader->kind == Op::Kind::kSync) {
     leader->result = durable_lsn_;
   }
-  for (Op* op : group) {
-    queue_.pop_front();
-    op->done = true;
-    if (op != leader) op->cv.Signal();
+  if (queued) {
+    for (size_t i = 0; i < group.size(); ++i) queue_.pop_front();
+    // The next front leads (it cannot finish before it is woken, so waking
+    // it under mu_ is safe); Close waits on data_cv_ for the queue to drain.
+    if (!queue_.empty()) queue_.front()->state.store(Op::kLook, std::memory_order_release);
   }
-  if (!queue_.empty()) queue_.front()->cv.Signal();
   data_cv_.SignalAll();
 }
 
@@ -758,6 +818,7 @@ Status Wal::Close() {
   if (sync_thread_.joinable()) sync_thread_.join();
   Status st;
   {
+    MutexLock w(&write_mu_);  // an appender writing its own records finishes first
     MutexLock l(&mu_);
     file = std::move(cur_file_);
     st = bg_error_;

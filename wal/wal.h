@@ -5,10 +5,14 @@
 // iterate from any retained LSN and can follow the tail without polling.
 //
 // Thread-safety: every public method is safe to call from any thread.
-// Appends are group-committed: concurrent appenders queue; the first in the
-// queue (the leader) writes the whole group with one write and, under
-// SyncPolicy::kEveryCommit, one fdatasync, then wakes the others. Truncate and
-// Purge travel through the same queue, so they never interleave with a write.
+// Under SyncPolicy::kEveryCommit appends are group-committed: concurrent
+// appenders queue; the first in the queue (the leader) writes the whole group
+// with one write and one fdatasync, marks its ops done and wakes them all with
+// one futex call. Under the other policies there is no fdatasync to share, so
+// each appender writes its own records under the writer lock (write_mu_)
+// instead of handing them to a leader and sleeping. Sync, Truncate and Purge
+// travel through the queue, whose leader holds the writer lock too, so they
+// never interleave with a write.
 //
 // Errors: a failed write or sync is sticky (as in RocksDB): the log refuses
 // further appends with that error, because what reached the disk is unknown.
@@ -19,7 +23,7 @@
 // wakes waiting readers, and returns the sticky error if there was one. Close
 // must not race another Close or the destructor.
 //
-// Lock order: Wal::mu_ is a leaf; no callback runs under it.
+// Lock order: write_mu_ before mu_; mu_ is a leaf; no callback runs under either.
 #pragma once
 
 #include <atomic>
@@ -27,12 +31,14 @@
 #include <deque>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "base/env.h"
 #include "base/mutex.h"
+#include "base/wake_word.h"
 #include "wal/epoch_history.h"
 #include "wal/frame.h"
 #include "wal/segment.h"
@@ -133,7 +139,7 @@ class Wal {
   Result<Lsn> Purge(Lsn upto) EXCLUDES(mu_);
   // Automatic retention never deletes records at or above lsn.
   void SetRetentionFloor(Lsn lsn) EXCLUDES(mu_);
-  Status Close() EXCLUDES(mu_);
+  Status Close() EXCLUDES(mu_, write_mu_);
 
   // Reader positioned at `from`, which must lie in [first_lsn(), last_lsn() + 1].
   // Purged if it is below first_lsn().
@@ -175,24 +181,29 @@ class Wal {
 
   Wal(std::string dir, const Options& options);
   Status Recover();
-  Status CreateSegment(Lsn first_lsn, Lsn prev_first_lsn);
+  Status CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) REQUIRES(write_mu_) EXCLUDES(mu_);
 
-  Status Submit(Op* op) EXCLUDES(mu_);
+  Status Submit(Op* op) EXCLUDES(mu_, write_mu_);
+  // Why nothing may be appended now (closed, read-only, a sticky error).
+  Status Admissible() const REQUIRES(mu_);
+  // Runs the group that `leader`, the queue's front, heads, then wakes its ops.
+  Status Lead(Op* leader) EXCLUDES(mu_, write_mu_);
   // A new leader under kEveryCommit briefly waits for the appenders it expects
   // (see expected_group_), so that one fdatasync serves all of them.
   void GatherGroup(Op* leader) REQUIRES(mu_);
-  // Leader work; mu_ is released during I/O.
-  void RunGroup(Op* leader) REQUIRES(mu_);
+  // Admits, writes and (by policy) syncs `group`; mu_ is released during
+  // I/O. `queued`: the group is the front of queue_ and leaves it.
+  void RunGroup(Op* leader, std::span<Op* const> group, bool queued) REQUIRES(mu_, write_mu_);
   // Writes group_buf_ (rolling segments as needed); SyncFrames then makes
   // everything written durable.
-  Status WriteFrames() EXCLUDES(mu_);
-  Status SyncFrames() EXCLUDES(mu_);
-  Status RollSegment(Lsn first_lsn) EXCLUDES(mu_);
+  Status WriteFrames() REQUIRES(write_mu_) EXCLUDES(mu_);
+  Status SyncFrames() REQUIRES(write_mu_) EXCLUDES(mu_);
+  Status RollSegment(Lsn first_lsn) REQUIRES(write_mu_) EXCLUDES(mu_);
   Status PersistHistory(const EpochHistory& h) EXCLUDES(mu_);
   // *mutated turns true once the first file changes; before that a failure
   // (a bad argument) leaves the log as it was and is not sticky.
-  Status DoTruncate(Lsn last_kept, bool* mutated) EXCLUDES(mu_);
-  Result<Lsn> DoPurge(Lsn upto, bool retention) EXCLUDES(mu_);
+  Status DoTruncate(Lsn last_kept, bool* mutated) REQUIRES(write_mu_) EXCLUDES(mu_);
+  Result<Lsn> DoPurge(Lsn upto, bool retention) REQUIRES(write_mu_) EXCLUDES(mu_);
   void SyncLoop() EXCLUDES(mu_);
   Lsn readable_lsn() const REQUIRES(mu_) { return last_lsn_; }
   Lsn first_lsn_locked() const REQUIRES(mu_) { return segments_.front().first_lsn; }
@@ -203,10 +214,15 @@ class Wal {
   std::unique_ptr<FileLock> lock_;
   RecoveryReport recovery_;
 
+  // Held by whoever writes the files: the queue's leader for its whole group,
+  // or (policies other than kEveryCommit) an appender writing its own records.
+  Mutex write_mu_ ACQUIRED_BEFORE(mu_){Mutex::Adaptive{}};
   mutable Mutex mu_;
   CondVar data_cv_{&mu_};  // readers: new data, truncation or close
   CondVar sync_cv_{&mu_};  // the interval sync thread
   std::deque<Op*> queue_ GUARDED_BY(mu_);
+  // Bumped after a group's ops are marked done; queued ops wait on it.
+  WakeWord turns_;
   std::deque<Segment> segments_ GUARDED_BY(mu_);
   EpochHistory history_ GUARDED_BY(mu_);
   Lsn last_lsn_ GUARDED_BY(mu_) = 0;     // last written (maybe not yet synced), visible to readers
@@ -230,13 +246,14 @@ class Wal {
   // leader and (for Sync) the interval thread.
   std::shared_ptr<WritableFile> cur_file_ GUARDED_BY(mu_);
 
-  // Owned by the current leader only (one at a time, by the queue).
-  std::string group_buf_;
-  uint64_t cur_size_ = 0;
-  std::chrono::microseconds sync_time_{0};  // of the last group's fdatasync
-  bool rolled_ = false;  // the current group rolled a segment
+  // Owned by the writer (write_mu_).
+  std::string group_buf_ GUARDED_BY(write_mu_);
+  std::vector<RecordIn> encode_batch_ GUARDED_BY(write_mu_);
+  uint64_t cur_size_ GUARDED_BY(write_mu_) = 0;
+  std::chrono::microseconds sync_time_ GUARDED_BY(write_mu_){0};  // of the last group's fdatasync
+  bool rolled_ GUARDED_BY(write_mu_) = false;  // the current group rolled a segment
   // Segments closed without fdatasync (policy none); Sync() syncs them.
-  std::vector<std::shared_ptr<WritableFile>> unsynced_;
+  std::vector<std::shared_ptr<WritableFile>> unsynced_ GUARDED_BY(write_mu_);
 
   std::thread sync_thread_;
 };
