@@ -18,6 +18,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <ctime>
 #include <cstdint>
 
 namespace replica {
@@ -52,6 +54,16 @@ class WakeWord {
   // single system call. A Bump between the read and WaitOnce is not lost.
   void WaitOnce(uint32_t seen) {
     if (Load() == seen) syscall(SYS_futex, Address(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+  }
+  // WaitOnce with a deadline; returns false once the deadline has passed.
+  bool WaitOnceUntil(uint32_t seen, std::chrono::steady_clock::time_point deadline) {
+    const auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= std::chrono::steady_clock::duration::zero()) return false;
+    if (Load() != seen) return true;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    syscall(SYS_futex, Address(), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+    return std::chrono::steady_clock::now() < deadline;
   }
   void Bump() {
     word_.fetch_add(1, std::memory_order_release);

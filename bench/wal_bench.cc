@@ -8,6 +8,12 @@
 //                                    fdatasync(), per iteration; 8 threads
 //                                    share one O_APPEND fd (no group commit).
 //   Raw/write/<size>B                write() only, same chunks.
+//   Model/groupcommit/<size>B        the smallest group commit there is, as
+//                                    a ceiling for WAL/every: appenders meet
+//                                    under one std::mutex; the last of the
+//                                    8 to arrive writes all their bytes with
+//                                    one write() and one fdatasync(), then
+//                                    wakes the others (std::condition_variable).
 //
 // Every case gets a fresh directory under $TMPDIR (default /tmp), removed
 // afterwards, and starts after a sync() so that no case pays for the
@@ -21,11 +27,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <string_view>
@@ -231,6 +240,80 @@ void BM_Raw(benchmark::State& state, bool sync, size_t size) {
   }
 }
 
+// The group-commit model: no LSNs, no encoding, no queue, no log format;
+// only the waiting and waking any group commit needs. A group closes when
+// every thread of the case has arrived, or when one has waited 2 ms (so that
+// threads leaving the loop at different times never wait for each other).
+struct GroupModel {
+  std::mutex mu;
+  std::condition_variable cv;
+  int waiting = 0;       // appenders in the open group
+  size_t bytes = 0;      // their bytes
+  uint64_t open = 1;     // number of the group being gathered
+  uint64_t done = 0;     // last group made durable
+  bool busy = false;     // a group is being written
+};
+GroupModel model;
+
+void BM_GroupModel(benchmark::State& state, size_t size) {
+  const std::string payload = MakePayload(size);
+  if (state.thread_index() == 0) {
+    g.Reset();
+    StartClean();
+    g.dir = std::make_unique<TempDir>();
+    if (!g.dir->ok()) {
+      g.error = "mkdtemp under " + TempRoot() + ": " + std::strerror(errno);
+    } else {
+      const std::string path = g.dir->path() + "/model";
+      g.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+      if (g.fd < 0) g.error = "open " + path + ": " + std::strerror(errno);
+    }
+  }
+  const int threads = state.threads();
+  std::string buf;
+  bool failed = false;
+  for (auto _ : state) {
+    if (g.fd < 0) {
+      state.SkipWithError(g.error.c_str());
+      failed = true;
+      break;
+    }
+    std::unique_lock<std::mutex> l(model.mu);
+    const uint64_t mine = model.open;
+    ++model.waiting;
+    model.bytes += size;
+    bool waited = false;
+    while (model.done < mine) {
+      if (!model.busy && model.open == mine && (model.waiting == threads || waited)) {
+        model.busy = true;
+        const size_t n = model.bytes;
+        model.waiting = 0;
+        model.bytes = 0;
+        ++model.open;
+        l.unlock();
+        buf.clear();
+        while (buf.size() < n) buf += payload;
+        WriteAll(state, g.fd, buf);
+        const bool synced = ::fdatasync(g.fd) == 0;
+        l.lock();
+        model.busy = false;
+        model.done = mine;
+        model.cv.notify_all();
+        if (!synced) state.SkipWithError((std::string("fdatasync: ") + std::strerror(errno)).c_str());
+        break;
+      }
+      waited = model.cv.wait_for(l, std::chrono::milliseconds(2)) == std::cv_status::timeout;
+    }
+    l.unlock();
+    if (state.error_occurred()) {
+      failed = true;
+      break;
+    }
+  }
+  if (!failed) SetRates(state, size);
+  if (state.thread_index() == 0) g.Reset();
+}
+
 // ---------------------------------------------------------------------------
 // Ratio summary: collects items/s and bytes/s per (case, threads) from the
 // reports and prints WAL / raw after the run.
@@ -330,7 +413,11 @@ class SummaryReporter : public benchmark::BenchmarkReporter {
       std::string lines;
       lines += Line("group commit: WAL every 8t / WAL every 1t", every, 8, every, 1, false,
                     size == 100 ? 5.0 : 0);
+      lines += Line("           model group commit 8t / 1t", "Model/groupcommit/" + s, 8,
+                    "Model/groupcommit/" + s, 1, false, 0);
       lines += Line("           raw write+fdatasync 8t / 1t", sync_raw, 8, sync_raw, 1, false, 0);
+      lines += Line("group commit: WAL every 8t / model group commit 8t", every, 8, "Model/groupcommit/" + s,
+                    8, false, 0);
       lines += Line("synced: WAL every 1t / raw write+fdatasync 1t", every, 1, sync_raw, 1, false, 0);
       lines += Line("synced: WAL every 8t / raw write+fdatasync 8t", every, 8, sync_raw, 8, false, 0);
       lines += Line("synced: WAL every lz4 8t / raw write+fdatasync 8t", "WAL/every/lz4/" + s, 8,
@@ -393,6 +480,7 @@ void RegisterAll() {
   for (size_t size : kSizes) {
     const std::string s = std::to_string(size) + "B";
     reg("Raw/write+fdatasync/" + s, BM_Raw, true, size);
+    reg("Model/groupcommit/" + s, BM_GroupModel, size);
     wal(SyncPolicy::kEveryCommit, "every", false, size);
     wal(SyncPolicy::kEveryCommit, "every", true, size);
     reg("Raw/write/" + s, BM_Raw, false, size);

@@ -27,7 +27,7 @@ bool ParseSyncPolicy(std::string_view text, SyncPolicy* p) {
 // One queued request. Lives on the submitting thread's stack until done.
 struct Wal::Op {
   enum class Kind { kAppend, kRaw, kSync, kTruncate, kPurge };
-  explicit Op(Mutex* mu, Kind k) : kind(k), cv(mu) {}
+  explicit Op(Kind k) : kind(k) {}
   Kind kind;
   // kAppend
   Epoch epoch = 0;
@@ -48,9 +48,10 @@ struct Wal::Op {
   // final; the op's thread returns without taking mu_). Changes are
   // announced through Wal::turns_.
   std::atomic<uint32_t> state{kWaiting};
-  CondVar cv;  // the gathering leader waits for appenders here
 
-  static constexpr uint32_t kWaiting = 0, kLook = 1, kDone = 2;
+  // kTaken: it was gathering a group as the queue's front, and the appender
+  // that completed the group runs it; it waits for kDone like a follower.
+  static constexpr uint32_t kWaiting = 0, kLook = 1, kDone = 2, kTaken = 3;
 
   size_t bytes() const {
     if (kind == Kind::kRaw) return raw.size();
@@ -272,7 +273,7 @@ Result<Lsn> Wal::AppendBatch(Epoch epoch, const RecordIn* records, size_t n) {
     }
     if (static_cast<uint8_t>(records[i].type) == 0) return Status::InvalidArgument("record type 0");
   }
-  Op op(&mu_, Op::Kind::kAppend);
+  Op op(Op::Kind::kAppend);
   op.epoch = epoch;
   op.records = records;
   op.n = n;
@@ -283,7 +284,7 @@ Result<Lsn> Wal::AppendBatch(Epoch epoch, const RecordIn* records, size_t n) {
 Result<Lsn> Wal::AppendRaw(std::string_view frames) {
   auto run = VerifyFrameRun(frames, 0, 0);
   if (!run.ok()) return run.status().WithContext("raw append");
-  Op op(&mu_, Op::Kind::kRaw);
+  Op op(Op::Kind::kRaw);
   op.raw = frames;
   op.run = std::move(run).value();
   REPLICA_RETURN_IF_ERROR(Submit(&op));
@@ -291,18 +292,18 @@ Result<Lsn> Wal::AppendRaw(std::string_view frames) {
 }
 
 Status Wal::Sync() {
-  Op op(&mu_, Op::Kind::kSync);
+  Op op(Op::Kind::kSync);
   return Submit(&op);
 }
 
 Status Wal::Truncate(Lsn last_kept) {
-  Op op(&mu_, Op::Kind::kTruncate);
+  Op op(Op::Kind::kTruncate);
   op.lsn_arg = last_kept;
   return Submit(&op);
 }
 
 Result<Lsn> Wal::Purge(Lsn upto) {
-  Op op(&mu_, Op::Kind::kPurge);
+  Op op(Op::Kind::kPurge);
   op.lsn_arg = upto;
   REPLICA_RETURN_IF_ERROR(Submit(&op));
   return op.result;
@@ -325,16 +326,23 @@ Status Wal::Submit(Op* op) {
     RunGroup(op, group, /*queued=*/false);
     return op->status;
   }
-  bool lead;
+  bool run;  // this thread runs the next group
   {
     MutexLock l(&mu_);
     REPLICA_RETURN_IF_ERROR(Admissible());
     queue_.push_back(op);
-    if (gather_target_ != 0 && queue_.size() >= gather_target_) queue_.front()->cv.Signal();
-    lead = queue_.front() == op;
-    if (!lead) op->state.store(Op::kWaiting, std::memory_order_relaxed);
+    op->state.store(Op::kWaiting, std::memory_order_relaxed);
+    run = queue_.front() == op;
+    if (!run && gatherer_ != nullptr && queue_.size() >= gather_target_ && NextGroupSize() == queue_.size()) {
+      // This append completes the group a leader is gathering: it runs the
+      // group itself, at once, instead of waking the leader to do it.
+      gatherer_->state.store(Op::kTaken, std::memory_order_relaxed);
+      gatherer_ = nullptr;
+      run = true;
+    }
   }
-  while (!lead) {
+  for (;;) {
+    if (run && Gather(op)) return Lead(op);
     for (;;) {
       const uint32_t seen = turns_.Load();  // before the state: no Bump is missed
       const uint32_t state = op->state.load(std::memory_order_acquire);
@@ -343,10 +351,10 @@ Status Wal::Submit(Op* op) {
       turns_.WaitOnce(seen);
     }
     MutexLock l(&mu_);
-    lead = queue_.front() == op;
-    if (!lead) op->state.store(Op::kWaiting, std::memory_order_relaxed);
+    run = queue_.front() == op;  // kLook goes to the front only; this is defensive
+    uint32_t look = Op::kLook;
+    if (!run) op->state.compare_exchange_strong(look, Op::kWaiting, std::memory_order_relaxed);
   }
-  return Lead(op);
 }
 
 Status Wal::Admissible() const {
@@ -355,25 +363,56 @@ Status Wal::Admissible() const {
   return bg_error_;
 }
 
+size_t Wal::NextGroupSize() const {
+  // The leader alone for maintenance, else the appends (and sync requests)
+  // queued behind it, up to max_group_bytes.
+  const Op* front = queue_.front();
+  if (front->kind == Op::Kind::kTruncate || front->kind == Op::Kind::kPurge) return 1;
+  size_t n = 0;
+  size_t bytes = 0;
+  for (const Op* op : queue_) {
+    if (op->kind == Op::Kind::kTruncate || op->kind == Op::Kind::kPurge) break;
+    if (n > 0 && bytes + op->bytes() > options_.max_group_bytes) break;
+    bytes += op->bytes();
+    ++n;
+  }
+  return n;
+}
+
+bool Wal::Gather(Op* op) {
+  // Only the queue's front gathers; a thread that took the group over from
+  // the front runs it as it stands.
+  std::chrono::steady_clock::time_point deadline;
+  {
+    MutexLock l(&mu_);
+    if (queue_.front() != op || options_.sync_policy != SyncPolicy::kEveryCommit) return true;
+    if (op->kind != Op::Kind::kAppend && op->kind != Op::Kind::kRaw) return true;
+    const size_t want = std::min<size_t>(expected_group_, 64);
+    if (want <= 1 || queue_.size() >= want) return true;
+    deadline = std::chrono::steady_clock::now() + std::min(last_sync_time_ / 4, std::chrono::microseconds(100));
+    gather_target_ = want;
+    gatherer_ = op;
+  }
+  for (;;) {
+    const uint32_t seen = turns_.Load();
+    const uint32_t state = op->state.load(std::memory_order_acquire);
+    // Taken over (or already done): wait for the group as a follower.
+    if (state == Op::kTaken || state == Op::kDone) return false;
+    if (turns_.WaitOnceUntil(seen, deadline)) continue;
+    MutexLock l(&mu_);
+    if (gatherer_ != op) return false;
+    gatherer_ = nullptr;  // the wait is over: run what has arrived
+    return true;
+  }
+}
+
 Status Wal::Lead(Op* leader) {
   std::vector<Op*> group;
   {
     MutexLock w(&write_mu_);
     MutexLock l(&mu_);
-    GatherGroup(leader);
-    // The group: the leader alone for maintenance, else the appends (and
-    // sync requests) queued behind it, up to max_group_bytes.
-    if (leader->kind == Op::Kind::kTruncate || leader->kind == Op::Kind::kPurge) {
-      group.push_back(leader);
-    } else {
-      size_t bytes = 0;
-      for (Op* op : queue_) {
-        if (op->kind == Op::Kind::kTruncate || op->kind == Op::Kind::kPurge) break;
-        if (!group.empty() && bytes + op->bytes() > options_.max_group_bytes) break;
-        bytes += op->bytes();
-        group.push_back(op);
-      }
-    }
+    const size_t n = NextGroupSize();
+    group.assign(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(n));
     RunGroup(leader, group, /*queued=*/true);
   }
   // Outside both locks, so that a woken appender can append again at once.
@@ -385,20 +424,6 @@ Status Wal::Lead(Op* leader) {
   // One system call wakes the whole group (and the next leader).
   turns_.Bump();
   return leader->status;
-}
-
-void Wal::GatherGroup(Op* leader) {
-  if (options_.sync_policy != SyncPolicy::kEveryCommit) return;
-  if (leader->kind != Op::Kind::kAppend && leader->kind != Op::Kind::kRaw) return;
-  const size_t want = std::min<size_t>(expected_group_, 64);
-  if (want <= 1 || queue_.size() >= want) return;
-  const auto wait = std::min(last_sync_time_ / 4, std::chrono::microseconds(100));
-  const auto deadline = std::chrono::steady_clock::now() + wait;
-  gather_target_ = want;
-  while (queue_.size() < want) {
-    if (!leader->cv.WaitUntil(deadline) && std::chrono::steady_clock::now() >= deadline) break;
-  }
-  gather_target_ = 0;
 }
 
 void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {

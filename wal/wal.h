@@ -188,9 +188,13 @@ class Wal {
   Status Admissible() const REQUIRES(mu_);
   // Runs the group that `leader`, the queue's front, heads, then wakes its ops.
   Status Lead(Op* leader) EXCLUDES(mu_, write_mu_);
+  // How many ops from the queue's front the next group takes.
+  size_t NextGroupSize() const REQUIRES(mu_);
   // A new leader under kEveryCommit briefly waits for the appenders it expects
-  // (see expected_group_), so that one fdatasync serves all of them.
-  void GatherGroup(Op* leader) REQUIRES(mu_);
+  // (see expected_group_), so that one fdatasync serves all of them. The
+  // appender that completes the group runs it (the leader then waits as a
+  // follower). Returns whether `op`'s thread is to run the group now.
+  bool Gather(Op* op) EXCLUDES(mu_);
   // Admits, writes and (by policy) syncs `group`; mu_ is released during
   // I/O. `queued`: the group is the front of queue_ and leaves it.
   void RunGroup(Op* leader, std::span<Op* const> group, bool queued) REQUIRES(mu_, write_mu_);
@@ -237,7 +241,8 @@ class Wal {
   // fdatasync) until as many ops are queued as were in flight when the last
   // group finished: that group plus those queued behind it.
   size_t expected_group_ GUARDED_BY(mu_) = 1;
-  size_t gather_target_ GUARDED_BY(mu_) = 0;  // non-zero while a leader gathers
+  Op* gatherer_ GUARDED_BY(mu_) = nullptr;     // the leader gathering, if any
+  size_t gather_target_ GUARDED_BY(mu_) = 0;  // the queue length it waits for
   std::chrono::microseconds last_sync_time_ GUARDED_BY(mu_){200};
   bool closing_ GUARDED_BY(mu_) = false;
   bool closed_ GUARDED_BY(mu_) = false;

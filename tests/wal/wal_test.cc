@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <set>
 #include <thread>
 
@@ -112,6 +113,54 @@ TEST_P(WalVariantTest, ConcurrentAppendersShareGroups) {
     EXPECT_LT(s.groups, s.records);
     EXPECT_EQ(s.syncs, s.groups);
   }
+}
+
+// Without group commit each appender writes its own records; Sync, Purge
+// and Truncate still go through the queue. They must exclude one another:
+// a Sync covers every append that returned before it, a Purge never cuts
+// the segment being written, and the log stays gap-free.
+TEST_P(WalVariantTest, AppendersInterleaveWithSyncPurgeAndTruncate) {
+  auto wal = OpenOrDie(dir_.path(), Opts());
+  constexpr int kThreads = 4, kPerThread = 400;
+  std::atomic<int> running{kThreads};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        auto lsn = wal->Append(1, RecordType::kData, Payload(static_cast<Lsn>(t * 1000 + i), 200));
+        ASSERT_TRUE(lsn.ok()) << lsn.status().ToString();
+      }
+      --running;
+    });
+  }
+  int syncs = 0;
+  while (running.load() > 0) {
+    const Lsn before = wal->last_lsn();
+    ASSERT_TRUE(wal->Sync().ok());
+    EXPECT_GE(wal->durable_lsn(), before);
+    ++syncs;
+    // Keep the newest records; everything at or below half goes if whole segments allow.
+    auto first = wal->Purge(before / 2);
+    ASSERT_TRUE(first.ok()) << first.status().ToString();
+    EXPECT_LE(*first, before / 2 + 1);
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_GT(syncs, 0);
+  const Lsn last = wal->last_lsn();
+  ASSERT_EQ(last, Lsn{kThreads * kPerThread});
+  // A truncation after all that leaves a log that ends exactly where asked.
+  ASSERT_TRUE(wal->Truncate(last - 7).ok());
+  auto more = wal->Append(1, RecordType::kData, "after the cut");
+  ASSERT_TRUE(more.ok());
+  EXPECT_EQ(*more, last - 6);
+  auto recs = ReadAll(wal.get(), wal->first_lsn());
+  ASSERT_FALSE(recs.empty());
+  EXPECT_EQ(recs.back().lsn, last - 6);
+  for (size_t i = 1; i < recs.size(); ++i) ASSERT_EQ(recs[i].lsn, recs[i - 1].lsn + 1);
+  ASSERT_TRUE(wal->Close().ok());
+  auto reopened = OpenOrDie(dir_.path(), Opts());
+  EXPECT_FALSE(reopened->recovery().torn_tail);
+  EXPECT_EQ(reopened->last_lsn(), last - 6);
 }
 
 INSTANTIATE_TEST_SUITE_P(
