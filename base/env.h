@@ -23,6 +23,12 @@ class WritableFile {
   // Appends all of data or returns an error; on error some prefix of data may
   // have reached the file (a short write), and Size() says how much.
   virtual Status Append(std::string_view data) = 0;
+  // Appends the parts in order, as one Append of their concatenation would
+  // (the POSIX file uses writev, so nothing is copied to join them).
+  virtual Status AppendV(const std::string_view* parts, size_t n) {
+    for (size_t i = 0; i < n; ++i) REPLICA_RETURN_IF_ERROR(Append(parts[i]));
+    return Status::OK();
+  }
   // Makes appended data durable (fdatasync).
   virtual Status Sync() = 0;
   virtual Status Close() = 0;

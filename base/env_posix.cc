@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -34,6 +35,44 @@ class PosixWritableFile final : public WritableFile {
       size_ += static_cast<uint64_t>(n);
     }
     return Status::OK();
+  }
+
+  Status AppendV(const std::string_view* parts, size_t n) override {
+    // Part i from byte `off` on is next; up to 64 parts per writev, and a
+    // short write resumes where it stopped.
+    size_t i = 0;
+    size_t off = 0;
+    for (;;) {
+      while (i < n && off == parts[i].size()) {
+        ++i;
+        off = 0;
+      }
+      if (i == n) return Status::OK();
+      iovec iov[64];
+      int count = 0;
+      for (size_t k = i; k < n && count < 64; ++k) {
+        const size_t skip = k == i ? off : 0;
+        if (parts[k].size() > skip) {
+          iov[count++] = iovec{const_cast<char*>(parts[k].data() + skip), parts[k].size() - skip};
+        }
+      }
+      ssize_t w = ::writev(fd_, iov, count);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno("write " + path_, errno);
+      }
+      size_ += static_cast<uint64_t>(w);
+      for (size_t left = static_cast<size_t>(w); left > 0;) {
+        const size_t avail = parts[i].size() - off;
+        if (left < avail) {
+          off += left;
+          break;
+        }
+        left -= avail;
+        ++i;
+        off = 0;
+      }
+    }
   }
 
   Status Sync() override {

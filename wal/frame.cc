@@ -91,6 +91,19 @@ Status DecodeFrameHeader(const char* p, FrameHeader* h) {
   return Status::OK();
 }
 
+void EncodeRecordHeader(Lsn lsn, Epoch epoch, RecordType type, std::string_view payload, char* header) {
+  FrameHeader h;
+  h.payload_len = static_cast<uint32_t>(payload.size());
+  h.frame_type = FrameType::kRecord;
+  h.record_type = static_cast<uint8_t>(type);
+  h.lsn = lsn;
+  h.epoch = epoch;
+  h.count = 1;
+  h.raw_len = h.payload_len;
+  EncodeHeaderFields(h, header);
+  EncodeFixed64(header + kFrameChecksumOffset, FrameChecksum(header, payload));
+}
+
 void EncodeRecordFrame(Lsn lsn, Epoch epoch, RecordType type, std::string_view payload,
                        std::string* out) {
   FrameHeader h;

@@ -40,6 +40,9 @@ uint64_t FrameChecksum(const char* header, std::string_view payload);
 // Checksum check of a whole frame already in memory (header + payload).
 bool FrameChecksumOk(const char* frame, size_t payload_len);
 
+// The 40-byte header of a plain record frame (checksum included), for a
+// writer that stores it and the payload without joining them (writev).
+void EncodeRecordHeader(Lsn lsn, Epoch epoch, RecordType type, std::string_view payload, char* header);
 // Appends one plain record frame to out.
 void EncodeRecordFrame(Lsn lsn, Epoch epoch, RecordType type, std::string_view payload,
                        std::string* out);

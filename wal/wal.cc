@@ -6,6 +6,10 @@
 #include "base/wake_word.h"
 
 namespace replica::wal {
+namespace {
+// Mean payload size from which a group is written with writev, uncopied.
+constexpr size_t kVectoredMinPayload = 4096;
+}  // namespace
 
 const char* SyncPolicyName(SyncPolicy p) {
   switch (p) {
@@ -505,8 +509,41 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         if (r.ok()) leader->result = *r;
       }
     } else {
-      // Encode. Consecutive appends of one epoch share an LZ4 block when compressing.
+      // Encode. Large plain records (no compression, no raw frames) are
+      // not copied: group_buf_ holds only their frame headers and writev
+      // takes the payloads from the callers' buffers. Small ones are copied,
+      // which costs less than the kernel's work per extra iovec (100 B
+      // records ran 10-20% slower through writev).
+      bool vectored = !options_.compress;
+      size_t frames = 0;
+      size_t payload_bytes = 0;
+      for (Op* op : group) {
+        if (!op->admitted || op->kind == Op::Kind::kSync) continue;
+        if (op->kind == Op::Kind::kRaw) vectored = false;
+        frames += op->n;
+        payload_bytes += op->bytes() - op->n * kFrameHeaderSize;
+      }
+      vectored = vectored && frames > 0 && payload_bytes >= frames * kVectoredMinPayload;
       group_buf_.clear();
+      parts_.clear();
+      uint64_t records = 0;
+      uint64_t group_bytes = 0;
+      if (vectored) {
+        group_buf_.resize(frames * kFrameHeaderSize);  // sized once: the parts point into it
+        char* header = group_buf_.data();
+        for (Op* op : group) {
+          if (!op->admitted || op->kind == Op::Kind::kSync) continue;
+          for (size_t i = 0; i < op->n; ++i) {
+            const RecordIn& r = op->records[i];
+            EncodeRecordHeader(op->first_lsn + i, op->epoch, r.type, r.payload, header);
+            parts_.emplace_back(header, kFrameHeaderSize);
+            parts_.push_back(r.payload);
+            header += kFrameHeaderSize;
+            group_bytes += kFrameHeaderSize + r.payload.size();
+          }
+          records += op->n;
+        }
+      }
       std::vector<RecordIn> batch;
       batch.swap(encode_batch_);  // reused: no allocation per group
       batch.clear();
@@ -519,8 +556,8 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         batch.clear();
         batch_raw = 0;
       };
-      uint64_t records = 0;
       for (Op* op : group) {
+        if (vectored) break;
         if (!op->admitted || op->kind == Op::Kind::kSync) continue;
         if (op->kind == Op::Kind::kRaw) {
           flush();
@@ -540,9 +577,10 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
       }
       flush();
       batch.swap(encode_batch_);
+      if (!vectored) group_bytes = group_buf_.size();
       rolled_ = false;
       if (history_changed) st = PersistHistory(new_history);
-      if (st.ok()) st = WriteFrames();
+      if (st.ok()) st = vectored ? WriteParts() : WriteFrames();
       if (st.ok() && !group_buf_.empty()) {
         // Readers see the group once it is written, while its fdatasync
         // runs: a shipper sends it to standbys in parallel with the local
@@ -559,7 +597,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         if (!group_buf_.empty()) {
           ++stats_.groups;
           stats_.records += records;
-          stats_.bytes += group_buf_.size();
+          stats_.bytes += group_bytes;
         }
         if (want_sync) {
           durable_lsn_ = last_lsn_;
@@ -646,6 +684,41 @@ Status Wal::WriteFrames() {
   if (pos > chunk) {
     REPLICA_RETURN_IF_ERROR(file->Append(std::string_view(buf).substr(chunk, pos - chunk)));
     cur_size_ += pos - chunk;
+  }
+  return Status::OK();
+}
+
+Status Wal::WriteParts() {
+  std::shared_ptr<WritableFile> file;
+  {
+    MutexLock l(&mu_);
+    file = cur_file_;
+  }
+  // parts_ holds (header, payload) pairs, one frame each; segments are cut
+  // exactly as WriteFrames cuts them.
+  size_t chunk = 0;
+  uint64_t pending = 0;
+  for (size_t k = 0; k + 1 < parts_.size(); k += 2) {
+    if (cur_size_ + pending >= options_.segment_size) {
+      if (k > chunk) {
+        REPLICA_RETURN_IF_ERROR(file->AppendV(parts_.data() + chunk, k - chunk));
+        cur_size_ += pending;
+      }
+      FrameHeader h;
+      REPLICA_RETURN_IF_ERROR(DecodeFrameHeader(parts_[k].data(), &h));
+      REPLICA_RETURN_IF_ERROR(RollSegment(h.lsn));
+      {
+        MutexLock l(&mu_);
+        file = cur_file_;
+      }
+      chunk = k;
+      pending = 0;
+    }
+    pending += parts_[k].size() + parts_[k + 1].size();
+  }
+  if (parts_.size() > chunk) {
+    REPLICA_RETURN_IF_ERROR(file->AppendV(parts_.data() + chunk, parts_.size() - chunk));
+    cur_size_ += pending;
   }
   return Status::OK();
 }

@@ -201,6 +201,9 @@ class Wal {
   // Writes group_buf_ (rolling segments as needed); SyncFrames then makes
   // everything written durable.
   Status WriteFrames() REQUIRES(write_mu_) EXCLUDES(mu_);
+  // The same for a group whose frames are in parts_ (headers in group_buf_,
+  // payloads in the appenders' buffers).
+  Status WriteParts() REQUIRES(write_mu_) EXCLUDES(mu_);
   Status SyncFrames() REQUIRES(write_mu_) EXCLUDES(mu_);
   Status RollSegment(Lsn first_lsn) REQUIRES(write_mu_) EXCLUDES(mu_);
   Status PersistHistory(const EpochHistory& h) EXCLUDES(mu_);
@@ -254,6 +257,7 @@ class Wal {
   // Owned by the writer (write_mu_).
   std::string group_buf_ GUARDED_BY(write_mu_);
   std::vector<RecordIn> encode_batch_ GUARDED_BY(write_mu_);
+  std::vector<std::string_view> parts_ GUARDED_BY(write_mu_);
   uint64_t cur_size_ GUARDED_BY(write_mu_) = 0;
   std::chrono::microseconds sync_time_ GUARDED_BY(write_mu_){0};  // of the last group's fdatasync
   bool rolled_ GUARDED_BY(write_mu_) = false;  // the current group rolled a segment
