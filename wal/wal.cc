@@ -508,6 +508,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         st = r.status();
         if (r.ok()) leader->result = *r;
       }
+      mu_.Lock();
     } else {
       // Encode. Large plain records (no compression, no raw frames) are
       // not copied: group_buf_ holds only their frame headers and writev
@@ -581,18 +582,28 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
       rolled_ = false;
       if (history_changed) st = PersistHistory(new_history);
       if (st.ok()) st = vectored ? WriteParts() : WriteFrames();
-      if (st.ok() && !group_buf_.empty()) {
-        // Readers see the group once it is written, while its fdatasync
-        // runs: a shipper sends it to standbys in parallel with the local
-        // sync (appenders still return only once the policy is met).
-        MutexLock l(&mu_);
-        last_lsn_ = group_last;
-        segments_.back().end = cur_size_;
-        if (history_changed) history_ = new_history;
-        data_cv_.SignalAll();
+      const bool publish = st.ok() && !group_buf_.empty();
+      if (want_sync) {
+        if (publish) {
+          // Readers see the group once it is written, while its fdatasync
+          // runs: a shipper sends it to standbys in parallel with the local
+          // sync (appenders still return only once the policy is met).
+          MutexLock l(&mu_);
+          last_lsn_ = group_last;
+          segments_.back().end = cur_size_;
+          if (history_changed) history_ = new_history;
+          data_cv_.SignalAll();
+        }
+        if (st.ok()) st = SyncFrames();
+        mu_.Lock();
+      } else {
+        mu_.Lock();  // published with the statistics: one lock, not two
+        if (publish) {
+          last_lsn_ = group_last;
+          segments_.back().end = cur_size_;
+          data_cv_.SignalAll();
+        }
       }
-      if (st.ok() && want_sync) st = SyncFrames();
-      mu_.Lock();
       if (st.ok()) {
         if (!group_buf_.empty()) {
           ++stats_.groups;
@@ -613,15 +624,15 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         expected_group_ = std::max<size_t>(1, in_flight);
         if (history_changed) history_ = std::move(new_history);
       }
-      mu_.Unlock();
       if (st.ok() && rolled_ && options_.retention_bytes > 0) {
         // Still the leader, and the group is published: retention may run.
         // A failed unlink leaves a consistent log, so it is logged, not sticky.
+        mu_.Unlock();
         auto r = DoPurge(UINT64_MAX, /*retention=*/true);
         if (!r.ok()) RLOG(kWarn, "wal.retention_failed") << "dir=" << dir_ << " error=\"" << r.status().ToString() << "\"";
+        mu_.Lock();
       }
     }
-    mu_.Lock();
   }
 
   if (!st.ok() && !mutated) {
