@@ -18,6 +18,13 @@ class FaultInjectionEnv::File final : public WritableFile {
     }
     return target_->Append(data);
   }
+  // One mutation, like one write(): crash points and the space budget step
+  // per call, as they did before the WAL wrote with AppendV.
+  Status AppendV(const std::string_view* parts, size_t n) override {
+    std::string joined;
+    for (size_t i = 0; i < n; ++i) joined.append(parts[i]);
+    return Append(joined);
+  }
   Status Sync() override {
     std::function<void()> hook;
     {

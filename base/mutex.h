@@ -19,7 +19,9 @@ class CAPABILITY("mutex") Mutex {
   // A mutex whose contended Lock spins briefly before sleeping (glibc's
   // adaptive mutex), for locks held only for a short syscall: a waiter
   // takes it as soon as the holder lets go instead of paying a sleep and a
-  // wake-up. Linux/glibc only.
+  // wake-up. Linux/glibc only: it re-initialises the std::mutex's pthread
+  // mutex (statically initialised, never locked yet) with another type,
+  // which glibc allows although POSIX leaves it undefined.
   struct Adaptive {};
   explicit Mutex(Adaptive) {
     pthread_mutexattr_t attr;

@@ -321,8 +321,12 @@ void Wal::SetRetentionFloor(Lsn lsn) {
 Status Wal::Submit(Op* op) {
   // Without group commit an appender writes its own records (under
   // write_mu_), so that concurrent appenders pay no hand-off: there is no
-  // fdatasync to share, only the write() each would make anyway.
-  if (options_.sync_policy != SyncPolicy::kEveryCommit && (op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw)) {
+  // fdatasync to share, only the write() each would make anyway. Not while
+  // ops are queued: then it queues behind them, so that a Sync, Truncate or
+  // Purge waits for the appenders already writing, never for an unbounded
+  // stream of newcomers taking the (unfair) writer lock first.
+  if (options_.sync_policy != SyncPolicy::kEveryCommit && (op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw) &&
+      queued_.load(std::memory_order_acquire) == 0) {
     MutexLock w(&write_mu_);
     MutexLock l(&mu_);
     REPLICA_RETURN_IF_ERROR(Admissible());
@@ -335,6 +339,7 @@ Status Wal::Submit(Op* op) {
     MutexLock l(&mu_);
     REPLICA_RETURN_IF_ERROR(Admissible());
     queue_.push_back(op);
+    queued_.store(queue_.size(), std::memory_order_release);
     op->state.store(Op::kWaiting, std::memory_order_relaxed);
     run = queue_.front() == op;
     if (!run && gatherer_ != nullptr && queue_.size() >= gather_target_ && NextGroupSize() == queue_.size()) {
@@ -425,7 +430,10 @@ Status Wal::Lead(Op* leader) {
   for (Op* op : group) {
     if (op != leader) op->state.store(Op::kDone, std::memory_order_release);
   }
-  // One system call wakes the whole group (and the next leader).
+  // One system call wakes the whole group (and the next leader). The
+  // group's other appenders may have returned already, and Close with them
+  // (it waits only for the queue to drain): the Wal must outlive every
+  // Append call still running, this leader's included, as any method call.
   turns_.Bump();
   return leader->status;
 }
@@ -654,6 +662,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
   }
   if (queued) {
     for (size_t i = 0; i < group.size(); ++i) queue_.pop_front();
+    queued_.store(queue_.size(), std::memory_order_release);
     // The next front leads (it cannot finish before it is woken, so waking
     // it under mu_ is safe); Close waits on data_cv_ for the queue to drain.
     if (!queue_.empty()) queue_.front()->state.store(Op::kLook, std::memory_order_release);
@@ -862,6 +871,9 @@ Status Wal::DoTruncate(Lsn last_kept, bool* mutated) {
     data_cv_.SignalAll();
   }
   file.reset();  // closed by its last owner (the sync thread may hold it)
+  // Segments rolled without a sync (policy none) that the cut keeps must be
+  // durable before durable_lsn_ says so below.
+  for (const auto& old : unsynced_) REPLICA_RETURN_IF_ERROR(old->Sync());
   unsynced_.clear();
   // Newest first: a crash part-way leaves a log that ends later, still a clean
   // prefix of what it was, and the epoch history's extra entries are dropped

@@ -228,6 +228,7 @@ class Wal {
   CondVar data_cv_{&mu_};  // readers: new data, truncation or close
   CondVar sync_cv_{&mu_};  // the interval sync thread
   std::deque<Op*> queue_ GUARDED_BY(mu_);
+  std::atomic<size_t> queued_{0};  // queue_.size(), readable without mu_
   // Bumped after a group's ops are marked done; queued ops wait on it.
   WakeWord turns_;
   std::deque<Segment> segments_ GUARDED_BY(mu_);

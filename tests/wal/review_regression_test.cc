@@ -149,6 +149,26 @@ TEST(ReviewRegressionTest, SyncUnderNoSyncPolicyCoversRolledSegments) {
   EXPECT_EQ(ReadAll(wal.get(), 1).size(), 300u);
 }
 
+// Under policy none, Truncate used to forget the rolled segments it had not
+// synced, then report everything up to the cut as durable.
+TEST(ReviewRegressionTest, TruncateUnderNoSyncPolicyMakesTheKeptSegmentsDurable) {
+  TempDir dir;
+  FaultInjectionEnv env(Env::Default());
+  Options o = Small();
+  o.env = &env;
+  o.sync_policy = SyncPolicy::kNone;
+  {
+    auto wal = OpenOrDie(dir.path(), o);
+    AppendN(wal.get(), 300, 100);
+    ASSERT_GT(wal->segments().size(), 3u);
+    ASSERT_TRUE(wal->Truncate(250).ok());
+    EXPECT_EQ(wal->durable_lsn(), 250u);
+    ASSERT_TRUE(env.DropUnsyncedData().ok());  // power loss right after Truncate()
+  }
+  auto wal = OpenOrDie(dir.path(), Small());
+  EXPECT_EQ(ReadAll(wal.get(), 1).size(), 250u);
+}
+
 // A torn record whose payload holds an image of an older frame used to make
 // recovery refuse the log as damaged in the middle.
 TEST(ReviewRegressionTest, FrameImageInsideATornPayloadIsStillTorn) {
