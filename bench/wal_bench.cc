@@ -208,23 +208,27 @@ void WriteAll(benchmark::State& state, int fd, const std::string& buf) {
   }
 }
 
+// Thread 0, before a raw or model case: a fresh directory holding one new
+// O_APPEND file, g.fd (or g.error).
+void OpenCaseFile(const std::string& name) {
+  g.Reset();
+  StartClean();
+  g.dir = std::make_unique<TempDir>();
+  if (!g.dir->ok()) {
+    g.error = "mkdtemp under " + TempRoot() + ": " + std::strerror(errno);
+    return;
+  }
+  const std::string path = g.dir->path() + "/" + name;
+  g.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+  if (g.fd < 0) g.error = "open " + path + ": " + std::strerror(errno);
+}
+
 // framed: each write() carries the record's payload plus a frame header's
 // worth of bytes, i.e. exactly as many bytes as the WAL stores for a plain
 // record. Rates still count the payload only, as for the WAL.
 void BM_Raw(benchmark::State& state, bool sync, size_t size, bool framed) {
   const std::string payload = MakePayload(size) + (framed ? std::string(replica::wal::kFrameHeaderSize, 'h') : "");
-  if (state.thread_index() == 0) {
-    g.Reset();
-    StartClean();
-    g.dir = std::make_unique<TempDir>();
-    if (!g.dir->ok()) {
-      g.error = "mkdtemp under " + TempRoot() + ": " + std::strerror(errno);
-    } else {
-      const std::string path = g.dir->path() + "/raw";
-      g.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
-      if (g.fd < 0) g.error = "open " + path + ": " + std::strerror(errno);
-    }
-  }
+  if (state.thread_index() == 0) OpenCaseFile("raw");
   bool failed = false;
   for (auto _ : state) {
     if (g.fd < 0) {
@@ -264,18 +268,7 @@ GroupModel model;
 
 void BM_GroupModel(benchmark::State& state, size_t size) {
   const std::string payload = MakePayload(size);
-  if (state.thread_index() == 0) {
-    g.Reset();
-    StartClean();
-    g.dir = std::make_unique<TempDir>();
-    if (!g.dir->ok()) {
-      g.error = "mkdtemp under " + TempRoot() + ": " + std::strerror(errno);
-    } else {
-      const std::string path = g.dir->path() + "/model";
-      g.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
-      if (g.fd < 0) g.error = "open " + path + ": " + std::strerror(errno);
-    }
-  }
+  if (state.thread_index() == 0) OpenCaseFile("model");
   const int threads = state.threads();
   std::string buf;
   bool failed = false;

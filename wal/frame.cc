@@ -106,15 +106,10 @@ void EncodeRecordHeader(Lsn lsn, Epoch epoch, RecordType type, std::string_view 
 
 void EncodeRecordFrame(Lsn lsn, Epoch epoch, RecordType type, std::string_view payload,
                        std::string* out) {
-  FrameHeader h;
-  h.payload_len = static_cast<uint32_t>(payload.size());
-  h.frame_type = FrameType::kRecord;
-  h.record_type = static_cast<uint8_t>(type);
-  h.lsn = lsn;
-  h.epoch = epoch;
-  h.count = 1;
-  h.raw_len = h.payload_len;
-  AppendFrame(h, payload, out);
+  char header[kFrameHeaderSize];
+  EncodeRecordHeader(lsn, epoch, type, payload, header);
+  out->append(header, kFrameHeaderSize);
+  out->append(payload.data(), payload.size());
 }
 
 bool EncodeRecords(Lsn lsn, Epoch epoch, const RecordIn* recs, size_t n, bool try_compress,
