@@ -32,7 +32,8 @@ class WritableFile {
   // Makes appended data durable (fdatasync).
   virtual Status Sync() = 0;
   virtual Status Close() = 0;
-  // Bytes in the file, including what this object appended.
+  // Bytes in the file, including what this object appended. May be called
+  // from another thread while one appends (it may then lag that append).
   virtual uint64_t Size() const = 0;
 };
 

@@ -6,6 +6,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 
 #include "base/env.h"
@@ -32,7 +33,7 @@ class PosixWritableFile final : public WritableFile {
       }
       p += n;
       left -= static_cast<size_t>(n);
-      size_ += static_cast<uint64_t>(n);
+      size_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
     }
     return Status::OK();
   }
@@ -61,7 +62,7 @@ class PosixWritableFile final : public WritableFile {
         if (errno == EINTR) continue;
         return Status::FromErrno("write " + path_, errno);
       }
-      size_ += static_cast<uint64_t>(w);
+      size_.fetch_add(static_cast<uint64_t>(w), std::memory_order_relaxed);
       for (size_t left = static_cast<size_t>(w); left > 0;) {
         const size_t avail = parts[i].size() - off;
         if (left < avail) {
@@ -88,12 +89,12 @@ class PosixWritableFile final : public WritableFile {
     return Status::OK();
   }
 
-  uint64_t Size() const override { return size_; }
+  uint64_t Size() const override { return size_.load(std::memory_order_relaxed); }
 
  private:
   const std::string path_;
   int fd_;
-  uint64_t size_;
+  std::atomic<uint64_t> size_;  // read by Size() from other threads (a sync running beside an append)
 };
 
 class PosixRandomAccessFile final : public RandomAccessFile {
