@@ -24,7 +24,8 @@ class WritableFile {
   // have reached the file (a short write), and Size() says how much.
   virtual Status Append(std::string_view data) = 0;
   // Appends the parts in order, as one Append of their concatenation would
-  // (the POSIX file uses writev, so nothing is copied to join them).
+  // (the POSIX file uses writev, so nothing is copied to join them, and
+  // parts adjacent in memory go out as one).
   virtual Status AppendV(const std::string_view* parts, size_t n) {
     for (size_t i = 0; i < n; ++i) REPLICA_RETURN_IF_ERROR(Append(parts[i]));
     return Status::OK();

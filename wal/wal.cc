@@ -518,79 +518,13 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
       }
       mu_.Lock();
     } else {
-      // Encode. Large plain records (no compression, no raw frames) are
-      // not copied: group_buf_ holds only their frame headers and writev
-      // takes the payloads from the callers' buffers. Small ones are copied,
-      // which costs less than the kernel's work per extra iovec (100 B
-      // records ran 10-20% slower through writev).
-      bool vectored = !options_.compress;
-      size_t frames = 0;
-      size_t payload_bytes = 0;
-      for (Op* op : group) {
-        if (!op->admitted || op->kind == Op::Kind::kSync) continue;
-        if (op->kind == Op::Kind::kRaw) vectored = false;
-        frames += op->n;
-        payload_bytes += op->bytes() - op->n * kFrameHeaderSize;
-      }
-      vectored = vectored && frames > 0 && payload_bytes >= frames * kVectoredMinPayload;
-      group_buf_.clear();
-      parts_.clear();
+      // Encode into parts_, a (header, payload) pair per frame.
       uint64_t records = 0;
-      uint64_t group_bytes = 0;
-      if (vectored) {
-        group_buf_.resize(frames * kFrameHeaderSize);  // sized once: the parts point into it
-        char* header = group_buf_.data();
-        for (Op* op : group) {
-          if (!op->admitted || op->kind == Op::Kind::kSync) continue;
-          for (size_t i = 0; i < op->n; ++i) {
-            const RecordIn& r = op->records[i];
-            EncodeRecordHeader(op->first_lsn + i, op->epoch, r.type, r.payload, header);
-            parts_.emplace_back(header, kFrameHeaderSize);
-            parts_.push_back(r.payload);
-            header += kFrameHeaderSize;
-            group_bytes += kFrameHeaderSize + r.payload.size();
-          }
-          records += op->n;
-        }
-      }
-      std::vector<RecordIn> batch;
-      batch.swap(encode_batch_);  // reused: no allocation per group
-      batch.clear();
-      Lsn batch_first = 0;
-      Epoch batch_epoch = 0;
-      size_t batch_raw = 0;
-      auto flush = [&] {
-        if (batch.empty()) return;
-        EncodeRecords(batch_first, batch_epoch, batch.data(), batch.size(), options_.compress, &group_buf_);
-        batch.clear();
-        batch_raw = 0;
-      };
-      for (Op* op : group) {
-        if (vectored) break;
-        if (!op->admitted || op->kind == Op::Kind::kSync) continue;
-        if (op->kind == Op::Kind::kRaw) {
-          flush();
-          group_buf_.append(op->raw);
-          records += op->run.last_lsn - op->run.first_lsn + 1;
-          continue;
-        }
-        size_t raw = op->bytes();
-        if (!batch.empty() && (op->epoch != batch_epoch || batch_raw + raw > kMaxBlockRaw)) flush();
-        if (batch.empty()) {
-          batch_first = op->first_lsn;
-          batch_epoch = op->epoch;
-        }
-        batch.insert(batch.end(), op->records, op->records + op->n);
-        batch_raw += raw;
-        records += op->n;
-      }
-      flush();
-      batch.swap(encode_batch_);
-      if (!vectored) group_bytes = group_buf_.size();
+      const uint64_t group_bytes = Vectored(group) ? EncodeHeaders(group, &records) : EncodeCopies(group, &records);
       rolled_ = false;
       if (history_changed) st = PersistHistory(new_history);
-      if (st.ok()) st = vectored ? WriteParts() : WriteFrames();
-      const bool publish = st.ok() && !group_buf_.empty();
+      if (st.ok()) st = WriteParts();
+      const bool publish = st.ok() && group_bytes > 0;
       if (want_sync) {
         if (publish) {
           // Readers see the group once it is written, while its fdatasync
@@ -613,7 +547,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         }
       }
       if (st.ok()) {
-        if (!group_buf_.empty()) {
+        if (group_bytes > 0) {
           ++stats_.groups;
           stats_.records += records;
           stats_.bytes += group_bytes;
@@ -670,42 +604,93 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
   data_cv_.SignalAll();
 }
 
-Status Wal::WriteFrames() {
-  std::shared_ptr<WritableFile> file;
-  {
-    MutexLock l(&mu_);
-    file = cur_file_;
+bool Wal::Vectored(std::span<Op* const> group) const {
+  // Large plain records (no compression, no raw frames) are not copied:
+  // writev takes the payloads from the callers' buffers. Small ones are,
+  // which costs less than the kernel's work per extra iovec (100 B records
+  // ran 10-20% slower uncopied).
+  if (options_.compress) return false;
+  size_t frames = 0;
+  size_t payload_bytes = 0;
+  for (const Op* op : group) {
+    if (!op->admitted || op->kind == Op::Kind::kSync) continue;
+    if (op->kind == Op::Kind::kRaw) return false;
+    frames += op->n;
+    payload_bytes += op->bytes() - op->n * kFrameHeaderSize;
   }
-  // Frames go to the current segment until it has reached segment_size; the
-  // next frame then starts a new segment. The cut depends only on the frame
-  // sequence, so a standby appending the same frames gets the same files.
-  size_t chunk = 0;
-  size_t pos = 0;
-  const std::string& buf = group_buf_;
-  while (pos < buf.size()) {
-    if (cur_size_ + (pos - chunk) >= options_.segment_size) {
-      if (pos > chunk) {
-        REPLICA_RETURN_IF_ERROR(file->Append(std::string_view(buf).substr(chunk, pos - chunk)));
-        cur_size_ += pos - chunk;
-      }
-      FrameHeader h;
-      REPLICA_RETURN_IF_ERROR(DecodeFrameHeader(buf.data() + pos, &h));
-      REPLICA_RETURN_IF_ERROR(RollSegment(h.lsn));
-      {
-        MutexLock l(&mu_);
-        file = cur_file_;
-      }
-      chunk = pos;
+  return frames > 0 && payload_bytes >= frames * kVectoredMinPayload;
+}
+
+uint64_t Wal::EncodeHeaders(std::span<Op* const> group, uint64_t* records) {
+  size_t frames = 0;
+  for (const Op* op : group) frames += op->admitted && op->kind == Op::Kind::kAppend ? op->n : 0;
+  group_buf_.assign(frames * kFrameHeaderSize, '\0');  // sized once: the parts point into it
+  parts_.clear();
+  char* header = group_buf_.data();
+  uint64_t bytes = 0;
+  for (const Op* op : group) {
+    if (!op->admitted || op->kind != Op::Kind::kAppend) continue;
+    for (size_t i = 0; i < op->n; ++i) {
+      const RecordIn& r = op->records[i];
+      EncodeRecordHeader(op->first_lsn + i, op->epoch, r.type, r.payload, header);
+      parts_.emplace_back(header, kFrameHeaderSize);
+      parts_.push_back(r.payload);
+      header += kFrameHeaderSize;
+      bytes += kFrameHeaderSize + r.payload.size();
     }
+    *records += op->n;
+  }
+  return bytes;
+}
+
+uint64_t Wal::EncodeCopies(std::span<Op* const> group, uint64_t* records) {
+  // Consecutive appends of one epoch share an LZ4 block when compressing;
+  // raw frames are stored as received.
+  group_buf_.clear();
+  std::vector<RecordIn> batch;
+  batch.swap(encode_batch_);  // reused: no allocation per group
+  batch.clear();
+  Lsn batch_first = 0;
+  Epoch batch_epoch = 0;
+  size_t batch_raw = 0;
+  auto flush = [&] {
+    if (batch.empty()) return;
+    EncodeRecords(batch_first, batch_epoch, batch.data(), batch.size(), options_.compress, &group_buf_);
+    batch.clear();
+    batch_raw = 0;
+  };
+  for (const Op* op : group) {
+    if (!op->admitted || op->kind == Op::Kind::kSync) continue;
+    if (op->kind == Op::Kind::kRaw) {
+      flush();
+      group_buf_.append(op->raw);
+      *records += op->run.last_lsn - op->run.first_lsn + 1;
+      continue;
+    }
+    size_t raw = op->bytes();
+    if (!batch.empty() && (op->epoch != batch_epoch || batch_raw + raw > kMaxBlockRaw)) flush();
+    if (batch.empty()) {
+      batch_first = op->first_lsn;
+      batch_epoch = op->epoch;
+    }
+    batch.insert(batch.end(), op->records, op->records + op->n);
+    batch_raw += raw;
+    *records += op->n;
+  }
+  flush();
+  batch.swap(encode_batch_);
+  // The same (header, payload) pairs as EncodeHeaders, here adjacent in
+  // group_buf_ (AppendV joins adjacent parts into one iovec again). The
+  // frames are this log's own encoding or verified raw input: they decode.
+  parts_.clear();
+  for (size_t pos = 0; pos < group_buf_.size();) {
     FrameHeader h;
-    REPLICA_RETURN_IF_ERROR(DecodeFrameHeader(buf.data() + pos, &h));
+    (void)DecodeFrameHeader(group_buf_.data() + pos, &h);
+    parts_.emplace_back(group_buf_.data() + pos, kFrameHeaderSize);
+    parts_.emplace_back(group_buf_.data() + pos + kFrameHeaderSize, h.payload_len);
     pos += h.frame_size();
   }
-  if (pos > chunk) {
-    REPLICA_RETURN_IF_ERROR(file->Append(std::string_view(buf).substr(chunk, pos - chunk)));
-    cur_size_ += pos - chunk;
-  }
-  return Status::OK();
+  return group_buf_.size();
 }
 
 Status Wal::WriteParts() {
@@ -714,8 +699,10 @@ Status Wal::WriteParts() {
     MutexLock l(&mu_);
     file = cur_file_;
   }
-  // parts_ holds (header, payload) pairs, one frame each; segments are cut
-  // exactly as WriteFrames cuts them.
+  // parts_ holds (header, payload) pairs, one frame each. Frames go to the
+  // current segment until it has reached segment_size; the next frame then
+  // starts a new segment. The cut depends only on the frame sequence, so a
+  // standby appending the same frames gets the same files.
   size_t chunk = 0;
   uint64_t pending = 0;
   for (size_t k = 0; k + 1 < parts_.size(); k += 2) {

@@ -198,11 +198,16 @@ class Wal {
   // Admits, writes and (by policy) syncs `group`; mu_ is released during
   // I/O. `queued`: the group is the front of queue_ and leaves it.
   void RunGroup(Op* leader, std::span<Op* const> group, bool queued) REQUIRES(mu_, write_mu_);
-  // Writes group_buf_ (rolling segments as needed); SyncFrames then makes
+  // Encoding a group's admitted records into parts_, a (header, payload)
+  // pair per frame: EncodeHeaders encodes only the headers (into group_buf_)
+  // and points at the appenders' payloads, when Vectored says so;
+  // EncodeCopies builds whole frames in group_buf_ (LZ4 blocks, raw frames).
+  // Both return the group's stored bytes and add its records to *records.
+  bool Vectored(std::span<Op* const> group) const;
+  uint64_t EncodeHeaders(std::span<Op* const> group, uint64_t* records) REQUIRES(write_mu_);
+  uint64_t EncodeCopies(std::span<Op* const> group, uint64_t* records) REQUIRES(write_mu_);
+  // Writes parts_ (rolling segments as needed); SyncFrames then makes
   // everything written durable.
-  Status WriteFrames() REQUIRES(write_mu_) EXCLUDES(mu_);
-  // The same for a group whose frames are in parts_ (headers in group_buf_,
-  // payloads in the appenders' buffers).
   Status WriteParts() REQUIRES(write_mu_) EXCLUDES(mu_);
   Status SyncFrames() REQUIRES(write_mu_) EXCLUDES(mu_);
   Status RollSegment(Lsn first_lsn) REQUIRES(write_mu_) EXCLUDES(mu_);
