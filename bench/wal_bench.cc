@@ -223,29 +223,29 @@ void OpenCaseFile(const std::string& name) {
   if (g.fd < 0) g.error = "open " + path + ": " + std::strerror(errno);
 }
 
+// Inside the measuring loop, where every thread sees thread 0's set-up:
+// false, with the case skipped, if OpenCaseFile failed.
+bool CaseFileOk(benchmark::State& state) {
+  if (g.fd >= 0) return true;
+  state.SkipWithError(g.error.c_str());
+  return false;
+}
+
 // framed: each write() carries the record's payload plus a frame header's
 // worth of bytes, i.e. exactly as many bytes as the WAL stores for a plain
 // record. Rates still count the payload only, as for the WAL.
 void BM_Raw(benchmark::State& state, bool sync, size_t size, bool framed) {
   const std::string payload = MakePayload(size) + (framed ? std::string(replica::wal::kFrameHeaderSize, 'h') : "");
   if (state.thread_index() == 0) OpenCaseFile("raw");
-  bool failed = false;
   for (auto _ : state) {
-    if (g.fd < 0) {
-      state.SkipWithError(g.error.c_str());
-      failed = true;
-      break;
-    }
+    if (!CaseFileOk(state)) break;
     WriteAll(state, g.fd, payload);
     if (sync && ::fdatasync(g.fd) != 0) {
       state.SkipWithError((std::string("fdatasync: ") + std::strerror(errno)).c_str());
     }
-    if (state.error_occurred()) {
-      failed = true;
-      break;
-    }
+    if (state.error_occurred()) break;
   }
-  if (!failed) SetRates(state, size);
+  if (!state.error_occurred()) SetRates(state, size);
   if (state.thread_index() == 0) {
     g.Reset();
   }
@@ -271,13 +271,8 @@ void BM_GroupModel(benchmark::State& state, size_t size) {
   if (state.thread_index() == 0) OpenCaseFile("model");
   const int threads = state.threads();
   std::string buf;
-  bool failed = false;
   for (auto _ : state) {
-    if (g.fd < 0) {
-      state.SkipWithError(g.error.c_str());
-      failed = true;
-      break;
-    }
+    if (!CaseFileOk(state)) break;
     std::unique_lock<std::mutex> l(model.mu);
     const uint64_t mine = model.open;
     ++model.waiting;
@@ -305,12 +300,9 @@ void BM_GroupModel(benchmark::State& state, size_t size) {
       waited = model.cv.wait_for(l, std::chrono::milliseconds(2)) == std::cv_status::timeout;
     }
     l.unlock();
-    if (state.error_occurred()) {
-      failed = true;
-      break;
-    }
+    if (state.error_occurred()) break;
   }
-  if (!failed) SetRates(state, size);
+  if (!state.error_occurred()) SetRates(state, size);
   if (state.thread_index() == 0) g.Reset();
 }
 
