@@ -524,27 +524,21 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
       rolled_ = false;
       if (history_changed) st = PersistHistory(new_history);
       if (st.ok()) st = WriteParts();
-      const bool publish = st.ok() && group_bytes > 0;
+      // Readers see the group once it is written: under kEveryCommit while
+      // its fdatasync runs, so that a shipper sends it to standbys in
+      // parallel with the local sync (appenders still return only once the
+      // policy is met).
+      mu_.Lock();
+      if (st.ok() && group_bytes > 0) {
+        last_lsn_ = group_last;
+        segments_.back().end = cur_size_;
+        if (history_changed) history_ = std::move(new_history);
+        data_cv_.SignalAll();
+      }
       if (want_sync) {
-        if (publish) {
-          // Readers see the group once it is written, while its fdatasync
-          // runs: a shipper sends it to standbys in parallel with the local
-          // sync (appenders still return only once the policy is met).
-          MutexLock l(&mu_);
-          last_lsn_ = group_last;
-          segments_.back().end = cur_size_;
-          if (history_changed) history_ = new_history;
-          data_cv_.SignalAll();
-        }
+        mu_.Unlock();
         if (st.ok()) st = SyncFrames();
         mu_.Lock();
-      } else {
-        mu_.Lock();  // published with the statistics: one lock, not two
-        if (publish) {
-          last_lsn_ = group_last;
-          segments_.back().end = cur_size_;
-          data_cv_.SignalAll();
-        }
       }
       if (st.ok()) {
         if (group_bytes > 0) {
@@ -558,13 +552,14 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
           last_sync_time_ = sync_time_;
           stats_.sync_micros += static_cast<uint64_t>(sync_time_.count());
         }
-        // Appenders in flight now: this group's, which return and append
-        // again, and those already queued behind it.
-        // (The group's ops are still at the front of queue_ here.)
-        size_t in_flight = 0;
-        for (Op* op : queue_) in_flight += op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw ? 1 : 0;
-        expected_group_ = std::max<size_t>(1, in_flight);
-        if (history_changed) history_ = std::move(new_history);
+        if (queued) {
+          // Appenders in flight now: this group's, which return and append
+          // again, and those already queued behind it (Gather waits for as
+          // many). The group's ops are still at the front of queue_ here.
+          size_t in_flight = 0;
+          for (Op* op : queue_) in_flight += op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw ? 1 : 0;
+          expected_group_ = std::max<size_t>(1, in_flight);
+        }
       }
       if (st.ok() && rolled_ && options_.retention_bytes > 0) {
         // Still the leader, and the group is published: retention may run.
