@@ -7,6 +7,7 @@
 
 #include "base/log.h"
 #include "base/mutex.h"
+#include "base/thread_name.h"
 #include "replication/etcd.h"
 
 namespace replica {
@@ -64,7 +65,10 @@ class EtcdArbiter final : public Arbiter {
     }
     REPLICA_RETURN_IF_ERROR(NewSession());
     StartWatch();
-    keepalive_ = std::thread([this] { KeepAliveLoop(); });
+    keepalive_ = std::thread([this] {
+    NameThisThread("etcd-keepalive");
+    KeepAliveLoop();
+  });
     return Status::OK();
   }
 

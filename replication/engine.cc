@@ -16,6 +16,7 @@
 #include "base/coding.h"
 #include "base/log.h"
 #include "base/mutex.h"
+#include "base/thread_name.h"
 #include "replica/engine.h"
 #include "replication/arbiter.h"
 #include "replication/logdiff_server.h"
@@ -285,7 +286,12 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::atomic<wal::Epoch> epoch_{1};
 
   mutable Mutex mu_;
-  CondVar cv_{&mu_};  // applied_lsn_, commit_lsn_, upstream, closing_ (not writers: see waiters_)
+  // Upstream session, role and resync events, closing_ (the follower, the
+  // role loop, Promote). Not the per-write progress below, so that a busy
+  // log does not wake those threads.
+  CondVar cv_{&mu_};
+  CondVar apply_cv_{&mu_};    // the applier: commit_lsn_ or apply_cap_ moved, or stop
+  CondVar applied_cv_{&mu_};  // applied_lsn_ moved or applying failed (WaitForApplied, logdiff pins)
   CondVar acks_cv_{&mu_};  // a standby's flushed LSN moved (WaitForReplicas)
   // Writers waiting for their LSN to be applied, each on its own condition
   // variable, so that an apply wakes only the writers it completes rather
@@ -297,6 +303,12 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::multimap<wal::Lsn, WriteWaiter*> waiters_ GUARDED_BY(mu_);
   void WakeWriters(wal::Lsn upto) REQUIRES(mu_) {
     for (auto it = waiters_.begin(); it != waiters_.end() && it->first <= upto; ++it) it->second->cv.Signal();
+  }
+  // Closing, stopping the applier: every waiter looks again.
+  void WakeAllWaiters() REQUIRES(mu_) {
+    cv_.SignalAll();
+    apply_cv_.SignalAll();
+    applied_cv_.SignalAll();
   }
   void WakeAllWriters() REQUIRES(mu_) {
     for (auto& [_, w] : waiters_) w->cv.Signal();
@@ -502,10 +514,21 @@ Status EngineImpl::Init() {
     REPLICA_RETURN_IF_ERROR_CTX(arbiter_->Start(MyInfo()), "register with etcd");
   }
   if (role_ == Role::kStandby) {
-    receiver_ = std::thread([this] { ReceiverLoop(); });
-    follower_ = std::thread([this] { FollowerLoop(); });
+    receiver_ = std::thread([this] {
+      NameThisThread("receiver");
+      ReceiverLoop();
+    });
+    follower_ = std::thread([this] {
+      NameThisThread("follower");
+      FollowerLoop();
+    });
   }
-  if (arbiter_) role_thread_ = std::thread([this] { RoleLoop(); });
+  if (arbiter_) {
+    role_thread_ = std::thread([this] {
+      NameThisThread("role");
+      RoleLoop();
+    });
+  }
   if (opts_.on_role_change) opts_.on_role_change(role_.load());
   return Status::OK();
 }
@@ -572,14 +595,17 @@ void EngineImpl::StartApplier() {
     MutexLock l(&mu_);
     applier_stop_ = false;
   }
-  applier_ = std::thread([this] { ApplierLoop(); });
+  applier_ = std::thread([this] {
+    NameThisThread("applier");
+    ApplierLoop();
+  });
 }
 
 void EngineImpl::StopApplier() {
   {
     MutexLock l(&mu_);
     applier_stop_ = true;
-    cv_.SignalAll();
+    WakeAllWaiters();
   }
   if (applier_.joinable()) applier_.join();
 }
@@ -882,7 +908,7 @@ Status EngineImpl::SetCommitRule(const CommitRule& rule) {
   // A standby only keeps the rule (it judges eligibility by it); its commit
   // point is the active's business.
   if (role_.load() == Role::kActive) AdvanceCommit();
-  cv_.SignalAll();
+  WakeAllWaiters();
   WakeAllWriters();
   return Status::OK();
 }
@@ -891,7 +917,7 @@ void EngineImpl::AdvanceCommit() {
   wal::Lsn c = ComputeCommit();
   if (c > commit_lsn_) {
     commit_lsn_ = c;
-    cv_.SignalAll();
+    apply_cv_.SignalAll();
   }
 }
 
@@ -1039,7 +1065,7 @@ Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeou
   auto deadline = Clock::now() + timeout;
   MutexLock l(&mu_);
   while (applied_lsn_ < lsn && !closing_ && apply_error_.ok()) {
-    if (!cv_.WaitUntil(deadline) && Clock::now() >= deadline) break;
+    if (!applied_cv_.WaitUntil(deadline) && Clock::now() >= deadline) break;
   }
   if (!apply_error_.ok()) return apply_error_;
   if (applied_lsn_ >= lsn) return Status::OK();
@@ -1077,7 +1103,7 @@ void EngineImpl::ApplierLoop() {
   if (!reader_or.ok()) {
     MutexLock l(&mu_);
     apply_error_ = reader_or.status();
-    cv_.SignalAll();
+    WakeAllWaiters();
     WakeAllWriters();
     return;
   }
@@ -1097,6 +1123,13 @@ void EngineImpl::ApplierLoop() {
     Status error;
     while (records.size() < kMaxApplyRecords) {
       if (!have_pending) {
+        if (records.empty() && wal_->options().sync_policy != wal::SyncPolicy::kNone &&
+            wal_->durable_lsn() < reader->next_lsn()) {
+          // Nothing is applied before it is durable here: wait for that
+          // (one wake-up per group) rather than for the record to be
+          // written, which comes first and would wake this thread twice.
+          wal_->WaitForDurable(reader->next_lsn(), Clock::now() + 100ms);
+        }
         auto got = records.empty() ? reader->NextWait(&rec, Clock::now() + 100ms) : reader->Next(&rec);
         if (!got.ok()) {
           error = got.status();
@@ -1116,7 +1149,7 @@ void EngineImpl::ApplierLoop() {
               mu_.Lock();
               AdvanceCommit();
             } else {
-              cv_.WaitUntil(Clock::now() + 100ms);
+              apply_cv_.WaitUntil(Clock::now() + 100ms);
             }
           }
           break;  // not committed yet: apply what we have, then wait
@@ -1125,7 +1158,7 @@ void EngineImpl::ApplierLoop() {
         {
           MutexLock l(&mu_);
           if (rec.lsn > apply_cap_) {
-            if (records.empty()) cv_.WaitUntil(Clock::now() + 100ms);
+            if (records.empty()) apply_cv_.WaitUntil(Clock::now() + 100ms);
             break;  // a demoted active's tail: not until an active accepts the log
           }
         }
@@ -1146,7 +1179,7 @@ void EngineImpl::ApplierLoop() {
       if (closing_ || applier_stop_) return;
       RLOG(kError, "engine.apply_failed") << "node=" << opts_.node_id << " error=\"" << error.ToString() << "\"";
       apply_error_ = error;
-      cv_.SignalAll();
+      WakeAllWaiters();
       WakeAllWriters();
       return;
     }
@@ -1163,7 +1196,7 @@ void EngineImpl::ApplierLoop() {
           w->passed = true;
         }
       }
-      cv_.SignalAll();
+      applied_cv_.SignalAll();
       WakeWriters(last);
       upstream = upstream_;
     }
@@ -1581,12 +1614,15 @@ Status EngineImpl::InstallSnapshot() {
   }
   StartApplier();
   ++snapshots_installed_;
+  snapshot_files_reused_ += r->reused;
   {
     MutexLock l(&mu_);
     progress_.clear();
     want_snapshot_ = false;
+    // The installed snapshot may already hold what WaitForApplied waits for
+    // (counted above first, so that a woken caller sees the install).
+    WakeAllWaiters();
   }
-  snapshot_files_reused_ += r->reused;
   RLOG(kWarn, "engine.resync_installed") << "node=" << opts_.node_id << " lsn=" << offer.lsn()
                                          << " files_received=" << r->received.size() << " files_reused=" << r->reused
                                          << " bytes_received=" << r->bytes << " ms="
@@ -1941,7 +1977,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
   {
     MutexLock l(&mu_);
     apply_cap_ = UINT64_MAX;
-    cv_.SignalAll();
+    apply_cv_.SignalAll();
   }
   REPLICA_RETURN_IF_ERROR(WaitForApplied(wal_->last_lsn(), 60s));
   epoch_ = epoch;
@@ -1999,7 +2035,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
     degraded_ = false;
     active_id_ = opts_.node_id;
     role_ = Role::kActive;
-    cv_.SignalAll();
+    WakeAllWaiters();
   }
   RLOG(kWarn, "engine.promoted") << "node=" << opts_.node_id << " epoch=" << epoch << " first_lsn=" << start
                                  << " ms="
@@ -2063,7 +2099,7 @@ void EngineImpl::Demote(const std::string& reason) {
     }
     standbys_.clear();
     active_id_.clear();
-    cv_.SignalAll();
+    WakeAllWaiters();
     acks_cv_.SignalAll();
     WakeAllWriters();
   }
@@ -2404,7 +2440,10 @@ void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::s
                                              << (replaced ? " (replaces its previous session)" : "");
     standbys_[sb->id] = sb;
     if (slot > 0) slots_[sb->id] = slot;
-    sb->shipper = std::thread(std::move(run));
+    sb->shipper = std::thread([run = std::move(run), name = "ship:" + sb->id] {
+      NameThisThread(name);
+      run();
+    });
   }
   if (replaced) replaced->session->Close(Status::Aborted("replaced by a new session of the same standby"));
   for (auto& r : reap) {
@@ -2449,9 +2488,9 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   if (msg.has_ack() && role_.load() == Role::kStandby) {
     // The active accepted this node's log: all of it is in its history.
     MutexLock l(&mu_);
-    if (s == upstream_) {
+    if (s == upstream_ && apply_cap_ != UINT64_MAX) {
       apply_cap_ = UINT64_MAX;
-      cv_.SignalAll();
+      apply_cv_.SignalAll();
     }
     return;
   }
@@ -2565,8 +2604,10 @@ void EngineImpl::ReceiverLoop() {
       if (last.ok()) {
         {
           MutexLock l(&mu_);
-          apply_cap_ = UINT64_MAX;  // an active continued this log: all of it is in its history
-          cv_.SignalAll();
+          if (apply_cap_ != UINT64_MAX) {
+            apply_cap_ = UINT64_MAX;  // an active continued this log: all of it is in its history
+            apply_cv_.SignalAll();
+          }
         }
         const wal::Epoch seen = wal_->last_epoch();
         if (seen > epoch_.load()) epoch_ = seen;  // the epoch this standby now knows of
@@ -2725,7 +2766,7 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
   const auto deadline = Clock::now() + timeout;
   while (at < lsn && !w.snapshot && !w.passed && !closing_ && !applier_stop_ && apply_error_.ok() &&
          Clock::now() < deadline) {
-    cv_.WaitUntil(deadline);
+    applied_cv_.WaitUntil(deadline);
   }
   unregister();
   if (w.snapshot) return w.snapshot;
@@ -2923,7 +2964,7 @@ EngineStatus EngineImpl::StatusLocked() const {
 void EngineImpl::Interrupt() {
   MutexLock l(&mu_);
   closing_ = true;
-  cv_.SignalAll();
+  WakeAllWaiters();
   acks_cv_.SignalAll();
   WakeAllWriters();
 }
@@ -2935,7 +2976,7 @@ Status EngineImpl::Close() {
     close_started_ = true;
     closing_ = true;
     for (auto& [_, sb] : standbys_) sb->stop.store(true);
-    cv_.SignalAll();
+    WakeAllWaiters();
     acks_cv_.SignalAll();
     WakeAllWriters();
   }

@@ -5,6 +5,8 @@
 #include <boost/beast/http.hpp>
 #include <thread>
 
+#include "base/thread_name.h"
+
 namespace replica {
 namespace {
 
@@ -68,7 +70,10 @@ class MetricsServerImpl final : public MetricsServer {
     if (ec) return Status::IOError("metrics port " + host + ":" + std::to_string(port) + ": " + ec.message());
     port_ = acceptor_.local_endpoint().port();
     Accept();
-    thread_ = std::thread([this] { ioc_.run(); });
+    thread_ = std::thread([this] {
+      NameThisThread("metrics");
+      ioc_.run();
+    });
     return Status::OK();
   }
   uint16_t port() const override { return port_; }

@@ -15,6 +15,7 @@
 
 #include "base/log.h"
 #include "base/mutex.h"
+#include "base/thread_name.h"
 #include "replication/resp.h"
 
 namespace replica {
@@ -124,7 +125,10 @@ Status RespServerImpl::Listen() {
   socklen_t len = sizeof a;
   ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
   port_ = ntohs(a.sin_port);
-  acceptor_ = std::thread([this] { AcceptLoop(); });
+  acceptor_ = std::thread([this] {
+    NameThisThread("resp-accept");
+    AcceptLoop();
+  });
   return Status::OK();
 }
 
@@ -168,7 +172,10 @@ void RespServerImpl::AcceptLoop() {
     c->fd = fd;
     Client* raw = c.get();
     clients_.push_back(std::move(c));
-    raw->thread = std::thread([this, raw] { Serve(raw); });
+    raw->thread = std::thread([this, raw] {
+      NameThisThread("resp-client");
+      Serve(raw);
+    });
   }
 }
 

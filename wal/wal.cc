@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "base/log.h"
+#include "base/thread_name.h"
 #include "base/wake_word.h"
 
 namespace replica::wal {
@@ -257,7 +258,10 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
     }
   }
   if (!ro && options_.sync_policy == SyncPolicy::kInterval) {
-    sync_thread_ = std::thread([this] { SyncLoop(); });
+    sync_thread_ = std::thread([this] {
+      NameThisThread("wal-sync");
+      SyncLoop();
+    });
   }
   return Status::OK();
 }
@@ -593,10 +597,13 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
     for (size_t i = 0; i < group.size(); ++i) queue_.pop_front();
     queued_.store(queue_.size(), std::memory_order_release);
     // The next front leads (it cannot finish before it is woken, so waking
-    // it under mu_ is safe); Close waits on data_cv_ for the queue to drain.
+    // it under mu_ is safe); Close waits on durable_cv_ for the queue to drain.
     if (!queue_.empty()) queue_.front()->state.store(Op::kLook, std::memory_order_release);
   }
-  data_cv_.SignalAll();
+  // Readers were woken when the group was written; a failed group wakes them
+  // again so that they look at the log as it now stands.
+  if (!st.ok()) data_cv_.SignalAll();
+  durable_cv_.SignalAll();
 }
 
 bool Wal::Vectored(std::span<Op* const> group) const {
@@ -851,6 +858,7 @@ Status Wal::DoTruncate(Lsn last_kept, bool* mutated) {
     last_lsn_ = std::min(last_lsn_, last_kept);
     durable_lsn_ = std::min(durable_lsn_, last_kept);
     data_cv_.SignalAll();
+    durable_cv_.SignalAll();
   }
   file.reset();  // closed by its last owner (the sync thread may hold it)
   // Segments rolled without a sync (policy none) that the cut keeps must be
@@ -903,7 +911,7 @@ void Wal::SyncLoop() {
     // A truncation in the meantime makes `target` meaningless.
     if (generation == generation_.load() && target > durable_lsn_) {
       durable_lsn_ = std::min(target, last_lsn_);
-      data_cv_.SignalAll();  // WaitForDurable
+      durable_cv_.SignalAll();  // WaitForDurable
     }
     ++stats_.syncs;
   }
@@ -915,7 +923,7 @@ Status Wal::Close() {
     MutexLock l(&mu_);
     if (closed_ || closing_) return Status::OK();
     closing_ = true;
-    while (!queue_.empty()) data_cv_.Wait();
+    while (!queue_.empty()) durable_cv_.Wait();
     sync_cv_.SignalAll();
   }
   if (sync_thread_.joinable()) sync_thread_.join();
@@ -946,6 +954,7 @@ Status Wal::Close() {
     MutexLock l(&mu_);
     closed_ = true;
     data_cv_.SignalAll();
+    durable_cv_.SignalAll();
   }
   lock_.reset();
   return st;
@@ -976,7 +985,7 @@ Lsn Wal::last_lsn() const {
 bool Wal::WaitForDurable(Lsn lsn, std::chrono::steady_clock::time_point deadline) {
   MutexLock l(&mu_);
   while (durable_lsn_ < lsn && !closed_ && !closing_) {
-    if (!data_cv_.WaitUntil(deadline) && std::chrono::steady_clock::now() >= deadline) break;
+    if (!durable_cv_.WaitUntil(deadline) && std::chrono::steady_clock::now() >= deadline) break;
   }
   return durable_lsn_ >= lsn;
 }

@@ -230,7 +230,13 @@ class Wal {
   // or (policies other than kEveryCommit) an appender writing its own records.
   Mutex write_mu_ ACQUIRED_BEFORE(mu_){Mutex::Adaptive{}};
   mutable Mutex mu_;
-  CondVar data_cv_{&mu_};  // readers: new data, truncation or close
+  // Readers (shippers, appliers): new records visible, truncation or close.
+  // Signalled when a group is written, not again when it is synced, so that
+  // a tailing reader wakes once per group.
+  CondVar data_cv_{&mu_};
+  // WaitForDurable and Close: a group ended (synced or failed), an interval
+  // sync, a truncation or close.
+  CondVar durable_cv_{&mu_};
   CondVar sync_cv_{&mu_};  // the interval sync thread
   std::deque<Op*> queue_ GUARDED_BY(mu_);
   std::atomic<size_t> queued_{0};  // queue_.size(), readable without mu_
