@@ -12,6 +12,8 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "base/coding.h"
 #include "base/log.h"
@@ -38,6 +40,8 @@ constexpr auto kProgressEvery = std::chrono::seconds(2);
 // A standby this many records behind its active reports its catch-up.
 constexpr uint64_t kCatchUpReportRecords = 20000;
 constexpr size_t kMaxApplyRecords = 256;
+// Delete counts kept for writers yet to take them (see delete_counts_).
+constexpr wal::Lsn kKeepDeleteCounts = 65536;
 constexpr size_t kMaxReceiveQueue = 32u << 20;
 constexpr char kSlotsFile[] = "slots";
 constexpr auto kRetentionEvery = 250ms;
@@ -154,7 +158,11 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   ~EngineImpl() override { (void)Close(); }
   Status Init();
 
-  Result<uint64_t> Write(const WriteBatch& batch) override;
+  Result<uint64_t> Write(const WriteBatch& batch) override { return DoWrite(batch, nullptr); }
+  Result<uint64_t> WriteCountingDeletes(const WriteBatch& batch, std::optional<uint64_t>* existed) override {
+    count_deletes_.store(true);  // before the append: the applier then counts this batch
+    return DoWrite(batch, existed);
+  }
   Result<std::optional<std::string>> Get(const std::string& key) override;
   Result<std::vector<std::pair<std::string, std::string>>> Scan(const std::string& start, size_t limit) override;
   Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) override;
@@ -271,7 +279,12 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   void Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) EXCLUDES(mu_);
   std::shared_ptr<Standby> FindBySession(const transport::Session* s) REQUIRES(mu_);
   Status ValidateRule(const CommitRule& rule) const;
-  Status ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last);
+  Result<uint64_t> DoWrite(const WriteBatch& batch, std::optional<uint64_t>* existed);
+  // Applies `records` (and `last` as the applied LSN) in one RocksDB batch.
+  // With `counts`, also appends (LSN, deleted keys that existed) for each
+  // record that deletes, looking keys up as of its place in the log.
+  Status ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last,
+                      std::vector<std::pair<wal::Lsn, uint64_t>>* counts);
 
   const EngineOptions opts_;
   wal::Options wal_options_;
@@ -301,6 +314,13 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     CondVar cv;
   };
   std::multimap<wal::Lsn, WriteWaiter*> waiters_ GUARDED_BY(mu_);
+  // Active, once a WriteCountingDeletes call was made: the applier counts the
+  // deleted keys that existed, per record, into delete_counts_, where the
+  // writer takes its own (the writer may register only after its record is
+  // applied, so the count waits for it). Entries 65,536 LSNs behind the
+  // applied LSN are dropped unclaimed.
+  std::atomic<bool> count_deletes_{false};
+  std::map<wal::Lsn, uint64_t> delete_counts_ GUARDED_BY(mu_);
   void WakeWriters(wal::Lsn upto) REQUIRES(mu_) {
     for (auto it = waiters_.begin(); it != waiters_.end() && it->first <= upto; ++it) it->second->cv.Signal();
   }
@@ -921,7 +941,7 @@ void EngineImpl::AdvanceCommit() {
   }
 }
 
-Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
+Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint64_t>* existed) {
   if (role_.load() != Role::kActive) {
     MutexLock l(&mu_);
     return Status::NotActive("node " + opts_.node_id + " is a standby; the active is " +
@@ -1009,6 +1029,16 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     }
     deadline = Clock::now() + opts_.commit_timeout;
   }
+  std::optional<uint64_t> counted;
+  if (existed != nullptr) {
+    const bool deletes = std::any_of(batch.ops().begin(), batch.ops().end(), [](const auto& op) { return op.is_delete; });
+    if (auto it = delete_counts_.find(lsn); it != delete_counts_.end()) {
+      counted = it->second;
+      delete_counts_.erase(it);
+    } else if (!deletes) {
+      counted = 0;
+    }
+  }
   if (!apply_error_.ok()) return apply_error_;
   if (!still_active()) {
     return Status::NotActive("node " + opts_.node_id + " was fenced before LSN " + std::to_string(lsn) +
@@ -1021,6 +1051,7 @@ Result<uint64_t> EngineImpl::Write(const WriteBatch& batch) {
     return Status::NotActive("node " + opts_.node_id + " lost its etcd lease before LSN " + std::to_string(lsn) +
                              " was acknowledged; the write may be lost");
   }
+  if (existed != nullptr) *existed = counted;
   return lsn;
 }
 
@@ -1073,18 +1104,44 @@ Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeou
                           " ms (applied " + std::to_string(applied_lsn_) + ")");
 }
 
-Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last) {
+Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last,
+                                std::vector<std::pair<wal::Lsn, uint64_t>>* counts) {
   rocksdb::WriteBatch wb;
+  // Counting: whether each key this batch touched exists after the ops so
+  // far (RocksDB does not see the batch until it is written).
+  std::unordered_map<std::string, bool> touched;
   for (const auto& [lsn, payload] : records) {
     auto batch = WriteBatch::Decode(payload);
     if (!batch.ok()) return batch.status().WithContext("record LSN " + std::to_string(lsn));
+    uint64_t existed = 0;
+    bool deletes = false;
+    std::unordered_set<std::string_view> counted;  // each key once per record
     for (const auto& op : batch->ops()) {
+      if (counts != nullptr) {
+        if (op.is_delete) {
+          deletes = true;
+          if (counted.insert(op.key).second) {
+            bool exists;
+            if (auto t = touched.find(op.key); t != touched.end()) {
+              exists = t->second;
+            } else {
+              std::string ignored;
+              const rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), handles_[0], op.key, &ignored);
+              if (!gs.ok() && !gs.IsNotFound()) return FromRocks(gs, "look up a deleted key");
+              exists = gs.ok();
+            }
+            existed += exists ? 1 : 0;
+          }
+        }
+        touched[op.key] = !op.is_delete;
+      }
       if (op.is_delete) {
         wb.Delete(handles_[0], op.key);
       } else {
         wb.Put(handles_[0], op.key, op.value);
       }
     }
+    if (counts != nullptr && deletes) counts->emplace_back(lsn, existed);
   }
   // The applied LSN goes in the same batch as the data it covers.
   char buf[8];
@@ -1109,6 +1166,7 @@ void EngineImpl::ApplierLoop() {
   }
   auto reader = std::move(reader_or).value();
   std::vector<std::pair<wal::Lsn, std::string>> records;
+  std::vector<std::pair<wal::Lsn, uint64_t>> counts;
   bool have_pending = false;
   wal::RecordView rec;
   for (;;) {
@@ -1173,7 +1231,11 @@ void EngineImpl::ApplierLoop() {
       have_pending = false;
       if (pins_pending_.load() > 0 && PinWanted(last)) break;  // logdiff wants a snapshot exactly here
     }
-    if (error.ok() && last > 0) error = ApplyRecords(records, last);
+    // On the active, once a caller asked for delete counts (role and flag
+    // read after the records: a counted write sets the flag before it appends).
+    const bool counting = role_.load() == Role::kActive && count_deletes_.load();
+    counts.clear();
+    if (error.ok() && last > 0) error = ApplyRecords(records, last, counting ? &counts : nullptr);
     if (!error.ok()) {
       MutexLock l(&mu_);
       if (closing_ || applier_stop_) return;
@@ -1188,6 +1250,11 @@ void EngineImpl::ApplierLoop() {
     {
       MutexLock l(&mu_);
       applied_lsn_ = last;
+      for (const auto& [lsn, n] : counts) delete_counts_[lsn] = n;
+      if (!delete_counts_.empty() && last > kKeepDeleteCounts) {
+        // Unclaimed (a writer that failed after its record was applied).
+        delete_counts_.erase(delete_counts_.begin(), delete_counts_.lower_bound(last - kKeepDeleteCounts));
+      }
       for (auto* w : pin_waits_) {
         if (w->snapshot || w->passed) continue;
         if (w->lsn == last) {

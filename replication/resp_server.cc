@@ -376,18 +376,20 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
   }
   if (cmd == "DEL" || cmd == "UNLINK") {
     if (argc < 2) return arity_error();
-    // Counted before the write, as Redis counts: keys that existed, each once.
+    // The reply counts the keys that existed when the delete was applied,
+    // each once, in log order (as Redis counts): of two clients deleting one
+    // key at once, exactly one is told 1.
     WriteBatch b;
-    long long existed = 0;
-    std::vector<std::string> seen;
-    for (size_t i = 1; i < argc; ++i) {
-      if (std::find(seen.begin(), seen.end(), args[i]) != seen.end()) continue;
-      seen.push_back(args[i]);
-      auto v = engine_->Get(args[i]);
-      if (v.ok() && v->has_value()) ++existed;
-      b.Delete(args[i]);
+    for (size_t i = 1; i < argc; ++i) b.Delete(args[i]);
+    std::optional<uint64_t> existed;
+    auto lsn = engine_->WriteCountingDeletes(b, &existed);
+    if (!lsn.ok()) return WriteReplyForStatus(lsn.status(), out);
+    conn->last_write_lsn = *lsn;
+    if (!existed) {
+      return resp::AppendError(out, "ERR the keys were deleted, but how many existed is no longer known "
+                                    "(the reply came too long after the delete was applied)");
     }
-    if (write(b)) resp::AppendInteger(out, existed);
+    resp::AppendInteger(out, static_cast<long long>(*existed));
     return;
   }
   if (cmd == "EXISTS") {

@@ -166,6 +166,14 @@ class Engine {
   // Active only: logs, waits for the commit rule, applies, returns the LSN.
   // NotActive (naming the active, if known) on a standby.
   virtual Result<uint64_t> Write(const WriteBatch& batch) = 0;
+  // Like Write, and sets *existed to how many of the batch's deleted keys
+  // existed just before the batch was applied, each key once, in log order
+  // (Redis DEL's reply): two concurrent deletes of one key count it once.
+  // The first call makes this node's applier look up every key it deletes
+  // from then on (a point read per deleted key). *existed is nullopt when the
+  // count was not kept (the call returned long after its batch was applied,
+  // past 65,536 newer records).
+  virtual Result<uint64_t> WriteCountingDeletes(const WriteBatch& batch, std::optional<uint64_t>* existed) = 0;
   // Reads the local RocksDB; nullopt if the key is absent.
   virtual Result<std::optional<std::string>> Get(const std::string& key) = 0;
   // Up to `limit` keys in order, starting at `start` (inclusive).
