@@ -393,7 +393,9 @@ run_one() {
     fi
   fi
 
-  if [ -n "$b_pid" ]; then stop_nodes "$dir" a "$a_pid" b "$b_pid"; else stop_nodes "$dir" a "$a_pid"; fi
+  # The standby first: stopped after its active, it would log (rightly) that
+  # the active became unreachable, and that line would be noted as odd.
+  if [ -n "$b_pid" ]; then stop_nodes "$dir" b "$b_pid" a "$a_pid"; else stop_nodes "$dir" a "$a_pid"; fi
   local f
   for f in "$dir"/a.log "$dir"/b.log; do
     [ -s "$f" ] && note "$(basename "$dir") $(basename "$f" .log) logged $(wc -l < "$f") line(s), first: $(head -1 "$f")"
