@@ -10,6 +10,7 @@
 #include <array>
 #include <map>
 #include <set>
+#include <span>
 #include <sstream>
 #include <thread>
 #include <unordered_map>
@@ -2874,6 +2875,29 @@ std::string EngineImpl::PrometheusMetrics() const {
     std::snprintf(num, sizeof num, "%.17g", v);
     out += std::string(name) + (labels.empty() ? "" : "{" + labels + "}") + " " + num + "\n";
   };
+  // A Prometheus histogram: bounds[i] is bucket i's upper bound (the le
+  // label), counts[i] its own (not cumulative) count, the extra last count
+  // the +Inf bucket.
+  auto histogram = [&](const char* name, const char* help, const std::string& labels, std::span<const double> bounds,
+                       std::span<const uint64_t> counts, double sum, uint64_t count) {
+    if (out.find(std::string("# TYPE ") + name + " ") == std::string::npos) {
+      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " histogram\n";
+    }
+    uint64_t cum = 0;
+    char num[64];
+    for (size_t i = 0; i < counts.size(); ++i) {
+      cum += counts[i];
+      if (i < bounds.size()) {
+        std::snprintf(num, sizeof num, "%g", bounds[i]);
+      } else {
+        std::snprintf(num, sizeof num, "+Inf");
+      }
+      out += std::string(name) + "_bucket{" + labels + ",le=\"" + num + "\"} " + std::to_string(cum) + "\n";
+    }
+    std::snprintf(num, sizeof num, "%.9g", sum);
+    out += std::string(name) + "_sum{" + labels + "} " + num + "\n";
+    out += std::string(name) + "_count{" + labels + "} " + std::to_string(count) + "\n";
+  };
   const std::string node = "node=\"" + opts_.node_id + "\"";
   metric("replica_role_active", "gauge", "1 on the active, 0 on a standby", node, st.role == Role::kActive);
   metric("replica_epoch", "gauge", "current epoch", node, static_cast<double>(st.epoch));
@@ -2930,28 +2954,10 @@ std::string EngineImpl::PrometheusMetrics() const {
     }
     metric("replica_slots_dropped_total", "counter", "slots dropped for passing slot_max_bytes", node,
            static_cast<double>(slots_dropped_));
-    bool first = true;
     for (const auto& [id, h] : lag_) {
-      if (first) {
-        out += "# HELP replica_standby_lag_seconds time from a record being durable here to the standby "
-               "acknowledging it durable\n# TYPE replica_standby_lag_seconds histogram\n";
-        first = false;
-      }
-      const std::string lab = node + ",standby=\"" + id + "\"";
-      uint64_t cum = 0;
-      char num[64];
-      for (size_t i = 0; i < h.counts.size(); ++i) {
-        cum += h.counts[i];
-        if (i < kLagBuckets.size()) {
-          std::snprintf(num, sizeof num, "%g", kLagBuckets[i]);
-        } else {
-          std::snprintf(num, sizeof num, "+Inf");
-        }
-        out += "replica_standby_lag_seconds_bucket{" + lab + ",le=\"" + num + "\"} " + std::to_string(cum) + "\n";
-      }
-      std::snprintf(num, sizeof num, "%.9g", h.sum);
-      out += "replica_standby_lag_seconds_sum{" + lab + "} " + num + "\n";
-      out += "replica_standby_lag_seconds_count{" + lab + "} " + std::to_string(h.count) + "\n";
+      histogram("replica_standby_lag_seconds",
+                "time from a record being durable here to the standby acknowledging it durable",
+                node + ",standby=\"" + id + "\"", kLagBuckets, h.counts, h.sum, h.count);
     }
   }
   metric("replica_snapshots_sent_total", "counter", "snapshot resyncs served (active)", node,
@@ -2965,9 +2971,16 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_wal_records_total", "counter", "records appended to the local WAL", node, static_cast<double>(ws.records));
   metric("replica_wal_bytes_total", "counter", "bytes written to the local WAL", node, static_cast<double>(ws.bytes));
   metric("replica_wal_group_commits_total", "counter", "group commits (writes)", node, static_cast<double>(ws.groups));
-  metric("replica_wal_fsyncs_total", "counter", "group-commit fdatasync calls", node, static_cast<double>(ws.syncs));
-  metric("replica_wal_fsync_seconds_total", "counter", "time spent in group-commit fdatasync", node,
+  metric("replica_wal_fsyncs_total", "counter", "fdatasync calls of the WAL (group commits, interval syncs)", node,
+         static_cast<double>(ws.syncs));
+  metric("replica_wal_fsync_seconds_total", "counter", "time spent in those fdatasync calls", node,
          static_cast<double>(ws.sync_micros) / 1e6);
+  {
+    std::array<double, wal::kSyncBucketMicros.size()> bounds;
+    for (size_t i = 0; i < bounds.size(); ++i) bounds[i] = static_cast<double>(wal::kSyncBucketMicros[i]) / 1e6;
+    histogram("replica_wal_fsync_latency_seconds", "how long each fdatasync of the WAL took", node, bounds,
+              ws.sync_buckets, static_cast<double>(ws.sync_micros) / 1e6, ws.syncs);
+  }
   metric("replica_wal_size_bytes", "gauge", "bytes of retained WAL segments", node,
          static_cast<double>(wal_->size_bytes()));
   metric("replica_wal_first_lsn", "gauge", "first retained LSN", node, static_cast<double>(wal_->first_lsn()));

@@ -552,9 +552,8 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         }
         if (want_sync) {
           durable_lsn_ = last_lsn_;
-          ++stats_.syncs;
           last_sync_time_ = sync_time_;
-          stats_.sync_micros += static_cast<uint64_t>(sync_time_.count());
+          stats_.RecordSync(sync_time_);
         }
         if (queued) {
           // Appenders in flight now: this group's, which return and append
@@ -902,7 +901,9 @@ void Wal::SyncLoop() {
     Lsn target = last_lsn_;
     const uint64_t generation = generation_.load();
     mu_.Unlock();
+    const auto start = std::chrono::steady_clock::now();
     Status st = file->Sync();
+    const auto took = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
     mu_.Lock();
     if (!st.ok()) {
       if (bg_error_.ok()) bg_error_ = st;
@@ -913,7 +914,7 @@ void Wal::SyncLoop() {
       durable_lsn_ = std::min(target, last_lsn_);
       durable_cv_.SignalAll();  // WaitForDurable
     }
-    ++stats_.syncs;
+    stats_.RecordSync(took);
   }
 }
 

@@ -26,6 +26,8 @@
 // Lock order: write_mu_ before mu_; mu_ is a leaf; no callback runs under either.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -92,14 +94,31 @@ struct RecoveryReport {
   bool history_repaired = false;
 };
 
+// Upper bounds (microseconds) of the fdatasync latency buckets of WalStats.
+inline constexpr std::array<uint64_t, 16> kSyncBucketMicros = {50,   100,  250,   500,   750,   1000,   1500,   2000,
+                                                                2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000};
+
 struct WalStats {
   uint64_t records = 0;
   uint64_t groups = 0;  // group commits (writes)
+  // fdatasyncs of the log: group commits, Sync(), the interval thread.
+  // (Syncs of a finished segment at a roll, and at close, are not counted.)
   uint64_t syncs = 0;
   uint64_t bytes = 0;
   uint64_t segments_created = 0;
   uint64_t segments_purged = 0;
-  uint64_t sync_micros = 0;  // total time spent in group-commit fdatasync
+  uint64_t sync_micros = 0;  // total time those fdatasyncs took
+  // How many of them took at most kSyncBucketMicros[i] and more than the
+  // bound before it (not cumulative); the last entry counts the slower ones.
+  std::array<uint64_t, kSyncBucketMicros.size() + 1> sync_buckets{};
+  void RecordSync(std::chrono::microseconds took) {
+    const auto us = static_cast<uint64_t>(std::max<int64_t>(0, took.count()));
+    ++syncs;
+    sync_micros += us;
+    size_t i = 0;
+    while (i < kSyncBucketMicros.size() && us > kSyncBucketMicros[i]) ++i;
+    ++sync_buckets[i];
+  }
 };
 
 struct SegmentInfo {

@@ -225,6 +225,18 @@ TEST(ReplicadTest, PrometheusMetrics) {
   EXPECT_NE(page.find("# TYPE replica_standby_lag_records gauge"), std::string::npos) << page;
   EXPECT_NE(page.find("replica_standby_flushed_lsn{node=\"a\",standby=\"b\"} 5"), std::string::npos) << page;
   EXPECT_NE(page.find("replica_wal_fsyncs_total{node=\"a\"}"), std::string::npos);
+  // Every fdatasync counted is in the latency histogram, exactly once.
+  auto value_after = [&](const std::string& prefix) -> std::string {
+    const size_t at = page.find(prefix);
+    if (at == std::string::npos) return "missing";
+    const size_t from = at + prefix.size();
+    return page.substr(from, page.find('\n', from) - from);
+  };
+  const std::string fsyncs = value_after("replica_wal_fsyncs_total{node=\"a\"} ");
+  EXPECT_NE(fsyncs, "0");
+  EXPECT_EQ(value_after("replica_wal_fsync_latency_seconds_bucket{node=\"a\",le=\"+Inf\"} "), fsyncs) << page;
+  EXPECT_EQ(value_after("replica_wal_fsync_latency_seconds_count{node=\"a\"} "), fsyncs) << page;
+  EXPECT_NE(page.find("replica_wal_fsync_latency_seconds_bucket{node=\"a\",le=\"0.001\"} "), std::string::npos);
   // remote-write:1: each of the 5 records was acknowledged by b, and timed.
   EXPECT_NE(page.find("replica_standby_lag_seconds_count{node=\"a\",standby=\"b\"} 5\n"), std::string::npos)
       << page;

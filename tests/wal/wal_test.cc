@@ -112,6 +112,11 @@ TEST_P(WalVariantTest, ConcurrentAppendersShareGroups) {
     // One fdatasync per group, and 8 appenders waiting on ~200 µs syncs do group.
     EXPECT_LT(s.groups, s.records);
     EXPECT_EQ(s.syncs, s.groups);
+    // Each fdatasync is timed into exactly one latency bucket.
+    uint64_t bucketed = 0;
+    for (uint64_t n : s.sync_buckets) bucketed += n;
+    EXPECT_EQ(bucketed, s.syncs);
+    EXPECT_GT(s.sync_micros, 0u);
   }
 }
 
@@ -235,7 +240,11 @@ TEST(WalTest, IntervalPolicyBecomesDurableWithoutBeingAsked) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (wal->durable_lsn() < 20 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
   EXPECT_EQ(wal->durable_lsn(), 20u);
-  EXPECT_GE(wal->stats().syncs, 1u);
+  const WalStats s = wal->stats();
+  EXPECT_GE(s.syncs, 1u);
+  uint64_t bucketed = 0;
+  for (uint64_t n : s.sync_buckets) bucketed += n;
+  EXPECT_EQ(bucketed, s.syncs);  // the interval thread's fdatasyncs are timed too
 }
 
 TEST(WalTest, ExplicitSyncUnderNoSyncPolicy) {
