@@ -87,9 +87,9 @@ class AppendTimes {
     if (held != lsn) return std::nullopt;
     return Clock::time_point(std::chrono::microseconds(s.us.load(std::memory_order_relaxed)));
   }
+  static constexpr size_t kSize = 1u << 16;
 
  private:
-  static constexpr size_t kSize = 1u << 16;
   static constexpr size_t kMask = kSize - 1;
   struct Slot {
     std::atomic<wal::Lsn> lsn{0};
@@ -375,8 +375,13 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::map<std::string, wal::Lsn> persisted_slots_ GUARDED_BY(mu_);
   uint64_t slots_dropped_ GUARDED_BY(mu_) = 0;
   Clock::time_point last_retention_ GUARDED_BY(mu_);
-  // Lag in time: standby id -> histogram of (its durable ack - local durable).
+  // Lag in time: standby id -> histogram of (its durable ack - local durable),
+  // and of (its applied ack - local durable).
   std::map<std::string, LagHistogram> lag_ GUARDED_BY(mu_);
+  std::map<std::string, LagHistogram> apply_lag_ GUARDED_BY(mu_);
+  // Observes, for each LSN in (from, to], the time from its local durability
+  // to `now` (0 for one the standby held before it was durable here).
+  void ObserveLag(LagHistogram* h, wal::Lsn from, wal::Lsn to, Clock::time_point now) const;
   AppendTimes append_times_;
 
   // Snapshot resync.
@@ -2355,6 +2360,18 @@ std::shared_ptr<Standby> EngineImpl::FindBySession(const transport::Session* s) 
   return nullptr;
 }
 
+void EngineImpl::ObserveLag(LagHistogram* h, wal::Lsn from, wal::Lsn to, Clock::time_point now) const {
+  // At most one ring's worth: older records' times are gone.
+  for (wal::Lsn l = std::max(from + 1, to > AppendTimes::kSize ? to - AppendTimes::kSize + 1 : 1); l <= to; ++l) {
+    bool pending = false;
+    if (auto t = append_times_.Get(l, &pending)) {
+      h->Observe(std::max(0.0, std::chrono::duration<double>(now - *t).count()));
+    } else if (pending) {
+      h->Observe(0.0);  // held by the standby before it was durable here
+    }
+  }
+}
+
 void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) {
   // When the acknowledgement arrived, not when mu_ became free: lag is the
   // standby's, not this node's lock contention under load.
@@ -2363,23 +2380,17 @@ void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn 
   auto sb = FindBySession(s);
   if (!sb || sb->resync) return;
   const wal::Lsn before = sb->flushed;
+  const wal::Lsn applied_before = sb->applied;
   sb->flushed = std::max(sb->flushed, std::min(flushed, sb->shipped.load()));
   sb->applied = std::max(sb->applied, std::min(applied, sb->flushed));
   if (sb->flushed > before) {
     slots_[sb->id] = std::max(slots_[sb->id], sb->flushed);
     // Lag in time of each newly held record: its ack now minus when it was
-    // durable here (as PostgreSQL's flush_lag), at most one ring's worth.
-    const auto now = arrived;
-    LagHistogram& h = lag_[sb->id];
-    for (wal::Lsn l = std::max(before + 1, sb->flushed > 65536 ? sb->flushed - 65535 : 1); l <= sb->flushed; ++l) {
-      bool pending = false;
-      if (auto t = append_times_.Get(l, &pending)) {
-        h.Observe(std::max(0.0, std::chrono::duration<double>(now - *t).count()));
-      } else if (pending) {
-        h.Observe(0.0);  // held by the standby before it was durable here
-      }
-    }
+    // durable here (as PostgreSQL's flush_lag).
+    ObserveLag(&lag_[sb->id], before, sb->flushed, arrived);
   }
+  // The same for records newly applied there (PostgreSQL's replay_lag).
+  if (sb->applied > applied_before) ObserveLag(&apply_lag_[sb->id], applied_before, sb->applied, arrived);
   if (sb->flushed >= wal_->last_lsn()) sb->caught_up_at = Clock::now();
   MaybeJoin(*sb);
   AdvanceCommit();
@@ -2790,6 +2801,7 @@ void EngineImpl::RemoveStandby(const std::string& id) {
     }
     const bool had = slots_.erase(id) > 0;
     lag_.erase(id);
+    apply_lag_.erase(id);
     RLOG(kWarn, "engine.standby_removed") << "node=" << opts_.node_id << " standby=" << id
                                           << (had ? " (its slot is dropped: the log it needed may be deleted)"
                                                   : " (it had no slot)");
@@ -2957,6 +2969,11 @@ std::string EngineImpl::PrometheusMetrics() const {
     for (const auto& [id, h] : lag_) {
       histogram("replica_standby_lag_seconds",
                 "time from a record being durable here to the standby acknowledging it durable",
+                node + ",standby=\"" + id + "\"", kLagBuckets, h.counts, h.sum, h.count);
+    }
+    for (const auto& [id, h] : apply_lag_) {
+      histogram("replica_standby_apply_lag_seconds",
+                "time from a record being durable here to the standby acknowledging it applied",
                 node + ",standby=\"" + id + "\"", kLagBuckets, h.counts, h.sum, h.count);
     }
   }

@@ -243,6 +243,11 @@ TEST(ReplicadTest, PrometheusMetrics) {
   EXPECT_NE(page.find("replica_standby_lag_seconds_bucket{node=\"a\",standby=\"b\",le=\"+Inf\"} 5\n"),
             std::string::npos);
   EXPECT_NE(page.find("replica_client_commands_total 5"), std::string::npos) << page;
+  // Applied on b too, each record timed once (b acknowledges applies on its own).
+  EXPECT_TRUE(test::Eventually([&] {
+    return Exchange(a.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+               .find("replica_standby_apply_lag_seconds_count{node=\"a\",standby=\"b\"} 5\n") != std::string::npos;
+  }));
   EXPECT_NE(Exchange(a.metrics_port(), "GET /other HTTP/1.1\r\n\r\n").find("404"), std::string::npos);
   EXPECT_NE(Exchange(a.metrics_port(), "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").find("405"),
             std::string::npos);
