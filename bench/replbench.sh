@@ -30,8 +30,11 @@ modes with a standby the replication lag p50 and p99 (ms). The lag is the
 active's replica_standby_lag_seconds histogram (time from the local WAL
 append of a record until the standby acknowledged it durably), scraped from
 /metrics after the standby has caught up, with quantiles interpolated within
-buckets as Prometheus' histogram_quantile does. A replicad without that
-metric (or without --metrics-listen) gives "n/a".
+buckets as Prometheus' histogram_quantile does; "apply p99" is the same for
+replica_standby_apply_lag_seconds (until the standby applied the record, so
+that a read there sees it). Each run's line also shows the active's mean
+and p99 fdatasync time (replica_wal_fsync_latency_seconds). A replicad
+without those metrics (or without --metrics-listen) gives "n/a".
 
 Options:
   --requests N     SET requests per run (default 100000)
@@ -302,7 +305,7 @@ fail_run() {
 
 # ---------------------------------------------------------------- one run
 
-declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99
+declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99 R_ALAG99
 
 run_one() {
   local round=$1 mode=$2
@@ -350,7 +353,7 @@ run_one() {
   read -r rps p50 p99 < <(parse_bench "$dir/bench.out")
   [ "$rps" != n/a ] || fail_run "$dir" "no SET result in the redis-benchmark output"
 
-  local lag50=n/a lag99=n/a lagtxt="" last=""
+  local lag50=n/a lag99=n/a alag99=n/a lagtxt="" last=""
   if [ "$mode" != single ]; then
     # Let the standby acknowledge every record, so the histogram holds them all.
     local off
@@ -375,12 +378,18 @@ run_one() {
       ssec=$(metric_sum replica_wal_fsync_seconds_total < "$dir/metrics.txt")
       fsynctxt=$(awk -v r="$recs" -v n="$syncs" -v t="$ssec" 'BEGIN {
         if (n != "n/a" && n > 0 && t != "n/a" && r != "n/a") printf "  fsync %.0f us, %.1f rec/fsync", t / n * 1e6, r / n }')
+      local f99
+      f99=$(hist_quantile 0.99 replica_wal_fsync_latency_seconds < "$dir/metrics.txt")
+      [ "$f99" = n/a ] || [ -z "$fsynctxt" ] || fsynctxt+=$(awk -v s="$f99" 'BEGIN { printf " (p99 %.0f us)", s * 1e6 }')
       if [ "$mode" != single ]; then
         local v obs
         v=$(hist_quantile 0.5 replica_standby_lag_seconds < "$dir/metrics.txt")
         [ "$v" = n/a ] || lag50=$(awk -v s="$v" 'BEGIN { printf "%.3f", s * 1000 }')
         v=$(hist_quantile 0.99 replica_standby_lag_seconds < "$dir/metrics.txt")
         [ "$v" = n/a ] || lag99=$(awk -v s="$v" 'BEGIN { printf "%.3f", s * 1000 }')
+        # Until applied there (a read on the standby sees it): replay lag.
+        v=$(hist_quantile 0.99 replica_standby_apply_lag_seconds < "$dir/metrics.txt")
+        [ "$v" = n/a ] || alag99=$(awk -v s="$v" 'BEGIN { printf "%.3f", s * 1000 }')
         obs=$(hist_count replica_standby_lag_seconds < "$dir/metrics.txt")
         if [ "$obs" != n/a ]; then
           lagtxt=" ($obs samples)"
@@ -402,9 +411,9 @@ run_one() {
   done
 
   R_RPS[$mode]+="$rps "; R_P50[$mode]+="$p50 "; R_P99[$mode]+="$p99 "
-  R_LAG50[$mode]+="$lag50 "; R_LAG99[$mode]+="$lag99 "
+  R_LAG50[$mode]+="$lag50 "; R_LAG99[$mode]+="$lag99 "; R_ALAG99[$mode]+="$alag99 "
   local lagcol=""
-  [ "$mode" = single ] || lagcol="  lag p50 $lag50 ms  p99 $lag99 ms$lagtxt"
+  [ "$mode" = single ] || lagcol="  lag p50 $lag50 ms  p99 $lag99 ms  apply p99 $alag99 ms$lagtxt"
   printf '   round %d/%d  %-15s %7.0f SET/s  p50 %6s ms  p99 %7s ms%s%s\n' \
     "$round" "$ROUNDS" "$mode" "$rps" "$p50" "$p99" "$fsynctxt" "$lagcol"
 
@@ -465,20 +474,23 @@ main() {
   base=$(tr ' ' '\n' <<<"${R_RPS[single]}" | median)
   echo
   echo "Median of $ROUNDS round(s), $REQUESTS SETs of $VALUE_SIZE B from $CLIENTS clients per run; load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
-  printf '%-16s %10s %8s %8s %10s %12s %12s\n' mode SET/s "p50 ms" "p99 ms" "vs single" "lag p50 ms" "lag p99 ms"
-  local rps p50 p99 l50 l99 ratio async_ratio="n/a" async_lag99="n/a"
+  printf '%-16s %10s %8s %8s %10s %12s %12s %14s\n' mode SET/s "p50 ms" "p99 ms" "vs single" "lag p50 ms" "lag p99 ms" \
+    "apply p99 ms"
+  local rps p50 p99 l50 l99 a99 ratio async_ratio="n/a" async_lag99="n/a"
   for mode in "${MODES[@]}"; do
     rps=$(tr ' ' '\n' <<<"${R_RPS[$mode]}" | median)
     p50=$(tr ' ' '\n' <<<"${R_P50[$mode]}" | median)
     p99=$(tr ' ' '\n' <<<"${R_P99[$mode]}" | median)
     l50=$(tr ' ' '\n' <<<"${R_LAG50[$mode]}" | median)
     l99=$(tr ' ' '\n' <<<"${R_LAG99[$mode]}" | median)
+    a99=$(tr ' ' '\n' <<<"${R_ALAG99[$mode]}" | median)
     ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
-    if [ "$mode" = single ]; then l50="-"; l99="-"; fi
+    if [ "$mode" = single ]; then l50="-"; l99="-"; a99="-"; fi
     [ "$l50" = n/a ] || [ "$l50" = "-" ] || l50=$(printf '%.3f' "$l50")
     [ "$l99" = n/a ] || [ "$l99" = "-" ] || l99=$(printf '%.3f' "$l99")
+    [ "$a99" = n/a ] || [ "$a99" = "-" ] || a99=$(printf '%.3f' "$a99")
     [ "$mode" = async ] && { async_ratio=$ratio; async_lag99=$l99; }
-    printf '%-16s %10.0f %8s %8s %10s %12s %12s\n' "$mode" "$rps" "$p50" "$p99" "${ratio}x" "$l50" "$l99"
+    printf '%-16s %10.0f %8s %8s %10s %12s %12s %14s\n' "$mode" "$rps" "$p50" "$p99" "${ratio}x" "$l50" "$l99" "$a99"
   done
   echo
   local g1 g2
