@@ -193,8 +193,9 @@ void RespServerImpl::Serve(Client* c) {
     parser.Feed(std::string_view(buf, static_cast<size_t>(n)));
     bool broken = false;
     // Pipelined commands run in order; their replies go out together.
-    // Consecutive SETs of one pipeline share one write (one WAL record, one
-    // commit) instead of waiting for a commit each.
+    // Consecutive SETs and MSETs of one pipeline share one write (one WAL
+    // record, one commit) instead of waiting for a commit each: each command
+    // stays atomic, as part of a larger atomic batch.
     WriteBatch sets;
     size_t set_count = 0, set_bytes = 0;
     auto flush_sets = [&] {
@@ -222,12 +223,17 @@ void RespServerImpl::Serve(Client* c) {
         break;
       }
       ++stats_.commands;
-      if (args.size() == 3 && Upper(args[0]) == "SET") {
-        sets.Put(args[1], args[2]);
-        ++set_count;
-        set_bytes += args[1].size() + args[2].size();
-        if (set_bytes >= kMaxSetBatchBytes) flush_sets();
-        continue;
+      if (args.size() >= 3 && args.size() % 2 == 1) {
+        const std::string name = Upper(args[0]);
+        if ((name == "SET" && args.size() == 3) || name == "MSET") {
+          for (size_t i = 1; i + 1 < args.size(); i += 2) {
+            set_bytes += args[i].size() + args[i + 1].size();
+            sets.Put(std::move(args[i]), std::move(args[i + 1]));
+          }
+          ++set_count;  // one +OK per command
+          if (set_bytes >= kMaxSetBatchBytes) flush_sets();
+          continue;
+        }
       }
       flush_sets();
       Execute(args, &conn, &out);
