@@ -57,6 +57,7 @@
 #include <benchmark/benchmark.h>
 
 #include "base/log.h"
+#include "bench/bench_output.h"
 #include "transport/frame.h"
 #include "transport/transport.h"
 
@@ -830,22 +831,6 @@ class SummaryReporter : public benchmark::BenchmarkReporter {
   std::map<Key, std::vector<double>> samples_;
 };
 
-// The value of --name=value (or "true" for a bare --name) in argv, or "".
-std::string FlagValue(int argc, char** argv, const std::string& name) {
-  std::string value;
-  const std::string prefix = "--" + name;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view a = argv[i];
-    if (a == prefix) value = "true";
-    if (a.size() > prefix.size() && a.substr(0, prefix.size() + 1) == prefix + "=") {
-      value = std::string(a.substr(prefix.size() + 1));
-    }
-  }
-  return value;
-}
-
-bool IsTrue(const std::string& v) { return v == "true" || v == "1" || v == "yes"; }
-
 // Registration order is run order: each raw baseline runs right before the
 // transport case compared with it, so that a ratio compares measurements
 // taken close together.
@@ -874,26 +859,14 @@ void RegisterAll() {
 
 int main(int argc, char** argv) {
   replica::SetLogLevel(replica::LogLevel::kWarn);  // no per-session info lines between the results
-  std::string format = FlagValue(argc, argv, "benchmark_format");
-  const bool tabular = IsTrue(FlagValue(argc, argv, "benchmark_counters_tabular"));
-  const std::string color = FlagValue(argc, argv, "benchmark_color");
+  // Before Initialize consumes the output flags; the summary reporter
+  // wraps the reporter they ask for.
+  replica::bench::Output output = replica::bench::OutputFromFlags(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   RegisterAll();
 
-  std::unique_ptr<benchmark::BenchmarkReporter> inner;
-  if (format == "json") {
-    inner = std::make_unique<benchmark::JSONReporter>();
-  } else {
-    format = "console";
-    int opts = benchmark::ConsoleReporter::OO_None;
-    const bool use_color = color == "true" || color == "yes" || color == "1" ||
-                           ((color.empty() || color == "auto") && isatty(STDOUT_FILENO));
-    if (use_color) opts |= benchmark::ConsoleReporter::OO_Color;
-    if (tabular) opts |= benchmark::ConsoleReporter::OO_Tabular;
-    inner = std::make_unique<benchmark::ConsoleReporter>(static_cast<benchmark::ConsoleReporter::OutputOptions>(opts));
-  }
-  SummaryReporter reporter(std::move(inner), format == "console");
+  SummaryReporter reporter(std::move(output.reporter), output.console);
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
   return 0;

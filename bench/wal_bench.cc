@@ -45,6 +45,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench/bench_output.h"
 #include "wal/format.h"
 #include "wal/wal.h"
 
@@ -447,22 +448,6 @@ class SummaryReporter : public benchmark::BenchmarkReporter {
   std::map<Key, std::vector<Rates>> samples_;
 };
 
-// The value of --name=value (or "true" for a bare --name) in argv, or "".
-std::string FlagValue(int argc, char** argv, const std::string& name) {
-  std::string value;
-  const std::string prefix = "--" + name;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view a = argv[i];
-    if (a == prefix) value = "true";
-    if (a.size() > prefix.size() && a.substr(0, prefix.size() + 1) == prefix + "=") {
-      value = std::string(a.substr(prefix.size() + 1));
-    }
-  }
-  return value;
-}
-
-bool IsTrue(const std::string& v) { return v == "true" || v == "1" || v == "yes"; }
-
 // Registration order is run order (without --benchmark_enable_random_interleaving):
 // each raw baseline runs right before the WAL cases compared with it, and the
 // 1- and 8-thread runs of a case run back to back, so that a ratio compares
@@ -498,32 +483,16 @@ void RegisterAll() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Read the output flags before Initialize consumes them: the summary
-  // reporter wraps the reporter they ask for (console or json; the deprecated
-  // csv format falls back to console).
-  std::string format = FlagValue(argc, argv, "benchmark_format");
-  const bool tabular = IsTrue(FlagValue(argc, argv, "benchmark_counters_tabular"));
-  const std::string color = FlagValue(argc, argv, "benchmark_color");
+  // Before Initialize consumes the output flags; the summary reporter
+  // wraps the reporter they ask for.
+  replica::bench::Output output = replica::bench::OutputFromFlags(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 
   benchmark::AddCustomContext("tmpdir", TempRoot());
   RegisterAll();
 
-  std::unique_ptr<benchmark::BenchmarkReporter> inner;
-  if (format == "json") {
-    inner = std::make_unique<benchmark::JSONReporter>();
-  } else {
-    format = "console";
-    int opts = benchmark::ConsoleReporter::OO_None;
-    const bool use_color = color == "true" || color == "yes" || color == "1" ||
-                           ((color.empty() || color == "auto") && isatty(STDOUT_FILENO));
-    if (use_color) opts |= benchmark::ConsoleReporter::OO_Color;
-    if (tabular) opts |= benchmark::ConsoleReporter::OO_Tabular;
-    inner = std::make_unique<benchmark::ConsoleReporter>(
-        static_cast<benchmark::ConsoleReporter::OutputOptions>(opts));
-  }
-  SummaryReporter reporter(std::move(inner), format == "console");
+  SummaryReporter reporter(std::move(output.reporter), output.console);
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
   return 0;
