@@ -252,7 +252,8 @@ int main(int argc, char** argv) {
   ao.endpoints = *endpoints;
   ao.cluster = vm["cluster"].as<std::string>();
   auto arbiter = OrFail(NewEtcdArbiter(ao), "etcd");
-  const auto limit = std::chrono::seconds(std::max(1, vm["timeout"].as<int>()));
+  if (vm["timeout"].as<int>() < 1 || vm["timeout"].as<int>() > 86400) Fail("--timeout must be 1..86400 seconds", 2);
+  const auto limit = std::chrono::seconds(vm["timeout"].as<int>());
 
   if (cmd == "status") {
     if (args.size() != 1) Fail("status takes no argument", 2);

@@ -17,6 +17,7 @@
 #include "replication/etcd.h"
 #include "replication/metrics_server.h"
 #include "replication/resp_server.h"
+#include "tools/cli.h"
 
 namespace po = boost::program_options;
 using namespace replica;
@@ -83,10 +84,10 @@ int main(int argc, char** argv) {
        "before that standby is removed from the list in etcd and the write acknowledged without it")
       ("wal-sync", po::value<std::string>()->default_value("every"),
        "WAL durability: every (fdatasync per commit group) | interval | none")
-      ("wal-segment-size", po::value<uint64_t>()->default_value(64ull << 20), "bytes per WAL segment file")
-      ("wal-keep-bytes", po::value<uint64_t>()->default_value(1ull << 30),
+      ("wal-segment-size", po::value<std::string>()->default_value("67108864"), "bytes per WAL segment file")
+      ("wal-keep-bytes", po::value<std::string>()->default_value("1073741824"),
        "WAL kept at least (older segments are deleted once applied and no standby's slot needs them); 0: keep all")
-      ("slot-max-bytes", po::value<uint64_t>()->default_value(4ull << 30),
+      ("slot-max-bytes", po::value<std::string>()->default_value("4294967296"),
        "active: a standby further behind than this many WAL bytes loses its slot and is resynced from a "
        "snapshot once its log is gone; 0: no cap")
       ("max-clients", po::value<int>()->default_value(1000), "client connections served at once")
@@ -161,12 +162,17 @@ int main(int argc, char** argv) {
     auto eps = etcd::ParseEndpoints(vm["etcd"].as<std::string>());
     if (!eps.ok()) Fail("--etcd: " + eps.status().message());
     o.etcd = *eps;
+  }
+  {
+    // Checked with or without --etcd: a bad value is an error either way.
     const int ttl = vm["lease-ttl"].as<int>();
     const int margin = vm["fence-margin-ms"].as<int>();
     if (ttl < 2 || ttl > 600) Fail("--lease-ttl must be 2..600 seconds");
     if (margin < 0 || margin >= ttl * 1000) Fail("--fence-margin-ms must be at least 0 and below the lease TTL");
-    o.lease_ttl = std::chrono::seconds(ttl);
-    o.fence_margin = std::chrono::milliseconds(margin);
+    if (!o.etcd.empty()) {
+      o.lease_ttl = std::chrono::seconds(ttl);
+      o.fence_margin = std::chrono::milliseconds(margin);
+    }
   }
   o.cluster = vm["cluster"].as<std::string>();
   if (vm.count("secret")) {
@@ -191,9 +197,17 @@ int main(int argc, char** argv) {
   o.commit_fallback = vm["commit-fallback"].as<std::string>();
   if (o.commit_fallback != "strict" && o.commit_fallback != "async") Fail("--commit-fallback must be strict or async");
   o.wal_sync = vm["wal-sync"].as<std::string>();
-  o.wal_segment_size = vm["wal-segment-size"].as<uint64_t>();
-  o.wal_keep_bytes = vm["wal-keep-bytes"].as<uint64_t>();
-  o.slot_max_bytes = vm["slot-max-bytes"].as<uint64_t>();
+  // Byte counts are read as text: program_options would take "-5" for an
+  // unsigned option as 2^64 - 5.
+  auto bytes = [&](const char* name) {
+    uint64_t v = 0;
+    const std::string text = vm[name].as<std::string>();
+    if (!cli::ParseU64(text, &v)) Fail(std::string("--") + name + " must be a whole number of bytes, got '" + text + "'");
+    return v;
+  };
+  o.wal_segment_size = bytes("wal-segment-size");
+  o.wal_keep_bytes = bytes("wal-keep-bytes");
+  o.slot_max_bytes = bytes("slot-max-bytes");
 
   // Signals are taken by sigwait in this thread; every thread started below
   // inherits the mask, so none is interrupted.

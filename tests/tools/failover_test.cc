@@ -473,6 +473,9 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   EXPECT_NE(out.find("etcd unreachable"), std::string::npos) << out;
   out = Repctl(etcd_->endpoint(), "frobnicate", &code);
   EXPECT_EQ(code, 2);
+  out = Repctl(etcd_->endpoint(), "--timeout -5 switchover", &code);  // not quietly 1 s
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--timeout must be"), std::string::npos) << out;
 }
 
 TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {

@@ -301,6 +301,16 @@ TEST(ReplicadTest, CommandLineErrors) {
   out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --listen nowhere", &code);
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("HOST:PORT"), std::string::npos) << out;
+  // Byte counts are whole numbers: a negative one is not read as 2^64 - n.
+  for (const char* bad : {"--wal-segment-size -5", "--wal-keep-bytes -1", "--slot-max-bytes 1x"}) {
+    out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s " + bad, &code);
+    EXPECT_EQ(code, 2) << bad;
+    EXPECT_NE(out.find("must be a whole number of bytes"), std::string::npos) << bad << ": " << out;
+  }
+  // Checked without --etcd too.
+  out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --lease-ttl 0", &code);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--lease-ttl must be"), std::string::npos) << out;
 }
 
 TEST(ReplicadTest, ConfigFileWithFlagsWinning) {
