@@ -927,6 +927,31 @@ TEST(EngineTest, RespConcurrentDelsOfOneKeyCountItOnce) {
   server->Stop();
 }
 
+// Threads carry the names docs/operations.md lists (top -H, ps -L, perf).
+TEST(EngineTest, ThreadsAreNamed) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  auto b = OpenOrDie(Node(dir, "b", Follow(*a)));
+  WriteBatch w;
+  w.Put("k", "v");
+  auto lsn = a->Write(w);
+  ASSERT_TRUE(lsn.ok());
+  ASSERT_TRUE(b->WaitForApplied(*lsn, 30s).ok());  // the shipper to b exists by now
+  std::multiset<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::string name = test::ReadFileBytes(entry.path().string() + "/comm");
+    while (!name.empty() && name.back() == '\n') name.pop_back();
+    names.insert(name);
+  }
+  EXPECT_EQ(names.count("applier"), 2u);
+  EXPECT_GE(names.count("transport-io"), 2u);
+  EXPECT_EQ(names.count("ship:b"), 1u);
+  EXPECT_EQ(names.count("receiver"), 1u);
+  EXPECT_EQ(names.count("follower"), 1u);
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 TEST(WriteBatchTest, EncodeDecodeAndDamage) {
   WriteBatch b;
   b.Put("a", "1");
