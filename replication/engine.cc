@@ -500,6 +500,11 @@ Status EngineImpl::Init() {
   if (!wal::ParseSyncPolicy(opts_.wal_sync, &wal_options_.sync_policy)) {
     return Status::InvalidArgument("wal_sync '" + opts_.wal_sync + "': expected every, interval or none");
   }
+  if (opts_.wal_sync_interval < 1ms || opts_.wal_sync_interval > 60s) {
+    return Status::InvalidArgument("wal_sync_interval must be 1 ms to 60 s, got " +
+                                   std::to_string(opts_.wal_sync_interval.count()) + " ms");
+  }
+  wal_options_.sync_interval = opts_.wal_sync_interval;
   wal_options_.segment_size = opts_.wal_segment_size;
   wal_options_.retention_bytes = opts_.wal_keep_bytes;
   REPLICA_RETURN_IF_ERROR(Env::Default()->CreateDirIfMissing(opts_.data_dir));

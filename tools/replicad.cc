@@ -83,7 +83,11 @@ int main(int argc, char** argv) {
        "with --etcd: how long a write waits for a standby listed as eligible for promotion that lacks it, "
        "before that standby is removed from the list in etcd and the write acknowledged without it")
       ("wal-sync", po::value<std::string>()->default_value("every"),
-       "WAL durability: every (fdatasync per commit group) | interval | none")
+       "WAL durability: every (fdatasync per commit group) | interval (a timer fdatasyncs every "
+       "--wal-sync-interval-ms; a write is acknowledged once it is synced, so fewer fdatasyncs cost latency) | none "
+       "(acknowledged once written; the OS writes back when it likes, and a power loss can lose acknowledged writes)")
+      ("wal-sync-interval-ms", po::value<int64_t>()->default_value(10),
+       "with --wal-sync interval: milliseconds between fdatasyncs (1..60000)")
       ("wal-segment-size", po::value<std::string>()->default_value("67108864"), "bytes per WAL segment file")
       ("wal-keep-bytes", po::value<std::string>()->default_value("1073741824"),
        "WAL kept at least (older segments are deleted once applied and no standby's slot needs them); 0: keep all")
@@ -197,6 +201,10 @@ int main(int argc, char** argv) {
   o.commit_fallback = vm["commit-fallback"].as<std::string>();
   if (o.commit_fallback != "strict" && o.commit_fallback != "async") Fail("--commit-fallback must be strict or async");
   o.wal_sync = vm["wal-sync"].as<std::string>();
+  if (vm["wal-sync-interval-ms"].as<int64_t>() < 1 || vm["wal-sync-interval-ms"].as<int64_t>() > 60000) {
+    Fail("--wal-sync-interval-ms must be 1..60000");
+  }
+  o.wal_sync_interval = std::chrono::milliseconds(vm["wal-sync-interval-ms"].as<int64_t>());
   // Byte counts are read as text: program_options would take "-5" for an
   // unsigned option as 2^64 - 5.
   auto bytes = [&](const char* name) {

@@ -83,6 +83,8 @@ struct EngineOptions {
   std::chrono::milliseconds sync_rejoin_backoff{1000};
   // WAL: "every" | "interval" | "none" (see docs/wal-format.md)
   std::string wal_sync = "every";
+  // Under "interval": how often the WAL is fdatasync'ed (1 ms to 60 s).
+  std::chrono::milliseconds wal_sync_interval{10};
   uint64_t wal_segment_size = 64ull << 20;
   // WAL retention: segments are deleted while the log is larger than this,
   // but never records a known standby still needs (its slot, see below) or

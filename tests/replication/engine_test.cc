@@ -686,6 +686,29 @@ TEST(EngineTest, NothingIsAppliedBeforeItIsDurable) {
   ASSERT_TRUE(standby->WaitForApplied(last, 30s).ok());
 }
 
+// Under "interval" a write is acknowledged only once the timer's fdatasync
+// covered it, and wal_sync_interval sets that timer.
+TEST(EngineTest, IntervalSyncAcknowledgesOnlyAfterTheTimersSync) {
+  TempDir dir;
+  EngineOptions o = Node(dir, "a");
+  o.wal_sync = "interval";
+  o.wal_sync_interval = 0ms;
+  EXPECT_EQ(Engine::Open(o).status().code(), StatusCode::kInvalidArgument);
+  o.wal_sync_interval = 60s;  // no timed sync during this test
+  auto e = OpenOrDie(o);
+  auto pending = std::async(std::launch::async, [&] {
+    WriteBatch b;
+    b.Put("k", "v");
+    return e->Write(b);
+  });
+  ASSERT_TRUE(test::Eventually([&] { return e->status().last_lsn >= 1; }));
+  EXPECT_EQ(e->status().durable_lsn, 0u);
+  EXPECT_EQ(pending.wait_for(0s), std::future_status::timeout) << "acknowledged before it was synced";
+  e->Interrupt();  // the write gives up (it may be lost), it does not succeed
+  EXPECT_FALSE(pending.get().ok());
+  ASSERT_TRUE(e->Close().ok());
+}
+
 TEST(EngineTest, RulesAreValidated) {
   TempDir dir;
   EngineOptions o = Node(dir, "a");

@@ -307,6 +307,11 @@ TEST(ReplicadTest, CommandLineErrors) {
     EXPECT_EQ(code, 2) << bad;
     EXPECT_NE(out.find("must be a whole number of bytes"), std::string::npos) << bad << ": " << out;
   }
+  for (const char* bad : {"--wal-sync-interval-ms 0", "--wal-sync-interval-ms 60001"}) {
+    out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --wal-sync interval " + bad, &code);
+    EXPECT_EQ(code, 2) << bad;
+    EXPECT_NE(out.find("--wal-sync-interval-ms must be"), std::string::npos) << bad << ": " << out;
+  }
   // Checked without --etcd too.
   out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --lease-ttl 0", &code);
   EXPECT_EQ(code, 2);
