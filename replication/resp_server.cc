@@ -403,9 +403,16 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
     long long n = 0;
     for (size_t i = 1; i < argc; ++i) {
       auto v = engine_->Get(args[i]);
-      if (v.ok() && v->has_value()) ++n;
+      if (!v.ok()) return WriteReplyForStatus(v.status(), out);  // not a silent 0
+      if (v->has_value()) ++n;
     }
     return resp::AppendInteger(out, n);
+  }
+  if (cmd == "TYPE") {  // every value is a string here (tools such as redis-cli --bigkeys ask)
+    if (argc != 2) return arity_error();
+    auto v = engine_->Get(args[1]);
+    if (!v.ok()) return WriteReplyForStatus(v.status(), out);
+    return resp::AppendSimple(out, v->has_value() ? "string" : "none");
   }
   if (cmd == "DBSIZE") {
     if (argc != 1) return arity_error();

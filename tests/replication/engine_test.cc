@@ -786,18 +786,25 @@ std::unique_ptr<RespServer> StartResp(Engine* e) {
 }
 
 // MGET of a key that cannot be read is an error, not a null ("no such key").
-TEST(EngineTest, RespMgetReportsAReadErrorInsteadOfANull) {
+// MGET, EXISTS and TYPE report a read error instead of a null, 0 or none.
+TEST(EngineTest, RespReadsReportAReadErrorInsteadOfAnAnswer) {
   TempDir dir;
   auto e = OpenOrDie(Node(dir, "a"));
   auto server = StartResp(e.get());
   ASSERT_TRUE(server);
   test::RespClient c(server->port());
   ASSERT_EQ(c.Command({"SET", "k", "v"}), "+OK");
-  ASSERT_EQ(c.Command({"MGET", "k", "missing"}), "*2");
+  EXPECT_EQ(c.Command({"TYPE", "k"}), "+string");
+  EXPECT_EQ(c.Command({"TYPE", "missing"}), "+none");
+  EXPECT_EQ(c.Command({"EXISTS", "k", "missing", "k"}), ":2");
+  ASSERT_EQ(c.Command({"MGET", "k", "missing"}), "*2");  // its elements stay unread: the last command here
   c.Close();
   ASSERT_TRUE(e->Close().ok());  // reads fail from here on
-  const std::string reply = c.Command({"MGET", "k", "missing"});
-  EXPECT_EQ(reply.rfind("-ERR", 0), 0u) << reply;
+  for (const std::vector<std::string>& cmd : std::vector<std::vector<std::string>>{
+           {"EXISTS", "k"}, {"TYPE", "k"}, {"MGET", "k", "missing"}}) {
+    const std::string reply = c.Command(cmd);
+    EXPECT_EQ(reply.rfind("-ERR", 0), 0u) << cmd[0] << ": " << reply;
+  }
   server->Stop();
 }
 
