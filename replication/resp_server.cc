@@ -86,7 +86,7 @@ class RespServerImpl final : public RespServer {
   void Serve(Client* c);
   void Execute(const std::vector<std::string>& args, Conn* conn, std::string* out);
   void WriteReplyForStatus(const Status& st, std::string* out);
-  void Info(const std::string& section, std::string* out);
+  void Info(const std::vector<std::string>& sections, std::string* out);
   void Role(std::string* out);
   void ReapDone() EXCLUDES(mu_);
 
@@ -284,7 +284,7 @@ void RespServerImpl::Role(std::string* out) {
   }
 }
 
-void RespServerImpl::Info(const std::string& section, std::string* out) {
+void RespServerImpl::Info(const std::vector<std::string>& sections, std::string* out) {
   EngineStatus s = engine_->status();
   std::string text = "# Replication\r\n";
   if (s.role == Role::kActive) {
@@ -308,7 +308,14 @@ void RespServerImpl::Info(const std::string& section, std::string* out) {
   text += "replica_epoch:" + std::to_string(s.epoch) + "\r\nreplica_last_lsn:" + std::to_string(s.last_lsn) +
           "\r\nreplica_durable_lsn:" + std::to_string(s.durable_lsn) + "\r\nreplica_applied_lsn:" +
           std::to_string(s.applied_lsn) + "\r\n";
-  if (!section.empty() && section != "replication" && section != "all" && section != "default") text.clear();
+  // Sections are matched as Redis does, ignoring case; several may be named
+  // (Redis 7). Only the replication section exists here.
+  bool wanted = sections.empty();
+  for (std::string name : sections) {
+    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    wanted = wanted || name == "replication" || name == "all" || name == "default" || name == "everything";
+  }
+  if (!wanted) text.clear();
   resp::AppendBulk(out, text);
 }
 
@@ -485,8 +492,11 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
     if (!got.ok()) return WriteReplyForStatus(got.status(), out);
     return resp::AppendInteger(out, *got);
   }
-  if (cmd == "ROLE") return Role(out);
-  if (cmd == "INFO") return Info(argc > 1 ? args[1] : "", out);
+  if (cmd == "ROLE") {
+    if (argc != 1) return arity_error();
+    return Role(out);
+  }
+  if (cmd == "INFO") return Info(std::vector<std::string>(args.begin() + 1, args.end()), out);
   if (cmd == "SELECT") {
     if (argc != 2) return arity_error();
     return args[1] == "0" ? resp::AppendSimple(out, "OK") : resp::AppendError(out, "ERR DB index is out of range");

@@ -53,6 +53,11 @@ TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   EXPECT_EQ(b.Cli("ROLE").substr(0, 6), "slave\n");
   EXPECT_NE(a.Cli("INFO replication").find("connected_slaves:1"), std::string::npos);
   EXPECT_NE(b.Cli("INFO replication").find("role:slave"), std::string::npos);
+  // Sections as Redis matches them: any case, several at once; others are empty.
+  EXPECT_NE(a.Cli("INFO Replication").find("role:master"), std::string::npos);
+  EXPECT_NE(a.Cli("INFO server replication").find("role:master"), std::string::npos);
+  EXPECT_EQ(a.Cli("INFO keyspace"), "");
+  EXPECT_NE(a.Cli("ROLE extra").find("wrong number of arguments"), std::string::npos);
   EXPECT_EQ(a.Cli("--scan"), "greeting\nk2\n");
   // A cursor stands for the last key returned: deleting earlier keys between
   // pages does not make SCAN skip any.
