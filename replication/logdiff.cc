@@ -53,6 +53,18 @@ class Hasher {
 
 using snapshot::FromRocks;
 
+// Sorts and dedups split keys, then keeps at most n - 1 of them, evenly
+// spaced, so that they cut the key space into at most n ranges.
+void ThinSplitKeys(std::vector<std::string>* keys, int n) {
+  std::sort(keys->begin(), keys->end());
+  keys->erase(std::unique(keys->begin(), keys->end()), keys->end());
+  if (n > 1 && keys->size() > static_cast<size_t>(n - 1)) {
+    std::vector<std::string> picked;
+    for (int i = 1; i < n; ++i) picked.push_back((*keys)[keys->size() * static_cast<size_t>(i) / static_cast<size_t>(n)]);
+    picked.erase(std::unique(picked.begin(), picked.end()), picked.end());
+    keys->swap(picked);
+  }
+}
 
 bool IsDir(const std::string& path) {
   struct stat st;
@@ -162,14 +174,7 @@ class StoreSource : public Source {
     for (const auto& f : files) {
       if (f.column_family_name == cf && !f.smallestkey.empty()) keys.push_back(f.smallestkey);
     }
-    std::sort(keys.begin(), keys.end());
-    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
-    if (n > 1 && keys.size() > static_cast<size_t>(n - 1)) {
-      std::vector<std::string> picked;
-      for (int i = 1; i < n; ++i) picked.push_back(keys[keys.size() * static_cast<size_t>(i) / static_cast<size_t>(n)]);
-      picked.erase(std::unique(picked.begin(), picked.end()), picked.end());
-      keys.swap(picked);
-    }
+    ThinSplitKeys(&keys, n);
     return keys;
   }
 
@@ -641,7 +646,16 @@ class Comparison {
   }
 
   Status CompareCf(const std::string& cf) {
-    REPLICA_ASSIGN_OR_RETURN(auto splits, src_[0]->SplitKeys(cf, threads_ * 8));
+    // Split points from every replica, not just the first: one whose data
+    // still sits in few SST files (or in its memtable) would otherwise make
+    // a few huge ranges, and a difference in one of them is read whole.
+    std::vector<std::string> splits;
+    for (size_t i = 0; i < n(); ++i) {
+      auto keys = src_[i]->SplitKeys(cf, threads_ * 8);
+      if (!keys.ok()) return keys.status().WithContext(names_[i]);
+      splits.insert(splits.end(), keys->begin(), keys->end());
+    }
+    ThinSplitKeys(&splits, threads_ * 8);
     std::vector<std::pair<std::string, std::string>> ranges;
     std::string begin;
     for (const auto& s : splits) {
