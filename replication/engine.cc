@@ -3060,7 +3060,11 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.rewinds = rewinds_.load();
   st.snapshot_files_reused = snapshot_files_reused_.load();
   st.snapshot_bytes_received = snapshot_bytes_received_.load();
-  if (st.role == Role::kStandby) st.active_address = follow_;
+  if (st.role == Role::kStandby) {
+    st.active_address = follow_;
+    st.upstream_connected = upstream_ && upstream_->established() && !upstream_->closed();
+    st.receiving_snapshot = st.upstream_connected && receiving_.load();
+  }
   st.active_id = st.role == Role::kActive ? opts_.node_id : active_id_;
   if (st.role == Role::kStandby) st.active_client_address = active_client_;
   return st;

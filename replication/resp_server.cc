@@ -279,7 +279,9 @@ void RespServerImpl::Role(std::string* out) {
     resp::AppendBulk(out, "slave");
     resp::AppendBulk(out, master.substr(0, colon));
     resp::AppendInteger(out, colon == std::string::npos ? 0 : std::atoi(master.c_str() + colon + 1));
-    resp::AppendBulk(out, "connected");
+    // As Redis names the link's states: connect (no link), sync (a snapshot
+    // is being received), connected (streaming).
+    resp::AppendBulk(out, !s.upstream_connected ? "connect" : s.receiving_snapshot ? "sync" : "connected");
     resp::AppendInteger(out, static_cast<long long>(s.applied_lsn));
   }
 }
@@ -303,6 +305,8 @@ void RespServerImpl::Info(const std::vector<std::string>& sections, std::string*
     auto colon = master.rfind(':');
     text += "role:slave\r\nmaster_host:" + master.substr(0, colon) + "\r\nmaster_port:" +
             (colon == std::string::npos ? "0" : master.substr(colon + 1)) +
+            "\r\nmaster_link_status:" + (s.upstream_connected && !s.receiving_snapshot ? "up" : "down") +
+            "\r\nmaster_sync_in_progress:" + (s.receiving_snapshot ? "1" : "0") +
             "\r\nslave_repl_offset:" + std::to_string(s.applied_lsn) + "\r\nslave_read_only:1\r\n";
   }
   text += "replica_epoch:" + std::to_string(s.epoch) + "\r\nreplica_last_lsn:" + std::to_string(s.last_lsn) +

@@ -156,6 +156,10 @@ struct EngineStatus {
   uint64_t snapshot_bytes_received = 0;
   uint64_t rewinds = 0;  // standby: times a diverged tail was cut back on rejoin
   std::string active_address;     // standby only: whom it follows
+  // Standby only: its session to the active is up (authenticated), and
+  // whether a snapshot is being received on it (a resync).
+  bool upstream_connected = false;
+  bool receiving_snapshot = false;
   std::string active_id;          // high availability: the active's node id, if known
   std::string active_client_address;  // high availability: the active's client (RESP) address, if published
 };

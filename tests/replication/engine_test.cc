@@ -785,7 +785,27 @@ std::unique_ptr<RespServer> StartResp(Engine* e) {
   return server.ok() ? std::move(server).value() : nullptr;
 }
 
-// MGET of a key that cannot be read is an error, not a null ("no such key").
+// A standby's INFO says whether its link to the active is up, as Redis's
+// master_link_status does (health checks read it).
+TEST(EngineTest, RespInfoShowsTheStandbysLinkState) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  auto b = OpenOrDie(Node(dir, "b", Follow(*a)));
+  auto server = StartResp(b.get());
+  ASSERT_TRUE(server);
+  ASSERT_TRUE(test::Eventually([&] { return b->status().upstream_connected; }));
+  test::RespClient c(server->port());
+  std::string info = c.Command({"INFO", "replication"});
+  EXPECT_NE(info.find("master_link_status:up"), std::string::npos) << info;
+  EXPECT_NE(info.find("master_sync_in_progress:0"), std::string::npos) << info;
+  ASSERT_TRUE(a->Close().ok());
+  ASSERT_TRUE(test::Eventually([&] { return !b->status().upstream_connected; }));
+  info = c.Command({"INFO", "replication"});
+  EXPECT_NE(info.find("master_link_status:down"), std::string::npos) << info;
+  server->Stop();
+  ASSERT_TRUE(b->Close().ok());
+}
+
 // MGET, EXISTS and TYPE report a read error instead of a null, 0 or none.
 TEST(EngineTest, RespReadsReportAReadErrorInsteadOfAnAnswer) {
   TempDir dir;

@@ -7,6 +7,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -49,13 +50,20 @@ class RespClient {
       Close();
       return "";
     }
-    if (line[0] == '$' && line != "$-1") {  // a bulk string: read its body
-      line.clear();
-      while (::recv(fd_, &c, 1, 0) == 1) {
-        if (c == '\n') break;
-        if (c != '\r') line += c;
+    if (line[0] == '$' && line != "$-1") {  // a bulk string: its body, by its length
+      const size_t n = std::strtoull(line.c_str() + 1, nullptr, 10);
+      std::string body(n + 2, '\0');  // and the CRLF after it
+      size_t got = 0;
+      while (got < body.size()) {
+        const ssize_t r = ::recv(fd_, body.data() + got, body.size() - got, 0);
+        if (r <= 0) {
+          Close();
+          return "";
+        }
+        got += static_cast<size_t>(r);
       }
-      return line;
+      body.resize(n);
+      return body;
     }
     return line;
   }
