@@ -282,6 +282,11 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // never beyond what was shipped to it on this session.
   void Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) EXCLUDES(mu_);
   std::shared_ptr<Standby> FindBySession(const transport::Session* s) REQUIRES(mu_);
+  // Time since the standby last held every record up to `last` (0 while it does).
+  static uint64_t LagMs(const Standby& sb, wal::Lsn last, Clock::time_point now) {
+    if (sb.flushed >= last) return 0;
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(now - sb.caught_up_at).count());
+  }
   Status ValidateRule(const CommitRule& rule) const;
   Result<uint64_t> DoWrite(const WriteBatch& batch, std::optional<uint64_t>* existed);
   // Applies `records` (and `last` as the applied LSN) in one RocksDB batch.
@@ -1742,9 +1747,7 @@ NodeInfo EngineImpl::MyInfo() {
     const auto now = Clock::now();
     for (const auto& [id, sb] : standbys_) {
       n.standby_lag_bytes[id] = wal_->BytesAfter(sb->flushed);
-      n.standby_lag_ms[id] = sb->flushed >= n.last_lsn ? 0
-                             : static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                         now - sb->caught_up_at).count());
+      n.standby_lag_ms[id] = LagMs(*sb, n.last_lsn, now);
     }
   }
   return n;
@@ -2960,9 +2963,8 @@ std::string EngineImpl::PrometheusMetrics() const {
       metric("replica_standby_lag_records", "gauge", "records the standby does not hold durably yet", lab, behind);
       metric("replica_standby_lag_bytes", "gauge", "bytes of this node's WAL after the standby's durable LSN", lab,
              static_cast<double>(wal_->BytesAfter(sb->flushed)));
-      const double ms = behind == 0 ? 0.0
-                                    : std::chrono::duration<double, std::milli>(Clock::now() - sb->caught_up_at).count();
-      metric("replica_standby_lag_ms", "gauge", "time since the standby last held every record", lab, ms);
+      metric("replica_standby_lag_ms", "gauge", "time since the standby last held every record", lab,
+             static_cast<double>(LagMs(*sb, st.last_lsn, Clock::now())));
       metric("replica_standby_resyncing", "gauge", "1 while the standby is being sent a snapshot", lab, sb->resync);
     }
     for (const auto& [id, lsn] : slots_) {
@@ -3048,8 +3050,10 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.commit_degraded = degraded_;
   st.commit_fallbacks = fallbacks_;
   st.standbys_refused = refused_.load();
+  const auto now = Clock::now();
   for (const auto& [_, sb] : standbys_) {
-    st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied, sb->resync, wal_->BytesAfter(sb->flushed)});
+    st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied, sb->resync, wal_->BytesAfter(sb->flushed),
+                           LagMs(*sb, st.last_lsn, now)});
   }
   for (const auto& [id, lsn] : slots_) st.slots.emplace_back(id, lsn);
   st.slots_dropped = slots_dropped_;

@@ -296,7 +296,10 @@ void RespServerImpl::Info(const std::vector<std::string>& sections, std::string*
       auto colon = sb.address.rfind(':');
       text += "slave" + std::to_string(i) + ":ip=" + sb.address.substr(0, colon) +
               ",port=" + (colon == std::string::npos ? "0" : sb.address.substr(colon + 1)) +
-              ",state=online,offset=" + std::to_string(sb.flushed_lsn) + ",lag=0,name=" + sb.id +
+              // Redis's states and lag (whole seconds): send_bulk while a
+              // snapshot is sent; lag since the standby last held everything.
+              ",state=" + (sb.resyncing ? "send_bulk" : "online") + ",offset=" + std::to_string(sb.flushed_lsn) +
+              ",lag=" + std::to_string(sb.lag_ms / 1000) + ",name=" + sb.id +
               ",applied=" + std::to_string(sb.applied_lsn) + "\r\n";
     }
     text += "master_repl_offset:" + std::to_string(s.last_lsn) + "\r\n";

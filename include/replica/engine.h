@@ -142,6 +142,8 @@ struct EngineStatus {
     // Bytes of the active's WAL after flushed_lsn (the partial segment
     // estimated by its average record size).
     uint64_t lag_bytes = 0;
+    // Time since it last held every record durably (0 while it does).
+    uint64_t lag_ms = 0;
   };
   std::vector<Standby> standbys;  // active only: connected standbys
   // Active: the log kept for each known standby (slot: the first LSN kept).

@@ -798,6 +798,21 @@ TEST(EngineTest, RespInfoShowsTheStandbysLinkState) {
   std::string info = c.Command({"INFO", "replication"});
   EXPECT_NE(info.find("master_link_status:up"), std::string::npos) << info;
   EXPECT_NE(info.find("master_sync_in_progress:0"), std::string::npos) << info;
+  {
+    // The active's view: the standby online, caught up (lag in seconds).
+    auto active_server = StartResp(a.get());
+    ASSERT_TRUE(active_server);
+    WriteBatch w;
+    w.Put("k", "v");
+    auto lsn = a->Write(w);
+    ASSERT_TRUE(lsn.ok());
+    ASSERT_TRUE(test::Eventually([&] { return a->status().standbys.size() == 1 &&
+                                              a->status().standbys[0].flushed_lsn >= *lsn; }));
+    test::RespClient ac(active_server->port());
+    info = ac.Command({"INFO"});
+    EXPECT_NE(info.find(",state=online,offset=" + std::to_string(*lsn) + ",lag=0,name=b"), std::string::npos) << info;
+    active_server->Stop();
+  }
   ASSERT_TRUE(a->Close().ok());
   ASSERT_TRUE(test::Eventually([&] { return !b->status().upstream_connected; }));
   info = c.Command({"INFO", "replication"});
