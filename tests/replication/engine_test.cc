@@ -821,12 +821,22 @@ TEST(EngineTest, RespInfoShowsTheStandbysLinkState) {
   ASSERT_TRUE(b->Close().ok());
 }
 
-// MGET, EXISTS and TYPE report a read error instead of a null, 0 or none.
-TEST(EngineTest, RespReadsReportAReadErrorInsteadOfAnAnswer) {
+// One active node with the Redis-protocol server on a free port.
+class RespTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    e = OpenOrDie(Node(dir, "a"));
+    ASSERT_TRUE(e);
+    server = StartResp(e.get());
+    ASSERT_TRUE(server);
+  }
   TempDir dir;
-  auto e = OpenOrDie(Node(dir, "a"));
-  auto server = StartResp(e.get());
-  ASSERT_TRUE(server);
+  std::unique_ptr<Engine> e;
+  std::unique_ptr<RespServer> server;
+};
+
+// MGET, EXISTS and TYPE report a read error instead of a null, 0 or none.
+TEST_F(RespTest, ReadsReportAReadErrorInsteadOfAnAnswer) {
   test::RespClient c(server->port());
   ASSERT_EQ(c.Command({"SET", "k", "v"}), "+OK");
   EXPECT_EQ(c.Command({"TYPE", "k"}), "+string");
@@ -846,11 +856,7 @@ TEST(EngineTest, RespReadsReportAReadErrorInsteadOfAnAnswer) {
 // A pipeline of SETs and MSETs shares one write (one WAL record) instead of
 // one commit each; every command still gets its reply, in order, and any
 // other command ends the run.
-TEST(EngineTest, RespPipelinedSetsShareOneWrite) {
-  TempDir dir;
-  auto e = OpenOrDie(Node(dir, "a"));
-  auto server = StartResp(e.get());
-  ASSERT_TRUE(server);
+TEST_F(RespTest, PipelinedSetsShareOneWrite) {
   const uint64_t before = e->status().durable_lsn;
   std::string req;
   auto add = [&](const std::vector<std::string>& args) {
@@ -965,11 +971,7 @@ TEST(EngineTest, DeleteCountsFollowTheLogOrder) {
 
 // Redis-compatible DEL: of clients deleting one key at once, exactly one is
 // told it existed.
-TEST(EngineTest, RespConcurrentDelsOfOneKeyCountItOnce) {
-  TempDir dir;
-  auto e = OpenOrDie(Node(dir, "a"));
-  auto server = StartResp(e.get());
-  ASSERT_TRUE(server);
+TEST_F(RespTest, ConcurrentDelsOfOneKeyCountItOnce) {
   constexpr int kClients = 4, kRounds = 60;
   std::vector<std::unique_ptr<test::RespClient>> clients;
   for (int i = 0; i < kClients; ++i) clients.push_back(std::make_unique<test::RespClient>(server->port()));
