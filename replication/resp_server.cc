@@ -422,6 +422,12 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
     }
     return resp::AppendInteger(out, n);
   }
+  if (cmd == "STRLEN") {
+    if (argc != 2) return arity_error();
+    auto v = engine_->Get(args[1]);
+    if (!v.ok()) return WriteReplyForStatus(v.status(), out);
+    return resp::AppendInteger(out, v->has_value() ? static_cast<long long>((*v)->size()) : 0);
+  }
   if (cmd == "TYPE") {  // every value is a string here (tools such as redis-cli --bigkeys ask)
     if (argc != 2) return arity_error();
     auto v = engine_->Get(args[1]);
@@ -444,6 +450,7 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
   if (cmd == "SCAN") {
     long long cursor = 0, count = 10;
     std::string match;
+    bool strings = true;  // TYPE filter: every value is a string
     if (argc < 2 || !ParseInt(args[1], &cursor) || cursor < 0) return resp::AppendError(out, "ERR invalid cursor");
     for (size_t i = 2; i < argc; i += 2) {
       const std::string opt = Upper(args[i]);
@@ -452,6 +459,10 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
         if (!ParseInt(args[i + 1], &count) || count < 1) return resp::AppendError(out, "ERR value is not an integer or out of range");
       } else if (opt == "MATCH") {
         match = args[i + 1];
+      } else if (opt == "TYPE") {
+        std::string type = args[i + 1];
+        std::transform(type.begin(), type.end(), type.begin(), [](unsigned char ch) { return std::tolower(ch); });
+        strings = type == "string";
       } else {
         return resp::AppendError(out, "ERR syntax error");
       }
@@ -468,7 +479,7 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
     if (!page.ok()) return WriteReplyForStatus(page.status(), out);
     std::vector<std::string> keys;
     for (const auto& kv : *page) {
-      if (match.empty() || ::fnmatch(match.c_str(), kv.first.c_str(), 0) == 0) keys.push_back(kv.first);
+      if (strings && (match.empty() || ::fnmatch(match.c_str(), kv.first.c_str(), 0) == 0)) keys.push_back(kv.first);
     }
     std::string next = "0";
     if (page->size() == static_cast<size_t>(count)) {

@@ -70,6 +70,12 @@ TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   const std::string page2 = a.Cli("SCAN " + cursor + " COUNT 10");
   EXPECT_EQ(page2, "0\ns3\ns4\n") << page2;
   EXPECT_NE(a.Cli("SCAN 987654 COUNT 1").find("invalid cursor"), std::string::npos);
+  // Every value is a string: TYPE, STRLEN, and SCAN's TYPE filter say so.
+  EXPECT_EQ(a.Cli("SCAN 0 TYPE STRING COUNT 10"), "0\nk2\ns2\ns3\ns4\n");
+  EXPECT_EQ(a.Cli("SCAN 0 TYPE hash COUNT 10"), "0\n\n");  // the cursor, then an empty list
+  EXPECT_EQ(a.Cli("STRLEN s3"), "1\n");
+  EXPECT_EQ(a.Cli("STRLEN nothing"), "0\n");
+  EXPECT_EQ(a.Cli("TYPE s3"), "string\n");
   EXPECT_NE(a.Cli("FLUSHALL").find("unknown command"), std::string::npos);
   EXPECT_NE(a.Cli("GET").find("wrong number of arguments"), std::string::npos);
   EXPECT_EQ(b.Kill(SIGTERM), 0);
