@@ -2934,6 +2934,9 @@ std::string EngineImpl::PrometheusMetrics() const {
     const uint64_t behind = head > st.durable_lsn ? head - st.durable_lsn : 0;
     const uint64_t records = st.last_lsn >= st.first_lsn ? st.last_lsn - st.first_lsn + 1 : 0;
     const double avg = records > 0 ? static_cast<double>(wal_->BytesAfter(st.first_lsn - 1)) / static_cast<double>(records) : 0;
+    metric("replica_upstream_connected", "gauge",
+           "1 while the standby streams from its active (INFO's master_link_status:up), 0 otherwise", node,
+           st.upstream_connected && !st.receiving_snapshot ? 1 : 0);
     metric("replica_upstream_last_lsn", "gauge", "the active's last LSN, as its heartbeats say (standby)", node,
            static_cast<double>(head));
     metric("replica_upstream_lag_records", "gauge", "records the active has that this standby does not hold durably",

@@ -274,6 +274,7 @@ TEST(ReplicadTest, PrometheusMetrics) {
   EXPECT_NE(bpage.find("replica_upstream_lag_records{node=\"b\"} 0\n"), std::string::npos) << bpage;
   EXPECT_NE(bpage.find("replica_upstream_lag_bytes{node=\"b\"} 0\n"), std::string::npos) << bpage;
   EXPECT_NE(bpage.find("replica_upstream_lag_ms{node=\"b\"} 0\n"), std::string::npos) << bpage;
+  EXPECT_NE(bpage.find("replica_upstream_connected{node=\"b\"} 1\n"), std::string::npos) << bpage;
 }
 
 TEST(ReplicadTest, SigtermWhileAWriteWaitsForStandbys) {
