@@ -18,6 +18,7 @@ std::string_view StatusCodeName(StatusCode code) {
     case StatusCode::kBusy: return "Busy";
     case StatusCode::kNotSupported: return "NotSupported";
     case StatusCode::kNotActive: return "NotActive";
+    case StatusCode::kTooStale: return "TooStale";
   }
   return "Unknown";
 }

@@ -168,6 +168,8 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     return DoWrite(batch, existed);
   }
   Result<std::optional<std::string>> Get(const std::string& key) override;
+  Result<StatedRead> ReadWithStaleness(const std::string& key,
+                                       std::optional<std::chrono::milliseconds> max_staleness) override;
   Result<std::vector<std::pair<std::string, std::string>>> Scan(const std::string& start, size_t limit) override;
   Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) override;
   Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) override;
@@ -222,6 +224,13 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // Standby: when it last held everything the active's heartbeats named
   // (steady-clock microseconds), for its own view of its lag in time.
   std::atomic<int64_t> caught_up_us_{0};
+  // Standby: when it last had *applied* everything the active's heartbeats
+  // named (steady-clock microseconds; 0: never), for reads that state their
+  // staleness.
+  std::atomic<int64_t> applied_caught_up_us_{0};
+  static int64_t NowMicros() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+  }
   void NoteCaughtUp() {
     if (LocalDurable() >= upstream_last_.load()) {
       caught_up_us_.store(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count());
@@ -1084,6 +1093,33 @@ Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
   return std::optional<std::string>(std::move(value));
 }
 
+Result<StatedRead> EngineImpl::ReadWithStaleness(const std::string& key,
+                                                 std::optional<std::chrono::milliseconds> max_staleness) {
+  StatedRead r;
+  {
+    MutexLock l(&mu_);
+    r.applied_lsn = applied_lsn_;  // read first: the data read below is at least this recent
+  }
+  if (role_.load() == Role::kActive) {
+    r.staleness = std::chrono::milliseconds(0);
+  } else {
+    const wal::Lsn head = upstream_last_.load();
+    r.behind_records = head > r.applied_lsn ? head - r.applied_lsn : 0;
+    if (const int64_t since = applied_caught_up_us_.load(); since != 0) {
+      r.staleness = std::chrono::milliseconds(std::max<int64_t>(0, NowMicros() - since) / 1000);
+    }
+  }
+  if (max_staleness && (!r.staleness || *r.staleness > *max_staleness)) {
+    return Status::TooStale(
+        "node " + opts_.node_id + " is a standby whose data is " +
+        (r.staleness ? std::to_string(r.staleness->count()) + " ms" : std::string("of unknown age (never caught up)")) +
+        " behind its active (" + std::to_string(r.behind_records) + " records as of its last report); the bound is " +
+        std::to_string(max_staleness->count()) + " ms");
+  }
+  REPLICA_ASSIGN_OR_RETURN(r.value, Get(key));
+  return r;
+}
+
 Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const std::string& start, size_t limit) {
   ReaderLock store(&store_mu_);
   if (db_closed_.load()) return Status::Aborted("the engine is closed");
@@ -1284,6 +1320,7 @@ void EngineImpl::ApplierLoop() {
       }
       applied_cv_.SignalAll();
       WakeWriters(last);
+      if (last >= upstream_last_.load()) applied_caught_up_us_.store(NowMicros());
       upstream = upstream_;
     }
     if (upstream && role_.load() == Role::kStandby) SendAck(upstream);
@@ -2602,7 +2639,10 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
     {
       MutexLock l(&mu_);
       from_upstream = s == upstream_;
-      if (from_upstream) upstream_last_.store(msg.heartbeat().last_lsn());
+      if (from_upstream) {
+        upstream_last_.store(msg.heartbeat().last_lsn());
+        if (applied_lsn_ >= msg.heartbeat().last_lsn()) applied_caught_up_us_.store(NowMicros());
+      }
     }
     if (from_upstream) {
       ReaderLock store(&store_mu_);

@@ -166,6 +166,19 @@ struct EngineStatus {
   std::string active_client_address;  // high availability: the active's client (RESP) address, if published
 };
 
+// A read that says how stale it may be (Engine::ReadWithStaleness).
+struct StatedRead {
+  std::optional<std::string> value;  // nullopt: the key is absent
+  uint64_t applied_lsn = 0;          // the data read is at least as recent as this LSN
+  // How far behind the active this node's data may be: 0 on the active. On
+  // a standby, the time since it last had applied every record its active
+  // had reported (heartbeats every 0.5 s, and every record received), and
+  // how many records it lacked as of the last report. Unknown (nullopt)
+  // on a standby that has never caught up with a live active.
+  std::optional<std::chrono::milliseconds> staleness;
+  uint64_t behind_records = 0;
+};
+
 class Engine {
  public:
   static Result<std::unique_ptr<Engine>> Open(const EngineOptions& options);
@@ -184,6 +197,12 @@ class Engine {
   virtual Result<uint64_t> WriteCountingDeletes(const WriteBatch& batch, std::optional<uint64_t>* existed) = 0;
   // Reads the local RocksDB; nullopt if the key is absent.
   virtual Result<std::optional<std::string>> Get(const std::string& key) = 0;
+  // Like Get, and states how stale the answer may be (see StatedRead). With
+  // max_staleness, a node further behind than that (or that cannot tell)
+  // answers TooStale instead, naming its staleness: read the active, or
+  // wait for this node with WaitForApplied.
+  virtual Result<StatedRead> ReadWithStaleness(const std::string& key,
+                                               std::optional<std::chrono::milliseconds> max_staleness) = 0;
   // Up to `limit` keys in order, starting at `start` (inclusive).
   virtual Result<std::vector<std::pair<std::string, std::string>>> Scan(const std::string& start, size_t limit) = 0;
   // Waits until this node has applied `lsn` (read-your-writes across nodes).

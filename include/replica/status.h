@@ -27,6 +27,7 @@ enum class StatusCode : uint8_t {
   kBusy = 9,             // held by someone else (a lock, a running operation)
   kNotSupported = 10,    // a format feature or version we do not understand
   kNotActive = 11,       // a write reached a node that is not the active
+  kTooStale = 12,        // a read's staleness bound cannot be met on this node
 };
 
 std::string_view StatusCodeName(StatusCode code);
@@ -58,6 +59,7 @@ class [[nodiscard]] Status {
   static Status Busy(std::string msg) { return Status(StatusCode::kBusy, std::move(msg)); }
   static Status NotSupported(std::string msg) { return Status(StatusCode::kNotSupported, std::move(msg)); }
   static Status NotActive(std::string msg) { return Status(StatusCode::kNotActive, std::move(msg)); }
+  static Status TooStale(std::string msg) { return Status(StatusCode::kTooStale, std::move(msg)); }
 
   bool ok() const { return rep_ == nullptr; }
   StatusCode code() const { return rep_ ? rep_->code : StatusCode::kOk; }
@@ -72,6 +74,7 @@ class [[nodiscard]] Status {
   bool IsStaleEpoch() const { return code() == StatusCode::kStaleEpoch; }
   bool IsAborted() const { return code() == StatusCode::kAborted; }
   bool IsTimedOut() const { return code() == StatusCode::kTimedOut; }
+  bool IsTooStale() const { return code() == StatusCode::kTooStale; }
 
   // Returns a copy whose message is "context: message". OK stays OK.
   Status WithContext(std::string_view context) const;

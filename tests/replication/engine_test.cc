@@ -994,6 +994,44 @@ TEST_F(RespTest, ConcurrentDelsOfOneKeyCountItOnce) {
   server->Stop();
 }
 
+// Reads that state their staleness: none on the active; on a standby, the
+// time since it last had applied all its active reported, which grows once
+// the active is gone, until a bound refuses the read.
+TEST(EngineTest, ReadsStateTheirStaleness) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  auto b = OpenOrDie(Node(dir, "b", Follow(*a)));
+  WriteBatch w;
+  w.Put("k", "v");
+  auto lsn = a->Write(w);
+  ASSERT_TRUE(lsn.ok());
+  ASSERT_TRUE(b->WaitForApplied(*lsn, 30s).ok());
+  auto on_active = a->ReadWithStaleness("k", 0ms);
+  ASSERT_TRUE(on_active.ok()) << on_active.status().ToString();
+  EXPECT_EQ(on_active->value, std::optional<std::string>("v"));
+  EXPECT_EQ(on_active->staleness, std::optional<std::chrono::milliseconds>(0ms));
+  EXPECT_GE(on_active->applied_lsn, *lsn);
+  auto on_standby = b->ReadWithStaleness("k", 10s);
+  ASSERT_TRUE(on_standby.ok()) << on_standby.status().ToString();
+  EXPECT_EQ(on_standby->value, std::optional<std::string>("v"));
+  EXPECT_GE(on_standby->applied_lsn, *lsn);
+  ASSERT_TRUE(on_standby->staleness.has_value());
+  EXPECT_LT(*on_standby->staleness, 10s);
+  ASSERT_TRUE(a->Close().ok());  // no more heartbeats: b's data only gets older
+  Status refused;
+  ASSERT_TRUE(test::Eventually([&] {
+    auto r = b->ReadWithStaleness("k", 300ms);
+    refused = r.status();
+    return !r.ok();
+  }));
+  EXPECT_TRUE(refused.IsTooStale()) << refused.ToString();
+  EXPECT_NE(refused.message().find("the bound is 300 ms"), std::string::npos) << refused.ToString();
+  auto unbounded = b->ReadWithStaleness("k", std::nullopt);  // without a bound it answers, and says how old
+  ASSERT_TRUE(unbounded.ok());
+  EXPECT_GT(*unbounded->staleness, 300ms);
+  ASSERT_TRUE(b->Close().ok());
+}
+
 // Threads carry the names docs/operations.md lists (top -H, ps -L, perf).
 TEST(EngineTest, ThreadsAreNamed) {
   TempDir dir;
