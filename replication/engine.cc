@@ -233,7 +233,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   }
   void NoteCaughtUp() {
     if (LocalDurable() >= upstream_last_.load()) {
-      caught_up_us_.store(std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count());
+      caught_up_us_.store(NowMicros());
     }
   }
   // Standby, follower thread only: a catch-up being reported.
@@ -1161,34 +1161,47 @@ Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeou
 
 Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last,
                                 std::vector<std::pair<wal::Lsn, uint64_t>>* counts) {
-  rocksdb::WriteBatch wb;
-  // Counting: whether each key this batch touched exists after the ops so
-  // far (RocksDB does not see the batch until it is written).
-  std::unordered_map<std::string, bool> touched;
+  std::vector<WriteBatch> batches;
+  batches.reserve(records.size());
+  // Counting: the keys this apply batch deletes, and whether each exists
+  // after the ops so far (RocksDB does not see the batch until it is
+  // written). Keys that are never deleted are not tracked.
+  std::unordered_map<std::string_view, bool> deleted;
   for (const auto& [lsn, payload] : records) {
     auto batch = WriteBatch::Decode(payload);
     if (!batch.ok()) return batch.status().WithContext("record LSN " + std::to_string(lsn));
+    batches.push_back(std::move(batch).value());
+    if (counts == nullptr) continue;
+    for (const auto& op : batches.back().ops()) {
+      if (op.is_delete) deleted.emplace(op.key, false);
+    }
+  }
+  // Whether `key` exists before the op that deletes it, as of its place in
+  // the log.
+  std::unordered_set<std::string_view> looked_up;
+  auto exists_before = [&](const std::string& key) -> Result<bool> {
+    if (looked_up.insert(key).second) {  // first touch: what RocksDB holds
+      std::string ignored;
+      const rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), handles_[0], key, &ignored);
+      if (!gs.ok() && !gs.IsNotFound()) return FromRocks(gs, "look up a deleted key");
+      deleted[key] = gs.ok();
+    }
+    return deleted[key];
+  };
+  rocksdb::WriteBatch wb;
+  for (size_t r = 0; r < records.size(); ++r) {
     uint64_t existed = 0;
     bool deletes = false;
     std::unordered_set<std::string_view> counted;  // each key once per record
-    for (const auto& op : batch->ops()) {
-      if (counts != nullptr) {
-        if (op.is_delete) {
-          deletes = true;
-          if (counted.insert(op.key).second) {
-            bool exists;
-            if (auto t = touched.find(op.key); t != touched.end()) {
-              exists = t->second;
-            } else {
-              std::string ignored;
-              const rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), handles_[0], op.key, &ignored);
-              if (!gs.ok() && !gs.IsNotFound()) return FromRocks(gs, "look up a deleted key");
-              exists = gs.ok();
-            }
-            existed += exists ? 1 : 0;
-          }
+    for (const auto& op : batches[r].ops()) {
+      if (!deleted.empty() && deleted.count(op.key)) {
+        if (op.is_delete && counted.insert(op.key).second) {
+          REPLICA_ASSIGN_OR_RETURN(bool exists, exists_before(op.key));
+          existed += exists ? 1 : 0;
         }
-        touched[op.key] = !op.is_delete;
+        deletes = deletes || op.is_delete;
+        looked_up.insert(op.key);  // from here on the batch itself says
+        deleted[op.key] = !op.is_delete;
       }
       if (op.is_delete) {
         wb.Delete(handles_[0], op.key);
@@ -1196,7 +1209,7 @@ Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::strin
         wb.Put(handles_[0], op.key, op.value);
       }
     }
-    if (counts != nullptr && deletes) counts->emplace_back(lsn, existed);
+    if (deletes) counts->emplace_back(records[r].first, existed);
   }
   // The applied LSN goes in the same batch as the data it covers.
   char buf[8];
@@ -1320,7 +1333,7 @@ void EngineImpl::ApplierLoop() {
       }
       applied_cv_.SignalAll();
       WakeWriters(last);
-      if (last >= upstream_last_.load()) applied_caught_up_us_.store(NowMicros());
+      if (role_.load() == Role::kStandby && last >= upstream_last_.load()) applied_caught_up_us_.store(NowMicros());
       upstream = upstream_;
     }
     if (upstream && role_.load() == Role::kStandby) SendAck(upstream);
@@ -2976,15 +2989,14 @@ std::string EngineImpl::PrometheusMetrics() const {
     const double avg = records > 0 ? static_cast<double>(wal_->BytesAfter(st.first_lsn - 1)) / static_cast<double>(records) : 0;
     metric("replica_upstream_connected", "gauge",
            "1 while the standby streams from its active (INFO's master_link_status:up), 0 otherwise", node,
-           st.upstream_connected && !st.receiving_snapshot ? 1 : 0);
+           st.upstream_streaming() ? 1 : 0);
     metric("replica_upstream_last_lsn", "gauge", "the active's last LSN, as its heartbeats say (standby)", node,
            static_cast<double>(head));
     metric("replica_upstream_lag_records", "gauge", "records the active has that this standby does not hold durably",
            node, static_cast<double>(behind));
     metric("replica_upstream_lag_bytes", "gauge", "the same in bytes, at this log's average record size", node,
            static_cast<double>(behind) * avg);
-    const int64_t now_us =
-        std::chrono::duration_cast<std::chrono::microseconds>(Clock::now().time_since_epoch()).count();
+    const int64_t now_us = NowMicros();
     const int64_t since = caught_up_us_.load();
     metric("replica_upstream_lag_ms", "gauge", "time since this standby last held all the active had (0 when it does)",
            node, behind == 0 || since == 0 ? 0.0 : static_cast<double>(now_us - since) / 1000.0);

@@ -308,7 +308,7 @@ void RespServerImpl::Info(const std::vector<std::string>& sections, std::string*
     auto colon = master.rfind(':');
     text += "role:slave\r\nmaster_host:" + master.substr(0, colon) + "\r\nmaster_port:" +
             (colon == std::string::npos ? "0" : master.substr(colon + 1)) +
-            "\r\nmaster_link_status:" + (s.upstream_connected && !s.receiving_snapshot ? "up" : "down") +
+            "\r\nmaster_link_status:" + (s.upstream_streaming() ? "up" : "down") +
             "\r\nmaster_sync_in_progress:" + (s.receiving_snapshot ? "1" : "0") +
             "\r\nslave_repl_offset:" + std::to_string(s.applied_lsn) + "\r\nslave_read_only:1\r\n";
   }
@@ -318,9 +318,9 @@ void RespServerImpl::Info(const std::vector<std::string>& sections, std::string*
   // Sections are matched as Redis does, ignoring case; several may be named
   // (Redis 7). Only the replication section exists here.
   bool wanted = sections.empty();
-  for (std::string name : sections) {
-    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char ch) { return std::tolower(ch); });
-    wanted = wanted || name == "replication" || name == "all" || name == "default" || name == "everything";
+  for (const std::string& section : sections) {
+    const std::string name = Upper(section);
+    wanted = wanted || name == "REPLICATION" || name == "ALL" || name == "DEFAULT" || name == "EVERYTHING";
   }
   if (!wanted) text.clear();
   resp::AppendBulk(out, text);
@@ -460,9 +460,7 @@ void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, s
       } else if (opt == "MATCH") {
         match = args[i + 1];
       } else if (opt == "TYPE") {
-        std::string type = args[i + 1];
-        std::transform(type.begin(), type.end(), type.begin(), [](unsigned char ch) { return std::tolower(ch); });
-        strings = type == "string";
+        strings = Upper(args[i + 1]) == "STRING";
       } else {
         return resp::AppendError(out, "ERR syntax error");
       }

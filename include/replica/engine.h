@@ -162,6 +162,9 @@ struct EngineStatus {
   // whether a snapshot is being received on it (a resync).
   bool upstream_connected = false;
   bool receiving_snapshot = false;
+  // Streaming from its active: connected and not being resynced (Redis's
+  // master_link_status:up).
+  bool upstream_streaming() const { return upstream_connected && !receiving_snapshot; }
   std::string active_id;          // high availability: the active's node id, if known
   std::string active_client_address;  // high availability: the active's client (RESP) address, if published
 };

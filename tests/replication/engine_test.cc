@@ -994,6 +994,19 @@ TEST_F(RespTest, ConcurrentDelsOfOneKeyCountItOnce) {
   server->Stop();
 }
 
+// Writes key = value on the active and waits until the standby applied it;
+// its LSN, or 0 (with a test failure) if either step failed.
+uint64_t PutAppliedOnBoth(Engine* active, Engine* standby, const std::string& key, const std::string& value) {
+  WriteBatch w;
+  w.Put(key, value);
+  auto lsn = active->Write(w);
+  EXPECT_TRUE(lsn.ok()) << lsn.status().ToString();
+  if (!lsn.ok()) return 0;
+  const Status applied = standby->WaitForApplied(*lsn, 30s);
+  EXPECT_TRUE(applied.ok()) << applied.ToString();
+  return applied.ok() ? *lsn : 0;
+}
+
 // Reads that state their staleness: none on the active; on a standby, the
 // time since it last had applied all its active reported, which grows once
 // the active is gone, until a bound refuses the read.
@@ -1001,20 +1014,17 @@ TEST(EngineTest, ReadsStateTheirStaleness) {
   TempDir dir;
   auto a = OpenOrDie(Node(dir, "a"));
   auto b = OpenOrDie(Node(dir, "b", Follow(*a)));
-  WriteBatch w;
-  w.Put("k", "v");
-  auto lsn = a->Write(w);
-  ASSERT_TRUE(lsn.ok());
-  ASSERT_TRUE(b->WaitForApplied(*lsn, 30s).ok());
+  const uint64_t lsn = PutAppliedOnBoth(a.get(), b.get(), "k", "v");
+  ASSERT_GT(lsn, 0u);
   auto on_active = a->ReadWithStaleness("k", 0ms);
   ASSERT_TRUE(on_active.ok()) << on_active.status().ToString();
   EXPECT_EQ(on_active->value, std::optional<std::string>("v"));
   EXPECT_EQ(on_active->staleness, std::optional<std::chrono::milliseconds>(0ms));
-  EXPECT_GE(on_active->applied_lsn, *lsn);
+  EXPECT_GE(on_active->applied_lsn, lsn);
   auto on_standby = b->ReadWithStaleness("k", 10s);
   ASSERT_TRUE(on_standby.ok()) << on_standby.status().ToString();
   EXPECT_EQ(on_standby->value, std::optional<std::string>("v"));
-  EXPECT_GE(on_standby->applied_lsn, *lsn);
+  EXPECT_GE(on_standby->applied_lsn, lsn);
   ASSERT_TRUE(on_standby->staleness.has_value());
   EXPECT_LT(*on_standby->staleness, 10s);
   ASSERT_TRUE(a->Close().ok());  // no more heartbeats: b's data only gets older
@@ -1037,11 +1047,7 @@ TEST(EngineTest, ThreadsAreNamed) {
   TempDir dir;
   auto a = OpenOrDie(Node(dir, "a"));
   auto b = OpenOrDie(Node(dir, "b", Follow(*a)));
-  WriteBatch w;
-  w.Put("k", "v");
-  auto lsn = a->Write(w);
-  ASSERT_TRUE(lsn.ok());
-  ASSERT_TRUE(b->WaitForApplied(*lsn, 30s).ok());  // the shipper to b exists by now
+  ASSERT_GT(PutAppliedOnBoth(a.get(), b.get(), "k", "v"), 0u);  // the shipper to b exists by now
   std::multiset<std::string> names;
   for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
     std::string name = test::ReadFileBytes(entry.path().string() + "/comm");
