@@ -1,67 +1,112 @@
 #include "replication/resp_server.h"
 
-#include <arpa/inet.h>
-#include <fnmatch.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <list>
-#include <map>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/write.hpp>
+#include <deque>
 #include <thread>
+#include <unordered_map>
 
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
 #include "replication/resp.h"
+#include "replication/resp_commands.h"
 
 namespace replica {
 namespace {
 
-// Pipelined SETs merged into one write stop at this many key and value bytes.
-constexpr size_t kMaxSetBatchBytes = 1 << 20;
-
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
 using namespace std::chrono_literals;
 
-// Where clients should go: the active's client port when it published one
-// (high availability), else its replication address (static mode).
-const std::string& MasterAddress(const EngineStatus& s) {
-  return s.active_client_address.empty() ? s.active_address : s.active_client_address;
-}
+// SETs merged into one write stop at this many key and value bytes.
+constexpr size_t kMaxSetBatchBytes = 1 << 20;
+// Each connection reads at most this much at a time; it reads again once the
+// replies to what it read are sent (a client that sends and never reads
+// stops being read from).
+constexpr size_t kReadChunk = 16 << 10;
+// Threads that hand merged SETs to the engine. Two: while one waits for its
+// write's commit, the other gathers the next.
+constexpr int kSetWriters = 2;
+// How long Stop lets a connection send its last replies.
+constexpr auto kStopGrace = 2s;
 
-std::string Upper(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
-  return s;
-}
+class RespServerImpl;
+using KeyValues = std::vector<std::pair<std::string, std::string>>;
 
-bool SendAll(int fd, const std::string& data) {
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += static_cast<size_t>(n);
+// One client connection. Its handlers run on its strand, one at a time, and
+// at most one of a read, a send, or a command handed to another thread is
+// outstanding at once: the members need no lock. Commands run in the order
+// they arrive; one that waits (a write, WAIT, a scan of the store) is handed
+// to the server's threads, and the connection reads nothing more until its
+// reply is back. Consecutive SETs and MSETs are gathered and written as one.
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(RespServerImpl* server, tcp::socket socket, uint64_t id, size_t max_bulk)
+      : server_(server), socket_(std::move(socket)), parser_(max_bulk) {
+    state_.id = id;
   }
-  return true;
-}
 
-bool ParseInt(const std::string& s, long long* v) {
-  if (s.empty()) return false;
-  try {
-    size_t used = 0;
-    *v = std::stoll(s, &used);
-    return used == s.size();
-  } catch (...) {
-    return false;
+  void Start() {
+    asio::post(socket_.get_executor(), [self = shared_from_this()] { self->Pump(); });
   }
-}
+  // The server's completions of handed-off work; each runs on the strand.
+  void SetsWritten(const Result<uint64_t>& lsn, size_t commands);
+  void CommandDone(std::string reply);
+  // Stop: read no more; close once the replies owed are sent.
+  void Shutdown();
+  // Stop's grace has run out: close now.
+  void Abort();
+
+  // Used by the thread that runs the command the connection handed off,
+  // while the connection waits for it.
+  resp::CommandState* state() { return &state_; }
+  // The connection's strand: its completions are posted there.
+  tcp::socket::executor_type executor() { return socket_.get_executor(); }
+
+ private:
+  void Pump();
+  void Read();
+  void Close();
+  // Hands the gathered SETs to the writers; false if there were none.
+  bool WriteSets();
+  // Runs or hands off one command; false if it was handed off.
+  bool Run(std::vector<std::string> args);
+
+  RespServerImpl* const server_;
+  tcp::socket socket_;
+  resp::Parser parser_;
+  resp::CommandState state_;
+  std::array<char, kReadChunk> in_;
+  std::string out_;           // replies not yet sent, in command order
+  std::string closing_reply_; // a protocol error: sent last, then the connection closes
+  bool waiting_ = false;      // a command or SETs are with another thread
+  bool closing_ = false;      // QUIT, a protocol error, or Stop: no more commands
+  bool closed_ = false;
+  KeyValues sets_;            // SETs and MSETs read but not yet handed off
+  size_t set_commands_ = 0, set_bytes_ = 0;
+  std::vector<std::string> after_sets_;  // the command read after them, run once they are written
+  std::vector<std::string> args_;
+  std::string error_;
+};
 
 class RespServerImpl final : public RespServer {
  public:
-  RespServerImpl(Engine* engine, RespServerOptions o) : engine_(engine), opts_(std::move(o)) {}
+  RespServerImpl(Engine* engine, RespServerOptions o)
+      : engine_(engine),
+        opts_(std::move(o)),
+        commands_(engine),
+        work_(asio::make_work_guard(io_)),
+        acceptor_(io_),
+        conns_cv_(&conns_mu_),
+        sets_cv_(&queue_mu_),
+        commands_cv_(&queue_mu_) {}
   ~RespServerImpl() override { Stop(); }
 
   Status Listen();
@@ -69,482 +114,378 @@ class RespServerImpl final : public RespServer {
   const RespStats& stats() const override { return stats_; }
   void Stop() override;
 
+  // For connections.
+  resp::Commands& commands() { return commands_; }
+  RespStats& mutable_stats() { return stats_; }
+  bool stopping() const { return stopping_.load(); }
+  void QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands) EXCLUDES(queue_mu_);
+  void QueueCommand(std::shared_ptr<Connection> c, std::vector<std::string> args) EXCLUDES(queue_mu_);
+  void Forget(Connection* c) EXCLUDES(conns_mu_);
+
  private:
-  struct Client {
-    int fd;
-    std::thread thread;
-    std::atomic<bool> done{false};
+  struct PendingSets {
+    std::shared_ptr<Connection> conn;
+    KeyValues sets;
+    size_t commands;
   };
-  // Per-connection state kept between commands.
-  struct Conn {
-    uint64_t last_write_lsn = 0;
-    bool quit = false;
-    uint64_t id = 0;
+  struct PendingCommand {
+    std::shared_ptr<Connection> conn;
+    std::vector<std::string> args;
   };
 
-  void AcceptLoop();
-  void Serve(Client* c);
-  void Execute(const std::vector<std::string>& args, Conn* conn, std::string* out);
-  void WriteReplyForStatus(const Status& st, std::string* out);
-  void Info(const std::vector<std::string>& sections, std::string* out);
-  void Role(std::string* out);
-  void ReapDone() EXCLUDES(mu_);
+  void Accept();
+  void SetWriterLoop() EXCLUDES(queue_mu_);
+  void WorkerLoop() EXCLUDES(queue_mu_);
 
   Engine* const engine_;
   const RespServerOptions opts_;
+  resp::Commands commands_;
   RespStats stats_;
-  int listen_fd_ = -1;
-  uint16_t port_ = 0;
   std::atomic<bool> stopping_{false};
-  std::thread acceptor_;
-  Mutex mu_;
-  std::list<std::unique_ptr<Client>> clients_ GUARDED_BY(mu_);
-  // SCAN cursors: a number the client passes back, standing for the last key
-  // returned, so the next page starts after it whatever was deleted since.
-  // Shared by all connections; the oldest are forgotten past kMaxCursors.
-  static constexpr size_t kMaxCursors = 100000;
-  Mutex cursor_mu_;
-  std::map<uint64_t, std::string> cursors_ GUARDED_BY(cursor_mu_);
-  uint64_t next_cursor_ GUARDED_BY(cursor_mu_) = 1;
+  uint16_t port_ = 0;
+
+  asio::io_context io_;
+  asio::executor_work_guard<asio::io_context::executor_type> work_;
+  tcp::acceptor acceptor_;  // used on io_thread_ only, once listening
+  std::thread io_thread_;
+
+  Mutex conns_mu_;
+  CondVar conns_cv_;  // a connection closed (Stop waits for all to close)
+  std::unordered_map<Connection*, std::weak_ptr<Connection>> conns_ GUARDED_BY(conns_mu_);
+
+  // Work handed off by connections. Lock order: conns_mu_ is never held
+  // while taking queue_mu_, nor the other way round.
+  Mutex queue_mu_;
+  CondVar sets_cv_;
+  CondVar commands_cv_;
+  std::deque<PendingSets> sets_queue_ GUARDED_BY(queue_mu_);
+  std::deque<PendingCommand> command_queue_ GUARDED_BY(queue_mu_);
+  bool queue_closed_ GUARDED_BY(queue_mu_) = false;
+  int idle_workers_ GUARDED_BY(queue_mu_) = 0;
+  // Threads for waiting commands, started as needed (one per connection
+  // at most, since a connection hands off one command at a time).
+  std::vector<std::thread> workers_ GUARDED_BY(queue_mu_);
+  std::vector<std::thread> set_writers_;
 };
 
+// --- Connection ---
+
+void Connection::Pump() {
+  if (closed_ || waiting_) return;
+  for (;;) {
+    if (!after_sets_.empty()) {
+      std::vector<std::string> next = std::move(after_sets_);
+      after_sets_.clear();
+      if (!Run(std::move(next))) return;
+      continue;
+    }
+    if (closing_ || server_->stopping()) break;
+    auto outcome = parser_.Next(&args_, &error_);
+    if (outcome == resp::Parser::Outcome::kNeedMore) {
+      if (WriteSets()) return;  // their replies come before anything is sent
+      break;
+    }
+    if (outcome == resp::Parser::Outcome::kError) {
+      ++server_->mutable_stats().protocol_errors;
+      resp::AppendError(&closing_reply_, "ERR " + error_);
+      closing_ = true;
+      if (WriteSets()) return;
+      break;
+    }
+    ++server_->mutable_stats().commands;
+    if (resp::Commands::IsPlainSet(args_)) {
+      for (size_t i = 1; i + 1 < args_.size(); i += 2) {
+        set_bytes_ += args_[i].size() + args_[i + 1].size();
+        sets_.emplace_back(std::move(args_[i]), std::move(args_[i + 1]));
+      }
+      ++set_commands_;  // one +OK per command
+      if (set_bytes_ >= kMaxSetBatchBytes && WriteSets()) return;
+      continue;
+    }
+    if (set_commands_ > 0) {  // any other command ends the run of SETs
+      after_sets_ = std::move(args_);
+      WriteSets();
+      return;
+    }
+    if (!Run(std::move(args_))) return;
+  }
+  out_ += closing_reply_;
+  closing_reply_.clear();
+  if (!out_.empty()) {
+    asio::async_write(socket_, asio::buffer(out_), [self = shared_from_this()](boost::system::error_code ec, size_t) {
+      self->out_.clear();
+      if (ec) return self->Close();
+      self->Pump();
+    });
+    return;
+  }
+  if (closing_ || server_->stopping()) return Close();
+  Read();
+}
+
+void Connection::Read() {
+  socket_.async_read_some(asio::buffer(in_), [self = shared_from_this()](boost::system::error_code ec, size_t n) {
+    if (ec) return self->Close();  // the client left, or Stop
+    self->parser_.Feed(std::string_view(self->in_.data(), n));
+    self->Pump();
+  });
+}
+
+bool Connection::WriteSets() {
+  if (set_commands_ == 0) return false;
+  waiting_ = true;
+  server_->QueueSets(shared_from_this(), std::move(sets_), set_commands_);
+  sets_.clear();
+  set_commands_ = set_bytes_ = 0;
+  return true;
+}
+
+bool Connection::Run(std::vector<std::string> args) {
+  const std::string name = resp::Upper(args[0]);
+  if (resp::Commands::MayBlock(name)) {
+    waiting_ = true;
+    server_->QueueCommand(shared_from_this(), std::move(args));
+    return false;
+  }
+  server_->commands().Execute(args, &state_, &out_);
+  if (state_.quit) closing_ = true;
+  return true;
+}
+
+void Connection::SetsWritten(const Result<uint64_t>& lsn, size_t commands) {
+  waiting_ = false;
+  std::string reply;
+  if (lsn.ok()) {
+    state_.last_write_lsn = *lsn;
+    resp::AppendSimple(&reply, "OK");
+  } else {
+    server_->commands().AppendStatusError(lsn.status(), &reply);
+  }
+  for (size_t i = 0; i < commands; ++i) out_ += reply;
+  Pump();
+}
+
+void Connection::CommandDone(std::string reply) {
+  waiting_ = false;
+  out_ += reply;
+  if (state_.quit) closing_ = true;
+  Pump();
+}
+
+void Connection::Shutdown() {
+  // Wakes a pending read (it ends with an error and closes); a connection
+  // that is sending or waiting closes when that is done (Pump sees stopping).
+  boost::system::error_code ignored;
+  socket_.shutdown(tcp::socket::shutdown_receive, ignored);
+}
+
+void Connection::Abort() { Close(); }
+
+void Connection::Close() {
+  if (closed_) return;
+  closed_ = true;
+  boost::system::error_code ignored;
+  socket_.shutdown(tcp::socket::shutdown_both, ignored);
+  socket_.close(ignored);
+  server_->Forget(this);
+}
+
+// --- RespServerImpl ---
+
 Status RespServerImpl::Listen() {
-  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) return Status::FromErrno("socket", errno);
-  int one = 1;
-  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(opts_.port);
-  if (::inet_pton(AF_INET, opts_.host.c_str(), &a.sin_addr) != 1) {
-    return Status::InvalidArgument("client listen address '" + opts_.host + "' is not an IPv4 address");
+  boost::system::error_code ec;
+  auto address = asio::ip::make_address_v4(opts_.host, ec);
+  if (ec) return Status::InvalidArgument("client listen address '" + opts_.host + "' is not an IPv4 address");
+  const tcp::endpoint endpoint(address, opts_.port);
+  const std::string where = "client port " + opts_.host + ":" + std::to_string(opts_.port);
+  if (acceptor_.open(endpoint.protocol(), ec); ec) return Status::IOError(where + ": " + ec.message());
+  acceptor_.set_option(tcp::acceptor::reuse_address(true), ec);
+  if (acceptor_.bind(endpoint, ec); ec) return Status::IOError(where + ": " + ec.message());
+  if (acceptor_.listen(512, ec); ec) return Status::IOError(where + ": " + ec.message());
+  port_ = acceptor_.local_endpoint(ec).port();
+  for (int i = 0; i < kSetWriters; ++i) {
+    set_writers_.emplace_back([this] {
+      NameThisThread("resp-writer");
+      SetWriterLoop();
+    });
   }
-  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(listen_fd_, 512) != 0) {
-    return Status::FromErrno("client port " + opts_.host + ":" + std::to_string(opts_.port), errno);
-  }
-  socklen_t len = sizeof a;
-  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
-  port_ = ntohs(a.sin_port);
-  acceptor_ = std::thread([this] {
-    NameThisThread("resp-accept");
-    AcceptLoop();
+  Accept();
+  io_thread_ = std::thread([this] {
+    NameThisThread("resp-io");
+    io_.run();
   });
   return Status::OK();
 }
 
-void RespServerImpl::ReapDone() {
-  MutexLock l(&mu_);
-  for (auto it = clients_.begin(); it != clients_.end();) {
-    if ((*it)->done.load()) {
-      (*it)->thread.join();
-      ::close((*it)->fd);
-      it = clients_.erase(it);
+void RespServerImpl::Accept() {
+  acceptor_.async_accept(asio::make_strand(io_), [this](boost::system::error_code ec, tcp::socket socket) {
+    if (stopping_.load() || !acceptor_.is_open()) return;
+    if (ec) {
+      // Out of descriptors and the like: try again shortly, do not spin.
+      auto timer = std::make_shared<asio::steady_timer>(io_, 10ms);
+      timer->async_wait([this, timer](boost::system::error_code) {
+        if (!stopping_.load()) Accept();
+      });
+      return;
+    }
+    std::shared_ptr<Connection> conn;
+    {
+      MutexLock l(&conns_mu_);
+      if (static_cast<int>(conns_.size()) < opts_.max_clients) {
+        const uint64_t id = ++stats_.connections;
+        conn = std::make_shared<Connection>(this, std::move(socket), id, opts_.max_bulk);
+        conns_.emplace(conn.get(), conn);
+      }
+    }
+    if (conn) {
+      conn->Start();
     } else {
-      ++it;
+      ++stats_.rejected_clients;
+      boost::system::error_code ignored;
+      socket.non_blocking(true, ignored);  // the error is small; never wait on this client
+      asio::write(socket, asio::buffer(std::string_view("-ERR max number of clients reached\r\n")), ignored);
+      socket.close(ignored);
+    }
+    Accept();
+  });
+}
+
+void RespServerImpl::Forget(Connection* c) {
+  MutexLock l(&conns_mu_);
+  conns_.erase(c);
+  if (conns_.empty()) conns_cv_.SignalAll();
+}
+
+void RespServerImpl::QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands) {
+  {
+    MutexLock l(&queue_mu_);
+    if (!queue_closed_) {
+      sets_queue_.push_back({std::move(c), std::move(sets), commands});
+      sets_cv_.Signal();
+      return;
+    }
+  }
+  asio::post(c->executor(), [c, commands] { c->SetsWritten(Status::Aborted("the server is stopping"), commands); });
+}
+
+void RespServerImpl::QueueCommand(std::shared_ptr<Connection> c, std::vector<std::string> args) {
+  {
+    MutexLock l(&queue_mu_);
+    if (!queue_closed_) {
+      command_queue_.push_back({std::move(c), std::move(args)});
+      if (idle_workers_ == 0) {
+        workers_.emplace_back([this] {
+          NameThisThread("resp-worker");
+          WorkerLoop();
+        });
+      } else {
+        commands_cv_.Signal();
+      }
+      return;
+    }
+  }
+  std::string reply;
+  resp::AppendError(&reply, "ERR the server is stopping");
+  asio::post(c->executor(), [c, reply] { c->CommandDone(reply); });
+}
+
+void RespServerImpl::SetWriterLoop() {
+  for (;;) {
+    std::vector<PendingSets> taken;
+    {
+      MutexLock l(&queue_mu_);
+      while (sets_queue_.empty() && !queue_closed_) sets_cv_.Wait();
+      if (sets_queue_.empty()) return;  // closed and drained
+      // Everything queued, up to the batch limit: one write, one commit.
+      size_t bytes = 0;
+      while (!sets_queue_.empty() && (taken.empty() || bytes < kMaxSetBatchBytes)) {
+        for (const auto& [k, v] : sets_queue_.front().sets) bytes += k.size() + v.size();
+        taken.push_back(std::move(sets_queue_.front()));
+        sets_queue_.pop_front();
+      }
+    }
+    WriteBatch batch;
+    for (auto& p : taken) {
+      for (auto& [k, v] : p.sets) batch.Put(std::move(k), std::move(v));
+    }
+    const Result<uint64_t> lsn = engine_->Write(batch);
+    for (auto& p : taken) {
+      Connection* conn = p.conn.get();
+      asio::post(conn->executor(), [c = std::move(p.conn), lsn, n = p.commands] { c->SetsWritten(lsn, n); });
     }
   }
 }
 
-void RespServerImpl::AcceptLoop() {
-  while (!stopping_.load()) {
-    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (stopping_.load()) return;
-      if (errno == EMFILE || errno == ENFILE) {
-        std::this_thread::sleep_for(10ms);  // out of descriptors: back off, do not spin
-        continue;
-      }
-      return;
+void RespServerImpl::WorkerLoop() {
+  for (;;) {
+    PendingCommand job;
+    {
+      MutexLock l(&queue_mu_);
+      ++idle_workers_;
+      while (command_queue_.empty() && !queue_closed_) commands_cv_.Wait();
+      --idle_workers_;
+      if (command_queue_.empty()) return;
+      job = std::move(command_queue_.front());
+      command_queue_.pop_front();
     }
-    ReapDone();
-    MutexLock l(&mu_);
-    if (static_cast<int>(clients_.size()) >= opts_.max_clients) {
-      ++stats_.rejected_clients;
-      (void)SendAll(fd, "-ERR max number of clients reached\r\n");
-      ::close(fd);
-      continue;
-    }
-    int one = 1;
-    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    ++stats_.connections;
-    auto c = std::make_unique<Client>();
-    c->fd = fd;
-    Client* raw = c.get();
-    clients_.push_back(std::move(c));
-    raw->thread = std::thread([this, raw] {
-      NameThisThread("resp-client");
-      Serve(raw);
+    std::string reply;
+    commands_.Execute(job.args, job.conn->state(), &reply);
+    Connection* conn = job.conn.get();
+    asio::post(conn->executor(), [c = std::move(job.conn), r = std::move(reply)]() mutable {
+      c->CommandDone(std::move(r));
     });
   }
 }
 
-void RespServerImpl::Serve(Client* c) {
-  resp::Parser parser(opts_.max_bulk);
-  Conn conn;
-  conn.id = stats_.connections.load();
-  std::vector<std::string> args;
-  std::string out, error;
-  char buf[64 << 10];
-  while (!conn.quit && !stopping_.load()) {
-    ssize_t n = ::recv(c->fd, buf, sizeof buf, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    parser.Feed(std::string_view(buf, static_cast<size_t>(n)));
-    bool broken = false;
-    // Pipelined commands run in order; their replies go out together.
-    // Consecutive SETs and MSETs of one pipeline share one write (one WAL
-    // record, one commit) instead of waiting for a commit each: each command
-    // stays atomic, as part of a larger atomic batch.
-    WriteBatch sets;
-    size_t set_count = 0, set_bytes = 0;
-    auto flush_sets = [&] {
-      if (set_count == 0) return;
-      auto lsn = engine_->Write(sets);
-      std::string reply;
-      if (lsn.ok()) {
-        resp::AppendSimple(&reply, "OK");
-      } else {
-        WriteReplyForStatus(lsn.status(), &reply);
-      }
-      for (size_t i = 0; i < set_count; ++i) out += reply;
-      if (lsn.ok()) conn.last_write_lsn = *lsn;
-      sets = WriteBatch();
-      set_count = set_bytes = 0;
-    };
-    for (;;) {
-      auto outcome = parser.Next(&args, &error);
-      if (outcome == resp::Parser::Outcome::kNeedMore) break;
-      if (outcome == resp::Parser::Outcome::kError) {
-        flush_sets();
-        ++stats_.protocol_errors;
-        resp::AppendError(&out, "ERR " + error);
-        broken = true;
-        break;
-      }
-      ++stats_.commands;
-      if (args.size() >= 3 && args.size() % 2 == 1) {
-        const std::string name = Upper(args[0]);
-        if ((name == "SET" && args.size() == 3) || name == "MSET") {
-          for (size_t i = 1; i + 1 < args.size(); i += 2) {
-            set_bytes += args[i].size() + args[i + 1].size();
-            sets.Put(std::move(args[i]), std::move(args[i + 1]));
-          }
-          ++set_count;  // one +OK per command
-          if (set_bytes >= kMaxSetBatchBytes) flush_sets();
-          continue;
-        }
-      }
-      flush_sets();
-      Execute(args, &conn, &out);
-      if (conn.quit) break;
-    }
-    flush_sets();
-    if (!out.empty() && !SendAll(c->fd, out)) break;
-    out.clear();
-    if (broken) break;
-  }
-  ::shutdown(c->fd, SHUT_RDWR);
-  c->done.store(true);  // the fd is closed by whoever joins this thread
-}
-
-void RespServerImpl::WriteReplyForStatus(const Status& st, std::string* out) {
-  if (st.code() == StatusCode::kNotActive) {
-    EngineStatus s = engine_->status();
-    resp::AppendError(out, "READONLY You can't write against a read only replica. The active is at " +
-                               (MasterAddress(s).empty() ? std::string("unknown") : MasterAddress(s)));
-  } else {
-    resp::AppendError(out, "ERR " + st.ToString());
-  }
-}
-
-void RespServerImpl::Role(std::string* out) {
-  EngineStatus s = engine_->status();
-  if (s.role == Role::kActive) {
-    resp::AppendArrayHeader(out, 3);
-    resp::AppendBulk(out, "master");
-    resp::AppendInteger(out, static_cast<long long>(s.last_lsn));
-    resp::AppendArrayHeader(out, s.standbys.size());
-    for (const auto& sb : s.standbys) {
-      auto colon = sb.address.rfind(':');
-      resp::AppendArrayHeader(out, 3);
-      resp::AppendBulk(out, sb.address.substr(0, colon));
-      resp::AppendBulk(out, colon == std::string::npos ? "0" : sb.address.substr(colon + 1));
-      resp::AppendBulk(out, std::to_string(sb.flushed_lsn));
-    }
-  } else {
-    const std::string& master = MasterAddress(s);
-    auto colon = master.rfind(':');
-    resp::AppendArrayHeader(out, 5);
-    resp::AppendBulk(out, "slave");
-    resp::AppendBulk(out, master.substr(0, colon));
-    resp::AppendInteger(out, colon == std::string::npos ? 0 : std::atoi(master.c_str() + colon + 1));
-    // As Redis names the link's states: connect (no link), sync (a snapshot
-    // is being received), connected (streaming).
-    resp::AppendBulk(out, !s.upstream_connected ? "connect" : s.receiving_snapshot ? "sync" : "connected");
-    resp::AppendInteger(out, static_cast<long long>(s.applied_lsn));
-  }
-}
-
-void RespServerImpl::Info(const std::vector<std::string>& sections, std::string* out) {
-  EngineStatus s = engine_->status();
-  std::string text = "# Replication\r\n";
-  if (s.role == Role::kActive) {
-    text += "role:master\r\nconnected_slaves:" + std::to_string(s.standbys.size()) + "\r\n";
-    for (size_t i = 0; i < s.standbys.size(); ++i) {
-      const auto& sb = s.standbys[i];
-      auto colon = sb.address.rfind(':');
-      text += "slave" + std::to_string(i) + ":ip=" + sb.address.substr(0, colon) +
-              ",port=" + (colon == std::string::npos ? "0" : sb.address.substr(colon + 1)) +
-              // Redis's states and lag (whole seconds): send_bulk while a
-              // snapshot is sent; lag since the standby last held everything.
-              ",state=" + (sb.resyncing ? "send_bulk" : "online") + ",offset=" + std::to_string(sb.flushed_lsn) +
-              ",lag=" + std::to_string(sb.lag_ms / 1000) + ",name=" + sb.id +
-              ",applied=" + std::to_string(sb.applied_lsn) + "\r\n";
-    }
-    text += "master_repl_offset:" + std::to_string(s.last_lsn) + "\r\n";
-  } else {
-    const std::string& master = MasterAddress(s);
-    auto colon = master.rfind(':');
-    text += "role:slave\r\nmaster_host:" + master.substr(0, colon) + "\r\nmaster_port:" +
-            (colon == std::string::npos ? "0" : master.substr(colon + 1)) +
-            "\r\nmaster_link_status:" + (s.upstream_streaming() ? "up" : "down") +
-            "\r\nmaster_sync_in_progress:" + (s.receiving_snapshot ? "1" : "0") +
-            "\r\nslave_repl_offset:" + std::to_string(s.applied_lsn) + "\r\nslave_read_only:1\r\n";
-  }
-  text += "replica_epoch:" + std::to_string(s.epoch) + "\r\nreplica_last_lsn:" + std::to_string(s.last_lsn) +
-          "\r\nreplica_durable_lsn:" + std::to_string(s.durable_lsn) + "\r\nreplica_applied_lsn:" +
-          std::to_string(s.applied_lsn) + "\r\n";
-  // Sections are matched as Redis does, ignoring case; several may be named
-  // (Redis 7). Only the replication section exists here.
-  bool wanted = sections.empty();
-  for (const std::string& section : sections) {
-    const std::string name = Upper(section);
-    wanted = wanted || name == "REPLICATION" || name == "ALL" || name == "DEFAULT" || name == "EVERYTHING";
-  }
-  if (!wanted) text.clear();
-  resp::AppendBulk(out, text);
-}
-
-void RespServerImpl::Execute(const std::vector<std::string>& args, Conn* conn, std::string* out) {
-  const std::string cmd = Upper(args[0]);
-  const size_t argc = args.size();
-  auto arity_error = [&] {
-    std::string lower = args[0];
-    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
-    resp::AppendError(out, "ERR wrong number of arguments for '" + lower + "' command");
-  };
-  auto write = [&](const WriteBatch& b) -> bool {
-    auto lsn = engine_->Write(b);
-    if (!lsn.ok()) {
-      WriteReplyForStatus(lsn.status(), out);
-      return false;
-    }
-    conn->last_write_lsn = *lsn;
-    return true;
-  };
-  if (cmd == "PING") {
-    if (argc > 2) return arity_error();
-    return argc == 2 ? resp::AppendBulk(out, args[1]) : resp::AppendSimple(out, "PONG");
-  }
-  if (cmd == "ECHO") {
-    if (argc != 2) return arity_error();
-    return resp::AppendBulk(out, args[1]);
-  }
-  if (cmd == "QUIT") {
-    conn->quit = true;
-    return resp::AppendSimple(out, "OK");
-  }
-  if (cmd == "GET") {
-    if (argc != 2) return arity_error();
-    auto v = engine_->Get(args[1]);
-    if (!v.ok()) return WriteReplyForStatus(v.status(), out);
-    return v->has_value() ? resp::AppendBulk(out, **v) : resp::AppendNull(out);
-  }
-  if (cmd == "MGET") {
-    if (argc < 2) return arity_error();
-    // A key that cannot be read is an error for the whole reply, never a
-    // null that would read as "no such key".
-    std::string values;
-    for (size_t i = 1; i < argc; ++i) {
-      auto v = engine_->Get(args[i]);
-      if (!v.ok()) return WriteReplyForStatus(v.status(), out);
-      if (v->has_value()) {
-        resp::AppendBulk(&values, **v);
-      } else {
-        resp::AppendNull(&values);
-      }
-    }
-    resp::AppendArrayHeader(out, argc - 1);
-    out->append(values);
-    return;
-  }
-  if (cmd == "SET") {
-    if (argc < 3) return arity_error();
-    if (argc > 3) return resp::AppendError(out, "ERR syntax error (SET options are not supported)");
-    WriteBatch b;
-    b.Put(args[1], args[2]);
-    if (write(b)) resp::AppendSimple(out, "OK");
-    return;
-  }
-  if (cmd == "MSET") {
-    if (argc < 3 || argc % 2 == 0) return arity_error();
-    WriteBatch b;
-    for (size_t i = 1; i + 1 < argc; i += 2) b.Put(args[i], args[i + 1]);
-    if (write(b)) resp::AppendSimple(out, "OK");
-    return;
-  }
-  if (cmd == "DEL" || cmd == "UNLINK") {
-    if (argc < 2) return arity_error();
-    // The reply counts the keys that existed when the delete was applied,
-    // each once, in log order (as Redis counts): of two clients deleting one
-    // key at once, exactly one is told 1.
-    WriteBatch b;
-    for (size_t i = 1; i < argc; ++i) b.Delete(args[i]);
-    std::optional<uint64_t> existed;
-    auto lsn = engine_->WriteCountingDeletes(b, &existed);
-    if (!lsn.ok()) return WriteReplyForStatus(lsn.status(), out);
-    conn->last_write_lsn = *lsn;
-    if (!existed) {
-      return resp::AppendError(out, "ERR the keys were deleted, but how many existed is no longer known "
-                                    "(the reply came too long after the delete was applied)");
-    }
-    resp::AppendInteger(out, static_cast<long long>(*existed));
-    return;
-  }
-  if (cmd == "EXISTS") {
-    if (argc < 2) return arity_error();
-    long long n = 0;
-    for (size_t i = 1; i < argc; ++i) {
-      auto v = engine_->Get(args[i]);
-      if (!v.ok()) return WriteReplyForStatus(v.status(), out);  // not a silent 0
-      if (v->has_value()) ++n;
-    }
-    return resp::AppendInteger(out, n);
-  }
-  if (cmd == "STRLEN") {
-    if (argc != 2) return arity_error();
-    auto v = engine_->Get(args[1]);
-    if (!v.ok()) return WriteReplyForStatus(v.status(), out);
-    return resp::AppendInteger(out, v->has_value() ? static_cast<long long>((*v)->size()) : 0);
-  }
-  if (cmd == "TYPE") {  // every value is a string here (tools such as redis-cli --bigkeys ask)
-    if (argc != 2) return arity_error();
-    auto v = engine_->Get(args[1]);
-    if (!v.ok()) return WriteReplyForStatus(v.status(), out);
-    return resp::AppendSimple(out, v->has_value() ? "string" : "none");
-  }
-  if (cmd == "DBSIZE") {
-    if (argc != 1) return arity_error();
-    long long n = 0;
-    std::string from;
-    for (;;) {
-      auto page = engine_->Scan(from, 10000);
-      if (!page.ok()) return WriteReplyForStatus(page.status(), out);
-      n += static_cast<long long>(page->size());
-      if (page->size() < 10000) break;
-      from = page->back().first + '\0';
-    }
-    return resp::AppendInteger(out, n);
-  }
-  if (cmd == "SCAN") {
-    long long cursor = 0, count = 10;
-    std::string match;
-    bool strings = true;  // TYPE filter: every value is a string
-    if (argc < 2 || !ParseInt(args[1], &cursor) || cursor < 0) return resp::AppendError(out, "ERR invalid cursor");
-    for (size_t i = 2; i < argc; i += 2) {
-      const std::string opt = Upper(args[i]);
-      if (i + 1 >= argc) return resp::AppendError(out, "ERR syntax error");
-      if (opt == "COUNT") {
-        if (!ParseInt(args[i + 1], &count) || count < 1) return resp::AppendError(out, "ERR value is not an integer or out of range");
-      } else if (opt == "MATCH") {
-        match = args[i + 1];
-      } else if (opt == "TYPE") {
-        strings = Upper(args[i + 1]) == "STRING";
-      } else {
-        return resp::AppendError(out, "ERR syntax error");
-      }
-    }
-    count = std::min<long long>(count, 100000);
-    std::string start;
-    if (cursor != 0) {
-      MutexLock l(&cursor_mu_);
-      auto it = cursors_.find(static_cast<uint64_t>(cursor));
-      if (it == cursors_.end()) return resp::AppendError(out, "ERR invalid cursor");
-      start = it->second + '\0';  // the first key after the last one returned
-    }
-    auto page = engine_->Scan(start, static_cast<size_t>(count));
-    if (!page.ok()) return WriteReplyForStatus(page.status(), out);
-    std::vector<std::string> keys;
-    for (const auto& kv : *page) {
-      if (strings && (match.empty() || ::fnmatch(match.c_str(), kv.first.c_str(), 0) == 0)) keys.push_back(kv.first);
-    }
-    std::string next = "0";
-    if (page->size() == static_cast<size_t>(count)) {
-      MutexLock l(&cursor_mu_);
-      const uint64_t id = next_cursor_++;
-      cursors_[id] = page->back().first;
-      while (cursors_.size() > kMaxCursors) cursors_.erase(cursors_.begin());
-      next = std::to_string(id);
-    }
-    resp::AppendArrayHeader(out, 2);
-    resp::AppendBulk(out, next);
-    resp::AppendArrayHeader(out, keys.size());
-    for (const auto& k : keys) resp::AppendBulk(out, k);
-    return;
-  }
-  if (cmd == "WAIT") {
-    long long n = 0, timeout = 0;
-    if (argc != 3) return arity_error();
-    if (!ParseInt(args[1], &n) || !ParseInt(args[2], &timeout) || n < 0 || timeout < 0) {
-      return resp::AppendError(out, "ERR value is not an integer or out of range");
-    }
-    if (engine_->status().role != Role::kActive) {
-      return resp::AppendError(out, "ERR WAIT cannot be used with replica instances.");
-    }
-    // Redis: timeout 0 blocks forever; a day is forever enough here.
-    auto ms = std::chrono::milliseconds(timeout == 0 ? 86400000 : timeout);
-    auto got = engine_->WaitForReplicas(conn->last_write_lsn, static_cast<int>(n), ms);
-    if (!got.ok()) return WriteReplyForStatus(got.status(), out);
-    return resp::AppendInteger(out, *got);
-  }
-  if (cmd == "ROLE") {
-    if (argc != 1) return arity_error();
-    return Role(out);
-  }
-  if (cmd == "INFO") return Info(std::vector<std::string>(args.begin() + 1, args.end()), out);
-  if (cmd == "SELECT") {
-    if (argc != 2) return arity_error();
-    return args[1] == "0" ? resp::AppendSimple(out, "OK") : resp::AppendError(out, "ERR DB index is out of range");
-  }
-  if (cmd == "COMMAND" || cmd == "CONFIG") return resp::AppendArrayHeader(out, 0);
-  if (cmd == "CLIENT") {
-    if (argc >= 2 && Upper(args[1]) == "ID") return resp::AppendInteger(out, static_cast<long long>(conn->id));
-    return resp::AppendSimple(out, "OK");
-  }
-  std::string first = argc > 1 ? "'" + args[1].substr(0, 64) + "' " : "";
-  resp::AppendError(out, "ERR unknown command '" + args[0].substr(0, 64) + "', with args beginning with: " + first);
-}
-
 void RespServerImpl::Stop() {
   if (stopping_.exchange(true)) return;
-  if (listen_fd_ >= 0) {
-    ::shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
+  if (!io_thread_.joinable()) {  // never listened
+    for (auto& t : set_writers_) t.join();
+    return;
   }
-  if (acceptor_.joinable()) acceptor_.join();
-  if (listen_fd_ >= 0) ::close(listen_fd_);
-  std::list<std::unique_ptr<Client>> clients;
+  asio::post(io_, [this] {
+    boost::system::error_code ignored;
+    acceptor_.close(ignored);
+  });
+  std::vector<std::shared_ptr<Connection>> conns;
   {
-    MutexLock l(&mu_);
-    // Only the read side: recv() wakes, while a reply still being sent (say the
-    // error of a write the engine aborted) gets out before the thread ends.
-    for (auto& c : clients_) ::shutdown(c->fd, SHUT_RD);
-    clients = std::move(clients_);
+    MutexLock l(&conns_mu_);
+    for (auto& [_, weak] : conns_) {
+      if (auto c = weak.lock()) conns.push_back(std::move(c));
+    }
   }
-  for (auto& c : clients) {
-    c->thread.join();
-    ::close(c->fd);
+  for (auto& c : conns) asio::post(c->executor(), [c] { c->Shutdown(); });
+  // Writes and waiting commands under way finish (the engine's Interrupt
+  // makes them quick); their replies are sent, then the connections close.
+  std::vector<std::thread> workers;
+  {
+    MutexLock l(&queue_mu_);
+    queue_closed_ = true;
+    sets_cv_.SignalAll();
+    commands_cv_.SignalAll();
+    workers = std::move(workers_);
   }
+  for (auto& t : set_writers_) t.join();
+  for (auto& t : workers) t.join();
+  // The connections close once their last replies are sent; a client that
+  // reads none of them is cut off after the grace.
+  auto all_closed = [this](std::chrono::steady_clock::time_point deadline) {
+    MutexLock l(&conns_mu_);
+    while (!conns_.empty()) {
+      if (!conns_cv_.WaitUntil(deadline) && std::chrono::steady_clock::now() >= deadline) return false;
+    }
+    return true;
+  };
+  if (!all_closed(std::chrono::steady_clock::now() + kStopGrace)) {
+    for (auto& c : conns) asio::post(c->executor(), [c] { c->Abort(); });
+    if (!all_closed(std::chrono::steady_clock::now() + kStopGrace)) {
+      RLOG(kWarn, "resp.stop") << "client connections still open after the grace; dropping them";
+    }
+  }
+  conns.clear();
+  work_.reset();
+  io_.stop();
+  io_thread_.join();
 }
 
 }  // namespace

@@ -2,11 +2,15 @@
 // redis-benchmark and Redis client libraries work against a node unchanged
 // (docs/replication.md lists the commands and how they map to the engine).
 //
-// One thread per client connection (engine writes block until committed),
-// at most max_clients at once. Protocol errors get a Redis-style error and
-// close that connection only.
+// Event-driven: one Asio I/O thread serves every connection; SETs from all
+// connections are gathered into shared writes by two writer threads, and
+// commands that wait on the engine run on worker threads (docs/replication.md,
+// "Client port"). At most max_clients connections at once. Protocol errors
+// get a Redis-style error and close that connection only.
 //
 // Thread-safety: Start and Stop from one thread; Stop joins every thread.
+// Call the engine's Interrupt before Stop, so that a write or WAIT under way
+// returns.
 #pragma once
 
 #include <atomic>

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <thread>
 #include <map>
@@ -821,6 +822,41 @@ TEST(EngineTest, RespInfoShowsTheStandbysLinkState) {
   ASSERT_TRUE(b->Close().ok());
 }
 
+// A socket connected to 127.0.0.1:port whose reads time out after 10 s (a
+// missing reply fails the test instead of hanging it); -1 on failure.
+int ConnectLoopback(uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Reads until n bytes arrived, the peer closed, or the read timed out.
+std::string ReceiveBytes(int fd, size_t n) {
+  std::string got;
+  char buf[4096];
+  while (got.size() < n) {
+    const ssize_t r = ::recv(fd, buf, std::min(sizeof buf, n - got.size()), 0);
+    if (r <= 0) break;
+    got.append(buf, static_cast<size_t>(r));
+  }
+  return got;
+}
+
+std::string EncodeCommand(const std::vector<std::string>& args) {
+  std::string req = "*" + std::to_string(args.size()) + "\r\n";
+  for (const auto& a : args) req += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+  return req;
+}
+
 // One active node with the Redis-protocol server on a free port.
 class RespTest : public ::testing::Test {
  protected:
@@ -859,38 +895,22 @@ TEST_F(RespTest, ReadsReportAReadErrorInsteadOfAnAnswer) {
 TEST_F(RespTest, PipelinedSetsShareOneWrite) {
   const uint64_t before = e->status().durable_lsn;
   std::string req;
-  auto add = [&](const std::vector<std::string>& args) {
-    req += "*" + std::to_string(args.size()) + "\r\n";
-    for (const auto& a : args) req += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
-  };
+  auto add = [&](const std::vector<std::string>& args) { req += EncodeCommand(args); };
   for (int i = 0; i < 100; ++i) add({"SET", "k" + std::to_string(i), "v" + std::to_string(i)});
   add({"MSET", "m1", "a", "m2", "b"});  // MSETs join the run too
   add({"mset", "m3", "c"});
   add({"MSET", "odd"});  // a wrong MSET is answered on its own and ends the run
   add({"GET", "k99"});
   add({"SET", "k0", "again"});
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(server->port());
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  timeval tv{10, 0};  // a missing reply fails the test instead of hanging it
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const int fd = ConnectLoopback(server->port());
+  ASSERT_GE(fd, 0);
   ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
   std::string expected;
   for (int i = 0; i < 102; ++i) expected += "+OK\r\n";
   expected += "-ERR wrong number of arguments for 'mset' command\r\n";
   expected += "$3\r\nv99\r\n+OK\r\n";
-  std::string got;
-  char buf[4096];
-  while (got.size() < expected.size()) {
-    ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-    if (n <= 0) break;
-    got.append(buf, static_cast<size_t>(n));
-  }
+  EXPECT_EQ(ReceiveBytes(fd, expected.size()), expected);
   ::close(fd);
-  EXPECT_EQ(got, expected);
   // One write for the SETs and MSETs (two if the pipeline arrived in two
   // reads), one for the last SET; without merging, MSETs alone made two more.
   EXPECT_LE(e->status().durable_lsn - before, 3u) << "the SETs and MSETs of the pipeline were not merged";
@@ -992,6 +1012,80 @@ TEST_F(RespTest, ConcurrentDelsOfOneKeyCountItOnce) {
   }
   EXPECT_EQ(clients[0]->Command({"DEL", "lock"}), ":0");
   server->Stop();
+}
+
+// SETs from many connections share writes: while one write waits for its
+// commit, the SETs that arrive meanwhile are gathered into the next.
+TEST(EngineTest, RespSetsFromManyClientsShareWrites) {
+  TempDir dir;
+  // remote-write:1 without a standby holds every write (strict) until the
+  // rule is relaxed; by then all the clients' SETs are queued.
+  auto e = OpenOrDie(Node(dir, "a", "", "remote-write:1"));
+  ASSERT_TRUE(e);
+  auto server = StartResp(e.get());
+  ASSERT_TRUE(server);
+  const uint64_t before = e->status().last_lsn;
+  constexpr int kClients = 20;
+  std::vector<int> fds;
+  for (int i = 0; i < kClients; ++i) {
+    fds.push_back(ConnectLoopback(server->port()));
+    ASSERT_GE(fds.back(), 0);
+    const std::string req = EncodeCommand({"SET", "k" + std::to_string(i), "v" + std::to_string(i)});
+    ASSERT_EQ(::send(fds.back(), req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  }
+  ASSERT_TRUE(Eventually([&] { return server->stats().commands.load() == kClients; }));
+  ASSERT_TRUE(e->SetCommitRule(*CommitRule::Parse("async")).ok());
+  for (int fd : fds) {
+    EXPECT_EQ(ReceiveBytes(fd, 5), "+OK\r\n");
+    ::close(fd);
+  }
+  // One write each for the first SETs the two writers took, one for all
+  // the others (one more if the last arrived as a writer took the queue);
+  // a write per client would be 20.
+  EXPECT_LE(e->status().last_lsn - before, 4u);
+  for (int i = 0; i < kClients; ++i) {
+    EXPECT_EQ(*e->Get("k" + std::to_string(i)), std::optional<std::string>("v" + std::to_string(i)));
+  }
+  server->Stop();
+  ASSERT_TRUE(e->Close().ok());
+}
+
+// Connections cost no thread each, and a command that waits (WAIT for a
+// standby that is not there) holds up only its own connection. Stop, after
+// the engine's Interrupt, ends it and closes every connection.
+TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
+  auto threads = [] {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line)) {
+      if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
+    }
+    return -1;
+  };
+  const int threads_before = threads();
+  ASSERT_GT(threads_before, 0);
+  const int waiter_fd = ConnectLoopback(server->port());
+  ASSERT_GE(waiter_fd, 0);
+  const std::string wait = EncodeCommand({"WAIT", "1", "0"});  // blocks until Interrupt
+  ASSERT_EQ(::send(waiter_fd, wait.data(), wait.size(), MSG_NOSIGNAL), static_cast<ssize_t>(wait.size()));
+  constexpr int kClients = 300;
+  std::vector<int> fds;
+  const std::string ping = EncodeCommand({"PING"});
+  for (int i = 0; i < kClients; ++i) {
+    fds.push_back(ConnectLoopback(server->port()));
+    ASSERT_GE(fds.back(), 0);
+    ASSERT_EQ(::send(fds.back(), ping.data(), ping.size(), MSG_NOSIGNAL), static_cast<ssize_t>(ping.size()));
+  }
+  for (int fd : fds) ASSERT_EQ(ReceiveBytes(fd, 7), "+PONG\r\n");
+  EXPECT_LT(threads() - threads_before, 10) << "a thread per connection?";
+  e->Interrupt();  // what replicad does before stopping the port: the WAIT returns
+  server->Stop();
+  EXPECT_EQ(ReceiveBytes(waiter_fd, 4), ":0\r\n");
+  for (int fd : fds) {
+    EXPECT_EQ(ReceiveBytes(fd, 1), "") << "a connection left open by Stop";
+    ::close(fd);
+  }
+  ::close(waiter_fd);
 }
 
 // Writes key = value on the active and waits until the standby applied it;

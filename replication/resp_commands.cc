@@ -1,0 +1,331 @@
+#include "replication/resp_commands.h"
+
+#include <fnmatch.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+
+#include "replication/resp.h"
+
+namespace replica::resp {
+namespace {
+
+// Where clients should go: the active's client port when it published one
+// (high availability), else its replication address (static mode).
+const std::string& MasterAddress(const EngineStatus& s) {
+  return s.active_client_address.empty() ? s.active_address : s.active_client_address;
+}
+
+bool ParseInt(const std::string& s, long long* v) {
+  if (s.empty()) return false;
+  try {
+    size_t used = 0;
+    *v = std::stoll(s, &used);
+    return used == s.size();
+  } catch (...) {
+    return false;
+  }
+}
+
+}  // namespace
+
+std::string Upper(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  return s;
+}
+
+bool Commands::MayBlock(const std::string& name) {
+  // Writes wait for their commit rule, WAIT for standbys; DBSIZE reads the
+  // whole store and SCAN up to 100,000 keys.
+  return name == "SET" || name == "MSET" || name == "DEL" || name == "UNLINK" || name == "WAIT" ||
+         name == "DBSIZE" || name == "SCAN";
+}
+
+bool Commands::IsPlainSet(const std::vector<std::string>& args) {
+  if (args.size() < 3 || args.size() % 2 == 0) return false;
+  const std::string name = Upper(args[0]);
+  return (name == "SET" && args.size() == 3) || name == "MSET";
+}
+
+void Commands::AppendStatusError(const Status& st, std::string* out) {
+  if (st.code() == StatusCode::kNotActive) {
+    EngineStatus s = engine_->status();
+    AppendError(out, "READONLY You can't write against a read only replica. The active is at " +
+                               (MasterAddress(s).empty() ? std::string("unknown") : MasterAddress(s)));
+  } else {
+    AppendError(out, "ERR " + st.ToString());
+  }
+}
+
+void Commands::Role(std::string* out) {
+  EngineStatus s = engine_->status();
+  if (s.role == Role::kActive) {
+    AppendArrayHeader(out, 3);
+    AppendBulk(out, "master");
+    AppendInteger(out, static_cast<long long>(s.last_lsn));
+    AppendArrayHeader(out, s.standbys.size());
+    for (const auto& sb : s.standbys) {
+      auto colon = sb.address.rfind(':');
+      AppendArrayHeader(out, 3);
+      AppendBulk(out, sb.address.substr(0, colon));
+      AppendBulk(out, colon == std::string::npos ? "0" : sb.address.substr(colon + 1));
+      AppendBulk(out, std::to_string(sb.flushed_lsn));
+    }
+  } else {
+    const std::string& master = MasterAddress(s);
+    auto colon = master.rfind(':');
+    AppendArrayHeader(out, 5);
+    AppendBulk(out, "slave");
+    AppendBulk(out, master.substr(0, colon));
+    AppendInteger(out, colon == std::string::npos ? 0 : std::atoi(master.c_str() + colon + 1));
+    // As Redis names the link's states: connect (no link), sync (a snapshot
+    // is being received), connected (streaming).
+    AppendBulk(out, !s.upstream_connected ? "connect" : s.receiving_snapshot ? "sync" : "connected");
+    AppendInteger(out, static_cast<long long>(s.applied_lsn));
+  }
+}
+
+void Commands::Info(const std::vector<std::string>& sections, std::string* out) {
+  EngineStatus s = engine_->status();
+  std::string text = "# Replication\r\n";
+  if (s.role == Role::kActive) {
+    text += "role:master\r\nconnected_slaves:" + std::to_string(s.standbys.size()) + "\r\n";
+    for (size_t i = 0; i < s.standbys.size(); ++i) {
+      const auto& sb = s.standbys[i];
+      auto colon = sb.address.rfind(':');
+      text += "slave" + std::to_string(i) + ":ip=" + sb.address.substr(0, colon) +
+              ",port=" + (colon == std::string::npos ? "0" : sb.address.substr(colon + 1)) +
+              // Redis's states and lag (whole seconds): send_bulk while a
+              // snapshot is sent; lag since the standby last held everything.
+              ",state=" + (sb.resyncing ? "send_bulk" : "online") + ",offset=" + std::to_string(sb.flushed_lsn) +
+              ",lag=" + std::to_string(sb.lag_ms / 1000) + ",name=" + sb.id +
+              ",applied=" + std::to_string(sb.applied_lsn) + "\r\n";
+    }
+    text += "master_repl_offset:" + std::to_string(s.last_lsn) + "\r\n";
+  } else {
+    const std::string& master = MasterAddress(s);
+    auto colon = master.rfind(':');
+    text += "role:slave\r\nmaster_host:" + master.substr(0, colon) + "\r\nmaster_port:" +
+            (colon == std::string::npos ? "0" : master.substr(colon + 1)) +
+            "\r\nmaster_link_status:" + (s.upstream_streaming() ? "up" : "down") +
+            "\r\nmaster_sync_in_progress:" + (s.receiving_snapshot ? "1" : "0") +
+            "\r\nslave_repl_offset:" + std::to_string(s.applied_lsn) + "\r\nslave_read_only:1\r\n";
+  }
+  text += "replica_epoch:" + std::to_string(s.epoch) + "\r\nreplica_last_lsn:" + std::to_string(s.last_lsn) +
+          "\r\nreplica_durable_lsn:" + std::to_string(s.durable_lsn) + "\r\nreplica_applied_lsn:" +
+          std::to_string(s.applied_lsn) + "\r\n";
+  // Sections are matched as Redis does, ignoring case; several may be named
+  // (Redis 7). Only the replication section exists here.
+  bool wanted = sections.empty();
+  for (const std::string& section : sections) {
+    const std::string name = Upper(section);
+    wanted = wanted || name == "REPLICATION" || name == "ALL" || name == "DEFAULT" || name == "EVERYTHING";
+  }
+  if (!wanted) text.clear();
+  AppendBulk(out, text);
+}
+
+void Commands::Execute(const std::vector<std::string>& args, CommandState* conn, std::string* out) {
+  const std::string cmd = Upper(args[0]);
+  const size_t argc = args.size();
+  auto arity_error = [&] {
+    std::string lower = args[0];
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    AppendError(out, "ERR wrong number of arguments for '" + lower + "' command");
+  };
+  auto write = [&](const WriteBatch& b) -> bool {
+    auto lsn = engine_->Write(b);
+    if (!lsn.ok()) {
+      AppendStatusError(lsn.status(), out);
+      return false;
+    }
+    conn->last_write_lsn = *lsn;
+    return true;
+  };
+  if (cmd == "PING") {
+    if (argc > 2) return arity_error();
+    return argc == 2 ? AppendBulk(out, args[1]) : AppendSimple(out, "PONG");
+  }
+  if (cmd == "ECHO") {
+    if (argc != 2) return arity_error();
+    return AppendBulk(out, args[1]);
+  }
+  if (cmd == "QUIT") {
+    conn->quit = true;
+    return AppendSimple(out, "OK");
+  }
+  if (cmd == "GET") {
+    if (argc != 2) return arity_error();
+    auto v = engine_->Get(args[1]);
+    if (!v.ok()) return AppendStatusError(v.status(), out);
+    return v->has_value() ? AppendBulk(out, **v) : AppendNull(out);
+  }
+  if (cmd == "MGET") {
+    if (argc < 2) return arity_error();
+    // A key that cannot be read is an error for the whole reply, never a
+    // null that would read as "no such key".
+    std::string values;
+    for (size_t i = 1; i < argc; ++i) {
+      auto v = engine_->Get(args[i]);
+      if (!v.ok()) return AppendStatusError(v.status(), out);
+      if (v->has_value()) {
+        AppendBulk(&values, **v);
+      } else {
+        AppendNull(&values);
+      }
+    }
+    AppendArrayHeader(out, argc - 1);
+    out->append(values);
+    return;
+  }
+  if (cmd == "SET") {
+    if (argc < 3) return arity_error();
+    if (argc > 3) return AppendError(out, "ERR syntax error (SET options are not supported)");
+    WriteBatch b;
+    b.Put(args[1], args[2]);
+    if (write(b)) AppendSimple(out, "OK");
+    return;
+  }
+  if (cmd == "MSET") {
+    if (argc < 3 || argc % 2 == 0) return arity_error();
+    WriteBatch b;
+    for (size_t i = 1; i + 1 < argc; i += 2) b.Put(args[i], args[i + 1]);
+    if (write(b)) AppendSimple(out, "OK");
+    return;
+  }
+  if (cmd == "DEL" || cmd == "UNLINK") {
+    if (argc < 2) return arity_error();
+    // The reply counts the keys that existed when the delete was applied,
+    // each once, in log order (as Redis counts): of two clients deleting one
+    // key at once, exactly one is told 1.
+    WriteBatch b;
+    for (size_t i = 1; i < argc; ++i) b.Delete(args[i]);
+    std::optional<uint64_t> existed;
+    auto lsn = engine_->WriteCountingDeletes(b, &existed);
+    if (!lsn.ok()) return AppendStatusError(lsn.status(), out);
+    conn->last_write_lsn = *lsn;
+    if (!existed) {
+      return AppendError(out, "ERR the keys were deleted, but how many existed is no longer known "
+                                    "(the reply came too long after the delete was applied)");
+    }
+    AppendInteger(out, static_cast<long long>(*existed));
+    return;
+  }
+  if (cmd == "EXISTS") {
+    if (argc < 2) return arity_error();
+    long long n = 0;
+    for (size_t i = 1; i < argc; ++i) {
+      auto v = engine_->Get(args[i]);
+      if (!v.ok()) return AppendStatusError(v.status(), out);  // not a silent 0
+      if (v->has_value()) ++n;
+    }
+    return AppendInteger(out, n);
+  }
+  if (cmd == "STRLEN") {
+    if (argc != 2) return arity_error();
+    auto v = engine_->Get(args[1]);
+    if (!v.ok()) return AppendStatusError(v.status(), out);
+    return AppendInteger(out, v->has_value() ? static_cast<long long>((*v)->size()) : 0);
+  }
+  if (cmd == "TYPE") {  // every value is a string here (tools such as redis-cli --bigkeys ask)
+    if (argc != 2) return arity_error();
+    auto v = engine_->Get(args[1]);
+    if (!v.ok()) return AppendStatusError(v.status(), out);
+    return AppendSimple(out, v->has_value() ? "string" : "none");
+  }
+  if (cmd == "DBSIZE") {
+    if (argc != 1) return arity_error();
+    long long n = 0;
+    std::string from;
+    for (;;) {
+      auto page = engine_->Scan(from, 10000);
+      if (!page.ok()) return AppendStatusError(page.status(), out);
+      n += static_cast<long long>(page->size());
+      if (page->size() < 10000) break;
+      from = page->back().first + '\0';
+    }
+    return AppendInteger(out, n);
+  }
+  if (cmd == "SCAN") return Scan(args, out);
+  if (cmd == "WAIT") {
+    long long n = 0, timeout = 0;
+    if (argc != 3) return arity_error();
+    if (!ParseInt(args[1], &n) || !ParseInt(args[2], &timeout) || n < 0 || timeout < 0) {
+      return AppendError(out, "ERR value is not an integer or out of range");
+    }
+    if (engine_->status().role != Role::kActive) {
+      return AppendError(out, "ERR WAIT cannot be used with replica instances.");
+    }
+    // Redis: timeout 0 blocks forever; a day is forever enough here.
+    auto ms = std::chrono::milliseconds(timeout == 0 ? 86400000 : timeout);
+    auto got = engine_->WaitForReplicas(conn->last_write_lsn, static_cast<int>(n), ms);
+    if (!got.ok()) return AppendStatusError(got.status(), out);
+    return AppendInteger(out, *got);
+  }
+  if (cmd == "ROLE") {
+    if (argc != 1) return arity_error();
+    return Role(out);
+  }
+  if (cmd == "INFO") return Info(std::vector<std::string>(args.begin() + 1, args.end()), out);
+  if (cmd == "SELECT") {
+    if (argc != 2) return arity_error();
+    return args[1] == "0" ? AppendSimple(out, "OK") : AppendError(out, "ERR DB index is out of range");
+  }
+  if (cmd == "COMMAND" || cmd == "CONFIG") return AppendArrayHeader(out, 0);
+  if (cmd == "CLIENT") {
+    if (argc >= 2 && Upper(args[1]) == "ID") return AppendInteger(out, static_cast<long long>(conn->id));
+    return AppendSimple(out, "OK");
+  }
+  std::string first = argc > 1 ? "'" + args[1].substr(0, 64) + "' " : "";
+  AppendError(out, "ERR unknown command '" + args[0].substr(0, 64) + "', with args beginning with: " + first);
+}
+
+void Commands::Scan(const std::vector<std::string>& args, std::string* out) {
+  const size_t argc = args.size();
+  long long cursor = 0, count = 10;
+  std::string match;
+  bool strings = true;  // TYPE filter: every value is a string
+  if (argc < 2 || !ParseInt(args[1], &cursor) || cursor < 0) return AppendError(out, "ERR invalid cursor");
+  for (size_t i = 2; i < argc; i += 2) {
+    const std::string opt = Upper(args[i]);
+    if (i + 1 >= argc) return AppendError(out, "ERR syntax error");
+    if (opt == "COUNT") {
+      if (!ParseInt(args[i + 1], &count) || count < 1) return AppendError(out, "ERR value is not an integer or out of range");
+    } else if (opt == "MATCH") {
+      match = args[i + 1];
+    } else if (opt == "TYPE") {
+      strings = Upper(args[i + 1]) == "STRING";
+    } else {
+      return AppendError(out, "ERR syntax error");
+    }
+  }
+  count = std::min<long long>(count, 100000);
+  std::string start;
+  if (cursor != 0) {
+    MutexLock l(&cursor_mu_);
+    auto it = cursors_.find(static_cast<uint64_t>(cursor));
+    if (it == cursors_.end()) return AppendError(out, "ERR invalid cursor");
+    start = it->second + '\0';  // the first key after the last one returned
+  }
+  auto page = engine_->Scan(start, static_cast<size_t>(count));
+  if (!page.ok()) return AppendStatusError(page.status(), out);
+  std::vector<std::string> keys;
+  for (const auto& kv : *page) {
+    if (strings && (match.empty() || ::fnmatch(match.c_str(), kv.first.c_str(), 0) == 0)) keys.push_back(kv.first);
+  }
+  std::string next = "0";
+  if (page->size() == static_cast<size_t>(count)) {
+    MutexLock l(&cursor_mu_);
+    const uint64_t id = next_cursor_++;
+    cursors_[id] = page->back().first;
+    while (cursors_.size() > kMaxCursors) cursors_.erase(cursors_.begin());
+    next = std::to_string(id);
+  }
+  AppendArrayHeader(out, 2);
+  AppendBulk(out, next);
+  AppendArrayHeader(out, keys.size());
+  for (const auto& k : keys) AppendBulk(out, k);
+}
+
+}  // namespace replica::resp

@@ -1,0 +1,63 @@
+// The Redis commands of the client port, mapped to the engine
+// (docs/replication.md lists them). The connection handling is in
+// resp_server.cc; this is what a parsed command does and answers.
+//
+// Thread-safety: Execute may run on several threads at once; each
+// connection's CommandState is touched by one thread at a time (its owner's).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "base/mutex.h"
+#include "replica/engine.h"
+
+namespace replica::resp {
+
+// Per-connection state kept between commands.
+struct CommandState {
+  uint64_t last_write_lsn = 0;  // WAIT counts the standbys that hold it
+  bool quit = false;            // QUIT ran: close once the replies are sent
+  uint64_t id = 0;              // CLIENT ID
+};
+
+class Commands {
+ public:
+  explicit Commands(Engine* engine) : engine_(engine) {}
+
+  // Runs one command and appends its reply to *out. May block: writes wait
+  // for their commit rule, WAIT for the standbys (see MayBlock).
+  void Execute(const std::vector<std::string>& args, CommandState* conn, std::string* out);
+
+  // Whether a command (its name in upper case) can wait on the engine or
+  // read much of the store, and so must not run on a connection I/O thread.
+  static bool MayBlock(const std::string& name);
+  // Whether `args` is a SET without options or a well-formed MSET: their
+  // pairs may share one write with other such commands, each staying atomic
+  // inside the larger atomic batch.
+  static bool IsPlainSet(const std::vector<std::string>& args);
+
+  // The reply to a failed call: -READONLY naming the active for a write on
+  // a standby, else -ERR with the status.
+  void AppendStatusError(const Status& st, std::string* out);
+
+ private:
+  void Info(const std::vector<std::string>& sections, std::string* out);
+  void Role(std::string* out);
+  void Scan(const std::vector<std::string>& args, std::string* out);
+
+  Engine* const engine_;
+  // SCAN cursors: a number the client passes back, standing for the last key
+  // returned, so the next page starts after it whatever was deleted since.
+  // Shared by all connections; the oldest are forgotten past kMaxCursors.
+  static constexpr size_t kMaxCursors = 100000;
+  Mutex cursor_mu_;
+  std::map<uint64_t, std::string> cursors_ GUARDED_BY(cursor_mu_);
+  uint64_t next_cursor_ GUARDED_BY(cursor_mu_) = 1;
+};
+
+std::string Upper(std::string s);
+
+}  // namespace replica::resp
