@@ -328,6 +328,8 @@ void RespServerImpl::Accept() {
       });
       return;
     }
+    boost::system::error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);  // replies go out at once, not after the client's ACK
     std::shared_ptr<Connection> conn;
     {
       MutexLock l(&conns_mu_);
@@ -341,7 +343,6 @@ void RespServerImpl::Accept() {
       conn->Start();
     } else {
       ++stats_.rejected_clients;
-      boost::system::error_code ignored;
       socket.non_blocking(true, ignored);  // the error is small; never wait on this client
       asio::write(socket, asio::buffer(std::string_view("-ERR max number of clients reached\r\n")), ignored);
       socket.close(ignored);
@@ -373,7 +374,9 @@ void RespServerImpl::QueueCommand(std::shared_ptr<Connection> c, std::vector<std
     MutexLock l(&queue_mu_);
     if (!queue_closed_) {
       command_queue_.push_back({std::move(c), std::move(args)});
-      if (idle_workers_ == 0) {
+      // Every queued command needs a worker of its own: one that waits (a
+      // WAIT for a day) must not hold up another connection's command.
+      if (command_queue_.size() > static_cast<size_t>(idle_workers_)) {
         workers_.emplace_back([this] {
           NameThisThread("resp-worker");
           WorkerLoop();

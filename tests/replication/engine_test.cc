@@ -1064,10 +1064,19 @@ TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
   };
   const int threads_before = threads();
   ASSERT_GT(threads_before, 0);
-  const int waiter_fd = ConnectLoopback(server->port());
+  test::RespClient deleter(server->port());
+  ASSERT_EQ(deleter.Command({"DEL", "k"}), ":0");  // a worker thread now idles
+  const int waiter_fd = ConnectLoopback(server->port()), deleter_fd = ConnectLoopback(server->port());
   ASSERT_GE(waiter_fd, 0);
-  const std::string wait = EncodeCommand({"WAIT", "1", "0"});  // blocks until Interrupt
+  ASSERT_GE(deleter_fd, 0);
+  // A WAIT that blocks until Interrupt, and a DEL queued right behind it
+  // (often before the idle worker took the WAIT): the DEL gets a worker of
+  // its own.
+  const std::string wait = EncodeCommand({"WAIT", "1", "0"}), del = EncodeCommand({"DEL", "k"});
   ASSERT_EQ(::send(waiter_fd, wait.data(), wait.size(), MSG_NOSIGNAL), static_cast<ssize_t>(wait.size()));
+  ASSERT_EQ(::send(deleter_fd, del.data(), del.size(), MSG_NOSIGNAL), static_cast<ssize_t>(del.size()));
+  EXPECT_EQ(ReceiveBytes(deleter_fd, 4), ":0\r\n");
+  ::close(deleter_fd);
   constexpr int kClients = 300;
   std::vector<int> fds;
   const std::string ping = EncodeCommand({"PING"});
