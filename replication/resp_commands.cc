@@ -1,6 +1,7 @@
 #include "replication/resp_commands.h"
 
 #include <fnmatch.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -87,8 +88,47 @@ void Commands::Role(std::string* out) {
 }
 
 void Commands::Info(const std::vector<std::string>& sections, std::string* out) {
+  // Sections are matched as Redis does, ignoring case; several may be named
+  // (Redis 7). No name, `default`, `all` and `everything` give every one.
+  auto wanted = [&](const char* name) {
+    if (sections.empty()) return true;
+    for (const std::string& section : sections) {
+      const std::string upper = Upper(section);
+      if (upper == name || upper == "ALL" || upper == "DEFAULT" || upper == "EVERYTHING") return true;
+    }
+    return false;
+  };
+  std::string text;
+  if (wanted("SERVER")) {
+    const auto up = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started_);
+    // redis_version: the protocol level served, which client libraries
+    // check before using a command; replica_version is this program's.
+    text += "# Server\r\nredis_version:7.0.0\r\nreplica_version:" REPLICA_VERSION "\r\nredis_mode:standalone\r\n"
+            "arch_bits:" + std::to_string(sizeof(void*) * 8) + "\r\nprocess_id:" + std::to_string(::getpid()) +
+            "\r\ntcp_port:" + std::to_string(port_.load()) + "\r\nuptime_in_seconds:" + std::to_string(up.count()) +
+            "\r\nuptime_in_days:" + std::to_string(up.count() / 86400) + "\r\n\r\n";
+  }
+  if (wanted("CLIENTS")) {
+    text += "# Clients\r\nconnected_clients:" + std::to_string(stats_->connected.load()) +
+            "\r\nmaxclients:" + std::to_string(options_->max_clients) + "\r\n\r\n";
+  }
+  if (wanted("STATS")) {
+    text += "# Stats\r\ntotal_connections_received:" + std::to_string(stats_->connections.load()) +
+            "\r\ntotal_commands_processed:" + std::to_string(stats_->commands.load()) +
+            "\r\nrejected_connections:" + std::to_string(stats_->rejected_clients.load()) + "\r\n\r\n";
+  }
+  if (wanted("REPLICATION")) {
+    Replication(&text);
+    text += "\r\n";
+  }
+  if (!text.empty()) text.resize(text.size() - 2);  // no blank line after the last section
+  AppendBulk(out, text);
+}
+
+void Commands::Replication(std::string* out) {
   EngineStatus s = engine_->status();
-  std::string text = "# Replication\r\n";
+  std::string& text = *out;
+  text += "# Replication\r\n";
   if (s.role == Role::kActive) {
     text += "role:master\r\nconnected_slaves:" + std::to_string(s.standbys.size()) + "\r\n";
     for (size_t i = 0; i < s.standbys.size(); ++i) {
@@ -115,15 +155,6 @@ void Commands::Info(const std::vector<std::string>& sections, std::string* out) 
   text += "replica_epoch:" + std::to_string(s.epoch) + "\r\nreplica_last_lsn:" + std::to_string(s.last_lsn) +
           "\r\nreplica_durable_lsn:" + std::to_string(s.durable_lsn) + "\r\nreplica_applied_lsn:" +
           std::to_string(s.applied_lsn) + "\r\n";
-  // Sections are matched as Redis does, ignoring case; several may be named
-  // (Redis 7). Only the replication section exists here.
-  bool wanted = sections.empty();
-  for (const std::string& section : sections) {
-    const std::string name = Upper(section);
-    wanted = wanted || name == "REPLICATION" || name == "ALL" || name == "DEFAULT" || name == "EVERYTHING";
-  }
-  if (!wanted) text.clear();
-  AppendBulk(out, text);
 }
 
 void Commands::Execute(const std::vector<std::string>& args, CommandState* conn, std::string* out) {

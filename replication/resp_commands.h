@@ -6,6 +6,8 @@
 // connection's CommandState is touched by one thread at a time (its owner's).
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -13,6 +15,7 @@
 
 #include "base/mutex.h"
 #include "replica/engine.h"
+#include "replication/resp_server.h"
 
 namespace replica::resp {
 
@@ -25,7 +28,11 @@ struct CommandState {
 
 class Commands {
  public:
-  explicit Commands(Engine* engine) : engine_(engine) {}
+  // `stats` and `options` describe the port for INFO; they outlive this.
+  Commands(Engine* engine, const RespStats* stats, const RespServerOptions* options)
+      : engine_(engine), stats_(stats), options_(options), started_(std::chrono::steady_clock::now()) {}
+  // The port actually listened on (INFO's tcp_port), once known.
+  void set_port(uint16_t port) { port_ = port; }
 
   // Runs one command and appends its reply to *out. May block: writes wait
   // for their commit rule, WAIT for the standbys (see MayBlock).
@@ -45,10 +52,15 @@ class Commands {
 
  private:
   void Info(const std::vector<std::string>& sections, std::string* out);
+  void Replication(std::string* out);  // INFO's replication section
   void Role(std::string* out);
   void Scan(const std::vector<std::string>& args, std::string* out);
 
   Engine* const engine_;
+  const RespStats* const stats_;
+  const RespServerOptions* const options_;
+  const std::chrono::steady_clock::time_point started_;
+  std::atomic<uint16_t> port_{0};
   // SCAN cursors: a number the client passes back, standing for the last key
   // returned, so the next page starts after it whatever was deleted since.
   // Shared by all connections; the oldest are forgotten past kMaxCursors.

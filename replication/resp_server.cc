@@ -101,7 +101,7 @@ class RespServerImpl final : public RespServer {
   RespServerImpl(Engine* engine, RespServerOptions o)
       : engine_(engine),
         opts_(std::move(o)),
-        commands_(engine),
+        commands_(engine, &stats_, &opts_),
         work_(asio::make_work_guard(io_)),
         acceptor_(io_),
         conns_cv_(&conns_mu_),
@@ -303,6 +303,7 @@ Status RespServerImpl::Listen() {
   if (acceptor_.bind(endpoint, ec); ec) return Status::IOError(where + ": " + ec.message());
   if (acceptor_.listen(512, ec); ec) return Status::IOError(where + ": " + ec.message());
   port_ = acceptor_.local_endpoint(ec).port();
+  commands_.set_port(port_);
   for (int i = 0; i < kSetWriters; ++i) {
     set_writers_.emplace_back([this] {
       NameThisThread("resp-writer");
@@ -335,6 +336,7 @@ void RespServerImpl::Accept() {
       MutexLock l(&conns_mu_);
       if (static_cast<int>(conns_.size()) < opts_.max_clients) {
         const uint64_t id = ++stats_.connections;
+        ++stats_.connected;
         conn = std::make_shared<Connection>(this, std::move(socket), id, opts_.max_bulk);
         conns_.emplace(conn.get(), conn);
       }
@@ -353,7 +355,7 @@ void RespServerImpl::Accept() {
 
 void RespServerImpl::Forget(Connection* c) {
   MutexLock l(&conns_mu_);
-  conns_.erase(c);
+  if (conns_.erase(c) > 0) --stats_.connected;
   if (conns_.empty()) conns_cv_.SignalAll();
 }
 

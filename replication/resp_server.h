@@ -30,7 +30,8 @@ struct RespServerOptions {
 };
 
 struct RespStats {
-  std::atomic<uint64_t> connections{0};
+  std::atomic<uint64_t> connected{0};    // open now
+  std::atomic<uint64_t> connections{0};  // accepted since start
   std::atomic<uint64_t> commands{0};
   std::atomic<uint64_t> protocol_errors{0};
   std::atomic<uint64_t> rejected_clients{0};

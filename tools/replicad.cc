@@ -259,7 +259,13 @@ int main(int argc, char** argv) {
              std::to_string(s.commands.load()) +
              "\n# HELP replica_client_protocol_errors_total clients closed for bad input\n"
              "# TYPE replica_client_protocol_errors_total counter\nreplica_client_protocol_errors_total " +
-             std::to_string(s.protocol_errors.load()) + "\n";
+             std::to_string(s.protocol_errors.load()) +
+             "\n# HELP replica_client_rejected_total connections refused past --max-clients\n"
+             "# TYPE replica_client_rejected_total counter\nreplica_client_rejected_total " +
+             std::to_string(s.rejected_clients.load()) +
+             "\n# HELP replica_client_connected Redis-protocol client connections open now\n"
+             "# TYPE replica_client_connected gauge\nreplica_client_connected " +
+             std::to_string(s.connected.load()) + "\n";
     });
     if (!m.ok()) fail_open("metrics port: " + m.status().ToString());
     metrics = std::move(m).value();

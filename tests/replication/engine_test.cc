@@ -1014,6 +1014,34 @@ TEST_F(RespTest, ConcurrentDelsOfOneKeyCountItOnce) {
   server->Stop();
 }
 
+// INFO answers Redis's server, clients and stats sections too, alone or
+// together, in any case; an unknown section is an empty answer.
+TEST_F(RespTest, InfoHasServerClientsAndStatsSections) {
+  test::RespClient c(server->port()), other(server->port());
+  ASSERT_EQ(other.Command({"PING"}), "+PONG");
+  std::string all = c.Command({"INFO"});
+  for (const std::string& want : std::vector<std::string>{"# Server\r\n", "redis_version:7.0.0\r\n", "replica_version:",
+                                  "tcp_port:" + std::to_string(server->port()) + "\r\n", "# Clients\r\n",
+                                  "connected_clients:2\r\n", "# Stats\r\n", "total_connections_received:2\r\n",
+                                  "# Replication\r\nrole:master\r\n"}) {
+    EXPECT_NE(all.find(want), std::string::npos) << want << " in " << all;
+  }
+  EXPECT_EQ(all.find("\r\n\r\n# Server"), std::string::npos);
+  EXPECT_NE(all.find("\r\n\r\n# Replication"), std::string::npos) << "sections are apart by a blank line";
+  EXPECT_NE(all.substr(all.size() - 2), "\n\n");
+  const std::string clients = c.Command({"INFO", "Clients"});
+  EXPECT_EQ(clients.rfind("# Clients\r\nconnected_clients:2\r\n", 0), 0u) << clients;
+  EXPECT_EQ(clients.find("# Server"), std::string::npos) << clients;
+  const std::string two = c.Command({"INFO", "stats", "SERVER"});
+  EXPECT_NE(two.find("# Stats"), std::string::npos) << two;
+  EXPECT_NE(two.find("# Server"), std::string::npos) << two;
+  EXPECT_EQ(two.find("# Replication"), std::string::npos) << two;
+  EXPECT_EQ(c.Command({"INFO", "keyspace-of-another-kind"}), "");
+  other.Close();
+  ASSERT_TRUE(Eventually([&] { return server->stats().connected.load() == 1; }));
+  server->Stop();
+}
+
 // SETs from many connections share writes: while one write waits for its
 // commit, the SETs that arrive meanwhile are gathered into the next.
 TEST(EngineTest, RespSetsFromManyClientsShareWrites) {
