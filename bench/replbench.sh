@@ -33,8 +33,10 @@ append of a record until the standby acknowledged it durably), scraped from
 buckets as Prometheus' histogram_quantile does; "apply p99" is the same for
 replica_standby_apply_lag_seconds (until the standby applied the record, so
 that a read there sees it). Each run's line also shows the active's mean
-and p99 fdatasync time (replica_wal_fsync_latency_seconds). A replicad
-without those metrics (or without --metrics-listen) gives "n/a".
+and p99 fdatasync time (replica_wal_fsync_latency_seconds), and the
+standby's p99 ("sb fsync p99" in the table): every lag sample contains one
+of the standby's fdatasyncs. A replicad without those metrics (or without
+--metrics-listen) gives "n/a".
 
 Options:
   --requests N     SET requests per run (default 100000)
@@ -305,7 +307,7 @@ fail_run() {
 
 # ---------------------------------------------------------------- one run
 
-declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99 R_ALAG99
+declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99 R_ALAG99 R_SF99
 
 run_one() {
   local round=$1 mode=$2
@@ -316,10 +318,10 @@ run_one() {
 
   start_node "$dir" a --commit "$commit"
   local a_pid=$NODE_PID a_repl=$NODE_REPL a_client=$NODE_CLIENT a_metrics=$NODE_METRICS
-  local b_pid="" deadline
+  local b_pid="" b_metrics="" deadline
   if [ "$mode" != single ]; then
     start_node "$dir" b --follow "127.0.0.1:$a_repl"
-    b_pid=$NODE_PID
+    b_pid=$NODE_PID b_metrics=$NODE_METRICS
     deadline=$((SECONDS + START_TIMEOUT))
     until [ "$(info_field "$a_client" connected_slaves)" = 1 ]; do
       [ $SECONDS -lt $deadline ] || fail_run "$dir" "the standby did not connect within ${START_TIMEOUT}s"
@@ -401,6 +403,17 @@ run_one() {
       note "$(basename "$dir") could not read /metrics on port $a_metrics"
     fi
   fi
+  # The standby's fdatasync p99: one of them is inside every lag sample.
+  local sf99=n/a
+  if [ -n "$b_metrics" ]; then
+    if scrape "$b_metrics" > "$dir/metrics-b.txt"; then
+      local v
+      v=$(hist_quantile 0.99 replica_wal_fsync_latency_seconds < "$dir/metrics-b.txt")
+      [ "$v" = n/a ] || sf99=$(awk -v s="$v" 'BEGIN { printf "%.3f", s * 1000 }')
+    else
+      note "$(basename "$dir") could not read the standby's /metrics on port $b_metrics"
+    fi
+  fi
 
   # The standby first: stopped after its active, it would log (rightly) that
   # the active became unreachable, and that line would be noted as odd.
@@ -411,9 +424,9 @@ run_one() {
   done
 
   R_RPS[$mode]+="$rps "; R_P50[$mode]+="$p50 "; R_P99[$mode]+="$p99 "
-  R_LAG50[$mode]+="$lag50 "; R_LAG99[$mode]+="$lag99 "; R_ALAG99[$mode]+="$alag99 "
+  R_LAG50[$mode]+="$lag50 "; R_LAG99[$mode]+="$lag99 "; R_ALAG99[$mode]+="$alag99 "; R_SF99[$mode]+="$sf99 "
   local lagcol=""
-  [ "$mode" = single ] || lagcol="  lag p50 $lag50 ms  p99 $lag99 ms  apply p99 $alag99 ms$lagtxt"
+  [ "$mode" = single ] || lagcol="  lag p50 $lag50 ms  p99 $lag99 ms  apply p99 $alag99 ms  standby fsync p99 $sf99 ms$lagtxt"
   printf '   round %d/%d  %-15s %7.0f SET/s  p50 %6s ms  p99 %7s ms%s%s\n' \
     "$round" "$ROUNDS" "$mode" "$rps" "$p50" "$p99" "$fsynctxt" "$lagcol"
 
@@ -474,9 +487,9 @@ main() {
   base=$(tr ' ' '\n' <<<"${R_RPS[single]}" | median)
   echo
   echo "Median of $ROUNDS round(s), $REQUESTS SETs of $VALUE_SIZE B from $CLIENTS clients per run; load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
-  printf '%-16s %10s %8s %8s %10s %12s %12s %14s\n' mode SET/s "p50 ms" "p99 ms" "vs single" "lag p50 ms" "lag p99 ms" \
-    "apply p99 ms"
-  local rps p50 p99 l50 l99 a99 ratio async_ratio="n/a" async_lag99="n/a"
+  printf '%-16s %10s %8s %8s %10s %12s %12s %14s %16s\n' mode SET/s "p50 ms" "p99 ms" "vs single" "lag p50 ms" "lag p99 ms" \
+    "apply p99 ms" "sb fsync p99 ms"
+  local rps p50 p99 l50 l99 a99 f99 ratio async_ratio="n/a" async_lag99="n/a"
   for mode in "${MODES[@]}"; do
     rps=$(tr ' ' '\n' <<<"${R_RPS[$mode]}" | median)
     p50=$(tr ' ' '\n' <<<"${R_P50[$mode]}" | median)
@@ -484,13 +497,15 @@ main() {
     l50=$(tr ' ' '\n' <<<"${R_LAG50[$mode]}" | median)
     l99=$(tr ' ' '\n' <<<"${R_LAG99[$mode]}" | median)
     a99=$(tr ' ' '\n' <<<"${R_ALAG99[$mode]}" | median)
+    f99=$(tr ' ' '\n' <<<"${R_SF99[$mode]}" | median)
     ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
-    if [ "$mode" = single ]; then l50="-"; l99="-"; a99="-"; fi
+    if [ "$mode" = single ]; then l50="-"; l99="-"; a99="-"; f99="-"; fi
     [ "$l50" = n/a ] || [ "$l50" = "-" ] || l50=$(printf '%.3f' "$l50")
     [ "$l99" = n/a ] || [ "$l99" = "-" ] || l99=$(printf '%.3f' "$l99")
     [ "$a99" = n/a ] || [ "$a99" = "-" ] || a99=$(printf '%.3f' "$a99")
+    [ "$f99" = n/a ] || [ "$f99" = "-" ] || f99=$(printf '%.3f' "$f99")
     [ "$mode" = async ] && { async_ratio=$ratio; async_lag99=$l99; }
-    printf '%-16s %10.0f %8s %8s %10s %12s %12s %14s\n' "$mode" "$rps" "$p50" "$p99" "${ratio}x" "$l50" "$l99" "$a99"
+    printf '%-16s %10.0f %8s %8s %10s %12s %12s %14s %16s\n' "$mode" "$rps" "$p50" "$p99" "${ratio}x" "$l50" "$l99" "$a99" "$f99"
   done
   echo
   local g1 g2
