@@ -36,7 +36,10 @@ that a read there sees it). Each run's line also shows the active's mean
 and p99 fdatasync time (replica_wal_fsync_latency_seconds), and the
 standby's p99 ("sb fsync p99" in the table): every lag sample contains one
 of the standby's fdatasyncs. A replicad without those metrics (or without
---metrics-listen) gives "n/a".
+--metrics-listen) gives "n/a". "active us/SET" and "standby us/SET" are
+each node's CPU time during the load (/proc/PID/stat) per SET; their ratio
+between single and async says what share of a single node's throughput an
+active on cores of its own would keep, if CPU-bound (printed last).
 
 Options:
   --requests N     SET requests per run (default 100000)
@@ -213,6 +216,11 @@ cpu_busy() {
     if (t > 0) printf "%.0f", 100 * (t - idle) / t; else print "?" }'
 }
 
+# proc_cpu PID: the CPU time the process has used, in clock ticks
+proc_cpu() {
+  awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
 # ---------------------------------------------------------------- nodes
 
 # start_node DIR ID [replicad args...]: starts replicad, waits for its ready
@@ -307,7 +315,7 @@ fail_run() {
 
 # ---------------------------------------------------------------- one run
 
-declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99 R_ALAG99 R_SF99
+declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99 R_ALAG99 R_SF99 R_ACPU R_BCPU
 
 run_one() {
   local round=$1 mode=$2
@@ -335,6 +343,8 @@ run_one() {
   local load_timeout=$((60 + REQUESTS / 200))
   local bench_args=(-h 127.0.0.1 -p "$a_client" -t set -n "$REQUESTS" -d "$VALUE_SIZE" -c "$CLIENTS" -r "$KEYSPACE")
   [ "$BENCH_CSV" = 1 ] && bench_args+=(--csv)
+  local a_cpu0 b_cpu0=0
+  a_cpu0=$(proc_cpu "$a_pid"); [ -z "$b_pid" ] || b_cpu0=$(proc_cpu "$b_pid")
   redis-benchmark "${bench_args[@]}" > "$dir/bench.out" 2> "$dir/bench.err" &
   local bench=$!
   pids+=("$bench")
@@ -346,6 +356,13 @@ run_one() {
     nap 0.2
   done
   wait "$bench"; local brc=$?
+  # CPU per SET during the load (µs): what each node pays, whoever shares
+  # the machine with it.
+  local hz a_us b_us="-"
+  hz=$(getconf CLK_TCK)
+  a_us=$(awk -v c="$(( $(proc_cpu "$a_pid") - a_cpu0 ))" -v hz="$hz" -v n="$REQUESTS" 'BEGIN { printf "%.1f", c / hz * 1e6 / n }')
+  [ -z "$b_pid" ] ||
+    b_us=$(awk -v c="$(( $(proc_cpu "$b_pid") - b_cpu0 ))" -v hz="$hz" -v n="$REQUESTS" 'BEGIN { printf "%.1f", c / hz * 1e6 / n }')
   forget_pid "$bench"
   [ "$brc" = 0 ] || fail_run "$dir" "redis-benchmark exited with status $brc"
   if grep -v 'Could not fetch server CONFIG' "$dir/bench.err" | grep -q .; then
@@ -425,10 +442,11 @@ run_one() {
 
   R_RPS[$mode]+="$rps "; R_P50[$mode]+="$p50 "; R_P99[$mode]+="$p99 "
   R_LAG50[$mode]+="$lag50 "; R_LAG99[$mode]+="$lag99 "; R_ALAG99[$mode]+="$alag99 "; R_SF99[$mode]+="$sf99 "
+  R_ACPU[$mode]+="$a_us "; R_BCPU[$mode]+="$b_us "
   local lagcol=""
   [ "$mode" = single ] || lagcol="  lag p50 $lag50 ms  p99 $lag99 ms  apply p99 $alag99 ms  standby fsync p99 $sf99 ms$lagtxt"
-  printf '   round %d/%d  %-15s %7.0f SET/s  p50 %6s ms  p99 %7s ms%s%s\n' \
-    "$round" "$ROUNDS" "$mode" "$rps" "$p50" "$p99" "$fsynctxt" "$lagcol"
+  printf '   round %d/%d  %-15s %7.0f SET/s  p50 %6s ms  p99 %7s ms  cpu/SET active %s us standby %s us%s%s\n' \
+    "$round" "$ROUNDS" "$mode" "$rps" "$p50" "$p99" "$a_us" "$b_us" "$fsynctxt" "$lagcol"
 
   [ "$KEEP" = 1 ] || rm -rf "$dir"
   sync   # no run pays for the previous run's writeback
@@ -487,9 +505,9 @@ main() {
   base=$(tr ' ' '\n' <<<"${R_RPS[single]}" | median)
   echo
   echo "Median of $ROUNDS round(s), $REQUESTS SETs of $VALUE_SIZE B from $CLIENTS clients per run; load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
-  printf '%-16s %10s %8s %8s %10s %12s %12s %14s %16s\n' mode SET/s "p50 ms" "p99 ms" "vs single" "lag p50 ms" "lag p99 ms" \
-    "apply p99 ms" "sb fsync p99 ms"
-  local rps p50 p99 l50 l99 a99 f99 ratio async_ratio="n/a" async_lag99="n/a"
+  printf '%-16s %10s %8s %8s %10s %12s %12s %14s %16s %14s %15s\n' mode SET/s "p50 ms" "p99 ms" "vs single" "lag p50 ms" \
+    "lag p99 ms" "apply p99 ms" "sb fsync p99 ms" "active us/SET" "standby us/SET"
+  local rps p50 p99 l50 l99 a99 f99 acpu bcpu ratio async_ratio="n/a" async_lag99="n/a" single_cpu="" async_cpu=""
   for mode in "${MODES[@]}"; do
     rps=$(tr ' ' '\n' <<<"${R_RPS[$mode]}" | median)
     p50=$(tr ' ' '\n' <<<"${R_P50[$mode]}" | median)
@@ -498,6 +516,11 @@ main() {
     l99=$(tr ' ' '\n' <<<"${R_LAG99[$mode]}" | median)
     a99=$(tr ' ' '\n' <<<"${R_ALAG99[$mode]}" | median)
     f99=$(tr ' ' '\n' <<<"${R_SF99[$mode]}" | median)
+    acpu=$(tr ' ' '\n' <<<"${R_ACPU[$mode]}" | median)
+    bcpu="-"
+    [ "$mode" = single ] || bcpu=$(tr ' ' '\n' <<<"${R_BCPU[$mode]}" | median)
+    [ "$mode" = single ] && single_cpu=$acpu
+    [ "$mode" = async ] && async_cpu=$acpu
     ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
     if [ "$mode" = single ]; then l50="-"; l99="-"; a99="-"; f99="-"; fi
     [ "$l50" = n/a ] || [ "$l50" = "-" ] || l50=$(printf '%.3f' "$l50")
@@ -505,7 +528,8 @@ main() {
     [ "$a99" = n/a ] || [ "$a99" = "-" ] || a99=$(printf '%.3f' "$a99")
     [ "$f99" = n/a ] || [ "$f99" = "-" ] || f99=$(printf '%.3f' "$f99")
     [ "$mode" = async ] && { async_ratio=$ratio; async_lag99=$l99; }
-    printf '%-16s %10.0f %8s %8s %10s %12s %12s %14s %16s\n' "$mode" "$rps" "$p50" "$p99" "${ratio}x" "$l50" "$l99" "$a99" "$f99"
+    printf '%-16s %10.0f %8s %8s %10s %12s %12s %14s %16s %14s %15s\n' "$mode" "$rps" "$p50" "$p99" "${ratio}x" "$l50" "$l99" \
+      "$a99" "$f99" "$acpu" "$bcpu"
   done
   echo
   local g1 g2
@@ -513,6 +537,13 @@ main() {
   g2=$(awk -v l="$async_lag99" 'BEGIN { if (l == "n/a") print "n/a (no lag metric)"; else print (l < 1.0 ? "met" : "missed") }')
   echo "goal: async >= 90% of the single node's SET/s: ${async_ratio}x, $g1"
   echo "goal: async replication lag p99 < 1 ms: ${async_lag99} ms, $g2"
+  # What the active alone pays for replication: on machines of its own,
+  # where the standby's CPU is not taken from it, a CPU-bound active would
+  # keep about this share of the single node's throughput.
+  if [ -n "$single_cpu" ] && [ -n "$async_cpu" ]; then
+    awk -v s="$single_cpu" -v a="$async_cpu" 'BEGIN { if (s > 0 && a > 0)
+      printf "the active'"'"'s CPU per SET, single / async: %.1f / %.1f us (%.2fx of single'"'"'s throughput if CPU-bound on its own cores)\n", s, a, s / a }'
+  fi
   if [ ${#notes[@]} -gt 0 ]; then
     echo
     echo "notes:"
