@@ -250,22 +250,18 @@ int main(int argc, char** argv) {
     RespServer* rs = server->get();
     auto m = MetricsServer::Start(mh, mp, [e, rs] {
       const RespStats& s = rs->stats();
-      return e->PrometheusMetrics() +
-             "# HELP replica_client_connections_total Redis-protocol client connections\n"
-             "# TYPE replica_client_connections_total counter\nreplica_client_connections_total " +
-             std::to_string(s.connections.load()) +
-             "\n# HELP replica_client_commands_total Redis-protocol commands served\n"
-             "# TYPE replica_client_commands_total counter\nreplica_client_commands_total " +
-             std::to_string(s.commands.load()) +
-             "\n# HELP replica_client_protocol_errors_total clients closed for bad input\n"
-             "# TYPE replica_client_protocol_errors_total counter\nreplica_client_protocol_errors_total " +
-             std::to_string(s.protocol_errors.load()) +
-             "\n# HELP replica_client_rejected_total connections refused past --max-clients\n"
-             "# TYPE replica_client_rejected_total counter\nreplica_client_rejected_total " +
-             std::to_string(s.rejected_clients.load()) +
-             "\n# HELP replica_client_connected Redis-protocol client connections open now\n"
-             "# TYPE replica_client_connected gauge\nreplica_client_connected " +
-             std::to_string(s.connected.load()) + "\n";
+      std::string text = e->PrometheusMetrics();
+      auto add = [&text](const char* name, const char* type, const char* help, uint64_t value) {
+        text += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + " " +
+                std::to_string(value) + "\n";
+      };
+      add("replica_client_connections_total", "counter", "Redis-protocol client connections", s.connections.load());
+      add("replica_client_commands_total", "counter", "Redis-protocol commands served", s.commands.load());
+      add("replica_client_protocol_errors_total", "counter", "clients closed for bad input", s.protocol_errors.load());
+      add("replica_client_rejected_total", "counter", "connections refused past --max-clients",
+          s.rejected_clients.load());
+      add("replica_client_connected", "gauge", "Redis-protocol client connections open now", s.connected.load());
+      return text;
     });
     if (!m.ok()) fail_open("metrics port: " + m.status().ToString());
     metrics = std::move(m).value();

@@ -254,6 +254,8 @@ TEST(ReplicadTest, PrometheusMetrics) {
   EXPECT_NE(page.find("replica_standby_lag_seconds_bucket{node=\"a\",standby=\"b\",le=\"+Inf\"} 5\n"),
             std::string::npos);
   EXPECT_NE(page.find("replica_client_commands_total 5"), std::string::npos) << page;
+  EXPECT_NE(page.find("# TYPE replica_client_connected gauge\nreplica_client_connected "), std::string::npos) << page;
+  EXPECT_NE(page.find("\nreplica_client_rejected_total 0\n"), std::string::npos) << page;
   // Applied on b too, each record timed once (b acknowledges applies on its own).
   EXPECT_TRUE(test::Eventually([&] {
     return Exchange(a.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
