@@ -10,6 +10,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 #include <deque>
+#include <map>
 #include <thread>
 #include <unordered_map>
 
@@ -35,6 +36,8 @@ constexpr size_t kReadChunk = 16 << 10;
 // Threads that hand merged SETs to the engine. Two: while one waits for its
 // write's commit, the other gathers the next.
 constexpr int kSetWriters = 2;
+// Idle worker threads kept however long they idle.
+constexpr int kKeptIdleWorkers = 2;
 // How long Stop lets a connection send its last replies.
 constexpr auto kStopGrace = 2s;
 
@@ -136,7 +139,7 @@ class RespServerImpl final : public RespServer {
 
   void Accept();
   void SetWriterLoop() EXCLUDES(queue_mu_);
-  void WorkerLoop() EXCLUDES(queue_mu_);
+  void WorkerLoop(uint64_t id) EXCLUDES(queue_mu_);
 
   Engine* const engine_;
   const RespServerOptions opts_;
@@ -164,8 +167,11 @@ class RespServerImpl final : public RespServer {
   bool queue_closed_ GUARDED_BY(queue_mu_) = false;
   int idle_workers_ GUARDED_BY(queue_mu_) = 0;
   // Threads for waiting commands, started as needed (one per connection
-  // at most, since a connection hands off one command at a time).
-  std::vector<std::thread> workers_ GUARDED_BY(queue_mu_);
+  // at most, since a connection hands off one command at a time) and ended
+  // after options.worker_idle_timeout idle; ended ones wait to be joined.
+  std::map<uint64_t, std::thread> workers_ GUARDED_BY(queue_mu_);
+  std::vector<std::thread> ended_workers_ GUARDED_BY(queue_mu_);
+  uint64_t next_worker_ GUARDED_BY(queue_mu_) = 0;
   std::vector<std::thread> set_writers_;
 };
 
@@ -380,10 +386,13 @@ void RespServerImpl::QueueCommand(std::shared_ptr<Connection> c, std::vector<std
       // Every queued command needs a worker of its own: one that waits (a
       // WAIT for a day) must not hold up another connection's command.
       if (command_queue_.size() > static_cast<size_t>(idle_workers_)) {
-        workers_.emplace_back([this] {
+        for (auto& t : ended_workers_) t.join();  // they hold no lock: they are returning
+        ended_workers_.clear();
+        const uint64_t id = next_worker_++;
+        workers_.emplace(id, std::thread([this, id] {
           NameThisThread("resp-worker");
-          WorkerLoop();
-        });
+          WorkerLoop(id);
+        }));
       } else {
         commands_cv_.Signal();
       }
@@ -422,13 +431,26 @@ void RespServerImpl::SetWriterLoop() {
   }
 }
 
-void RespServerImpl::WorkerLoop() {
+void RespServerImpl::WorkerLoop(uint64_t id) {
   for (;;) {
     PendingCommand job;
     {
       MutexLock l(&queue_mu_);
       ++idle_workers_;
-      while (command_queue_.empty() && !queue_closed_) commands_cv_.Wait();
+      auto idle_until = std::chrono::steady_clock::now() + opts_.worker_idle_timeout;
+      while (command_queue_.empty() && !queue_closed_) {
+        if (commands_cv_.WaitUntil(idle_until) || std::chrono::steady_clock::now() < idle_until) continue;
+        if (idle_workers_ > kKeptIdleWorkers) {
+          // Idle too long, and others are left: end, to be joined by the
+          // next worker started or by Stop.
+          --idle_workers_;
+          auto self = workers_.find(id);
+          ended_workers_.push_back(std::move(self->second));
+          workers_.erase(self);
+          return;
+        }
+        idle_until = std::chrono::steady_clock::now() + opts_.worker_idle_timeout;
+      }
       --idle_workers_;
       if (command_queue_.empty()) return;
       job = std::move(command_queue_.front());
@@ -469,7 +491,10 @@ void RespServerImpl::Stop() {
     queue_closed_ = true;
     sets_cv_.SignalAll();
     commands_cv_.SignalAll();
-    workers = std::move(workers_);
+    for (auto& [_, t] : workers_) workers.push_back(std::move(t));
+    for (auto& t : ended_workers_) workers.push_back(std::move(t));
+    workers_.clear();
+    ended_workers_.clear();
   }
   for (auto& t : set_writers_) t.join();
   for (auto& t : workers) t.join();

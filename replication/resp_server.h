@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -27,6 +28,9 @@ struct RespServerOptions {
   uint16_t port = 6380;  // 0: any free port
   int max_clients = 1000;
   size_t max_bulk = 64u << 20;
+  // A thread for commands that wait (DEL, WAIT, SCAN, ...) that has had
+  // nothing to do this long ends, unless it is one of the last two.
+  std::chrono::milliseconds worker_idle_timeout{30000};
 };
 
 struct RespStats {

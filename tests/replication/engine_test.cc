@@ -857,6 +857,16 @@ std::string EncodeCommand(const std::vector<std::string>& args) {
   return req;
 }
 
+// This process's threads now (/proc/self/status), or -1.
+int ThreadCount() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
+  }
+  return -1;
+}
+
 // One active node with the Redis-protocol server on a free port.
 class RespTest : public ::testing::Test {
  protected:
@@ -1082,15 +1092,7 @@ TEST(EngineTest, RespSetsFromManyClientsShareWrites) {
 // standby that is not there) holds up only its own connection. Stop, after
 // the engine's Interrupt, ends it and closes every connection.
 TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
-  auto threads = [] {
-    std::ifstream status("/proc/self/status");
-    std::string line;
-    while (std::getline(status, line)) {
-      if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
-    }
-    return -1;
-  };
-  const int threads_before = threads();
+  const int threads_before = ThreadCount();
   ASSERT_GT(threads_before, 0);
   test::RespClient deleter(server->port());
   ASSERT_EQ(deleter.Command({"DEL", "k"}), ":0");  // a worker thread now idles
@@ -1114,7 +1116,7 @@ TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
     ASSERT_EQ(::send(fds.back(), ping.data(), ping.size(), MSG_NOSIGNAL), static_cast<ssize_t>(ping.size()));
   }
   for (int fd : fds) ASSERT_EQ(ReceiveBytes(fd, 7), "+PONG\r\n");
-  EXPECT_LT(threads() - threads_before, 10) << "a thread per connection?";
+  EXPECT_LT(ThreadCount() - threads_before, 10) << "a thread per connection?";
   e->Interrupt();  // what replicad does before stopping the port: the WAIT returns
   server->Stop();
   EXPECT_EQ(ReceiveBytes(waiter_fd, 4), ":0\r\n");
@@ -1123,6 +1125,40 @@ TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
     ::close(fd);
   }
   ::close(waiter_fd);
+}
+
+// Worker threads for waiting commands end once idle past the timeout, all
+// but two, so a burst of WAITs or DELs leaves no crowd of threads behind.
+TEST(EngineTest, RespIdleWorkersEndAfterTheTimeout) {
+  TempDir dir;
+  auto e = OpenOrDie(Node(dir, "a"));
+  ASSERT_TRUE(e);
+  RespServerOptions ro;
+  ro.port = 0;
+  ro.worker_idle_timeout = 200ms;
+  auto server = RespServer::Start(e.get(), ro);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  const int baseline = ThreadCount();
+  // Six WAITs at once (no standby: each waits its 300 ms out), so six workers.
+  constexpr int kWaits = 6;
+  std::vector<int> fds;
+  const std::string wait = EncodeCommand({"WAIT", "1", "300"});
+  for (int i = 0; i < kWaits; ++i) {
+    fds.push_back(ConnectLoopback((*server)->port()));
+    ASSERT_GE(fds.back(), 0);
+    ASSERT_EQ(::send(fds.back(), wait.data(), wait.size(), MSG_NOSIGNAL), static_cast<ssize_t>(wait.size()));
+  }
+  EXPECT_TRUE(Eventually([&] { return ThreadCount() >= baseline + kWaits; }, 5s)) << "one worker per WAIT";
+  for (int fd : fds) {
+    EXPECT_EQ(ReceiveBytes(fd, 4), ":0\r\n");
+    ::close(fd);
+  }
+  EXPECT_TRUE(Eventually([&] { return ThreadCount() <= baseline + 2; }, 10s)) << ThreadCount() << " threads";
+  // The two kept serve the next command at once; a third is started as needed.
+  test::RespClient c((*server)->port());
+  EXPECT_EQ(c.Command({"DEL", "k"}), ":0");
+  (*server)->Stop();
+  ASSERT_TRUE(e->Close().ok());
 }
 
 // Writes key = value on the active and waits until the standby applied it;
