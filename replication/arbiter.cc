@@ -65,10 +65,7 @@ class EtcdArbiter final : public Arbiter {
     }
     REPLICA_RETURN_IF_ERROR(NewSession());
     StartWatch();
-    keepalive_ = std::thread([this] {
-    NameThisThread("etcd-keepalive");
-    KeepAliveLoop();
-  });
+    keepalive_ = NamedThread("etcd-keepalive", [this] { KeepAliveLoop(); });
     return Status::OK();
   }
 

@@ -562,20 +562,11 @@ Status EngineImpl::Init() {
     REPLICA_RETURN_IF_ERROR_CTX(arbiter_->Start(MyInfo()), "register with etcd");
   }
   if (role_ == Role::kStandby) {
-    receiver_ = std::thread([this] {
-      NameThisThread("receiver");
-      ReceiverLoop();
-    });
-    follower_ = std::thread([this] {
-      NameThisThread("follower");
-      FollowerLoop();
-    });
+    receiver_ = NamedThread("receiver", [this] { ReceiverLoop(); });
+    follower_ = NamedThread("follower", [this] { FollowerLoop(); });
   }
   if (arbiter_) {
-    role_thread_ = std::thread([this] {
-      NameThisThread("role");
-      RoleLoop();
-    });
+    role_thread_ = NamedThread("role", [this] { RoleLoop(); });
   }
   if (opts_.on_role_change) opts_.on_role_change(role_.load());
   return Status::OK();
@@ -643,10 +634,7 @@ void EngineImpl::StartApplier() {
     MutexLock l(&mu_);
     applier_stop_ = false;
   }
-  applier_ = std::thread([this] {
-    NameThisThread("applier");
-    ApplierLoop();
-  });
+  applier_ = NamedThread("applier", [this] { ApplierLoop(); });
 }
 
 void EngineImpl::StopApplier() {
@@ -1163,45 +1151,38 @@ Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::strin
                                 std::vector<std::pair<wal::Lsn, uint64_t>>* counts) {
   std::vector<WriteBatch> batches;
   batches.reserve(records.size());
-  // Counting: the keys this apply batch deletes, and whether each exists
-  // after the ops so far (RocksDB does not see the batch until it is
-  // written). Keys that are never deleted are not tracked.
-  std::unordered_map<std::string_view, bool> deleted;
+  // Counting: each key this apply batch deletes, and whether it exists after
+  // the ops so far (RocksDB does not see the batch until it is written);
+  // unknown until an op touches it, when RocksDB says. Keys that are never
+  // deleted are not tracked.
+  std::unordered_map<std::string_view, std::optional<bool>> exists;
   for (const auto& [lsn, payload] : records) {
     auto batch = WriteBatch::Decode(payload);
     if (!batch.ok()) return batch.status().WithContext("record LSN " + std::to_string(lsn));
     batches.push_back(std::move(batch).value());
     if (counts == nullptr) continue;
     for (const auto& op : batches.back().ops()) {
-      if (op.is_delete) deleted.emplace(op.key, false);
+      if (op.is_delete) exists.emplace(op.key, std::nullopt);
     }
   }
-  // Whether `key` exists before the op that deletes it, as of its place in
-  // the log.
-  std::unordered_set<std::string_view> looked_up;
-  auto exists_before = [&](const std::string& key) -> Result<bool> {
-    if (looked_up.insert(key).second) {  // first touch: what RocksDB holds
-      std::string ignored;
-      const rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), handles_[0], key, &ignored);
-      if (!gs.ok() && !gs.IsNotFound()) return FromRocks(gs, "look up a deleted key");
-      deleted[key] = gs.ok();
-    }
-    return deleted[key];
-  };
   rocksdb::WriteBatch wb;
   for (size_t r = 0; r < records.size(); ++r) {
     uint64_t existed = 0;
     bool deletes = false;
     std::unordered_set<std::string_view> counted;  // each key once per record
     for (const auto& op : batches[r].ops()) {
-      if (!deleted.empty() && deleted.count(op.key)) {
+      if (auto it = exists.find(op.key); it != exists.end()) {
         if (op.is_delete && counted.insert(op.key).second) {
-          REPLICA_ASSIGN_OR_RETURN(bool exists, exists_before(op.key));
-          existed += exists ? 1 : 0;
+          if (!it->second) {  // first touch: what RocksDB holds
+            std::string ignored;
+            const rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), handles_[0], op.key, &ignored);
+            if (!gs.ok() && !gs.IsNotFound()) return FromRocks(gs, "look up a deleted key");
+            it->second = gs.ok();
+          }
+          existed += *it->second ? 1 : 0;
         }
         deletes = deletes || op.is_delete;
-        looked_up.insert(op.key);  // from here on the batch itself says
-        deleted[op.key] = !op.is_delete;
+        it->second = !op.is_delete;  // from here on the batch itself says
       }
       if (op.is_delete) {
         wb.Delete(handles_[0], op.key);
@@ -2580,10 +2561,7 @@ void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::s
                                              << (replaced ? " (replaces its previous session)" : "");
     standbys_[sb->id] = sb;
     if (slot > 0) slots_[sb->id] = slot;
-    sb->shipper = std::thread([run = std::move(run), name = "ship:" + sb->id] {
-      NameThisThread(name);
-      run();
-    });
+    sb->shipper = NamedThread("ship:" + sb->id, std::move(run));
   }
   if (replaced) replaced->session->Close(Status::Aborted("replaced by a new session of the same standby"));
   for (auto& r : reap) {

@@ -70,10 +70,7 @@ class MetricsServerImpl final : public MetricsServer {
     if (ec) return Status::IOError("metrics port " + host + ":" + std::to_string(port) + ": " + ec.message());
     port_ = acceptor_.local_endpoint().port();
     Accept();
-    thread_ = std::thread([this] {
-      NameThisThread("metrics");
-      ioc_.run();
-    });
+    thread_ = NamedThread("metrics", [this] { ioc_.run(); });
     return Status::OK();
   }
   uint16_t port() const override { return port_; }

@@ -65,8 +65,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void CommandDone(std::string reply);
   // Stop: read no more; close once the replies owed are sent.
   void Shutdown();
-  // Stop's grace has run out: close now.
-  void Abort();
+  // Closes the socket (idempotent); also Stop's, once its grace has run out.
+  void Close();
 
   // Used by the thread that runs the command the connection handed off,
   // while the connection waits for it.
@@ -77,7 +77,6 @@ class Connection : public std::enable_shared_from_this<Connection> {
  private:
   void Pump();
   void Read();
-  void Close();
   // Hands the gathered SETs to the writers; false if there were none.
   bool WriteSets();
   // Runs or hands off one command; false if it was handed off.
@@ -122,7 +121,7 @@ class RespServerImpl final : public RespServer {
   resp::Commands& commands() { return commands_; }
   RespStats& mutable_stats() { return stats_; }
   bool stopping() const { return stopping_.load(); }
-  void QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands) EXCLUDES(queue_mu_);
+  void QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands, size_t bytes) EXCLUDES(queue_mu_);
   void QueueCommand(std::shared_ptr<Connection> c, std::vector<std::string> args) EXCLUDES(queue_mu_);
   void Forget(Connection* c) EXCLUDES(conns_mu_);
 
@@ -131,6 +130,7 @@ class RespServerImpl final : public RespServer {
     std::shared_ptr<Connection> conn;
     KeyValues sets;
     size_t commands;
+    size_t bytes;  // of keys and values
   };
   struct PendingCommand {
     std::shared_ptr<Connection> conn;
@@ -241,7 +241,7 @@ void Connection::Read() {
 bool Connection::WriteSets() {
   if (set_commands_ == 0) return false;
   waiting_ = true;
-  server_->QueueSets(shared_from_this(), std::move(sets_), set_commands_);
+  server_->QueueSets(shared_from_this(), std::move(sets_), set_commands_, set_bytes_);
   sets_.clear();
   set_commands_ = set_bytes_ = 0;
   return true;
@@ -286,8 +286,6 @@ void Connection::Shutdown() {
   socket_.shutdown(tcp::socket::shutdown_receive, ignored);
 }
 
-void Connection::Abort() { Close(); }
-
 void Connection::Close() {
   if (closed_) return;
   closed_ = true;
@@ -312,16 +310,10 @@ Status RespServerImpl::Listen() {
   port_ = acceptor_.local_endpoint(ec).port();
   commands_.set_port(port_);
   for (int i = 0; i < kSetWriters; ++i) {
-    set_writers_.emplace_back([this] {
-      NameThisThread("resp-writer");
-      SetWriterLoop();
-    });
+    set_writers_.push_back(NamedThread("resp-writer", [this] { SetWriterLoop(); }));
   }
   Accept();
-  io_thread_ = std::thread([this] {
-    NameThisThread("resp-io");
-    io_.run();
-  });
+  io_thread_ = NamedThread("resp-io", [this] { io_.run(); });
   return Status::OK();
 }
 
@@ -366,11 +358,11 @@ void RespServerImpl::Forget(Connection* c) {
   if (conns_.empty()) conns_cv_.SignalAll();
 }
 
-void RespServerImpl::QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands) {
+void RespServerImpl::QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands, size_t bytes) {
   {
     MutexLock l(&queue_mu_);
     if (!queue_closed_) {
-      sets_queue_.push_back({std::move(c), std::move(sets), commands});
+      sets_queue_.push_back({std::move(c), std::move(sets), commands, bytes});
       sets_cv_.Signal();
       return;
     }
@@ -389,10 +381,7 @@ void RespServerImpl::QueueCommand(std::shared_ptr<Connection> c, std::vector<std
         for (auto& t : ended_workers_) t.join();  // they hold no lock: they are returning
         ended_workers_.clear();
         const uint64_t id = next_worker_++;
-        workers_.emplace(id, std::thread([this, id] {
-          NameThisThread("resp-worker");
-          WorkerLoop(id);
-        }));
+        workers_.emplace(id, NamedThread("resp-worker", [this, id] { WorkerLoop(id); }));
       } else {
         commands_cv_.Signal();
       }
@@ -414,7 +403,7 @@ void RespServerImpl::SetWriterLoop() {
       // Everything queued, up to the batch limit: one write, one commit.
       size_t bytes = 0;
       while (!sets_queue_.empty() && (taken.empty() || bytes < kMaxSetBatchBytes)) {
-        for (const auto& [k, v] : sets_queue_.front().sets) bytes += k.size() + v.size();
+        bytes += sets_queue_.front().bytes;
         taken.push_back(std::move(sets_queue_.front()));
         sets_queue_.pop_front();
       }
@@ -467,10 +456,7 @@ void RespServerImpl::WorkerLoop(uint64_t id) {
 
 void RespServerImpl::Stop() {
   if (stopping_.exchange(true)) return;
-  if (!io_thread_.joinable()) {  // never listened
-    for (auto& t : set_writers_) t.join();
-    return;
-  }
+  if (!io_thread_.joinable()) return;  // never listened (nor started a thread)
   asio::post(io_, [this] {
     boost::system::error_code ignored;
     acceptor_.close(ignored);
@@ -508,7 +494,7 @@ void RespServerImpl::Stop() {
     return true;
   };
   if (!all_closed(std::chrono::steady_clock::now() + kStopGrace)) {
-    for (auto& c : conns) asio::post(c->executor(), [c] { c->Abort(); });
+    for (auto& c : conns) asio::post(c->executor(), [c] { c->Close(); });
     if (!all_closed(std::chrono::steady_clock::now() + kStopGrace)) {
       RLOG(kWarn, "resp.stop") << "client connections still open after the grace; dropping them";
     }

@@ -239,10 +239,7 @@ class EndpointImpl final : public Endpoint {
  public:
   EndpointImpl(const Options& options, Handler* handler, std::unique_ptr<asio::ssl::context> tls)
       : options_(options), handler_(handler), tls_(std::move(tls)), work_(asio::make_work_guard(ioc_)) {
-    for (int i = 0; i < options_.io_threads; ++i) threads_.emplace_back([this] {
-      NameThisThread("transport-io");
-      ioc_.run();
-    });
+    for (int i = 0; i < options_.io_threads; ++i) threads_.push_back(NamedThread("transport-io", [this] { ioc_.run(); }));
   }
   ~EndpointImpl() override { Stop(); }
 

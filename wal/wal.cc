@@ -258,10 +258,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
     }
   }
   if (!ro && options_.sync_policy == SyncPolicy::kInterval) {
-    sync_thread_ = std::thread([this] {
-      NameThisThread("wal-sync");
-      SyncLoop();
-    });
+    sync_thread_ = NamedThread("wal-sync", [this] { SyncLoop(); });
   }
   return Status::OK();
 }
