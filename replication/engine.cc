@@ -283,6 +283,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // in the WAL, so RocksDB never gets ahead of the log (under wal_sync
   // "none" nothing is promised: the last written LSN).
   wal::Lsn LocalDurable() const {
+    if (!wal_) return 0;  // the storage was lost (storage_lost_)
     return wal_->options().sync_policy == wal::SyncPolicy::kNone ? wal_->last_lsn() : wal_->durable_lsn();
   }
   void SendSubscribe(const std::shared_ptr<transport::Session>& s);
@@ -376,7 +377,12 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   bool closing_ GUARDED_BY(mu_) = false;   // Interrupt or Close began
   bool close_started_ GUARDED_BY(mu_) = false;
   std::atomic<bool> db_closed_{false};
-  Status apply_error_ GUARDED_BY(mu_);
+  // Set once (Fail): the applier stopped on an error, or a snapshot install
+  // lost the storage. Every wait returns it.
+  Status failure_ GUARDED_BY(mu_);
+  // A snapshot install closed the old storage and could not open the new:
+  // wal_ and db_ are null from then on, until the node is reopened.
+  std::atomic<bool> storage_lost_{false};
   // Keyed by node id: a reconnecting standby replaces its old session, so one
   // node is never counted twice toward the commit rule.
   std::map<std::string, std::shared_ptr<Standby>> standbys_ GUARDED_BY(mu_);
@@ -489,6 +495,14 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   }
   Status Promote(uint64_t epoch);
   void Demote(const std::string& reason);
+  // The node cannot go on (see EngineOptions::on_failure): records why,
+  // wakes every waiter, tells the role loop and the host.
+  void Fail(const Status& why) EXCLUDES(mu_);
+  // Why db_ is closed: the failure that lost the storage, or Close.
+  Status StorageGone() const EXCLUDES(mu_) {
+    MutexLock l(&mu_);
+    return storage_lost_.load() && !failure_.ok() ? failure_ : Status::Aborted("the engine is closed");
+  }
   void SendFences(uint64_t epoch);
   // Self-fencing: false once the lease may have expired at etcd.
   bool LeaseHeld() const { return !arbiter_ || Clock::now() < arbiter_->LeaseDeadline(); }
@@ -973,6 +987,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
   {
     MutexLock l(&mu_);
     if (closing_) return Status::Aborted("the engine is shutting down");
+    if (!failure_.ok()) return failure_;
   }
   // Acknowledged only while this node is still the active of the epoch it
   // wrote in: waiting may release mu_ (etcd calls), and a node demoted
@@ -994,7 +1009,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
   auto grace = Clock::now() + opts_.sync_grace;
   bool warned = false;
   auto still_active = [&] { return role_.load() == Role::kActive && epoch_.load() == term; };
-  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok() && still_active()) {
+  while (applied_lsn_ < lsn && !closing_ && failure_.ok() && still_active()) {
     if (commit_lsn_ >= lsn) {
       waiter.cv.Wait();  // committed; the applier wakes it once it is applied
       continue;
@@ -1055,7 +1070,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
       counted = 0;
     }
   }
-  if (!apply_error_.ok()) return apply_error_;
+  if (!failure_.ok()) return failure_;
   if (!still_active()) {
     return Status::NotActive("node " + opts_.node_id + " was fenced before LSN " + std::to_string(lsn) +
                              " was acknowledged; the write may be lost");
@@ -1073,7 +1088,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
 
 Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
   ReaderLock store(&store_mu_);
-  if (db_closed_.load()) return Status::Aborted("the engine is closed");
+  if (db_closed_.load()) return StorageGone();
   std::string value;
   auto s = db_->Get(rocksdb::ReadOptions(), handles_[0], key, &value);
   if (s.IsNotFound()) return std::optional<std::string>();
@@ -1110,7 +1125,7 @@ Result<StatedRead> EngineImpl::ReadWithStaleness(const std::string& key,
 
 Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const std::string& start, size_t limit) {
   ReaderLock store(&store_mu_);
-  if (db_closed_.load()) return Status::Aborted("the engine is closed");
+  if (db_closed_.load()) return StorageGone();
   std::vector<std::pair<std::string, std::string>> out;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[0]));
   for (it->Seek(start); it->Valid() && out.size() < limit; it->Next()) {
@@ -1138,10 +1153,10 @@ Result<int> EngineImpl::WaitForReplicas(uint64_t lsn, int count, std::chrono::mi
 Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + timeout;
   MutexLock l(&mu_);
-  while (applied_lsn_ < lsn && !closing_ && apply_error_.ok()) {
+  while (applied_lsn_ < lsn && !closing_ && failure_.ok()) {
     if (!applied_cv_.WaitUntil(deadline) && Clock::now() >= deadline) break;
   }
-  if (!apply_error_.ok()) return apply_error_;
+  if (!failure_.ok()) return failure_;
   if (applied_lsn_ >= lsn) return Status::OK();
   return Status::TimedOut("LSN " + std::to_string(lsn) + " not applied within " + std::to_string(timeout.count()) +
                           " ms (applied " + std::to_string(applied_lsn_) + ")");
@@ -1207,10 +1222,7 @@ void EngineImpl::ApplierLoop() {
   }
   auto reader_or = wal_->NewReader(from);
   if (!reader_or.ok()) {
-    MutexLock l(&mu_);
-    apply_error_ = reader_or.status();
-    WakeAllWaiters();
-    WakeAllWriters();
+    Fail(reader_or.status().WithContext("the applier could not read the log"));
     return;
   }
   auto reader = std::move(reader_or).value();
@@ -1286,12 +1298,12 @@ void EngineImpl::ApplierLoop() {
     counts.clear();
     if (error.ok() && last > 0) error = ApplyRecords(records, last, counting ? &counts : nullptr);
     if (!error.ok()) {
-      MutexLock l(&mu_);
-      if (closing_ || applier_stop_) return;
+      {
+        MutexLock l(&mu_);
+        if (closing_ || applier_stop_) return;
+      }
       RLOG(kError, "engine.apply_failed") << "node=" << opts_.node_id << " error=\"" << error.ToString() << "\"";
-      apply_error_ = error;
-      WakeAllWaiters();
-      WakeAllWriters();
+      Fail(error.WithContext("apply"));
       return;
     }
     if (last == 0) continue;
@@ -1719,15 +1731,21 @@ Status EngineImpl::InstallSnapshot() {
     diff_.ReleaseAll(db_.get());
     CloseStorage();
     st = snapshot::CommitInstall(opts_.data_dir);
+    if (st.ok() && opts_.test_fault) st = opts_.test_fault("install.reopen");
     if (st.ok()) st = OpenStorage();
     if (!st.ok()) {
       // Whatever happened, a restart finishes or discards the install
-      // (RecoverInstall); this process cannot go on without its storage.
+      // (RecoverInstall); until then the node has no storage.
+      CloseStorage();  // whatever the failed open left open
+      storage_lost_.store(true);
       RLOG(kError, "engine.resync_install_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString()
-                                                   << "\" (exiting; restart the node to finish the install)";
-      std::fprintf(stderr, "replica: snapshot install failed: %s\n", st.ToString().c_str());
-      std::_Exit(70);
+                                                   << "\" (the node has failed; restart it to finish the install)";
     }
+  }
+  if (!st.ok()) {
+    st = st.WithContext("snapshot install: the new data could not be opened; restart the node to finish the install");
+    Fail(st);
+    return st;
   }
   StartApplier();
   ++snapshots_installed_;
@@ -1792,9 +1810,17 @@ void EngineImpl::RoleLoop() {
   constexpr auto kSettle = 50ms;
   for (;;) {
     const uint64_t seen = arbiter_->changes();
+    Status failed;
     {
       MutexLock l(&mu_);
       if (closing_) return;
+      failed = failure_;
+    }
+    if (!failed.ok()) {
+      // A failed node never campaigns; an active hands the role on.
+      Demote("the node failed: " + failed.ToString());
+      (void)arbiter_->Resign(opts_.node_id);
+      return;
     }
     const auto now = Clock::now();
     if (now - last_publish >= 500ms) {
@@ -2074,6 +2100,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
   {
     // Stop following, and wait until nothing more can arrive.
     MutexLock l(&mu_);
+    if (!failure_.ok()) return failure_;
     follow_.clear();
     auto up = upstream_;
     cv_.SignalAll();
@@ -2225,6 +2252,22 @@ void EngineImpl::Demote(const std::string& reason) {
   // A static-mode engine has no follower; with an arbiter it already runs.
 }
 
+void EngineImpl::Fail(const Status& why) {
+  {
+    MutexLock l(&mu_);
+    if (!failure_.ok()) return;
+    failure_ = why;
+    WakeAllWaiters();
+    WakeAllWriters();
+    acks_cv_.SignalAll();
+    cv_.SignalAll();  // the follower stops
+  }
+  RLOG(kError, "engine.failed") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " error=\""
+                                << why.ToString() << "\" (restart the node)";
+  if (arbiter_) arbiter_->Kick();  // the role loop steps down
+  if (opts_.on_failure) opts_.on_failure(why);
+}
+
 Status EngineImpl::RewindTo(wal::Lsn to) {
   StopApplier();  // its reader would fail once the log is cut
   Status st;
@@ -2257,7 +2300,7 @@ void EngineImpl::FollowerLoop() {
     std::string target;
     {
       MutexLock l(&mu_);
-      if (closing_) return;
+      if (closing_ || !failure_.ok()) return;  // a failed node follows nobody
       target = follow_;
       if (target.empty() || role_.load() != Role::kStandby) {
         cv_.WaitUntil(Clock::now() + 200ms);  // nobody to follow yet (the arbiter tells)
@@ -2278,6 +2321,13 @@ void EngineImpl::FollowerLoop() {
       // OnEstablished and OnClosed signal cv_; the timed wait covers races.
       bool subscribed = false;
       while (!closing_ && !session->closed()) {
+        if (!failure_.ok()) {
+          const Status why = failure_;
+          mu_.Unlock();
+          session->Close(why);
+          mu_.Lock();
+          continue;
+        }
         if (!subscribed && session->established()) {
           subscribed = true;
           mu_.Unlock();
@@ -2355,7 +2405,7 @@ void EngineImpl::FollowerLoop() {
         recv_.reset();  // a transfer cut short; its files stay in resync/ for the next one
         receiving_.store(false);
       }
-      if (closing_) return;
+      if (closing_ || !failure_.ok()) return;
     } else {
       RLOG(kWarn, "engine.follow_failed") << "node=" << opts_.node_id << " error=\"" << s.status().ToString() << "\"";
     }
@@ -2721,7 +2771,7 @@ void EngineImpl::ReceiverLoop() {
     {
       ReaderLock store(&store_mu_);
       // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
-      auto last = wal_->AppendRaw(batch);
+      auto last = wal_ ? wal_->AppendRaw(batch) : Result<wal::Lsn>(Status::Aborted("the node has no storage"));
       if (last.ok()) {
         {
           MutexLock l(&mu_);
@@ -2850,7 +2900,7 @@ void EngineImpl::RemoveStandby(const std::string& id) {
 
 Status EngineImpl::WithStore(const std::function<Status(const logdiff::Store&)>& fn) {
   ReaderLock store(&store_mu_);
-  if (!db_ || !wal_ || db_closed_.load()) return Status::Aborted("the node's storage is closed");
+  if (!db_ || !wal_ || db_closed_.load()) return StorageGone();
   return fn(logdiff::Store{wal_.get(), db_.get(), handles_, {rocksdb::kDefaultColumnFamilyName, kMetaColumnFamily}});
 }
 
@@ -2886,7 +2936,7 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
     return snap;
   }
   const auto deadline = Clock::now() + timeout;
-  while (at < lsn && !w.snapshot && !w.passed && !closing_ && !applier_stop_ && apply_error_.ok() &&
+  while (at < lsn && !w.snapshot && !w.passed && !closing_ && !applier_stop_ && failure_.ok() &&
          Clock::now() < deadline) {
     applied_cv_.WaitUntil(deadline);
   }
@@ -2898,14 +2948,14 @@ Result<const rocksdb::Snapshot*> EngineImpl::PinAt(uint64_t lsn, std::chrono::mi
   }
   if (closing_) return Status::Aborted("the node is closing");
   if (applier_stop_) return Status::Aborted("the node is replacing or rewinding its replica; pin again");
-  if (!apply_error_.ok()) return apply_error_;
+  if (!failure_.ok()) return failure_;
   return Status::TimedOut("applied only up to LSN " + std::to_string(applied_lsn_) + ", not LSN " +
                           std::to_string(lsn) + ", within " + std::to_string(timeout.count()) + " ms");
 }
 
 void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
   ReaderLock store(&store_mu_);
-  hb->set_last_lsn(wal_->last_lsn());
+  hb->set_last_lsn(wal_ ? wal_->last_lsn() : 0);
   hb->set_flushed_lsn(LocalDurable());
   MutexLock l(&mu_);
   hb->set_applied_lsn(applied_lsn_);
@@ -2915,7 +2965,7 @@ void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
 std::string EngineImpl::PrometheusMetrics() const {
   ReaderLock store(&store_mu_);
   const EngineStatus st = StatusLocked();
-  const wal::WalStats ws = wal_->stats();
+  const wal::WalStats ws = wal_ ? wal_->stats() : wal::WalStats{};  // none once the storage was lost
   const transport::Stats& ts = endpoint_->stats();
   std::string out;
   auto metric = [&](const char* name, const char* type, const char* help, const std::string& labels, double v) {
@@ -2951,6 +3001,8 @@ std::string EngineImpl::PrometheusMetrics() const {
   };
   const std::string node = "node=\"" + opts_.node_id + "\"";
   metric("replica_role_active", "gauge", "1 on the active, 0 on a standby", node, st.role == Role::kActive);
+  metric("replica_failed", "gauge", "1 once the node has failed (see the engine.failed log line): restart it", node,
+         !st.failure.empty());
   metric("replica_epoch", "gauge", "current epoch", node, static_cast<double>(st.epoch));
   metric("replica_last_lsn", "gauge", "last LSN in the local WAL", node, static_cast<double>(st.last_lsn));
   metric("replica_durable_lsn", "gauge", "local WAL durable up to this LSN", node, static_cast<double>(st.durable_lsn));
@@ -2964,7 +3016,8 @@ std::string EngineImpl::PrometheusMetrics() const {
     const wal::Lsn head = upstream_last_.load();
     const uint64_t behind = head > st.durable_lsn ? head - st.durable_lsn : 0;
     const uint64_t records = st.last_lsn >= st.first_lsn ? st.last_lsn - st.first_lsn + 1 : 0;
-    const double avg = records > 0 ? static_cast<double>(wal_->BytesAfter(st.first_lsn - 1)) / static_cast<double>(records) : 0;
+    const double avg =
+        records > 0 && wal_ ? static_cast<double>(wal_->BytesAfter(st.first_lsn - 1)) / static_cast<double>(records) : 0;
     metric("replica_upstream_connected", "gauge",
            "1 while the standby streams from its active (INFO's master_link_status:up), 0 otherwise", node,
            st.upstream_streaming() ? 1 : 0);
@@ -3039,8 +3092,8 @@ std::string EngineImpl::PrometheusMetrics() const {
               ws.sync_buckets, static_cast<double>(ws.sync_micros) / 1e6, ws.syncs);
   }
   metric("replica_wal_size_bytes", "gauge", "bytes of retained WAL segments", node,
-         static_cast<double>(wal_->size_bytes()));
-  metric("replica_wal_first_lsn", "gauge", "first retained LSN", node, static_cast<double>(wal_->first_lsn()));
+         static_cast<double>(wal_ ? wal_->size_bytes() : 0));
+  metric("replica_wal_first_lsn", "gauge", "first retained LSN", node, static_cast<double>(st.first_lsn));
   metric("replica_transport_sessions_established_total", "counter", "authenticated sessions", node,
          static_cast<double>(ts.sessions_established.load()));
   metric("replica_transport_auth_failures_total", "counter", "peers refused for a wrong secret or cluster", node,
@@ -3075,9 +3128,12 @@ EngineStatus EngineImpl::StatusLocked() const {
   // Applied first: it never passes durable, and both only grow, so reading
   // it first keeps applied <= durable in the snapshot too.
   st.applied_lsn = applied_lsn_;
-  st.first_lsn = wal_->first_lsn();
-  st.last_lsn = wal_->last_lsn();
-  st.durable_lsn = wal_->durable_lsn();
+  if (wal_) {  // null only once the storage was lost
+    st.first_lsn = wal_->first_lsn();
+    st.last_lsn = wal_->last_lsn();
+    st.durable_lsn = wal_->durable_lsn();
+  }
+  if (!failure_.ok()) st.failure = failure_.ToString();
   st.commit_lsn = commit_lsn_;
   st.commit = rule_;
   st.commit_degraded = degraded_;
@@ -3118,7 +3174,7 @@ void EngineImpl::Interrupt() {
 Status EngineImpl::Close() {
   {
     MutexLock l(&mu_);
-    if (close_started_ || !wal_) return Status::OK();
+    if (close_started_ || (!wal_ && !storage_lost_.load())) return Status::OK();
     close_started_ = true;
     closing_ = true;
     for (auto& [_, sb] : standbys_) sb->stop.store(true);
@@ -3152,7 +3208,7 @@ Status EngineImpl::Close() {
   WriterLock store(&store_mu_);
   db_closed_.store(true);
   Status st = wal_ ? wal_->Close() : Status::OK();
-  for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+  for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);  // none once the storage was lost
   handles_.clear();
   if (db_) {
     Status cs = FromRocks(db_->Close(), "close RocksDB");

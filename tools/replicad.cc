@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -114,7 +115,11 @@ int main(int argc, char** argv) {
   }
   if (vm.count("help")) {
     std::cout << desc << "\nSignals: SIGTERM or SIGINT shut the node down cleanly (with --etcd, its lease is\n"
-              << "revoked, so that another node takes over at once).\n";
+              << "revoked, so that another node takes over at once).\n"
+              << "Exit status: 0 after a clean shutdown; 1 when the node cannot start or stop\n"
+              << "cleanly; 2 for bad options; 70 when the node failed while running (its applier\n"
+              << "stopped on an error, or a snapshot install could not open the new data): it\n"
+              << "shuts down cleanly, and a restart retries or finishes the install.\n";
     return 0;
   }
   LogLevel level;
@@ -226,6 +231,15 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 
+  // A node that fails while running shuts down like on SIGTERM, then exits
+  // with 70, so that a supervisor restarts it (which retries, or finishes an
+  // interrupted snapshot install).
+  static std::atomic<bool> failed{false};
+  o.on_failure = [](const Status& why) {
+    std::fprintf(stderr, "replicad: the node failed: %s\n", why.ToString().c_str());
+    failed.store(true);
+    ::kill(::getpid(), SIGTERM);  // taken by the sigwait below
+  };
   auto engine = Engine::Open(o);
   if (!engine.ok()) Fail(engine.status().ToString(), 1);
   auto server = RespServer::Start(engine->get(), ro);
@@ -285,6 +299,11 @@ int main(int argc, char** argv) {
   (*engine)->Interrupt();  // clients blocked in a write or WAIT return now
   (*server)->Stop();
   Status st = (*engine)->Close();
+  if (failed.load()) {
+    std::printf("replicad: stopped node=%s after a failure (exit status 70)\n", o.node_id.c_str());
+    std::fflush(stdout);
+    return 70;
+  }
   if (!st.ok()) Fail("close: " + st.ToString(), 1);
   std::printf("replicad: stopped node=%s\n", o.node_id.c_str());
   return 0;

@@ -97,6 +97,18 @@ struct EngineOptions {
   uint64_t slot_max_bytes = 4ull << 30;
   // Called (from an internal thread) when the node's role changes.
   std::function<void(Role)> on_role_change;
+  // Called once, from an internal thread, when the node fails: its applier
+  // stopped on an error, or a snapshot install replaced its data but could
+  // not open the new data. A failed node steps down if it was the active,
+  // stops following and never campaigns; reads and writes return the error
+  // (EngineStatus::failure says it). Restarting the node (Close, then Open
+  // on the same data_dir) retries, and finishes an interrupted install. The
+  // callback must not call Close itself (signal a thread that does).
+  std::function<void(const Status&)> on_failure;
+  // Tests: called at named steps, now only "install.reopen" (a snapshot
+  // install has replaced the data; the new data is about to be opened). A
+  // status other than OK is taken as that step's failure.
+  std::function<Status(const char* step)> test_fault;
 };
 
 // A batch of puts and deletes, applied atomically.
@@ -167,6 +179,9 @@ struct EngineStatus {
   bool upstream_streaming() const { return upstream_connected && !receiving_snapshot; }
   std::string active_id;          // high availability: the active's node id, if known
   std::string active_client_address;  // high availability: the active's client (RESP) address, if published
+  // Empty while the node works; once it has failed (see
+  // EngineOptions::on_failure), why. A failed node serves nothing until restarted.
+  std::string failure;
 };
 
 // A read that says how stale it may be (Engine::ReadWithStaleness).

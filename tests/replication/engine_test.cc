@@ -282,6 +282,63 @@ TEST(EngineTest, StandbyAddedAfterThePurgeIsSeededFromASnapshot) {
   ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
 }
 
+// A snapshot install that cannot open the new data fails the node: the
+// host is told, every call answers with the reason, and the process goes on
+// (the library used to end it with _Exit). A restart finishes the install.
+TEST(EngineTest, AFailedSnapshotInstallFailsTheNodeAndARestartFinishesIt) {
+  TempDir dir;
+  EngineOptions ao = Node(dir, "a");
+  ao.wal_keep_bytes = 64 << 10;  // one segment: older ones go once applied
+  auto active = OpenOrDie(ao);
+  WriteMany(active.get(), 2500);
+  ASSERT_TRUE(Eventually([&] {
+    WriteMany(active.get(), 10, 5000);  // retention runs when a segment rolls
+    return active->status().first_lsn > 1;
+  })) << "nothing was purged";
+  EngineOptions bo = Node(dir, "b", Follow(*active));
+  std::promise<Status> failed;
+  std::atomic<int> failures{0};
+  bo.on_failure = [&](const Status& why) {
+    if (failures.fetch_add(1) == 0) failed.set_value(why);
+  };
+  bo.test_fault = [](const char* step) {
+    return std::string_view(step) == "install.reopen" ? Status::IOError("injected: the new data cannot be opened")
+                                                       : Status::OK();
+  };
+  auto standby = OpenOrDie(bo);
+  auto reported = failed.get_future();
+  ASSERT_EQ(reported.wait_for(60s), std::future_status::ready) << "the install never failed";
+  EXPECT_NE(reported.get().ToString().find("injected"), std::string::npos);
+
+  const EngineStatus st = standby->status();
+  EXPECT_NE(st.failure.find("injected"), std::string::npos) << st.failure;
+  EXPECT_NE(st.failure.find("restart the node"), std::string::npos) << st.failure;
+  auto got = standby->Get("key1");
+  ASSERT_FALSE(got.ok());
+  EXPECT_NE(got.status().ToString().find("injected"), std::string::npos) << got.status().ToString();
+  const uint64_t last = WriteMany(active.get(), 20, 20000);  // the active goes on without it
+  const auto asked = std::chrono::steady_clock::now();
+  Status wait = standby->WaitForApplied(last, 30s);
+  EXPECT_FALSE(wait.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - asked, 10s) << "a wait on a failed node should end at once";
+  EXPECT_NE(standby->PrometheusMetrics().find("replica_failed{node=\"b\"} 1"), std::string::npos);
+  ASSERT_TRUE(Eventually([&] { return active->status().standbys.empty(); })) << "the failed node still follows";
+  EXPECT_EQ(failures.load(), 1);
+  EXPECT_TRUE(standby->Close().ok());
+  standby.reset();
+
+  bo.on_failure = nullptr;
+  bo.test_fault = nullptr;
+  standby = OpenOrDie(bo);
+  ASSERT_TRUE(standby->WaitForApplied(last, 60s).ok());
+  EXPECT_TRUE(standby->status().failure.empty());
+  EXPECT_EQ(standby->status().snapshots_installed, 0u) << "the restart should have kept the installed data";
+  ASSERT_TRUE(standby->Close().ok());
+  ASSERT_TRUE(active->Close().ok());
+  EXPECT_EQ(DumpDb(dir.Sub("b")), DumpDb(dir.Sub("a")));
+  ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
+}
+
 TEST(EngineTest, SlotsKeepTheLogAKnownStandbyNeedsAcrossRestarts) {
   TempDir dir;
   EngineOptions ao = Node(dir, "a");
