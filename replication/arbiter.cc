@@ -372,6 +372,7 @@ std::string NodeInfo::ToJson() const {
   o["db_bytes"] = db_bytes;
   o["resyncs"] = resyncs;
   if (!progress.empty()) o["progress"] = progress;
+  if (!failure.empty()) o["failure"] = failure;
   if (final_epoch != 0) o["final_epoch"] = final_epoch;
   return json::serialize(o);
 }
@@ -404,6 +405,7 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   n.db_bytes = U64(o, "db_bytes");
   n.resyncs = U64(o, "resyncs");
   n.progress = S(o, "progress");
+  n.failure = S(o, "failure");
   n.final_epoch = U64(o, "final_epoch");
   if (n.id.empty()) return Status::Corruption("a node session without an id");
   return n;

@@ -37,6 +37,9 @@ struct NodeInfo {
   uint64_t db_bytes = 0;       // disk use of RocksDB (SST files)
   uint64_t resyncs = 0;        // snapshots installed since the node started
   std::string progress;        // long work under way (resync, catch-up), or empty
+  // Set once the node has failed (EngineStatus::failure): it serves nothing
+  // and never campaigns; elections pass it over.
+  std::string failure;
   // Set while there is no active, to the cluster's epoch key as the node
   // read it then: its LSNs above are final for that election (nothing more
   // arrives from the active that is gone). 0 otherwise.

@@ -1296,6 +1296,7 @@ void EngineImpl::ApplierLoop() {
     // read after the records: a counted write sets the flag before it appends).
     const bool counting = role_.load() == Role::kActive && count_deletes_.load();
     counts.clear();
+    if (error.ok() && last > 0 && opts_.test_fault) error = opts_.test_fault("apply");
     if (error.ok() && last > 0) error = ApplyRecords(records, last, counting ? &counts : nullptr);
     if (!error.ok()) {
       {
@@ -1789,6 +1790,7 @@ NodeInfo EngineImpl::MyInfo() {
   n.applied_lsn = applied_lsn_;
   n.commit = rule_.ToString();
   n.progress = progress_;
+  if (!failure_.ok()) n.failure = failure_.ToString();
   n.final_epoch = final_epoch_.load();
   if (role_.load() == Role::kActive) n.slots = slots_;
   n.client_address = client_address_.empty() ? opts_.client_address : client_address_;
@@ -1817,9 +1819,11 @@ void EngineImpl::RoleLoop() {
       failed = failure_;
     }
     if (!failed.ok()) {
-      // A failed node never campaigns; an active hands the role on.
+      // A failed node never campaigns; an active hands the role on. Its
+      // session says so, for repctl and for the others' elections.
       Demote("the node failed: " + failed.ToString());
       (void)arbiter_->Resign(opts_.node_id);
+      (void)arbiter_->Publish(MyInfo());
       return;
     }
     const auto now = Clock::now();
@@ -2020,7 +2024,8 @@ void EngineImpl::RoleLoop() {
         bool settled = now - vacancy_seen >= kSettle;
         if (!settled && nodes.ok()) {
           settled = std::all_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) {
-            return n.id == me.id || !eligible(n.id) || (me.final_epoch != 0 && n.final_epoch == me.final_epoch);
+            return n.id == me.id || !eligible(n.id) || !n.failure.empty() ||
+                   (me.final_epoch != 0 && n.final_epoch == me.final_epoch);
           });
         }
         if (!settled) {
@@ -2030,7 +2035,7 @@ void EngineImpl::RoleLoop() {
         int ahead = 0;
         if (nodes.ok()) {
           for (const auto& n : *nodes) {
-            if (n.id == me.id || !eligible(n.id)) continue;
+            if (n.id == me.id || !eligible(n.id) || !n.failure.empty()) continue;  // a failed node never campaigns
             if (n.durable_lsn > me.durable_lsn || (n.durable_lsn == me.durable_lsn && n.id < me.id)) ++ahead;
           }
         }

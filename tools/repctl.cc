@@ -105,7 +105,7 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                           {"lag_ms", is_active ? boost::json::value(0)
                                                      : lag_ms(n.id) ? boost::json::value(*lag_ms(n.id))
                                                                     : boost::json::value(nullptr)},
-                                          {"eligible", !is_active && Eligible(c, n.id)},
+                                          {"eligible", !is_active && n.failure.empty() && Eligible(c, n.id)},
                                           {"commit", n.commit},
                                           {"wal_first_lsn", n.wal_first_lsn},
                                           {"wal_bytes", n.wal_bytes},
@@ -113,7 +113,8 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                           {"slot_lsn", act && act->slots.count(n.id) ? boost::json::value(act->slots.at(n.id))
                                                                                      : boost::json::value(nullptr)},
                                           {"resyncs", n.resyncs},
-                                          {"progress", n.progress}});
+                                          {"progress", n.progress},
+                                          {"failure", n.failure}});
     }
     boost::json::object out{{"active", c.active ? boost::json::value(c.active->id) : boost::json::value(nullptr)},
                             {"epoch", c.active ? c.active->epoch : 0},
@@ -135,11 +136,11 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                    : act && act->standby_lag_bytes.count(n.id) ? std::to_string(act->standby_lag_bytes.at(n.id))
                                                                                : "n/c";
     std::printf("%-12s %-8s %6llu %10llu %10llu %10llu %11llu %11s %9s %-9s %-21s %s\n", n.id.c_str(),
-                is_active ? "active" : "standby", static_cast<unsigned long long>(n.epoch),
+                is_active ? "active" : n.failure.empty() ? "standby" : "FAILED", static_cast<unsigned long long>(n.epoch),
                 static_cast<unsigned long long>(n.last_lsn), static_cast<unsigned long long>(n.durable_lsn),
                 static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag), bytes_text.c_str(),
                 ms_text.c_str(),
-                is_active ? "-" : (Eligible(c, n.id) ? "yes" : "no"), n.address.c_str(),
+                is_active ? "-" : (n.failure.empty() && Eligible(c, n.id) ? "yes" : "no"), n.address.c_str(),
                 n.client_address.empty() ? "-" : n.client_address.c_str());
   }
   if (c.nodes.empty()) {
@@ -179,6 +180,7 @@ int PrintStatus(Arbiter* a, bool as_json) {
   }
   for (const auto& n : c.nodes) {
     if (!n.progress.empty()) std::printf("%s: %s\n", n.id.c_str(), n.progress.c_str());
+    if (!n.failure.empty()) std::printf("%s: FAILED (restart it; see its engine.failed log line): %s\n", n.id.c_str(), n.failure.c_str());
   }
   return 0;
 }
@@ -279,10 +281,11 @@ int main(int argc, char** argv) {
       target = vm["to"].as<std::string>();
       if (!Find(c, target)) Fail("no node '" + target + "' has a session in cluster '" + ao.cluster + "'");
       if (target == c.active->id) Fail(target + " is already the active");
+      if (const NodeInfo* t = Find(c, target); t && !t->failure.empty()) Fail(target + " has failed: " + t->failure);
     } else {
       uint64_t best = 0;
       for (const auto& n : c.nodes) {
-        if (n.id != c.active->id && (target.empty() || n.durable_lsn > best)) {
+        if (n.id != c.active->id && n.failure.empty() && (target.empty() || n.durable_lsn > best)) {
           target = n.id;
           best = n.durable_lsn;
         }

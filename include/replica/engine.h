@@ -105,9 +105,10 @@ struct EngineOptions {
   // on the same data_dir) retries, and finishes an interrupted install. The
   // callback must not call Close itself (signal a thread that does).
   std::function<void(const Status&)> on_failure;
-  // Tests: called at named steps, now only "install.reopen" (a snapshot
-  // install has replaced the data; the new data is about to be opened). A
-  // status other than OK is taken as that step's failure.
+  // Tests: called at named steps: "install.reopen" (a snapshot install has
+  // replaced the data; the new data is about to be opened) and "apply" (the
+  // applier is about to apply a run of records). A status other than OK is
+  // taken as that step's failure.
   std::function<Status(const char* step)> test_fault;
 };
 

@@ -455,6 +455,65 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// A node whose applier fails says so in its session: it never campaigns,
+// and an election does not wait for it (a node ahead of the others would
+// otherwise be given a lease TTL + 1 s to win first; here that is 31 s).
+TEST(EngineTest, AFailedStandbyIsPassedOverInAnElection) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto node = [&](const std::string& id) {
+    EngineOptions o = Node(dir, id);
+    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
+    o.lease_ttl = 30s;
+    return o;
+  };
+  auto a = OpenOrDie(node("a"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  std::atomic<bool> break_b{false};
+  std::atomic<int> b_failures{0};
+  EngineOptions bo = node("b");
+  bo.on_failure = [&](const Status&) { b_failures.fetch_add(1); };
+  bo.test_fault = [&](const char* step) {
+    return std::string_view(step) == "apply" && break_b.load() ? Status::IOError("injected: the apply failed")
+                                                              : Status::OK();
+  };
+  auto b = OpenOrDie(bo);
+  auto c = OpenOrDie(node("c"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 2; }));
+  uint64_t last = WriteMany(a.get(), 20);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
+  // One more record: b holds it durably, then fails applying it. b and c
+  // now hold the same LSNs, and b's id is the smaller: b would go first.
+  break_b = true;
+  last = WriteMany(a.get(), 1, 100);
+  ASSERT_TRUE(Eventually([&] { return !b->status().failure.empty(); }));
+  EXPECT_NE(b->status().failure.find("injected"), std::string::npos) << b->status().failure;
+  EXPECT_EQ(b->status().durable_lsn, last);
+  ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
+  test::FakeArbiter reader(&cluster, "reader");
+  ASSERT_TRUE(Eventually([&] {
+    auto nodes = reader.GetNodes();
+    return nodes.ok() && std::any_of(nodes->begin(), nodes->end(), [](const NodeInfo& n) {
+             return n.id == "b" && n.failure.find("injected") != std::string::npos;
+           });
+  })) << "b's session does not say it failed";
+
+  cluster.ExpireLease("a");
+  ASSERT_TRUE(Eventually([&] { return c->status().role == Role::kActive; }, 15s))
+      << "the election waited for the failed node";
+  EXPECT_EQ(cluster.active()->id, "c");
+  EXPECT_EQ(b->status().role, Role::kStandby);
+  EXPECT_EQ(b_failures.load(), 1);
+  WriteBatch w;
+  w.Put("after", "failover");
+  EXPECT_EQ(b->Write(w).status().code(), StatusCode::kNotActive);
+  EXPECT_TRUE(c->Write(w).ok());
+  ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 // Engines under remote-write:1 sharing one FakeCluster as their arbiter,
 // and what the cluster lists as eligible (the sync set).
 struct SyncSetCluster {
