@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "replica/client.h"
+#include "replication/arbiter.h"
 #include "tests/support/etcd_server.h"
 #include "tests/tools/daemon.h"
 
@@ -476,6 +477,49 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   out = Repctl(etcd_->endpoint(), "--timeout -5 switchover", &code);  // not quietly 1 s
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--timeout must be"), std::string::npos) << out;
+}
+
+// A failed node's session says so (NodeInfo::failure): repctl shows it,
+// never lists it as eligible, and will not hand the active role to it. The
+// failed session here is published by the test, as a node would on failing.
+TEST_F(FailoverTest, RepctlShowsAFailedNodeAndWillNotSwitchOverToIt) {
+  auto a = Start("a");
+  ASSERT_EQ(WaitForOneActive({a.get()}), 0);
+  EtcdArbiterOptions ao;
+  ao.endpoints = {etcd_->endpoint()};
+  ao.cluster = "f";
+  auto arbiter = NewEtcdArbiter(ao);
+  ASSERT_TRUE(arbiter.ok()) << arbiter.status().ToString();
+  NodeInfo broken;
+  broken.id = "broken";
+  broken.address = "127.0.0.1:1";
+  broken.role = "standby";
+  broken.durable_lsn = 1000000;  // ahead of everyone: still not a target
+  broken.failure = "IOError: apply: injected disk error";
+  ASSERT_TRUE((*arbiter)->Start(broken).ok());
+  std::string out = RepctlUntil(etcd_->endpoint(), "status", [](const std::string& o) {
+    return o.find("broken: FAILED") != std::string::npos;
+  });
+  EXPECT_NE(out.find("broken: FAILED (restart it; see its engine.failed log line): IOError: apply: injected disk error"),
+            std::string::npos) << out;
+  const size_t row = out.find("\nbroken ");
+  ASSERT_NE(row, std::string::npos) << out;
+  const std::string line = out.substr(row + 1, out.find('\n', row + 1) - row - 1);
+  EXPECT_NE(line.find(" FAILED "), std::string::npos) << line;
+  EXPECT_NE(line.find(" no "), std::string::npos) << "a failed node listed as eligible: " << line;
+  int code = 0;
+  out = Repctl(etcd_->endpoint(), "status --json", &code);
+  EXPECT_EQ(code, 0);
+  EXPECT_NE(out.find("\"eligible\":false,\"commit\":\"\",\"wal_first_lsn\""), std::string::npos) << out;
+  EXPECT_NE(out.find("\"failure\":\"IOError: apply: injected disk error\""), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "switchover --to broken", &code);
+  EXPECT_NE(code, 0) << out;
+  EXPECT_NE(out.find("broken has failed: IOError: apply: injected disk error"), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "switchover", &code);  // the only standby has failed
+  EXPECT_NE(code, 0) << out;
+  EXPECT_NE(out.find("no standby to switch over to"), std::string::npos) << out;
+  EXPECT_EQ(a->Cli("ROLE").rfind("master", 0), 0u) << "the active moved";
+  (*arbiter)->Stop();
 }
 
 TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
