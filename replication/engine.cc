@@ -22,6 +22,7 @@
 #include "base/thread_name.h"
 #include "replica/engine.h"
 #include "replication/arbiter.h"
+#include "replication/db_logger.h"
 #include "replication/logdiff_server.h"
 #include "replication/snapshot.h"
 #include "transport/transport.h"
@@ -600,6 +601,7 @@ Status EngineImpl::OpenStorage() {
       {kMetaColumnFamily, rocksdb::ColumnFamilyOptions()}};
   rocksdb::DB* raw = nullptr;
   const std::string db_path = JoinPath(opts_.data_dir, "db");
+  ro.info_log = NewDbLogger(db_path);  // a full disk must not end the process (db_logger.h)
   REPLICA_RETURN_IF_ERROR(FromRocks(rocksdb::DB::Open(ro, db_path, cfs, &handles_, &raw), "open RocksDB " + db_path));
   db_.reset(raw);
   db_closed_.store(false);

@@ -86,6 +86,26 @@ class Daemon {
     pid_ = -1;
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   }
+  // Waits up to `limit` for the process to end on its own: its exit code
+  // (or 128 + signal), or -1 if it still runs.
+  int WaitExit(Clock::duration limit) {
+    const auto deadline = Clock::now() + limit;
+    while (pid_ > 0) {
+      int st = 0;
+      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      if (Clock::now() >= deadline) return -1;
+      std::this_thread::sleep_for(20ms);  // another process's exit; polled like its ready line
+    }
+    return -1;
+  }
+  // What it printed on stdout so far.
+  std::string Output() const {
+    std::ifstream in(out_);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
   std::string Cli(const std::string& args) {
     return Shell("redis-cli -h 127.0.0.1 -p " + std::to_string(client_port_) + " " + args);
   }

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <regex>
@@ -92,6 +93,56 @@ TEST(ReplicadTest, AcknowledgedWritesSurviveSigkill) {
   Daemon a(dir, "a", "");
   EXPECT_EQ(a.Cli("DBSIZE"), "20\n");
   EXPECT_EQ(a.Cli("GET key19"), "v19\n");
+}
+
+// A small tmpfs mounted for one test (root only), unmounted at the end.
+class TinyDisk {
+ public:
+  TinyDisk(const std::string& path, const std::string& size) : path_(path) {
+    std::filesystem::create_directories(path);
+    mounted_ = ::geteuid() == 0 && Shell("mount -t tmpfs -o size=" + size + " tmpfs " + path + " 2>&1; echo rc=$?")
+                                           .find("rc=0") != std::string::npos;
+  }
+  ~TinyDisk() {
+    if (mounted_) Shell("umount " + path_);
+  }
+  bool mounted() const { return mounted_; }
+  bool Grow(const std::string& size) {
+    return Shell("mount -o remount,size=" + size + " " + path_ + " 2>&1; echo rc=$?").find("rc=0") != std::string::npos;
+  }
+
+ private:
+  std::string path_;
+  bool mounted_ = false;
+};
+
+// A standby whose RocksDB runs out of space cannot apply: the node fails,
+// replicad shuts down cleanly and exits with status 70 (for a supervisor to
+// restart it), and once there is room a restart applies the rest.
+TEST(ReplicadTest, AStandbyThatCannotApplyExitsWith70AndARestartCatchesUp) {
+  test::TempDir dir;
+  TinyDisk disk(dir.Sub("b") + "/db", "2m");  // the standby's RocksDB only; its WAL has room
+  if (!disk.mounted()) GTEST_SKIP() << "needs root and tmpfs to fill a disk";
+  Daemon a(dir, "a", "");
+  const std::string follow = "--follow 127.0.0.1:" + std::to_string(a.repl_port());
+  auto b = std::make_unique<Daemon>(dir, "b", follow);
+  // 6 MB of values: the active and the standby's WAL take them; the standby's
+  // RocksDB (its own log first) runs out of room applying them. (With
+  // RocksDB's own LOG file writer, on the same full disk, Debian's RocksDB
+  // 7.8 aborted the process instead: an assertion; see db_logger.h.)
+  Shell("redis-benchmark -h 127.0.0.1 -p " + std::to_string(a.client_port()) +
+        " -t set -d 1000 -r 100000 -c 4 -q -n 6000");
+  EXPECT_EQ(b->WaitExit(60s), 70) << b->Output();
+  EXPECT_NE(b->Output().find("replicad: stopped node=b after a failure (exit status 70)"), std::string::npos)
+      << b->Output();
+  EXPECT_EQ(a.Cli("ROLE").rfind("master", 0), 0u) << "the active should go on";
+  ASSERT_EQ(a.Cli("SET last one"), "OK\n");
+  ASSERT_TRUE(disk.Grow("256m"));
+  b = std::make_unique<Daemon>(dir, "b", follow);
+  ASSERT_TRUE(CaughtUp(a, *b));
+  EXPECT_EQ(b->Cli("GET last"), "one\n");
+  EXPECT_EQ(b->Cli("DBSIZE"), a.Cli("DBSIZE"));
+  EXPECT_EQ(b->Kill(SIGTERM), 0);
 }
 
 // Records as waldump prints them, by LSN, over [from, to].
