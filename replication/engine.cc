@@ -995,7 +995,14 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
   // wrote in: waiting may release mu_ (etcd calls), and a node demoted
   // meanwhile can apply another active's record at this LSN.
   const uint64_t term = epoch_.load();
-  REPLICA_ASSIGN_OR_RETURN(wal::Lsn lsn, wal_->Append(term, wal::RecordType::kData, batch.Encode()));
+  auto appended = wal_->Append(term, wal::RecordType::kData, batch.Encode());
+  if (!appended.ok()) {
+    // A log that can no longer be written (a full disk) refuses every write
+    // until reopened: the node fails, and with etcd another takes over.
+    if (Status broken = wal_->error(); !broken.ok()) Fail(broken.WithContext("the local WAL"));
+    return appended.status();
+  }
+  const wal::Lsn lsn = *appended;
   append_times_.Record(lsn, Clock::now());
   MutexLock l(&mu_);
   AdvanceCommit();
@@ -2775,6 +2782,7 @@ void EngineImpl::ReceiverLoop() {
       rx_cv_.SignalAll();  // room in the queue again
     }
     Status st;
+    Status fail;
     {
       ReaderLock store(&store_mu_);
       // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
@@ -2793,8 +2801,14 @@ void EngineImpl::ReceiverLoop() {
         SendAck(s);
       } else {
         st = last.status();
+        // Bad frames fail this session only; a log that can no longer be
+        // written fails the node (it would fail every session after it).
+        if (wal_) {
+          if (Status broken = wal_->error(); !broken.ok()) fail = broken.WithContext("the local WAL");
+        }
       }
     }
+    if (!fail.ok()) Fail(fail);
     if (!st.ok()) {
       RLOG(kError, "engine.receive_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
       s->Close(st);

@@ -117,9 +117,10 @@ int main(int argc, char** argv) {
     std::cout << desc << "\nSignals: SIGTERM or SIGINT shut the node down cleanly (with --etcd, its lease is\n"
               << "revoked, so that another node takes over at once).\n"
               << "Exit status: 0 after a clean shutdown; 1 when the node cannot start or stop\n"
-              << "cleanly; 2 for bad options; 70 when the node failed while running (its applier\n"
-              << "stopped on an error, or a snapshot install could not open the new data): it\n"
-              << "shuts down cleanly, and a restart retries or finishes the install.\n";
+              << "cleanly; 2 for bad options; 70 when the node failed while running (its WAL\n"
+              << "could not be written, e.g. a full disk; its applier stopped on an error; or a\n"
+              << "snapshot install could not open the new data): it steps down, shuts down\n"
+              << "cleanly, and a restart retries or finishes the install.\n";
     return 0;
   }
   LogLevel level;

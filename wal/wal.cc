@@ -992,6 +992,10 @@ Lsn Wal::durable_lsn() const {
   MutexLock l(&mu_);
   return durable_lsn_;
 }
+Status Wal::error() const {
+  MutexLock l(&mu_);
+  return bg_error_;
+}
 Epoch Wal::last_epoch() const {
   MutexLock l(&mu_);
   return history_.last_epoch();

@@ -185,6 +185,11 @@ class Wal {
   // by the segment's average record size (offsets of records are not indexed).
   uint64_t BytesAfter(Lsn lsn) const EXCLUDES(mu_);
   WalStats stats() const EXCLUDES(mu_);
+  // Non-OK once a write or fdatasync of the log failed (a full disk, an I/O
+  // error): from then on every append and sync is refused with it until the
+  // log is reopened. Refusals of one request (a stale epoch, bad raw frames)
+  // do not set it.
+  Status error() const EXCLUDES(mu_);
   const RecoveryReport& recovery() const { return recovery_; }
   const std::string& dir() const { return dir_; }
   const Options& options() const { return options_; }

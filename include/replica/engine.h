@@ -97,9 +97,9 @@ struct EngineOptions {
   uint64_t slot_max_bytes = 4ull << 30;
   // Called (from an internal thread) when the node's role changes.
   std::function<void(Role)> on_role_change;
-  // Called once, from an internal thread, when the node fails: its applier
-  // stopped on an error, or a snapshot install replaced its data but could
-  // not open the new data. A failed node steps down if it was the active,
+  // Called once, from an internal thread, when the node fails: its WAL can
+  // no longer be written (a full disk), its applier stopped on an error, or
+  // a snapshot install replaced its data but could not open the new data. A failed node steps down if it was the active,
   // stops following and never campaigns; reads and writes return the error
   // (EngineStatus::failure says it). Restarting the node (Close, then Open
   // on the same data_dir) retries, and finishes an interrupted install. The

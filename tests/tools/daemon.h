@@ -12,6 +12,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <regex>
 #include <string>
@@ -117,6 +118,27 @@ class Daemon {
   std::string out_;
   pid_t pid_ = -1;
   int repl_port_ = 0, client_port_ = 0, metrics_port_ = 0;
+};
+
+// A small tmpfs mounted for one test (root only), unmounted at the end.
+class TinyDisk {
+ public:
+  TinyDisk(const std::string& path, const std::string& size) : path_(path) {
+    std::filesystem::create_directories(path);
+    mounted_ = ::geteuid() == 0 && Shell("mount -t tmpfs -o size=" + size + " tmpfs " + path + " 2>&1; echo rc=$?")
+                                           .find("rc=0") != std::string::npos;
+  }
+  ~TinyDisk() {
+    if (mounted_) Shell("umount " + path_);
+  }
+  bool mounted() const { return mounted_; }
+  bool Grow(const std::string& size) {
+    return Shell("mount -o remount,size=" + size + " " + path_ + " 2>&1; echo rc=$?").find("rc=0") != std::string::npos;
+  }
+
+ private:
+  std::string path_;
+  bool mounted_ = false;
 };
 
 inline int Connect(int port) {

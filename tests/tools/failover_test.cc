@@ -522,6 +522,29 @@ TEST_F(FailoverTest, RepctlShowsAFailedNodeAndWillNotSwitchOverToIt) {
   (*arbiter)->Stop();
 }
 
+// An active whose WAL's disk fills can accept no write: the node fails,
+// steps down, shuts down with exit status 70, and a standby takes over.
+// Before, it kept the active role (and the lease) while refusing every write.
+TEST_F(FailoverTest, AnActiveWhoseDiskFillsHandsOverAndExitsWith70) {
+  test::TinyDisk disk(dir_.Sub("a") + "/wal", "2m");
+  if (!disk.mounted()) GTEST_SKIP() << "needs root and tmpfs to fill a disk";
+  auto a = Start("a");
+  ASSERT_EQ(WaitForOneActive({a.get()}), 0);
+  auto b = Start("b");
+  auto c = Start("c");
+  ASSERT_TRUE(test::CaughtUp(*a, *b));
+  // 6 MB of values; the active's log has room for 2.
+  test::Shell("redis-benchmark -h 127.0.0.1 -p " + std::to_string(a->client_port()) +
+              " -t set -d 1000 -r 100000 -c 4 -q -n 6000");
+  EXPECT_EQ(a->WaitExit(60s), 70) << a->Output();
+  EXPECT_NE(a->Output().find("after a failure (exit status 70)"), std::string::npos) << a->Output();
+  const int next = WaitForOneActive({b.get(), c.get()});
+  ASSERT_GE(next, 0) << "no standby took over";
+  Daemon* active = next == 0 ? b.get() : c.get();
+  EXPECT_EQ(active->Cli("SET after disk-full"), "OK\n");
+  EXPECT_EQ(active->Cli("GET after"), "disk-full\n");
+}
+
 TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
   std::vector<std::unique_ptr<Daemon>> d;
   for (const char* id : {"a", "b", "c"}) d.push_back(Start(id));

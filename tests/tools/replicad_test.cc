@@ -95,33 +95,12 @@ TEST(ReplicadTest, AcknowledgedWritesSurviveSigkill) {
   EXPECT_EQ(a.Cli("GET key19"), "v19\n");
 }
 
-// A small tmpfs mounted for one test (root only), unmounted at the end.
-class TinyDisk {
- public:
-  TinyDisk(const std::string& path, const std::string& size) : path_(path) {
-    std::filesystem::create_directories(path);
-    mounted_ = ::geteuid() == 0 && Shell("mount -t tmpfs -o size=" + size + " tmpfs " + path + " 2>&1; echo rc=$?")
-                                           .find("rc=0") != std::string::npos;
-  }
-  ~TinyDisk() {
-    if (mounted_) Shell("umount " + path_);
-  }
-  bool mounted() const { return mounted_; }
-  bool Grow(const std::string& size) {
-    return Shell("mount -o remount,size=" + size + " " + path_ + " 2>&1; echo rc=$?").find("rc=0") != std::string::npos;
-  }
-
- private:
-  std::string path_;
-  bool mounted_ = false;
-};
-
 // A standby whose RocksDB runs out of space cannot apply: the node fails,
 // replicad shuts down cleanly and exits with status 70 (for a supervisor to
 // restart it), and once there is room a restart applies the rest.
 TEST(ReplicadTest, AStandbyThatCannotApplyExitsWith70AndARestartCatchesUp) {
   test::TempDir dir;
-  TinyDisk disk(dir.Sub("b") + "/db", "2m");  // the standby's RocksDB only; its WAL has room
+  test::TinyDisk disk(dir.Sub("b") + "/db", "2m");  // the standby's RocksDB only; its WAL has room
   if (!disk.mounted()) GTEST_SKIP() << "needs root and tmpfs to fill a disk";
   Daemon a(dir, "a", "");
   const std::string follow = "--follow 127.0.0.1:" + std::to_string(a.repl_port());
