@@ -412,17 +412,20 @@ TEST(EngineTest, StandbyPastTheSlotCapIsResyncedReusingTheFilesItHolds) {
   ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
 }
 
+// A node whose role the fake cluster decides.
+EngineOptions ArbitratedNode(const TempDir& dir, test::FakeCluster* cluster, const std::string& id) {
+  EngineOptions o = Node(dir, id);
+  o.arbiter = std::make_shared<test::FakeArbiter>(cluster, id);
+  return o;
+}
+
 // Role changes driven by a fake arbiter, at the moments the test chooses: a
 // promotion, the old active stepping down when its lease ends, the new
 // active's epoch in the log, and the old active following it.
 TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   TempDir dir;
   test::FakeCluster cluster;
-  auto node = [&](const std::string& id) {
-    EngineOptions o = Node(dir, id);
-    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
-    return o;
-  };
+  auto node = [&](const std::string& id) { return ArbitratedNode(dir, &cluster, id); };
   std::vector<Role> a_roles;
   Mutex roles_mu;
   EngineOptions ao = node("a");
@@ -462,8 +465,7 @@ TEST(EngineTest, AFailedStandbyIsPassedOverInAnElection) {
   TempDir dir;
   test::FakeCluster cluster;
   auto node = [&](const std::string& id) {
-    EngineOptions o = Node(dir, id);
-    o.arbiter = std::make_shared<test::FakeArbiter>(&cluster, id);
+    EngineOptions o = ArbitratedNode(dir, &cluster, id);
     o.lease_ttl = 30s;
     return o;
   };
