@@ -124,6 +124,29 @@ TEST(ReplicadTest, AStandbyThatCannotApplyExitsWith70AndARestartCatchesUp) {
   EXPECT_EQ(b->Kill(SIGTERM), 0);
 }
 
+// The same when the standby's own WAL runs out of room: what the active
+// ships cannot be stored, the node fails (it used to reconnect and fail
+// again forever), and a restart with room catches up.
+TEST(ReplicadTest, AStandbyWhoseWalDiskFillsExitsWith70AndARestartCatchesUp) {
+  test::TempDir dir;
+  test::TinyDisk disk(dir.Sub("b") + "/wal", "2m");
+  if (!disk.mounted()) GTEST_SKIP() << "needs root and tmpfs to fill a disk";
+  Daemon a(dir, "a", "");
+  const std::string follow = "--follow 127.0.0.1:" + std::to_string(a.repl_port());
+  auto b = std::make_unique<Daemon>(dir, "b", follow);
+  Shell("redis-benchmark -h 127.0.0.1 -p " + std::to_string(a.client_port()) +
+        " -t set -d 1000 -r 100000 -c 4 -q -n 6000");
+  EXPECT_EQ(b->WaitExit(60s), 70) << b->Output();
+  EXPECT_NE(b->Output().find("after a failure (exit status 70)"), std::string::npos) << b->Output();
+  ASSERT_EQ(a.Cli("SET last one"), "OK\n");
+  ASSERT_TRUE(disk.Grow("256m"));
+  b = std::make_unique<Daemon>(dir, "b", follow);
+  ASSERT_TRUE(CaughtUp(a, *b));
+  EXPECT_EQ(b->Cli("GET last"), "one\n");
+  EXPECT_EQ(b->Cli("DBSIZE"), a.Cli("DBSIZE"));
+  EXPECT_EQ(b->Kill(SIGTERM), 0);
+}
+
 // Records as waldump prints them, by LSN, over [from, to].
 std::map<uint64_t, std::string> WalRecords(const std::string& wal_dir, uint64_t* first, uint64_t* last) {
   std::map<uint64_t, std::string> out;
