@@ -133,6 +133,9 @@ class EtcdArbiter final : public Arbiter {
   Status Resign(const std::string& id) override {
     REPLICA_ASSIGN_OR_RETURN(auto kv, client_->Get(prefix_ + "active"));
     if (!kv) return Status::OK();
+    // Another node's key is not this node's to free (a key that does not
+    // parse is nobody's: it goes).
+    if (auto holder = ActiveInfo::FromJson(kv->value); holder.ok() && holder->id != id) return Status::OK();
     REPLICA_ASSIGN_OR_RETURN(auto r, client_->Txn({{prefix_ + "active", etcd::Compare::Target::kModRevision,
                                                     etcd::Compare::Result::kEqual, kv->mod_revision, {}}},
                                                   {etcd::Op::Delete(prefix_ + "active")}, {}));

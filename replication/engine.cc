@@ -384,6 +384,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // A snapshot install closed the old storage and could not open the new:
   // wal_ and db_ are null from then on, until the node is reopened.
   std::atomic<bool> storage_lost_{false};
+  std::atomic<bool> failed_{false};  // failure_ is set (read without mu_)
+  // Set once Init opened the storage: Close has threads to join and files to
+  // close (wal_ alone cannot tell: an install swaps it under store_mu_).
+  std::atomic<bool> opened_{false};
   // Keyed by node id: a reconnecting standby replaces its old session, so one
   // node is never counted twice toward the commit rule.
   std::map<std::string, std::shared_ptr<Standby>> standbys_ GUARDED_BY(mu_);
@@ -499,6 +503,19 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // The node cannot go on (see EngineOptions::on_failure): records why,
   // wakes every waiter, tells the role loop and the host.
   void Fail(const Status& why) EXCLUDES(mu_);
+  // The epoch of the local log's last record; nullopt once the storage was
+  // lost (such a node never campaigns).
+  std::optional<wal::Epoch> LogEpoch() const EXCLUDES(mu_) {
+    ReaderLock store(&store_mu_);
+    if (!wal_) return std::nullopt;
+    return wal_->last_epoch();
+  }
+  // Reads refuse once the node failed, like writes (the data may be stale).
+  Status FailedStatus() const EXCLUDES(mu_) {
+    if (!failed_.load()) return Status::OK();
+    MutexLock l(&mu_);
+    return failure_;
+  }
   // Why db_ is closed: the failure that lost the storage, or Close.
   Status StorageGone() const EXCLUDES(mu_) {
     MutexLock l(&mu_);
@@ -542,6 +559,7 @@ Status EngineImpl::Init() {
   REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(opts_.data_dir, "checkpoints")));
   REPLICA_RETURN_IF_ERROR(LoadSlots());
   REPLICA_RETURN_IF_ERROR(OpenStorage());
+  opened_.store(true);
   const bool ha = !opts_.etcd.empty() || opts_.arbiter != nullptr;
   role_ = !ha && opts_.follow.empty() ? Role::kActive : Role::kStandby;
   {
@@ -563,7 +581,6 @@ Status EngineImpl::Init() {
                              << " last_lsn=" << wal_->last_lsn() << " applied_lsn=" << status().applied_lsn
                              << " listen=" << opts_.listen_host << ":" << port_ << " commit=" << opts_.commit.ToString()
                              << " fallback=" << opts_.commit_fallback;
-  StartApplier();
   if (opts_.arbiter) {
     arbiter_ = opts_.arbiter;
     REPLICA_RETURN_IF_ERROR_CTX(arbiter_->Start(MyInfo()), "register with the arbiter");
@@ -576,6 +593,7 @@ Status EngineImpl::Init() {
     REPLICA_ASSIGN_OR_RETURN(arbiter_, NewEtcdArbiter(ao));
     REPLICA_RETURN_IF_ERROR_CTX(arbiter_->Start(MyInfo()), "register with etcd");
   }
+  StartApplier();  // after arbiter_ is set: a failing applier reads it (Fail)
   if (role_ == Role::kStandby) {
     receiver_ = NamedThread("receiver", [this] { ReceiverLoop(); });
     follower_ = NamedThread("follower", [this] { FollowerLoop(); });
@@ -1096,6 +1114,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
 }
 
 Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
+  REPLICA_RETURN_IF_ERROR(FailedStatus());
   ReaderLock store(&store_mu_);
   if (db_closed_.load()) return StorageGone();
   std::string value;
@@ -1133,6 +1152,7 @@ Result<StatedRead> EngineImpl::ReadWithStaleness(const std::string& key,
 }
 
 Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const std::string& start, size_t limit) {
+  REPLICA_RETURN_IF_ERROR(FailedStatus());
   ReaderLock store(&store_mu_);
   if (db_closed_.load()) return StorageGone();
   std::vector<std::pair<std::string, std::string>> out;
@@ -1829,10 +1849,17 @@ void EngineImpl::RoleLoop() {
     }
     if (!failed.ok()) {
       // A failed node never campaigns; an active hands the role on. Its
-      // session says so, for repctl and for the others' elections.
-      Demote("the node failed: " + failed.ToString());
-      (void)arbiter_->Resign(opts_.node_id);
-      (void)arbiter_->Publish(MyInfo());
+      // session says so, for repctl and for the others' elections (which
+      // would otherwise wait for it): published until etcd takes it.
+      if (role_.load() == Role::kActive) {
+        Demote("the node failed: " + failed.ToString());
+        (void)arbiter_->Resign(opts_.node_id);
+      }
+      while (!arbiter_->Publish(MyInfo()).ok()) {
+        MutexLock l(&mu_);
+        if (closing_) return;
+        cv_.WaitUntil(Clock::now() + 200ms);
+      }
       return;
     }
     const auto now = Clock::now();
@@ -1904,7 +1931,10 @@ void EngineImpl::RoleLoop() {
       // (a forced promotion ignores eligibility: acknowledged writes may be lost).
       RLOG(kWarn, "engine.operator_promotion") << "node=" << opts_.node_id
                                                << (forced == opts_.node_id ? " (promote --force)" : " (switchover)");
-      auto won = arbiter_->Campaign(MyInfo(), wal_->last_epoch());
+      const NodeInfo me = MyInfo();
+      const std::optional<wal::Epoch> log_epoch = LogEpoch();
+      auto won = log_epoch && me.failure.empty() ? arbiter_->Campaign(me, *log_epoch)
+                                                 : Result<std::optional<uint64_t>>(std::optional<uint64_t>());
       if (won.ok() && *won) {
         Status st = Promote(**won);
         if (!st.ok()) {
@@ -2050,8 +2080,10 @@ void EngineImpl::RoleLoop() {
         }
         if (!eligible(me.id)) {
           RLOG(kDebug, "engine.not_eligible") << "node=" << opts_.node_id;
+        } else if (!me.failure.empty() || !LogEpoch()) {
+          // Failed meanwhile: the loop's next pass steps aside for good.
         } else if (ahead == 0 || now - vacancy_seen >= kSettle + opts_.lease_ttl + 1s) {
-          auto won = arbiter_->Campaign(me, wal_->last_epoch());
+          auto won = arbiter_->Campaign(me, *LogEpoch());
           if (won.ok() && *won) {
             vacancy_seen = Clock::time_point();
             final_epoch_ = 0;
@@ -2126,6 +2158,8 @@ Status EngineImpl::Promote(uint64_t epoch) {
     const auto deadline = Clock::now() + 5s;
     while (upstream_ && !closing_ && Clock::now() < deadline) cv_.WaitUntil(deadline);
     if (upstream_) return Status::TimedOut("the upstream session did not end");
+    // A snapshot install may have failed meanwhile (and taken the storage).
+    if (!failure_.ok()) return failure_;
   }
   DrainReceiver();
   // Apply everything received (it is all in the new active's history now).
@@ -2267,10 +2301,13 @@ void EngineImpl::Demote(const std::string& reason) {
 }
 
 void EngineImpl::Fail(const Status& why) {
+  bool closing;
   {
     MutexLock l(&mu_);
     if (!failure_.ok()) return;
     failure_ = why;
+    failed_.store(true);
+    closing = closing_;
     WakeAllWaiters();
     WakeAllWriters();
     acks_cv_.SignalAll();
@@ -2279,7 +2316,8 @@ void EngineImpl::Fail(const Status& why) {
   RLOG(kError, "engine.failed") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " error=\""
                                 << why.ToString() << "\" (restart the node)";
   if (arbiter_) arbiter_->Kick();  // the role loop steps down
-  if (opts_.on_failure) opts_.on_failure(why);
+  // Not while the host is closing the engine: it is stopping it already.
+  if (opts_.on_failure && !closing) opts_.on_failure(why);
 }
 
 Status EngineImpl::RewindTo(wal::Lsn to) {
@@ -3195,7 +3233,7 @@ void EngineImpl::Interrupt() {
 Status EngineImpl::Close() {
   {
     MutexLock l(&mu_);
-    if (close_started_ || (!wal_ && !storage_lost_.load())) return Status::OK();
+    if (close_started_ || (!opened_.load() && !wal_)) return Status::OK();
     close_started_ = true;
     closing_ = true;
     for (auto& [_, sb] : standbys_) sb->stop.store(true);

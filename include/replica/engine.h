@@ -103,7 +103,8 @@ struct EngineOptions {
   // stops following and never campaigns; reads and writes return the error
   // (EngineStatus::failure says it). Restarting the node (Close, then Open
   // on the same data_dir) retries, and finishes an interrupted install. The
-  // callback must not call Close itself (signal a thread that does).
+  // callback must not call Close itself (signal a thread that does); it is
+  // not called once Interrupt or Close has begun.
   std::function<void(const Status&)> on_failure;
   // Tests: called at named steps: "install.reopen" (a snapshot install has
   // replaced the data; the new data is about to be opened) and "apply" (the

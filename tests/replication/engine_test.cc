@@ -492,6 +492,9 @@ TEST(EngineTest, AFailedStandbyIsPassedOverInAnElection) {
   ASSERT_TRUE(Eventually([&] { return !b->status().failure.empty(); }));
   EXPECT_NE(b->status().failure.find("injected"), std::string::npos) << b->status().failure;
   EXPECT_EQ(b->status().durable_lsn, last);
+  auto stale = b->Get("key1");  // its data is intact but no longer kept up: not served
+  ASSERT_FALSE(stale.ok());
+  EXPECT_NE(stale.status().ToString().find("injected"), std::string::npos) << stale.status().ToString();
   ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
   test::FakeArbiter reader(&cluster, "reader");
   ASSERT_TRUE(Eventually([&] {

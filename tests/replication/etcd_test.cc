@@ -172,6 +172,11 @@ TEST_F(EtcdTest, ArbiterCampaignHasOneWinnerAndTheEpochGrows) {
   EXPECT_EQ((*active)->id, "a");
   EXPECT_EQ((*active)->epoch, 1u);
   EXPECT_EQ(b->GetNodes()->size(), 2u);
+  // b resigning frees only its own key: a stays the active. (A failed
+  // standby resigned once and, before, deleted the healthy active's key.)
+  ASSERT_TRUE(b->Resign("b").ok());
+  ASSERT_TRUE(b->GetActive()->has_value()) << "b's resignation deleted a's key";
+  EXPECT_EQ((*b->GetActive())->id, "a");
   // a goes away (its lease revoked): b sees the change and wins the next
   // epoch, never lower than what its own log has seen.
   const auto before = std::chrono::steady_clock::now();
