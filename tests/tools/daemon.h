@@ -4,8 +4,10 @@
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -90,17 +92,18 @@ class Daemon {
   // Waits up to `limit` for the process to end on its own: its exit code
   // (or 128 + signal), or -1 if it still runs.
   int WaitExit(Clock::duration limit) {
-    const auto deadline = Clock::now() + limit;
-    while (pid_ > 0) {
-      int st = 0;
-      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-      }
-      if (Clock::now() >= deadline) return -1;
-      std::this_thread::sleep_for(20ms);  // another process's exit; polled like its ready line
-    }
-    return -1;
+    if (pid_ <= 0) return -1;
+    // A pidfd becomes readable when the process ends: poll it with the limit.
+    const int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));
+    if (fd < 0) return -1;
+    pollfd p{fd, POLLIN, 0};
+    const int ready =
+        ::poll(&p, 1, static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(limit).count()));
+    ::close(fd);
+    int st = 0;
+    if (ready != 1 || ::waitpid(pid_, &st, 0) != pid_) return -1;
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   }
   // What it printed on stdout so far.
   std::string Output() const {
