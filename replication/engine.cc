@@ -284,7 +284,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // in the WAL, so RocksDB never gets ahead of the log (under wal_sync
   // "none" nothing is promised: the last written LSN).
   wal::Lsn LocalDurable() const {
-    if (!wal_) return 0;  // the storage was lost (storage_lost_)
+    if (!wal_) return 0;  // a failed snapshot install lost the storage
     return wal_->options().sync_policy == wal::SyncPolicy::kNone ? wal_->last_lsn() : wal_->durable_lsn();
   }
   void SendSubscribe(const std::shared_ptr<transport::Session>& s);
@@ -378,12 +378,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   bool closing_ GUARDED_BY(mu_) = false;   // Interrupt or Close began
   bool close_started_ GUARDED_BY(mu_) = false;
   std::atomic<bool> db_closed_{false};
-  // Set once (Fail): the applier stopped on an error, or a snapshot install
-  // lost the storage. Every wait returns it.
+  // Set once (Fail): the WAL can no longer be written, the applier stopped
+  // on an error, or a snapshot install lost the storage (wal_ and db_ are
+  // null from then on, until the node is reopened). Every wait returns it.
   Status failure_ GUARDED_BY(mu_);
-  // A snapshot install closed the old storage and could not open the new:
-  // wal_ and db_ are null from then on, until the node is reopened.
-  std::atomic<bool> storage_lost_{false};
   std::atomic<bool> failed_{false};  // failure_ is set (read without mu_)
   // Set once Init opened the storage: Close has threads to join and files to
   // close (wal_ alone cannot tell: an install swaps it under store_mu_).
@@ -503,9 +501,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // The node cannot go on (see EngineOptions::on_failure): records why,
   // wakes every waiter, tells the role loop and the host.
   void Fail(const Status& why) EXCLUDES(mu_);
-  // The epoch of the local log's last record; nullopt once the storage was
-  // lost (such a node never campaigns).
-  std::optional<wal::Epoch> LogEpoch() const EXCLUDES(mu_) {
+  // The epoch a campaign of `me` starts from (its log's last); nullopt if
+  // it has failed or lost its storage: such a node never campaigns.
+  std::optional<wal::Epoch> CampaignEpoch(const NodeInfo& me) const EXCLUDES(mu_) {
+    if (!me.failure.empty()) return std::nullopt;
     ReaderLock store(&store_mu_);
     if (!wal_) return std::nullopt;
     return wal_->last_epoch();
@@ -519,7 +518,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // Why db_ is closed: the failure that lost the storage, or Close.
   Status StorageGone() const EXCLUDES(mu_) {
     MutexLock l(&mu_);
-    return storage_lost_.load() && !failure_.ok() ? failure_ : Status::Aborted("the engine is closed");
+    return failure_.ok() ? Status::Aborted("the engine is closed") : failure_;
   }
   void SendFences(uint64_t epoch);
   // Self-fencing: false once the lease may have expired at etcd.
@@ -551,6 +550,12 @@ Status EngineImpl::Init() {
                                    std::to_string(opts_.wal_sync_interval.count()) + " ms");
   }
   wal_options_.sync_interval = opts_.wal_sync_interval;
+  // A log that can no longer be written (a full disk) refuses every append
+  // until reopened, whoever appends (a writer, the receiver, the interval
+  // sync): the node fails, and with etcd another takes over. Called outside
+  // the Wal's lock; an appender may hold store_mu_ (shared), which comes
+  // before mu_.
+  wal_options_.on_error = [this](const Status& st) { Fail(st.WithContext("the local WAL")); };
   wal_options_.segment_size = opts_.wal_segment_size;
   wal_options_.retention_bytes = opts_.wal_keep_bytes;
   REPLICA_RETURN_IF_ERROR(Env::Default()->CreateDirIfMissing(opts_.data_dir));
@@ -1013,14 +1018,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
   // wrote in: waiting may release mu_ (etcd calls), and a node demoted
   // meanwhile can apply another active's record at this LSN.
   const uint64_t term = epoch_.load();
-  auto appended = wal_->Append(term, wal::RecordType::kData, batch.Encode());
-  if (!appended.ok()) {
-    // A log that can no longer be written (a full disk) refuses every write
-    // until reopened: the node fails, and with etcd another takes over.
-    if (Status broken = wal_->error(); !broken.ok()) Fail(broken.WithContext("the local WAL"));
-    return appended.status();
-  }
-  const wal::Lsn lsn = *appended;
+  REPLICA_ASSIGN_OR_RETURN(wal::Lsn lsn, wal_->Append(term, wal::RecordType::kData, batch.Encode()));
   append_times_.Record(lsn, Clock::now());
   MutexLock l(&mu_);
   AdvanceCommit();
@@ -1734,6 +1732,7 @@ Status EngineImpl::InstallSnapshot() {
     const std::string wal_dir = snapshot::StagingWal(opts_.data_dir);
     REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(wal_dir));
     wal::Options wo = wal_options_;
+    wo.on_error = nullptr;  // a failed staging log fails this install only
     wo.start_lsn = offer.seed_first_lsn();
     wo.initial_history = *history;
     REPLICA_ASSIGN_OR_RETURN(auto wal, wal::Wal::Open(wal_dir, wo));
@@ -1767,7 +1766,6 @@ Status EngineImpl::InstallSnapshot() {
       // Whatever happened, a restart finishes or discards the install
       // (RecoverInstall); until then the node has no storage.
       CloseStorage();  // whatever the failed open left open
-      storage_lost_.store(true);
       RLOG(kError, "engine.resync_install_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString()
                                                    << "\" (the node has failed; restart it to finish the install)";
     }
@@ -1841,13 +1839,11 @@ void EngineImpl::RoleLoop() {
   constexpr auto kSettle = 50ms;
   for (;;) {
     const uint64_t seen = arbiter_->changes();
-    Status failed;
     {
       MutexLock l(&mu_);
       if (closing_) return;
-      failed = failure_;
     }
-    if (!failed.ok()) {
+    if (const Status failed = FailedStatus(); !failed.ok()) {
       // A failed node never campaigns; an active hands the role on. Its
       // session says so, for repctl and for the others' elections (which
       // would otherwise wait for it): published until etcd takes it.
@@ -1932,9 +1928,8 @@ void EngineImpl::RoleLoop() {
       RLOG(kWarn, "engine.operator_promotion") << "node=" << opts_.node_id
                                                << (forced == opts_.node_id ? " (promote --force)" : " (switchover)");
       const NodeInfo me = MyInfo();
-      const std::optional<wal::Epoch> log_epoch = LogEpoch();
-      auto won = log_epoch && me.failure.empty() ? arbiter_->Campaign(me, *log_epoch)
-                                                 : Result<std::optional<uint64_t>>(std::optional<uint64_t>());
+      const std::optional<wal::Epoch> from = CampaignEpoch(me);
+      auto won = from ? arbiter_->Campaign(me, *from) : Result<std::optional<uint64_t>>(std::nullopt);
       if (won.ok() && *won) {
         Status st = Promote(**won);
         if (!st.ok()) {
@@ -2080,10 +2075,10 @@ void EngineImpl::RoleLoop() {
         }
         if (!eligible(me.id)) {
           RLOG(kDebug, "engine.not_eligible") << "node=" << opts_.node_id;
-        } else if (!me.failure.empty() || !LogEpoch()) {
+        } else if (const auto from = CampaignEpoch(me); !from) {
           // Failed meanwhile: the loop's next pass steps aside for good.
         } else if (ahead == 0 || now - vacancy_seen >= kSettle + opts_.lease_ttl + 1s) {
-          auto won = arbiter_->Campaign(me, *LogEpoch());
+          auto won = arbiter_->Campaign(me, *from);
           if (won.ok() && *won) {
             vacancy_seen = Clock::time_point();
             final_epoch_ = 0;
@@ -2820,7 +2815,6 @@ void EngineImpl::ReceiverLoop() {
       rx_cv_.SignalAll();  // room in the queue again
     }
     Status st;
-    Status fail;
     {
       ReaderLock store(&store_mu_);
       // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
@@ -2839,14 +2833,8 @@ void EngineImpl::ReceiverLoop() {
         SendAck(s);
       } else {
         st = last.status();
-        // Bad frames fail this session only; a log that can no longer be
-        // written fails the node (it would fail every session after it).
-        if (wal_) {
-          if (Status broken = wal_->error(); !broken.ok()) fail = broken.WithContext("the local WAL");
-        }
       }
     }
-    if (!fail.ok()) Fail(fail);
     if (!st.ok()) {
       RLOG(kError, "engine.receive_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
       s->Close(st);

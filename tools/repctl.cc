@@ -69,8 +69,9 @@ const NodeInfo* Find(const Cluster& c, const std::string& id) {
   return nullptr;
 }
 
-bool Eligible(const Cluster& c, const std::string& id) {
-  return !c.sync || std::find(c.sync->begin(), c.sync->end(), id) != c.sync->end();
+// May campaign if there were no active: not failed, and listed (or no list).
+bool Eligible(const Cluster& c, const NodeInfo& n) {
+  return n.failure.empty() && (!c.sync || std::find(c.sync->begin(), c.sync->end(), n.id) != c.sync->end());
 }
 
 int PrintStatus(Arbiter* a, bool as_json) {
@@ -105,7 +106,7 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                           {"lag_ms", is_active ? boost::json::value(0)
                                                      : lag_ms(n.id) ? boost::json::value(*lag_ms(n.id))
                                                                     : boost::json::value(nullptr)},
-                                          {"eligible", !is_active && n.failure.empty() && Eligible(c, n.id)},
+                                          {"eligible", !is_active && Eligible(c, n)},
                                           {"commit", n.commit},
                                           {"wal_first_lsn", n.wal_first_lsn},
                                           {"wal_bytes", n.wal_bytes},
@@ -140,7 +141,7 @@ int PrintStatus(Arbiter* a, bool as_json) {
                 static_cast<unsigned long long>(n.last_lsn), static_cast<unsigned long long>(n.durable_lsn),
                 static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag), bytes_text.c_str(),
                 ms_text.c_str(),
-                is_active ? "-" : (n.failure.empty() && Eligible(c, n.id) ? "yes" : "no"), n.address.c_str(),
+                is_active ? "-" : (Eligible(c, n) ? "yes" : "no"), n.address.c_str(),
                 n.client_address.empty() ? "-" : n.client_address.c_str());
   }
   if (c.nodes.empty()) {

@@ -328,11 +328,14 @@ Status Wal::Submit(Op* op) {
   // stream of newcomers taking the (unfair) writer lock first.
   if (options_.sync_policy != SyncPolicy::kEveryCommit && (op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw) &&
       queued_.load(std::memory_order_acquire) == 0) {
-    MutexLock w(&write_mu_);
-    MutexLock l(&mu_);
-    REPLICA_RETURN_IF_ERROR(Admissible());
-    Op* group[1] = {op};
-    RunGroup(op, group, /*queued=*/false);
+    {
+      MutexLock w(&write_mu_);
+      MutexLock l(&mu_);
+      REPLICA_RETURN_IF_ERROR(Admissible());
+      Op* group[1] = {op};
+      RunGroup(op, group, /*queued=*/false);
+    }
+    ReportError();
     return op->status;
   }
   bool run;  // this thread runs the next group
@@ -436,7 +439,27 @@ Status Wal::Lead(Op* leader) {
   // (it waits only for the queue to drain): the Wal must outlive every
   // Append call still running, this leader's included, as any method call.
   turns_.Bump();
+  ReportError();
   return leader->status;
+}
+
+void Wal::SetError(const Status& st) {
+  if (!bg_error_.ok()) return;
+  RLOG(kError, "wal.write_failed") << "dir=" << dir_ << " error=\"" << st.ToString()
+                                  << "\" (appends refused until reopened)";
+  bg_error_ = st;
+  error_unreported_.store(true, std::memory_order_release);
+}
+
+void Wal::ReportError() {
+  if (!error_unreported_.load(std::memory_order_acquire)) return;
+  Status st;
+  {
+    MutexLock l(&mu_);
+    if (!error_unreported_.exchange(false)) return;  // another thread reports it
+    st = bg_error_;
+  }
+  if (options_.on_error) options_.on_error(st);
 }
 
 void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
@@ -575,11 +598,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
   if (!st.ok() && !mutated) {
     leader->status = st;  // refused before touching anything: not sticky
   } else if (!st.ok()) {
-    if (bg_error_.ok()) {
-      RLOG(kError, "wal.write_failed") << "dir=" << dir_ << " error=\"" << st.ToString()
-                                      << "\" (appends refused until reopened)";
-      bg_error_ = st;
-    }
+    SetError(st);
     // Every op of the group fails with it, admitted or not (a group that
     // starts after an earlier failure admits nothing), unless it already
     // carries its own refusal.
@@ -903,7 +922,10 @@ void Wal::SyncLoop() {
     const auto took = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - start);
     mu_.Lock();
     if (!st.ok()) {
-      if (bg_error_.ok()) bg_error_ = st;
+      SetError(st);
+      mu_.Unlock();
+      ReportError();
+      mu_.Lock();
       continue;
     }
     // A truncation in the meantime makes `target` meaningless.
@@ -992,10 +1014,7 @@ Lsn Wal::durable_lsn() const {
   MutexLock l(&mu_);
   return durable_lsn_;
 }
-Status Wal::error() const {
-  MutexLock l(&mu_);
-  return bg_error_;
-}
+
 Epoch Wal::last_epoch() const {
   MutexLock l(&mu_);
   return history_.last_epoch();

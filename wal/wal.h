@@ -31,6 +31,7 @@
 #include <atomic>
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -81,6 +82,12 @@ struct Options {
   bool read_only = false;
   // Upper bound on the bytes one group commit writes.
   size_t max_group_bytes = 4u << 20;
+  // Called once, outside the log's locks, when a write or fdatasync fails
+  // and the log starts refusing every append and sync until it is reopened
+  // (a full disk, an I/O error), from the thread that saw it: an appender,
+  // or the interval-sync thread. Refusals of one request (a stale epoch, bad
+  // raw frames) are not such failures.
+  std::function<void(const Status&)> on_error;
 };
 
 // What Open found and did.
@@ -185,11 +192,6 @@ class Wal {
   // by the segment's average record size (offsets of records are not indexed).
   uint64_t BytesAfter(Lsn lsn) const EXCLUDES(mu_);
   WalStats stats() const EXCLUDES(mu_);
-  // Non-OK once a write or fdatasync of the log failed (a full disk, an I/O
-  // error): from then on every append and sync is refused with it until the
-  // log is reopened. Refusals of one request (a stale epoch, bad raw frames)
-  // do not set it.
-  Status error() const EXCLUDES(mu_);
   const RecoveryReport& recovery() const { return recovery_; }
   const std::string& dir() const { return dir_; }
   const Options& options() const { return options_; }
@@ -275,6 +277,12 @@ class Wal {
   Lsn retention_floor_ GUARDED_BY(mu_) = UINT64_MAX;
   std::atomic<uint64_t> generation_{0};  // bumped by Truncate; readers check it on every call
   Status bg_error_ GUARDED_BY(mu_);
+  // Sets bg_error_ (the first failure only) and marks it for ReportError.
+  void SetError(const Status& st) REQUIRES(mu_);
+  // Calls options_.on_error once for bg_error_, if it is set and not yet
+  // reported; cheap otherwise.
+  void ReportError() EXCLUDES(mu_);
+  std::atomic<bool> error_unreported_{false};
   // Group commit sizing. With closed-loop appenders, back-to-back fsyncs split
   // them into two alternating cohorts; so a leader waits (at most half an
   // fdatasync) until as many ops are queued as were in flight when the last

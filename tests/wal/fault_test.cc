@@ -3,7 +3,9 @@
 // recoverable with every acknowledged record.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cerrno>
+#include <future>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -117,6 +119,41 @@ TEST(FaultTest, FailedSyncIsSticky) {
   // After a failed fsync the page cache cannot be trusted: stay failed.
   EXPECT_EQ(wal->Append(1, RecordType::kData, "x").status().sys_errno(), EIO);
   EXPECT_EQ(wal->durable_lsn(), 1u);
+}
+
+// The first write or fdatasync that fails is reported through on_error,
+// once, outside the log's locks (the callback reads the log), whichever
+// thread saw it: the appender under `every`, the sync thread under
+// `interval` (where appends return before their sync).
+TEST(FaultTest, AFailedWriteOrSyncIsReportedOnceOutsideTheLocks) {
+  using namespace std::chrono_literals;
+  for (SyncPolicy policy : {SyncPolicy::kEveryCommit, SyncPolicy::kInterval}) {
+    SCOPED_TRACE(SyncPolicyName(policy));
+    TempDir dir;
+    FaultInjectionEnv env(Env::Default());
+    Options o = Opts(&env);
+    o.sync_policy = policy;
+    o.sync_interval = 1ms;
+    std::promise<Status> reported;
+    std::atomic<int> calls{0};
+    std::atomic<Wal*> log{nullptr};
+    o.on_error = [&](const Status& st) {
+      (void)log.load()->durable_lsn();  // takes the log's lock: would deadlock under it
+      if (calls.fetch_add(1) == 0) reported.set_value(st);
+    };
+    auto wal = OpenOrDie(dir.path(), o);
+    log = wal.get();
+    ASSERT_TRUE(wal->Append(1, RecordType::kData, "ok").ok());
+    env.SetSyncFails(true);
+    auto append = std::async(std::launch::async, [&] { return wal->Append(1, RecordType::kData, "lost").status(); });
+    auto got = reported.get_future();
+    ASSERT_EQ(got.wait_for(10s), std::future_status::ready) << "no failure reported";
+    EXPECT_EQ(got.get().sys_errno(), EIO);
+    ASSERT_EQ(append.wait_for(10s), std::future_status::ready);
+    env.SetSyncFails(false);
+    EXPECT_EQ(wal->Append(1, RecordType::kData, "x").status().sys_errno(), EIO) << "the failure should stick";
+    EXPECT_EQ(calls.load(), 1);
+  }
 }
 
 // Power loss at every point of a run of appends that rolls segments: after
