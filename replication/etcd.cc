@@ -7,6 +7,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
+#include <future>
 
 #include "base/log.h"
 
@@ -445,7 +446,13 @@ Result<std::unique_ptr<Watch>> Client::StartWatch(const std::string& key, bool p
     MutexLock l(&state->mu);
     state->connected = true;
   }
-  w->thread_ = std::thread([state, on_event = std::move(on_event), on_error = std::move(on_error), endpoint] {
+  // "From now" holds only once etcd has registered the watch: until its
+  // created message, a put would not be reported. So return only then.
+  auto created = std::make_shared<std::promise<Status>>();
+  std::future<Status> created_future = created->get_future();
+  w->thread_ = std::thread([state, created, on_event = std::move(on_event), on_error = std::move(on_error),
+                            endpoint] {
+    bool confirmed = false;
     beast::flat_buffer buffer;
     http::response_parser<http::empty_body> parser;
     parser.body_limit(boost::none);
@@ -472,6 +479,15 @@ Result<std::unique_ptr<Watch>> Client::StartWatch(const std::string& key, bool p
         if (r.find("canceled") != r.end()) {
           error = Status::Aborted("etcd canceled the watch: " + Str(r, "cancel_reason"));
           break;
+        }
+        if (!confirmed) {
+          auto c = r.find("created");
+          if (c == r.end() || !c->value().is_bool() || !c->value().as_bool()) {
+            error = Status::IOError("etcd watch: the first message did not confirm the watch: " + line);
+            break;
+          }
+          confirmed = true;
+          created->set_value(Status::OK());
         }
         const int64_t revision = HeaderRevision(r);
         auto evs = r.find("events");
@@ -512,8 +528,18 @@ Result<std::unique_ptr<Watch>> Client::StartWatch(const std::string& key, bool p
       error = ec ? Status::IOError("etcd watch on " + endpoint + ": " + ec.message())
                  : Status::Aborted("etcd watch on " + endpoint + " ended");
     }
+    if (!confirmed) {
+      created->set_value(error);  // StartWatch returns it; on_error is for a confirmed watch
+      return;
+    }
     if (!state->stopped.load()) on_error(error);
   });
+  if (created_future.wait_for(options_.timeout) != std::future_status::ready) {
+    w->Stop();
+    return Status::IOError("etcd watch on " + endpoint + ": not confirmed within " +
+                           std::to_string(options_.timeout.count()) + " ms");
+  }
+  REPLICA_RETURN_IF_ERROR(created_future.get());
   return w;
 }
 

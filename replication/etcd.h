@@ -105,8 +105,10 @@ class Client {
   Status LeaseRevoke(int64_t lease);
 
   // Starts watching key (or every key under it, if prefix) from revision
-  // start_revision (0: from now). on_event runs on the watch's thread; on_error
-  // once if the stream breaks (the caller decides whether to watch again).
+  // start_revision (0: from now). Returns once etcd has confirmed the watch,
+  // so that every change after the return is reported. on_event runs on the
+  // watch's thread; on_error once if the stream breaks later (the caller
+  // decides whether to watch again).
   Result<std::unique_ptr<Watch>> StartWatch(const std::string& key, bool prefix, int64_t start_revision,
                                             std::function<void(const WatchEvent&, int64_t revision)> on_event,
                                             std::function<void(const Status&)> on_error);
