@@ -33,9 +33,19 @@ class WritableFile {
   // Makes appended data durable (fdatasync).
   virtual Status Sync() = 0;
   virtual Status Close() = 0;
-  // Bytes in the file, including what this object appended. May be called
+  // The write position: the file's size when opened plus what this object
+  // appended (space reserved by Preallocate is not counted). May be called
   // from another thread while one appends (it may then lag that append).
   virtual uint64_t Size() const = 0;
+  // Reserves disk blocks so that the file is at least `size` bytes long; the
+  // reserved bytes read as zeros and the write position does not move.
+  // Appending into reserved space makes fdatasync cheaper (the file's size
+  // and block map need not be journalled each time). Files that cannot do it
+  // return OK and reserve nothing.
+  virtual Status Preallocate(uint64_t size) {
+    (void)size;
+    return Status::OK();
+  }
 };
 
 class RandomAccessFile {

@@ -99,6 +99,14 @@ class PosixWritableFile final : public WritableFile {
 
   uint64_t Size() const override { return size_.load(std::memory_order_relaxed); }
 
+  Status Preallocate(uint64_t size) override {
+    // Mode 0: the file's size grows too, so that writes into the space are
+    // overwrites. The fd has no O_APPEND, so its position stays put.
+    if (::fallocate(fd_, 0, 0, static_cast<off_t>(size)) == 0) return Status::OK();
+    if (errno == EOPNOTSUPP || errno == ENOSYS) return Status::OK();
+    return Status::FromErrno("fallocate " + path_, errno);
+  }
+
  private:
   const std::string path_;
   int fd_;
@@ -146,16 +154,18 @@ class PosixFileLock final : public FileLock {
 class PosixEnv final : public Env {
  public:
   Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+    // No O_APPEND: writes go to the file position, which Preallocate does not
+    // move (with O_APPEND they would land after the reserved space).
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) return Status::FromErrno("create " + path, errno);
     return std::unique_ptr<WritableFile>(new PosixWritableFile(path, fd, 0));
   }
 
   Result<std::unique_ptr<WritableFile>> ReopenWritableFile(const std::string& path) override {
-    int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
     if (fd < 0) return Status::FromErrno("open for append " + path, errno);
     struct stat st;
-    if (::fstat(fd, &st) != 0) {
+    if (::fstat(fd, &st) != 0 || ::lseek(fd, st.st_size, SEEK_SET) < 0) {
       int err = errno;
       ::close(fd);
       return Status::FromErrno("stat " + path, err);

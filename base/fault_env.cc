@@ -25,6 +25,9 @@ class FaultInjectionEnv::File final : public WritableFile {
     for (size_t i = 0; i < n; ++i) joined.append(parts[i]);
     return Append(joined);
   }
+  // Forwarded without a crash point: reserving space changes nothing a
+  // reader sees, and DropUnsyncedData cuts the file back to what was synced.
+  Status Preallocate(uint64_t size) override { return target_->Preallocate(size); }
   Status Sync() override {
     std::function<void()> hook;
     {

@@ -4,9 +4,15 @@
 //   WAL/<sync>/<plain|lz4>/<size>B   Wal::Append of one record per iteration,
 //                                    sync policy every|interval|none, 1 and 8
 //                                    threads sharing one Wal.
+//   WAL/every-unreserved/plain/<size>B  WAL/every with Options::preallocate
+//                                    off: each sync also journals the file's
+//                                    growth (what this WAL did before).
 //   Raw/write+fdatasync/<size>B      write() of the record's bytes then
 //                                    fdatasync(), per iteration; 8 threads
 //                                    share one O_APPEND fd (no group commit).
+//   Raw/reserved-write+fdatasync/<size>B  the same into a file whose space
+//                                    was reserved first (fallocate of 64 MiB,
+//                                    as the WAL does for each segment).
 //   Raw/write/<size>B                write() only, same chunks.
 //   Raw/write-framed/<size>B         write() only, chunks of the size the WAL
 //                                    stores per plain record (payload + the
@@ -137,7 +143,7 @@ void SetRates(benchmark::State& state, size_t size) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * size));
 }
 
-void BM_WalAppend(benchmark::State& state, SyncPolicy policy, bool compress, size_t size) {
+void BM_WalAppend(benchmark::State& state, SyncPolicy policy, bool compress, size_t size, bool reserve) {
   const std::string payload = MakePayload(size);
   if (state.thread_index() == 0) {
     g.Reset();
@@ -149,6 +155,7 @@ void BM_WalAppend(benchmark::State& state, SyncPolicy policy, bool compress, siz
       Options opt;
       opt.sync_policy = policy;
       opt.compress = compress;
+      opt.preallocate = reserve;
       auto wal = Wal::Open(g.dir->path() + "/wal", opt);
       if (wal.ok()) {
         g.wal = std::move(wal).value();
@@ -210,8 +217,9 @@ void WriteAll(benchmark::State& state, int fd, const std::string& buf) {
 }
 
 // Thread 0, before a raw or model case: a fresh directory holding one new
-// O_APPEND file, g.fd (or g.error).
-void OpenCaseFile(const std::string& name) {
+// file, g.fd (or g.error), opened O_APPEND, or with 64 MiB reserved
+// (fallocate) and written from offset 0 on through the shared file position.
+void OpenCaseFile(const std::string& name, bool reserve = false) {
   g.Reset();
   StartClean();
   g.dir = std::make_unique<TempDir>();
@@ -220,8 +228,16 @@ void OpenCaseFile(const std::string& name) {
     return;
   }
   const std::string path = g.dir->path() + "/" + name;
-  g.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
-  if (g.fd < 0) g.error = "open " + path + ": " + std::strerror(errno);
+  g.fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | (reserve ? 0 : O_APPEND) | O_CLOEXEC, 0644);
+  if (g.fd < 0) {
+    g.error = "open " + path + ": " + std::strerror(errno);
+    return;
+  }
+  if (reserve && (::fallocate(g.fd, 0, 0, 64 << 20) != 0 || ::fsync(g.fd) != 0)) {
+    g.error = "fallocate " + path + ": " + std::strerror(errno);
+    ::close(g.fd);
+    g.fd = -1;
+  }
 }
 
 // Inside the measuring loop, where every thread sees thread 0's set-up:
@@ -235,9 +251,9 @@ bool CaseFileOk(benchmark::State& state) {
 // framed: each write() carries the record's payload plus a frame header's
 // worth of bytes, i.e. exactly as many bytes as the WAL stores for a plain
 // record. Rates still count the payload only, as for the WAL.
-void BM_Raw(benchmark::State& state, bool sync, size_t size, bool framed) {
+void BM_Raw(benchmark::State& state, bool sync, size_t size, bool framed, bool reserve) {
   const std::string payload = MakePayload(size) + (framed ? std::string(replica::wal::kFrameHeaderSize, 'h') : "");
-  if (state.thread_index() == 0) OpenCaseFile("raw");
+  if (state.thread_index() == 0) OpenCaseFile("raw", reserve);
   for (auto _ : state) {
     if (!CaseFileOk(state)) break;
     WriteAll(state, g.fd, payload);
@@ -411,7 +427,15 @@ class SummaryReporter : public benchmark::BenchmarkReporter {
       lines += Line("           raw write+fdatasync 8t / 1t", sync_raw, 8, sync_raw, 1, false, 0);
       lines += Line("group commit: WAL every 8t / model group commit 8t", every, 8, "Model/groupcommit/" + s,
                     8, false, 0);
+      const std::string unreserved = "WAL/every-unreserved/plain/" + s;
+      const std::string reserved_raw = "Raw/reserved-write+fdatasync/" + s;
+      lines += Line("           WAL every-unreserved 8t / 1t", unreserved, 8, unreserved, 1, false, 0);
+      lines += Line("reserved space: WAL every 1t / WAL every-unreserved 1t", every, 1, unreserved, 1, false, 0);
+      lines += Line("                WAL every 8t / WAL every-unreserved 8t", every, 8, unreserved, 8, false, 0);
+      lines += Line("                raw reserved 1t / raw write+fdatasync 1t", reserved_raw, 1, sync_raw, 1,
+                    false, 0);
       lines += Line("synced: WAL every 1t / raw write+fdatasync 1t", every, 1, sync_raw, 1, false, 0);
+      lines += Line("synced: WAL every 1t / raw reserved write+fdatasync 1t", every, 1, reserved_raw, 1, false, 0);
       lines += Line("synced: WAL every 8t / raw write+fdatasync 8t", every, 8, sync_raw, 8, false, 0);
       lines += Line("synced: WAL every lz4 8t / raw write+fdatasync 8t", "WAL/every/lz4/" + s, 8,
                     sync_raw, 8, false, 0);
@@ -461,18 +485,20 @@ void RegisterAll() {
         ->Threads(1)
         ->Threads(8);
   };
-  auto wal = [&](SyncPolicy policy, const char* pname, bool lz4, size_t size) {
+  auto wal = [&](SyncPolicy policy, const char* pname, bool lz4, size_t size, bool reserve = true) {
     reg(std::string("WAL/") + pname + (lz4 ? "/lz4/" : "/plain/") + std::to_string(size) + "B",
-        BM_WalAppend, policy, lz4, size);
+        BM_WalAppend, policy, lz4, size, reserve);
   };
   for (size_t size : kSizes) {
     const std::string s = std::to_string(size) + "B";
-    reg("Raw/write+fdatasync/" + s, BM_Raw, true, size, false);
+    reg("Raw/write+fdatasync/" + s, BM_Raw, true, size, false, false);
+    reg("Raw/reserved-write+fdatasync/" + s, BM_Raw, true, size, false, true);
     reg("Model/groupcommit/" + s, BM_GroupModel, size);
     wal(SyncPolicy::kEveryCommit, "every", false, size);
+    wal(SyncPolicy::kEveryCommit, "every-unreserved", false, size, false);
     wal(SyncPolicy::kEveryCommit, "every", true, size);
-    reg("Raw/write/" + s, BM_Raw, false, size, false);
-    reg("Raw/write-framed/" + s, BM_Raw, false, size, true);
+    reg("Raw/write/" + s, BM_Raw, false, size, false, false);
+    reg("Raw/write-framed/" + s, BM_Raw, false, size, true, false);
     wal(SyncPolicy::kNone, "none", false, size);
     wal(SyncPolicy::kNone, "none", true, size);
     wal(SyncPolicy::kInterval, "interval", false, size);

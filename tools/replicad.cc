@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
        "(acknowledged once written; the OS writes back when it likes, and a power loss can lose acknowledged writes)")
       ("wal-sync-interval-ms", po::value<int64_t>()->default_value(10),
        "with --wal-sync interval: milliseconds between fdatasyncs (1..60000)")
-      ("wal-segment-size", po::value<std::string>()->default_value("67108864"), "bytes per WAL segment file")
+      ("wal-segment-size", po::value<std::string>()->default_value("67108864"), "bytes per WAL segment file (reserved on disk when the segment is started, under --wal-sync every|interval)")
       ("wal-keep-bytes", po::value<std::string>()->default_value("1073741824"),
        "WAL kept at least (older segments are deleted once applied and no standby's slot needs them); 0: keep all")
       ("slot-max-bytes", po::value<std::string>()->default_value("4294967296"),

@@ -2,6 +2,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -118,8 +119,10 @@ namespace {
 
 // True if a whole frame with a good checksum and an LSN above after_lsn starts
 // anywhere in [from, data end). Used only once damage has been found.
-bool ValidFrameFollows(std::string_view data, size_t from, Lsn after_lsn) {
-  for (size_t pos = from; pos + kFrameHeaderSize <= data.size(); ++pos) {
+// Frames are looked for at offsets [from, starts_before) of data; one that
+// starts there may run to the end of data (a payload can end in zeros).
+bool ValidFrameFollows(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn) {
+  for (size_t pos = from; pos < starts_before && pos + kFrameHeaderSize <= data.size(); ++pos) {
     FrameHeader h;
     if (!DecodeFrameHeader(data.data() + pos, &h).ok()) continue;
     // A later record, not an image of an old one inside some payload.
@@ -127,6 +130,31 @@ bool ValidFrameFollows(std::string_view data, size_t from, Lsn after_lsn) {
     if (FrameChecksumOk(data.data() + pos, h.payload_len)) return true;
   }
   return false;
+}
+
+// Just past the last non-zero byte in [from, end), or `from` if there is none.
+Result<uint64_t> DataEnd(const RandomAccessFile& file, uint64_t from, uint64_t end) {
+  constexpr size_t kChunk = 1 << 20;
+  std::string buf(kChunk, '\0');
+  const std::string zeros(kChunk, '\0');
+  uint64_t data_end = from;
+  for (uint64_t off = from; off < end;) {
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(kChunk, end - off));
+    REPLICA_ASSIGN_OR_RETURN(size_t got, file.Read(off, want, buf.data()));
+    if (got == 0) break;
+    if (std::memcmp(buf.data(), zeros.data(), got) == 0) {
+      off += got;
+      continue;
+    }
+    for (size_t i = got; i > 0; --i) {
+      if (buf[i - 1] != '\0') {
+        data_end = off + i;
+        break;
+      }
+    }
+    off += got;
+  }
+  return data_end;
 }
 
 }  // namespace
@@ -141,7 +169,10 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
     std::string_view payload;
     std::string why;
     REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor.Next(&h, &payload, &why));
-    if (outcome == FrameCursor::Outcome::kEnd) return scan;
+    if (outcome == FrameCursor::Outcome::kEnd) {
+      scan.data_end = scan.valid_end;
+      return scan;
+    }
     if (outcome == FrameCursor::Outcome::kFrame) {
       // A whole frame with a good checksum was written on purpose: if it does
       // not continue the log, the log is damaged, not torn.
@@ -163,14 +194,20 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
         continue;
       }
     }
-    // A bad, incomplete or out-of-sequence frame at valid_end: torn or corrupt?
+    // A bad, incomplete or out-of-sequence frame at valid_end: reserved
+    // space, torn or corrupt?
+    REPLICA_ASSIGN_OR_RETURN(scan.data_end, DataEnd(file, scan.valid_end, file_size));
+    if (scan.data_end == scan.valid_end) return scan;  // zeros only: the clean end of a preallocated segment
     scan.bad_offset = scan.valid_end;
     scan.why = why;
     std::string rest(static_cast<size_t>(file_size - scan.valid_end), '\0');
     REPLICA_ASSIGN_OR_RETURN(size_t got, file.Read(scan.valid_end, rest.size(), rest.data()));
     rest.resize(got);
-    scan.tail = ValidFrameFollows(rest, 1, scan.last_lsn) ? SegmentScan::Tail::kCorrupt
-                                                          : SegmentScan::Tail::kTorn;
+    // A frame's header is never all zeros (its type byte is not), so only
+    // offsets before data_end can start one.
+    const size_t starts_before = static_cast<size_t>(scan.data_end - scan.valid_end);
+    scan.tail = ValidFrameFollows(rest, 1, starts_before, scan.last_lsn) ? SegmentScan::Tail::kCorrupt
+                                                                         : SegmentScan::Tail::kTorn;
     return scan;
   }
 }

@@ -80,12 +80,16 @@ struct SegmentScan {
   std::vector<std::pair<Epoch, Lsn>> epoch_starts;
   uint64_t bad_offset = 0;  // where the torn or corrupt frame starts
   std::string why;          // what was wrong with it
+  // Just past the last non-zero byte of the file (== valid_end when only
+  // zeros, reserved space, follow the last good frame: a clean end).
+  uint64_t data_end = 0;
 };
 
 // Scans every frame of a segment whose frames must start at first_lsn.
 // A bad frame followed by any valid frame is kCorrupt (damage in the middle);
 // a bad or incomplete frame with nothing valid after it is kTorn (a crash cut
-// the last write short).
+// the last write short); nothing but zero bytes after the last good frame is
+// kClean (space reserved by preallocation).
 Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn);
 
 }  // namespace replica::wal

@@ -96,6 +96,9 @@ Status Wal::CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) {
     REPLICA_RETURN_IF_ERROR(file->Sync());
     REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
   }
+  // After the header is durable: a crash never leaves a reserved segment
+  // without one.
+  Reserve(file.get());
   std::shared_ptr<WritableFile> old;
   {
     MutexLock l(&mu_);
@@ -109,6 +112,28 @@ Status Wal::CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) {
   // `old` is not closed here: the interval sync thread may still hold it.
   // The last owner's destructor closes it.
   if (old && options_.sync_policy == SyncPolicy::kNone) unsynced_.push_back(std::move(old));
+  return Status::OK();
+}
+
+void Wal::Reserve(WritableFile* file) {
+  reserved_ = false;
+  if (!options_.preallocate || options_.sync_policy == SyncPolicy::kNone) return;
+  Status st = file->Preallocate(options_.segment_size);
+  if (st.ok()) {
+    reserved_ = true;
+    return;
+  }
+  // Some space may be reserved anyway (a partial allocation): recovery and
+  // DropReserve handle the zeros the same way.
+  reserved_ = true;
+  RLOG(kWarn, "wal.preallocate_failed") << "dir=" << dir_ << " bytes=" << options_.segment_size << " error=\""
+                                        << st.ToString() << "\" (appending without reserved space)";
+}
+
+Status Wal::DropReserve(const std::string& path) {
+  if (!reserved_) return Status::OK();
+  REPLICA_RETURN_IF_ERROR(env_->TruncateFile(path, cur_size_));
+  reserved_ = false;
   return Status::OK();
 }
 
@@ -222,12 +247,16 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
       recovery_.torn_tail = true;
       recovery_.torn_segment = last.path;
       recovery_.torn_offset = scan.valid_end;
-      recovery_.torn_bytes = last.end - scan.valid_end;
+      recovery_.torn_bytes = scan.data_end - scan.valid_end;
       recovery_.torn_why = scan.why;
       RLOG(kWarn, "wal.truncate_torn_tail")
           << "segment=" << last.path << " offset=" << scan.valid_end << " dropped_bytes=" << recovery_.torn_bytes
           << " last_lsn=" << scan.last_lsn << " why=\"" << scan.why << "\"" << (ro ? " read_only=1" : "");
       if (!ro) REPLICA_RETURN_IF_ERROR(env_->TruncateFile(last.path, scan.valid_end));
+    } else if (!ro && last.end > scan.valid_end) {
+      // Zeros after the last frame: space reserved before a crash. It is
+      // reserved afresh below, from the end of the log.
+      REPLICA_RETURN_IF_ERROR(env_->TruncateFile(last.path, scan.valid_end));
     }
     last.end = scan.valid_end;
     last_lsn_ = durable_lsn_ = scan.last_lsn;
@@ -253,6 +282,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
       REPLICA_ASSIGN_OR_RETURN(auto wf, env_->ReopenWritableFile(segments_.back().path));
       cur_file_ = std::move(wf);
       cur_size_ = cur_file_->Size();
+      Reserve(cur_file_.get());
       // What recovery kept must be durable before anything is built on it.
       REPLICA_RETURN_IF_ERROR(cur_file_->Sync());
     }
@@ -768,11 +798,16 @@ Status Wal::SyncFrames() {
 Status Wal::RollSegment(Lsn first_lsn) {
   std::shared_ptr<WritableFile> old;
   Lsn prev_first;
+  std::string old_path;
   {
     MutexLock l(&mu_);
     old = cur_file_;
     prev_first = segments_.back().first_lsn;
+    old_path = segments_.back().path;
   }
+  // A finished segment ends at its last frame (only the last segment may
+  // hold reserved zeros), before the next one exists.
+  REPLICA_RETURN_IF_ERROR(DropReserve(old_path));
   if (options_.sync_policy != SyncPolicy::kNone) REPLICA_RETURN_IF_ERROR(old->Sync());
   REPLICA_RETURN_IF_ERROR(CreateSegment(first_lsn, prev_first));
   rolled_ = true;
@@ -892,6 +927,8 @@ Status Wal::DoTruncate(Lsn last_kept, bool* mutated) {
   REPLICA_RETURN_IF_ERROR(env_->TruncateFile(segs[idx].path, offset));
   REPLICA_ASSIGN_OR_RETURN(auto wf, env_->ReopenWritableFile(segs[idx].path));
   std::shared_ptr<WritableFile> reopened = std::move(wf);
+  cur_size_ = offset;
+  Reserve(reopened.get());
   REPLICA_RETURN_IF_ERROR(reopened->Sync());
   REPLICA_RETURN_IF_ERROR(env_->SyncDir(dir_));
   if (history.TruncateAfter(last_kept)) REPLICA_RETURN_IF_ERROR(PersistHistory(history));
@@ -965,6 +1002,14 @@ Status Wal::Close() {
       if (st.ok()) durable_lsn_ = last_lsn_;
     }
     unsynced_.clear();
+    if (file && st.ok() && reserved_) {
+      // A closed log's files end at their last frame.
+      const std::string path = segments_.back().path;
+      mu_.Unlock();
+      st = DropReserve(path);
+      if (st.ok()) st = file->Sync();
+      mu_.Lock();
+    }
   }
   if (file) {
     Status cst = file->Close();

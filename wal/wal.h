@@ -66,6 +66,13 @@ struct Options {
   std::chrono::milliseconds sync_interval{10};
   // Store each commit group as one LZ4 block when that is smaller.
   bool compress = false;
+  // Under the every and interval policies, reserve segment_size bytes of
+  // disk for each new segment (fallocate). Frames then overwrite reserved
+  // blocks, and an fdatasync need not journal the file's growth: about a
+  // third less time per sync on ext4 (docs/performance.md). The reserved
+  // tail reads as zeros, which recovery takes for the end of the log; a
+  // segment is cut back to its last frame when it is finished, and at Close.
+  bool preallocate = true;
   // 0 keeps every segment. Otherwise, after each segment roll, the oldest
   // segments are deleted while the log is larger than this, never past the
   // retention floor (SetRetentionFloor) and never the segment being written.
@@ -95,7 +102,7 @@ struct RecoveryReport {
   bool torn_tail = false;  // a torn last write was found (and cut, unless read-only)
   std::string torn_segment;
   uint64_t torn_offset = 0;
-  uint64_t torn_bytes = 0;
+  uint64_t torn_bytes = 0;  // up to the last non-zero byte (reserved zeros after it are not counted)
   std::string torn_why;
   std::vector<std::string> removed_segments;  // last segments without a whole header (crash during a roll)
   bool history_repaired = false;
@@ -208,6 +215,11 @@ class Wal {
   Wal(std::string dir, const Options& options);
   Status Recover();
   Status CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) REQUIRES(write_mu_) EXCLUDES(mu_);
+  // Reserves space for the current segment (options_.preallocate); a failure
+  // only costs speed, so it is logged, not returned.
+  void Reserve(WritableFile* file) REQUIRES(write_mu_);
+  // Cuts the current segment back to cur_size_ if space was reserved.
+  Status DropReserve(const std::string& path) REQUIRES(write_mu_);
 
   Status Submit(Op* op) EXCLUDES(mu_, write_mu_);
   // Why nothing may be appended now (closed, read-only, a sticky error).
@@ -305,6 +317,7 @@ class Wal {
   uint64_t cur_size_ GUARDED_BY(write_mu_) = 0;
   std::chrono::microseconds sync_time_ GUARDED_BY(write_mu_){0};  // of the last group's fdatasync
   bool rolled_ GUARDED_BY(write_mu_) = false;  // the current group rolled a segment
+  bool reserved_ GUARDED_BY(write_mu_) = false;  // the current segment has space reserved past cur_size_
   // Segments closed without fdatasync (policy none); Sync() syncs them.
   std::vector<std::shared_ptr<WritableFile>> unsynced_ GUARDED_BY(write_mu_);
 

@@ -49,25 +49,57 @@ TEST(RecoveryTest, TornTailAtEveryByteOfTheLastRecord) {
       ASSERT_NE(wal, nullptr);
       EXPECT_EQ(wal->last_lsn(), 29u) << "cut at " << cut;
       EXPECT_EQ(wal->recovery().torn_tail, cut != before) << "cut at " << cut;
-      EXPECT_EQ(test::FileSize(seg), before);
+      EXPECT_EQ(wal->segments().back().size, before);
       auto recs = ReadAll(wal.get(), 1);
       ASSERT_EQ(recs.size(), 29u);
       EXPECT_EQ(recs.back().payload, Payload(29, 100));
-      // The log goes on from where it was cut.
+      // The log goes on from where it was cut, and ends there once closed.
       AppendN(wal.get(), 1, 100);
       EXPECT_EQ(ReadAll(wal.get(), 30).size(), 1u);
+      ASSERT_TRUE(wal->Close().ok());
+      EXPECT_EQ(test::FileSize(seg), after) << "cut at " << cut;
     }
   }
 }
 
-TEST(RecoveryTest, ZeroFilledTailIsTorn) {
+TEST(RecoveryTest, ReservedZerosAfterTheLastRecordAreACleanEnd) {
+  // What a crash leaves of a preallocated segment: the frames, then zeros.
   TempDir dir;
   BuildLog(dir.path(), 20);
   const std::string seg = SegmentPaths(dir.path()).back();
-  std::string data = test::ReadFileBytes(seg);
-  test::WriteFileBytes(seg, data + std::string(4096, '\0'));  // preallocated, never written
+  const std::string data = test::ReadFileBytes(seg);
+  test::WriteFileBytes(seg, data + std::string(3 << 20, '\0'));
+  {
+    Options ro = Opts();
+    ro.read_only = true;
+    auto wal = OpenOrDie(dir.path(), ro);
+    EXPECT_FALSE(wal->recovery().torn_tail);
+    EXPECT_EQ(wal->last_lsn(), 20u);
+    EXPECT_EQ(wal->segments().back().size, data.size());
+    EXPECT_EQ(ReadAll(wal.get(), 1).size(), 20u);
+  }
+  auto wal = OpenOrDie(dir.path(), Opts());
+  EXPECT_FALSE(wal->recovery().torn_tail);
+  EXPECT_EQ(wal->last_lsn(), 20u);
+  AppendN(wal.get(), 1, 100);  // goes where the zeros began, not after them
+  ASSERT_TRUE(wal->Close().ok());
+  auto again = OpenOrDie(dir.path(), Opts());
+  auto recs = ReadAll(again.get(), 1);
+  ASSERT_EQ(recs.size(), 21u);
+  EXPECT_EQ(recs.back().payload, Payload(21, 100));
+}
+
+TEST(RecoveryTest, GarbageInTheReservedSpaceIsATornTail) {
+  TempDir dir;
+  BuildLog(dir.path(), 20);
+  const std::string seg = SegmentPaths(dir.path()).back();
+  const std::string data = test::ReadFileBytes(seg);
+  // Half a frame header, then the rest of the reserved space.
+  test::WriteFileBytes(seg, data + std::string(17, '\x5a') + std::string(1 << 20, '\0'));
   auto wal = OpenOrDie(dir.path(), Opts());
   EXPECT_TRUE(wal->recovery().torn_tail);
+  EXPECT_EQ(wal->recovery().torn_offset, data.size());
+  EXPECT_EQ(wal->recovery().torn_bytes, 17u) << "the reserved zeros after it are not counted as lost";
   EXPECT_EQ(wal->last_lsn(), 20u);
 }
 
@@ -102,6 +134,23 @@ TEST(RecoveryTest, FlippedBitInTheMiddleOfTheLastSegmentIsCorruption) {
     EXPECT_NE(msg.find("LSN 40"), std::string::npos) << msg;
     EXPECT_EQ(test::FileSize(seg), size_before) << "damage inside the log must not be cut away";
   }
+}
+
+TEST(RecoveryTest, ZeroedRecordsBeforeAValidOneAreCorruptionNotAnEnd) {
+  TempDir dir;
+  BuildLog(dir.path(), 45);
+  std::string seg;
+  const uint64_t from = OffsetOf(dir.path(), 40, &seg);
+  const uint64_t to = OffsetOf(dir.path(), 45, &seg);
+  ASSERT_EQ(seg, SegmentPaths(dir.path()).back());
+  std::string data = test::ReadFileBytes(seg);
+  std::fill(data.begin() + static_cast<std::ptrdiff_t>(from), data.begin() + static_cast<std::ptrdiff_t>(to), '\0');
+  test::WriteFileBytes(seg, data + std::string(4096, '\0'));
+  auto wal = Wal::Open(dir.path(), Opts());
+  ASSERT_FALSE(wal.ok());
+  EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  EXPECT_NE(wal.status().ToString().find("LSN 40"), std::string::npos) << wal.status().ToString();
+  EXPECT_EQ(test::FileSize(seg), data.size() + 4096) << "damage inside the log must not be cut away";
 }
 
 TEST(RecoveryTest, FlippedBitInAnOlderSegmentIsCorruptionWhenRead) {

@@ -212,6 +212,33 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(info.param.compress ? "Lz4" : "Plain") + "_" + SyncPolicyName(info.param.sync);
     });
 
+TEST(WalTest, TheSegmentBeingWrittenIsReservedAndEveryFinishedOneEndsAtItsLastFrame) {
+  for (SyncPolicy sync : {SyncPolicy::kEveryCommit, SyncPolicy::kInterval, SyncPolicy::kNone}) {
+    test::TempDir dir;
+    Options o;
+    o.segment_size = 64 << 10;
+    o.sync_policy = sync;
+    auto wal = test::OpenOrDie(dir.path(), o);
+    test::AppendN(wal.get(), 1500, 100);  // about 3 segments
+    ASSERT_TRUE(wal->Sync().ok());
+    const auto segs = wal->segments();
+    ASSERT_GE(segs.size(), 3u) << SyncPolicyName(sync);
+    for (size_t i = 0; i + 1 < segs.size(); ++i) {
+      EXPECT_EQ(test::FileSize(segs[i].path), segs[i].size) << SyncPolicyName(sync) << " segment " << i;
+    }
+    // No reservation without fsync: it only makes fdatasync cheaper.
+    const uint64_t reserved = sync == SyncPolicy::kNone ? segs.back().size : o.segment_size;
+    EXPECT_EQ(test::FileSize(segs.back().path), reserved) << SyncPolicyName(sync);
+    ASSERT_TRUE(wal->Close().ok());
+    EXPECT_EQ(test::FileSize(segs.back().path), segs.back().size) << SyncPolicyName(sync);
+    // Reopened, the last segment is reserved again and the log goes on.
+    auto again = test::OpenOrDie(dir.path(), o);
+    EXPECT_EQ(test::FileSize(segs.back().path), reserved) << SyncPolicyName(sync);
+    test::AppendN(again.get(), 1, 100);
+    EXPECT_EQ(test::ReadAll(again.get(), 1).size(), 1501u);
+  }
+}
+
 TEST(WalTest, BytesAfterCountsWhatAReplicaLacks) {
   TempDir dir;
   Options o;
