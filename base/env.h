@@ -41,7 +41,8 @@ class WritableFile {
   // reserved bytes read as zeros and the write position does not move.
   // Appending into reserved space makes fdatasync cheaper (the file's size
   // and block map need not be journalled each time). Files that cannot do it
-  // return OK and reserve nothing.
+  // return OK and reserve nothing. The POSIX file refuses (an error, nothing
+  // reserved) when less than twice the request is free on the filesystem.
   virtual Status Preallocate(uint64_t size) {
     (void)size;
     return Status::OK();

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -100,11 +101,30 @@ class PosixWritableFile final : public WritableFile {
   uint64_t Size() const override { return size_.load(std::memory_order_relaxed); }
 
   Status Preallocate(uint64_t size) override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return Status::FromErrno("stat " + path_, errno);
+    const uint64_t had = static_cast<uint64_t>(st.st_size);
+    if (size <= had) return Status::OK();
+    // The reservation must not take the last of the disk from what else
+    // lives there (RocksDB, the other segments): only with twice it free.
+    struct statvfs vfs;
+    if (::fstatvfs(fd_, &vfs) == 0) {
+      const uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+      if (free_bytes < 2 * (size - had)) {
+        return Status::IOError("not reserving " + std::to_string(size - had) + " bytes for " + path_ + ": only " +
+                               std::to_string(free_bytes) + " bytes free on its filesystem");
+      }
+    }
     // Mode 0: the file's size grows too, so that writes into the space are
     // overwrites. The fd has no O_APPEND, so its position stays put.
     if (::fallocate(fd_, 0, 0, static_cast<off_t>(size)) == 0) return Status::OK();
-    if (errno == EOPNOTSUPP || errno == ENOSYS) return Status::OK();
-    return Status::FromErrno("fallocate " + path_, errno);
+    const int err = errno;
+    if (err == EOPNOTSUPP || err == ENOSYS) return Status::OK();
+    // A partial reservation (ENOSPC part-way) is given back.
+    if (::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) > had) {
+      (void)::ftruncate(fd_, static_cast<off_t>(had));
+    }
+    return Status::FromErrno("fallocate " + path_, err);
   }
 
  private:

@@ -3,8 +3,13 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <array>
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -12,6 +17,18 @@
 #include "wal/wal.h"
 
 namespace replica::test {
+
+// Runs cmd with sh; returns its output (stderr too) and, if asked, its exit status.
+inline std::string Shell(const std::string& cmd, int* code = nullptr) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = ::pclose(p);
+  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
 
 // A fresh directory under $TMPDIR (or /tmp), removed with everything in it.
 class TempDir {
@@ -69,5 +86,26 @@ void AppendN(wal::Wal* wal, uint64_t n, size_t size, wal::Epoch epoch = 1);
 
 // Whether the long soak rounds were asked for (REPLICA_SOAK=1).
 bool SoakMode();
+
+// A small tmpfs mounted for one test (root only), unmounted at the end.
+class TinyDisk {
+ public:
+  TinyDisk(const std::string& path, const std::string& size) : path_(path) {
+    std::filesystem::create_directories(path);
+    mounted_ = ::geteuid() == 0 && Shell("mount -t tmpfs -o size=" + size + " tmpfs " + path + " 2>&1; echo rc=$?")
+                                           .find("rc=0") != std::string::npos;
+  }
+  ~TinyDisk() {
+    if (mounted_) Shell("umount " + path_);
+  }
+  bool mounted() const { return mounted_; }
+  bool Grow(const std::string& size) {
+    return Shell("mount -o remount,size=" + size + " " + path_ + " 2>&1; echo rc=$?").find("rc=0") != std::string::npos;
+  }
+
+ private:
+  std::string path_;
+  bool mounted_ = false;
+};
 
 }  // namespace replica::test

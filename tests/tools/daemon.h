@@ -30,17 +30,6 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 inline const std::string kReplicad = REPLICAD_PATH;
 
-inline std::string Shell(const std::string& cmd, int* code = nullptr) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = ::pclose(p);
-  if (code) *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
-
 // A replicad process; its stdout goes to a file that is read for the ready line.
 class Daemon {
  public:
@@ -121,27 +110,6 @@ class Daemon {
   std::string out_;
   pid_t pid_ = -1;
   int repl_port_ = 0, client_port_ = 0, metrics_port_ = 0;
-};
-
-// A small tmpfs mounted for one test (root only), unmounted at the end.
-class TinyDisk {
- public:
-  TinyDisk(const std::string& path, const std::string& size) : path_(path) {
-    std::filesystem::create_directories(path);
-    mounted_ = ::geteuid() == 0 && Shell("mount -t tmpfs -o size=" + size + " tmpfs " + path + " 2>&1; echo rc=$?")
-                                           .find("rc=0") != std::string::npos;
-  }
-  ~TinyDisk() {
-    if (mounted_) Shell("umount " + path_);
-  }
-  bool mounted() const { return mounted_; }
-  bool Grow(const std::string& size) {
-    return Shell("mount -o remount,size=" + size + " " + path_ + " 2>&1; echo rc=$?").find("rc=0") != std::string::npos;
-  }
-
- private:
-  std::string path_;
-  bool mounted_ = false;
 };
 
 inline int Connect(int port) {

@@ -239,6 +239,25 @@ TEST(WalTest, TheSegmentBeingWrittenIsReservedAndEveryFinishedOneEndsAtItsLastFr
   }
 }
 
+TEST(WalTest, ReservingLeavesTheLastOfTheDiskToOthers) {
+  test::TempDir dir;
+  test::TinyDisk disk(dir.Sub("disk"), "4m");
+  if (!disk.mounted()) GTEST_SKIP() << "needs root to mount a small tmpfs";
+  Options o;
+  o.segment_size = 1 << 20;
+  auto small = test::OpenOrDie(dir.Sub("disk/a"), o);
+  EXPECT_EQ(test::FileSize(small->segments().back().path), o.segment_size) << "4 MiB free: 1 MiB is reserved";
+  // 3 MiB would leave less than that for everything else: not reserved, and
+  // the log works as before.
+  o.segment_size = 3 << 20;
+  auto big = test::OpenOrDie(dir.Sub("disk/b"), o);
+  test::AppendN(big.get(), 100, 100);
+  EXPECT_EQ(test::FileSize(big->segments().back().path), big->segments().back().size);
+  EXPECT_EQ(test::ReadAll(big.get(), 1).size(), 100u);
+  big.reset();
+  small.reset();
+}
+
 TEST(WalTest, BytesAfterCountsWhatAReplicaLacks) {
   TempDir dir;
   Options o;
