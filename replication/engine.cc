@@ -557,6 +557,7 @@ Status EngineImpl::Init() {
   // before mu_.
   wal_options_.on_error = [this](const Status& st) { Fail(st.WithContext("the local WAL")); };
   wal_options_.segment_size = opts_.wal_segment_size;
+  wal_options_.preallocate = opts_.wal_preallocate;
   wal_options_.retention_bytes = opts_.wal_keep_bytes;
   REPLICA_RETURN_IF_ERROR(Env::Default()->CreateDirIfMissing(opts_.data_dir));
   // A snapshot install that a crash interrupted is finished before anything opens.

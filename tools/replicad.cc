@@ -89,7 +89,10 @@ int main(int argc, char** argv) {
        "(acknowledged once written; the OS writes back when it likes, and a power loss can lose acknowledged writes)")
       ("wal-sync-interval-ms", po::value<int64_t>()->default_value(10),
        "with --wal-sync interval: milliseconds between fdatasyncs (1..60000)")
-      ("wal-segment-size", po::value<std::string>()->default_value("67108864"), "bytes per WAL segment file (reserved on disk when the segment is started, under --wal-sync every|interval)")
+      ("wal-segment-size", po::value<std::string>()->default_value("67108864"), "bytes per WAL segment file")
+      ("wal-preallocate", po::value<std::string>()->default_value("on"),
+       "on | off: reserve each WAL segment's space on disk when it starts (fallocate, under --wal-sync every|interval, "
+       "while twice that is free), so that fdatasync need not journal the file's growth")
       ("wal-keep-bytes", po::value<std::string>()->default_value("1073741824"),
        "WAL kept at least (older segments are deleted once applied and no standby's slot needs them); 0: keep all")
       ("slot-max-bytes", po::value<std::string>()->default_value("4294967296"),
@@ -220,6 +223,9 @@ int main(int argc, char** argv) {
     return v;
   };
   o.wal_segment_size = bytes("wal-segment-size");
+  const std::string prealloc = vm["wal-preallocate"].as<std::string>();
+  if (prealloc != "on" && prealloc != "off") Fail("--wal-preallocate must be on or off, not \"" + prealloc + "\"");
+  o.wal_preallocate = prealloc == "on";
   o.wal_keep_bytes = bytes("wal-keep-bytes");
   o.slot_max_bytes = bytes("slot-max-bytes");
 

@@ -86,6 +86,10 @@ struct EngineOptions {
   // Under "interval": how often the WAL is fdatasync'ed (1 ms to 60 s).
   std::chrono::milliseconds wal_sync_interval{10};
   uint64_t wal_segment_size = 64ull << 20;
+  // Reserve each WAL segment's space when it starts (fallocate), under
+  // "every" and "interval": fdatasync is then about a third shorter on ext4.
+  // Turn off on filesystems where reserving gains nothing (copy-on-write).
+  bool wal_preallocate = true;
   // WAL retention: segments are deleted while the log is larger than this,
   // but never records a known standby still needs (its slot, see below) or
   // that this node has not applied yet. 0 keeps every segment.

@@ -366,10 +366,31 @@ TEST(ReplicadTest, CommandLineErrors) {
     EXPECT_EQ(code, 2) << bad;
     EXPECT_NE(out.find("--wal-sync-interval-ms must be"), std::string::npos) << bad << ": " << out;
   }
+  out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --wal-preallocate maybe", &code);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("--wal-preallocate must be on or off"), std::string::npos) << out;
   // Checked without --etcd too.
   out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --lease-ttl 0", &code);
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--lease-ttl must be"), std::string::npos) << out;
+}
+
+TEST(ReplicadTest, WalPreallocateReservesTheSegmentUnlessOff) {
+  test::TempDir dir;
+  for (const char* mode : {"on", "off"}) {
+    const std::string id = std::string("n") + mode;
+    {
+      Daemon d(dir, id, std::string("--commit async --wal-segment-size 1048576 --wal-preallocate ") + mode);
+      EXPECT_NE(d.Cli("SET k v").find("OK"), std::string::npos);
+      const auto segs = test::SegmentPaths(dir.Sub(id + "/wal"));
+      ASSERT_EQ(segs.size(), 1u);
+      if (std::string(mode) == "on") {
+        EXPECT_EQ(test::FileSize(segs[0]), 1048576u) << "the segment's space is reserved while it is written";
+      } else {
+        EXPECT_LT(test::FileSize(segs[0]), 4096u);
+      }
+    }
+  }
 }
 
 TEST(ReplicadTest, ConfigFileWithFlagsWinning) {
