@@ -121,9 +121,7 @@ class PosixWritableFile final : public WritableFile {
     const int err = errno;
     if (err == EOPNOTSUPP || err == ENOSYS) return Status::OK();
     // A partial reservation (ENOSPC part-way) is given back.
-    if (::fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) > had) {
-      (void)::ftruncate(fd_, static_cast<off_t>(had));
-    }
+    (void)::ftruncate(fd_, static_cast<off_t>(had));
     return Status::FromErrno("fallocate " + path_, err);
   }
 

@@ -64,8 +64,9 @@ class EtcdArbiter final : public Arbiter {
       me_ = me;
     }
     REPLICA_RETURN_IF_ERROR(NewSession());
-    StartWatch();
+    StartWatch();  // the first one before Start returns; the watch thread keeps one up after
     keepalive_ = NamedThread("etcd-keepalive", [this] { KeepAliveLoop(); });
+    watcher_ = NamedThread("etcd-watch", [this] { WatchLoop(); });
     return Status::OK();
   }
 
@@ -218,8 +219,7 @@ class EtcdArbiter final : public Arbiter {
       cv_.SignalAll();
     }
     if (keepalive_.joinable()) keepalive_.join();
-    if (watch_) watch_->Stop();
-    watch_.reset();
+    if (watcher_.joinable()) watcher_.join();
     std::unique_ptr<etcd::Watch> pending;
     {
       MutexLock l(&mu_);
@@ -289,6 +289,34 @@ class EtcdArbiter final : public Arbiter {
     }
   }
 
+  // Keeps a watch up: starts a new one whenever the last one broke. On a
+  // thread of its own, because starting one waits for etcd to confirm it,
+  // up to the request timeout, which would delay the lease's renewals.
+  void WatchLoop() {
+    std::unique_ptr<etcd::Watch> current;
+    for (;;) {
+      {
+        MutexLock l(&mu_);
+        while (!stopping_ && !pending_watch_ && !watch_broken_) cv_.Wait();
+        if (stopping_) break;
+      }
+      std::unique_ptr<etcd::Watch> next;
+      {
+        MutexLock l(&mu_);
+        next = std::move(pending_watch_);
+      }
+      if (next) {
+        current = std::move(next);  // the broken one, if any, is stopped here, outside mu_
+        continue;
+      }
+      current.reset();
+      StartWatch();
+      MutexLock l(&mu_);
+      if (watch_broken_ && !stopping_) cv_.WaitUntil(Clock::now() + std::chrono::milliseconds(200));  // etcd refused
+    }
+    current.reset();  // its callbacks take mu_
+  }
+
   void KeepAliveLoop() {
     // Often, so that the last renewal that got through is recent when etcd
     // stalls (a leader election): the lease deadline counts from it.
@@ -298,19 +326,11 @@ class EtcdArbiter final : public Arbiter {
         MutexLock l(&mu_);
         cv_.WaitUntil(Clock::now() + every);
         if (stopping_) return;
-        if (pending_watch_) {
-          // The watch is installed by this thread only, so Stop can join it.
-          old_watch_ = std::move(watch_);
-          watch_ = std::move(pending_watch_);
-        }
       }
-      old_watch_.reset();
       int64_t lease;
-      bool rewatch;
       {
         MutexLock l(&mu_);
         lease = lease_;
-        rewatch = watch_broken_;
       }
       const auto sent = Clock::now();
       auto ttl = keepalive_client_->LeaseKeepAlive(lease);
@@ -323,7 +343,6 @@ class EtcdArbiter final : public Arbiter {
       } else {
         RLOG(kDebug, "arbiter.keepalive_failed") << "error=\"" << ttl.status().ToString() << "\"";
       }
-      if (rewatch) StartWatch();
     }
   }
 
@@ -340,10 +359,9 @@ class EtcdArbiter final : public Arbiter {
   uint64_t changes_ GUARDED_BY(mu_) = 0;
   bool stopping_ GUARDED_BY(mu_) = false;
   bool watch_broken_ GUARDED_BY(mu_) = false;
-  std::unique_ptr<etcd::Watch> pending_watch_ GUARDED_BY(mu_);
-  std::unique_ptr<etcd::Watch> watch_;      // keep-alive thread, then Stop
-  std::unique_ptr<etcd::Watch> old_watch_;  // keep-alive thread only
+  std::unique_ptr<etcd::Watch> pending_watch_ GUARDED_BY(mu_);  // started, for the watch thread to hold
   std::thread keepalive_;
+  std::thread watcher_;
 };
 
 }  // namespace

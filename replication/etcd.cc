@@ -534,12 +534,18 @@ Result<std::unique_ptr<Watch>> Client::StartWatch(const std::string& key, bool p
     }
     if (!state->stopped.load()) on_error(error);
   });
-  if (created_future.wait_for(options_.timeout) != std::future_status::ready) {
+  Status confirmed = created_future.wait_for(options_.timeout) == std::future_status::ready
+                         ? created_future.get()
+                         : Status::IOError("etcd watch on " + endpoint + ": not confirmed within " +
+                                           std::to_string(options_.timeout.count()) + " ms");
+  if (!confirmed.ok()) {
     w->Stop();
-    return Status::IOError("etcd watch on " + endpoint + ": not confirmed within " +
-                           std::to_string(options_.timeout.count()) + " ms");
+    // A member that accepts connections but does not answer: the next
+    // attempt starts with the next one.
+    MutexLock l(&mu_);
+    if (endpoints_[current_] == endpoint) current_ = (current_ + 1) % endpoints_.size();
+    return confirmed;
   }
-  REPLICA_RETURN_IF_ERROR(created_future.get());
   return w;
 }
 

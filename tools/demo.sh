@@ -130,8 +130,15 @@ pids=()
 acked=$(grep '^ack' "$work/acks" | cut -d' ' -f2 | sort -n | tail -1)
 nacks=$(grep -c '^ack' "$work/acks")
 echo "   8 writers SIGKILLed after $nacks acknowledged appends (highest LSN $acked)"
-head -c 57 /dev/urandom >> "$(ls "$wal"/*.wal | tail -1)"
-echo "   57 bytes of a half-written frame appended (a torn write, as a power cut leaves)"
+# Where the log ends in its last segment: the summary's log_bytes less the
+# older segments (each ends at its last frame; the last one has space
+# reserved after it, which reads as zeros).
+last_seg=$(ls "$wal"/*.wal | tail -1)
+log_bytes=$("$B/waldump" --json --summary "$wal" | grep -o '"log_bytes":[0-9]*' | cut -d: -f2)
+older=0
+for f in "$wal"/*.wal; do [ "$f" = "$last_seg" ] || older=$((older + $(stat -c %s "$f"))); done
+head -c 57 /dev/urandom | dd of="$last_seg" bs=1 seek=$((log_bytes - older)) conv=notrunc status=none
+echo "   57 bytes of a half-written frame written after the last record (a torn write, as a power cut leaves)"
 "$B/walgen" "$wal" --records 1000 --log-level warn > "$work/recover.out" 2>&1
 grep -o 'a torn tail was cut' "$work/recover.out" | sed 's/^/   recovery: /'
 summary=$("$B/waldump" --json --summary "$wal")

@@ -119,6 +119,20 @@ TEST_F(EtcdTest, WatchSeesPutsAndDeletesUnderAPrefix) {
   (*w)->Stop();  // returns promptly, stream closed
 }
 
+TEST_F(EtcdTest, AWatchOnAMemberThatNeverAnswersFailsInTimeAndTheNextTryUsesAnother) {
+  test::SilentPort stalled;
+  auto c = NewClient({stalled.endpoint(), server_->endpoint()});
+  auto none = [](const WatchEvent&, int64_t) {};
+  auto ignore = [](const Status&) {};
+  const auto start = std::chrono::steady_clock::now();
+  auto first = c->StartWatch("/t/", true, 0, none, ignore);
+  ASSERT_FALSE(first.ok());
+  EXPECT_NE(first.status().ToString().find("not confirmed"), std::string::npos) << first.status().ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "bounded by the request timeout (1 s)";
+  auto second = c->StartWatch("/t/", true, 0, none, ignore);
+  ASSERT_TRUE(second.ok()) << second.status().ToString();
+}
+
 TEST_F(EtcdTest, AnUnreachableMemberIsSkipped) {
   test::RefusingPort dead;
   auto c = NewClient({dead.endpoint(), server_->endpoint()});

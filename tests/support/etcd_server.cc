@@ -47,6 +47,8 @@ RefusingPort::~RefusingPort() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+SilentPort::SilentPort() { EXPECT_EQ(::listen(bound_.fd_, 16), 0) << "listen on a silent port"; }
+
 namespace {
 
 // GET /health; true if etcd says it is healthy.

@@ -25,8 +25,20 @@ class RefusingPort {
   std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
 
  private:
+  friend class SilentPort;
   int fd_ = -1;
   int port_ = 0;
+};
+
+// A port on 127.0.0.1 that accepts connections (the kernel's backlog) but
+// never answers: a member that is up but stalled, for as long as this lives.
+class SilentPort {
+ public:
+  SilentPort();
+  std::string endpoint() const { return bound_.endpoint(); }
+
+ private:
+  RefusingPort bound_;  // bound; listening from the constructor on
 };
 
 class EtcdServer {
