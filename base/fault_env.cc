@@ -1,5 +1,6 @@
 #include "base/fault_env.h"
 
+#include <algorithm>
 #include <cerrno>
 
 namespace replica {
@@ -27,7 +28,11 @@ class FaultInjectionEnv::File final : public WritableFile {
   }
   // Forwarded without a crash point: reserving space changes nothing a
   // reader sees, and DropUnsyncedData cuts the file back to what was synced.
-  Status Preallocate(uint64_t size) override { return target_->Preallocate(size); }
+  Status Preallocate(uint64_t size) override {
+    Status st = target_->Preallocate(size);
+    if (st.ok()) env_->RecordReserved(path_, size, /*synced=*/false);
+    return st;
+  }
   Status Sync() override {
     std::function<void()> hook;
     {
@@ -112,11 +117,25 @@ size_t FaultInjectionEnv::TakeSpace(size_t want) {
 void FaultInjectionEnv::RecordSynced(const std::string& path, uint64_t size) {
   MutexLock l(&mu_);
   synced_size_[path] = size;
+  // The sync also makes the file's reservation durable.
+  auto r = reserved_size_.find(path);
+  if (r != reserved_size_.end()) r->second.synced = r->second.pending;
+}
+
+void FaultInjectionEnv::RecordReserved(const std::string& path, uint64_t size, bool synced) {
+  MutexLock l(&mu_);
+  Reserved& r = reserved_size_[path];
+  r.pending = std::max(r.pending, size);
+  if (synced) r.synced = r.pending;
 }
 
 Result<std::unique_ptr<WritableFile>> FaultInjectionEnv::NewWritableFile(const std::string& path) {
   REPLICA_RETURN_IF_ERROR(Mutation("create"));
   REPLICA_ASSIGN_OR_RETURN(auto file, target_->NewWritableFile(path));
+  {
+    MutexLock l(&mu_);
+    reserved_size_.erase(path);
+  }
   RecordSynced(path, 0);
   return std::unique_ptr<WritableFile>(new File(this, path, std::move(file)));
 }
@@ -132,6 +151,7 @@ Status FaultInjectionEnv::DeleteFile(const std::string& path) {
   REPLICA_RETURN_IF_ERROR(target_->DeleteFile(path));
   MutexLock l(&mu_);
   synced_size_.erase(path);
+  reserved_size_.erase(path);
   return Status::OK();
 }
 
@@ -144,6 +164,11 @@ Status FaultInjectionEnv::RenameFile(const std::string& from, const std::string&
     synced_size_[to] = it->second;
     synced_size_.erase(from);
   }
+  reserved_size_.erase(to);
+  if (auto r = reserved_size_.find(from); r != reserved_size_.end()) {
+    reserved_size_[to] = r->second;
+    reserved_size_.erase(from);
+  }
   return Status::OK();
 }
 
@@ -153,6 +178,11 @@ Status FaultInjectionEnv::TruncateFile(const std::string& path, uint64_t size) {
   MutexLock l(&mu_);
   auto it = synced_size_.find(path);
   if (it != synced_size_.end() && it->second > size) it->second = size;
+  // A truncation gives the reserved space past it back (as it does on disk).
+  if (auto r = reserved_size_.find(path); r != reserved_size_.end()) {
+    r->second.pending = std::min(r->second.pending, size);
+    r->second.synced = std::min(r->second.synced, size);
+  }
   return Status::OK();
 }
 
@@ -168,14 +198,22 @@ Status FaultInjectionEnv::SyncDir(const std::string& dir) {
 
 Status FaultInjectionEnv::DropUnsyncedData() {
   std::map<std::string, uint64_t> sizes;
+  std::map<std::string, Reserved> reserved;
   {
     MutexLock l(&mu_);
     sizes = synced_size_;
+    reserved = reserved_size_;
   }
   for (const auto& [path, size] : sizes) {
     auto cur = target_->GetFileSize(path);
     if (!cur.ok()) continue;  // deleted since
     if (*cur > size) REPLICA_RETURN_IF_ERROR(target_->TruncateFile(path, size));
+    // A durable reservation keeps the file that long: what was written into
+    // it and not synced reads as zeros, as unwritten extents do.
+    auto r = reserved.find(path);
+    if (r != reserved.end() && r->second.synced > size) {
+      REPLICA_RETURN_IF_ERROR(target_->TruncateFile(path, r->second.synced));
+    }
   }
   return Status::OK();
 }
