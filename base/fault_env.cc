@@ -27,10 +27,10 @@ class FaultInjectionEnv::File final : public WritableFile {
     return Append(joined);
   }
   // Forwarded without a crash point: reserving space changes nothing a
-  // reader sees, and DropUnsyncedData cuts the file back to what was synced.
+  // reader sees. The next sync makes it durable (DropUnsyncedData keeps it).
   Status Preallocate(uint64_t size) override {
     Status st = target_->Preallocate(size);
-    if (st.ok()) env_->RecordReserved(path_, size, /*synced=*/false);
+    if (st.ok()) env_->RecordReserved(path_, size);
     return st;
   }
   Status Sync() override {
@@ -122,11 +122,10 @@ void FaultInjectionEnv::RecordSynced(const std::string& path, uint64_t size) {
   if (r != reserved_size_.end()) r->second.synced = r->second.pending;
 }
 
-void FaultInjectionEnv::RecordReserved(const std::string& path, uint64_t size, bool synced) {
+void FaultInjectionEnv::RecordReserved(const std::string& path, uint64_t size) {
   MutexLock l(&mu_);
   Reserved& r = reserved_size_[path];
   r.pending = std::max(r.pending, size);
-  if (synced) r.synced = r.pending;
 }
 
 Result<std::unique_ptr<WritableFile>> FaultInjectionEnv::NewWritableFile(const std::string& path) {

@@ -68,9 +68,9 @@ class FaultInjectionEnv final : public Env {
   // How many of want bytes fit the space budget (and consumes them).
   size_t TakeSpace(size_t want) EXCLUDES(mu_);
   void RecordSynced(const std::string& path, uint64_t size) EXCLUDES(mu_);
-  // A sync also makes a reservation (Preallocate) durable: after a power
+  // A reservation (Preallocate); RecordSynced makes it durable: after a power
   // loss the file keeps that length, and what was not synced reads as zeros.
-  void RecordReserved(const std::string& path, uint64_t size, bool synced) EXCLUDES(mu_);
+  void RecordReserved(const std::string& path, uint64_t size) EXCLUDES(mu_);
   struct Reserved {
     uint64_t pending = 0;  // reserved, not yet made durable by a sync
     uint64_t synced = 0;   // the length a power loss leaves

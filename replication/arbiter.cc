@@ -295,14 +295,11 @@ class EtcdArbiter final : public Arbiter {
   void WatchLoop() {
     std::unique_ptr<etcd::Watch> current;
     for (;;) {
+      std::unique_ptr<etcd::Watch> next;
       {
         MutexLock l(&mu_);
         while (!stopping_ && !pending_watch_ && !watch_broken_) cv_.Wait();
         if (stopping_) break;
-      }
-      std::unique_ptr<etcd::Watch> next;
-      {
-        MutexLock l(&mu_);
         next = std::move(pending_watch_);
       }
       if (next) {

@@ -115,26 +115,20 @@ Status Wal::CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) {
   return Status::OK();
 }
 
+bool Wal::Reserving() const { return options_.preallocate && options_.sync_policy != SyncPolicy::kNone; }
+
 void Wal::Reserve(WritableFile* file) {
-  reserved_ = false;
-  if (!options_.preallocate || options_.sync_policy == SyncPolicy::kNone) return;
+  if (!Reserving()) return;
   Status st = file->Preallocate(options_.segment_size);
-  if (st.ok()) {
-    reserved_ = true;
-    return;
+  if (!st.ok()) {
+    RLOG(kWarn, "wal.preallocate_failed") << "dir=" << dir_ << " bytes=" << options_.segment_size << " error=\""
+                                          << st.ToString() << "\" (appending without reserved space)";
   }
-  // Some space may be reserved anyway (a partial allocation): recovery and
-  // DropReserve handle the zeros the same way.
-  reserved_ = true;
-  RLOG(kWarn, "wal.preallocate_failed") << "dir=" << dir_ << " bytes=" << options_.segment_size << " error=\""
-                                        << st.ToString() << "\" (appending without reserved space)";
 }
 
 Status Wal::DropReserve(const std::string& path) {
-  if (!reserved_) return Status::OK();
-  REPLICA_RETURN_IF_ERROR(env_->TruncateFile(path, cur_size_));
-  reserved_ = false;
-  return Status::OK();
+  if (!Reserving()) return Status::OK();
+  return env_->TruncateFile(path, cur_size_);
 }
 
 Status Wal::PersistHistory(const EpochHistory& h) {
@@ -1002,7 +996,7 @@ Status Wal::Close() {
       if (st.ok()) durable_lsn_ = last_lsn_;
     }
     unsynced_.clear();
-    if (file && st.ok() && reserved_) {
+    if (file && st.ok() && Reserving()) {
       // A closed log's files end at their last frame.
       const std::string path = segments_.back().path;
       mu_.Unlock();

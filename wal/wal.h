@@ -215,10 +215,14 @@ class Wal {
   Wal(std::string dir, const Options& options);
   Status Recover();
   Status CreateSegment(Lsn first_lsn, Lsn prev_first_lsn) REQUIRES(write_mu_) EXCLUDES(mu_);
-  // Reserves space for the current segment (options_.preallocate); a failure
-  // only costs speed, so it is logged, not returned.
+  // Whether segments get reserved space (options_.preallocate, and a sync
+  // policy that fsyncs: reserving only makes fdatasync cheaper).
+  bool Reserving() const;
+  // Reserves space for the current segment; a failure only costs speed, so
+  // it is logged, not returned.
   void Reserve(WritableFile* file) REQUIRES(write_mu_);
-  // Cuts the current segment back to cur_size_ if space was reserved.
+  // Cuts the current segment back to cur_size_ when segments are reserved
+  // (also when the reservation failed part-way: nothing to cut is harmless).
   Status DropReserve(const std::string& path) REQUIRES(write_mu_);
 
   Status Submit(Op* op) EXCLUDES(mu_, write_mu_);
@@ -317,7 +321,6 @@ class Wal {
   uint64_t cur_size_ GUARDED_BY(write_mu_) = 0;
   std::chrono::microseconds sync_time_ GUARDED_BY(write_mu_){0};  // of the last group's fdatasync
   bool rolled_ GUARDED_BY(write_mu_) = false;  // the current group rolled a segment
-  bool reserved_ GUARDED_BY(write_mu_) = false;  // the current segment has space reserved past cur_size_
   // Segments closed without fdatasync (policy none); Sync() syncs them.
   std::vector<std::shared_ptr<WritableFile>> unsynced_ GUARDED_BY(write_mu_);
 
