@@ -12,7 +12,8 @@ set -uo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: bench/replbench.sh [--requests N] [--rounds N] [--replicad PATH] [--keep] [--help]
+Usage: bench/replbench.sh [--requests N] [--rounds N] [--replicad PATH] [--keep]
+                          [--peer | --no-peer] [--help]
 
 End-to-end replication benchmark. In one run it measures, with redis-benchmark
 (SET only, 100-byte values, 50 clients, keys drawn at random from 100,000):
@@ -39,19 +40,31 @@ of the standby's fdatasyncs. A replicad without those metrics (or without
 --metrics-listen) gives "n/a". "active us/SET" and "standby us/SET" are
 each node's CPU time during the load (/proc/PID/stat) per SET; their ratio
 between single and async says what share of a single node's throughput an
-active on cores of its own would keep, if CPU-bound (printed last).
+active on cores of its own would keep, if CPU-bound.
+
+The peer: when redis-server is installed, each round also runs the same load
+against Redis (the version Debian ships) with the same durability, an
+append-only file fsynced before each reply (appendonly yes, appendfsync
+always; no RDB snapshots, no AOF rewrite), alone (redis-single) and with one
+replica on the same machine (redis-replica, which follows its master as a
+standby follows the active under --commit async). Printed last, in a table
+of its own: SET/s, latency, CPU per SET, and the share of its own throughput
+Redis keeps with a replica beside the share replicad keeps.
 
 Options:
   --requests N     SET requests per run (default 100000)
   --rounds N       runs per mode, interleaved round by round (default 3)
   --replicad PATH  the replicad binary (default: build/tools/replicad under
                    the repository root)
+  --peer           require the Redis modes (fail without redis-server)
+  --no-peer        skip the Redis modes
   --keep           keep the temporary directory (data dirs, node logs,
                    redis-benchmark output, /metrics pages); by default it is
                    removed, run by run
   -h, --help       show this help
 
-Needs redis-benchmark and redis-cli; curl for the lag (otherwise bash's
+Needs redis-benchmark and redis-cli (tools/setup.sh installs them, and
+redis-server for the peer); curl for the lag (otherwise bash's
 /dev/tcp is used). Every process it starts is stopped when it exits, also on
 Ctrl-C or an error. If a node fails to start, dies, or a load does not finish
 in time, it stops with exit status 1, prints the node's log, and keeps the
@@ -68,6 +81,8 @@ CLIENTS=50
 VALUE_SIZE=100
 KEYSPACE=100000
 MODES=(single async remote-write:1 remote-apply:1)
+PEER=auto           # auto: the Redis modes when redis-server is installed
+PEER_MODES=()
 START_TIMEOUT=30    # s: the ready line, the first PING, the standby connecting
 CATCHUP_TIMEOUT=60  # s: the standby holding everything after the load
 STOP_TIMEOUT=15     # s: SIGTERM to exit, before SIGKILL
@@ -315,6 +330,46 @@ fail_run() {
 
 # ---------------------------------------------------------------- one run
 
+# drive_load DIR CLIENT_PORT A_PID [B_PID]: runs redis-benchmark against
+# CLIENT_PORT while watching the nodes; sets L_RPS, L_P50, L_P99 and each
+# node's CPU per SET during the load, L_AUS and L_BUS (µs; "-" without B)
+drive_load() {
+  local dir=$1 a_client=$2 a_pid=$3 b_pid=${4:-}
+  # The load, in the background so that Ctrl-C is handled at once and the
+  # nodes can be watched while it runs.
+  local load_timeout=$((60 + REQUESTS / 200))
+  local bench_args=(-h 127.0.0.1 -p "$a_client" -t set -n "$REQUESTS" -d "$VALUE_SIZE" -c "$CLIENTS" -r "$KEYSPACE")
+  [ "$BENCH_CSV" = 1 ] && bench_args+=(--csv)
+  local a_cpu0 b_cpu0=0 deadline
+  a_cpu0=$(proc_cpu "$a_pid"); [ -z "$b_pid" ] || b_cpu0=$(proc_cpu "$b_pid")
+  redis-benchmark "${bench_args[@]}" > "$dir/bench.out" 2> "$dir/bench.err" &
+  local bench=$!
+  pids+=("$bench")
+  deadline=$((SECONDS + load_timeout))
+  while kill -0 "$bench" 2>/dev/null; do
+    kill -0 "$a_pid" 2>/dev/null || fail_run "$dir" "the active (or the only node) died during the load"
+    [ -z "$b_pid" ] || kill -0 "$b_pid" 2>/dev/null || fail_run "$dir" "the standby died during the load"
+    [ $SECONDS -lt $deadline ] || fail_run "$dir" "redis-benchmark did not finish within ${load_timeout}s"
+    nap 0.2
+  done
+  wait "$bench"; local brc=$?
+  # CPU per SET during the load (µs): what each node pays, whoever shares
+  # the machine with it.
+  local hz a_us b_us="-"
+  hz=$(getconf CLK_TCK)
+  a_us=$(awk -v c="$(( $(proc_cpu "$a_pid") - a_cpu0 ))" -v hz="$hz" -v n="$REQUESTS" 'BEGIN { printf "%.1f", c / hz * 1e6 / n }')
+  [ -z "$b_pid" ] ||
+    b_us=$(awk -v c="$(( $(proc_cpu "$b_pid") - b_cpu0 ))" -v hz="$hz" -v n="$REQUESTS" 'BEGIN { printf "%.1f", c / hz * 1e6 / n }')
+  forget_pid "$bench"
+  [ "$brc" = 0 ] || fail_run "$dir" "redis-benchmark exited with status $brc"
+  if grep -v 'Could not fetch server CONFIG' "$dir/bench.err" | grep -q .; then
+    note "$(basename "$dir") redis-benchmark stderr: $(grep -v 'Could not fetch server CONFIG' "$dir/bench.err" | head -3 | tr '\n' ' ')"
+  fi
+  read -r L_RPS L_P50 L_P99 < <(parse_bench "$dir/bench.out")
+  [ "$L_RPS" != n/a ] || fail_run "$dir" "no SET result in the redis-benchmark output"
+  L_AUS=$a_us L_BUS=$b_us
+}
+
 declare -A R_RPS R_P50 R_P99 R_LAG50 R_LAG99 R_ALAG99 R_SF99 R_ACPU R_BCPU
 
 run_one() {
@@ -338,39 +393,8 @@ run_one() {
     done
   fi
 
-  # The load, in the background so that Ctrl-C is handled at once and the
-  # nodes can be watched while it runs.
-  local load_timeout=$((60 + REQUESTS / 200))
-  local bench_args=(-h 127.0.0.1 -p "$a_client" -t set -n "$REQUESTS" -d "$VALUE_SIZE" -c "$CLIENTS" -r "$KEYSPACE")
-  [ "$BENCH_CSV" = 1 ] && bench_args+=(--csv)
-  local a_cpu0 b_cpu0=0
-  a_cpu0=$(proc_cpu "$a_pid"); [ -z "$b_pid" ] || b_cpu0=$(proc_cpu "$b_pid")
-  redis-benchmark "${bench_args[@]}" > "$dir/bench.out" 2> "$dir/bench.err" &
-  local bench=$!
-  pids+=("$bench")
-  deadline=$((SECONDS + load_timeout))
-  while kill -0 "$bench" 2>/dev/null; do
-    kill -0 "$a_pid" 2>/dev/null || fail_run "$dir" "the active died during the load"
-    [ -z "$b_pid" ] || kill -0 "$b_pid" 2>/dev/null || fail_run "$dir" "the standby died during the load"
-    [ $SECONDS -lt $deadline ] || fail_run "$dir" "redis-benchmark did not finish within ${load_timeout}s"
-    nap 0.2
-  done
-  wait "$bench"; local brc=$?
-  # CPU per SET during the load (µs): what each node pays, whoever shares
-  # the machine with it.
-  local hz a_us b_us="-"
-  hz=$(getconf CLK_TCK)
-  a_us=$(awk -v c="$(( $(proc_cpu "$a_pid") - a_cpu0 ))" -v hz="$hz" -v n="$REQUESTS" 'BEGIN { printf "%.1f", c / hz * 1e6 / n }')
-  [ -z "$b_pid" ] ||
-    b_us=$(awk -v c="$(( $(proc_cpu "$b_pid") - b_cpu0 ))" -v hz="$hz" -v n="$REQUESTS" 'BEGIN { printf "%.1f", c / hz * 1e6 / n }')
-  forget_pid "$bench"
-  [ "$brc" = 0 ] || fail_run "$dir" "redis-benchmark exited with status $brc"
-  if grep -v 'Could not fetch server CONFIG' "$dir/bench.err" | grep -q .; then
-    note "$(basename "$dir") redis-benchmark stderr: $(grep -v 'Could not fetch server CONFIG' "$dir/bench.err" | head -3 | tr '\n' ' ')"
-  fi
-  local rps p50 p99
-  read -r rps p50 p99 < <(parse_bench "$dir/bench.out")
-  [ "$rps" != n/a ] || fail_run "$dir" "no SET result in the redis-benchmark output"
+  drive_load "$dir" "$a_client" "$a_pid" "$b_pid"
+  local rps=$L_RPS p50=$L_P50 p99=$L_P99 a_us=$L_AUS b_us=$L_BUS
 
   local lag50=n/a lag99=n/a alag99=n/a lagtxt="" last=""
   if [ "$mode" != single ]; then
@@ -452,6 +476,94 @@ run_one() {
   sync   # no run pays for the previous run's writeback
 }
 
+# ---------------------------------------------------------------- the peer
+
+# free_port: a port on 127.0.0.1 that nothing listens on now, below the
+# kernel's ephemeral range (redis-server cannot be given port 0)
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 12000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+  done
+}
+
+# start_redis DIR ID [redis-server args...]: starts redis-server on a free
+# port with the durability replicad gets from --wal-sync every (an
+# append-only file, fsync before the reply) and nothing else on disk; waits
+# for a PING. Sets NODE_PID and NODE_CLIENT.
+start_redis() {
+  local dir=$1 id=$2; shift 2
+  local try port deadline
+  mkdir -p "$dir/$id"
+  for try in 1 2 3 4 5; do
+    port=$(free_port)
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir/$id" --daemonize no \
+      --appendonly yes --appendfsync always --auto-aof-rewrite-percentage 0 --save '' \
+      --loglevel warning --logfile "$dir/$id.log" "$@" > "$dir/$id.out" 2>&1 &
+    NODE_PID=$!
+    pids+=("$NODE_PID")
+    deadline=$((SECONDS + START_TIMEOUT))
+    while kill -0 "$NODE_PID" 2>/dev/null; do
+      if [ "$(redis-cli -h 127.0.0.1 -p "$port" PING 2>/dev/null)" = PONG ]; then
+        NODE_CLIENT=$port
+        return 0
+      fi
+      [ $SECONDS -lt $deadline ] || fail_run "$dir" "redis-server $id does not answer PING on port $port"
+      nap
+    done
+    wait "$NODE_PID" 2>/dev/null; forget_pid "$NODE_PID"
+    # Another process took the port between the check and the bind: retry.
+    grep -q 'Address already in use' "$dir/$id.log" 2>/dev/null || fail_run "$dir" "redis-server $id exited at start"
+  done
+  fail_run "$dir" "redis-server $id found no free port in 5 tries"
+}
+
+# run_redis ROUND MODE: the peer system under the same load: Redis with the
+# same durability alone (redis-single), and with one replica that follows it
+# as a standby follows the active under --commit async (redis-replica).
+run_redis() {
+  local round=$1 mode=$2
+  local dir="$work/round$round-$mode"
+  mkdir -p "$dir"
+  start_redis "$dir" a
+  local a_pid=$NODE_PID a_client=$NODE_CLIENT b_pid="" deadline
+  if [ "$mode" = redis-replica ]; then
+    start_redis "$dir" b --replicaof 127.0.0.1 "$a_client"
+    b_pid=$NODE_PID
+    deadline=$((SECONDS + START_TIMEOUT))
+    until redis-cli -h 127.0.0.1 -p "$a_client" INFO replication 2>/dev/null | grep -q '^slave0:.*state=online'; do
+      [ $SECONDS -lt $deadline ] || fail_run "$dir" "the Redis replica was not online within ${START_TIMEOUT}s"
+      kill -0 "$b_pid" 2>/dev/null || fail_run "$dir" "the Redis replica exited"
+      nap
+    done
+  fi
+  drive_load "$dir" "$a_client" "$a_pid" "$b_pid"
+  if [ -n "$b_pid" ]; then
+    # The replica holds everything before it is stopped (its offset is
+    # reported about once a second).
+    local off last
+    last=$(info_field "$a_client" master_repl_offset)
+    deadline=$((SECONDS + CATCHUP_TIMEOUT))
+    while off=$(standby_offset "$a_client"); [ "${off:-x}" != "$last" ]; do
+      if [ $SECONDS -ge $deadline ]; then
+        note "$(basename "$dir") the Redis replica held offset ${off:-?} of $last after ${CATCHUP_TIMEOUT}s"
+        break
+      fi
+      nap
+    done
+    stop_nodes "$dir" b "$b_pid" a "$a_pid"
+  else
+    stop_nodes "$dir" a "$a_pid"
+  fi
+  R_RPS[$mode]+="$L_RPS "; R_P50[$mode]+="$L_P50 "; R_P99[$mode]+="$L_P99 "
+  R_ACPU[$mode]+="$L_AUS "; R_BCPU[$mode]+="$L_BUS "
+  printf '   round %d/%d  %-15s %7.0f SET/s  p50 %6s ms  p99 %7s ms  cpu/SET redis %s us replica %s us\n' \
+    "$round" "$ROUNDS" "$mode" "$L_RPS" "$L_P50" "$L_P99" "$L_AUS" "$L_BUS"
+  [ "$KEEP" = 1 ] || rm -rf "$dir"
+  sync
+}
+
 # ---------------------------------------------------------------- main
 
 main() {
@@ -464,6 +576,8 @@ main() {
       --replicad) [ $# -ge 2 ] || die "--replicad needs a value"; REPLICAD=$2; shift 2 ;;
       --replicad=*) REPLICAD=${1#*=}; shift ;;
       --keep) KEEP=1; shift ;;
+      --peer) PEER=yes; shift ;;
+      --no-peer) PEER=no; shift ;;
       -h|--help) usage; exit 0 ;;
       *) echo "replbench: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -473,6 +587,13 @@ main() {
   [ -x "$REPLICAD" ] || die "no executable replicad at '$REPLICAD' (build it, or pass --replicad PATH)"
   command -v redis-benchmark >/dev/null || die "redis-benchmark not found"
   command -v redis-cli >/dev/null || die "redis-cli not found"
+  if [ "$PEER" != no ]; then
+    if command -v redis-server >/dev/null; then
+      PEER_MODES=(redis-single redis-replica)
+    elif [ "$PEER" = yes ]; then
+      die "--peer: redis-server not found (apt-get install redis-server)"
+    fi
+  fi
   HAVE_CURL=0; command -v curl >/dev/null && HAVE_CURL=1
   # (not piped into grep -q: under pipefail, grep leaving early can fail the pipe)
   HAVE_METRICS=0; help_text=$("$REPLICAD" --help 2>/dev/null || true)
@@ -493,12 +614,18 @@ main() {
   echo "  replicad: $REPLICAD"
   echo "  redis-benchmark ${bver:-?}: -t set -n $REQUESTS -d $VALUE_SIZE -c $CLIENTS -r $KEYSPACE$([ "$BENCH_CSV" = 1 ] && echo ' --csv')"
   echo "  --wal-sync every, $ROUNDS round(s) of: ${MODES[*]}; data under $work"
+  if [ ${#PEER_MODES[@]} -gt 0 ]; then
+    echo "  peer: $(redis-server --version | cut -d' ' -f1-3), appendonly yes, appendfsync always: ${PEER_MODES[*]}"
+  elif [ "$PEER" = auto ]; then
+    echo "  peer: no redis-server here, so no Redis modes (apt-get install redis-server)"
+  fi
   [ "$HAVE_METRICS" = 1 ] || echo "  this replicad has no --metrics-listen: lag is n/a"
 
   local round mode
   for ((round = 1; round <= ROUNDS; round++)); do
     echo "   round $round/$ROUNDS: CPU $(cpu_busy)% busy in the second before it"
     for mode in "${MODES[@]}"; do run_one "$round" "$mode"; done
+    for mode in "${PEER_MODES[@]}"; do run_redis "$round" "$mode"; done
   done
 
   local base
@@ -543,6 +670,30 @@ main() {
   if [ -n "$single_cpu" ] && [ -n "$async_cpu" ]; then
     awk -v s="$single_cpu" -v a="$async_cpu" 'BEGIN { if (s > 0 && a > 0)
       printf "the active'"'"'s CPU per SET, single / async: %.1f / %.1f us (%.2fx of single'"'"'s throughput if CPU-bound on its own cores)\n", s, a, s / a }'
+  fi
+  if [ ${#PEER_MODES[@]} -gt 0 ]; then
+    # The same load against the peer: what Redis keeps of its own
+    # throughput with a replica on this machine, beside what replicad keeps.
+    local rbase
+    rbase=$(tr ' ' '\n' <<<"${R_RPS[redis-single]}" | median)
+    echo
+    echo "peer (same load, same rounds): Redis, appendonly yes, appendfsync always"
+    printf '%-16s %10s %8s %8s %14s %12s %14s %15s\n' mode SET/s "p50 ms" "p99 ms" "vs redis-single" "vs single" \
+      "node us/SET" "replica us/SET"
+    for mode in "${PEER_MODES[@]}"; do
+      rps=$(tr ' ' '\n' <<<"${R_RPS[$mode]}" | median)
+      p50=$(tr ' ' '\n' <<<"${R_P50[$mode]}" | median)
+      p99=$(tr ' ' '\n' <<<"${R_P99[$mode]}" | median)
+      acpu=$(tr ' ' '\n' <<<"${R_ACPU[$mode]}" | median)
+      bcpu="-"
+      [ "$mode" = redis-single ] || bcpu=$(tr ' ' '\n' <<<"${R_BCPU[$mode]}" | median)
+      printf '%-16s %10.0f %8s %8s %14s %12s %14s %15s\n' "$mode" "$rps" "$p50" "$p99" \
+        "$(awk -v a="$rps" -v b="$rbase" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')" \
+        "$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')" "$acpu" "$bcpu"
+    done
+    rps=$(tr ' ' '\n' <<<"${R_RPS[redis-replica]}" | median)
+    awk -v r="$rps" -v b="$rbase" -v a="$async_ratio" 'BEGIN { if (b > 0)
+      printf "with a replica on this machine Redis keeps %.2fx of its own throughput; replicad async keeps %sx\n", r / b, a }'
   fi
   if [ ${#notes[@]} -gt 0 ]; then
     echo

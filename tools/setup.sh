@@ -14,7 +14,7 @@ PACKAGES=(
   libboost1.81-dev libboost-program-options1.81-dev libboost-json1.81-dev libprotobuf-dev protobuf-compiler libssl-dev
   liblz4-dev libxxhash-dev librocksdb-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  etcd-server rocksdb-tools redis-tools openssl
+  etcd-server rocksdb-tools redis-tools redis-server openssl
 )
 
 sanitize=0
