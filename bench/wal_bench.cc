@@ -23,6 +23,9 @@
 //                                    8 to arrive writes all their bytes with
 //                                    one write() and one fdatasync(), then
 //                                    wakes the others (std::condition_variable).
+//   Model/reserved-groupcommit/<size>B  the same model writing into a file
+//                                    with 64 MiB reserved first, as the WAL
+//                                    does: the ceiling for WAL/every as it is.
 //
 // Every case gets a fresh directory under $TMPDIR (default /tmp), removed
 // afterwards, and starts after a sync() so that no case pays for the
@@ -283,9 +286,9 @@ struct GroupModel {
 };
 GroupModel model;
 
-void BM_GroupModel(benchmark::State& state, size_t size) {
+void BM_GroupModel(benchmark::State& state, size_t size, bool reserve) {
   const std::string payload = MakePayload(size);
-  if (state.thread_index() == 0) OpenCaseFile("model");
+  if (state.thread_index() == 0) OpenCaseFile("model", reserve);
   const int threads = state.threads();
   std::string buf;
   for (auto _ : state) {
@@ -424,9 +427,16 @@ class SummaryReporter : public benchmark::BenchmarkReporter {
                     size == 100 ? 5.0 : 0);
       lines += Line("           model group commit 8t / 1t", "Model/groupcommit/" + s, 8,
                     "Model/groupcommit/" + s, 1, false, 0);
+      const std::string reserved_model = "Model/reserved-groupcommit/" + s;
+      lines += Line("           model group commit, reserved file, 8t / 1t", reserved_model, 8, reserved_model, 1,
+                    false, 0);
       lines += Line("           raw write+fdatasync 8t / 1t", sync_raw, 8, sync_raw, 1, false, 0);
       lines += Line("group commit: WAL every 8t / model group commit 8t", every, 8, "Model/groupcommit/" + s,
                     8, false, 0);
+      lines += Line("              WAL every 8t / model group commit, reserved file, 8t", every, 8, reserved_model,
+                    8, false, 0);
+      lines += Line("              WAL every 1t / model group commit, reserved file, 1t", every, 1, reserved_model,
+                    1, false, 0);
       const std::string unreserved = "WAL/every-unreserved/plain/" + s;
       const std::string reserved_raw = "Raw/reserved-write+fdatasync/" + s;
       lines += Line("           WAL every-unreserved 8t / 1t", unreserved, 8, unreserved, 1, false, 0);
@@ -493,7 +503,8 @@ void RegisterAll() {
     const std::string s = std::to_string(size) + "B";
     reg("Raw/write+fdatasync/" + s, BM_Raw, true, size, false, false);
     reg("Raw/reserved-write+fdatasync/" + s, BM_Raw, true, size, false, true);
-    reg("Model/groupcommit/" + s, BM_GroupModel, size);
+    reg("Model/groupcommit/" + s, BM_GroupModel, size, false);
+    reg("Model/reserved-groupcommit/" + s, BM_GroupModel, size, true);
     wal(SyncPolicy::kEveryCommit, "every", false, size);
     wal(SyncPolicy::kEveryCommit, "every-unreserved", false, size, false);
     wal(SyncPolicy::kEveryCommit, "every", true, size);
