@@ -581,6 +581,7 @@ Status EngineImpl::Init() {
   to.node_id = opts_.node_id;
   to.cluster = opts_.cluster;
   to.secret = opts_.secret;
+  to.io_threads = opts_.transport_io_threads;
   REPLICA_ASSIGN_OR_RETURN(endpoint_, transport::Endpoint::Create(to, this));
   REPLICA_ASSIGN_OR_RETURN(port_, endpoint_->Listen(opts_.listen_host, opts_.listen_port));
   RLOG(kInfo, "engine.open") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " epoch=" << epoch_

@@ -99,6 +99,9 @@ int main(int argc, char** argv) {
        "active: a standby further behind than this many WAL bytes loses its slot and is resynced from a "
        "snapshot once its log is gone; 0: no cap")
       ("max-clients", po::value<int>()->default_value(1000), "client connections served at once")
+      ("transport-io-threads", po::value<int>()->default_value(1),
+       "threads serving the replication port's connections, 1..64 (one serves a few standbys best; "
+       "raise it for an active with many standbys)")
       ("metrics-listen", po::value<std::string>(), "HOST:PORT for Prometheus (GET /metrics); off if not given")
       ("log-level", po::value<std::string>()->default_value("info"), "debug | info | warn | error | off")
       ("config", po::value<std::string>(), "file of 'option = value' lines (names as above, without --)");
@@ -228,6 +231,8 @@ int main(int argc, char** argv) {
   o.wal_preallocate = prealloc == "on";
   o.wal_keep_bytes = bytes("wal-keep-bytes");
   o.slot_max_bytes = bytes("slot-max-bytes");
+  o.transport_io_threads = vm["transport-io-threads"].as<int>();
+  if (o.transport_io_threads < 1 || o.transport_io_threads > 64) Fail("--transport-io-threads must be 1..64");
 
   // Signals are taken by sigwait in this thread; every thread started below
   // inherits the mask, so none is interrupted.

@@ -99,6 +99,11 @@ struct EngineOptions {
   // bytes behind: then the slot is dropped (logged), the log it needs may be
   // deleted, and the standby is resynced from a snapshot. 0: no cap.
   uint64_t slot_max_bytes = 4ull << 30;
+  // Threads serving the replication port's connections (reads,
+  // acknowledgements, queued sends; 1..64). One serves an active and a few
+  // standbys with fewer wake-ups than two (docs/performance.md, ninth
+  // session); more help when many standbys share one active.
+  int transport_io_threads = 1;
   // Called (from an internal thread) when the node's role changes.
   std::function<void(Role)> on_role_change;
   // Called once, from an internal thread, when the node fails: its WAL can

@@ -103,6 +103,7 @@ class Daemon {
     return Shell("redis-cli -h 127.0.0.1 -p " + std::to_string(client_port_) + " " + args);
   }
   int repl_port() const { return repl_port_; }
+  pid_t pid() const { return pid_; }
   int client_port() const { return client_port_; }
   int metrics_port() const { return metrics_port_; }
 

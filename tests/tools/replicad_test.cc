@@ -369,6 +369,11 @@ TEST(ReplicadTest, CommandLineErrors) {
   out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --wal-preallocate maybe", &code);
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--wal-preallocate must be on or off"), std::string::npos) << out;
+  for (const char* bad : {"--transport-io-threads 0", "--transport-io-threads 65"}) {
+    out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s " + bad, &code);
+    EXPECT_EQ(code, 2) << bad;
+    EXPECT_NE(out.find("--transport-io-threads must be 1..64"), std::string::npos) << bad << ": " << out;
+  }
   // Checked without --etcd too.
   out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --lease-ttl 0", &code);
   EXPECT_EQ(code, 2);
@@ -391,6 +396,27 @@ TEST(ReplicadTest, WalPreallocateReservesTheSegmentUnlessOff) {
       }
     }
   }
+}
+
+// The threads of a process named NAME (/proc/PID/task/*/comm).
+int ThreadsNamed(pid_t pid, const std::string& name) {
+  int n = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
+    std::ifstream in(task.path() / "comm");  // a thread ending meanwhile is not counted
+    std::string comm;
+    n += std::getline(in, comm) && comm == name ? 1 : 0;
+  }
+  return n;
+}
+
+TEST(ReplicadTest, TransportIoThreadsSetsTheReplicationPortsThreads) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "--commit remote-apply:1 --transport-io-threads 3");
+  Daemon b(dir, "b", "--follow 127.0.0.1:" + std::to_string(a.repl_port()));
+  EXPECT_EQ(a.Cli("SET k v"), "OK\n");
+  EXPECT_EQ(b.Cli("GET k"), "v\n");  // remote-apply: applied there before the OK
+  EXPECT_EQ(ThreadsNamed(a.pid(), "transport-io"), 3);
+  EXPECT_EQ(ThreadsNamed(b.pid(), "transport-io"), 1) << "the default";
 }
 
 TEST(ReplicadTest, ConfigFileWithFlagsWinning) {
