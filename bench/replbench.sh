@@ -3,8 +3,9 @@
 #
 # Drives redis-benchmark (SET, 100-byte values, 50 clients) at replicad in
 # four configurations: a single node without standby, and an active with one
-# standby under each commit rule (async, remote-write:1, remote-apply:1).
-# Every run gets fresh data directories and free ports on 127.0.0.1; the
+# standby under each commit rule (async, remote-write:1, remote-apply:1),
+# and, when redis-server is installed, the same load against Redis alone and
+# with a replica (the peer system). Every run gets fresh data directories and free ports on 127.0.0.1; the
 # modes are interleaved round by round and the median per mode is reported,
 # with the standby's replication lag read from the active's
 # replica_standby_lag_seconds histogram on /metrics. Run with --help.
@@ -21,8 +22,8 @@ End-to-end replication benchmark. In one run it measures, with redis-benchmark
   async           active + one standby, --commit async
   remote-write:1  active + one standby, --commit remote-write:1
   remote-apply:1  active + one standby, --commit remote-apply:1
-Every node runs with --wal-sync every, on 127.0.0.1 only, ports chosen by the
-kernel (port 0, read back from replicad's "ready" line), a shared secret file,
+Every replicad runs with --wal-sync every, on 127.0.0.1 only, ports chosen by
+the kernel (port 0, read back from replicad's "ready" line), a shared secret file,
 and a fresh data directory under one mktemp -d directory. Each round runs the
 four modes in the order above; after all rounds it prints, per mode, the
 median over the rounds of: SET/s, client latency p50 and p99 (ms, as
@@ -45,7 +46,7 @@ active on cores of its own would keep, if CPU-bound.
 The peer: when redis-server is installed, each round also runs the same load
 against Redis (the version Debian ships) with the same durability, an
 append-only file fsynced before each reply (appendonly yes, appendfsync
-always; no RDB snapshots, no AOF rewrite), alone (redis-single) and with one
+always; no RDB snapshots, no AOF rewrite during the load), alone (redis-single) and with one
 replica on the same machine (redis-replica, which follows its master as a
 standby follows the active under --commit async). Printed last, in a table
 of its own: SET/s, latency, CPU per SET, and the share of its own throughput
@@ -490,7 +491,8 @@ free_port() {
 
 # start_redis DIR ID [redis-server args...]: starts redis-server on a free
 # port with the durability replicad gets from --wal-sync every (an
-# append-only file, fsync before the reply) and nothing else on disk; waits
+# append-only file, fsync before the reply; no RDB snapshots, no AOF
+# rewrite during the load) and no delay before a replica's first sync; waits
 # for a PING. Sets NODE_PID and NODE_CLIENT.
 start_redis() {
   local dir=$1 id=$2; shift 2
@@ -498,9 +500,10 @@ start_redis() {
   mkdir -p "$dir/$id"
   for try in 1 2 3 4 5; do
     port=$(free_port)
+    rm -f "$dir/$id.log"  # Redis appends: only this try's lines count
     redis-server --bind 127.0.0.1 --port "$port" --dir "$dir/$id" --daemonize no \
       --appendonly yes --appendfsync always --auto-aof-rewrite-percentage 0 --save '' \
-      --loglevel warning --logfile "$dir/$id.log" "$@" > "$dir/$id.out" 2>&1 &
+      --repl-diskless-sync-delay 0 --loglevel warning --logfile "$dir/$id.log" "$@" > "$dir/$id.out" 2>&1 &
     NODE_PID=$!
     pids+=("$NODE_PID")
     deadline=$((SECONDS + START_TIMEOUT))
@@ -532,7 +535,8 @@ run_redis() {
     start_redis "$dir" b --replicaof 127.0.0.1 "$a_client"
     b_pid=$NODE_PID
     deadline=$((SECONDS + START_TIMEOUT))
-    until redis-cli -h 127.0.0.1 -p "$a_client" INFO replication 2>/dev/null | grep -q '^slave0:.*state=online'; do
+    local info
+    until info=$(redis-cli -h 127.0.0.1 -p "$a_client" INFO replication 2>/dev/null); [[ $info == *slave0:*state=online* ]]; do
       [ $SECONDS -lt $deadline ] || fail_run "$dir" "the Redis replica was not online within ${START_TIMEOUT}s"
       kill -0 "$b_pid" 2>/dev/null || fail_run "$dir" "the Redis replica exited"
       nap
@@ -545,7 +549,8 @@ run_redis() {
     local off last
     last=$(info_field "$a_client" master_repl_offset)
     deadline=$((SECONDS + CATCHUP_TIMEOUT))
-    while off=$(standby_offset "$a_client"); [ "${off:-x}" != "$last" ]; do
+    # At least: the master's periodic PING to its replicas moves the offset on.
+    while off=$(standby_offset "$a_client"); ! [ "${off:-0}" -ge "$last" ] 2>/dev/null; do
       if [ $SECONDS -ge $deadline ]; then
         note "$(basename "$dir") the Redis replica held offset ${off:-?} of $last after ${CATCHUP_TIMEOUT}s"
         break
@@ -678,7 +683,7 @@ main() {
     rbase=$(tr ' ' '\n' <<<"${R_RPS[redis-single]}" | median)
     echo
     echo "peer (same load, same rounds): Redis, appendonly yes, appendfsync always"
-    printf '%-16s %10s %8s %8s %14s %12s %14s %15s\n' mode SET/s "p50 ms" "p99 ms" "vs redis-single" "vs single" \
+    printf '%-16s %10s %8s %8s %15s %12s %14s %15s\n' mode SET/s "p50 ms" "p99 ms" "vs redis-single" "vs single" \
       "node us/SET" "replica us/SET"
     for mode in "${PEER_MODES[@]}"; do
       rps=$(tr ' ' '\n' <<<"${R_RPS[$mode]}" | median)
@@ -687,7 +692,7 @@ main() {
       acpu=$(tr ' ' '\n' <<<"${R_ACPU[$mode]}" | median)
       bcpu="-"
       [ "$mode" = redis-single ] || bcpu=$(tr ' ' '\n' <<<"${R_BCPU[$mode]}" | median)
-      printf '%-16s %10.0f %8s %8s %14s %12s %14s %15s\n' "$mode" "$rps" "$p50" "$p99" \
+      printf '%-16s %10.0f %8s %8s %15s %12s %14s %15s\n' "$mode" "$rps" "$p50" "$p99" \
         "$(awk -v a="$rps" -v b="$rbase" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')" \
         "$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')" "$acpu" "$bcpu"
     done

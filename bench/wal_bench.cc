@@ -404,7 +404,7 @@ class SummaryReporter : public benchmark::BenchmarkReporter {
     const double vb = bytes ? rb.bytes / 1048576.0 : rb.items;
     const char* unit = bytes ? "MiB/s" : "op/s";
     char buf[512];
-    std::snprintf(buf, sizeof buf, "  %-58s %11.1f / %11.1f %-5s = %6.2fx", what.c_str(), va, vb,
+    std::snprintf(buf, sizeof buf, "  %-68s %11.1f / %11.1f %-5s = %6.2fx", what.c_str(), va, vb,
                   unit, vb > 0 ? va / vb : 0.0);
     std::string line = buf;
     if (goal > 0) {

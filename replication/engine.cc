@@ -531,6 +531,10 @@ Status EngineImpl::Init() {
   if (opts_.secret.empty()) return Status::InvalidArgument("the cluster secret is required");
   if (opts_.commit_timeout.count() < 1) return Status::InvalidArgument("commit_timeout must be at least 1 ms");
   if (opts_.sync_grace.count() < 1) return Status::InvalidArgument("sync_grace must be at least 1 ms");
+  if (opts_.transport_io_threads < 1 || opts_.transport_io_threads > 64) {
+    return Status::InvalidArgument("transport_io_threads must be 1..64, got " +
+                                   std::to_string(opts_.transport_io_threads));
+  }
   if (opts_.sync_rejoin_backoff.count() < 0 || opts_.sync_rejoin_backoff > std::chrono::hours(1)) {
     return Status::InvalidArgument("sync_rejoin_backoff must be 0..1 h");
   }

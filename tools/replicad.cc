@@ -100,8 +100,8 @@ int main(int argc, char** argv) {
        "snapshot once its log is gone; 0: no cap")
       ("max-clients", po::value<int>()->default_value(1000), "client connections served at once")
       ("transport-io-threads", po::value<int>()->default_value(1),
-       "threads serving the replication port's connections, 1..64 (one serves a few standbys best; "
-       "raise it for an active with many standbys)")
+       "threads serving the node's replication connections, 1..64 (with one standby, one measured faster "
+       "than two; more may help an active with many standbys)")
       ("metrics-listen", po::value<std::string>(), "HOST:PORT for Prometheus (GET /metrics); off if not given")
       ("log-level", po::value<std::string>()->default_value("info"), "debug | info | warn | error | off")
       ("config", po::value<std::string>(), "file of 'option = value' lines (names as above, without --)");

@@ -44,11 +44,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  # policy-rc.d keeps the etcd package from starting a system-wide etcd: the
-  # tests and the demo start their own on free loopback ports.
-  if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  # policy-rc.d keeps the etcd and redis-server packages from starting
+  # system-wide services: the tests, the demo and the benchmarks start their
+  # own on free loopback ports.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null && $SUDO chmod +x /usr/sbin/policy-rc.d
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi

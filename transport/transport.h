@@ -44,7 +44,7 @@ struct Options {
   std::string node_id;            // this node's name, told to peers
   std::string cluster = "default";
   std::string secret;             // the cluster's shared secret; required
-  int io_threads = 2;
+  int io_threads = 2;  // the engine sets its own (EngineOptions::transport_io_threads)
   // Memory a session may hold: one incoming frame of at most
   // max_frame_payload bytes, and queued outgoing data up to
   // max_send_queue_bytes (Send* returns Busy beyond it).

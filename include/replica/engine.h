@@ -99,10 +99,10 @@ struct EngineOptions {
   // bytes behind: then the slot is dropped (logged), the log it needs may be
   // deleted, and the standby is resynced from a snapshot. 0: no cap.
   uint64_t slot_max_bytes = 4ull << 30;
-  // Threads serving the replication port's connections (reads,
-  // acknowledgements, queued sends; 1..64). One serves an active and a few
-  // standbys with fewer wake-ups than two (docs/performance.md, ninth
-  // session); more help when many standbys share one active.
+  // Threads serving the node's replication connections (to its standbys or
+  // its active: reads, acknowledgements, queued sends; 1..64). With one
+  // standby, one thread measured faster than two (docs/performance.md,
+  // ninth session); more may help an active with many standbys.
   int transport_io_threads = 1;
   // Called (from an internal thread) when the node's role changes.
   std::function<void(Role)> on_role_change;

@@ -415,6 +415,8 @@ TEST(ReplicadTest, TransportIoThreadsSetsTheReplicationPortsThreads) {
   Daemon b(dir, "b", "--follow 127.0.0.1:" + std::to_string(a.repl_port()));
   EXPECT_EQ(a.Cli("SET k v"), "OK\n");
   EXPECT_EQ(b.Cli("GET k"), "v\n");  // remote-apply: applied there before the OK
+  ASSERT_GT(a.pid(), 0);
+  ASSERT_GT(b.pid(), 0);
   EXPECT_EQ(ThreadsNamed(a.pid(), "transport-io"), 3);
   EXPECT_EQ(ThreadsNamed(b.pid(), "transport-io"), 1) << "the default";
 }
