@@ -165,6 +165,13 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
 
   Result<uint64_t> Write(const WriteBatch& batch) override { return DoWrite(batch, nullptr); }
   Result<uint64_t> WriteCountingDeletes(const WriteBatch& batch, std::optional<uint64_t>* existed) override {
+    std::optional<std::vector<bool>> flags;
+    auto lsn = WriteReportingDeletes(batch, &flags);
+    *existed = std::nullopt;
+    if (lsn.ok() && flags) *existed = std::count(flags->begin(), flags->end(), true);
+    return lsn;
+  }
+  Result<uint64_t> WriteReportingDeletes(const WriteBatch& batch, std::optional<std::vector<bool>>* existed) override {
     count_deletes_.store(true);  // before the append: the applier then counts this batch
     return DoWrite(batch, existed);
   }
@@ -299,12 +306,13 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(now - sb.caught_up_at).count());
   }
   Status ValidateRule(const CommitRule& rule) const;
-  Result<uint64_t> DoWrite(const WriteBatch& batch, std::optional<uint64_t>* existed);
+  Result<uint64_t> DoWrite(const WriteBatch& batch, std::optional<std::vector<bool>>* existed);
   // Applies `records` (and `last` as the applied LSN) in one RocksDB batch.
-  // With `counts`, also appends (LSN, deleted keys that existed) for each
-  // record that deletes, looking keys up as of its place in the log.
+  // With `deleted`, also appends, for each record that deletes, its LSN and
+  // whether each of its deletes found its key (looked up as of its place in
+  // the log: after the ops before it).
   Status ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last,
-                      std::vector<std::pair<wal::Lsn, uint64_t>>* counts);
+                      std::vector<std::pair<wal::Lsn, std::vector<bool>>>* deleted);
 
   const EngineOptions opts_;
   wal::Options wal_options_;
@@ -334,13 +342,13 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     CondVar cv;
   };
   std::multimap<wal::Lsn, WriteWaiter*> waiters_ GUARDED_BY(mu_);
-  // Active, once a WriteCountingDeletes call was made: the applier counts the
-  // deleted keys that existed, per record, into delete_counts_, where the
-  // writer takes its own (the writer may register only after its record is
-  // applied, so the count waits for it). Entries 65,536 LSNs behind the
-  // applied LSN are dropped unclaimed.
+  // Active, once a WriteReportingDeletes call was made: the applier notes,
+  // per record, which of its deletes found their key, into delete_counts_,
+  // where the writer takes its own (the writer may register only after its
+  // record is applied, so the flags wait for it). Entries 65,536 LSNs
+  // behind the applied LSN are dropped unclaimed.
   std::atomic<bool> count_deletes_{false};
-  std::map<wal::Lsn, uint64_t> delete_counts_ GUARDED_BY(mu_);
+  std::map<wal::Lsn, std::vector<bool>> delete_counts_ GUARDED_BY(mu_);
   void WakeWriters(wal::Lsn upto) REQUIRES(mu_) {
     for (auto it = waiters_.begin(); it != waiters_.end() && it->first <= upto; ++it) it->second->cv.Signal();
   }
@@ -1002,7 +1010,7 @@ void EngineImpl::AdvanceCommit() {
   }
 }
 
-Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint64_t>* existed) {
+Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std::vector<bool>>* existed) {
   if (role_.load() != Role::kActive) {
     MutexLock l(&mu_);
     return Status::NotActive("node " + opts_.node_id + " is a standby; the active is " +
@@ -1091,14 +1099,14 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
     }
     deadline = Clock::now() + opts_.commit_timeout;
   }
-  std::optional<uint64_t> counted;
+  std::optional<std::vector<bool>> counted;
   if (existed != nullptr) {
     const bool deletes = std::any_of(batch.ops().begin(), batch.ops().end(), [](const auto& op) { return op.is_delete; });
     if (auto it = delete_counts_.find(lsn); it != delete_counts_.end()) {
-      counted = it->second;
+      counted = std::move(it->second);
       delete_counts_.erase(it);
     } else if (!deletes) {
-      counted = 0;
+      counted.emplace();  // nothing to report
     }
   }
   if (!failure_.ok()) return failure_;
@@ -1113,7 +1121,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<uint
     return Status::NotActive("node " + opts_.node_id + " lost its etcd lease before LSN " + std::to_string(lsn) +
                              " was acknowledged; the write may be lost");
   }
-  if (existed != nullptr) *existed = counted;
+  if (existed != nullptr) *existed = std::move(counted);
   return lsn;
 }
 
@@ -1196,7 +1204,7 @@ Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeou
 }
 
 Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::string>>& records, wal::Lsn last,
-                                std::vector<std::pair<wal::Lsn, uint64_t>>* counts) {
+                                std::vector<std::pair<wal::Lsn, std::vector<bool>>>* deleted) {
   std::vector<WriteBatch> batches;
   batches.reserve(records.size());
   // Counting: each key this apply batch deletes, and whether it exists after
@@ -1208,28 +1216,25 @@ Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::strin
     auto batch = WriteBatch::Decode(payload);
     if (!batch.ok()) return batch.status().WithContext("record LSN " + std::to_string(lsn));
     batches.push_back(std::move(batch).value());
-    if (counts == nullptr) continue;
+    if (deleted == nullptr) continue;
     for (const auto& op : batches.back().ops()) {
       if (op.is_delete) exists.emplace(op.key, std::nullopt);
     }
   }
   rocksdb::WriteBatch wb;
   for (size_t r = 0; r < records.size(); ++r) {
-    uint64_t existed = 0;
-    bool deletes = false;
-    std::unordered_set<std::string_view> counted;  // each key once per record
+    std::vector<bool> found;  // per delete of this record, in order
     for (const auto& op : batches[r].ops()) {
       if (auto it = exists.find(op.key); it != exists.end()) {
-        if (op.is_delete && counted.insert(op.key).second) {
+        if (op.is_delete) {
           if (!it->second) {  // first touch: what RocksDB holds
             std::string ignored;
             const rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), handles_[0], op.key, &ignored);
             if (!gs.ok() && !gs.IsNotFound()) return FromRocks(gs, "look up a deleted key");
             it->second = gs.ok();
           }
-          existed += *it->second ? 1 : 0;
+          found.push_back(*it->second);  // a key deleted twice is found once
         }
-        deletes = deletes || op.is_delete;
         it->second = !op.is_delete;  // from here on the batch itself says
       }
       if (op.is_delete) {
@@ -1238,7 +1243,7 @@ Status EngineImpl::ApplyRecords(const std::vector<std::pair<wal::Lsn, std::strin
         wb.Put(handles_[0], op.key, op.value);
       }
     }
-    if (deletes) counts->emplace_back(records[r].first, existed);
+    if (!found.empty()) deleted->emplace_back(records[r].first, std::move(found));
   }
   // The applied LSN goes in the same batch as the data it covers.
   char buf[8];
@@ -1260,7 +1265,7 @@ void EngineImpl::ApplierLoop() {
   }
   auto reader = std::move(reader_or).value();
   std::vector<std::pair<wal::Lsn, std::string>> records;
-  std::vector<std::pair<wal::Lsn, uint64_t>> counts;
+  std::vector<std::pair<wal::Lsn, std::vector<bool>>> deleted;
   bool have_pending = false;
   wal::RecordView rec;
   for (;;) {
@@ -1328,9 +1333,9 @@ void EngineImpl::ApplierLoop() {
     // On the active, once a caller asked for delete counts (role and flag
     // read after the records: a counted write sets the flag before it appends).
     const bool counting = role_.load() == Role::kActive && count_deletes_.load();
-    counts.clear();
+    deleted.clear();
     if (error.ok() && last > 0 && opts_.test_fault) error = opts_.test_fault("apply");
-    if (error.ok() && last > 0) error = ApplyRecords(records, last, counting ? &counts : nullptr);
+    if (error.ok() && last > 0) error = ApplyRecords(records, last, counting ? &deleted : nullptr);
     if (!error.ok()) {
       {
         MutexLock l(&mu_);
@@ -1345,7 +1350,7 @@ void EngineImpl::ApplierLoop() {
     {
       MutexLock l(&mu_);
       applied_lsn_ = last;
-      for (const auto& [lsn, n] : counts) delete_counts_[lsn] = n;
+      for (auto& [lsn, found] : deleted) delete_counts_[lsn] = std::move(found);
       if (!delete_counts_.empty() && last > kKeepDeleteCounts) {
         // Unclaimed (a writer that failed after its record was applied).
         delete_counts_.erase(delete_counts_.begin(), delete_counts_.lower_bound(last - kKeepDeleteCounts));

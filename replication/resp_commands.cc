@@ -43,6 +43,12 @@ bool Commands::MayBlock(const std::string& name) {
          name == "DBSIZE" || name == "SCAN";
 }
 
+bool Commands::IsPlainDel(const std::vector<std::string>& args) {
+  if (args.size() < 2) return false;
+  const std::string name = Upper(args[0]);
+  return name == "DEL" || name == "UNLINK";
+}
+
 bool Commands::IsPlainSet(const std::vector<std::string>& args) {
   if (args.size() < 3 || args.size() % 2 == 0) return false;
   const std::string name = Upper(args[0]);
@@ -237,8 +243,7 @@ void Commands::Execute(const std::vector<std::string>& args, CommandState* conn,
     if (!lsn.ok()) return AppendStatusError(lsn.status(), out);
     conn->last_write_lsn = *lsn;
     if (!existed) {
-      return AppendError(out, "ERR the keys were deleted, but how many existed is no longer known "
-                                    "(the reply came too long after the delete was applied)");
+      return AppendError(out, kDelCountLost);
     }
     AppendInteger(out, static_cast<long long>(*existed));
     return;

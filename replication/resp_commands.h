@@ -19,6 +19,11 @@
 
 namespace replica::resp {
 
+// The reply to DEL when the engine no longer knows how many keys existed.
+inline constexpr char kDelCountLost[] =
+    "ERR the keys were deleted, but how many existed is no longer known "
+    "(the reply came too long after the delete was applied)";
+
 // Per-connection state kept between commands.
 struct CommandState {
   uint64_t last_write_lsn = 0;  // WAIT counts the standbys that hold it
@@ -45,6 +50,10 @@ class Commands {
   // pairs may share one write with other such commands, each staying atomic
   // inside the larger atomic batch.
   static bool IsPlainSet(const std::vector<std::string>& args);
+  // Whether `args` is a well-formed DEL or UNLINK: its deletes may share one
+  // write with other connections' SETs and DELs (WriteReportingDeletes
+  // tells each its own count).
+  static bool IsPlainDel(const std::vector<std::string>& args);
 
   // The reply to a failed call: -READONLY naming the active for a write on
   // a standby, else -ERR with the status.

@@ -33,8 +33,8 @@ constexpr size_t kMaxSetBatchBytes = 1 << 20;
 // replies to what it read are sent (a client that sends and never reads
 // stops being read from).
 constexpr size_t kReadChunk = 16 << 10;
-// Threads that hand merged SETs to the engine. Two: while one waits for its
-// write's commit, the other gathers the next.
+// Threads that hand merged SETs and DELs to the engine. Two: while one waits
+// for its write's commit, the other gathers the next.
 constexpr int kSetWriters = 2;
 // Idle worker threads kept however long they idle.
 constexpr int kKeptIdleWorkers = 2;
@@ -42,14 +42,21 @@ constexpr int kKeptIdleWorkers = 2;
 constexpr auto kStopGrace = 2s;
 
 class RespServerImpl;
-using KeyValues = std::vector<std::pair<std::string, std::string>>;
+// A put or a delete of a SET, MSET, DEL or UNLINK read but not yet written.
+struct WriteOp {
+  std::string key;
+  std::string value;
+  bool is_delete = false;
+};
+using WriteOps = std::vector<WriteOp>;
 
 // One client connection. Its handlers run on its strand, one at a time, and
 // at most one of a read, a send, or a command handed to another thread is
 // outstanding at once: the members need no lock. Commands run in the order
 // they arrive; one that waits (a write, WAIT, a scan of the store) is handed
 // to the server's threads, and the connection reads nothing more until its
-// reply is back. Consecutive SETs and MSETs are gathered and written as one.
+// reply is back. Consecutive SETs, MSETs, DELs and UNLINKs are gathered and
+// written as one, with those of other connections.
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
   Connection(RespServerImpl* server, tcp::socket socket, uint64_t id, size_t max_bulk)
@@ -61,7 +68,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
     asio::post(socket_.get_executor(), [self = shared_from_this()] { self->Pump(); });
   }
   // The server's completions of handed-off work; each runs on the strand.
-  void SetsWritten(const Result<uint64_t>& lsn, size_t commands);
+  // `dels`: per command written, how many keys it deletes (0: a SET or
+  // MSET); `found`: per delete, in order, whether its key existed (nullopt:
+  // not kept).
+  void SetsWritten(const Result<uint64_t>& lsn, const std::vector<uint32_t>& dels,
+                   const std::optional<std::vector<bool>>& found);
   void CommandDone(std::string reply);
   // Stop: read no more; close once the replies owed are sent.
   void Shutdown();
@@ -92,8 +103,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool waiting_ = false;      // a command or SETs are with another thread
   bool closing_ = false;      // QUIT, a protocol error, or Stop: no more commands
   bool closed_ = false;
-  KeyValues sets_;            // SETs and MSETs read but not yet handed off
-  size_t set_commands_ = 0, set_bytes_ = 0;
+  WriteOps sets_;             // SETs, MSETs, DELs and UNLINKs read but not yet handed off
+  std::vector<uint32_t> set_dels_;  // per command in sets_: the keys it deletes (0: a SET or MSET)
+  size_t set_bytes_ = 0;
   std::vector<std::string> after_sets_;  // the command read after them, run once they are written
   std::vector<std::string> args_;
   std::string error_;
@@ -121,15 +133,16 @@ class RespServerImpl final : public RespServer {
   resp::Commands& commands() { return commands_; }
   RespStats& mutable_stats() { return stats_; }
   bool stopping() const { return stopping_.load(); }
-  void QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands, size_t bytes) EXCLUDES(queue_mu_);
+  void QueueSets(std::shared_ptr<Connection> c, WriteOps sets, std::vector<uint32_t> dels, size_t bytes)
+      EXCLUDES(queue_mu_);
   void QueueCommand(std::shared_ptr<Connection> c, std::vector<std::string> args) EXCLUDES(queue_mu_);
   void Forget(Connection* c) EXCLUDES(conns_mu_);
 
  private:
   struct PendingSets {
     std::shared_ptr<Connection> conn;
-    KeyValues sets;
-    size_t commands;
+    WriteOps sets;
+    std::vector<uint32_t> dels;  // per command, as Connection::set_dels_
     size_t bytes;  // of keys and values
   };
   struct PendingCommand {
@@ -203,13 +216,22 @@ void Connection::Pump() {
     if (resp::Commands::IsPlainSet(args_)) {
       for (size_t i = 1; i + 1 < args_.size(); i += 2) {
         set_bytes_ += args_[i].size() + args_[i + 1].size();
-        sets_.emplace_back(std::move(args_[i]), std::move(args_[i + 1]));
+        sets_.push_back({std::move(args_[i]), std::move(args_[i + 1]), false});
       }
-      ++set_commands_;  // one +OK per command
+      set_dels_.push_back(0);  // one +OK per command
       if (set_bytes_ >= kMaxSetBatchBytes && WriteSets()) return;
       continue;
     }
-    if (set_commands_ > 0) {  // any other command ends the run of SETs
+    if (resp::Commands::IsPlainDel(args_)) {
+      for (size_t i = 1; i < args_.size(); ++i) {
+        set_bytes_ += args_[i].size();
+        sets_.push_back({std::move(args_[i]), std::string(), true});
+      }
+      set_dels_.push_back(static_cast<uint32_t>(args_.size() - 1));  // one count per command
+      if (set_bytes_ >= kMaxSetBatchBytes && WriteSets()) return;
+      continue;
+    }
+    if (!set_dels_.empty()) {  // any other command ends the run of writes
       after_sets_ = std::move(args_);
       WriteSets();
       return;
@@ -239,11 +261,12 @@ void Connection::Read() {
 }
 
 bool Connection::WriteSets() {
-  if (set_commands_ == 0) return false;
+  if (set_dels_.empty()) return false;
   waiting_ = true;
-  server_->QueueSets(shared_from_this(), std::move(sets_), set_commands_, set_bytes_);
+  server_->QueueSets(shared_from_this(), std::move(sets_), std::move(set_dels_), set_bytes_);
   sets_.clear();
-  set_commands_ = set_bytes_ = 0;
+  set_dels_.clear();
+  set_bytes_ = 0;
   return true;
 }
 
@@ -259,16 +282,28 @@ bool Connection::Run(std::vector<std::string> args) {
   return true;
 }
 
-void Connection::SetsWritten(const Result<uint64_t>& lsn, size_t commands) {
+void Connection::SetsWritten(const Result<uint64_t>& lsn, const std::vector<uint32_t>& dels,
+                             const std::optional<std::vector<bool>>& found) {
   waiting_ = false;
-  std::string reply;
-  if (lsn.ok()) {
-    state_.last_write_lsn = *lsn;
-    resp::AppendSimple(&reply, "OK");
-  } else {
+  if (!lsn.ok()) {
+    std::string reply;
     server_->commands().AppendStatusError(lsn.status(), &reply);
+    for (size_t i = 0; i < dels.size(); ++i) out_ += reply;
+    return Pump();
   }
-  for (size_t i = 0; i < commands; ++i) out_ += reply;
+  state_.last_write_lsn = *lsn;
+  size_t next = 0;  // in *found
+  for (const uint32_t n : dels) {
+    if (n == 0) {
+      resp::AppendSimple(&out_, "OK");
+    } else if (!found || found->size() < next + n) {
+      resp::AppendError(&out_, resp::kDelCountLost);
+    } else {
+      // A key named twice is found once: the second delete finds it gone.
+      resp::AppendInteger(&out_, std::count(found->begin() + next, found->begin() + next + n, true));
+      next += n;
+    }
+  }
   Pump();
 }
 
@@ -358,16 +393,19 @@ void RespServerImpl::Forget(Connection* c) {
   if (conns_.empty()) conns_cv_.SignalAll();
 }
 
-void RespServerImpl::QueueSets(std::shared_ptr<Connection> c, KeyValues sets, size_t commands, size_t bytes) {
+void RespServerImpl::QueueSets(std::shared_ptr<Connection> c, WriteOps sets, std::vector<uint32_t> dels,
+                               size_t bytes) {
   {
     MutexLock l(&queue_mu_);
     if (!queue_closed_) {
-      sets_queue_.push_back({std::move(c), std::move(sets), commands, bytes});
+      sets_queue_.push_back({std::move(c), std::move(sets), std::move(dels), bytes});
       sets_cv_.Signal();
       return;
     }
   }
-  asio::post(c->executor(), [c, commands] { c->SetsWritten(Status::Aborted("the server is stopping"), commands); });
+  asio::post(c->executor(), [c, dels = std::move(dels)] {
+    c->SetsWritten(Status::Aborted("the server is stopping"), dels, std::nullopt);
+  });
 }
 
 void RespServerImpl::QueueCommand(std::shared_ptr<Connection> c, std::vector<std::string> args) {
@@ -409,13 +447,34 @@ void RespServerImpl::SetWriterLoop() {
       }
     }
     WriteBatch batch;
+    bool deletes = false;
     for (auto& p : taken) {
-      for (auto& [k, v] : p.sets) batch.Put(std::move(k), std::move(v));
+      for (auto& op : p.sets) {
+        if (op.is_delete) {
+          batch.Delete(std::move(op.key));
+          deletes = true;
+        } else {
+          batch.Put(std::move(op.key), std::move(op.value));
+        }
+      }
     }
-    const Result<uint64_t> lsn = engine_->Write(batch);
+    std::optional<std::vector<bool>> found;
+    const Result<uint64_t> lsn = deletes ? engine_->WriteReportingDeletes(batch, &found) : engine_->Write(batch);
+    size_t next = 0;  // each connection's deletes, in batch order
     for (auto& p : taken) {
+      size_t n = 0;
+      for (const uint32_t d : p.dels) n += d;
+      std::optional<std::vector<bool>> mine;
+      if (n == 0) {
+        mine.emplace();
+      } else if (found && found->size() >= next + n) {
+        mine.emplace(found->begin() + next, found->begin() + next + n);
+      }
+      next += n;
       Connection* conn = p.conn.get();
-      asio::post(conn->executor(), [c = std::move(p.conn), lsn, n = p.commands] { c->SetsWritten(lsn, n); });
+      asio::post(conn->executor(), [c = std::move(p.conn), lsn, dels = std::move(p.dels), mine = std::move(mine)] {
+        c->SetsWritten(lsn, dels, mine);
+      });
     }
   }
 }

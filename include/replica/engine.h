@@ -216,14 +216,21 @@ class Engine {
   // Active only: logs, waits for the commit rule, applies, returns the LSN.
   // NotActive (naming the active, if known) on a standby.
   virtual Result<uint64_t> Write(const WriteBatch& batch) = 0;
-  // Like Write, and sets *existed to how many of the batch's deleted keys
-  // existed just before the batch was applied, each key once, in log order
-  // (Redis DEL's reply): two concurrent deletes of one key count it once.
-  // The first call makes this node's applier look up every key it deletes
-  // from then on (a point read per deleted key). *existed is nullopt when the
-  // count was not kept (the call returned long after its batch was applied,
-  // past 65,536 newer records).
+  // Like Write, and sets *existed to how many of the batch's deletes found
+  // their key, each as of its place in the log (after the ops before it, in
+  // this batch and in earlier ones): Redis DEL's reply. A key deleted twice
+  // in a row is found once; of two concurrent deletes of one key, one finds
+  // it. The first call makes this node's applier look up every key it
+  // deletes from then on (a point read per deleted key). *existed is nullopt
+  // when the count was not kept (the call returned long after its batch was
+  // applied, past 65,536 newer records).
   virtual Result<uint64_t> WriteCountingDeletes(const WriteBatch& batch, std::optional<uint64_t>* existed) = 0;
+  // The same, delete by delete: (*existed)[i] says whether the batch's i-th
+  // Delete found its key. For a batch that joins several callers' commands
+  // (the client port writes many connections' SETs and DELs as one), so that
+  // each DEL gets its own count. Empty for a batch without deletes.
+  virtual Result<uint64_t> WriteReportingDeletes(const WriteBatch& batch,
+                                                 std::optional<std::vector<bool>>* existed) = 0;
   // Reads the local RocksDB; nullopt if the key is absent.
   virtual Result<std::optional<std::string>> Get(const std::string& key) = 0;
   // Like Get, and states how stale the answer may be (see StatedRead). With

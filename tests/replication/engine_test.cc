@@ -1060,6 +1060,37 @@ TEST_F(RespTest, PipelinedSetsShareOneWrite) {
   server->Stop();
 }
 
+// DELs join the run of SETs, and each is answered with its own count, as
+// of its place in the pipeline.
+TEST_F(RespTest, PipelinedDelsShareTheWriteAndEachGetsItsOwnCount) {
+  ASSERT_EQ(test::RespClient(server->port()).Command({"SET", "before", "x"}), "+OK");
+  const uint64_t before = e->status().durable_lsn;
+  std::string req;
+  auto add = [&](const std::vector<std::string>& args) { req += EncodeCommand(args); };
+  add({"DEL", "before", "nope"});  // stored earlier: 1
+  add({"SET", "a", "1"});
+  add({"DEL", "a"});               // set just before, in the same write: 1
+  add({"unlink", "a"});            // just deleted: 0
+  add({"MSET", "b", "2", "c", "3"});
+  add({"DEL", "b", "b", "c"});     // b named twice counts once: 2
+  add({"SET", "b", "again"});
+  add({"DEL"});                    // a wrong DEL is answered on its own and ends the run
+  add({"GET", "b"});
+  const int fd = ConnectLoopback(server->port());
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  const std::string expected =
+      ":1\r\n+OK\r\n:1\r\n:0\r\n+OK\r\n:2\r\n+OK\r\n"
+      "-ERR wrong number of arguments for 'del' command\r\n$5\r\nagain\r\n";
+  EXPECT_EQ(ReceiveBytes(fd, expected.size()), expected);
+  ::close(fd);
+  EXPECT_LE(e->status().durable_lsn - before, 2u) << "the DELs and SETs of the pipeline were not merged";
+  EXPECT_EQ(*e->Get("before"), std::nullopt);
+  EXPECT_EQ(*e->Get("a"), std::nullopt);
+  EXPECT_EQ(*e->Get("c"), std::nullopt);
+  server->Stop();
+}
+
 // Delete counts are taken when the batch is applied, in log order: writers
 // racing on a few keys (sets and deletes from several threads, so that the
 // applier takes many records in one RocksDB batch) each get the count a
@@ -1125,6 +1156,33 @@ TEST(EngineTest, DeleteCountsFollowTheLogOrder) {
   std::optional<uint64_t> none;
   ASSERT_TRUE(e->WriteCountingDeletes(put, &none).ok());
   EXPECT_EQ(none, std::optional<uint64_t>(0));
+  ASSERT_TRUE(e->Close().ok());
+}
+
+// Delete by delete, each as of its place in the batch: what the client port
+// needs to answer several DELs written as one batch.
+TEST(EngineTest, WriteReportingDeletesSaysWhichDeletesFoundTheirKey) {
+  TempDir dir;
+  auto e = OpenOrDie(Node(dir, "a"));
+  WriteBatch setup;
+  setup.Put("old", "1");
+  ASSERT_TRUE(e->Write(setup).ok());
+  WriteBatch b;
+  b.Delete("old");      // stored before: found
+  b.Delete("old");      // just deleted: not found
+  b.Delete("never");    // not found
+  b.Put("new", "1");
+  b.Delete("new");      // put earlier in this batch: found
+  b.Put("new", "2");    // and put again: it exists after the batch
+  std::optional<std::vector<bool>> found;
+  ASSERT_TRUE(e->WriteReportingDeletes(b, &found).ok());
+  ASSERT_TRUE(found.has_value());
+  EXPECT_EQ(*found, (std::vector<bool>{true, false, false, true}));
+  EXPECT_EQ(*e->Get("new"), std::optional<std::string>("2"));
+  WriteBatch put;
+  put.Put("x", "1");
+  ASSERT_TRUE(e->WriteReportingDeletes(put, &found).ok());
+  EXPECT_EQ(found, std::optional<std::vector<bool>>(std::vector<bool>{}));
   ASSERT_TRUE(e->Close().ok());
 }
 
