@@ -301,8 +301,8 @@ void Connection::SetsWritten(const Result<uint64_t>& lsn, const std::vector<uint
     } else {
       // A key named twice is found once: the second delete finds it gone.
       resp::AppendInteger(&out_, std::count(found->begin() + next, found->begin() + next + n, true));
-      next += n;
     }
+    next += n;
   }
   Pump();
 }
