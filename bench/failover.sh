@@ -35,13 +35,7 @@ cleanup() {
 trap cleanup EXIT
 echo secret > "$work/secret"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 12000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-}
+. tools/ports.sh
 etcd_port=$(free_port); peer=$(free_port)
 etcd --name fb --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" \
   --advertise-client-urls "http://127.0.0.1:$etcd_port" --listen-peer-urls "http://127.0.0.1:$peer" \

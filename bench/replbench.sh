@@ -479,15 +479,8 @@ run_one() {
 
 # ---------------------------------------------------------------- the peer
 
-# free_port: a port on 127.0.0.1 that nothing listens on now, below the
-# kernel's ephemeral range (redis-server cannot be given port 0)
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 12000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-}
+# free_port (redis-server cannot be given port 0)
+. "$(dirname "${BASH_SOURCE[0]}")/../tools/ports.sh"
 
 # start_redis DIR ID [redis-server args...]: starts redis-server on a free
 # port with the durability replicad gets from --wal-sync every (an

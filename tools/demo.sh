@@ -41,14 +41,7 @@ trap cleanup EXIT
 echo "demo-secret" > "$work/secret"
 field() { grep -o "$1:[0-9]*" | head -1 | cut -d: -f2; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-# A loopback port nobody listens on right now.
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 12000))  # below the kernel's ephemeral range (32768+)
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-}
+. tools/ports.sh  # free_port
 
 start_etcd() {
   etcd_port=$(free_port)
