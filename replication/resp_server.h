@@ -28,7 +28,7 @@ struct RespServerOptions {
   uint16_t port = 6380;  // 0: any free port
   int max_clients = 1000;
   size_t max_bulk = 64u << 20;
-  // A thread for commands that wait (DEL, WAIT, SCAN, ...) that has had
+  // A thread for commands that wait (WAIT, SCAN, DBSIZE) that has had
   // nothing to do this long ends, unless it is one of the last two.
   std::chrono::milliseconds worker_idle_timeout{30000};
 };

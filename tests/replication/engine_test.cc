@@ -1281,19 +1281,19 @@ TEST(EngineTest, RespSetsFromManyClientsShareWrites) {
 TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
   const int threads_before = ThreadCount();
   ASSERT_GT(threads_before, 0);
-  test::RespClient deleter(server->port());
-  ASSERT_EQ(deleter.Command({"DEL", "k"}), ":0");  // a worker thread now idles
-  const int waiter_fd = ConnectLoopback(server->port()), deleter_fd = ConnectLoopback(server->port());
+  test::RespClient counter(server->port());
+  ASSERT_EQ(counter.Command({"DBSIZE"}), ":0");  // a worker thread now idles
+  const int waiter_fd = ConnectLoopback(server->port()), counter_fd = ConnectLoopback(server->port());
   ASSERT_GE(waiter_fd, 0);
-  ASSERT_GE(deleter_fd, 0);
-  // A WAIT that blocks until Interrupt, and a DEL queued right behind it
-  // (often before the idle worker took the WAIT): the DEL gets a worker of
-  // its own.
-  const std::string wait = EncodeCommand({"WAIT", "1", "0"}), del = EncodeCommand({"DEL", "k"});
+  ASSERT_GE(counter_fd, 0);
+  // A WAIT that blocks until Interrupt, and a DBSIZE queued right behind it
+  // (often before the idle worker took the WAIT): the DBSIZE gets a worker
+  // of its own.
+  const std::string wait = EncodeCommand({"WAIT", "1", "0"}), dbsize = EncodeCommand({"DBSIZE"});
   ASSERT_EQ(::send(waiter_fd, wait.data(), wait.size(), MSG_NOSIGNAL), static_cast<ssize_t>(wait.size()));
-  ASSERT_EQ(::send(deleter_fd, del.data(), del.size(), MSG_NOSIGNAL), static_cast<ssize_t>(del.size()));
-  EXPECT_EQ(ReceiveBytes(deleter_fd, 4), ":0\r\n");
-  ::close(deleter_fd);
+  ASSERT_EQ(::send(counter_fd, dbsize.data(), dbsize.size(), MSG_NOSIGNAL), static_cast<ssize_t>(dbsize.size()));
+  EXPECT_EQ(ReceiveBytes(counter_fd, 4), ":0\r\n");
+  ::close(counter_fd);
   constexpr int kClients = 300;
   std::vector<int> fds;
   const std::string ping = EncodeCommand({"PING"});
@@ -1315,7 +1315,7 @@ TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
 }
 
 // Worker threads for waiting commands end once idle past the timeout, all
-// but two, so a burst of WAITs or DELs leaves no crowd of threads behind.
+// but two, so a burst of WAITs or SCANs leaves no crowd of threads behind.
 TEST(EngineTest, RespIdleWorkersEndAfterTheTimeout) {
   TempDir dir;
   auto e = OpenOrDie(Node(dir, "a"));
@@ -1343,7 +1343,7 @@ TEST(EngineTest, RespIdleWorkersEndAfterTheTimeout) {
   EXPECT_TRUE(Eventually([&] { return ThreadCount() <= baseline + 2; }, 10s)) << ThreadCount() << " threads";
   // The two kept serve the next command at once; a third is started as needed.
   test::RespClient c((*server)->port());
-  EXPECT_EQ(c.Command({"DEL", "k"}), ":0");
+  EXPECT_EQ(c.Command({"WAIT", "0", "0"}), ":0");  // a worker's command (DEL no longer is)
   (*server)->Stop();
   ASSERT_TRUE(e->Close().ok());
 }
