@@ -172,6 +172,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     return lsn;
   }
   Result<uint64_t> WriteReportingDeletes(const WriteBatch& batch, std::optional<std::vector<bool>>* existed) override {
+    *existed = std::nullopt;
     count_deletes_.store(true);  // before the append: the applier then counts this batch
     return DoWrite(batch, existed);
   }
@@ -1101,13 +1102,15 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std:
   }
   std::optional<std::vector<bool>> counted;
   if (existed != nullptr) {
-    const bool deletes = std::any_of(batch.ops().begin(), batch.ops().end(), [](const auto& op) { return op.is_delete; });
+    const size_t deletes = static_cast<size_t>(
+        std::count_if(batch.ops().begin(), batch.ops().end(), [](const auto& op) { return op.is_delete; }));
     if (auto it = delete_counts_.find(lsn); it != delete_counts_.end()) {
-      counted = std::move(it->second);
+      // Flags of another record at this LSN (one cut by a rewind and never
+      // claimed) would not match the batch: then the count is lost.
+      if (it->second.size() == deletes) counted = std::move(it->second);
       delete_counts_.erase(it);
-    } else if (!deletes) {
-      counted.emplace();  // nothing to report
     }
+    if (deletes == 0) counted.emplace();  // nothing to report
   }
   if (!failure_.ok()) return failure_;
   if (!still_active()) {

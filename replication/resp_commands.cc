@@ -38,7 +38,9 @@ std::string Upper(std::string s) {
 
 bool Commands::MayBlock(const std::string& name) {
   // Writes wait for their commit rule, WAIT for standbys; DBSIZE reads the
-  // whole store and SCAN up to 100,000 keys.
+  // whole store and SCAN up to 100,000 keys. (The client port writes the
+  // well-formed SET, MSET, DEL and UNLINK itself, in shared batches; only
+  // the others reach Execute, for their error.)
   return name == "SET" || name == "MSET" || name == "DEL" || name == "UNLINK" || name == "WAIT" ||
          name == "DBSIZE" || name == "SCAN";
 }

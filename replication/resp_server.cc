@@ -27,8 +27,11 @@ namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 using namespace std::chrono_literals;
 
-// SETs merged into one write stop at this many key and value bytes.
+// Writes merged into one stop at this many bytes: keys and values, and
+// kOpBytes more per put or delete (so that a run of DELs of short keys is
+// bounded too: each costs the applier a point read).
 constexpr size_t kMaxSetBatchBytes = 1 << 20;
+constexpr size_t kOpBytes = 16;
 // Each connection reads at most this much at a time; it reads again once the
 // replies to what it read are sent (a client that sends and never reads
 // stops being read from).
@@ -88,7 +91,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
  private:
   void Pump();
   void Read();
-  // Hands the gathered SETs to the writers; false if there were none.
+  // Hands the gathered writes to the writers; false if there were none.
   bool WriteSets();
   // Runs or hands off one command; false if it was handed off.
   bool Run(std::vector<std::string> args);
@@ -100,7 +103,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::array<char, kReadChunk> in_;
   std::string out_;           // replies not yet sent, in command order
   std::string closing_reply_; // a protocol error: sent last, then the connection closes
-  bool waiting_ = false;      // a command or SETs are with another thread
+  bool waiting_ = false;      // a command or gathered writes are with another thread
   bool closing_ = false;      // QUIT, a protocol error, or Stop: no more commands
   bool closed_ = false;
   WriteOps sets_;             // SETs, MSETs, DELs and UNLINKs read but not yet handed off
@@ -199,7 +202,10 @@ void Connection::Pump() {
       if (!Run(std::move(next))) return;
       continue;
     }
-    if (closing_ || server_->stopping()) break;
+    if (closing_ || server_->stopping()) {
+      if (WriteSets()) return;  // writes read before Stop are written (or refused), and answered
+      break;
+    }
     auto outcome = parser_.Next(&args_, &error_);
     if (outcome == resp::Parser::Outcome::kNeedMore) {
       if (WriteSets()) return;  // their replies come before anything is sent
@@ -215,7 +221,7 @@ void Connection::Pump() {
     ++server_->mutable_stats().commands;
     if (resp::Commands::IsPlainSet(args_)) {
       for (size_t i = 1; i + 1 < args_.size(); i += 2) {
-        set_bytes_ += args_[i].size() + args_[i + 1].size();
+        set_bytes_ += kOpBytes + args_[i].size() + args_[i + 1].size();
         sets_.push_back({std::move(args_[i]), std::move(args_[i + 1]), false});
       }
       set_dels_.push_back(0);  // one +OK per command
@@ -224,7 +230,7 @@ void Connection::Pump() {
     }
     if (resp::Commands::IsPlainDel(args_)) {
       for (size_t i = 1; i < args_.size(); ++i) {
-        set_bytes_ += args_[i].size();
+        set_bytes_ += kOpBytes + args_[i].size();
         sets_.push_back({std::move(args_[i]), std::string(), true});
       }
       set_dels_.push_back(static_cast<uint32_t>(args_.size() - 1));  // one count per command

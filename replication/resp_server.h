@@ -2,8 +2,9 @@
 // redis-benchmark and Redis client libraries work against a node unchanged
 // (docs/replication.md lists the commands and how they map to the engine).
 //
-// Event-driven: one Asio I/O thread serves every connection; SETs from all
-// connections are gathered into shared writes by two writer threads, and
+// Event-driven: one Asio I/O thread serves every connection; SETs, MSETs,
+// DELs and UNLINKs from all connections are gathered into shared writes by
+// two writer threads, and
 // commands that wait on the engine run on worker threads (docs/replication.md,
 // "Client port"). At most max_clients connections at once. Protocol errors
 // get a Redis-style error and close that connection only.

@@ -228,7 +228,8 @@ class Engine {
   // The same, delete by delete: (*existed)[i] says whether the batch's i-th
   // Delete found its key. For a batch that joins several callers' commands
   // (the client port writes many connections' SETs and DELs as one), so that
-  // each DEL gets its own count. Empty for a batch without deletes.
+  // each DEL gets its own count. Empty for a batch without deletes;
+  // nullopt as above, and when the write fails.
   virtual Result<uint64_t> WriteReportingDeletes(const WriteBatch& batch,
                                                  std::optional<std::vector<bool>>* existed) = 0;
   // Reads the local RocksDB; nullopt if the key is absent.

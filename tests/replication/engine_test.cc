@@ -1275,6 +1275,62 @@ TEST(EngineTest, RespSetsFromManyClientsShareWrites) {
   ASSERT_TRUE(e->Close().ok());
 }
 
+// Several connections' runs of SETs and DELs share one write, and each
+// command still gets its own reply: the counts are sliced per connection,
+// per command, in batch order.
+TEST(EngineTest, RespDelsFromManyClientsShareWritesAndKeepTheirOwnCounts) {
+  TempDir dir;
+  auto e = OpenOrDie(Node(dir, "a"));
+  ASSERT_TRUE(e);
+  WriteBatch setup;
+  for (int i = 0; i < 6; ++i) setup.Put("x" + std::to_string(i), "1");
+  ASSERT_TRUE(e->Write(setup).ok());
+  // remote-write:1 without a standby holds every write until the rule is
+  // relaxed; by then every connection's run is queued.
+  ASSERT_TRUE(e->SetCommitRule(*CommitRule::Parse("remote-write:1")).ok());
+  auto server = StartResp(e.get());
+  ASSERT_TRUE(server);
+  const uint64_t before = e->status().last_lsn;
+  struct Client {
+    std::vector<std::vector<std::string>> commands;
+    std::string expected;
+  };
+  std::vector<Client> clients;
+  for (int i = 0; i < 6; ++i) {
+    const std::string x = "x" + std::to_string(i), y = "y" + std::to_string(i);
+    if (i % 3 == 0) {  // SETs only
+      clients.push_back({{{"SET", y, "v"}, {"MSET", y + "a", "1", y + "b", "2"}}, "+OK\r\n+OK\r\n"});
+    } else if (i % 3 == 1) {  // a DEL naming an existing key twice, and one that is not there
+      clients.push_back({{{"DEL", x, x, y}}, ":1\r\n"});
+    } else {  // a SET, then a DEL of it and of an existing key, then an UNLINK of both again
+      clients.push_back({{{"SET", y, "v"}, {"DEL", y, x}, {"UNLINK", x, y}}, "+OK\r\n:2\r\n:0\r\n"});
+    }
+  }
+  size_t commands = 0;
+  std::vector<int> fds;
+  for (const auto& c : clients) {
+    std::string req;
+    for (const auto& args : c.commands) req += EncodeCommand(args);
+    commands += c.commands.size();
+    fds.push_back(ConnectLoopback(server->port()));
+    ASSERT_GE(fds.back(), 0);
+    ASSERT_EQ(::send(fds.back(), req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  }
+  ASSERT_TRUE(Eventually([&] { return server->stats().commands.load() == commands; }));
+  ASSERT_TRUE(e->SetCommitRule(*CommitRule::Parse("async")).ok());
+  for (size_t i = 0; i < clients.size(); ++i) {
+    EXPECT_EQ(ReceiveBytes(fds[i], clients[i].expected.size()), clients[i].expected) << "client " << i;
+    ::close(fds[i]);
+  }
+  // As for SETs: at most a few writes, not one per connection or command.
+  EXPECT_LE(e->status().last_lsn - before, 4u);
+  EXPECT_EQ(*e->Get("x1"), std::nullopt);
+  EXPECT_EQ(*e->Get("x0"), std::optional<std::string>("1"));
+  EXPECT_EQ(*e->Get("y2"), std::nullopt);
+  server->Stop();
+  ASSERT_TRUE(e->Close().ok());
+}
+
 // Connections cost no thread each, and a command that waits (WAIT for a
 // standby that is not there) holds up only its own connection. Stop, after
 // the engine's Interrupt, ends it and closes every connection.

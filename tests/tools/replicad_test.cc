@@ -50,6 +50,7 @@ TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   const std::string ro = b.Cli("SET x y");
   EXPECT_NE(ro.find("READONLY"), std::string::npos) << ro;
   EXPECT_NE(ro.find("127.0.0.1:" + std::to_string(a.repl_port())), std::string::npos) << ro;
+  EXPECT_NE(b.Cli("DEL greeting").find("READONLY"), std::string::npos);  // DELs share the writers' path
   EXPECT_EQ(a.Cli("ROLE").substr(0, 7), "master\n");
   EXPECT_EQ(b.Cli("ROLE").substr(0, 6), "slave\n");
   EXPECT_NE(a.Cli("INFO replication").find("connected_slaves:1"), std::string::npos);
