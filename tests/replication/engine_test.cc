@@ -111,11 +111,16 @@ uint64_t WriteMany(Engine* e, int batches, int start = 0) {
   return last;
 }
 
-TEST(EngineTest, ActiveAndTwoStandbysConverge) {
+void ActiveAndTwoStandbysConverge(int transport_io_threads) {
   TempDir dir;
-  auto active = OpenOrDie(Node(dir, "a"));
-  auto s1 = OpenOrDie(Node(dir, "b", Follow(*active)));
-  auto s2 = OpenOrDie(Node(dir, "c", Follow(*active)));
+  auto node = [&](const std::string& id, const std::string& follow) {
+    EngineOptions o = Node(dir, id, follow);
+    o.transport_io_threads = transport_io_threads;
+    return o;
+  };
+  auto active = OpenOrDie(node("a", ""));
+  auto s1 = OpenOrDie(node("b", Follow(*active)));
+  auto s2 = OpenOrDie(node("c", Follow(*active)));
   const uint64_t last = WriteMany(active.get(), 600);
   ASSERT_EQ(last, 600u);
   ASSERT_TRUE(s1->WaitForApplied(last, 30s).ok());
@@ -136,6 +141,12 @@ TEST(EngineTest, ActiveAndTwoStandbysConverge) {
   ExpectSameWal(dir.Sub("a"), dir.Sub("b"));
   ExpectSameWal(dir.Sub("a"), dir.Sub("c"));
 }
+
+TEST(EngineTest, ActiveAndTwoStandbysConverge) { ActiveAndTwoStandbysConverge(1); }
+
+// One transport I/O thread is the default; several (two were, before) still
+// serve every session.
+TEST(EngineTest, ActiveAndTwoStandbysConvergeWithSeveralTransportThreads) { ActiveAndTwoStandbysConverge(3); }
 
 TEST(EngineTest, StandbyRefusesWritesNamingTheActive) {
   TempDir dir;
