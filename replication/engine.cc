@@ -14,7 +14,6 @@
 #include <sstream>
 #include <thread>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "base/coding.h"
 #include "base/log.h"

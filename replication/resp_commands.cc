@@ -37,12 +37,10 @@ std::string Upper(std::string s) {
 }
 
 bool Commands::MayBlock(const std::string& name) {
-  // Writes wait for their commit rule, WAIT for standbys; DBSIZE reads the
-  // whole store and SCAN up to 100,000 keys. (The client port writes the
-  // well-formed SET, MSET, DEL and UNLINK itself, in shared batches; only
-  // the others reach Execute, for their error.)
-  return name == "SET" || name == "MSET" || name == "DEL" || name == "UNLINK" || name == "WAIT" ||
-         name == "DBSIZE" || name == "SCAN";
+  // WAIT waits for standbys; DBSIZE reads the whole store and SCAN up to
+  // 100,000 keys. (Writes wait for their commit rule too, but the client
+  // port writes them itself, in shared batches.)
+  return name == "WAIT" || name == "DBSIZE" || name == "SCAN";
 }
 
 bool Commands::IsPlainDel(const std::vector<std::string>& args) {
@@ -173,15 +171,6 @@ void Commands::Execute(const std::vector<std::string>& args, CommandState* conn,
     std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
     AppendError(out, "ERR wrong number of arguments for '" + lower + "' command");
   };
-  auto write = [&](const WriteBatch& b) -> bool {
-    auto lsn = engine_->Write(b);
-    if (!lsn.ok()) {
-      AppendStatusError(lsn.status(), out);
-      return false;
-    }
-    conn->last_write_lsn = *lsn;
-    return true;
-  };
   if (cmd == "PING") {
     if (argc > 2) return arity_error();
     return argc == 2 ? AppendBulk(out, args[1]) : AppendSimple(out, "PONG");
@@ -218,37 +207,16 @@ void Commands::Execute(const std::vector<std::string>& args, CommandState* conn,
     out->append(values);
     return;
   }
+  // Well-formed writes (IsPlainSet, IsPlainDel) are gathered and written by
+  // the client port; here only the malformed ones are answered.
   if (cmd == "SET") {
     if (argc < 3) return arity_error();
     if (argc > 3) return AppendError(out, "ERR syntax error (SET options are not supported)");
-    WriteBatch b;
-    b.Put(args[1], args[2]);
-    if (write(b)) AppendSimple(out, "OK");
-    return;
+    return AppendError(out, "ERR internal error: a well-formed SET reached the command runner");
   }
-  if (cmd == "MSET") {
-    if (argc < 3 || argc % 2 == 0) return arity_error();
-    WriteBatch b;
-    for (size_t i = 1; i + 1 < argc; i += 2) b.Put(args[i], args[i + 1]);
-    if (write(b)) AppendSimple(out, "OK");
-    return;
-  }
-  if (cmd == "DEL" || cmd == "UNLINK") {
-    if (argc < 2) return arity_error();
-    // The reply counts the keys that existed when the delete was applied,
-    // each once, in log order (as Redis counts): of two clients deleting one
-    // key at once, exactly one is told 1.
-    WriteBatch b;
-    for (size_t i = 1; i < argc; ++i) b.Delete(args[i]);
-    std::optional<uint64_t> existed;
-    auto lsn = engine_->WriteCountingDeletes(b, &existed);
-    if (!lsn.ok()) return AppendStatusError(lsn.status(), out);
-    conn->last_write_lsn = *lsn;
-    if (!existed) {
-      return AppendError(out, kDelCountLost);
-    }
-    AppendInteger(out, static_cast<long long>(*existed));
-    return;
+  if (cmd == "MSET" || cmd == "DEL" || cmd == "UNLINK") {
+    if (!IsPlainSet(args) && !IsPlainDel(args)) return arity_error();
+    return AppendError(out, "ERR internal error: a well-formed " + cmd + " reached the command runner");
   }
   if (cmd == "EXISTS") {
     if (argc < 2) return arity_error();

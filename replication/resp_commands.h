@@ -19,11 +19,6 @@
 
 namespace replica::resp {
 
-// The reply to DEL when the engine no longer knows how many keys existed.
-inline constexpr char kDelCountLost[] =
-    "ERR the keys were deleted, but how many existed is no longer known "
-    "(the reply came too long after the delete was applied)";
-
 // Per-connection state kept between commands.
 struct CommandState {
   uint64_t last_write_lsn = 0;  // WAIT counts the standbys that hold it
@@ -39,8 +34,11 @@ class Commands {
   // The port actually listened on (INFO's tcp_port), once known.
   void set_port(uint16_t port) { port_ = port; }
 
-  // Runs one command and appends its reply to *out. May block: writes wait
-  // for their commit rule, WAIT for the standbys (see MayBlock).
+  // Runs one command and appends its reply to *out. May block: WAIT waits
+  // for the standbys, DBSIZE and SCAN read much of the store (see MayBlock).
+  // Writes are not run here: the client port gathers the well-formed ones
+  // (IsPlainSet, IsPlainDel) into shared batches; here the others get their
+  // error.
   void Execute(const std::vector<std::string>& args, CommandState* conn, std::string* out);
 
   // Whether a command (its name in upper case) can wait on the engine or

@@ -32,6 +32,10 @@ using namespace std::chrono_literals;
 // bounded too: each costs the applier a point read).
 constexpr size_t kMaxSetBatchBytes = 1 << 20;
 constexpr size_t kOpBytes = 16;
+// The reply to DEL when the engine no longer knows how many keys existed.
+constexpr char kDelCountLost[] =
+    "ERR the keys were deleted, but how many existed is no longer known "
+    "(the reply came too long after the delete was applied)";
 // Each connection reads at most this much at a time; it reads again once the
 // replies to what it read are sent (a client that sends and never reads
 // stops being read from).
@@ -303,7 +307,7 @@ void Connection::SetsWritten(const Result<uint64_t>& lsn, const std::vector<uint
     if (n == 0) {
       resp::AppendSimple(&out_, "OK");
     } else if (!found || found->size() < next + n) {
-      resp::AppendError(&out_, resp::kDelCountLost);
+      resp::AppendError(&out_, kDelCountLost);
     } else {
       // A key named twice is found once: the second delete finds it gone.
       resp::AppendInteger(&out_, std::count(found->begin() + next, found->begin() + next + n, true));
