@@ -198,6 +198,11 @@ void BM_WalAppend(benchmark::State& state, SyncPolicy policy, bool compress, siz
           // cycle is waking and gathering appenders).
           state.counters["sync_us"] = static_cast<double>(st.sync_micros) / static_cast<double>(st.syncs);
         }
+        if (st.gathers > 0) {
+          // Share of the leaders' waits for their group that were patient
+          // (wal/gather_policy.h).
+          state.counters["patient"] = static_cast<double>(st.patient_gathers) / static_cast<double>(st.gathers);
+        }
       }
       auto closed = g.wal->Close();
       if (!closed.ok() && !failed) state.SkipWithError(closed.ToString().c_str());

@@ -375,6 +375,7 @@ Status Wal::Submit(Op* op) {
       // group itself, at once, instead of waking the leader to do it.
       gatherer_->state.store(Op::kTaken, std::memory_order_relaxed);
       gatherer_ = nullptr;
+      gather_policy_.Filled();
       run = true;
     }
   }
@@ -426,9 +427,11 @@ bool Wal::Gather(Op* op) {
     if (op->kind != Op::Kind::kAppend && op->kind != Op::Kind::kRaw) return true;
     const size_t want = std::min<size_t>(expected_group_, 64);
     if (want <= 1 || queue_.size() >= want) return true;
-    deadline = std::chrono::steady_clock::now() + std::min(last_sync_time_ / 4, std::chrono::microseconds(100));
+    deadline = std::chrono::steady_clock::now() + gather_policy_.Wait(last_sync_time_);
     gather_target_ = want;
     gatherer_ = op;
+    ++stats_.gathers;
+    if (gather_policy_.patient()) ++stats_.patient_gathers;
   }
   for (;;) {
     const uint32_t seen = turns_.Load();
@@ -439,6 +442,8 @@ bool Wal::Gather(Op* op) {
     MutexLock l(&mu_);
     if (gatherer_ != op) return false;
     gatherer_ = nullptr;  // the wait is over: run what has arrived
+    gather_policy_.TimedOut();
+    ++stats_.gathers_timed_out;
     return true;
   }
 }

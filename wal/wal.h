@@ -44,6 +44,7 @@
 #include "base/wake_word.h"
 #include "wal/epoch_history.h"
 #include "wal/frame.h"
+#include "wal/gather_policy.h"
 #include "wal/segment.h"
 
 namespace replica::wal {
@@ -122,6 +123,12 @@ struct WalStats {
   uint64_t segments_created = 0;
   uint64_t segments_purged = 0;
   uint64_t sync_micros = 0;  // total time those fdatasyncs took
+  // Group commit under kEveryCommit: leaders that waited for the appenders
+  // they expected (GatherPolicy), how many of them waited patiently, and
+  // how many waits ended at the deadline rather than with a full group.
+  uint64_t gathers = 0;
+  uint64_t patient_gathers = 0;
+  uint64_t gathers_timed_out = 0;
   // How many of them took at most kSyncBucketMicros[i] and more than the
   // bound before it (not cumulative); the last entry counts the slower ones.
   std::array<uint64_t, kSyncBucketMicros.size() + 1> sync_buckets{};
@@ -232,10 +239,11 @@ class Wal {
   Status Lead(Op* leader) EXCLUDES(mu_, write_mu_);
   // How many ops from the queue's front the next group takes.
   size_t NextGroupSize() const REQUIRES(mu_);
-  // A new leader under kEveryCommit briefly waits for the appenders it expects
-  // (see expected_group_), so that one fdatasync serves all of them. The
-  // appender that completes the group runs it (the leader then waits as a
-  // follower). Returns whether `op`'s thread is to run the group now.
+  // A new leader under kEveryCommit waits for the appenders it expects (see
+  // expected_group_), so that one fdatasync serves all of them, for as long
+  // as gather_policy_ allows. The appender that completes the group runs it
+  // (the leader then waits as a follower). Returns whether `op`'s thread is
+  // to run the group now.
   bool Gather(Op* op) EXCLUDES(mu_);
   // Admits, writes and (by policy) syncs `group`; mu_ is released during
   // I/O. `queued`: the group is the front of queue_ and leaves it.
@@ -300,10 +308,11 @@ class Wal {
   void ReportError() EXCLUDES(mu_);
   std::atomic<bool> error_unreported_{false};
   // Group commit sizing. With closed-loop appenders, back-to-back fsyncs split
-  // them into two alternating cohorts; so a leader waits (at most half an
-  // fdatasync) until as many ops are queued as were in flight when the last
-  // group finished: that group plus those queued behind it.
+  // them into two alternating cohorts; so a leader waits (for as long as
+  // gather_policy_ says) until as many ops are queued as were in flight when
+  // the last group finished: that group plus those queued behind it.
   size_t expected_group_ GUARDED_BY(mu_) = 1;
+  GatherPolicy gather_policy_ GUARDED_BY(mu_);
   Op* gatherer_ GUARDED_BY(mu_) = nullptr;     // the leader gathering, if any
   size_t gather_target_ GUARDED_BY(mu_) = 0;  // the queue length it waits for
   std::chrono::microseconds last_sync_time_ GUARDED_BY(mu_){200};

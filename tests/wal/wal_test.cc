@@ -117,6 +117,8 @@ TEST_P(WalVariantTest, ConcurrentAppendersShareGroups) {
     for (uint64_t n : s.sync_buckets) bucketed += n;
     EXPECT_EQ(bucketed, s.syncs);
     EXPECT_GT(s.sync_micros, 0u);
+    EXPECT_LE(s.patient_gathers, s.gathers);
+    EXPECT_LE(s.gathers_timed_out, s.gathers);
   }
 }
 
