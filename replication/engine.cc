@@ -3143,6 +3143,12 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_wal_group_commits_total", "counter", "group commits (writes)", node, static_cast<double>(ws.groups));
   metric("replica_wal_fsyncs_total", "counter", "fdatasync calls of the WAL (group commits, interval syncs)", node,
          static_cast<double>(ws.syncs));
+  metric("replica_wal_gathers_total", "counter", "group-commit leaders that waited for the appenders they expected",
+         node, static_cast<double>(ws.gathers));
+  metric("replica_wal_gathers_patient_total", "counter", "of those, waits with the long (patient) deadline", node,
+         static_cast<double>(ws.patient_gathers));
+  metric("replica_wal_gathers_timed_out_total", "counter", "of those, waits that ended at the deadline, not a full group",
+         node, static_cast<double>(ws.gathers_timed_out));
   metric("replica_wal_fsync_seconds_total", "counter", "time spent in those fdatasync calls", node,
          static_cast<double>(ws.sync_micros) / 1e6);
   {

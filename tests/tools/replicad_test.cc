@@ -286,6 +286,10 @@ TEST(ReplicadTest, PrometheusMetrics) {
   };
   const std::string fsyncs = value_after("replica_wal_fsyncs_total{node=\"a\"} ");
   EXPECT_NE(fsyncs, "0");
+  // Sequential SETs from one client never wait for a group.
+  EXPECT_EQ(value_after("replica_wal_gathers_total{node=\"a\"} "), "0") << page;
+  EXPECT_EQ(value_after("replica_wal_gathers_patient_total{node=\"a\"} "), "0") << page;
+  EXPECT_EQ(value_after("replica_wal_gathers_timed_out_total{node=\"a\"} "), "0") << page;
   EXPECT_EQ(value_after("replica_wal_fsync_latency_seconds_bucket{node=\"a\",le=\"+Inf\"} "), fsyncs) << page;
   EXPECT_EQ(value_after("replica_wal_fsync_latency_seconds_count{node=\"a\"} "), fsyncs) << page;
   EXPECT_NE(page.find("replica_wal_fsync_latency_seconds_bucket{node=\"a\",le=\"0.001\"} "), std::string::npos);
