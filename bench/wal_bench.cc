@@ -201,7 +201,7 @@ void BM_WalAppend(benchmark::State& state, SyncPolicy policy, bool compress, siz
         if (st.gathers > 0) {
           // Share of the leaders' waits for their group that were patient
           // (wal/gather_policy.h).
-          state.counters["patient"] = static_cast<double>(st.patient_gathers) / static_cast<double>(st.gathers);
+          state.counters["patient"] = static_cast<double>(st.gathers_patient) / static_cast<double>(st.gathers);
         }
       }
       auto closed = g.wal->Close();

@@ -3143,12 +3143,6 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_wal_group_commits_total", "counter", "group commits (writes)", node, static_cast<double>(ws.groups));
   metric("replica_wal_fsyncs_total", "counter", "fdatasync calls of the WAL (group commits, interval syncs)", node,
          static_cast<double>(ws.syncs));
-  metric("replica_wal_gathers_total", "counter", "group-commit leaders that waited for the appenders they expected",
-         node, static_cast<double>(ws.gathers));
-  metric("replica_wal_gathers_patient_total", "counter", "of those, waits with the long (patient) deadline", node,
-         static_cast<double>(ws.patient_gathers));
-  metric("replica_wal_gathers_timed_out_total", "counter", "of those, waits that ended at the deadline, not a full group",
-         node, static_cast<double>(ws.gathers_timed_out));
   metric("replica_wal_fsync_seconds_total", "counter", "time spent in those fdatasync calls", node,
          static_cast<double>(ws.sync_micros) / 1e6);
   {
@@ -3157,6 +3151,13 @@ std::string EngineImpl::PrometheusMetrics() const {
     histogram("replica_wal_fsync_latency_seconds", "how long each fdatasync of the WAL took", node, bounds,
               ws.sync_buckets, static_cast<double>(ws.sync_micros) / 1e6, ws.syncs);
   }
+  metric("replica_wal_gathers_total", "counter", "WAL group commits whose leader waited for the appenders it expected",
+         node, static_cast<double>(ws.gathers));
+  metric("replica_wal_gathers_patient_total", "counter",
+         "WAL group-commit waits made with the long (patient) deadline", node, static_cast<double>(ws.gathers_patient));
+  metric("replica_wal_gathers_timed_out_total", "counter",
+         "WAL group-commit waits that ended at their deadline rather than with a full group", node,
+         static_cast<double>(ws.gathers_timed_out));
   metric("replica_wal_size_bytes", "gauge", "bytes of retained WAL segments", node,
          static_cast<double>(wal_ ? wal_->size_bytes() : 0));
   metric("replica_wal_first_lsn", "gauge", "first retained LSN", node, static_cast<double>(st.first_lsn));

@@ -6,7 +6,7 @@
 // a follower; if its deadline then expires while the group's fdatasync runs,
 // it wakes for nothing, in the middle of the one wait that sets the group's
 // pace. On the 2-vCPU machine of docs/performance.md that wake-up made a
-// group's fdatasync 40-60 µs (a quarter) longer.
+// group's fdatasync 30-55 µs (about a quarter) longer.
 //
 // So the deadline depends on how gathers have been ending:
 // - impatient (the start, and whenever gathers time out): a quarter of the
@@ -17,10 +17,13 @@
 //   group takes, so that the leader sleeps until the group's end wakes it.
 //   A group that does not fill then costs its appenders up to that long,
 //   which is why one time-out returns the policy to impatient until gathers
-//   have filled their groups about twenty times in a row again.
+//   have filled their groups 29 times in a row again (70 from the start).
+//   (A gather that the Wal cuts short because its group cannot fill, a
+//   maintenance op queued or the log closing, counts neither way.)
 //
 // "How gathers have been ending" is a moving average of time-outs (weight
-// 1/16 per gather, in 1/1024ths); patient below 2%.
+// 1/16 per gather, in 1/1024ths, rounded down, so that it settles at 15
+// while every gather fills); patient below 20, about 2%.
 //
 // Not thread-safe: the Wal calls it under its mutex.
 #pragma once

@@ -56,7 +56,9 @@ struct Wal::Op {
 
   // kTaken: it was gathering a group as the queue's front, and the appender
   // that completed the group runs it; it waits for kDone like a follower.
-  static constexpr uint32_t kWaiting = 0, kLook = 1, kDone = 2, kTaken = 3;
+  // kRun: it was gathering, and the group can no longer fill (an op that
+  // cannot join it was queued, or the log is closing): it runs the group now.
+  static constexpr uint32_t kWaiting = 0, kLook = 1, kDone = 2, kTaken = 3, kRun = 4;
 
   size_t bytes() const {
     if (kind == Kind::kRaw) return raw.size();
@@ -370,13 +372,20 @@ Status Wal::Submit(Op* op) {
     queued_.store(queue_.size(), std::memory_order_release);
     op->state.store(Op::kWaiting, std::memory_order_relaxed);
     run = queue_.front() == op;
-    if (!run && gatherer_ != nullptr && queue_.size() >= gather_target_ && NextGroupSize() == queue_.size()) {
-      // This append completes the group a leader is gathering: it runs the
-      // group itself, at once, instead of waking the leader to do it.
-      gatherer_->state.store(Op::kTaken, std::memory_order_relaxed);
-      gatherer_ = nullptr;
-      gather_policy_.Filled();
-      run = true;
+    if (!run && gatherer_ != nullptr) {
+      if (NextGroupSize() < queue_.size()) {
+        // This op cannot join the group a leader is gathering (maintenance,
+        // or past max_group_bytes): waiting longer gains nothing.
+        EndGather();
+      } else if (queue_.size() >= gather_target_) {
+        // This append completes the group: it runs the group itself, at
+        // once, instead of waking the leader to do it.
+        gatherer_->state.store(Op::kTaken, std::memory_order_relaxed);
+        gatherer_ = nullptr;
+        gather_policy_.Filled();
+        ++stats_.gathers_filled;
+        run = true;
+      }
     }
   }
   for (;;) {
@@ -417,6 +426,13 @@ size_t Wal::NextGroupSize() const {
   return n;
 }
 
+void Wal::EndGather() {
+  gatherer_->state.store(Op::kRun, std::memory_order_release);
+  gatherer_ = nullptr;
+  ++stats_.gathers_cut_short;
+  turns_.Bump();  // rare: the leader waits on the shared word
+}
+
 bool Wal::Gather(Op* op) {
   // Only the queue's front gathers; a thread that took the group over from
   // the front runs it as it stands.
@@ -426,21 +442,25 @@ bool Wal::Gather(Op* op) {
     if (queue_.front() != op || options_.sync_policy != SyncPolicy::kEveryCommit) return true;
     if (op->kind != Op::Kind::kAppend && op->kind != Op::Kind::kRaw) return true;
     const size_t want = std::min<size_t>(expected_group_, 64);
-    if (want <= 1 || queue_.size() >= want) return true;
+    // Nothing to wait for: the group is there, or cannot grow (an op that
+    // cannot join it is queued, or the log is closing).
+    if (want <= 1 || queue_.size() >= want || NextGroupSize() < queue_.size() || closing_) return true;
     deadline = std::chrono::steady_clock::now() + gather_policy_.Wait(last_sync_time_);
     gather_target_ = want;
     gatherer_ = op;
     ++stats_.gathers;
-    if (gather_policy_.patient()) ++stats_.patient_gathers;
+    if (gather_policy_.patient()) ++stats_.gathers_patient;
   }
   for (;;) {
     const uint32_t seen = turns_.Load();
     const uint32_t state = op->state.load(std::memory_order_acquire);
     // Taken over (or already done): wait for the group as a follower.
     if (state == Op::kTaken || state == Op::kDone) return false;
+    if (state == Op::kRun) return true;  // EndGather: run what has arrived
     if (turns_.WaitOnceUntil(seen, deadline)) continue;
     MutexLock l(&mu_);
-    if (gatherer_ != op) return false;
+    // Ended while the deadline passed: taken over (follow), or cut short (run).
+    if (gatherer_ != op) return op->state.load(std::memory_order_relaxed) == Op::kRun;
     gatherer_ = nullptr;  // the wait is over: run what has arrived
     gather_policy_.TimedOut();
     ++stats_.gathers_timed_out;
@@ -979,6 +999,7 @@ Status Wal::Close() {
     MutexLock l(&mu_);
     if (closed_ || closing_) return Status::OK();
     closing_ = true;
+    if (gatherer_ != nullptr) EndGather();  // nothing more can join its group
     while (!queue_.empty()) durable_cv_.Wait();
     sync_cv_.SignalAll();
   }

@@ -124,11 +124,15 @@ struct WalStats {
   uint64_t segments_purged = 0;
   uint64_t sync_micros = 0;  // total time those fdatasyncs took
   // Group commit under kEveryCommit: leaders that waited for the appenders
-  // they expected (GatherPolicy), how many of them waited patiently, and
-  // how many waits ended at the deadline rather than with a full group.
+  // they expected (GatherPolicy), and how many of them waited patiently.
+  // Each such wait ended in one of three ways: the group filled, the
+  // deadline passed, or an op that could not join the group was queued (or
+  // the log began to close), which cut it short.
   uint64_t gathers = 0;
-  uint64_t patient_gathers = 0;
+  uint64_t gathers_patient = 0;
+  uint64_t gathers_filled = 0;
   uint64_t gathers_timed_out = 0;
+  uint64_t gathers_cut_short = 0;
   // How many of them took at most kSyncBucketMicros[i] and more than the
   // bound before it (not cumulative); the last entry counts the slower ones.
   std::array<uint64_t, kSyncBucketMicros.size() + 1> sync_buckets{};
@@ -245,6 +249,8 @@ class Wal {
   // (the leader then waits as a follower). Returns whether `op`'s thread is
   // to run the group now.
   bool Gather(Op* op) EXCLUDES(mu_);
+  // Tells the gathering leader to run its group now, as it stands.
+  void EndGather() REQUIRES(mu_);
   // Admits, writes and (by policy) syncs `group`; mu_ is released during
   // I/O. `queued`: the group is the front of queue_ and leaves it.
   void RunGroup(Op* leader, std::span<Op* const> group, bool queued) REQUIRES(mu_, write_mu_);

@@ -26,8 +26,7 @@ TEST(GatherPolicyTest, GroupsThatKeepFillingMakeItPatient) {
   }
   ASSERT_TRUE(p.patient());
   // Not after a handful: the moving average needs a run of full groups.
-  EXPECT_GE(fills, 40);
-  EXPECT_LE(fills, 80);
+  EXPECT_EQ(fills, 70);
   // Patient: four fdatasyncs, at most 2 ms, so that the leader outsleeps
   // the group it handed over.
   EXPECT_EQ(p.Wait(microseconds(200)), microseconds(800));
@@ -46,8 +45,7 @@ TEST(GatherPolicyTest, OneTimeOutEndsPatienceUntilGroupsFillAgain) {
     p.Filled();
     ++fills;
   }
-  EXPECT_GE(fills, 15);
-  EXPECT_LE(fills, 30);
+  EXPECT_EQ(fills, 29);
 }
 
 TEST(GatherPolicyTest, RegularTimeOutsKeepItImpatient) {
@@ -57,8 +55,8 @@ TEST(GatherPolicyTest, RegularTimeOutsKeepItImpatient) {
   for (int round = 0; round < 1000; ++round) {
     p.TimedOut();
     for (int i = 0; i < 9; ++i) {
-      EXPECT_FALSE(p.patient()) << "round " << round;
       p.Filled();
+      EXPECT_FALSE(p.patient()) << "round " << round << ", fill " << i;
     }
   }
 }
