@@ -270,17 +270,20 @@ TEST(EngineTest, DivergedStandbyIsResyncedFromASnapshot) {
   ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
 }
 
-TEST(EngineTest, StandbyAddedAfterThePurgeIsSeededFromASnapshot) {
+void StandbyAddedAfterThePurgeIsSeeded(int transport_io_threads) {
   TempDir dir;
   EngineOptions ao = Node(dir, "a");
   ao.wal_keep_bytes = 64 << 10;  // one segment: older ones go once applied
+  ao.transport_io_threads = transport_io_threads;
   auto active = OpenOrDie(ao);
   uint64_t last = WriteMany(active.get(), 2500);
   ASSERT_TRUE(Eventually([&] {
     WriteMany(active.get(), 10, 5000);  // retention runs when a segment rolls
     return active->status().first_lsn > 1;
   })) << "nothing was purged";
-  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  EngineOptions bo = Node(dir, "b", Follow(*active));
+  bo.transport_io_threads = transport_io_threads;
+  auto standby = OpenOrDie(bo);
   last = WriteMany(active.get(), 300, 10000);  // under load while it joins
   ASSERT_TRUE(standby->WaitForApplied(last, 60s).ok());
   const EngineStatus st = standby->status();
@@ -291,6 +294,14 @@ TEST(EngineTest, StandbyAddedAfterThePurgeIsSeededFromASnapshot) {
   ASSERT_TRUE(active->Close().ok());
   EXPECT_EQ(DumpDb(dir.Sub("b")), DumpDb(dir.Sub("a")));
   ExpectSameRecords(dir.Sub("a"), dir.Sub("b"));
+}
+
+TEST(EngineTest, StandbyAddedAfterThePurgeIsSeededFromASnapshot) { StandbyAddedAfterThePurgeIsSeeded(1); }
+
+// The snapshot's files stream while the log does (sendfile beside the
+// shipper), on several I/O threads per node too.
+TEST(EngineTest, StandbyAddedAfterThePurgeIsSeededWithSeveralTransportThreads) {
+  StandbyAddedAfterThePurgeIsSeeded(3);
 }
 
 // A snapshot install that cannot open the new data fails the node: the

@@ -31,6 +31,9 @@ class FailoverTest : public ::testing::Test {
   std::unique_ptr<Daemon> Start(const std::string& id, const std::string& extra = "") {
     return std::make_unique<Daemon>(dir_, id, "--etcd " + etcd_->endpoint() + " --cluster f " + extra);
   }
+  // Three nodes with `args`; the active is SIGKILLed under load, a standby
+  // takes over with every acknowledged write, and the old one rejoins.
+  void KillTheActiveUnderLoad(const std::string& args);
   // Index of the only node answering ROLE with master; -1 if none within the
   // limit. Fails the test if two ever answer master in one look.
   int WaitForOneActive(const std::vector<Daemon*>& nodes, Clock::duration limit = 20s) {
@@ -202,8 +205,8 @@ size_t WaitForRuleEverywhere(const std::string& etcd, const std::string& rule, s
   return Count(RepctlUntil(etcd, "status --json", [&](const std::string& out) { return Count(out, want) >= nodes; }), want);
 }
 
-TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAndRejoins) {
-  const std::string rule = "--commit remote-write:1";
+void FailoverTest::KillTheActiveUnderLoad(const std::string& args) {
+  const std::string rule = "--commit remote-write:1" + args;
   std::vector<std::unique_ptr<Daemon>> d;
   for (const char* id : {"a", "b", "c"}) d.push_back(Start(id, rule));
   std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
@@ -238,6 +241,14 @@ TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAnd
   }
   const std::string size = d[second]->Cli("DBSIZE");
   for (int i = 0; i < 3; ++i) EXPECT_EQ(d[i]->Cli("DBSIZE"), size) << "node " << i;
+}
+
+TEST_F(FailoverTest, ActiveKilledUnderLoadIsReplacedLosingNoAcknowledgedWriteAndRejoins) { KillTheActiveUnderLoad(""); }
+
+// The same with three replication I/O threads per node (one is the default):
+// the fence, the catch-up of the old active and the shipping run on a pool.
+TEST_F(FailoverTest, ActiveKilledUnderLoadWithSeveralTransportThreads) {
+  KillTheActiveUnderLoad(" --transport-io-threads 3");
 }
 
 TEST_F(FailoverTest, ExactlyOneActiveEveryRound) {
