@@ -123,16 +123,6 @@ struct WalStats {
   uint64_t segments_created = 0;
   uint64_t segments_purged = 0;
   uint64_t sync_micros = 0;  // total time those fdatasyncs took
-  // Group commit under kEveryCommit: leaders that waited for the appenders
-  // they expected (GatherPolicy), and how many of them waited patiently.
-  // Each such wait ended in one of three ways: the group filled, the
-  // deadline passed, or an op that could not join the group was queued (or
-  // the log began to close), which cut it short.
-  uint64_t gathers = 0;
-  uint64_t gathers_patient = 0;
-  uint64_t gathers_filled = 0;
-  uint64_t gathers_timed_out = 0;
-  uint64_t gathers_cut_short = 0;
   // How many of them took at most kSyncBucketMicros[i] and more than the
   // bound before it (not cumulative); the last entry counts the slower ones.
   std::array<uint64_t, kSyncBucketMicros.size() + 1> sync_buckets{};
@@ -144,6 +134,16 @@ struct WalStats {
     while (i < kSyncBucketMicros.size() && us > kSyncBucketMicros[i]) ++i;
     ++sync_buckets[i];
   }
+  // Group commit under kEveryCommit: leaders that waited for the appenders
+  // they expected (GatherPolicy), and how many of them waited patiently.
+  // Each such wait ended in one of three ways: the group filled, the
+  // deadline passed, or an op that could not join the group was queued (or
+  // the log began to close), which cut it short.
+  uint64_t gathers = 0;
+  uint64_t gathers_patient = 0;
+  uint64_t gathers_filled = 0;
+  uint64_t gathers_timed_out = 0;
+  uint64_t gathers_cut_short = 0;
 };
 
 struct SegmentInfo {
