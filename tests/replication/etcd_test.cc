@@ -4,6 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <condition_variable>
 #include <mutex>
 
@@ -138,6 +143,34 @@ TEST_F(EtcdTest, AnUnreachableMemberIsSkipped) {
   auto c = NewClient({dead.endpoint(), server_->endpoint()});
   ASSERT_TRUE(c->Put("/t/k", "v").ok());
   EXPECT_EQ((*c->Get("/t/k"))->value, "v");
+}
+
+// The test harness itself: a port picked free that another process takes
+// before etcd binds it must not fail the test that wanted an etcd (a first
+// start is retried on other ports).
+TEST(EtcdServerTest, AFirstStartWhosePortWasTakenMovesToAnother) {
+  test::TempDir dir;
+  test::EtcdServer server(dir.path());
+  const int wanted = server.client_port();
+  int taker = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(taker, 0);
+  int one = 1;
+  ::setsockopt(taker, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(wanted));
+  ASSERT_EQ(::bind(taker, reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << "port " << wanted;
+  ASSERT_EQ(::listen(taker, 4), 0);
+  ASSERT_TRUE(server.Start());
+  EXPECT_NE(server.client_port(), wanted);
+  Options o;
+  o.endpoints = {server.endpoint()};
+  o.timeout = 5000ms;
+  auto c = Client::Create(o);
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE((*c)->Put("/t/k", "v").ok());
+  ::close(taker);
 }
 
 TEST_F(EtcdTest, NoReachableMemberIsAClearError) {

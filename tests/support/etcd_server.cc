@@ -9,6 +9,10 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 namespace replica::test {
@@ -90,8 +94,40 @@ EtcdServer::~EtcdServer() {
 }
 
 bool EtcdServer::Start() {
-  Launch();
-  return WaitHealthy();
+  // The ports were free when picked, but a test running alongside can take
+  // one before etcd binds it; etcd then exits at once. A first start (no
+  // data yet) is retried on other ports; a restart keeps its ports.
+  const std::string data = dir_ + "/etcd-" + name_;
+  const bool fresh = !std::filesystem::exists(data);
+  for (int attempt = 1;; ++attempt) {
+    Launch();
+    const Health h = AwaitHealth();
+    if (h == Health::kHealthy) return true;
+    if (h == Health::kExited && fresh && attempt < 4 && LogMentions("address already in use")) {
+      std::fprintf(stderr, "etcd: port %d or %d was taken before etcd bound it; starting again on others\n",
+                   client_port_, peer_port_);
+      std::filesystem::remove_all(data);
+      std::filesystem::remove(dir_ + "/etcd-" + name_ + ".log");
+      client_port_ = FreePort();
+      peer_port_ = FreePort();
+      continue;
+    }
+    return Report(h);
+  }
+}
+
+bool EtcdServer::LogMentions(const std::string& text) const {
+  std::ifstream in(dir_ + "/etcd-" + name_ + ".log");
+  std::stringstream all;
+  all << in.rdbuf();
+  return all.str().find(text) != std::string::npos;
+}
+
+bool EtcdServer::Report(Health h) const {
+  const std::string log = dir_ + "/etcd-" + name_ + ".log";
+  if (h == Health::kExited) ADD_FAILURE() << "etcd exited at start; see " << log;
+  if (h == Health::kTimedOut) ADD_FAILURE() << "etcd not healthy within 20 s; see " << log;
+  return h == Health::kHealthy;
 }
 
 void EtcdServer::Launch(const std::string& initial_cluster) {
@@ -113,21 +149,20 @@ void EtcdServer::Launch(const std::string& initial_cluster) {
   }
 }
 
-bool EtcdServer::WaitHealthy() {
-  const std::string log = dir_ + "/etcd-" + name_ + ".log";
+bool EtcdServer::WaitHealthy() { return Report(AwaitHealth()); }
+
+EtcdServer::Health EtcdServer::AwaitHealth() {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   while (std::chrono::steady_clock::now() < deadline) {
-    if (Healthy(client_port_)) return true;
+    if (Healthy(client_port_)) return Health::kHealthy;
     int st;
     if (pid_ > 0 && ::waitpid(pid_, &st, WNOHANG) == pid_) {
       pid_ = -1;
-      ADD_FAILURE() << "etcd exited at start; see " << log;
-      return false;
+      return Health::kExited;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));  // no event to wait on: poll /health
   }
-  ADD_FAILURE() << "etcd not healthy within 20 s; see " << log;
-  return false;
+  return Health::kTimedOut;
 }
 
 void EtcdServer::Kill(int sig) {

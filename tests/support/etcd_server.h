@@ -49,7 +49,9 @@ class EtcdServer {
   // "127.0.0.1:PORT" of the client API.
   std::string endpoint() const { return "127.0.0.1:" + std::to_string(client_port_); }
   int client_port() const { return client_port_; }
-  bool Start();  // starts and waits (bounded) until /health answers true
+  // Starts and waits (bounded) until /health answers true. A first start
+  // whose port was taken meanwhile is retried on other ports.
+  bool Start();
   // For a cluster: every member is launched with the same initial cluster
   // ("n1=http://127.0.0.1:P1,..."), then each waits until healthy.
   void Launch(const std::string& initial_cluster = "");
@@ -60,6 +62,10 @@ class EtcdServer {
   bool running() const { return pid_ > 0; }
 
  private:
+  enum class Health { kHealthy, kExited, kTimedOut };
+  Health AwaitHealth();          // bounded: 20 s
+  bool Report(Health h) const;   // a test failure unless healthy
+  bool LogMentions(const std::string& text) const;
   std::string dir_;
   std::string name_;
   int client_port_ = 0;
