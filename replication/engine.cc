@@ -3156,7 +3156,7 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_wal_gathers_patient_total", "counter",
          "WAL group-commit waits made with the long (patient) deadline", node, static_cast<double>(ws.gathers_patient));
   metric("replica_wal_gathers_timed_out_total", "counter",
-         "WAL group-commit waits that ended at their deadline rather than with a full group", node,
+         "WAL group-commit waits that ended at their deadline (the others filled their group or were cut short)", node,
          static_cast<double>(ws.gathers_timed_out));
   metric("replica_wal_size_bytes", "gauge", "bytes of retained WAL segments", node,
          static_cast<double>(wal_ ? wal_->size_bytes() : 0));

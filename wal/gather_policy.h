@@ -19,7 +19,8 @@
 //   which is why one time-out returns the policy to impatient until gathers
 //   have filled their groups 29 times in a row again (70 from the start).
 //   (A gather that the Wal cuts short because its group cannot fill, a
-//   maintenance op queued or the log closing, counts neither way.)
+//   maintenance op queued, an append past max_group_bytes or the log
+//   closing, counts neither way.)
 //
 // "How gathers have been ending" is a moving average of time-outs (weight
 // 1/16 per gather, in 1/1024ths, rounded down, so that it settles at 15

@@ -351,15 +351,28 @@ TEST(WalTest, AGatherIsCutShortByAnOpThatCannotJoinIt) {
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   uint64_t purges = 0;
-  while (wal->stats().gathers_cut_short == 0 && std::chrono::steady_clock::now() < deadline) {
+  bool too_fast = false;  // fdatasync of a few µs (tmpfs): a gather waits for next to nothing
+  for (;;) {
+    const WalStats now = wal->stats();
+    if (now.gathers_cut_short > 0 || std::chrono::steady_clock::now() >= deadline) break;
+    if (now.syncs >= 200 && now.sync_micros < 20 * now.syncs) {
+      too_fast = true;
+      break;
+    }
     const Lsn last = wal->last_lsn();
     auto purged = wal->Purge(last > 200 ? last - 200 : 0);
-    ASSERT_TRUE(purged.ok()) << purged.status().ToString();
+    if (!purged.ok()) {
+      ADD_FAILURE() << purged.status().ToString();
+      break;  // the appenders must still be stopped and joined
+    }
     ++purges;
   }
   stop = true;
   for (auto& th : threads) th.join();
   const WalStats s = wal->stats();
+  if (too_fast && s.gathers_cut_short == 0) {
+    GTEST_SKIP() << "fdatasync takes " << s.sync_micros / s.syncs << " µs here: gathers end before a purge arrives";
+  }
   EXPECT_GT(s.gathers_cut_short, 0u) << "no gather was cut short in " << purges << " purges and " << s.gathers
                                      << " gathers";
   EXPECT_EQ(s.gathers_filled + s.gathers_timed_out + s.gathers_cut_short, s.gathers);
