@@ -301,7 +301,7 @@ GroupModel model;
 void BM_GroupModel(benchmark::State& state, size_t size, bool reserve) {
   // On a reserved file, the bytes the WAL stores: a group's fdatasync costs
   // more as its writes reach further into reserved blocks (each block first
-  // written converts an "unwritten" extent, a journal commit).
+  // written converts an "unwritten" extent, a metadata write at the next fdatasync).
   const size_t stored = reserve ? size + replica::wal::kFrameHeaderSize : size;
   const std::string payload = MakePayload(stored);
   if (state.thread_index() == 0) {
