@@ -195,7 +195,7 @@ Status FaultInjectionEnv::SyncDir(const std::string& dir) {
   return target_->SyncDir(dir);
 }
 
-Status FaultInjectionEnv::DropUnsyncedData() {
+Status FaultInjectionEnv::DropUnsyncedData(const std::function<bool(const std::string&, uint64_t)>& keep_page) {
   std::map<std::string, uint64_t> sizes;
   std::map<std::string, Reserved> reserved;
   {
@@ -206,11 +206,38 @@ Status FaultInjectionEnv::DropUnsyncedData() {
   for (const auto& [path, size] : sizes) {
     auto cur = target_->GetFileSize(path);
     if (!cur.ok()) continue;  // deleted since
+    // The unsynced bytes that survive: the pages keep_page keeps; the others
+    // read as zeros up to the last page kept.
+    std::string kept;
+    if (keep_page && *cur > size) {
+      REPLICA_ASSIGN_OR_RETURN(auto file, target_->NewRandomAccessFile(path));
+      std::string tail(static_cast<size_t>(*cur - size), '\0');
+      REPLICA_ASSIGN_OR_RETURN(size_t got, file->Read(size, tail.size(), tail.data()));
+      tail.resize(got);
+      uint64_t kept_end = size;
+      for (uint64_t page = size / kPowerLossPage; page * kPowerLossPage < size + tail.size(); ++page) {
+        const uint64_t lo = std::max(page * kPowerLossPage, size);
+        const uint64_t hi = std::min((page + 1) * kPowerLossPage, size + tail.size());
+        if (keep_page(path, page)) {
+          kept_end = hi;
+        } else {
+          std::fill(tail.begin() + static_cast<std::ptrdiff_t>(lo - size),
+                    tail.begin() + static_cast<std::ptrdiff_t>(hi - size), '\0');
+        }
+      }
+      tail.resize(static_cast<size_t>(kept_end - size));
+      kept = std::move(tail);
+    }
     if (*cur > size) REPLICA_RETURN_IF_ERROR(target_->TruncateFile(path, size));
+    if (!kept.empty()) {
+      REPLICA_ASSIGN_OR_RETURN(auto wf, target_->ReopenWritableFile(path));
+      REPLICA_RETURN_IF_ERROR(wf->Append(kept));
+      REPLICA_RETURN_IF_ERROR(wf->Close());
+    }
     // A durable reservation keeps the file that long: what was written into
     // it and not synced reads as zeros, as unwritten extents do.
     auto r = reserved.find(path);
-    if (r != reserved.end() && r->second.synced > size) {
+    if (r != reserved.end() && r->second.synced > size + kept.size()) {
       REPLICA_RETURN_IF_ERROR(target_->TruncateFile(path, r->second.synced));
     }
   }

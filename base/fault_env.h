@@ -9,7 +9,10 @@
 //    short write) and fail with ENOSPC.
 //  - failing fsync: Sync returns EIO.
 //  - power loss: DropUnsyncedData() cuts every file written through this Env
-//    back to the length it had at its last successful Sync.
+//    back to the length it had at its last successful Sync. Given keep_page,
+//    the pages (kPowerLossPage bytes) of unsynced data it keeps survive and
+//    the others read as zeros: the disk wrote a later page without an
+//    earlier one.
 //
 // Thread-safe.
 #pragma once
@@ -38,7 +41,10 @@ class FaultInjectionEnv final : public Env {
   // Runs at the start of every Sync (outside the Env's lock), e.g. to hold a
   // writer inside its fsync while a test lines up more work behind it.
   void SetSyncHook(std::function<void()> hook) EXCLUDES(mu_);
-  Status DropUnsyncedData() EXCLUDES(mu_);
+  static constexpr uint64_t kPowerLossPage = 4096;
+  // keep_page(path, page index): whether that page's unsynced bytes survive.
+  Status DropUnsyncedData(const std::function<bool(const std::string& path, uint64_t page)>& keep_page = {})
+      EXCLUDES(mu_);
 
   Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override;
   Result<std::unique_ptr<WritableFile>> ReopenWritableFile(const std::string& path) override;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 
 #include "base/coding.h"
 
@@ -132,6 +133,39 @@ bool ValidFrameFollows(std::string_view data, size_t from, size_t starts_before,
   return false;
 }
 
+// The page a lost write leaves behind. The kernel writes a file back in pages,
+// and ext4 converts reserved ("unwritten") space in blocks of this size, so a
+// write that power loss took reads back as whole pages of zeros, or, for the
+// page where the synced part of the file ended, as zeros from there on.
+constexpr uint64_t kLostWritePage = 4096;
+
+// If the damaged frame at `at` (rest holds the file from `at` on) shows a lost
+// write, says where: some page of the file that the frame touches reads as
+// zeros from the frame's start or the page's start, whichever is later, to the
+// page's end. The frame's extent is trusted only when its header decodes and
+// continues the log (next_lsn, an epoch of at least min_epoch); otherwise only
+// its header's bytes are looked at. A flipped bit or a scribbled record shows
+// no such page, and stays damage inside the log.
+std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, Lsn next_lsn, Epoch min_epoch) {
+  uint64_t extent = std::min<uint64_t>(kFrameHeaderSize, rest.size());
+  FrameHeader h;
+  if (rest.size() >= kFrameHeaderSize && DecodeFrameHeader(rest.data(), &h).ok() && h.lsn == next_lsn &&
+      h.epoch >= min_epoch) {
+    extent = std::min<uint64_t>(h.frame_size(), rest.size());
+  }
+  for (uint64_t page = at / kLostWritePage * kLostWritePage; page < at + extent; page += kLostWritePage) {
+    const uint64_t from = std::max(page, at);
+    const uint64_t to = page + kLostWritePage;
+    if (to - at > rest.size()) break;  // the page runs past the end of the file
+    const std::string_view run = rest.substr(from - at, to - from);
+    if (std::all_of(run.begin(), run.end(), [](char c) { return c == '\0'; })) {
+      return "bytes " + std::to_string(from) + ".." + std::to_string(to) +
+             " read as zeros: a write lost to power loss (never synced, so never acknowledged)";
+    }
+  }
+  return std::nullopt;
+}
+
 // Just past the last non-zero byte in [from, end), or `from` if there is none.
 Result<uint64_t> DataEnd(const RandomAccessFile& file, uint64_t from, uint64_t end) {
   constexpr size_t kChunk = 1 << 20;
@@ -206,8 +240,18 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
     // A frame's header is never all zeros (its type byte is not), so only
     // offsets before data_end can start one.
     const size_t starts_before = static_cast<size_t>(scan.data_end - scan.valid_end);
-    scan.tail = ValidFrameFollows(rest, 1, starts_before, scan.last_lsn) ? SegmentScan::Tail::kCorrupt
-                                                                         : SegmentScan::Tail::kTorn;
+    if (!ValidFrameFollows(rest, 1, starts_before, scan.last_lsn)) {
+      scan.tail = SegmentScan::Tail::kTorn;
+    } else if (auto lost = LostWrite(rest, scan.valid_end, scan.last_lsn + 1, scan.last_epoch)) {
+      // Valid frames follow, but the bad one lost a page: power loss wrote a
+      // later page of the last unsynced writes without an earlier one. Had
+      // any frame after it been synced, that page would have been too.
+      scan.tail = SegmentScan::Tail::kTorn;
+      scan.lost_write = true;
+      scan.why += "; " + *lost;
+    } else {
+      scan.tail = SegmentScan::Tail::kCorrupt;
+    }
     return scan;
   }
 }

@@ -80,16 +80,20 @@ struct SegmentScan {
   std::vector<std::pair<Epoch, Lsn>> epoch_starts;
   uint64_t bad_offset = 0;  // where the torn or corrupt frame starts
   std::string why;          // what was wrong with it
+  // kTorn although valid frames follow: the bad frame reads as a lost page
+  // (power loss), and everything from it on was never synced.
+  bool lost_write = false;
   // Just past the last non-zero byte of the file (== valid_end when only
   // zeros, reserved space, follow the last good frame: a clean end).
   uint64_t data_end = 0;
 };
 
 // Scans every frame of a segment whose frames must start at first_lsn.
-// A bad frame followed by any valid frame is kCorrupt (damage in the middle);
-// a bad or incomplete frame with nothing valid after it is kTorn (a crash cut
-// the last write short); nothing but zero bytes after the last good frame is
-// kClean (space reserved by preallocation).
+// A bad frame followed by any valid frame is kCorrupt (damage in the middle),
+// unless a page it touches reads as zeros (a write lost to power loss: kTorn,
+// lost_write); a bad or incomplete frame with nothing valid after it is kTorn
+// (a crash cut the last write short); nothing but zero bytes after the last
+// good frame is kClean (space reserved by preallocation).
 Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn);
 
 }  // namespace replica::wal

@@ -105,6 +105,9 @@ struct RecoveryReport {
   uint64_t torn_offset = 0;
   uint64_t torn_bytes = 0;  // up to the last non-zero byte (reserved zeros after it are not counted)
   std::string torn_why;
+  // The torn write had valid frames after it: power loss kept a later page of
+  // the unsynced writes and lost an earlier one (docs/wal-format.md, section 8).
+  bool torn_lost_write = false;
   std::vector<std::string> removed_segments;  // last segments without a whole header (crash during a roll)
   bool history_repaired = false;
 };

@@ -2,6 +2,8 @@
 // refused with a message that names where it is (damage inside the log).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "tests/support/test_util.h"
 #include "wal/wal.h"
 
@@ -143,6 +145,7 @@ TEST(RecoveryTest, ZeroedRecordsBeforeAValidOneAreCorruptionNotAnEnd) {
   const uint64_t from = OffsetOf(dir.path(), 40, &seg);
   const uint64_t to = OffsetOf(dir.path(), 45, &seg);
   ASSERT_EQ(seg, SegmentPaths(dir.path()).back());
+  ASSERT_EQ(from / 4096, to / 4096) << "zeros up to a page's end would read as a write lost to power loss";
   std::string data = test::ReadFileBytes(seg);
   std::fill(data.begin() + static_cast<std::ptrdiff_t>(from), data.begin() + static_cast<std::ptrdiff_t>(to), '\0');
   test::WriteFileBytes(seg, data + std::string(4096, '\0'));
@@ -151,6 +154,98 @@ TEST(RecoveryTest, ZeroedRecordsBeforeAValidOneAreCorruptionNotAnEnd) {
   EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
   EXPECT_NE(wal.status().ToString().find("LSN 40"), std::string::npos) << wal.status().ToString();
   EXPECT_EQ(test::FileSize(seg), data.size() + 4096) << "damage inside the log must not be cut away";
+}
+
+// Power loss can write a later page of the last unsynced writes and lose an
+// earlier one: the lost page reads as zeros (from where the synced part of
+// the file ended, or whole) with valid frames after it. Nothing after a lost
+// page was ever synced, so it is a torn write, not damage inside the log.
+TEST(RecoveryTest, ALostPageWithValidRecordsAfterItIsATornWrite) {
+  constexpr uint64_t kPage = 4096;
+  Options o = Opts();
+  o.segment_size = 64 << 10;
+  TempDir base;
+  const std::string golden = base.Sub("golden");
+  {
+    auto wal = OpenOrDie(golden, o);
+    AppendN(wal.get(), 120, 100);
+    ASSERT_TRUE(wal->Close().ok());
+  }
+  // The record whose frame runs over the first page boundary.
+  Lsn cut_lsn = 0;
+  uint64_t cut_at = 0;
+  std::string seg;
+  for (Lsn lsn = 1; lsn < 120 && cut_lsn == 0; ++lsn) {
+    const uint64_t off = OffsetOf(golden, lsn, &seg);
+    const uint64_t next = OffsetOf(golden, lsn + 1, &seg);
+    if (off < kPage && next > kPage) cut_lsn = lsn, cut_at = off;
+  }
+  ASSERT_NE(cut_lsn, 0u);
+  struct Case {
+    const char* name;
+    uint64_t from, to;  // the bytes that read as zeros
+  };
+  for (const Case& c : {Case{"the rest of the page the synced part ended in", cut_at, kPage},
+                        Case{"the whole next page", kPage, 2 * kPage}}) {
+    const std::string dir = base.Sub(std::to_string(c.from));
+    test::CopyDir(golden, dir);
+    const std::string path = SegmentPaths(dir).back();
+    std::string data = test::ReadFileBytes(path);
+    ASSERT_GT(data.size(), c.to + 500) << "valid frames should follow the lost page";
+    std::fill(data.begin() + static_cast<std::ptrdiff_t>(c.from), data.begin() + static_cast<std::ptrdiff_t>(c.to),
+              '\0');
+    test::WriteFileBytes(path, data + std::string(kPage, '\0'));
+    {
+      Options ro = o;
+      ro.read_only = true;
+      auto wal = OpenOrDie(dir, ro);
+      ASSERT_NE(wal, nullptr) << c.name;
+      EXPECT_TRUE(wal->recovery().torn_lost_write) << c.name;
+      EXPECT_EQ(ReadAll(wal.get(), 1).size(), cut_lsn - 1) << c.name;
+      EXPECT_EQ(test::FileSize(path), data.size() + kPage) << "a read-only open changes nothing";
+    }
+    auto wal = OpenOrDie(dir, o);
+    ASSERT_NE(wal, nullptr) << c.name;
+    const RecoveryReport& r = wal->recovery();
+    EXPECT_TRUE(r.torn_tail) << c.name;
+    EXPECT_TRUE(r.torn_lost_write) << c.name;
+    EXPECT_EQ(r.torn_offset, cut_at) << c.name;
+    EXPECT_NE(r.torn_why.find("read as zeros"), std::string::npos) << r.torn_why;
+    EXPECT_EQ(wal->last_lsn(), cut_lsn - 1) << c.name;
+    auto recs = ReadAll(wal.get(), 1);
+    ASSERT_EQ(recs.size(), cut_lsn - 1) << c.name;
+    EXPECT_EQ(recs.back().payload, Payload(cut_lsn - 1, 100));
+    // The log goes on from the cut.
+    AppendN(wal.get(), 1, 100);
+    EXPECT_EQ(ReadAll(wal.get(), cut_lsn).size(), 1u);
+  }
+}
+
+// The same zeros one byte short of the page's end are no lost page: a write
+// is lost a page at a time, so this is damage, and the log is refused.
+TEST(RecoveryTest, ZerosThatStopShortOfAPageEndAreCorruption) {
+  constexpr uint64_t kPage = 4096;
+  Options o = Opts();
+  o.segment_size = 64 << 10;
+  TempDir dir;
+  {
+    auto wal = OpenOrDie(dir.path(), o);
+    AppendN(wal.get(), 60, 100);
+    ASSERT_TRUE(wal->Close().ok());
+  }
+  std::string seg;
+  Lsn lsn = 1;
+  while (OffsetOf(dir.path(), lsn + 1, &seg) < kPage) ++lsn;
+  const uint64_t off = OffsetOf(dir.path(), lsn, &seg);
+  std::string data = test::ReadFileBytes(seg);
+  std::fill(data.begin() + static_cast<std::ptrdiff_t>(off), data.begin() + static_cast<std::ptrdiff_t>(kPage - 1),
+            '\0');
+  test::WriteFileBytes(seg, data);
+  auto wal = Wal::Open(dir.path(), o);
+  ASSERT_FALSE(wal.ok());
+  EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  EXPECT_NE(wal.status().ToString().find("LSN " + std::to_string(lsn)), std::string::npos) << wal.status().ToString();
+  EXPECT_EQ(test::FileSize(seg), data.size()) << "damage inside the log must not be cut away";
 }
 
 TEST(RecoveryTest, FlippedBitInAnOlderSegmentIsCorruptionWhenRead) {
