@@ -214,6 +214,10 @@ Status FaultInjectionEnv::DropUnsyncedData(const std::function<bool(const std::s
       std::string tail(static_cast<size_t>(*cur - size), '\0');
       REPLICA_ASSIGN_OR_RETURN(size_t got, file->Read(size, tail.size(), tail.data()));
       tail.resize(got);
+      // Only pages that were written: reserved space past the last non-zero
+      // byte was never written (a payload's trailing zeros are lost with it,
+      // as part of an unsynced frame).
+      while (!tail.empty() && tail.back() == '\0') tail.pop_back();
       uint64_t kept_end = size;
       for (uint64_t page = size / kPowerLossPage; page * kPowerLossPage < size + tail.size(); ++page) {
         const uint64_t lo = std::max(page * kPowerLossPage, size);

@@ -118,19 +118,19 @@ Result<FrameCursor::Outcome> FrameCursor::Next(FrameHeader* h, std::string_view*
 
 namespace {
 
-// True if a whole frame with a good checksum and an LSN above after_lsn starts
-// anywhere in [from, data end). Used only once damage has been found.
+// Where the first whole frame with a good checksum and an LSN above after_lsn
+// starts in [from, data end), if any. Used only once damage has been found.
 // Frames are looked for at offsets [from, starts_before) of data; one that
 // starts there may run to the end of data (a payload can end in zeros).
-bool ValidFrameFollows(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn) {
+std::optional<size_t> ValidFrameFollows(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn) {
   for (size_t pos = from; pos < starts_before && pos + kFrameHeaderSize <= data.size(); ++pos) {
     FrameHeader h;
     if (!DecodeFrameHeader(data.data() + pos, &h).ok()) continue;
     // A later record, not an image of an old one inside some payload.
     if (h.lsn <= after_lsn || data.size() - pos - kFrameHeaderSize < h.payload_len) continue;
-    if (FrameChecksumOk(data.data() + pos, h.payload_len)) return true;
+    if (FrameChecksumOk(data.data() + pos, h.payload_len)) return pos;
   }
-  return false;
+  return std::nullopt;
 }
 
 // The page a lost write leaves behind. The kernel writes a file back in pages,
@@ -142,21 +142,25 @@ constexpr uint64_t kLostWritePage = 4096;
 // If the damaged frame at `at` (rest holds the file from `at` on) shows a lost
 // write, says where: some page of the file that the frame touches reads as
 // zeros from the frame's start or the page's start, whichever is later, to the
-// page's end. The frame's extent is trusted only when its header decodes and
-// continues the log (next_lsn, an epoch of at least min_epoch); otherwise only
-// its header's bytes are looked at. A flipped bit or a scribbled record shows
-// no such page, and stays damage inside the log.
-std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, Lsn next_lsn, Epoch min_epoch) {
-  uint64_t extent = std::min<uint64_t>(kFrameHeaderSize, rest.size());
+// page's end, and that page ends at or before `valid_next`, where the first
+// valid frame after the damage starts (relative to `at`): the later pages of
+// the write survived, so they come after the lost one. The frame's extent is
+// trusted only when its header decodes and continues the log (next_lsn, an
+// epoch of at least min_epoch); otherwise only its header's bytes are looked
+// at. A flipped bit or a scribbled record shows no such page, and stays damage
+// inside the log.
+std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, uint64_t valid_next, Lsn next_lsn,
+                                     Epoch min_epoch) {
+  uint64_t extent = std::min<uint64_t>(kFrameHeaderSize, valid_next);
   FrameHeader h;
   if (rest.size() >= kFrameHeaderSize && DecodeFrameHeader(rest.data(), &h).ok() && h.lsn == next_lsn &&
       h.epoch >= min_epoch) {
-    extent = std::min<uint64_t>(h.frame_size(), rest.size());
+    extent = std::min<uint64_t>(h.frame_size(), valid_next);
   }
   for (uint64_t page = at / kLostWritePage * kLostWritePage; page < at + extent; page += kLostWritePage) {
     const uint64_t from = std::max(page, at);
     const uint64_t to = page + kLostWritePage;
-    if (to - at > rest.size()) break;  // the page runs past the end of the file
+    if (to - at > valid_next) break;  // reaches into the frames that survived
     const std::string_view run = rest.substr(from - at, to - from);
     if (std::all_of(run.begin(), run.end(), [](char c) { return c == '\0'; })) {
       return "bytes " + std::to_string(from) + ".." + std::to_string(to) +
@@ -193,7 +197,8 @@ Result<uint64_t> DataEnd(const RandomAccessFile& file, uint64_t from, uint64_t e
 
 }  // namespace
 
-Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn) {
+Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn,
+                                uint64_t max_lost_write) {
   SegmentScan scan;
   scan.valid_end = kSegmentHeaderSize;
   scan.last_lsn = first_lsn - 1;
@@ -240,17 +245,21 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
     // A frame's header is never all zeros (its type byte is not), so only
     // offsets before data_end can start one.
     const size_t starts_before = static_cast<size_t>(scan.data_end - scan.valid_end);
-    if (!ValidFrameFollows(rest, 1, starts_before, scan.last_lsn)) {
+    const std::optional<size_t> valid_next = ValidFrameFollows(rest, 1, starts_before, scan.last_lsn);
+    if (!valid_next) {
       scan.tail = SegmentScan::Tail::kTorn;
-    } else if (auto lost = LostWrite(rest, scan.valid_end, scan.last_lsn + 1, scan.last_epoch)) {
-      // Valid frames follow, but the bad one lost a page: power loss wrote a
-      // later page of the last unsynced writes without an earlier one. Had
-      // any frame after it been synced, that page would have been too.
+      return scan;
+    }
+    scan.tail = SegmentScan::Tail::kCorrupt;
+    // Valid frames follow. If the bad frame lost a page, power loss wrote a
+    // later page of the last unsynced write without an earlier one: had any
+    // frame after it been synced, that page would have been too. One write
+    // holds at most max_lost_write bytes; more after the cut is damage.
+    if (scan.data_end - scan.valid_end > max_lost_write) return scan;
+    if (auto lost = LostWrite(rest, scan.valid_end, *valid_next, scan.last_lsn + 1, scan.last_epoch)) {
       scan.tail = SegmentScan::Tail::kTorn;
       scan.lost_write = true;
       scan.why += "; " + *lost;
-    } else {
-      scan.tail = SegmentScan::Tail::kCorrupt;
     }
     return scan;
   }

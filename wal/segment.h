@@ -90,10 +90,12 @@ struct SegmentScan {
 
 // Scans every frame of a segment whose frames must start at first_lsn.
 // A bad frame followed by any valid frame is kCorrupt (damage in the middle),
-// unless a page it touches reads as zeros (a write lost to power loss: kTorn,
-// lost_write); a bad or incomplete frame with nothing valid after it is kTorn
-// (a crash cut the last write short); nothing but zero bytes after the last
-// good frame is kClean (space reserved by preallocation).
-Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn);
+// unless a page it touches before the next valid frame reads as zeros and at
+// most max_lost_write bytes of data follow its start (a write lost to power
+// loss: kTorn, lost_write); a bad or incomplete frame with nothing valid after
+// it is kTorn (a crash cut the last write short); nothing but zero bytes after
+// the last good frame is kClean (space reserved by preallocation).
+Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn,
+                                uint64_t max_lost_write);
 
 }  // namespace replica::wal

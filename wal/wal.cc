@@ -233,7 +233,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
   } else {
     Segment& last = segs.back();
     REPLICA_ASSIGN_OR_RETURN(auto file, env_->NewRandomAccessFile(last.path));
-    REPLICA_ASSIGN_OR_RETURN(SegmentScan scan, ScanSegment(*file, last.end, last.first_lsn));
+    REPLICA_ASSIGN_OR_RETURN(SegmentScan scan, ScanSegment(*file, last.end, last.first_lsn, options_.max_group_bytes));
     if (scan.tail == SegmentScan::Tail::kCorrupt) {
       return Status::Corruption("segment " + last.path + " offset " + std::to_string(scan.bad_offset) +
                                 " (LSN " + std::to_string(scan.last_lsn + 1) + "): " + scan.why +

@@ -198,18 +198,22 @@ TEST(FaultTest, PowerLossThatKeepsSomePagesOfTheLastWrite) {
     FaultInjectionEnv env(Env::Default());
     std::mt19937 rng(static_cast<uint32_t>(round));
     Options o = Opts(&env);
-    o.segment_size = 64 << 10;
+    o.segment_size = 256 << 10;
+    // Every third round: LZ4 blocks (one frame per write, over several pages).
+    o.compress = round % 3 == 2;
+    // Every other round: records of 5,000 bytes, so that one frame spans pages.
+    const size_t size = round % 2 == 1 ? 5000 : 300;
     std::set<Lsn> acked;
     {
       auto wal = OpenOrDie(dir.path(), o);
       env.CrashAfterMutations(std::uniform_int_distribution<int64_t>(1, 60)(rng));
       for (int i = 0; i < 60; ++i) {
-        // A group of 4 to 40 records of 300 bytes: one write over 1-4 pages.
+        // A group of 4 to 40 records: one write over 1 to 50 pages.
         const size_t n = std::uniform_int_distribution<size_t>(4, 40)(rng);
         const Lsn first = wal->last_lsn() + 1;
         std::vector<std::string> payloads;
         std::vector<RecordIn> recs;
-        for (size_t k = 0; k < n; ++k) payloads.push_back(Payload(first + k, 300));
+        for (size_t k = 0; k < n; ++k) payloads.push_back(Payload(first + k, size));
         for (const auto& p : payloads) recs.push_back(RecordIn{RecordType::kData, p});
         auto last = wal->AppendBatch(1, recs.data(), recs.size());
         if (!last.ok()) break;
@@ -223,7 +227,7 @@ TEST(FaultTest, PowerLossThatKeepsSomePagesOfTheLastWrite) {
       ASSERT_TRUE(wal.ok()) << "round " << round << ": " << wal.status().ToString();
       if ((*wal)->recovery().torn_lost_write) ++lost_writes;
     }
-    ExpectAcknowledged(dir.path(), acked, 300);
+    ExpectAcknowledged(dir.path(), acked, size);
   }
   EXPECT_GE(lost_writes, 5) << "too few rounds lost a page before valid frames to test the case";
 }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "tests/support/test_util.h"
 #include "wal/wal.h"
@@ -218,6 +219,68 @@ TEST(RecoveryTest, ALostPageWithValidRecordsAfterItIsATornWrite) {
     // The log goes on from the cut.
     AppendN(wal.get(), 1, 100);
     EXPECT_EQ(ReadAll(wal.get(), cut_lsn).size(), 1u);
+  }
+}
+
+// A lost page with more valid data after it than one write can hold
+// (max_group_bytes) is damage: power loss takes only the last write.
+TEST(RecoveryTest, ALostPageWithMoreThanOneWriteAfterItIsCorruption) {
+  constexpr uint64_t kPage = 4096;
+  Options o = Opts();
+  o.segment_size = 64 << 10;
+  o.max_group_bytes = 4096;
+  TempDir dir;
+  {
+    auto wal = OpenOrDie(dir.path(), o);
+    AppendN(wal.get(), 120, 100);
+    ASSERT_TRUE(wal->Close().ok());
+  }
+  const std::string seg = SegmentPaths(dir.path()).back();
+  std::string data = test::ReadFileBytes(seg);
+  ASSERT_GT(data.size(), 3 * kPage);
+  std::fill(data.begin() + kPage, data.begin() + 2 * kPage, '\0');
+  test::WriteFileBytes(seg, data);
+  auto wal = Wal::Open(dir.path(), o);
+  ASSERT_FALSE(wal.ok());
+  EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  o.max_group_bytes = 64 << 10;  // the default is 4 MiB
+  EXPECT_TRUE(Wal::Open(dir.path(), o).ok()) << "within one write's size, the same zeros are a lost write";
+}
+
+// A damaged length can make a frame reach past the valid frames into the
+// reserved zeros after the data; those zeros are no lost page of it.
+TEST(RecoveryTest, ALengthThatReachesIntoTheReservedZerosIsCorruption) {
+  for (bool compress : {true, false}) {
+    Options o = Opts(compress);
+    o.segment_size = 256 << 10;
+    TempDir dir;
+    {
+      // 30 writes of 10 records each: with compression, 30 LZ4 blocks.
+      auto wal = OpenOrDie(dir.path(), o);
+      for (Lsn first = 1; first <= 300; first += 10) {
+        std::vector<std::string> payloads;
+        std::vector<RecordIn> recs;
+        for (Lsn k = 0; k < 10; ++k) payloads.push_back(Payload(first + k, 100));
+        for (const auto& p : payloads) recs.push_back(RecordIn{RecordType::kData, p});
+        ASSERT_TRUE(wal->AppendBatch(1, recs.data(), recs.size()).ok());
+      }
+      EXPECT_EQ(wal->segments().back().size < 300 * (100 + kFrameHeaderSize), compress) << "expected LZ4 blocks";
+      ASSERT_TRUE(wal->Close().ok());
+    }
+    std::string seg;
+    const uint64_t off = OffsetOf(dir.path(), 201, &seg);
+    std::string data = test::ReadFileBytes(seg);
+    // The length 64 KiB longer: a record frame's payload_len and raw_len
+    // (offsets 0 and 28), a block frame's payload_len only.
+    for (uint64_t field : compress ? std::vector<uint64_t>{0} : std::vector<uint64_t>{0, 28}) {
+      data[off + field + 2] = static_cast<char>(data[off + field + 2] + 1);
+    }
+    test::WriteFileBytes(seg, data + std::string(128 << 10, '\0'));
+    auto wal = Wal::Open(dir.path(), o);
+    ASSERT_FALSE(wal.ok()) << (compress ? "lz4" : "plain") << ": " << (*wal)->recovery().torn_why;
+    EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+    EXPECT_NE(wal.status().ToString().find("offset " + std::to_string(off)), std::string::npos)
+        << wal.status().ToString();
   }
 }
 
