@@ -141,14 +141,14 @@ constexpr uint64_t kLostWritePage = 4096;
 
 // If the damaged frame at `at` (rest holds the file from `at` on) shows a lost
 // write, says where: some page of the file that the frame touches reads as
-// zeros from the frame's start or the page's start, whichever is later, to the
-// page's end, and that page ends at or before `valid_next`, where the first
-// valid frame after the damage starts (relative to `at`): the later pages of
-// the write survived, so they come after the lost one. The frame's extent is
-// trusted only when its header decodes and continues the log (next_lsn, an
-// epoch of at least min_epoch); otherwise only its header's bytes are looked
-// at. A flipped bit or a scribbled record shows no such page, and stays damage
-// inside the log.
+// zeros from the frame's start (at least a header's worth) or the page's
+// start, whichever is later, to the page's end, and that page ends at or
+// before `valid_next`, where the first valid frame after the damage starts
+// (relative to `at`): the later pages of the write survived, so they come
+// after the lost one. The frame's extent is trusted only when its header
+// decodes and continues the log (next_lsn, an epoch of at least min_epoch);
+// otherwise only its header's bytes are looked at. A flipped bit or a
+// scribbled record shows no such page, and stays damage inside the log.
 std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, uint64_t valid_next, Lsn next_lsn,
                                      Epoch min_epoch) {
   uint64_t extent = std::min<uint64_t>(kFrameHeaderSize, valid_next);
@@ -161,6 +161,10 @@ std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, uint64_
     const uint64_t from = std::max(page, at);
     const uint64_t to = page + kLostWritePage;
     if (to - at > valid_next) break;  // reaches into the frames that survived
+    // On the frame's first page, zeros count only if they cover its whole
+    // header (a written header is never all zeros): a few zeros just before
+    // the page's end can be a length's low bytes.
+    if (from == at && to - from < kFrameHeaderSize) continue;
     const std::string_view run = rest.substr(from - at, to - from);
     if (std::all_of(run.begin(), run.end(), [](char c) { return c == '\0'; })) {
       return "bytes " + std::to_string(from) + ".." + std::to_string(to) +

@@ -284,6 +284,116 @@ TEST(RecoveryTest, ALengthThatReachesIntoTheReservedZerosIsCorruption) {
   }
 }
 
+// Builds a log whose record 2 starts at `at` with a payload of `len` bytes
+// (record 1 fills the space before it; `following` records of 100 bytes
+// follow), all synced, and returns the last segment's path.
+std::string BuildAround(const std::string& dir, const Options& o, uint64_t at, const std::string& payload2,
+                        Epoch epoch = 1, Lsn following = 20) {
+  {
+    auto wal = OpenOrDie(dir, o);
+    EXPECT_TRUE(wal->Append(epoch, RecordType::kData, Payload(1, at - kSegmentHeaderSize - kFrameHeaderSize)).ok());
+    EXPECT_TRUE(wal->Append(epoch, RecordType::kData, payload2).ok());
+    for (Lsn lsn = 3; lsn < 3 + following; ++lsn) {
+      EXPECT_TRUE(wal->Append(epoch, RecordType::kData, Payload(lsn, 100)).ok());
+    }
+    EXPECT_TRUE(wal->Close().ok());
+  }
+  std::string seg;
+  EXPECT_EQ(OffsetOf(dir, 2, &seg), at);
+  return seg;
+}
+
+// A header's first bytes can be zero by nature (a length's low bytes), and a
+// frame can start just before a page's end: such zeros are no lost page, and
+// a flipped bit in that frame is still damage.
+TEST(RecoveryTest, AHeaderThatStartsWithZerosAtAPageEndIsNoLostPage) {
+  struct Case {
+    uint64_t before_page_end;  // where record 2 starts
+    size_t len;                // its payload: low bytes of the length zero
+    uint64_t flip;             // the byte flipped, from the frame's start
+  };
+  for (const Case c : {Case{1, 256, 50}, Case{1, 512, 33}, Case{1, 256, 9}, Case{2, 65536, 1040},
+                       Case{4, 0, 33}}) {
+    TempDir dir;
+    Options o = Opts();
+    o.segment_size = 1 << 20;
+    const uint64_t at = 4096 - c.before_page_end;
+    const std::string seg = BuildAround(dir.path(), o, at, Payload(2, c.len));
+    std::string data = test::ReadFileBytes(seg);
+    for (uint64_t i = at; i < 4096; ++i) ASSERT_EQ(data[i], '\0') << "the header should start with zeros";
+    data[at + c.flip] = static_cast<char>(data[at + c.flip] ^ 0x08);
+    test::WriteFileBytes(seg, data + std::string(8192, '\0'));
+    auto wal = Wal::Open(dir.path(), o);
+    ASSERT_FALSE(wal.ok()) << "at " << at << ", byte " << c.flip << ": " << (*wal)->recovery().torn_why;
+    EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+    EXPECT_NE(wal.status().ToString().find("LSN 2"), std::string::npos) << wal.status().ToString();
+  }
+}
+
+// A frame whose own payload holds a page of zeros, with damage in its header:
+// a type that does not decode, an LSN or an epoch that does not continue the
+// log. Its extent is not trusted, so the zeros are no lost page.
+TEST(RecoveryTest, HeaderDamageBesideAZeroPageInThePayloadIsCorruption) {
+  for (uint64_t byte : {4ull, 9ull, 16ull}) {
+    TempDir dir;
+    Options o = Opts();
+    o.segment_size = 1 << 20;
+    const std::string seg = BuildAround(dir.path(), o, 1000, std::string(12 << 10, '\0'), /*epoch=*/3);
+    std::string data = test::ReadFileBytes(seg);
+    if (byte == 4) data[1000 + 4] = 7;      // an unknown frame type
+    if (byte == 9) data[1000 + 9] ^= 0x01;  // LSN 2 + 256
+    if (byte == 16) data[1000 + 16] = 1;    // epoch 1 after epoch 3
+    test::WriteFileBytes(seg, data);
+    auto wal = Wal::Open(dir.path(), o);
+    ASSERT_FALSE(wal.ok()) << "byte " << byte << ": " << (*wal)->recovery().torn_why;
+    EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  }
+}
+
+// A lost page that holds only the tail of a header, the rest of which is on
+// the page before (which survived): a lost write.
+TEST(RecoveryTest, ALostPageHoldingTheTailOfAHeaderIsATornWrite) {
+  for (uint64_t before_page_end : {10ull, 30ull}) {
+    TempDir dir;
+    Options o = Opts();
+    o.segment_size = 1 << 20;
+    const std::string seg = BuildAround(dir.path(), o, 4096 - before_page_end, Payload(2, 300), 1, 60);
+    std::string data = test::ReadFileBytes(seg);
+    ASSERT_GT(data.size(), 8192u + 500) << "valid frames should follow the lost page";
+    std::fill(data.begin() + 4096, data.begin() + 8192, '\0');
+    test::WriteFileBytes(seg, data);
+    auto wal = OpenOrDie(dir.path(), o);
+    ASSERT_NE(wal, nullptr);
+    EXPECT_TRUE(wal->recovery().torn_lost_write) << before_page_end;
+    EXPECT_EQ(wal->last_lsn(), 1u);
+  }
+}
+
+// Zeros from a damaged frame's start up to a valid frame that starts one byte
+// before a page's end (its first header byte is zero by nature) stop short of
+// the page's end: no lost page.
+TEST(RecoveryTest, ZerosUpToAValidFrameJustBeforeAPageEndAreCorruption) {
+  TempDir dir;
+  Options o = Opts();
+  o.segment_size = 1 << 20;
+  {
+    auto wal = OpenOrDie(dir.path(), o);
+    ASSERT_TRUE(wal->Append(1, RecordType::kData, Payload(1, 1000 - kSegmentHeaderSize - kFrameHeaderSize)).ok());
+    ASSERT_TRUE(wal->Append(1, RecordType::kData, Payload(2, 4095 - 1000 - kFrameHeaderSize)).ok());
+    ASSERT_TRUE(wal->Append(1, RecordType::kData, Payload(3, 256)).ok());
+    for (Lsn lsn = 4; lsn < 24; ++lsn) ASSERT_TRUE(wal->Append(1, RecordType::kData, Payload(lsn, 100)).ok());
+    ASSERT_TRUE(wal->Close().ok());
+  }
+  std::string seg;
+  ASSERT_EQ(OffsetOf(dir.path(), 3, &seg), 4095u);
+  std::string data = test::ReadFileBytes(seg);
+  std::fill(data.begin() + 1000, data.begin() + 4095, '\0');
+  test::WriteFileBytes(seg, data);
+  auto wal = Wal::Open(dir.path(), o);
+  ASSERT_FALSE(wal.ok()) << (*wal)->recovery().torn_why;
+  EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+}
+
 // The same zeros one byte short of the page's end are no lost page: a write
 // is lost a page at a time, so this is damage, and the log is refused.
 TEST(RecoveryTest, ZerosThatStopShortOfAPageEndAreCorruption) {
