@@ -147,11 +147,16 @@ constexpr uint64_t kLostWritePage = 4096;
 // (relative to `at`): the later pages of the write survived, so they come
 // after the lost one. The frame's extent is trusted only when its header
 // decodes and continues the log (next_lsn, an epoch of at least min_epoch);
-// otherwise only its header's bytes are looked at. A flipped bit or a
+// otherwise only pages that start within its header, before its checksum's
+// second byte, are looked at. A flipped bit or a
 // scribbled record shows no such page, and stays damage inside the log.
 std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, uint64_t valid_next, Lsn next_lsn,
                                      Epoch min_epoch) {
-  uint64_t extent = std::min<uint64_t>(kFrameHeaderSize, valid_next);
+  // An untrusted header: the pages that start within its first 33 bytes, so
+  // that a page of zeros takes in its whole checksum. A page that holds only
+  // the checksum's last bytes cannot explain a header that fails: zeros there
+  // would leave it decoding, and a checksum's high byte is zero by chance.
+  uint64_t extent = std::min<uint64_t>(kFrameChecksumOffset + 1, valid_next);
   FrameHeader h;
   if (rest.size() >= kFrameHeaderSize && DecodeFrameHeader(rest.data(), &h).ok() && h.lsn == next_lsn &&
       h.epoch >= min_epoch) {

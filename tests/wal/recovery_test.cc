@@ -332,28 +332,36 @@ TEST(RecoveryTest, AHeaderThatStartsWithZerosAtAPageEndIsNoLostPage) {
 
 // A frame whose own payload holds a page of zeros, with damage in its header:
 // a type that does not decode, an LSN or an epoch that does not continue the
-// log. Its extent is not trusted, so the zeros are no lost page.
+// log. Its extent is not trusted, so the zeros are no lost page: neither in
+// the middle of the payload, nor on a page that the header runs onto with
+// only its checksum's last byte (zero here, as by chance one time in 256).
 TEST(RecoveryTest, HeaderDamageBesideAZeroPageInThePayloadIsCorruption) {
-  for (uint64_t byte : {4ull, 9ull, 16ull}) {
-    TempDir dir;
-    Options o = Opts();
-    o.segment_size = 1 << 20;
-    const std::string seg = BuildAround(dir.path(), o, 1000, std::string(12 << 10, '\0'), /*epoch=*/3);
-    std::string data = test::ReadFileBytes(seg);
-    if (byte == 4) data[1000 + 4] = 7;      // an unknown frame type
-    if (byte == 9) data[1000 + 9] ^= 0x01;  // LSN 2 + 256
-    if (byte == 16) data[1000 + 16] = 1;    // epoch 1 after epoch 3
-    test::WriteFileBytes(seg, data);
-    auto wal = Wal::Open(dir.path(), o);
-    ASSERT_FALSE(wal.ok()) << "byte " << byte << ": " << (*wal)->recovery().torn_why;
-    EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  for (uint64_t at : {1000ull, 4096ull - 39}) {
+    for (uint64_t byte : {4ull, 9ull, 16ull}) {
+      TempDir dir;
+      Options o = Opts();
+      o.segment_size = 1 << 20;
+      const std::string seg = BuildAround(dir.path(), o, at, std::string(12 << 10, '\0'), /*epoch=*/3);
+      std::string data = test::ReadFileBytes(seg);
+      if (at == 4096 - 39) data[4096] = '\0';  // the checksum's last byte
+      if (byte == 4) data[at + 4] = 7;         // an unknown frame type
+      if (byte == 9) data[at + 9] ^= 0x01;     // LSN 2 + 256
+      if (byte == 16) data[at + 16] = 1;       // epoch 1 after epoch 3
+      test::WriteFileBytes(seg, data);
+      auto wal = Wal::Open(dir.path(), o);
+      ASSERT_FALSE(wal.ok()) << "at " << at << ", byte " << byte << ": " << (*wal)->recovery().torn_why;
+      EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+    }
   }
 }
 
 // A lost page that holds only the tail of a header, the rest of which is on
 // the page before (which survived): a lost write.
 TEST(RecoveryTest, ALostPageHoldingTheTailOfAHeaderIsATornWrite) {
-  for (uint64_t before_page_end : {10ull, 30ull}) {
+  // The header's tail on the lost page: its LSN's last bytes and the rest
+  // (does not decode); its count, length and checksum; its checksum only (it
+  // decodes and continues the log).
+  for (uint64_t before_page_end : {10ull, 30ull, 36ull}) {
     TempDir dir;
     Options o = Opts();
     o.segment_size = 1 << 20;
