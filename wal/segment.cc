@@ -147,9 +147,9 @@ constexpr uint64_t kLostWritePage = 4096;
 // (relative to `at`): the later pages of the write survived, so they come
 // after the lost one. The frame's extent is trusted only when its header
 // decodes and continues the log (next_lsn, an epoch of at least min_epoch);
-// otherwise only pages that start within its header, before its checksum's
-// second byte, are looked at. A flipped bit or a
-// scribbled record shows no such page, and stays damage inside the log.
+// otherwise only the pages that start at or before its checksum's first byte
+// are looked at. A flipped bit or a scribbled record shows no such page, and
+// stays damage inside the log.
 std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, uint64_t valid_next, Lsn next_lsn,
                                      Epoch min_epoch) {
   // An untrusted header: the pages that start within its first 33 bytes, so
