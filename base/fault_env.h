@@ -11,8 +11,9 @@
 //  - power loss: DropUnsyncedData() cuts every file written through this Env
 //    back to the length it had at its last successful Sync. Given keep_page,
 //    the pages (kPowerLossPage bytes) of unsynced data it keeps survive and
-//    the others read as zeros: the disk wrote a later page without an
-//    earlier one.
+//    the others before the last one kept read as zeros (the disk wrote a
+//    later page without an earlier one); after it the file is cut, or reads
+//    as zeros where a synced reservation reaches.
 //
 // Thread-safe.
 #pragma once

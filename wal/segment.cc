@@ -122,7 +122,7 @@ namespace {
 // starts in [from, data end), if any. Used only once damage has been found.
 // Frames are looked for at offsets [from, starts_before) of data; one that
 // starts there may run to the end of data (a payload can end in zeros).
-std::optional<size_t> ValidFrameFollows(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn) {
+std::optional<size_t> FirstValidFrameAfter(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn) {
   for (size_t pos = from; pos < starts_before && pos + kFrameHeaderSize <= data.size(); ++pos) {
     FrameHeader h;
     if (!DecodeFrameHeader(data.data() + pos, &h).ok()) continue;
@@ -133,11 +133,11 @@ std::optional<size_t> ValidFrameFollows(std::string_view data, size_t from, size
   return std::nullopt;
 }
 
-// The page a lost write leaves behind. The kernel writes a file back in pages,
+// The page that power loss takes from a write. The kernel writes a file back in pages,
 // and ext4 converts reserved ("unwritten") space in blocks of this size, so a
 // write that power loss took reads back as whole pages of zeros, or, for the
 // page where the synced part of the file ended, as zeros from there on.
-constexpr uint64_t kLostWritePage = 4096;
+constexpr uint64_t kLostPage = 4096;
 
 // If the damaged frame at `at` (rest holds the file from `at` on) shows a lost
 // write, says where: some page of the file that the frame touches reads as
@@ -150,7 +150,7 @@ constexpr uint64_t kLostWritePage = 4096;
 // otherwise only the pages that start at or before its checksum's first byte
 // are looked at. A flipped bit or a scribbled record shows no such page, and
 // stays damage inside the log.
-std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, uint64_t valid_next, Lsn next_lsn,
+std::optional<std::string> LostPage(std::string_view rest, uint64_t at, uint64_t valid_next, Lsn next_lsn,
                                      Epoch min_epoch) {
   // An untrusted header: the pages that start within its first 33 bytes, so
   // that a page of zeros takes in its whole checksum. A page that holds only
@@ -162,9 +162,9 @@ std::optional<std::string> LostWrite(std::string_view rest, uint64_t at, uint64_
       h.epoch >= min_epoch) {
     extent = std::min<uint64_t>(h.frame_size(), valid_next);
   }
-  for (uint64_t page = at / kLostWritePage * kLostWritePage; page < at + extent; page += kLostWritePage) {
+  for (uint64_t page = at / kLostPage * kLostPage; page < at + extent; page += kLostPage) {
     const uint64_t from = std::max(page, at);
-    const uint64_t to = page + kLostWritePage;
+    const uint64_t to = page + kLostPage;
     if (to - at > valid_next) break;  // reaches into the frames that survived
     // On the frame's first page, zeros count only if they cover its whole
     // header (a written header is never all zeros): a few zeros just before
@@ -207,7 +207,7 @@ Result<uint64_t> DataEnd(const RandomAccessFile& file, uint64_t from, uint64_t e
 }  // namespace
 
 Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn,
-                                uint64_t max_lost_write) {
+                                uint64_t max_unsynced_bytes) {
   SegmentScan scan;
   scan.valid_end = kSegmentHeaderSize;
   scan.last_lsn = first_lsn - 1;
@@ -254,7 +254,7 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
     // A frame's header is never all zeros (its type byte is not), so only
     // offsets before data_end can start one.
     const size_t starts_before = static_cast<size_t>(scan.data_end - scan.valid_end);
-    const std::optional<size_t> valid_next = ValidFrameFollows(rest, 1, starts_before, scan.last_lsn);
+    const std::optional<size_t> valid_next = FirstValidFrameAfter(rest, 1, starts_before, scan.last_lsn);
     if (!valid_next) {
       scan.tail = SegmentScan::Tail::kTorn;
       return scan;
@@ -263,11 +263,16 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
     // Valid frames follow. If the bad frame lost a page, power loss wrote a
     // later page of the last unsynced write without an earlier one: had any
     // frame after it been synced, that page would have been too. One write
-    // holds at most max_lost_write bytes; more after the cut is damage.
-    if (scan.data_end - scan.valid_end > max_lost_write) return scan;
-    if (auto lost = LostWrite(rest, scan.valid_end, *valid_next, scan.last_lsn + 1, scan.last_epoch)) {
+    // holds at most max_unsynced_bytes bytes; more after the cut is damage.
+    if (auto lost = LostPage(rest, scan.valid_end, *valid_next, scan.last_lsn + 1, scan.last_epoch)) {
+      const uint64_t after = scan.data_end - scan.valid_end;
+      if (after > max_unsynced_bytes) {
+        scan.why += "; " + *lost + ", but " + std::to_string(after) + " bytes follow, more than one write (" +
+                    std::to_string(max_unsynced_bytes) + ") can hold";
+        return scan;
+      }
       scan.tail = SegmentScan::Tail::kTorn;
-      scan.lost_write = true;
+      scan.lost_page = true;
       scan.why += "; " + *lost;
     }
     return scan;

@@ -82,7 +82,7 @@ struct SegmentScan {
   std::string why;          // what was wrong with it
   // kTorn although valid frames follow: the bad frame reads as a lost page
   // (power loss), and everything from it on was never synced.
-  bool lost_write = false;
+  bool lost_page = false;
   // Just past the last non-zero byte of the file (== valid_end when only
   // zeros, reserved space, follow the last good frame: a clean end).
   uint64_t data_end = 0;
@@ -91,11 +91,11 @@ struct SegmentScan {
 // Scans every frame of a segment whose frames must start at first_lsn.
 // A bad frame followed by any valid frame is kCorrupt (damage in the middle),
 // unless a page it touches before the next valid frame reads as zeros and at
-// most max_lost_write bytes of data follow its start (a write lost to power
-// loss: kTorn, lost_write); a bad or incomplete frame with nothing valid after
+// most max_unsynced_bytes bytes of data follow its start (a write lost to power
+// loss: kTorn, lost_page); a bad or incomplete frame with nothing valid after
 // it is kTorn (a crash cut the last write short); nothing but zero bytes after
 // the last good frame is kClean (space reserved by preallocation).
 Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size, Lsn first_lsn,
-                                uint64_t max_lost_write);
+                                uint64_t max_unsynced_bytes);
 
 }  // namespace replica::wal

@@ -245,10 +245,10 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
       recovery_.torn_offset = scan.valid_end;
       recovery_.torn_bytes = scan.data_end - scan.valid_end;
       recovery_.torn_why = scan.why;
-      recovery_.torn_lost_write = scan.lost_write;
+      recovery_.torn_lost_page = scan.lost_page;
       RLOG(kWarn, "wal.truncate_torn_tail")
           << "segment=" << last.path << " offset=" << scan.valid_end << " dropped_bytes=" << recovery_.torn_bytes
-          << " last_lsn=" << scan.last_lsn << (scan.lost_write ? " lost_write=1" : "") << " why=\"" << scan.why
+          << " last_lsn=" << scan.last_lsn << (scan.lost_page ? " lost_page=1" : "") << " why=\"" << scan.why
           << "\"" << (ro ? " read_only=1" : "");
       if (!ro) REPLICA_RETURN_IF_ERROR(env_->TruncateFile(last.path, scan.valid_end));
     } else if (!ro && last.end > scan.valid_end) {

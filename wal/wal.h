@@ -109,7 +109,7 @@ struct RecoveryReport {
   std::string torn_why;
   // The torn write had valid frames after it: power loss kept a later page of
   // the unsynced writes and lost an earlier one (docs/wal-format.md, section 8).
-  bool torn_lost_write = false;
+  bool torn_lost_page = false;
   std::vector<std::string> removed_segments;  // last segments without a whole header (crash during a roll)
   bool history_repaired = false;
 };

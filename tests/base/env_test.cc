@@ -162,5 +162,40 @@ TEST(FaultEnvTest, DropUnsyncedData) {
   EXPECT_EQ((*f)->Sync().sys_errno(), EIO);
 }
 
+// Power loss that keeps chosen pages of the unsynced bytes: the pages before
+// the last one kept read as zeros, beyond the synced part of their page; the
+// file ends with the last page kept.
+TEST(FaultEnvTest, DropUnsyncedDataKeepsChosenPages) {
+  constexpr size_t kPage = FaultInjectionEnv::kPowerLossPage;
+  TempDir dir;
+  FaultInjectionEnv env(Env::Default());
+  const std::string path = dir.Sub("f");
+  const std::string synced(100, 's');
+  const std::string unsynced(3 * kPage - 100, 'u');  // to the end of page 2
+  for (bool keep_any : {true, false}) {
+    auto f = env.NewWritableFile(path);
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE((*f)->Append(synced).ok());
+    ASSERT_TRUE((*f)->Sync().ok());
+    ASSERT_TRUE((*f)->Append(unsynced).ok());
+    std::vector<uint64_t> asked;
+    ASSERT_TRUE(env.DropUnsyncedData([&](const std::string& p, uint64_t page) {
+                     EXPECT_EQ(p, path);
+                     asked.push_back(page);
+                     return keep_any && page == 1;
+                   }).ok());
+    EXPECT_EQ(asked, (std::vector<uint64_t>{0, 1, 2}));
+    const std::string got = *ReadWholeFile(Env::Default(), path);
+    if (!keep_any) {
+      EXPECT_EQ(got, synced);
+      continue;
+    }
+    ASSERT_EQ(got.size(), 2 * kPage) << "the file ends with the last page kept";
+    EXPECT_EQ(got.substr(0, 100), synced);
+    EXPECT_EQ(got.substr(100, kPage - 100), std::string(kPage - 100, '\0')) << "page 0's unsynced part is lost";
+    EXPECT_EQ(got.substr(kPage), std::string(kPage, 'u')) << "page 1 is kept";
+  }
+}
+
 }  // namespace
 }  // namespace replica

@@ -193,8 +193,9 @@ TEST(FaultTest, PowerLossAtEveryMutation) {
 // valid frames is a torn write, since nothing after it was ever synced
 // (except for the one layout docs/wal-format.md lists as refused).
 TEST(FaultTest, PowerLossThatKeepsSomePagesOfTheLastWrite) {
-  int lost_writes = 0;
+  int lost_pages = 0;
   for (int round = 0; round < 80; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
     TempDir dir;
     FaultInjectionEnv env(Env::Default());
     std::mt19937 rng(static_cast<uint32_t>(round));
@@ -235,11 +236,11 @@ TEST(FaultTest, PowerLossThatKeepsSomePagesOfTheLastWrite) {
         ASSERT_GT(offset % 4096, 4096 - kFrameHeaderSize) << "round " << round << ": " << msg;
         continue;
       }
-      if ((*wal)->recovery().torn_lost_write) ++lost_writes;
+      if ((*wal)->recovery().torn_lost_page) ++lost_pages;
     }
     ExpectAcknowledged(dir.path(), acked, size);
   }
-  EXPECT_GE(lost_writes, 5) << "too few rounds lost a page before valid frames to test the case";
+  EXPECT_GE(lost_pages, 5) << "too few rounds lost a page before valid frames to test the case";
 }
 
 }  // namespace

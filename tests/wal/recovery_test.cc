@@ -201,7 +201,7 @@ TEST(RecoveryTest, ALostPageWithValidRecordsAfterItIsATornWrite) {
       ro.read_only = true;
       auto wal = OpenOrDie(dir, ro);
       ASSERT_NE(wal, nullptr) << c.name;
-      EXPECT_TRUE(wal->recovery().torn_lost_write) << c.name;
+      EXPECT_TRUE(wal->recovery().torn_lost_page) << c.name;
       EXPECT_EQ(ReadAll(wal.get(), 1).size(), cut_lsn - 1) << c.name;
       EXPECT_EQ(test::FileSize(path), data.size() + kPage) << "a read-only open changes nothing";
     }
@@ -209,7 +209,7 @@ TEST(RecoveryTest, ALostPageWithValidRecordsAfterItIsATornWrite) {
     ASSERT_NE(wal, nullptr) << c.name;
     const RecoveryReport& r = wal->recovery();
     EXPECT_TRUE(r.torn_tail) << c.name;
-    EXPECT_TRUE(r.torn_lost_write) << c.name;
+    EXPECT_TRUE(r.torn_lost_page) << c.name;
     EXPECT_EQ(r.torn_offset, cut_at) << c.name;
     EXPECT_NE(r.torn_why.find("read as zeros"), std::string::npos) << r.torn_why;
     EXPECT_EQ(wal->last_lsn(), cut_lsn - 1) << c.name;
@@ -243,8 +243,10 @@ TEST(RecoveryTest, ALostPageWithMoreThanOneWriteAfterItIsCorruption) {
   auto wal = Wal::Open(dir.path(), o);
   ASSERT_FALSE(wal.ok());
   EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  EXPECT_NE(wal.status().ToString().find("more than one write (4096) can hold"), std::string::npos)
+      << wal.status().ToString();
   o.max_group_bytes = 64 << 10;  // the default is 4 MiB
-  EXPECT_TRUE(Wal::Open(dir.path(), o).ok()) << "within one write's size, the same zeros are a lost write";
+  EXPECT_TRUE(Wal::Open(dir.path(), o).ok()) << "within one write's size, the same zeros are a lost page";
 }
 
 // A damaged length can make a frame reach past the valid frames into the
@@ -279,12 +281,12 @@ TEST(RecoveryTest, ALengthThatReachesIntoTheReservedZerosIsCorruption) {
     auto wal = Wal::Open(dir.path(), o);
     ASSERT_FALSE(wal.ok()) << (compress ? "lz4" : "plain") << ": " << (*wal)->recovery().torn_why;
     EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
-    EXPECT_NE(wal.status().ToString().find("offset " + std::to_string(off)), std::string::npos)
+    EXPECT_NE(wal.status().ToString().find("offset " + std::to_string(off) + " "), std::string::npos)
         << wal.status().ToString();
   }
 }
 
-// Builds a log whose record 2 starts at `at` with a payload of `len` bytes
+// Builds a log whose record 2 starts at `at` with the payload `payload2`
 // (record 1 fills the space before it; `following` records of 100 bytes
 // follow), all synced, and returns the last segment's path.
 std::string BuildAround(const std::string& dir, const Options& o, uint64_t at, const std::string& payload2,
@@ -326,7 +328,7 @@ TEST(RecoveryTest, AHeaderThatStartsWithZerosAtAPageEndIsNoLostPage) {
     auto wal = Wal::Open(dir.path(), o);
     ASSERT_FALSE(wal.ok()) << "at " << at << ", byte " << c.flip << ": " << (*wal)->recovery().torn_why;
     EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
-    EXPECT_NE(wal.status().ToString().find("LSN 2"), std::string::npos) << wal.status().ToString();
+    EXPECT_NE(wal.status().ToString().find("(LSN 2)"), std::string::npos) << wal.status().ToString();
   }
 }
 
@@ -358,10 +360,10 @@ TEST(RecoveryTest, HeaderDamageBesideAZeroPageInThePayloadIsCorruption) {
 // A lost page that holds only the tail of a header, the rest of which is on
 // the page before (which survived): a lost write.
 TEST(RecoveryTest, ALostPageHoldingTheTailOfAHeaderIsATornWrite) {
-  // The header's tail on the lost page: its LSN's last bytes and the rest
-  // (does not decode); its count, length and checksum; its checksum only (it
-  // decodes and continues the log).
-  for (uint64_t before_page_end : {10ull, 30ull, 36ull}) {
+  // The header's tail on the lost page: its LSN's last bytes and the rest,
+  // or its epoch's high bytes and the rest (neither decodes: epoch 0, count
+  // 0); its checksum only (it decodes and continues the log).
+  for (uint64_t before_page_end : {10ull, 20ull, 36ull}) {
     TempDir dir;
     Options o = Opts();
     o.segment_size = 1 << 20;
@@ -372,14 +374,15 @@ TEST(RecoveryTest, ALostPageHoldingTheTailOfAHeaderIsATornWrite) {
     test::WriteFileBytes(seg, data);
     auto wal = OpenOrDie(dir.path(), o);
     ASSERT_NE(wal, nullptr);
-    EXPECT_TRUE(wal->recovery().torn_lost_write) << before_page_end;
+    EXPECT_TRUE(wal->recovery().torn_lost_page) << before_page_end;
     EXPECT_EQ(wal->last_lsn(), 1u);
   }
 }
 
 // Zeros from a damaged frame's start up to a valid frame that starts one byte
-// before a page's end (its first header byte is zero by nature) stop short of
-// the page's end: no lost page.
+// before a page's end: they reach the page's end only through that frame's
+// own first byte (zero by nature), and the page does not end before the
+// valid frame, so it is no lost page.
 TEST(RecoveryTest, ZerosUpToAValidFrameJustBeforeAPageEndAreCorruption) {
   TempDir dir;
   Options o = Opts();
@@ -402,8 +405,9 @@ TEST(RecoveryTest, ZerosUpToAValidFrameJustBeforeAPageEndAreCorruption) {
   EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
 }
 
-// The same zeros one byte short of the page's end are no lost page: a write
-// is lost a page at a time, so this is damage, and the log is refused.
+// Zeros from a frame's start to one byte short of the page's end are no lost
+// page: a write is lost a page at a time, so this is damage, and the log is
+// refused.
 TEST(RecoveryTest, ZerosThatStopShortOfAPageEndAreCorruption) {
   constexpr uint64_t kPage = 4096;
   Options o = Opts();
@@ -425,7 +429,8 @@ TEST(RecoveryTest, ZerosThatStopShortOfAPageEndAreCorruption) {
   auto wal = Wal::Open(dir.path(), o);
   ASSERT_FALSE(wal.ok());
   EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
-  EXPECT_NE(wal.status().ToString().find("LSN " + std::to_string(lsn)), std::string::npos) << wal.status().ToString();
+  EXPECT_NE(wal.status().ToString().find("(LSN " + std::to_string(lsn) + ")"), std::string::npos)
+      << wal.status().ToString();
   EXPECT_EQ(test::FileSize(seg), data.size()) << "damage inside the log must not be cut away";
 }
 
