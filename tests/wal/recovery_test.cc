@@ -358,7 +358,7 @@ TEST(RecoveryTest, HeaderDamageBesideAZeroPageInThePayloadIsCorruption) {
 }
 
 // A lost page that holds only the tail of a header, the rest of which is on
-// the page before (which survived): a lost write.
+// the page before (which survived): a lost page.
 TEST(RecoveryTest, ALostPageHoldingTheTailOfAHeaderIsATornWrite) {
   // The header's tail on the lost page: its LSN's last bytes and the rest,
   // or its epoch's high bytes and the rest (neither decodes: epoch 0, count
