@@ -23,7 +23,9 @@ not repaired, and a live writer is not disturbed.
 
 Options:
   --from LSN     start at LSN (default: the first retained record)
-  --json         one JSON object per line: each record, then {"summary": ...}
+  --json         one JSON object per line: each record, then {"summary": ...};
+                 a torn tail adds "torn": {segment, offset, bytes, lost_page,
+                 why} to the summary
   --summary      print only the summary
   -h, --help     show this help
 
@@ -31,6 +33,26 @@ Exit status: 0 the log is readable (a torn tail is reported on stderr and is
 not an error: recovery cuts it), 1 the log is corrupt (the message names the
 segment, offset and LSN), 2 bad usage or the log could not be opened.
 )";
+
+// s as a JSON string literal: quotes, backslashes and control characters
+// escaped (paths and messages can hold any of them).
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += ch;
+    } else if (c < 0x20) {
+      char esc[8];
+      std::snprintf(esc, sizeof esc, "\\u%04x", c);
+      out += esc;
+    } else {
+      out += ch;
+    }
+  }
+  return out + "\"";
+}
 
 const char* TypeName(uint8_t type) {
   switch (static_cast<RecordType>(type)) {
@@ -126,11 +148,19 @@ int main(int argc, char** argv) {
   auto segs = wal->segments();
   auto history = wal->epoch_history();
   if (json) {
-    std::printf("{\"summary\":{\"dir\":\"%s\",\"records\":%llu,\"first_lsn\":%llu,\"last_lsn\":%llu,"
-                "\"payload_bytes\":%llu,\"segments\":%zu,\"log_bytes\":%llu,\"torn_tail\":%s,\"epochs\":[",
-                dir.c_str(), static_cast<unsigned long long>(records), static_cast<unsigned long long>(first),
-                static_cast<unsigned long long>(last), static_cast<unsigned long long>(payload_bytes), segs.size(),
+    std::printf("{\"summary\":{\"dir\":%s,\"records\":%llu,\"first_lsn\":%llu,\"last_lsn\":%llu,"
+                "\"payload_bytes\":%llu,\"segments\":%zu,\"log_bytes\":%llu,\"torn_tail\":%s,",
+                JsonString(dir).c_str(), static_cast<unsigned long long>(records),
+                static_cast<unsigned long long>(first), static_cast<unsigned long long>(last),
+                static_cast<unsigned long long>(payload_bytes), segs.size(),
                 static_cast<unsigned long long>(wal->size_bytes()), rec.torn_tail ? "true" : "false");
+    if (rec.torn_tail) {
+      std::printf("\"torn\":{\"segment\":%s,\"offset\":%llu,\"bytes\":%llu,\"lost_page\":%s,\"why\":%s},",
+                  JsonString(rec.torn_segment).c_str(), static_cast<unsigned long long>(rec.torn_offset),
+                  static_cast<unsigned long long>(rec.torn_bytes), rec.torn_lost_page ? "true" : "false",
+                  JsonString(rec.torn_why).c_str());
+    }
+    std::printf("\"epochs\":[");
     for (size_t i = 0; i < history.entries().size(); ++i) {
       std::printf("%s{\"epoch\":%llu,\"first_lsn\":%llu}", i ? "," : "",
                   static_cast<unsigned long long>(history.entries()[i].epoch),

@@ -76,6 +76,21 @@ TEST(WaldumpTest, TornTailIsReportedNotRepaired) {
   EXPECT_NE(r.out.find("torn tail"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("summary: 9 records"), std::string::npos) << r.out;
   EXPECT_EQ(test::FileSize(seg), size - 7) << "waldump must not change the log";
+  ExecResult json = Exec(kDump + " --summary --json " + wal);
+  EXPECT_EQ(json.exit_code, 0) << json.out;
+  EXPECT_NE(json.out.find("\"torn_tail\":true,\"torn\":{\"segment\":\"" + seg + "\",\"offset\":"), std::string::npos)
+      << json.out;
+  EXPECT_NE(json.out.find("\"lost_page\":false,\"why\":\"frame of "), std::string::npos) << json.out;
+}
+
+TEST(WaldumpTest, JsonEscapesTheDirectory) {
+  TempDir dir;
+  const std::string wal = dir.Sub("a\"b\\c");
+  ASSERT_EQ(Exec(kGen + " '" + wal + "' --records 3 --log-level warn").exit_code, 0);
+  ExecResult r = Exec(kDump + " --summary --json '" + wal + "'");
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("\"dir\":\"" + dir.path() + "/a\\\"b\\\\c\","), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"torn_tail\":false,\"epochs\":["), std::string::npos) << r.out;
 }
 
 TEST(WaldumpTest, UsageErrorsExitTwo) {
