@@ -1,6 +1,9 @@
 // waldump: print the records of a WAL directory and a summary.
 // Read-only: never repairs, never takes the directory lock, so it is safe on a
 // log that a live node is writing.
+#include <boost/json/serialize.hpp>
+#include <boost/json/string.hpp>
+
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -34,25 +37,8 @@ not an error: recovery cuts it), 1 the log is corrupt (the message names the
 segment, offset and LSN), 2 bad usage or the log could not be opened.
 )";
 
-// s as a JSON string literal: quotes, backslashes and control characters
-// escaped (paths and messages can hold any of them).
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (const char ch : s) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += ch;
-    } else if (c < 0x20) {
-      char esc[8];
-      std::snprintf(esc, sizeof esc, "\\u%04x", c);
-      out += esc;
-    } else {
-      out += ch;
-    }
-  }
-  return out + "\"";
-}
+// s as a JSON string literal, escaped.
+std::string JsonString(const std::string& s) { return boost::json::serialize(boost::json::string(s)); }
 
 const char* TypeName(uint8_t type) {
   switch (static_cast<RecordType>(type)) {

@@ -89,8 +89,8 @@ struct Options {
   // (readers stop before it), no appends. For tools such as waldump.
   bool read_only = false;
   // Upper bound on the bytes one group commit writes (an append larger than
-  // this is written alone). Recovery also takes it as the most that one lost
-  // write can hold (docs/wal-format.md, section 8, "Power loss").
+  // this is written alone). Recovery also takes it as the most that one
+  // unsynced write can hold (docs/wal-format.md, section 8, "Power loss").
   size_t max_group_bytes = 4u << 20;
   // Called once, outside the log's locks, when a write or fdatasync fails
   // and the log starts refusing every append and sync until it is reopened
