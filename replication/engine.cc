@@ -43,7 +43,6 @@ constexpr uint64_t kCatchUpReportRecords = 20000;
 constexpr size_t kMaxApplyRecords = 256;
 // Delete counts kept for writers yet to take them (see delete_counts_).
 constexpr wal::Lsn kKeepDeleteCounts = 65536;
-constexpr size_t kMaxReceiveQueue = 32u << 20;
 constexpr char kSlotsFile[] = "slots";
 constexpr auto kRetentionEvery = 250ms;
 constexpr auto kSnapshotRequestTimeout = 60s;
@@ -199,6 +198,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   void OnEstablished(const std::shared_ptr<transport::Session>& s) override;
   void OnControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg) override;
   void OnData(const std::shared_ptr<transport::Session>& s, std::string_view payload) override;
+  void OnReadIdle(const std::shared_ptr<transport::Session>& s) override;
   void OnWritable(const std::shared_ptr<transport::Session>& s) override;
   void OnClosed(const std::shared_ptr<transport::Session>& s, const Status& why) override;
   void FillHeartbeat(proto::Heartbeat* hb) override;
@@ -362,19 +362,23 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     for (auto& [_, w] : waiters_) w->cv.Signal();
   }
 
-  // Standby: frames received and not yet in the WAL. OnData queues them; the
-  // receiver thread appends all that queued up with one AppendRaw (one write,
-  // one fdatasync), so that under load the standby syncs far less often than
-  // once per frame, and I/O threads never wait for the disk.
+  // Standby: frames received and not yet in the WAL. OnData queues them; at
+  // the end of a burst (OnReadIdle: nothing more waits in the socket), or
+  // when the next frame would take the queue past one write's worth
+  // (max_group_bytes), the session's I/O thread stores the whole queue with
+  // one AppendRaw (one write, one fdatasync) and acknowledges it. The
+  // session's next frames wait in the socket meanwhile, so under load one
+  // AppendRaw takes all that arrived during the previous fdatasync, and no
+  // other thread has to be woken for a record to become durable.
   Mutex rx_mu_;
   CondVar rx_cv_{&rx_mu_};
   std::string rx_buf_ GUARDED_BY(rx_mu_);
+  std::string rx_spare_ GUARDED_BY(rx_mu_);  // the last batch's buffer, reused
   std::shared_ptr<transport::Session> rx_session_ GUARDED_BY(rx_mu_);
-  bool rx_busy_ GUARDED_BY(rx_mu_) = false;
-  bool rx_stop_ GUARDED_BY(rx_mu_) = false;
-  std::thread receiver_;
-  void ReceiverLoop();
-  // Forgets what a closed session queued and waits for an append in flight.
+  bool rx_busy_ GUARDED_BY(rx_mu_) = false;  // a store is in flight
+  // Stores what s queued, if anything (waits for another thread's store first).
+  void StoreReceived(const std::shared_ptr<transport::Session>& s) EXCLUDES(rx_mu_, mu_);
+  // Forgets what a closed session queued and waits for a store in flight.
   void DrainReceiver() EXCLUDES(rx_mu_);
   wal::Lsn applied_lsn_ GUARDED_BY(mu_) = 0;
   wal::Lsn commit_lsn_ GUARDED_BY(mu_) = 0;
@@ -614,7 +618,6 @@ Status EngineImpl::Init() {
   }
   StartApplier();  // after arbiter_ is set: a failing applier reads it (Fail)
   if (role_ == Role::kStandby) {
-    receiver_ = NamedThread("receiver", [this] { ReceiverLoop(); });
     follower_ = NamedThread("follower", [this] { FollowerLoop(); });
   }
   if (arbiter_) {
@@ -2795,10 +2798,16 @@ void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::strin
     }
   }
   {
-    // Back-pressure: while the receiver is this far behind, stop reading
-    // (TCP then slows the active's shipper for this standby alone).
-    MutexLock l(&rx_mu_);
-    while (rx_buf_.size() > kMaxReceiveQueue && !rx_stop_ && rx_session_ == s) rx_cv_.WaitUntil(Clock::now() + 100ms);
+    // A write's worth queued: store it before taking more, so that no write
+    // holds more than max_group_bytes unsynced (what recovery after a power
+    // loss allows) unless a single frame does.
+    bool store_first;
+    {
+      MutexLock rl(&rx_mu_);
+      store_first = rx_session_ == s && !rx_buf_.empty() &&
+                    rx_buf_.size() + payload.size() > wal_options_.max_group_bytes;
+    }
+    if (store_first) StoreReceived(s);
   }
   // Queued only while s is still the upstream session, checked under mu_, so
   // nothing from a session the follower has let go can reach the new log.
@@ -2810,54 +2819,51 @@ void EngineImpl::OnData(const std::shared_ptr<transport::Session>& s, std::strin
     rx_session_ = s;
   }
   rx_buf_.append(payload);
-  rx_cv_.SignalAll();
 }
 
-void EngineImpl::ReceiverLoop() {
+void EngineImpl::OnReadIdle(const std::shared_ptr<transport::Session>& s) { StoreReceived(s); }
+
+void EngineImpl::StoreReceived(const std::shared_ptr<transport::Session>& s) {
   std::string batch;
-  for (;;) {
-    std::shared_ptr<transport::Session> s;
-    {
-      MutexLock l(&rx_mu_);
-      while (rx_buf_.empty() && !rx_stop_) rx_cv_.Wait();
-      if (rx_stop_) return;
-      batch.swap(rx_buf_);  // both keep their capacity
-      rx_buf_.clear();
-      s = rx_session_;
-      rx_busy_ = true;
-      rx_cv_.SignalAll();  // room in the queue again
-    }
-    Status st;
-    {
-      ReaderLock store(&store_mu_);
-      // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
-      auto last = wal_ ? wal_->AppendRaw(batch) : Result<wal::Lsn>(Status::Aborted("the node has no storage"));
-      if (last.ok()) {
-        {
-          MutexLock l(&mu_);
-          if (apply_cap_ != UINT64_MAX) {
-            apply_cap_ = UINT64_MAX;  // an active continued this log: all of it is in its history
-            apply_cv_.SignalAll();
-          }
-        }
-        const wal::Epoch seen = wal_->last_epoch();
-        if (seen > epoch_.load()) epoch_ = seen;  // the epoch this standby now knows of
-        NoteCaughtUp();
-        SendAck(s);
-      } else {
-        st = last.status();
-      }
-    }
-    if (!st.ok()) {
-      RLOG(kError, "engine.receive_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
-      s->Close(st);
-    }
-    batch.clear();
+  {
     MutexLock l(&rx_mu_);
-    if (!st.ok() && rx_session_ == s) rx_buf_.clear();  // what followed the bad frames cannot be stored either
-    rx_busy_ = false;
-    rx_cv_.SignalAll();
+    while (rx_busy_) rx_cv_.Wait();  // another session's store: the follower lets that one go
+    if (rx_session_ != s || rx_buf_.empty()) return;
+    batch.swap(rx_buf_);
+    rx_buf_.swap(rx_spare_);  // both keep their capacity
+    rx_busy_ = true;
   }
+  Status st;
+  {
+    ReaderLock store(&store_mu_);
+    // Stored unchanged after every checksum and LSN is verified: the logs stay byte-identical.
+    auto last = wal_ ? wal_->AppendRaw(batch) : Result<wal::Lsn>(Status::Aborted("the node has no storage"));
+    if (last.ok()) {
+      {
+        MutexLock l(&mu_);
+        if (apply_cap_ != UINT64_MAX) {
+          apply_cap_ = UINT64_MAX;  // an active continued this log: all of it is in its history
+          apply_cv_.SignalAll();
+        }
+      }
+      const wal::Epoch seen = wal_->last_epoch();
+      if (seen > epoch_.load()) epoch_ = seen;  // the epoch this standby now knows of
+      NoteCaughtUp();
+      SendAck(s);
+    } else {
+      st = last.status();
+    }
+  }
+  if (!st.ok()) {
+    RLOG(kError, "engine.receive_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+    s->Close(st);
+  }
+  batch.clear();
+  MutexLock l(&rx_mu_);
+  if (!st.ok() && rx_session_ == s) rx_buf_.clear();  // what followed the bad frames cannot be stored either
+  rx_spare_.swap(batch);
+  rx_busy_ = false;
+  rx_cv_.SignalAll();
 }
 
 void EngineImpl::DrainReceiver() {
@@ -3141,6 +3147,9 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_wal_records_total", "counter", "records appended to the local WAL", node, static_cast<double>(ws.records));
   metric("replica_wal_bytes_total", "counter", "bytes written to the local WAL", node, static_cast<double>(ws.bytes));
   metric("replica_wal_group_commits_total", "counter", "group commits (writes)", node, static_cast<double>(ws.groups));
+  metric("replica_wal_largest_group_bytes", "gauge",
+         "the most bytes one group commit wrote since the node started (at most what a power loss can tear)", node,
+         static_cast<double>(ws.largest_group_bytes));
   metric("replica_wal_fsyncs_total", "counter", "fdatasync calls of the WAL (group commits, interval syncs)", node,
          static_cast<double>(ws.syncs));
   metric("replica_wal_fsync_seconds_total", "counter", "time spent in those fdatasync calls", node,
@@ -3254,12 +3263,6 @@ Status EngineImpl::Close() {
   if (follower_.joinable()) follower_.join();
   if (endpoint_) endpoint_->Stop();  // OnClosed moves every standby to finished_
   diff_.Stop();  // releases logdiff's snapshots while the database is open
-  {
-    MutexLock l(&rx_mu_);
-    rx_stop_ = true;
-    rx_cv_.SignalAll();
-  }
-  if (receiver_.joinable()) receiver_.join();
   if (applier_.joinable()) applier_.join();
   std::vector<std::shared_ptr<Standby>> shippers;
   {

@@ -127,7 +127,10 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
     uint64_t file_offset = 0;
     size_t file_len = 0;
     size_t accounted = 0;     // bytes counted in queued_bytes_
-    size_t sent_inline = 0;   // header + payload bytes a caller's thread already sent (TryInline)
+    // Bytes a caller's thread already sent (TryInline): header + payload of
+    // an in-memory frame; of a file span, the header's (its payload sent is
+    // taken off file_offset and file_len).
+    size_t sent_inline = 0;
     bool is_data = false;
     bool close_after = false; // an Error frame: close once it is out
     Status close_status;
@@ -136,11 +139,17 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   Status Enqueue(std::shared_ptr<OutItem> item, bool data);
   // A send from a thread other than the session's: when nothing else is
   // queued or being written, write the frame right here (one non-blocking
-  // sendmsg) instead of handing it to an I/O thread and back; what the
-  // socket does not take goes to the strand, first in line. Saves two thread
-  // hand-offs on a round trip. Plain TCP, established sessions, in-memory
-  // frames only. True if the item is taken care of.
+  // sendmsg, or a send of the header and sendfile for a file span) instead
+  // of handing it to an I/O thread; what the socket does not take goes to
+  // the strand, first in line. Saves a thread hand-off per frame (two on a
+  // round trip). Plain TCP, established sessions. True if the item is taken
+  // care of.
   bool TryInline(const std::shared_ptr<OutItem>& item);
+  // TryInline's one attempt for an in-memory frame, or a file span (the
+  // header, then sendfile until the socket is full); true if all of it went.
+  // What went is recorded in the item for the strand to go on from.
+  bool InlineMemory(OutItem& item) REQUIRES(inline_mu_);
+  bool InlineFile(OutItem& item) REQUIRES(inline_mu_);
   void SendError(const Status& st);
   void DoWrite();
   void SendFileChunk();
@@ -148,6 +157,8 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   void ReadHeader();
   void ReadPayload(FrameHeader h);
   void OnFrame(FrameHeader h);
+  // After a frame: tells the handler once nothing more waits to be read.
+  void MaybeReadIdle();
   void OnHandshake(const proto::Control& msg);
   void Established();
   void HeartbeatTick();
@@ -231,6 +242,7 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   std::string in_payload_;
   std::deque<std::shared_ptr<OutItem>> out_;
   bool writing_ = false;
+  bool data_since_idle_ = false;  // a data frame was handed over since the last OnReadIdle
   Clock::time_point last_rx_;
   uint64_t last_peer_heartbeat_us_ = 0;
 };
@@ -380,7 +392,7 @@ Status SessionImpl::Enqueue(std::shared_ptr<OutItem> item, bool data) {
     }
     return Status::OK();
   }
-  if (item->fd < 0 && TryInline(item)) return Status::OK();
+  if (TryInline(item)) return Status::OK();
   ++pending_;
   auto self = shared_from_this();
   asio::post(ex_, [self, item] {
@@ -397,21 +409,12 @@ Status SessionImpl::Enqueue(std::shared_ptr<OutItem> item, bool data) {
 bool SessionImpl::TryInline(const std::shared_ptr<OutItem>& item) {
   MutexLock l(&inline_mu_);
   if (inline_fd_ < 0) return false;
+  if (item->fd >= 0 && !ep_->options().use_sendfile) return false;
   int idle = 0;
   if (!pending_.compare_exchange_strong(idle, kInline + 1)) return false;  // others first: keep the order
-  const char* payload = item->data != nullptr ? item->data : item->owned.data();
-  const size_t payload_len = item->data != nullptr ? item->data_len : item->owned.size();
-  iovec iov[2] = {{item->header, kFrameHeaderSize}, {const_cast<char*>(payload), payload_len}};
-  msghdr mh{};
-  mh.msg_iov = iov;
-  mh.msg_iovlen = payload_len > 0 ? 2 : 1;
-  ssize_t n;
-  do {
-    n = ::sendmsg(inline_fd_, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-  } while (n < 0 && errno == EINTR);
-  const size_t total = kFrameHeaderSize + payload_len;
+  const bool whole = item->fd >= 0 ? InlineFile(*item) : InlineMemory(*item);
   auto self = shared_from_this();
-  if (n == static_cast<ssize_t>(total)) {
+  if (whole) {
     queued_bytes_ -= item->accounted;
     auto& stats = ep_->mutable_stats();
     ++stats.frames_sent;
@@ -429,7 +432,6 @@ bool SessionImpl::TryInline(const std::shared_ptr<OutItem>& item) {
   }
   // The socket took part of it (or nothing, or failed): the rest goes first
   // on the strand, whose write reports any error and closes.
-  item->sent_inline = n > 0 ? static_cast<size_t>(n) : 0;
   asio::post(ex_, [self, item] {
     if (self->closing_) {
       self->pending_ -= kInline + 1;
@@ -439,6 +441,46 @@ bool SessionImpl::TryInline(const std::shared_ptr<OutItem>& item) {
     self->pending_ -= kInline;  // the item stays counted until it is written
     self->DoWrite();
   });
+  return true;
+}
+
+bool SessionImpl::InlineMemory(OutItem& item) {
+  const char* payload = item.data != nullptr ? item.data : item.owned.data();
+  const size_t payload_len = item.data != nullptr ? item.data_len : item.owned.size();
+  iovec iov[2] = {{item.header, kFrameHeaderSize}, {const_cast<char*>(payload), payload_len}};
+  msghdr mh{};
+  mh.msg_iov = iov;
+  mh.msg_iovlen = payload_len > 0 ? 2 : 1;
+  ssize_t n;
+  do {
+    n = ::sendmsg(inline_fd_, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  item.sent_inline = n > 0 ? static_cast<size_t>(n) : 0;
+  return item.sent_inline == kFrameHeaderSize + payload_len;
+}
+
+bool SessionImpl::InlineFile(OutItem& item) {
+  // As DoWrite does: the header with MSG_MORE, packed with the payload's start.
+  ssize_t n;
+  do {
+    n = ::send(inline_fd_, item.header, kFrameHeaderSize, MSG_MORE | MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  item.sent_inline = n > 0 ? static_cast<size_t>(n) : 0;
+  if (item.sent_inline < kFrameHeaderSize) return false;
+  while (item.file_len > 0) {
+    off_t off = static_cast<off_t>(item.file_offset);
+    // The socket is non-blocking (Asio made it so before the handshake):
+    // this sends what fits and returns.
+    const ssize_t m = ::sendfile(inline_fd_, item.fd, &off, std::min<size_t>(item.file_len, 4u << 20));
+    if (m > 0) {
+      item.file_offset += static_cast<uint64_t>(m);
+      item.file_len -= static_cast<size_t>(m);
+    } else if (m < 0 && errno == EINTR) {
+      continue;
+    } else {
+      return false;  // full (the strand waits until writable), or an error the strand reports
+    }
+  }
   return true;
 }
 
@@ -513,9 +555,12 @@ void SessionImpl::DoWrite() {
   if (it.fd >= 0) {
     // The header goes first with MSG_MORE, so that the kernel packs it with
     // the start of the sendfile payload instead of sending 16 bytes alone.
-    ssize_t n = ::send(io_->socket().native_handle(), it.header, kFrameHeaderSize, MSG_MORE | MSG_NOSIGNAL);
-    if (n == static_cast<ssize_t>(kFrameHeaderSize)) return SendFileChunk();
-    const size_t sent = n > 0 ? static_cast<size_t>(n) : 0;
+    const size_t before = std::min(it.sent_inline, kFrameHeaderSize);  // sent inline already
+    if (before == kFrameHeaderSize) return SendFileChunk();
+    ssize_t n = ::send(io_->socket().native_handle(), it.header + before, kFrameHeaderSize - before,
+                       MSG_MORE | MSG_NOSIGNAL);
+    if (n == static_cast<ssize_t>(kFrameHeaderSize - before)) return SendFileChunk();
+    const size_t sent = before + (n > 0 ? static_cast<size_t>(n) : 0);
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
       return DoClose(Status::FromErrno("send", errno));
     }
@@ -631,10 +676,11 @@ void SessionImpl::OnFrame(FrameHeader h) {
   auto self = shared_from_this();
   if (h.type == FrameType::kData) {
     stats.data_bytes_received += h.payload_len;
+    data_since_idle_ = true;
     {
-    InHandler in(this);
-    ep_->handler()->OnData(handle_, in_payload_);
-  }
+      InHandler in(this);
+      ep_->handler()->OnData(handle_, in_payload_);
+    }
   } else {
     proto::Control msg;
     if (!msg.ParseFromString(in_payload_)) {
@@ -650,12 +696,32 @@ void SessionImpl::OnFrame(FrameHeader h) {
     } else {
       if (msg.has_heartbeat()) last_peer_heartbeat_us_ = msg.heartbeat().sent_unix_us();
       {
-    InHandler in(this);
-    ep_->handler()->OnControl(handle_, msg);
-  }
+        InHandler in(this);
+        ep_->handler()->OnControl(handle_, msg);
+      }
     }
   }
+  MaybeReadIdle();
   if (!closing_) ReadHeader();
+}
+
+void SessionImpl::MaybeReadIdle() {
+  if (closing_ || !data_since_idle_) return;
+  // Bytes the kernel holds for us: the peer's next frame is on its way.
+  boost::system::error_code ec;
+  const size_t waiting = io_->socket().available(ec);
+  if (!ec && waiting > 0) return;
+  if (io_->tls) {
+    // Under TLS, bytes already read from the socket wait in OpenSSL: in the
+    // record being decrypted (SSL_pending) or in the BIO it reads from,
+    // which Asio fills from its own buffer first, so that buffer holds bytes
+    // only while the BIO is full.
+    SSL* ssl = io_->tls->native_handle();
+    if (SSL_pending(ssl) > 0 || BIO_pending(SSL_get_rbio(ssl)) > 0) return;
+  }
+  data_since_idle_ = false;
+  InHandler in(this);
+  ep_->handler()->OnReadIdle(handle_);
 }
 
 void SessionImpl::OnHandshake(const proto::Control& msg) {

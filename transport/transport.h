@@ -9,7 +9,10 @@
 //
 // Thread-safety: Endpoint and Session methods may be called from any thread.
 // Handler callbacks run on an I/O thread, one at a time per session (each
-// session has its own strand); they must not block.
+// session has its own strand). While one runs, that session reads nothing,
+// and with one I/O thread no other session is served either: a callback may
+// block only as long as a standby's disk write (OnData, OnReadIdle), never
+// on another session or on anything that waits for an I/O thread.
 //
 // Lifetime: the Handler must outlive the Endpoint. Endpoint::Stop() (also run
 // by the destructor) closes every session, waits for their OnClosed, and
@@ -114,6 +117,11 @@ class Handler {
   virtual void OnControl(const std::shared_ptr<Session>& session, const proto::Control& msg) {}
   // A data frame's payload; valid only during the call.
   virtual void OnData(const std::shared_ptr<Session>& session, std::string_view payload) {}
+  // After one or more OnData calls, once none of the session's bytes wait to
+  // be read (neither in the socket nor, under TLS, in OpenSSL's buffers). A
+  // receiver that queues what OnData gave it can act on the whole burst
+  // here: the peer's next bytes had not arrived yet.
+  virtual void OnReadIdle(const std::shared_ptr<Session>& session) {}
   // The send queue, once full, has drained below half.
   virtual void OnWritable(const std::shared_ptr<Session>& session) {}
   // Exactly once per session, established or not.

@@ -620,6 +620,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
           ++stats_.groups;
           stats_.records += records;
           stats_.bytes += group_bytes;
+          stats_.largest_group_bytes = std::max<uint64_t>(stats_.largest_group_bytes, group_bytes);
         }
         if (want_sync) {
           durable_lsn_ = last_lsn_;

@@ -125,6 +125,7 @@ struct WalStats {
   // (Syncs of a finished segment at a roll, and at close, are not counted.)
   uint64_t syncs = 0;
   uint64_t bytes = 0;
+  uint64_t largest_group_bytes = 0;  // the most one group commit wrote
   uint64_t segments_created = 0;
   uint64_t segments_purged = 0;
   uint64_t sync_micros = 0;  // total time those fdatasyncs took

@@ -49,6 +49,11 @@ class Recorder : public Handler {
     }
     cv_.notify_all();
   }
+  void OnReadIdle(const std::shared_ptr<Session>&) override {
+    std::lock_guard<std::mutex> l(mu_);
+    idle_after_.push_back(data_frames_);
+    cv_.notify_all();
+  }
   void OnWritable(const std::shared_ptr<Session>&) override {
     std::lock_guard<std::mutex> l(mu_);
     ++writable_;
@@ -84,6 +89,7 @@ class Recorder : public Handler {
   std::vector<Status> closed_;
   std::string data_;
   size_t data_frames_ = 0;
+  std::vector<size_t> idle_after_;  // data_frames_ at each OnReadIdle
   int writable_ = 0;
 };
 
@@ -203,6 +209,43 @@ TEST(SessionTest, ConcurrentSendersKeepEachOnesOrderAndEveryByte) {
   EXPECT_EQ(p.server_rec.data_.find_first_not_of('x'), std::string::npos);
   EXPECT_EQ(p.client->stats().payload_bytes_copied.load(), 0u);
   EXPECT_TRUE(p.server_rec.closed_.empty());
+}
+
+// OnReadIdle comes once per burst: after the last of the data frames that
+// were already waiting in the socket, not after each of them, and again
+// after a frame that arrives alone.
+TEST(SessionTest, ReadIdleEndsABurstOfDataFrames) {
+  Pair p;
+  p.Start(Opts("srv"), Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+  auto payload = std::make_shared<std::string>(1000, 'x');
+  p.server_rec.SetGate(false);  // the server's I/O thread holds the first frame
+  constexpr size_t kBurst = 5;
+  for (size_t i = 0; i < kBurst; ++i) {
+    ASSERT_TRUE(p.client_session->SendData(payload, payload->data(), payload->size()).ok());
+  }
+  // Every byte is in the server's socket once the client has sent it
+  // (loopback delivers within the send); the stat raises no event.
+  ASSERT_TRUE(
+      test::Eventually([&] { return p.client->stats().data_bytes_sent.load() == kBurst * payload->size(); }, 10s, 1ms));
+  p.server_rec.SetGate(true);
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.idle_after_.empty(); }));
+  {
+    std::lock_guard<std::mutex> l(p.server_rec.mu_);
+    EXPECT_EQ(p.server_rec.idle_after_, std::vector<size_t>{kBurst});
+  }
+  ASSERT_TRUE(p.client_session->SendData(payload, payload->data(), payload->size()).ok());
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.idle_after_.size() == 2; }));
+  // Control frames alone (heartbeats every 50 ms here) end no burst.
+  size_t beats;
+  {
+    std::lock_guard<std::mutex> l(p.server_rec.mu_);
+    beats = p.server_rec.heartbeats_.size();
+  }
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.heartbeats_.size() >= beats + 3; }));
+  std::lock_guard<std::mutex> l(p.server_rec.mu_);
+  EXPECT_EQ(p.server_rec.idle_after_, (std::vector<size_t>{kBurst, kBurst + 1}));
+  EXPECT_EQ(p.server_rec.data_frames_, kBurst + 1);
 }
 
 TEST(SessionTest, WrongSecretIsRefusedAndCounted) {

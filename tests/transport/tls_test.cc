@@ -25,8 +25,20 @@ class Sink : public Handler {
     cv_.notify_all();
   }
   void OnData(const std::shared_ptr<Session>&, std::string_view payload) override {
-    std::lock_guard<std::mutex> l(mu_);
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return gate_open_; });  // a slow consumer, when the gate is shut
     data_ += payload;
+    ++frames_;
+    cv_.notify_all();
+  }
+  void OnReadIdle(const std::shared_ptr<Session>&) override {
+    std::lock_guard<std::mutex> l(mu_);
+    idle_after_.push_back(frames_);
+    cv_.notify_all();
+  }
+  void SetGate(bool open) {
+    std::lock_guard<std::mutex> l(mu_);
+    gate_open_ = open;
     cv_.notify_all();
   }
   void OnClosed(const std::shared_ptr<Session>&, const Status& why) override {
@@ -42,7 +54,10 @@ class Sink : public Handler {
   std::mutex mu_;
   std::condition_variable cv_;
   int established_ = 0;
+  bool gate_open_ = true;
   std::string data_;
+  size_t frames_ = 0;
+  std::vector<size_t> idle_after_;  // frames_ at each OnReadIdle
   std::vector<Status> closed_;
 };
 
@@ -103,6 +118,34 @@ TEST(TlsTest, MutualTlsCarriesData) {
   // TLS encrypts in user space: the file span was read into memory, and counted.
   EXPECT_EQ(client->stats().payload_bytes_copied.load(), file_bytes.size());
   EXPECT_EQ(server->stats().tls_failures.load(), 0u);
+  client->Stop();
+  server->Stop();
+}
+
+// Frames that wait in OpenSSL's buffers, not in the socket, are still
+// "more to read": OnReadIdle comes once, after the last of a burst.
+TEST(TlsTest, ReadIdleSeesBytesBufferedInTls) {
+  test::TempDir dir;
+  Pki pki(dir.path(), "ca");
+  Sink srv, cli;
+  auto server = std::move(Endpoint::Create(Opts("srv", pki.Node("srv")), &srv)).value();
+  const uint16_t port = *server->Listen("127.0.0.1", 0);
+  auto client = std::move(Endpoint::Create(Opts("cli", pki.Node("cli")), &cli)).value();
+  auto session = *client->Connect("127.0.0.1", port);
+  ASSERT_TRUE(cli.WaitFor([&] { return cli.established_ == 1; }));
+  ASSERT_TRUE(srv.WaitFor([&] { return srv.established_ == 1; }));
+  srv.SetGate(false);  // the server's I/O thread holds the first frame
+  auto mem = std::make_shared<std::string>(test::Payload(7, 1000));
+  constexpr size_t kBurst = 8;  // small frames: several fit one read of Asio's TLS buffer
+  for (size_t i = 0; i < kBurst; ++i) ASSERT_TRUE(session->SendData(mem, mem->data(), mem->size()).ok());
+  ASSERT_TRUE(
+      test::Eventually([&] { return client->stats().data_bytes_sent.load() == kBurst * mem->size(); }, 10s, 1ms));
+  srv.SetGate(true);
+  ASSERT_TRUE(srv.WaitFor([&] { return srv.frames_ == kBurst && !srv.idle_after_.empty(); }));
+  {
+    std::lock_guard<std::mutex> l(srv.mu_);
+    EXPECT_EQ(srv.idle_after_, std::vector<size_t>{kBurst});
+  }
   client->Stop();
   server->Stop();
 }
