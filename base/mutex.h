@@ -35,6 +35,7 @@ class CAPABILITY("mutex") Mutex {
 
   void Lock() ACQUIRE() { mu_.lock(); }
   void Unlock() RELEASE() { mu_.unlock(); }
+  bool TryLock() TRY_ACQUIRE(true) { return mu_.try_lock(); }
   // Documents (and, under clang, checks) that the caller holds the lock.
   void AssertHeld() ASSERT_CAPABILITY(this) {}
 

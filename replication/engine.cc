@@ -19,6 +19,7 @@
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
+#include "base/wake_word.h"
 #include "replica/engine.h"
 #include "replication/arbiter.h"
 #include "replication/db_logger.h"
@@ -115,6 +116,18 @@ struct Standby {
   // Being resynced from a snapshot: not counted by the commit rule.
   bool resync = false;
   std::thread shipper;
+  // Shipping: the shipper thread's reader of the log, and a span it handed
+  // out that the session's full queue refused. Whoever holds ship_mu
+  // ships: the shipper thread, or the thread that has just written a group
+  // (EngineImpl::ShipWritten), which only tries the lock and otherwise
+  // bumps `kick` so that the shipper looks again.
+  Mutex ship_mu;
+  std::unique_ptr<wal::Reader> reader GUARDED_BY(ship_mu);
+  std::optional<wal::RawSpan> unsent GUARDED_BY(ship_mu);
+  WakeWord kick;
+  // Spans sent by the writer of a group, and by the shipper thread.
+  std::atomic<uint64_t> sent_by_writer{0};
+  std::atomic<uint64_t> sent_by_shipper{0};
   Mutex writable_mu;
   CondVar writable_cv{&writable_mu};  // also: snapshot_request arrived
   // Set by OnWritable, so that a send refused just before it still sees it.
@@ -262,6 +275,16 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   void StopApplier() EXCLUDES(mu_);
   void ApplierLoop();
   void ShipperLoop(std::shared_ptr<Standby> standby, wal::Lsn from);
+  // Sends what the standby's reader has, until none is left (OK), the
+  // session's queue is full (Busy), or an error.
+  Status ShipSome(Standby* sb, std::atomic<uint64_t>* sent) REQUIRES(sb->ship_mu);
+  // Wal::Options::on_written: the writer of a group sends it to every
+  // standby whose shipper is idle (one thread hand-off fewer per record).
+  void ShipWritten() EXCLUDES(ship_list_mu_);
+  // The standbys being shipped to (a leaf lock; ShipWritten only tries
+  // each Standby::ship_mu under it).
+  Mutex ship_list_mu_;
+  std::vector<std::shared_ptr<Standby>> ship_list_ GUARDED_BY(ship_list_mu_);
   // Active: serves a snapshot to a standby whose log cannot be shipped.
   void SnapshotLoop(std::shared_ptr<Standby> standby, std::string reason);
   // Sends length bytes of fd from offset as data frames, waiting while the
@@ -572,6 +595,7 @@ Status EngineImpl::Init() {
   // the Wal's lock; an appender may hold store_mu_ (shared), which comes
   // before mu_.
   wal_options_.on_error = [this](const Status& st) { Fail(st.WithContext("the local WAL")); };
+  wal_options_.on_written = [this] { ShipWritten(); };
   wal_options_.segment_size = opts_.wal_segment_size;
   wal_options_.preallocate = opts_.wal_preallocate;
   wal_options_.retention_bytes = opts_.wal_keep_bytes;
@@ -1405,30 +1429,78 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
     sb->session->Close(st);
     return;
   }
-  auto reader = std::move(reader_or).value();
+  {
+    MutexLock l(&sb->ship_mu);
+    sb->reader = std::move(reader_or).value();
+  }
+  {
+    MutexLock l(&ship_list_mu_);
+    ship_list_.push_back(sb);
+  }
+  struct Unlist {
+    EngineImpl* e;
+    Standby* sb;
+    ~Unlist() {
+      {
+        MutexLock l(&e->ship_list_mu_);
+        auto& v = e->ship_list_;
+        v.erase(std::remove_if(v.begin(), v.end(), [&](const auto& x) { return x.get() == sb; }), v.end());
+      }
+      MutexLock l(&sb->ship_mu);
+      sb->unsent.reset();
+      sb->reader.reset();
+    }
+  } unlist{this, sb.get()};
   while (!sb->stop.load()) {
-    auto span = reader->NextRaw(kMaxShipBytes);
-    if (!span.ok()) {
-      sb->session->Close(span.status());
+    const uint32_t seen = sb->kick.Load();  // read first: a kick from here on is not lost
+    Status st;
+    {
+      MutexLock l(&sb->ship_mu);
+      st = ShipSome(sb.get(), &sb->sent_by_shipper);
+    }
+    if (st.ok()) {
+      // All sent. The writer of the next group usually sends it itself;
+      // this thread wakes when it could not (or to look at `stop`).
+      sb->kick.WaitOnceUntil(seen, Clock::now() + 100ms);
+    } else if (st.code() == StatusCode::kBusy) {
+      if (sb->stop.load()) return;
+      sb->WaitWritable();  // the standby is slow: stop reading the log until the queue drains
+    } else {
+      sb->session->Close(st);
       return;
     }
-    if (!span->has_value()) {
-      auto more = reader->WaitForData(Clock::now() + 100ms);
-      if (!more.ok()) return;  // the WAL is closing
+  }
+}
+
+Status EngineImpl::ShipSome(Standby* sb, std::atomic<uint64_t>* sent) {
+  for (;;) {
+    if (!sb->unsent) {
+      auto span = sb->reader->NextRaw(kMaxShipBytes);
+      if (!span.ok()) return span.status();
+      if (!span->has_value()) return Status::OK();
+      sb->unsent = std::move(**span);
+    }
+    const wal::RawSpan& s = *sb->unsent;
+    std::shared_ptr<const void> keep = s.file;  // keeps the segment open until sent
+    Status st = sb->session->SendFile(std::move(keep), s.file->NativeHandle(), s.offset, s.length);
+    if (!st.ok()) return st;  // Busy: the span stays for the next try
+    sb->shipped.store(s.last_lsn);
+    sb->unsent.reset();
+    sent->fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+void EngineImpl::ShipWritten() {
+  MutexLock l(&ship_list_mu_);
+  for (const auto& sb : ship_list_) {
+    if (sb->stop.load()) continue;
+    if (!sb->ship_mu.TryLock()) {
+      sb->kick.Bump();  // its shipper is sending: it looks again once done
       continue;
     }
-    const wal::RawSpan& s = **span;
-    std::shared_ptr<const void> keep = s.file;  // keeps the segment open until sent
-    for (;;) {
-      Status st = sb->session->SendFile(keep, s.file->NativeHandle(), s.offset, s.length);
-      if (st.ok()) {
-        sb->shipped.store(s.last_lsn);
-        break;
-      }
-      if (st.code() != StatusCode::kBusy || sb->stop.load()) return;
-      // The standby is slow: stop reading the log until the queue drains.
-      sb->WaitWritable();
-    }
+    Status st = ShipSome(sb.get(), &sb->sent_by_writer);
+    sb->ship_mu.Unlock();
+    if (!st.ok()) sb->kick.Bump();  // a full queue or an error: the shipper deals with it
   }
 }
 
@@ -3118,6 +3190,12 @@ std::string EngineImpl::PrometheusMetrics() const {
       metric("replica_standby_lag_ms", "gauge", "time since the standby last held every record", lab,
              static_cast<double>(LagMs(*sb, st.last_lsn, Clock::now())));
       metric("replica_standby_resyncing", "gauge", "1 while the standby is being sent a snapshot", lab, sb->resync);
+      metric("replica_standby_spans_sent_total", "counter",
+             "WAL spans sent to the standby, by the thread that wrote them (by=\"writer\") or its shipper",
+             lab + ",by=\"writer\"", static_cast<double>(sb->sent_by_writer.load()));
+      metric("replica_standby_spans_sent_total", "counter",
+             "WAL spans sent to the standby, by the thread that wrote them (by=\"writer\") or its shipper",
+             lab + ",by=\"shipper\"", static_cast<double>(sb->sent_by_shipper.load()));
     }
     for (const auto& [id, lsn] : slots_) {
       metric("replica_slot_lsn", "gauge", "first LSN kept for this standby (its slot)", node + ",standby=\"" + id + "\"",

@@ -610,9 +610,11 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         if (history_changed) history_ = std::move(new_history);
         data_cv_.SignalAll();
       }
-      if (want_sync) {
+      const bool notify = st.ok() && group_bytes > 0 && options_.on_written;
+      if (want_sync || notify) {
         mu_.Unlock();
-        if (st.ok()) st = SyncFrames();
+        if (notify) options_.on_written();
+        if (want_sync && st.ok()) st = SyncFrames();
         mu_.Lock();
       }
       if (st.ok()) {

@@ -98,6 +98,13 @@ struct Options {
   // or the interval-sync thread. Refusals of one request (a stale epoch, bad
   // raw frames) are not such failures.
   std::function<void(const Status&)> on_error;
+  // Called by the thread that wrote a group of records, once readers can
+  // see it and before the group's fdatasync (under kEveryCommit), outside
+  // the log's locks: a shipper can send the group while it is being synced,
+  // without a thread of its own having to wake first. It must not append to
+  // this log, nor wait for anything that does. Readers that wait
+  // (WaitForData, NextWait) are woken as before.
+  std::function<void()> on_written;
 };
 
 // What Open found and did.

@@ -1528,6 +1528,42 @@ TEST(EngineTest, ThreadsAreNamed) {
   ASSERT_TRUE(a->Close().ok());
 }
 
+// The thread that writes a group sends it to an idle standby itself; the
+// shipper thread, asleep, is not woken for it.
+TEST(EngineTest, TheWriterOfAGroupShipsItToAnIdleStandby) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a"));
+  auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
+  ASSERT_GT(PutAppliedOnBoth(active.get(), standby.get(), "k", "v"), 0u);  // subscribed and caught up
+  const auto sent = [&](const char* by) {
+    const std::string text = active->PrometheusMetrics();
+    const std::string key = std::string("replica_standby_spans_sent_total{node=\"a\",standby=\"b\",by=\"") + by + "\"} ";
+    const size_t at = text.find(key);
+    return at == std::string::npos ? -1.0 : std::stod(text.substr(at + key.size()));
+  };
+  const double writer0 = sent("writer"), shipper0 = sent("shipper");
+  ASSERT_GE(writer0, 0) << active->PrometheusMetrics();
+  ASSERT_GE(shipper0, 0);
+  constexpr int kWrites = 50;
+  uint64_t last = 0;
+  for (int i = 0; i < kWrites; ++i) {
+    WriteBatch b;
+    b.Put("k" + std::to_string(i), "v");
+    auto lsn = active->Write(b);
+    ASSERT_TRUE(lsn.ok()) << lsn.status().ToString();
+    last = *lsn;
+    ASSERT_TRUE(standby->WaitForApplied(last, 30s).ok());  // idle again before the next write
+  }
+  const double by_writer = sent("writer") - writer0, by_shipper = sent("shipper") - shipper0;
+  EXPECT_EQ(by_writer + by_shipper, kWrites);  // one span per write, each sent once
+  // The shipper wakes every 100 ms to look around, and a write that comes
+  // just then is its to send; the rest are the writer's.
+  EXPECT_GE(by_writer, kWrites - 10) << by_shipper << " sent by the shipper";
+  ASSERT_TRUE(standby->Close().ok());
+  ASSERT_TRUE(active->Close().ok());
+  ExpectSameWal(dir.Sub("a"), dir.Sub("b"));
+}
+
 TEST(WriteBatchTest, EncodeDecodeAndDamage) {
   WriteBatch b;
   b.Put("a", "1");

@@ -262,6 +262,45 @@ TEST(WalTest, ReservingLeavesTheLastOfTheDiskToOthers) {
   small.reset();
 }
 
+// on_written comes once per group written, from the writing thread, when a
+// reader can already see the group and (under every-commit) before its
+// fdatasync has made it durable.
+TEST(WalTest, OnWrittenSeesEachGroupBeforeItIsDurable) {
+  TempDir dir;
+  wal::Wal* w = nullptr;
+  std::unique_ptr<wal::Reader> reader;
+  std::vector<std::pair<Lsn, Lsn>> seen;  // (last_lsn, durable_lsn) at each call
+  std::vector<Lsn> read_up_to;
+  std::thread::id caller;
+  Options o;
+  o.segment_size = 16 << 10;
+  o.on_written = [&] {
+    seen.emplace_back(w->last_lsn(), w->durable_lsn());
+    caller = std::this_thread::get_id();
+    Lsn last = read_up_to.empty() ? 0 : read_up_to.back();
+    wal::RecordView rec;
+    for (;;) {
+      auto got = reader->Next(&rec);
+      if (!got.ok() || !*got) break;
+      last = rec.lsn;
+    }
+    read_up_to.push_back(last);
+  };
+  auto wal = OpenOrDie(dir.path(), o);
+  w = wal.get();
+  auto r = wal->NewReader(1);
+  ASSERT_TRUE(r.ok());
+  reader = std::move(r).value();
+  AppendN(wal.get(), 300, 100);  // rolls segments too
+  ASSERT_EQ(seen.size(), 300u);  // one appender: a group per record
+  EXPECT_EQ(caller, std::this_thread::get_id());
+  for (size_t i = 0; i < seen.size(); ++i) {
+    EXPECT_EQ(seen[i].first, i + 1);
+    EXPECT_EQ(seen[i].second, i) << "record " << i + 1 << " was durable before on_written";
+    EXPECT_EQ(read_up_to[i], i + 1) << "a reader could not see record " << i + 1;
+  }
+}
+
 TEST(WalTest, BytesAfterCountsWhatAReplicaLacks) {
   TempDir dir;
   Options o;
