@@ -124,7 +124,17 @@ struct Standby {
   Mutex ship_mu;
   std::unique_ptr<wal::Reader> reader GUARDED_BY(ship_mu);
   std::optional<wal::RawSpan> unsent GUARDED_BY(ship_mu);
+  // The last ShipSome sent everything there was: the standby is caught up,
+  // and a writer sends it just the group it wrote. Otherwise (catching up,
+  // or a full queue) a writer leaves it to the shipper and does not hold its
+  // group's fdatasync back to read and send older spans.
+  bool drained GUARDED_BY(ship_mu) = false;
   WakeWord kick;
+  // Ends the shipper's loop (it wakes at once).
+  void Stop() {
+    stop.store(true);
+    kick.Bump();
+  }
   // Spans sent by the writer of a group, and by the shipper thread.
   std::atomic<uint64_t> sent_by_writer{0};
   std::atomic<uint64_t> sent_by_shipper{0};
@@ -1476,14 +1486,21 @@ Status EngineImpl::ShipSome(Standby* sb, std::atomic<uint64_t>* sent) {
   for (;;) {
     if (!sb->unsent) {
       auto span = sb->reader->NextRaw(kMaxShipBytes);
-      if (!span.ok()) return span.status();
-      if (!span->has_value()) return Status::OK();
+      if (!span.ok()) {
+        sb->drained = false;
+        return span.status();
+      }
+      sb->drained = !span->has_value();
+      if (sb->drained) return Status::OK();
       sb->unsent = std::move(**span);
     }
     const wal::RawSpan& s = *sb->unsent;
     std::shared_ptr<const void> keep = s.file;  // keeps the segment open until sent
     Status st = sb->session->SendFile(std::move(keep), s.file->NativeHandle(), s.offset, s.length);
-    if (!st.ok()) return st;  // Busy: the span stays for the next try
+    if (!st.ok()) {
+      sb->drained = false;
+      return st;  // Busy: the span stays for the next try
+    }
     sb->shipped.store(s.last_lsn);
     sb->unsent.reset();
     sent->fetch_add(1, std::memory_order_relaxed);
@@ -1498,9 +1515,9 @@ void EngineImpl::ShipWritten() {
       sb->kick.Bump();  // its shipper is sending: it looks again once done
       continue;
     }
-    Status st = ShipSome(sb.get(), &sb->sent_by_writer);
+    Status st = sb->drained ? ShipSome(sb.get(), &sb->sent_by_writer) : Status::Busy("catching up");
     sb->ship_mu.Unlock();
-    if (!st.ok()) sb->kick.Bump();  // a full queue or an error: the shipper deals with it
+    if (!st.ok()) sb->kick.Bump();  // behind, a full queue, or an error: the shipper deals with it
   }
 }
 
@@ -1821,6 +1838,7 @@ Status EngineImpl::InstallSnapshot() {
     REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(wal_dir));
     wal::Options wo = wal_options_;
     wo.on_error = nullptr;  // a failed staging log fails this install only
+    wo.on_written = nullptr;  // nothing is shipped from it
     wo.start_lsn = offer.seed_first_lsn();
     wo.initial_history = *history;
     REPLICA_ASSIGN_OR_RETURN(auto wal, wal::Wal::Open(wal_dir, wo));
@@ -2366,7 +2384,7 @@ void EngineImpl::Demote(const std::string& reason) {
     apply_cap_ = commit_lsn_;
     committed = commit_lsn_;
     for (auto& [_, sb] : standbys_) {
-      sb->stop.store(true);
+      sb->Stop();
       gone.push_back(sb);
       finished_.push_back(sb);
     }
@@ -2730,7 +2748,7 @@ void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::s
     auto it = standbys_.find(sb->id);
     if (it != standbys_.end()) {
       replaced = it->second;
-      replaced->stop.store(true);
+      replaced->Stop();
       finished_.push_back(replaced);
       standbys_.erase(it);
     }
@@ -2962,7 +2980,7 @@ void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const St
   MutexLock l(&mu_);
   for (auto it = standbys_.begin(); it != standbys_.end(); ++it) {
     if (it->second->session.get() != s.get()) continue;
-    it->second->stop.store(true);
+    it->second->Stop();
     RLOG(kInfo, "engine.standby_gone") << "standby=" << it->second->id << " reason=\"" << why.ToString() << "\"";
     finished_.push_back(it->second);
     standbys_.erase(it);
@@ -3331,7 +3349,7 @@ Status EngineImpl::Close() {
     if (close_started_ || (!opened_.load() && !wal_)) return Status::OK();
     close_started_ = true;
     closing_ = true;
-    for (auto& [_, sb] : standbys_) sb->stop.store(true);
+    for (auto& [_, sb] : standbys_) sb->Stop();
     WakeAllWaiters();
     acks_cv_.SignalAll();
     WakeAllWriters();

@@ -681,6 +681,7 @@ void SessionImpl::OnFrame(FrameHeader h) {
       InHandler in(this);
       ep_->handler()->OnData(handle_, in_payload_);
     }
+    last_rx_ = Clock::now();  // nor here
   } else {
     proto::Control msg;
     if (!msg.ParseFromString(in_payload_)) {
@@ -707,21 +708,37 @@ void SessionImpl::OnFrame(FrameHeader h) {
 
 void SessionImpl::MaybeReadIdle() {
   if (closing_ || !data_since_idle_) return;
-  // Bytes the kernel holds for us: the peer's next frame is on its way.
   boost::system::error_code ec;
   const size_t waiting = io_->socket().available(ec);
-  if (!ec && waiting > 0) return;
+  if (!ec && waiting > 0) {
+    if (io_->tls) return;  // TLS records on their way
+    // Plain TCP: the burst goes on while a whole frame waits. Part of one
+    // (still arriving) ends it, so that what came whole is not held back
+    // behind a large frame, nor lost with a connection that drops.
+    char header[kFrameHeaderSize];
+    FrameHeader h;
+    const ssize_t n = ::recv(io_->plain->native_handle(), header, sizeof header, MSG_PEEK | MSG_DONTWAIT);
+    if (n == static_cast<ssize_t>(kFrameHeaderSize) &&
+        DecodeFrameHeader(header, ep_->options().max_frame_payload, &h).ok() &&
+        waiting >= kFrameHeaderSize + static_cast<size_t>(h.payload_len)) {
+      return;
+    }
+  }
   if (io_->tls) {
-    // Under TLS, bytes already read from the socket wait in OpenSSL: in the
-    // record being decrypted (SSL_pending) or in the BIO it reads from,
-    // which Asio fills from its own buffer first, so that buffer holds bytes
-    // only while the BIO is full.
+    // Under TLS, bytes already read from the socket may wait in OpenSSL: in
+    // the record being decrypted (SSL_pending) or in the BIO it reads from.
+    // (Asio may also hold some in its own buffer, which it hands to the BIO
+    // only when OpenSSL asks for more: then the burst ends early, and the
+    // handler acts on it in two parts.)
     SSL* ssl = io_->tls->native_handle();
     if (SSL_pending(ssl) > 0 || BIO_pending(SSL_get_rbio(ssl)) > 0) return;
   }
   data_since_idle_ = false;
-  InHandler in(this);
-  ep_->handler()->OnReadIdle(handle_);
+  {
+    InHandler in(this);
+    ep_->handler()->OnReadIdle(handle_);
+  }
+  last_rx_ = Clock::now();  // the time the handler took (a disk write) is not the peer's silence
 }
 
 void SessionImpl::OnHandshake(const proto::Control& msg) {
@@ -866,6 +883,12 @@ void SessionImpl::DoClose(const Status& why) {
   auto self = shared_from_this();
   {
     InHandler in(this);
+    if (data_since_idle_) {
+      // Whole data frames the handler was given with the next one arriving
+      // when the connection ended: they are the last of their burst.
+      data_since_idle_ = false;
+      ep_->handler()->OnReadIdle(handle_);
+    }
     ep_->handler()->OnClosed(handle_, why);
   }
   ep_->Unregister(self);

@@ -117,10 +117,12 @@ class Handler {
   virtual void OnControl(const std::shared_ptr<Session>& session, const proto::Control& msg) {}
   // A data frame's payload; valid only during the call.
   virtual void OnData(const std::shared_ptr<Session>& session, std::string_view payload) {}
-  // After one or more OnData calls, once none of the session's bytes wait to
-  // be read (neither in the socket nor, under TLS, in OpenSSL's buffers). A
+  // After one or more OnData calls, once no whole frame waits to be read
+  // (plain TCP: in the socket; under TLS: no byte in the socket or in
+  // OpenSSL's buffers), and before OnClosed if the connection ends first. A
   // receiver that queues what OnData gave it can act on the whole burst
-  // here: the peer's next bytes had not arrived yet.
+  // here. Time spent in OnData and OnReadIdle does not count as the peer's
+  // silence (Options::peer_timeout).
   virtual void OnReadIdle(const std::shared_ptr<Session>& session) {}
   // The send queue, once full, has drained below half.
   virtual void OnWritable(const std::shared_ptr<Session>& session) {}

@@ -99,11 +99,13 @@ struct Options {
   // raw frames) are not such failures.
   std::function<void(const Status&)> on_error;
   // Called by the thread that wrote a group of records, once readers can
-  // see it and before the group's fdatasync (under kEveryCommit), outside
-  // the log's locks: a shipper can send the group while it is being synced,
-  // without a thread of its own having to wake first. It must not append to
-  // this log, nor wait for anything that does. Readers that wait
-  // (WaitForData, NextWait) are woken as before.
+  // see it and before the group's fdatasync (under kEveryCommit): a shipper
+  // can send the group while it is being synced, without a thread of its
+  // own having to wake first. It runs while the log's writes wait for it
+  // (the group's writer lock is held; its state lock is not): it may read
+  // the log, but must not append, sync, truncate, purge or close it, nor
+  // wait for anything that does. Readers that wait (WaitForData, NextWait)
+  // are woken as before.
   std::function<void()> on_written;
 };
 

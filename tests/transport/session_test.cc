@@ -49,9 +49,10 @@ class Recorder : public Handler {
     }
     cv_.notify_all();
   }
-  void OnReadIdle(const std::shared_ptr<Session>&) override {
+  void OnReadIdle(const std::shared_ptr<Session>& s) override {
     std::lock_guard<std::mutex> l(mu_);
     idle_after_.push_back(data_frames_);
+    idle_closed_.push_back(s->closed());
     cv_.notify_all();
   }
   void OnWritable(const std::shared_ptr<Session>&) override {
@@ -90,6 +91,7 @@ class Recorder : public Handler {
   std::string data_;
   size_t data_frames_ = 0;
   std::vector<size_t> idle_after_;  // data_frames_ at each OnReadIdle
+  std::vector<bool> idle_closed_;   // and whether the session had closed by then
   int writable_ = 0;
 };
 
@@ -129,6 +131,8 @@ struct Pair {
            client_rec.WaitFor([&] { return !client_rec.established_.empty(); });
   }
   ~Pair() {
+    server_rec.SetGate(true);  // a test that failed with the gate shut must not hang here
+    client_rec.SetGate(true);
     if (client) client->Stop();
     if (server) server->Stop();
   }
@@ -246,6 +250,32 @@ TEST(SessionTest, ReadIdleEndsABurstOfDataFrames) {
   std::lock_guard<std::mutex> l(p.server_rec.mu_);
   EXPECT_EQ(p.server_rec.idle_after_, (std::vector<size_t>{kBurst, kBurst + 1}));
   EXPECT_EQ(p.server_rec.data_frames_, kBurst + 1);
+}
+
+// Whole frames followed by part of one (the peer stopped mid-frame) end
+// their burst at once: the handler hears of them before the connection's
+// end, not only with it.
+TEST(SessionTest, ReadIdleDoesNotWaitForAFrameStillArriving) {
+  Pair p;
+  p.Start(Opts("srv"), Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+  p.server_rec.SetGate(false);
+  auto small = std::make_shared<std::string>(1000, 's');
+  auto big = std::make_shared<std::string>(32u << 20, 'b');  // more than loopback's socket buffers hold
+  ASSERT_TRUE(p.client_session->SendData(small, small->data(), small->size()).ok());
+  // Sent before the big one is queued: a queue that holds anything refuses
+  // a frame past max_send_queue_bytes.
+  ASSERT_TRUE(test::Eventually([&] { return p.client->stats().data_bytes_sent.load() >= small->size(); }, 10s, 1ms));
+  ASSERT_TRUE(p.client_session->SendData(big, big->data(), big->size()).ok());
+  // The big frame is stuck part-way (the server reads nothing); the client
+  // then goes away mid-frame.
+  p.client->Stop();
+  p.server_rec.SetGate(true);
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.closed_.empty(); }));
+  std::lock_guard<std::mutex> l(p.server_rec.mu_);
+  EXPECT_EQ(p.server_rec.data_frames_, 1u);
+  EXPECT_EQ(p.server_rec.idle_after_, std::vector<size_t>{1});
+  EXPECT_EQ(p.server_rec.idle_closed_, std::vector<bool>{false}) << "the burst ended only with the connection";
 }
 
 TEST(SessionTest, WrongSecretIsRefusedAndCounted) {

@@ -31,9 +31,10 @@ class Sink : public Handler {
     ++frames_;
     cv_.notify_all();
   }
-  void OnReadIdle(const std::shared_ptr<Session>&) override {
+  void OnReadIdle(const std::shared_ptr<Session>& s) override {
     std::lock_guard<std::mutex> l(mu_);
     idle_after_.push_back(frames_);
+    idle_closed_.push_back(s->closed());
     cv_.notify_all();
   }
   void SetGate(bool open) {
@@ -58,6 +59,7 @@ class Sink : public Handler {
   std::string data_;
   size_t frames_ = 0;
   std::vector<size_t> idle_after_;  // frames_ at each OnReadIdle
+  std::vector<bool> idle_closed_;   // and whether the session had closed by then
   std::vector<Status> closed_;
 };
 
@@ -134,6 +136,10 @@ TEST(TlsTest, ReadIdleSeesBytesBufferedInTls) {
   auto session = *client->Connect("127.0.0.1", port);
   ASSERT_TRUE(cli.WaitFor([&] { return cli.established_ == 1; }));
   ASSERT_TRUE(srv.WaitFor([&] { return srv.established_ == 1; }));
+  struct OpenGate {
+    Sink& s;
+    ~OpenGate() { s.SetGate(true); }  // before the endpoints stop, even if an assertion failed
+  } open_gate{srv};
   srv.SetGate(false);  // the server's I/O thread holds the first frame
   auto mem = std::make_shared<std::string>(test::Payload(7, 1000));
   constexpr size_t kBurst = 8;  // small frames: several fit one read of Asio's TLS buffer
@@ -147,6 +153,42 @@ TEST(TlsTest, ReadIdleSeesBytesBufferedInTls) {
     EXPECT_EQ(srv.idle_after_, std::vector<size_t>{kBurst});
   }
   client->Stop();
+  server->Stop();
+}
+
+// Under TLS a frame still arriving looks like more to read; if the peer
+// goes away mid-frame, the whole frames before it still end their burst,
+// before OnClosed.
+TEST(TlsTest, ReadIdleComesBeforeTheCloseOfAConnectionThatEndsMidFrame) {
+  test::TempDir dir;
+  Pki pki(dir.path(), "ca");
+  Sink srv, cli;
+  auto server = std::move(Endpoint::Create(Opts("srv", pki.Node("srv")), &srv)).value();
+  const uint16_t port = *server->Listen("127.0.0.1", 0);
+  auto client = std::move(Endpoint::Create(Opts("cli", pki.Node("cli")), &cli)).value();
+  auto session = *client->Connect("127.0.0.1", port);
+  ASSERT_TRUE(cli.WaitFor([&] { return cli.established_ == 1; }));
+  ASSERT_TRUE(srv.WaitFor([&] { return srv.established_ == 1; }));
+  struct OpenGate {
+    Sink& s;
+    ~OpenGate() { s.SetGate(true); }  // before the endpoints stop, even if an assertion failed
+  } open_gate{srv};
+  srv.SetGate(false);
+  auto small = std::make_shared<std::string>(1000, 's');
+  auto big = std::make_shared<std::string>(32u << 20, 'b');
+  ASSERT_TRUE(session->SendData(small, small->data(), small->size()).ok());
+  // Sent before the big one is queued: a queue that holds anything refuses
+  // a frame past max_send_queue_bytes.
+  ASSERT_TRUE(test::Eventually([&] { return client->stats().data_bytes_sent.load() >= small->size(); }, 10s, 1ms));
+  ASSERT_TRUE(session->SendData(big, big->data(), big->size()).ok());
+  client->Stop();
+  srv.SetGate(true);
+  ASSERT_TRUE(srv.WaitFor([&] { return !srv.closed_.empty(); }));
+  {
+    std::lock_guard<std::mutex> l(srv.mu_);
+    EXPECT_EQ(srv.frames_, 1u);
+    EXPECT_EQ(srv.idle_after_, std::vector<size_t>{1});
+  }
   server->Stop();
 }
 
