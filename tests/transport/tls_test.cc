@@ -99,15 +99,37 @@ Options Opts(const std::string& id, TlsOptions tls) {
   return o;
 }
 
-TEST(TlsTest, MutualTlsCarriesData) {
+// A server and a client with certificates of one CA; Connect() connects
+// them. The destructor opens the server's gate before the endpoints stop,
+// so that a test that failed with it shut does not hang.
+struct TlsPair {
   test::TempDir dir;
-  Pki pki(dir.path(), "ca");
+  Pki pki{dir.path(), "ca"};
   Sink srv, cli;
-  auto server = std::move(Endpoint::Create(Opts("srv", pki.Node("srv")), &srv)).value();
-  const uint16_t port = *server->Listen("127.0.0.1", 0);
-  auto client = std::move(Endpoint::Create(Opts("cli", pki.Node("cli")), &cli)).value();
-  auto session = *client->Connect("127.0.0.1", port);
-  ASSERT_TRUE(cli.WaitFor([&] { return cli.established_ == 1; }));
+  std::unique_ptr<Endpoint> server, client;
+  std::shared_ptr<Session> session;
+  bool Connect() {
+    server = std::move(Endpoint::Create(Opts("srv", pki.Node("srv")), &srv)).value();
+    const uint16_t port = *server->Listen("127.0.0.1", 0);
+    client = std::move(Endpoint::Create(Opts("cli", pki.Node("cli")), &cli)).value();
+    session = *client->Connect("127.0.0.1", port);
+    return cli.WaitFor([&] { return cli.established_ == 1; }) && srv.WaitFor([&] { return srv.established_ == 1; });
+  }
+  ~TlsPair() {
+    srv.SetGate(true);
+    if (client) client->Stop();
+    if (server) server->Stop();
+  }
+};
+
+TEST(TlsTest, MutualTlsCarriesData) {
+  TlsPair p;
+  ASSERT_TRUE(p.Connect());
+  test::TempDir& dir = p.dir;
+  Sink& srv = p.srv;
+  auto& session = p.session;
+  auto& client = p.client;
+  auto& server = p.server;
   auto mem = std::make_shared<std::string>(test::Payload(5, 200000));
   ASSERT_TRUE(session->SendData(mem, mem->data(), mem->size()).ok());
   const std::string file_bytes = test::Payload(6, 300000);
@@ -127,61 +149,39 @@ TEST(TlsTest, MutualTlsCarriesData) {
 // Frames that wait in OpenSSL's buffers, not in the socket, are still
 // "more to read": OnReadIdle comes once, after the last of a burst.
 TEST(TlsTest, ReadIdleSeesBytesBufferedInTls) {
-  test::TempDir dir;
-  Pki pki(dir.path(), "ca");
-  Sink srv, cli;
-  auto server = std::move(Endpoint::Create(Opts("srv", pki.Node("srv")), &srv)).value();
-  const uint16_t port = *server->Listen("127.0.0.1", 0);
-  auto client = std::move(Endpoint::Create(Opts("cli", pki.Node("cli")), &cli)).value();
-  auto session = *client->Connect("127.0.0.1", port);
-  ASSERT_TRUE(cli.WaitFor([&] { return cli.established_ == 1; }));
-  ASSERT_TRUE(srv.WaitFor([&] { return srv.established_ == 1; }));
-  struct OpenGate {
-    Sink& s;
-    ~OpenGate() { s.SetGate(true); }  // before the endpoints stop, even if an assertion failed
-  } open_gate{srv};
+  TlsPair p;
+  ASSERT_TRUE(p.Connect());
+  Sink& srv = p.srv;
   srv.SetGate(false);  // the server's I/O thread holds the first frame
   auto mem = std::make_shared<std::string>(test::Payload(7, 1000));
   constexpr size_t kBurst = 8;  // small frames: several fit one read of Asio's TLS buffer
-  for (size_t i = 0; i < kBurst; ++i) ASSERT_TRUE(session->SendData(mem, mem->data(), mem->size()).ok());
+  for (size_t i = 0; i < kBurst; ++i) ASSERT_TRUE(p.session->SendData(mem, mem->data(), mem->size()).ok());
   ASSERT_TRUE(
-      test::Eventually([&] { return client->stats().data_bytes_sent.load() == kBurst * mem->size(); }, 10s, 1ms));
+      test::Eventually([&] { return p.client->stats().data_bytes_sent.load() == kBurst * mem->size(); }, 10s, 1ms));
   srv.SetGate(true);
   ASSERT_TRUE(srv.WaitFor([&] { return srv.frames_ == kBurst && !srv.idle_after_.empty(); }));
   {
     std::lock_guard<std::mutex> l(srv.mu_);
     EXPECT_EQ(srv.idle_after_, std::vector<size_t>{kBurst});
   }
-  client->Stop();
-  server->Stop();
 }
 
 // Under TLS a frame still arriving looks like more to read; if the peer
 // goes away mid-frame, the whole frames before it still end their burst,
 // before OnClosed.
 TEST(TlsTest, ReadIdleComesBeforeTheCloseOfAConnectionThatEndsMidFrame) {
-  test::TempDir dir;
-  Pki pki(dir.path(), "ca");
-  Sink srv, cli;
-  auto server = std::move(Endpoint::Create(Opts("srv", pki.Node("srv")), &srv)).value();
-  const uint16_t port = *server->Listen("127.0.0.1", 0);
-  auto client = std::move(Endpoint::Create(Opts("cli", pki.Node("cli")), &cli)).value();
-  auto session = *client->Connect("127.0.0.1", port);
-  ASSERT_TRUE(cli.WaitFor([&] { return cli.established_ == 1; }));
-  ASSERT_TRUE(srv.WaitFor([&] { return srv.established_ == 1; }));
-  struct OpenGate {
-    Sink& s;
-    ~OpenGate() { s.SetGate(true); }  // before the endpoints stop, even if an assertion failed
-  } open_gate{srv};
+  TlsPair p;
+  ASSERT_TRUE(p.Connect());
+  Sink& srv = p.srv;
   srv.SetGate(false);
   auto small = std::make_shared<std::string>(1000, 's');
   auto big = std::make_shared<std::string>(32u << 20, 'b');
-  ASSERT_TRUE(session->SendData(small, small->data(), small->size()).ok());
+  ASSERT_TRUE(p.session->SendData(small, small->data(), small->size()).ok());
   // Sent before the big one is queued: a queue that holds anything refuses
   // a frame past max_send_queue_bytes.
-  ASSERT_TRUE(test::Eventually([&] { return client->stats().data_bytes_sent.load() >= small->size(); }, 10s, 1ms));
-  ASSERT_TRUE(session->SendData(big, big->data(), big->size()).ok());
-  client->Stop();
+  ASSERT_TRUE(test::Eventually([&] { return p.client->stats().data_bytes_sent.load() >= small->size(); }, 10s, 1ms));
+  ASSERT_TRUE(p.session->SendData(big, big->data(), big->size()).ok());
+  p.client->Stop();
   srv.SetGate(true);
   ASSERT_TRUE(srv.WaitFor([&] { return !srv.closed_.empty(); }));
   {
@@ -189,7 +189,6 @@ TEST(TlsTest, ReadIdleComesBeforeTheCloseOfAConnectionThatEndsMidFrame) {
     EXPECT_EQ(srv.frames_, 1u);
     EXPECT_EQ(srv.idle_after_, std::vector<size_t>{1});
   }
-  server->Stop();
 }
 
 TEST(TlsTest, PlainClientIsRefused) {
