@@ -681,7 +681,7 @@ void SessionImpl::OnFrame(FrameHeader h) {
       InHandler in(this);
       ep_->handler()->OnData(handle_, in_payload_);
     }
-    last_rx_ = Clock::now();  // nor here
+    last_rx_ = Clock::now();  // time in the handler (a disk write) is not the peer's silence
   } else {
     proto::Control msg;
     if (!msg.ParseFromString(in_payload_)) {
