@@ -3123,11 +3123,18 @@ std::string EngineImpl::PrometheusMetrics() const {
   const EngineStatus st = StatusLocked();
   const wal::WalStats ws = wal_ ? wal_->stats() : wal::WalStats{};  // none once the storage was lost
   const transport::Stats& ts = endpoint_->stats();
-  std::string out;
+  // Each family's lines (HELP, TYPE, samples) kept in one group, as the
+  // text format asks, in the order the families first appear; samples of
+  // one family may be added at several places (per standby, say).
+  std::vector<std::string> families;
+  std::map<std::string, size_t, std::less<>> family_index;
+  auto family = [&](const char* name, const char* help, const char* type) -> std::string& {
+    const auto [it, added] = family_index.emplace(name, families.size());
+    if (added) families.push_back(std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n");
+    return families[it->second];  // used before the next call adds a family
+  };
   auto metric = [&](const char* name, const char* type, const char* help, const std::string& labels, double v) {
-    if (out.find(std::string("# TYPE ") + name + " ") == std::string::npos) {
-      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
-    }
+    std::string& out = family(name, help, type);
     char num[64];
     std::snprintf(num, sizeof num, "%.17g", v);
     out += std::string(name) + (labels.empty() ? "" : "{" + labels + "}") + " " + num + "\n";
@@ -3137,9 +3144,7 @@ std::string EngineImpl::PrometheusMetrics() const {
   // the +Inf bucket.
   auto histogram = [&](const char* name, const char* help, const std::string& labels, std::span<const double> bounds,
                        std::span<const uint64_t> counts, double sum, uint64_t count) {
-    if (out.find(std::string("# TYPE ") + name + " ") == std::string::npos) {
-      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " histogram\n";
-    }
+    std::string& out = family(name, help, "histogram");
     uint64_t cum = 0;
     char num[64];
     for (size_t i = 0; i < counts.size(); ++i) {
@@ -3284,6 +3289,8 @@ std::string EngineImpl::PrometheusMetrics() const {
          static_cast<double>(ts.data_bytes_received.load()));
   metric("replica_transport_payload_bytes_copied_total", "counter", "payload bytes copied on the send path", node,
          static_cast<double>(ts.payload_bytes_copied.load()));
+  std::string out;
+  for (const auto& f : families) out += f;
   return out;
 }
 

@@ -11,6 +11,7 @@
 #include <thread>
 #include <map>
 #include <set>
+#include <sstream>
 
 #include "replica/engine.h"
 #include "replication/resp_server.h"
@@ -111,6 +112,26 @@ uint64_t WriteMany(Engine* e, int batches, int start = 0) {
   return last;
 }
 
+// The Prometheus text format wants each family's samples in one group,
+// under its one HELP and TYPE: no sample may follow another family's TYPE.
+void ExpectFamiliesGrouped(const std::string& text) {
+  std::set<std::string> seen;
+  std::string current;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("# TYPE ", 0) == 0) {
+      current = line.substr(7, line.find(' ', 7) - 7);
+      EXPECT_TRUE(seen.insert(current).second) << "a second TYPE line for " << current;
+      continue;
+    }
+    if (line.empty() || line[0] == '#') continue;
+    const std::string name = line.substr(0, line.find_first_of("{ "));
+    const bool ok = name == current || name == current + "_bucket" || name == current + "_sum" ||
+                    name == current + "_count";
+    EXPECT_TRUE(ok) << name << " appears within the family " << current;
+  }
+}
+
 void ActiveAndTwoStandbysConverge(int transport_io_threads) {
   TempDir dir;
   auto node = [&](const std::string& id, const std::string& follow) {
@@ -131,6 +152,7 @@ void ActiveAndTwoStandbysConverge(int transport_io_threads) {
     auto st = active->status();
     return st.standbys.size() == 2 && st.standbys[0].lag_bytes == 0 && st.standbys[1].lag_bytes == 0;
   })) << "a caught-up standby lacks no bytes";
+  ExpectFamiliesGrouped(active->PrometheusMetrics());  // per-standby families, two standbys
   ASSERT_TRUE(s1->Close().ok());
   ASSERT_TRUE(s2->Close().ok());
   ASSERT_TRUE(active->Close().ok());
