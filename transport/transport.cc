@@ -670,7 +670,6 @@ void SessionImpl::ReadPayload(FrameHeader h) {
 
 void SessionImpl::OnFrame(FrameHeader h) {
   if (closing_) return;
-  last_rx_ = Clock::now();
   auto& stats = ep_->mutable_stats();
   ++stats.frames_received;
   auto self = shared_from_this();
@@ -681,7 +680,6 @@ void SessionImpl::OnFrame(FrameHeader h) {
       InHandler in(this);
       ep_->handler()->OnData(handle_, in_payload_);
     }
-    last_rx_ = Clock::now();  // time in the handler (a disk write) is not the peer's silence
   } else {
     proto::Control msg;
     if (!msg.ParseFromString(in_payload_)) {
@@ -703,6 +701,9 @@ void SessionImpl::OnFrame(FrameHeader h) {
     }
   }
   MaybeReadIdle();
+  // A whole frame arrived; the time its handlers took (a standby's disk
+  // write) is not the peer's silence either.
+  last_rx_ = Clock::now();
   if (!closing_) ReadHeader();
 }
 
@@ -734,11 +735,8 @@ void SessionImpl::MaybeReadIdle() {
     if (SSL_pending(ssl) > 0 || BIO_pending(SSL_get_rbio(ssl)) > 0) return;
   }
   data_since_idle_ = false;
-  {
-    InHandler in(this);
-    ep_->handler()->OnReadIdle(handle_);
-  }
-  last_rx_ = Clock::now();  // the time the handler took (a disk write) is not the peer's silence
+  InHandler in(this);
+  ep_->handler()->OnReadIdle(handle_);
 }
 
 void SessionImpl::OnHandshake(const proto::Control& msg) {

@@ -911,10 +911,10 @@ TEST(EngineTest, RestartedStandbyCatchesUp) {
   ExpectSameWal(dir.Sub("a"), dir.Sub("b"));
 }
 
-// A metric's value on a node ("name{node=\"id\"} value"), or -1.
-double MetricOf(Engine* e, const std::string& name, const std::string& node) {
+// The value of one sample of a node's metrics ("name{labels}"), or -1.
+double MetricOf(Engine* e, const std::string& sample) {
   const std::string text = e->PrometheusMetrics();
-  const std::string key = name + "{node=\"" + node + "\"} ";
+  const std::string key = sample + " ";
   const size_t at = text.find(key);
   return at == std::string::npos ? -1 : std::stod(text.substr(at + key.size()));
 }
@@ -935,8 +935,8 @@ TEST(EngineTest, ACatchingUpStandbyWritesAtMostOneGroupsWorthAtATime) {
   }
   auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
   ASSERT_TRUE(standby->WaitForApplied(last, 60s).ok());
-  EXPECT_GT(MetricOf(standby.get(), "replica_wal_bytes_total", "b"), 8.0 * (1 << 20));
-  const double largest = MetricOf(standby.get(), "replica_wal_largest_group_bytes", "b");
+  EXPECT_GT(MetricOf(standby.get(), "replica_wal_bytes_total{node=\"b\"}"), 8.0 * (1 << 20));
+  const double largest = MetricOf(standby.get(), "replica_wal_largest_group_bytes{node=\"b\"}");
   EXPECT_GT(largest, 0);
   EXPECT_LE(largest, 4.0 * (1 << 20));
   ASSERT_TRUE(standby->Close().ok());
@@ -1557,11 +1557,8 @@ TEST(EngineTest, TheWriterOfAGroupShipsItToAnIdleStandby) {
   auto active = OpenOrDie(Node(dir, "a"));
   auto standby = OpenOrDie(Node(dir, "b", Follow(*active)));
   ASSERT_GT(PutAppliedOnBoth(active.get(), standby.get(), "k", "v"), 0u);  // subscribed and caught up
-  const auto sent = [&](const char* by) {
-    const std::string text = active->PrometheusMetrics();
-    const std::string key = std::string("replica_standby_spans_sent_total{node=\"a\",standby=\"b\",by=\"") + by + "\"} ";
-    const size_t at = text.find(key);
-    return at == std::string::npos ? -1.0 : std::stod(text.substr(at + key.size()));
+  const auto sent = [&](const std::string& by) {
+    return MetricOf(active.get(), "replica_standby_spans_sent_total{node=\"a\",standby=\"b\",by=\"" + by + "\"}");
   };
   const double writer0 = sent("writer"), shipper0 = sent("shipper");
   ASSERT_GE(writer0, 0) << active->PrometheusMetrics();
