@@ -15,6 +15,7 @@
 #include <cstring>
 #include <thread>
 
+#include "base/host_port.h"
 #include "base/mutex.h"
 #include "replication/arbiter.h"
 #include "replication/etcd.h"
@@ -209,13 +210,13 @@ class ClientImpl final : public Client {
   }
 
   Status Connect(Clock::time_point deadline) REQUIRES(mu_) {
-    const auto colon = target_.rfind(':');
-    if (colon == std::string::npos) return Status::InvalidArgument("bad client address '" + target_ + "'");
+    auto hp = ParseHostPort(target_);
+    if (!hp.ok()) return hp.status().WithContext("client address");
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     addrinfo* res = nullptr;
-    const std::string host = target_.substr(0, colon), port = target_.substr(colon + 1);
+    const std::string host = hp->host, port = std::to_string(hp->port);
     if (int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0) {
       return Status::IOError("resolve " + target_ + ": " + ::gai_strerror(rc));
     }

@@ -16,6 +16,7 @@
 #include <unordered_map>
 
 #include "base/coding.h"
+#include "base/host_port.h"
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
@@ -568,6 +569,13 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   void SendFences(uint64_t epoch);
   // Self-fencing: false once the lease may have expired at etcd.
   bool LeaseHeld() const { return !arbiter_ || Clock::now() < arbiter_->LeaseDeadline(); }
+  // Where the other nodes reach this one (EngineOptions::advertise).
+  std::string PublishedAddress() const {
+    if (opts_.advertise.empty()) return HostPort{opts_.listen_host, port_}.ToString();
+    auto hp = ParseHostPort(opts_.advertise);  // checked in Init
+    if (hp->port == 0) hp->port = port_;
+    return hp->ToString();
+  }
 };
 
 Status EngineImpl::Init() {
@@ -585,6 +593,17 @@ Status EngineImpl::Init() {
   }
   if (opts_.commit_fallback != "strict" && opts_.commit_fallback != "async") {
     return Status::InvalidArgument("commit_fallback '" + opts_.commit_fallback + "': expected strict or async");
+  }
+  if (!opts_.advertise.empty()) {
+    auto hp = ParseHostPort(opts_.advertise);
+    if (!hp.ok()) return hp.status().WithContext("advertise");
+    if (IsWildcardHost(hp->host)) {
+      return Status::InvalidArgument("advertise '" + opts_.advertise + "' names no host the other nodes can reach");
+    }
+  } else if ((!opts_.etcd.empty() || opts_.arbiter) && IsWildcardHost(opts_.listen_host)) {
+    return Status::InvalidArgument("listen host '" + opts_.listen_host +
+                                   "' (every interface) names no address the other nodes can reach: set the "
+                                   "advertised address (replicad --advertise HOST:PORT)");
   }
   REPLICA_RETURN_IF_ERROR(ValidateRule(opts_.commit));
   {
@@ -1904,7 +1923,7 @@ Status EngineImpl::InstallSnapshot() {
 NodeInfo EngineImpl::MyInfo() {
   NodeInfo n;
   n.id = opts_.node_id;
-  n.address = opts_.listen_host + ":" + std::to_string(port_);
+  n.address = PublishedAddress();
   n.role = RoleName(role_.load());
   n.epoch = epoch_.load();
   ReaderLock store(&store_mu_);
@@ -2342,9 +2361,9 @@ void EngineImpl::SendFences(uint64_t epoch) {
   std::vector<std::shared_ptr<transport::Session>> sessions;
   for (const auto& n : *nodes) {
     if (n.id == opts_.node_id) continue;
-    const auto colon = n.address.rfind(':');
-    if (colon == std::string::npos) continue;
-    auto s = endpoint_->Connect(n.address.substr(0, colon), static_cast<uint16_t>(std::atoi(n.address.c_str() + colon + 1)));
+    auto hp = ParseHostPort(n.address);
+    if (!hp.ok()) continue;
+    auto s = endpoint_->Connect(hp->host, hp->port);
     if (s.ok()) sessions.push_back(*s);
   }
   // Best effort within a short bound: an old active that cannot be reached
@@ -2460,10 +2479,8 @@ void EngineImpl::FollowerLoop() {
         continue;
       }
     }
-    const auto colon = target.rfind(':');
-    const std::string host = target.substr(0, colon);
-    const int port = colon == std::string::npos ? 0 : std::atoi(target.c_str() + colon + 1);
-    auto s = endpoint_->Connect(host, static_cast<uint16_t>(port));
+    auto hp = ParseHostPort(target);
+    auto s = hp.ok() ? endpoint_->Connect(hp->host, hp->port) : Result<std::shared_ptr<transport::Session>>(hp.status());
     if (s.ok()) {
       session = *s;
       MutexLock l(&mu_);
@@ -2560,7 +2577,12 @@ void EngineImpl::FollowerLoop() {
       }
       if (closing_ || !failure_.ok()) return;
     } else {
-      RLOG(kWarn, "engine.follow_failed") << "node=" << opts_.node_id << " error=\"" << s.status().ToString() << "\"";
+      MutexLock l(&mu_);
+      if (unreachable_target_ != target) {  // said once per target, not every 200 ms
+        unreachable_target_ = target;
+        RLOG(kWarn, "engine.follow_failed") << "node=" << opts_.node_id << " active=" << target << " error=\""
+                                            << s.status().ToString() << "\" (retrying every 200 ms)";
+      }
     }
     MutexLock l(&mu_);
     if (!closing_) cv_.WaitUntil(Clock::now() + 200ms);  // back off before reconnecting

@@ -9,6 +9,7 @@
 #include <boost/json.hpp>
 #include <future>
 
+#include "base/host_port.h"
 #include "base/log.h"
 
 namespace replica::etcd {
@@ -133,10 +134,6 @@ int64_t HeaderRevision(const json::object& o) {
   return Int(it->value().as_object(), "revision");
 }
 
-std::pair<std::string, std::string> SplitHostPort(const std::string& ep) {
-  auto colon = ep.rfind(':');
-  return {ep.substr(0, colon), ep.substr(colon + 1)};
-}
 
 json::object OpJson(const Op& op) {
   json::object o;
@@ -175,10 +172,10 @@ Result<std::vector<std::string>> ParseEndpoints(const std::string& list) {
     if (ep.rfind("http://", 0) == 0) ep = ep.substr(7);
     if (ep.rfind("https://", 0) == 0) return Status::InvalidArgument("etcd endpoint '" + ep + "': https is not supported");
     while (!ep.empty() && ep.back() == '/') ep.pop_back();
-    auto colon = ep.rfind(':');
-    if (ep.empty() || colon == std::string::npos || colon == 0 || colon + 1 == ep.size() ||
-        ep.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
-      return Status::InvalidArgument("etcd endpoint '" + ep + "': expected HOST:PORT or http://HOST:PORT");
+    auto hp = ParseHostPort(ep);
+    if (!hp.ok() || hp->port == 0) {
+      return Status::InvalidArgument("etcd endpoint '" + ep + "': expected HOST:PORT or http://HOST:PORT" +
+                                     (hp.ok() ? ", port 1..65535" : ", " + hp.status().message()));
     }
     out.push_back(ep);
     if (comma == std::string::npos) break;
@@ -227,10 +224,10 @@ beast::error_code RunOp(asio::io_context& ioc, beast::tcp_stream& stream, std::c
 // Connects (resolving the host) within the timeout.
 beast::error_code ConnectTo(asio::io_context& ioc, beast::tcp_stream& stream, const std::string& endpoint,
                             std::chrono::milliseconds timeout) {
-  auto [host, port] = SplitHostPort(endpoint);
+  auto hp = ParseHostPort(endpoint);  // checked by ParseEndpoints
   tcp::resolver resolver(ioc);
   beast::error_code ec;
-  auto results = resolver.resolve(host, port, ec);
+  auto results = resolver.resolve(hp.ok() ? hp->host : endpoint, hp.ok() ? std::to_string(hp->port) : "0", ec);
   if (ec) return ec;
   return RunOp(ioc, stream, timeout, [&](auto handler) { stream.async_connect(results, std::move(handler)); });
 }

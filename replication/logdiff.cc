@@ -18,6 +18,7 @@
 
 #include "base/coding.h"
 #include "base/env.h"
+#include "base/host_port.h"
 #include "base/mutex.h"
 #include "replica/engine.h"
 #include "replication/logdiff_server.h"
@@ -1167,10 +1168,9 @@ class RemoteSource final : public Source, public transport::Handler {
   }
 
   Status Open(const std::string& address, const LiveOptions& o) {
-    const auto colon = address.rfind(':');
-    uint64_t port = 0;
-    if (colon == std::string::npos || colon == 0 || !ParsePort(address.substr(colon + 1), &port)) {
-      return Status::InvalidArgument("bad node address '" + address + "' (want HOST:PORT)");
+    auto hp = ParseHostPort(address);
+    if (!hp.ok() || hp->port == 0) {
+      return Status::InvalidArgument("bad node address '" + address + "' (want HOST:PORT, port 1..65535)");
     }
     address_ = address;
     transport::Options to;
@@ -1183,7 +1183,7 @@ class RemoteSource final : public Source, public transport::Handler {
     to.tls.key_file = o.tls_key;
     to.tls.ca_file = o.tls_ca;
     REPLICA_ASSIGN_OR_RETURN(endpoint_, transport::Endpoint::Create(to, this));
-    REPLICA_ASSIGN_OR_RETURN(session_, endpoint_->Connect(address.substr(0, colon), static_cast<uint16_t>(port)));
+    REPLICA_ASSIGN_OR_RETURN(session_, endpoint_->Connect(hp->host, hp->port));
     pin_timeout_ = o.pin_timeout;
     MutexLock l(&mu_);
     const auto deadline = Clock::now() + o.connect_timeout;
@@ -1291,15 +1291,6 @@ class RemoteSource final : public Source, public transport::Handler {
   }
 
  private:
-  static bool ParsePort(const std::string& text, uint64_t* port) {
-    if (text.empty() || text.size() > 5) return false;
-    *port = 0;
-    for (char c : text) {
-      if (c < '0' || c > '9') return false;
-      *port = *port * 10 + static_cast<uint64_t>(c - '0');
-    }
-    return *port > 0 && *port < 65536;
-  }
 
   // Sends a request and waits for its reply (the transport's heartbeats
   // close a session whose node stops answering).

@@ -5,6 +5,7 @@
 #include <boost/beast/http.hpp>
 #include <thread>
 
+#include "base/host_port.h"
 #include "base/thread_name.h"
 
 namespace replica {
@@ -60,7 +61,9 @@ class MetricsServerImpl final : public MetricsServer {
 
   Status Listen(const std::string& host, uint16_t port) {
     beast::error_code ec;
-    auto addr = asio::ip::make_address(host, ec);
+    auto resolved = ResolveHost(host, /*passive=*/true);
+    if (!resolved.ok()) return resolved.status().WithContext("metrics address");
+    auto addr = asio::ip::make_address(resolved->front(), ec);
     if (ec) return Status::InvalidArgument("metrics address '" + host + "': " + ec.message());
     tcp::endpoint ep(addr, port);
     acceptor_.open(ep.protocol(), ec);

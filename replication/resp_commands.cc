@@ -7,6 +7,7 @@
 #include <cctype>
 #include <cstdlib>
 
+#include "base/host_port.h"
 #include "replication/resp.h"
 
 namespace replica::resp {
@@ -16,6 +17,13 @@ namespace {
 // (high availability), else its replication address (static mode).
 const std::string& MasterAddress(const EngineStatus& s) {
   return s.active_client_address.empty() ? s.active_address : s.active_client_address;
+}
+
+// An address as ROLE and INFO report it: host and port apart (port 0 when
+// unknown).
+HostPort SplitAddress(const std::string& address) {
+  auto hp = ParseHostPort(address);
+  return hp.ok() ? *hp : HostPort{address, 0};
 }
 
 bool ParseInt(const std::string& s, long long* v) {
@@ -73,19 +81,19 @@ void Commands::Role(std::string* out) {
     AppendInteger(out, static_cast<long long>(s.last_lsn));
     AppendArrayHeader(out, s.standbys.size());
     for (const auto& sb : s.standbys) {
-      auto colon = sb.address.rfind(':');
+      const HostPort hp = SplitAddress(sb.address);
       AppendArrayHeader(out, 3);
-      AppendBulk(out, sb.address.substr(0, colon));
-      AppendBulk(out, colon == std::string::npos ? "0" : sb.address.substr(colon + 1));
+      AppendBulk(out, hp.host);
+      AppendBulk(out, std::to_string(hp.port));
       AppendBulk(out, std::to_string(sb.flushed_lsn));
     }
   } else {
     const std::string& master = MasterAddress(s);
-    auto colon = master.rfind(':');
+    const HostPort hp = SplitAddress(master);
     AppendArrayHeader(out, 5);
     AppendBulk(out, "slave");
-    AppendBulk(out, master.substr(0, colon));
-    AppendInteger(out, colon == std::string::npos ? 0 : std::atoi(master.c_str() + colon + 1));
+    AppendBulk(out, hp.host);
+    AppendInteger(out, hp.port);
     // As Redis names the link's states: connect (no link), sync (a snapshot
     // is being received), connected (streaming).
     AppendBulk(out, !s.upstream_connected ? "connect" : s.receiving_snapshot ? "sync" : "connected");
@@ -139,9 +147,8 @@ void Commands::Replication(std::string* out) {
     text += "role:master\r\nconnected_slaves:" + std::to_string(s.standbys.size()) + "\r\n";
     for (size_t i = 0; i < s.standbys.size(); ++i) {
       const auto& sb = s.standbys[i];
-      auto colon = sb.address.rfind(':');
-      text += "slave" + std::to_string(i) + ":ip=" + sb.address.substr(0, colon) +
-              ",port=" + (colon == std::string::npos ? "0" : sb.address.substr(colon + 1)) +
+      const HostPort hp = SplitAddress(sb.address);
+      text += "slave" + std::to_string(i) + ":ip=" + hp.host + ",port=" + std::to_string(hp.port) +
               // Redis's states and lag (whole seconds): send_bulk while a
               // snapshot is sent; lag since the standby last held everything.
               ",state=" + (sb.resyncing ? "send_bulk" : "online") + ",offset=" + std::to_string(sb.flushed_lsn) +
@@ -151,9 +158,8 @@ void Commands::Replication(std::string* out) {
     text += "master_repl_offset:" + std::to_string(s.last_lsn) + "\r\n";
   } else {
     const std::string& master = MasterAddress(s);
-    auto colon = master.rfind(':');
-    text += "role:slave\r\nmaster_host:" + master.substr(0, colon) + "\r\nmaster_port:" +
-            (colon == std::string::npos ? "0" : master.substr(colon + 1)) +
+    const HostPort hp = SplitAddress(master);
+    text += "role:slave\r\nmaster_host:" + hp.host + "\r\nmaster_port:" + std::to_string(hp.port) +
             "\r\nmaster_link_status:" + (s.upstream_streaming() ? "up" : "down") +
             "\r\nmaster_sync_in_progress:" + (s.receiving_snapshot ? "1" : "0") +
             "\r\nslave_repl_offset:" + std::to_string(s.applied_lsn) + "\r\nslave_read_only:1\r\n";

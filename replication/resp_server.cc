@@ -14,6 +14,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "base/host_port.h"
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
@@ -344,8 +345,10 @@ void Connection::Close() {
 
 Status RespServerImpl::Listen() {
   boost::system::error_code ec;
-  auto address = asio::ip::make_address_v4(opts_.host, ec);
-  if (ec) return Status::InvalidArgument("client listen address '" + opts_.host + "' is not an IPv4 address");
+  auto resolved = ResolveHost(opts_.host, /*passive=*/true);
+  if (!resolved.ok()) return resolved.status().WithContext("client listen address");
+  auto address = asio::ip::make_address(resolved->front(), ec);
+  if (ec) return Status::InvalidArgument("client listen address '" + opts_.host + "': " + ec.message());
   const tcp::endpoint endpoint(address, opts_.port);
   const std::string where = "client port " + opts_.host + ":" + std::to_string(opts_.port);
   if (acceptor_.open(endpoint.protocol(), ec); ec) return Status::IOError(where + ": " + ec.message());

@@ -1,12 +1,16 @@
-// Small command-line helpers shared by the tools: strict number parsing and a
-// uniform way to fail. Header-only on purpose (two tiny functions).
+// Small command-line helpers shared by the tools: strict number parsing, the
+// cluster secret from a file, and a uniform way to fail. Header-only on
+// purpose (three tiny functions).
 #pragma once
 
 #include <charconv>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <string_view>
+
+#include "base/env.h"
 
 namespace replica::cli {
 
@@ -15,6 +19,18 @@ inline bool ParseU64(std::string_view text, uint64_t* out) {
   if (text.empty()) return false;
   auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), *out);
   return ec == std::errc() && ptr == text.data() + text.size();
+}
+
+// The cluster secret: the first line of the file, without its line end
+// ("\n" or "\r\n"). An unreadable file (or a directory) or an empty first
+// line is an error.
+inline Result<std::string> ReadSecretFile(const std::string& path) {
+  auto data = ReadWholeFile(Env::Default(), path);
+  if (!data.ok()) return data.status().WithContext("secret file");
+  std::string secret = data->substr(0, data->find('\n'));
+  if (!secret.empty() && secret.back() == '\r') secret.pop_back();
+  if (secret.empty()) return Status::InvalidArgument("secret file " + path + ": the first line is empty");
+  return secret;
 }
 
 [[noreturn]] inline void UsageError(const char* tool, const char* fmt, std::string_view arg) {

@@ -162,14 +162,13 @@ int main(int argc, char** argv) {
   }
   if (dirs.size() < 2) cli::UsageError("logdiff", "give at least two nodes%.*s", "");
   if (live) {
+    if (!secret_file.empty() && !lo.secret.empty()) {
+      cli::UsageError("logdiff", "--secret and --secret-file exclude each other%.*s", "");
+    }
     if (!secret_file.empty()) {
-      std::FILE* f = std::fopen(secret_file.c_str(), "r");
-      if (!f) cli::UsageError("logdiff", "cannot read --secret-file %.*s", secret_file);
-      char line[4096] = "";
-      if (!std::fgets(line, sizeof line, f)) line[0] = 0;
-      std::fclose(f);
-      lo.secret = line;
-      while (!lo.secret.empty() && (lo.secret.back() == '\n' || lo.secret.back() == '\r')) lo.secret.pop_back();
+      auto secret = cli::ReadSecretFile(secret_file);
+      if (!secret.ok()) cli::UsageError("logdiff", "%.*s", secret.status().ToString());
+      lo.secret = *secret;
     }
     if (lo.secret.empty()) cli::UsageError("logdiff", "--live needs the cluster's secret (--secret-file)%.*s", "");
     if (lo.tls_cert.empty() != lo.tls_key.empty() || lo.tls_cert.empty() != lo.tls_ca.empty()) {

@@ -8,11 +8,13 @@
 #include <boost/program_options.hpp>
 #include <atomic>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
+#include <optional>
+#include <sstream>
 #include <thread>
 
 #include "base/env.h"
+#include "base/host_port.h"
 #include "base/log.h"
 #include "replica/engine.h"
 #include "replication/etcd.h"
@@ -24,18 +26,6 @@ namespace po = boost::program_options;
 using namespace replica;
 
 namespace {
-
-bool SplitHostPort(const std::string& text, std::string* host, uint16_t* port) {
-  auto colon = text.rfind(':');
-  if (colon == std::string::npos || colon == 0) return false;
-  const std::string p = text.substr(colon + 1);
-  if (p.empty() || p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos) return false;
-  int v = std::stoi(p);
-  if (v > 65535) return false;
-  *host = text.substr(0, colon);
-  *port = static_cast<uint16_t>(v);
-  return true;
-}
 
 [[noreturn]] void Fail(const std::string& msg, int code = 2) {
   std::fprintf(stderr, "replicad: %s\n", msg.c_str());
@@ -61,14 +51,21 @@ int main(int argc, char** argv) {
       ("id", po::value<std::string>(), "this node's name (required)")
       ("data-dir", po::value<std::string>(), "directory for wal/ and db/ (required; created if missing)")
       ("listen", po::value<std::string>()->default_value("127.0.0.1:7400"),
-       "HOST:PORT of the replication port (port 0: any free port)")
+       "HOST:PORT of the replication port (port 0: any free port). Every HOST:PORT option takes an IPv4 "
+       "address, a host name or an IPv6 address in brackets ([::1]:7400)")
       ("client-listen", po::value<std::string>()->default_value("127.0.0.1:6380"),
        "HOST:PORT of the Redis-protocol client port (port 0: any free port)")
+      ("advertise", po::value<std::string>(),
+       "with --etcd: HOST:PORT the other nodes reach the replication port at (port 0: the port bound); "
+       "required when --listen is a wildcard (0.0.0.0 or [::]); default: --listen's")
+      ("client-advertise", po::value<std::string>(),
+       "with --etcd: HOST:PORT clients reach the client port at (published for clients and repctl; port 0: the "
+       "port bound); required when --client-listen is a wildcard; default: --client-listen's")
       ("follow", po::value<std::string>(), "static mode: HOST:PORT of the active's replication port; run as its standby")
       ("etcd", po::value<std::string>(), "etcd client URLs, comma-separated (http://HOST:PORT or HOST:PORT): "
        "high availability with automatic failover")
       ("lease-ttl", po::value<int>()->default_value(2),
-       "with --etcd: seconds of the node's etcd lease; a dead active is replaced about this long after (min 2)")
+       "with --etcd: seconds of the node's etcd lease, 2..600; a dead active is replaced about this long after")
       ("fence-margin-ms", po::value<int>()->default_value(500),
        "with --etcd: the active stops accepting writes this long before its lease could expire")
       ("cluster", po::value<std::string>()->default_value("default"), "cluster name; peers must agree")
@@ -111,8 +108,9 @@ int main(int argc, char** argv) {
     po::store(po::parse_command_line(argc, argv, desc), vm);
     if (vm.count("config")) {
       const std::string path = vm["config"].as<std::string>();
-      std::ifstream in(path);
-      if (!in) Fail("cannot read config file '" + path + "'");
+      auto text = ReadWholeFile(Env::Default(), path);  // a directory is an error too
+      if (!text.ok()) Fail("cannot read config file: " + text.status().ToString());
+      std::istringstream in(*text);
       po::store(po::parse_config_file(in, desc), vm);  // stored second: the command line wins
     }
     po::notify(vm);
@@ -138,12 +136,39 @@ int main(int argc, char** argv) {
   if (!vm.count("data-dir")) Fail("--data-dir is required");
   o.node_id = vm["id"].as<std::string>();
   o.data_dir = vm["data-dir"].as<std::string>();
-  if (!SplitHostPort(vm["listen"].as<std::string>(), &o.listen_host, &o.listen_port)) {
-    Fail("--listen must be HOST:PORT, got '" + vm["listen"].as<std::string>() + "'");
-  }
+  if (o.node_id.empty()) Fail("--id must not be empty");
+  if (o.data_dir.empty()) Fail("--data-dir must not be empty");
+  // HOST:PORT options: the syntax here (exit 2); a host that does not
+  // resolve, or a port taken, when the node starts (exit 1).
+  auto address = [&](const char* name) {
+    auto hp = ParseHostPort(vm[name].as<std::string>());
+    if (!hp.ok()) Fail(std::string("--") + name + ": " + hp.status().message());
+    return *hp;
+  };
+  const HostPort listen = address("listen");
+  o.listen_host = listen.host;
+  o.listen_port = listen.port;
   RespServerOptions ro;
-  if (!SplitHostPort(vm["client-listen"].as<std::string>(), &ro.host, &ro.port)) {
-    Fail("--client-listen must be HOST:PORT, got '" + vm["client-listen"].as<std::string>() + "'");
+  const HostPort client_listen = address("client-listen");
+  ro.host = client_listen.host;
+  ro.port = client_listen.port;
+  if (vm.count("advertise")) {
+    if (!vm.count("etcd")) Fail("--advertise goes with --etcd (it is the address published there)");
+    if (IsWildcardHost(address("advertise").host)) Fail("--advertise must name a host the other nodes can reach");
+    o.advertise = vm["advertise"].as<std::string>();
+  }
+  if (vm.count("etcd") && !vm.count("advertise") && IsWildcardHost(listen.host)) {
+    Fail("--listen " + listen.ToString() +
+         " listens on every interface and names no address for the other nodes: give --advertise HOST:PORT");
+  }
+  std::optional<HostPort> client_advertise;
+  if (vm.count("client-advertise")) {
+    if (!vm.count("etcd")) Fail("--client-advertise goes with --etcd (it is the address published there)");
+    client_advertise = address("client-advertise");
+    if (IsWildcardHost(client_advertise->host)) Fail("--client-advertise must name a host clients can reach");
+  } else if (vm.count("etcd") && IsWildcardHost(ro.host)) {
+    Fail("--client-listen " + client_listen.ToString() +
+         " listens on every interface and names no address for clients: give --client-advertise HOST:PORT");
   }
   ro.max_clients = vm["max-clients"].as<int>();
   if (ro.max_clients < 1) Fail("--max-clients must be at least 1");
@@ -164,14 +189,18 @@ int main(int argc, char** argv) {
   }
   std::string metrics_host;
   uint16_t metrics_port = 0;
-  if (vm.count("metrics-listen") && !SplitHostPort(vm["metrics-listen"].as<std::string>(), &metrics_host, &metrics_port)) {
-    Fail("--metrics-listen must be HOST:PORT, got '" + vm["metrics-listen"].as<std::string>() + "'");
+  if (vm.count("metrics-listen")) {
+    const HostPort m = address("metrics-listen");
+    metrics_host = m.host;
+    metrics_port = m.port;
   }
   if (vm.count("follow")) {
-    std::string h;
-    uint16_t p;
-    o.follow = vm["follow"].as<std::string>();
-    if (!SplitHostPort(o.follow, &h, &p) || p == 0) Fail("--follow must be HOST:PORT, got '" + o.follow + "'");
+    const HostPort f = address("follow");
+    if (f.port == 0) Fail("--follow: the active's port cannot be 0");
+    if (f.port == listen.port && f.host == listen.host) {
+      Fail("--follow " + f.ToString() + " is this node's own --listen address");
+    }
+    o.follow = f.ToString();
   }
   if (vm.count("etcd")) {
     if (vm.count("follow")) Fail("--etcd and --follow exclude each other: with --etcd, etcd says whom to follow");
@@ -191,12 +220,13 @@ int main(int argc, char** argv) {
     }
   }
   o.cluster = vm["cluster"].as<std::string>();
+  if (vm.count("secret") && vm.count("secret-file")) Fail("--secret and --secret-file exclude each other");
   if (vm.count("secret")) {
     o.secret = vm["secret"].as<std::string>();
   } else if (vm.count("secret-file")) {
-    auto data = ReadWholeFile(Env::Default(), vm["secret-file"].as<std::string>());
-    if (!data.ok()) Fail("--secret-file: " + data.status().ToString());
-    o.secret = data->substr(0, data->find('\n'));
+    auto secret = cli::ReadSecretFile(vm["secret-file"].as<std::string>());
+    if (!secret.ok()) Fail("--secret-file: " + secret.status().ToString());
+    o.secret = *secret;
   }
   if (o.secret.empty()) Fail("a cluster secret is required (--secret or --secret-file)");
   auto commit = CommitRule::Parse(vm["commit"].as<std::string>());
@@ -213,6 +243,9 @@ int main(int argc, char** argv) {
   o.commit_fallback = vm["commit-fallback"].as<std::string>();
   if (o.commit_fallback != "strict" && o.commit_fallback != "async") Fail("--commit-fallback must be strict or async");
   o.wal_sync = vm["wal-sync"].as<std::string>();
+  if (o.wal_sync != "every" && o.wal_sync != "interval" && o.wal_sync != "none") {
+    Fail("--wal-sync must be every, interval or none, not \"" + o.wal_sync + "\"");
+  }
   if (vm["wal-sync-interval-ms"].as<int64_t>() < 1 || vm["wal-sync-interval-ms"].as<int64_t>() > 60000) {
     Fail("--wal-sync-interval-ms must be 1..60000");
   }
@@ -226,6 +259,9 @@ int main(int argc, char** argv) {
     return v;
   };
   o.wal_segment_size = bytes("wal-segment-size");
+  if (o.wal_segment_size < 4096 || o.wal_segment_size > (uint64_t{1} << 40)) {
+    Fail("--wal-segment-size must be 4096 bytes to 1 TiB");
+  }
   const std::string prealloc = vm["wal-preallocate"].as<std::string>();
   if (prealloc != "on" && prealloc != "off") Fail("--wal-preallocate must be on or off, not \"" + prealloc + "\"");
   o.wal_preallocate = prealloc == "on";
@@ -260,7 +296,11 @@ int main(int argc, char** argv) {
     (void)(*engine)->Close();
     Fail("client port: " + server.status().ToString(), 1);
   }
-  (*engine)->SetClientAddress(ro.host + ":" + std::to_string((*server)->port()));
+  {
+    HostPort published = client_advertise ? *client_advertise : HostPort{ro.host, (*server)->port()};
+    if (published.port == 0) published.port = (*server)->port();
+    (*engine)->SetClientAddress(published.ToString());
+  }
   std::unique_ptr<MetricsServer> metrics;
   // A failure from here on closes what is open before exiting.
   auto fail_open = [&](const std::string& msg) {
@@ -292,9 +332,9 @@ int main(int argc, char** argv) {
     if (!m.ok()) fail_open("metrics port: " + m.status().ToString());
     metrics = std::move(m).value();
   }
-  std::printf("replicad: ready node=%s role=%s replication=%s:%u client=%s:%u metrics=%u\n", o.node_id.c_str(),
-              RoleName((*engine)->status().role), o.listen_host.c_str(), (*engine)->listen_port(), ro.host.c_str(),
-              (*server)->port(), metrics ? metrics->port() : 0);
+  std::printf("replicad: ready node=%s role=%s replication=%s client=%s metrics=%u\n", o.node_id.c_str(),
+              RoleName((*engine)->status().role), HostPort{o.listen_host, (*engine)->listen_port()}.ToString().c_str(),
+              HostPort{ro.host, (*server)->port()}.ToString().c_str(), metrics ? metrics->port() : 0);
   std::fflush(stdout);
 
   int sig = 0;

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/host_port.h"
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
@@ -101,7 +102,8 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   const std::shared_ptr<SessionHandle>& handle() const { return handle_; }
 
   void Start();
-  void StartConnect(tcp::endpoint target);
+  // Tries each address in turn until one connects.
+  void StartConnect(std::vector<tcp::endpoint> targets, size_t next = 0);
   // After TCP (and TLS, if on) is up: the replica handshake begins.
   void BeginProtocol();
 
@@ -296,12 +298,16 @@ SessionImpl::SessionImpl(EndpointImpl* ep, tcp::socket socket, bool is_client)
       ex_(io_->socket().get_executor()),
       is_client_(is_client) {}
 
-void SessionImpl::StartConnect(tcp::endpoint target) {
+void SessionImpl::StartConnect(std::vector<tcp::endpoint> targets, size_t next) {
   auto self = shared_from_this();
-  handle_->set_remote(target.address().to_string() + ":" + std::to_string(target.port()));
+  const tcp::endpoint target = targets[next];
+  handle_->set_remote(HostPort{target.address().to_string(), target.port()}.ToString());
   if (closing_) return;
-  io_->socket().async_connect(target, [self](const boost::system::error_code& ec) {
+  boost::system::error_code ignored;
+  if (next > 0) io_->socket().close(ignored);  // the failed attempt's socket
+  io_->socket().async_connect(target, [self, targets = std::move(targets), next](const boost::system::error_code& ec) {
     if (self->closing_) return;
+    if (ec && next + 1 < targets.size()) return self->StartConnect(std::move(targets), next + 1);
     if (ec) {
       self->DoClose(FromAsio(ec, "connect to " + self->remote_address()));
       return;
@@ -318,7 +324,7 @@ void SessionImpl::Start() {
   socket_.native_non_blocking(true, ec);
   if (!is_client_) {
     auto ep = socket_.remote_endpoint(ec);
-    handle_->set_remote(ec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port()));
+    handle_->set_remote(ec ? "?" : HostPort{ep.address().to_string(), ep.port()}.ToString());
   }
   last_rx_ = Clock::now();
   auto self = shared_from_this();
@@ -928,7 +934,9 @@ void SessionHandle::Close(const Status& why) {
 
 Result<uint16_t> EndpointImpl::Listen(const std::string& host, uint16_t port) {
   boost::system::error_code ec;
-  auto addr = asio::ip::make_address(host, ec);
+  auto resolved = ResolveHost(host, /*passive=*/true);
+  if (!resolved.ok()) return resolved.status().WithContext("listen address");
+  auto addr = asio::ip::make_address(resolved->front(), ec);
   if (ec) return Status::InvalidArgument("listen address '" + host + "': " + ec.message());
   auto acceptor = std::make_unique<tcp::acceptor>(asio::make_strand(ioc_));
   tcp::endpoint ep(addr, port);
@@ -970,9 +978,15 @@ void EndpointImpl::DoAccept() {
 }
 
 Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, uint16_t port) {
-  boost::system::error_code ec;
-  auto addr = asio::ip::make_address(host, ec);
-  if (ec) return Status::InvalidArgument("peer address '" + host + "': " + ec.message());
+  auto resolved = ResolveHost(host, /*passive=*/false);
+  if (!resolved.ok()) return resolved.status().WithContext("peer address");
+  std::vector<tcp::endpoint> targets;
+  for (const std::string& a : *resolved) {
+    boost::system::error_code ec;
+    auto addr = asio::ip::make_address(a, ec);
+    if (!ec) targets.emplace_back(addr, port);
+  }
+  if (targets.empty()) return Status::InvalidArgument("peer address '" + host + "': no usable address");
   auto session = std::make_shared<SessionImpl>(this, tcp::socket(asio::make_strand(ioc_)), true);
   session->Init();
   {
@@ -981,8 +995,8 @@ Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, 
     sessions_.insert(session);
   }
   ++stats_.connections_opened;
-  tcp::endpoint target(addr, port);
-  asio::post(session->socket_executor(), [session, target] { session->StartConnect(target); });
+  asio::post(session->socket_executor(),
+             [session, targets = std::move(targets)]() mutable { session->StartConnect(std::move(targets)); });
   return std::shared_ptr<Session>(session->handle());
 }
 

@@ -45,6 +45,10 @@ struct EngineOptions {
   // Replication port to listen on (port 0: any free port; see listen_port()).
   std::string listen_host = "127.0.0.1";
   uint16_t listen_port = 0;
+  // With an arbiter: the replication address published for the other nodes,
+  // "HOST:PORT" (port 0: the port bound). Empty: listen_host and the port
+  // bound, which cannot be a wildcard address (0.0.0.0, ::) then.
+  std::string advertise;
   // Static mode (etcd empty): "" makes this node the active; "HOST:PORT"
   // makes it a standby of the active listening there.
   std::string follow;

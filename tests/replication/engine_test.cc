@@ -502,6 +502,28 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// A node listening on every interface publishes the address it is told to:
+// the wildcard itself names no one for the other nodes to reach.
+TEST(EngineTest, ANodeListeningOnEveryInterfacePublishesItsAdvertisedAddress) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  EngineOptions ao = ArbitratedNode(dir, &cluster, "a");
+  ao.listen_host = "0.0.0.0";
+  auto refused = Engine::Open(ao);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("--advertise"), std::string::npos) << refused.status().ToString();
+  ao.advertise = "127.0.0.1:0";  // port 0: the port bound
+  auto a = OpenOrDie(ao);
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  EXPECT_EQ(cluster.active()->address, "127.0.0.1:" + std::to_string(a->listen_port()));
+  auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));  // follows the published address
+  const uint64_t last = WriteMany(a.get(), 5);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 // A node whose applier fails says so in its session: it never campaigns,
 // and an election does not wait for it (a node ahead of the others would
 // otherwise be given a lease TTL + 1 s to win first; here that is 31 s).

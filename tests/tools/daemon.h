@@ -37,8 +37,10 @@ class Daemon {
     std::remove(out_.c_str());  // a restarted node must not be taken for its predecessor
     // A fixed --listen in extra (an active restarted on its address) replaces the default.
     const std::string listen = extra.find("--listen ") == std::string::npos ? " --listen 127.0.0.1:0" : "";
+    // So does a --secret or --secret-file in extra (the secret is "test").
+    const std::string secret = extra.find("--secret") == std::string::npos ? " --secret test" : "";
     std::string cmd = kReplicad + " --id " + id + " --data-dir " + dir.Sub(id) + listen +
-                      " --client-listen 127.0.0.1:0 --secret test --log-level warn " + extra;
+                      " --client-listen 127.0.0.1:0" + secret + " --log-level warn " + extra;
     std::fflush(nullptr);  // or the child would write this process's buffered output again
     pid_ = ::fork();
     if (pid_ == 0) {
@@ -49,7 +51,7 @@ class Daemon {
     }
     auto deadline = Clock::now() + 20s;
     std::smatch m;
-    static const std::regex ready("replication=127.0.0.1:(\\d+) client=127.0.0.1:(\\d+) metrics=(\\d+)");
+    static const std::regex ready("replication=\\S*:(\\d+) client=\\S*:(\\d+) metrics=(\\d+)");
     while (Clock::now() < deadline) {
       std::ifstream in(out_);
       std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -383,6 +383,83 @@ TEST(ReplicadTest, CommandLineErrors) {
   out = Shell(kReplicad + " --id a --data-dir /tmp/x --secret s --lease-ttl 0", &code);
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("--lease-ttl must be"), std::string::npos) << out;
+  // Every bad value is a usage error (2), caught before anything starts.
+  const std::string base = kReplicad + " --secret s ";
+  const std::pair<std::string, std::string> usage_errors[] = {
+      {"--id a --data-dir /tmp/x --wal-sync bogus", "--wal-sync must be every, interval or none"},
+      {"--id '' --data-dir /tmp/x", "--id must not be empty"},
+      {"--id a --data-dir ''", "--data-dir must not be empty"},
+      {"--id a --data-dir /tmp/x --wal-segment-size 0", "--wal-segment-size must be 4096 bytes to 1 TiB"},
+      {"--id a --data-dir /tmp/x --listen ::1:0", "an IPv6 address goes in brackets, as in [::1]:0"},
+      {"--id a --data-dir /tmp/x --listen '[::1:0'", "not closed"},
+      {"--id a --data-dir /tmp/x --client-listen 127.0.0.1:70000", "the port must be a number 0..65535"},
+      {"--id a --data-dir /tmp/x --listen 127.0.0.1:7999 --follow 127.0.0.1:7999", "this node's own --listen"},
+      {"--id a --data-dir /tmp/x --follow 127.0.0.1:0", "the active's port cannot be 0"},
+      {"--id a --data-dir /tmp/x --etcd 127.0.0.1:99999", "the port must be a number"},
+      {"--id a --data-dir /tmp/x --etcd 127.0.0.1:0", "port 1..65535"},
+      {"--id a --data-dir /tmp/x --etcd 127.0.0.1:2379 --listen 0.0.0.0:0", "give --advertise HOST:PORT"},
+      {"--id a --data-dir /tmp/x --etcd 127.0.0.1:2379 --advertise 0.0.0.0:0 --listen 0.0.0.0:0",
+       "--advertise must name a host"},
+      {"--id a --data-dir /tmp/x --etcd 127.0.0.1:2379 --client-listen '[::]:0'", "give --client-advertise"},
+      {"--id a --data-dir /tmp/x --advertise 10.0.0.1:7000", "--advertise goes with --etcd"},
+      {"--id a --data-dir /tmp/x --secret-file /dev/null", "--secret and --secret-file exclude each other"},
+      {"--id a --data-dir /tmp/x --config /tmp", "cannot read config file"},
+  };
+  for (const auto& [args, message] : usage_errors) {
+    out = Shell(base + args, &code);
+    EXPECT_EQ(code, 2) << args << ": " << out;
+    EXPECT_NE(out.find(message), std::string::npos) << args << ": " << out;
+  }
+}
+
+TEST(ReplicadTest, ASecretFileIsReadToItsFirstLineEnd) {
+  test::TempDir dir;
+  // Windows line ends: the secret is still "test", the one the active got
+  // with --secret, so the standby joins it.
+  test::WriteFileBytes(dir.Sub("crlf"), "test\r\nsecond line\n");
+  Daemon a(dir, "a", "--commit remote-apply:1");
+  Daemon b(dir, "b", "--secret-file " + dir.Sub("crlf") + " --follow 127.0.0.1:" + std::to_string(a.repl_port()));
+  EXPECT_EQ(a.Cli("SET k v"), "OK\n");
+  EXPECT_EQ(b.Cli("GET k"), "v\n");  // remote-apply: applied there before the OK
+  test::WriteFileBytes(dir.Sub("empty"), "\nthe secret on the second line\n");
+  for (const std::string& file : {dir.Sub("empty"), dir.Sub("nonexistent"), dir.path()}) {
+    int code = 0;
+    const std::string out = Shell(kReplicad + " --id c --data-dir " + dir.Sub("c") + " --secret-file " + file, &code);
+    EXPECT_EQ(code, 2) << file << ": " << out;
+    EXPECT_NE(out.find("--secret-file: "), std::string::npos) << file << ": " << out;
+  }
+}
+
+bool HaveIpv6Loopback() {
+  const int fd = ::socket(AF_INET6, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in6 addr{};
+  addr.sin6_family = AF_INET6;
+  addr.sin6_addr = in6addr_loopback;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  ::close(fd);
+  return ok;
+}
+
+TEST(ReplicadTest, HostNamesAndBracketedIpv6AddressesWork) {
+  test::TempDir dir;
+  // A host name, resolved when the node listens and when the standby connects.
+  Daemon a(dir, "a", "--commit remote-apply:1 --listen localhost:0");
+  EXPECT_NE(a.Output().find("replication=localhost:"), std::string::npos) << a.Output();
+  Daemon b(dir, "b", "--follow localhost:" + std::to_string(a.repl_port()));
+  EXPECT_EQ(a.Cli("SET k v"), "OK\n");
+  EXPECT_EQ(b.Cli("GET k"), "v\n");  // remote-apply: applied there before the OK
+  EXPECT_NE(b.Cli("INFO replication").find("master_host:localhost\r\nmaster_port:" + std::to_string(a.repl_port())),
+            std::string::npos);
+  if (!HaveIpv6Loopback()) GTEST_SKIP() << "no IPv6 loopback here";
+  Daemon c(dir, "c", "--commit remote-apply:1 --listen [::1]:0");
+  EXPECT_NE(c.Output().find("replication=[::1]:"), std::string::npos) << c.Output();
+  Daemon d(dir, "d", "--follow [::1]:" + std::to_string(c.repl_port()));
+  EXPECT_EQ(c.Cli("SET k6 v6"), "OK\n");
+  EXPECT_EQ(d.Cli("GET k6"), "v6\n");
+  // INFO names the host as Redis does, without brackets.
+  EXPECT_NE(d.Cli("INFO replication").find("master_host:::1\r\nmaster_port:" + std::to_string(c.repl_port())),
+            std::string::npos);
 }
 
 TEST(ReplicadTest, WalPreallocateReservesTheSegmentUnlessOff) {
