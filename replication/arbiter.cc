@@ -123,6 +123,7 @@ class EtcdArbiter final : public Arbiter {
     if (!r.succeeded) return std::optional<uint64_t>();
     MutexLock l(&mu_);
     won_ = a.ToJson();
+    won_lease_ = lease;  // the key lives exactly as long as this lease
     return std::optional<uint64_t>(epoch);
   }
 
@@ -193,6 +194,11 @@ class EtcdArbiter final : public Arbiter {
     return Clock::time_point(Clock::duration(deadline_.load()));
   }
 
+  bool WonLeaseCurrent() const override {
+    MutexLock l(&mu_);
+    return won_lease_ == 0 || won_lease_ == lease_;
+  }
+
   uint64_t changes() const override {
     MutexLock l(&mu_);
     return changes_;
@@ -255,6 +261,10 @@ class EtcdArbiter final : public Arbiter {
       MutexLock l(&mu_);
       lease_ = lease;
       me = me_;
+      // An active key won under the old lease is gone with it: whoever
+      // waits for a change looks again (the engine steps down).
+      ++changes_;
+      cv_.SignalAll();
     }
     REPLICA_RETURN_IF_ERROR(keepalive_client_->Put(NodeKey(me.id), me.ToJson(), lease).status());
     deadline_.store((sent + opts_.lease_ttl - opts_.safety_margin).time_since_epoch().count());
@@ -353,6 +363,7 @@ class EtcdArbiter final : public Arbiter {
   NodeInfo me_ GUARDED_BY(mu_);
   int64_t lease_ GUARDED_BY(mu_) = 0;
   std::string won_ GUARDED_BY(mu_);  // the active key's value this node last wrote
+  int64_t won_lease_ GUARDED_BY(mu_) = 0;  // the lease that key was put under
   uint64_t changes_ GUARDED_BY(mu_) = 0;
   bool stopping_ GUARDED_BY(mu_) = false;
   bool watch_broken_ GUARDED_BY(mu_) = false;

@@ -85,6 +85,11 @@ class Arbiter {
   // the send time of the last successful renewal + TTL - the safety margin,
   // on the monotonic clock. An active stops accepting writes past it.
   virtual Clock::time_point LeaseDeadline() const = 0;
+  // Whether the lease that this node's last won Campaign put the active key
+  // under is still its lease. False once that lease ended and a new one
+  // replaced it: the key ended with it, whatever LeaseDeadline says of the
+  // new lease. True before any win.
+  virtual bool WonLeaseCurrent() const = 0;
   // A counter of changes seen to the active key. Read it, look at the
   // state, then WaitForChange(that count): no change can slip between.
   virtual uint64_t changes() const = 0;

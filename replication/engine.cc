@@ -525,7 +525,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // (its published LSNs are final for the election); 0 otherwise.
   std::atomic<uint64_t> final_epoch_{0};
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
-  std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
+  std::string unreachable_target_ GUARDED_BY(mu_);
+  int appends_in_flight_ GUARDED_BY(mu_) = 0;  // DoWrite: past the role check, before its append returned
+  CondVar appends_cv_{&mu_};                   // signalled when appends_in_flight_ drops to 0
+  uint64_t fenced_epoch_ GUARDED_BY(mu_) = 0;  // the highest epoch any fence received named  // said once per target until it answers
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
   std::string active_client_ GUARDED_BY(mu_);  // the active's published client address
   std::string client_address_ GUARDED_BY(mu_);  // this node's
@@ -569,6 +572,11 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   void SendFences(uint64_t epoch);
   // Self-fencing: false once the lease may have expired at etcd.
   bool LeaseHeld() const { return !arbiter_ || Clock::now() < arbiter_->LeaseDeadline(); }
+  // For an active: its lease stands and is the one its active key was won
+  // under. A lease lost and replaced (etcd expired it while the node was cut
+  // off) holds no key: the node must not take writes on it, even before its
+  // role loop hears of the new active.
+  bool ActiveLeaseHeld() const { return !arbiter_ || (LeaseHeld() && arbiter_->WonLeaseCurrent()); }
   // Where the other nodes reach this one (EngineOptions::advertise).
   std::string PublishedAddress() const {
     if (opts_.advertise.empty()) return HostPort{opts_.listen_host, port_}.ToString();
@@ -1072,8 +1080,9 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std:
     return Status::NotActive("node " + opts_.node_id + " is a standby; the active is " +
                              (follow_.empty() ? std::string("not known") : "at " + follow_));
   }
-  if (!LeaseHeld()) {
-    return Status::NotActive("node " + opts_.node_id + " cannot renew its etcd lease: it accepts no writes");
+  if (!ActiveLeaseHeld()) {
+    return Status::NotActive("node " + opts_.node_id +
+                             " cannot renew the etcd lease it won the active role under: it accepts no writes");
   }
   if (handing_over_.load()) {
     return Status::NotActive("node " + opts_.node_id + " is handing the active role over (switchover)");
@@ -1083,14 +1092,23 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std:
     MutexLock l(&mu_);
     if (closing_) return Status::Aborted("the engine is shutting down");
     if (!failure_.ok()) return failure_;
+    // Counted from here to the end of the append, under mu_ with the role:
+    // Demote waits for such appends, so that none lands in the log after
+    // the node followed another active (its tail would then hold it).
+    if (role_.load() != Role::kActive) return Status::NotActive("node " + opts_.node_id + " is no longer the active");
+    ++appends_in_flight_;
   }
+  if (opts_.test_fault) (void)opts_.test_fault("write.append");
   // Acknowledged only while this node is still the active of the epoch it
   // wrote in: waiting may release mu_ (etcd calls), and a node demoted
   // meanwhile can apply another active's record at this LSN.
   const uint64_t term = epoch_.load();
-  REPLICA_ASSIGN_OR_RETURN(wal::Lsn lsn, wal_->Append(term, wal::RecordType::kData, batch.Encode()));
-  append_times_.Record(lsn, Clock::now());
+  Result<wal::Lsn> appended = wal_->Append(term, wal::RecordType::kData, batch.Encode());
+  if (appended.ok()) append_times_.Record(*appended, Clock::now());
   MutexLock l(&mu_);
+  if (--appends_in_flight_ == 0) appends_cv_.SignalAll();
+  if (!appended.ok()) return appended.status();
+  const wal::Lsn lsn = *appended;
   AdvanceCommit();
   // After-sync: acknowledged only once applied, which waits for the commit rule.
   WriteWaiter waiter(&mu_);
@@ -1173,7 +1191,7 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std:
                              " was acknowledged; the write may be lost");
   }
   if (applied_lsn_ < lsn) return Status::Aborted("the engine is closing");
-  if (!LeaseHeld()) {
+  if (!ActiveLeaseHeld()) {
     // Acknowledged only while the lease certainly stands, so that no two
     // nodes ever acknowledge writes in overlapping intervals.
     return Status::NotActive("node " + opts_.node_id + " lost its etcd lease before LSN " + std::to_string(lsn) +
@@ -1234,8 +1252,14 @@ Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const 
   return out;
 }
 
+// now + timeout, for a caller's timeout: at most a year, so that a huge one
+// cannot overflow the clock into the past.
+Clock::time_point DeadlineAfter(std::chrono::milliseconds timeout) {
+  return Clock::now() + std::clamp<std::chrono::milliseconds>(timeout, 0ms, std::chrono::hours(24 * 365));
+}
+
 Result<int> EngineImpl::WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) {
-  auto deadline = Clock::now() + timeout;
+  auto deadline = DeadlineAfter(timeout);
   MutexLock l(&mu_);
   for (;;) {
     int have = 0;
@@ -1250,7 +1274,7 @@ Result<int> EngineImpl::WaitForReplicas(uint64_t lsn, int count, std::chrono::mi
 }
 
 Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) {
-  auto deadline = Clock::now() + timeout;
+  auto deadline = DeadlineAfter(timeout);
   MutexLock l(&mu_);
   while (applied_lsn_ < lsn && !closing_ && failure_.ok()) {
     if (!applied_cv_.WaitUntil(deadline) && Clock::now() >= deadline) break;
@@ -1992,7 +2016,13 @@ void EngineImpl::RoleLoop() {
     // doubt. If etcd answers again and the lease still stands, writes resume
     // with no failover; if the lease ended, the key is gone and the node
     // steps down below.
-    const bool held = LeaseHeld();
+    if (role_.load() == Role::kActive && !arbiter_->WonLeaseCurrent()) {
+      // Certain without asking etcd: the active key ended with that lease.
+      Demote("the etcd lease this node won the active role under ended (a new lease replaced it)");
+      lease_held_logged = true;
+      continue;
+    }
+    const bool held = ActiveLeaseHeld();
     if (role_.load() == Role::kActive && held != lease_held_logged) {
       RLOG(kWarn, held ? "engine.lease_regained" : "engine.self_fenced")
           << "node=" << opts_.node_id
@@ -2290,6 +2320,12 @@ Status EngineImpl::Promote(uint64_t epoch) {
     apply_cv_.SignalAll();
   }
   REPLICA_RETURN_IF_ERROR(WaitForApplied(wal_->last_lsn(), 60s));
+  {
+    // Nothing this epoch appends is applied before the role is taken (below):
+    // a promotion that stops short leaves it as a tail the rejoin can cut.
+    MutexLock l(&mu_);
+    apply_cap_ = wal_->last_lsn();
+  }
   epoch_ = epoch;
   // The other nodes' durable LSNs as they published them: they are the
   // standbys of this epoch (their slots keep the log they need, and those
@@ -2333,11 +2369,24 @@ Status EngineImpl::Promote(uint64_t epoch) {
     }
     if (CurrentRule().mode != CommitRule::Mode::kAsync) (void)PublishSync(std::move(keep));
   }
+  // A newer active fenced this node while it promoted (its key ended during
+  // the slow steps above): stop here, before this epoch writes anything.
+  auto fenced = [&]() REQUIRES(mu_) -> Status {
+    if (fenced_epoch_ <= epoch) return Status::OK();
+    return Status::Aborted("fenced at epoch " + std::to_string(fenced_epoch_) + " while promoting to epoch " +
+                           std::to_string(epoch));
+  };
+  if (opts_.test_fault) REPLICA_RETURN_IF_ERROR(opts_.test_fault("promote.fence_check"));
+  {
+    MutexLock l(&mu_);
+    REPLICA_RETURN_IF_ERROR(fenced());
+  }
   REPLICA_ASSIGN_OR_RETURN(wal::Lsn start, wal_->Append(epoch, wal::RecordType::kEpochStart, opts_.node_id));
   SendFences(epoch);
   handing_over_ = false;
   {
     MutexLock l(&mu_);
+    REPLICA_RETURN_IF_ERROR(fenced());  // the epoch start stays unapplied (apply_cap_)
     // Everything received was applied above; nothing past it counts as
     // committed until the rule holds in this epoch (a commit point left
     // from an earlier term, past a rewound tail, must not).
@@ -2402,6 +2451,10 @@ void EngineImpl::Demote(const std::string& reason) {
     role_ = Role::kStandby;
     apply_cap_ = commit_lsn_;
     committed = commit_lsn_;
+    // Appends that passed the role check end first (past the cap: never
+    // acknowledged, a tail the rejoin cuts), so that the follower, started
+    // after this returns, subscribes from a log end that no longer moves.
+    while (appends_in_flight_ > 0) appends_cv_.Wait();
     for (auto& [_, sb] : standbys_) {
       sb->Stop();
       gone.push_back(sb);
@@ -2595,6 +2648,12 @@ void EngineImpl::OnEstablished(const std::shared_ptr<transport::Session>& s) {
 }
 
 void EngineImpl::SendSubscribe(const std::shared_ptr<transport::Session>& s) {
+  // The active counts everything before from_lsn as held durably here (as
+  // flushed): under an interval sync, make it so first.
+  if (Status st = wal_->Sync(); !st.ok()) {
+    s->Close(st.WithContext("sync the log before subscribing"));
+    return;
+  }
   proto::Control msg;
   auto* sub = msg.mutable_subscribe();
   const wal::Lsn last = wal_->last_lsn();
@@ -2761,6 +2820,14 @@ void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::s
   {
     MutexLock l(&mu_);
     if (closing_) return;
+    if (role_.load() != Role::kActive) {
+      // Demoted since OnSubscribe looked: nothing more is shipped from here
+      // (Demote closed every standby it knew of; this one it did not).
+      mu_.Unlock();
+      s->Close(Status::NotActive("node " + opts_.node_id + " is no longer the active"));
+      mu_.Lock();
+      return;
+    }
     if (FindBySession(s.get())) {
       mu_.Unlock();
       s->Close(Status::InvalidArgument("a second Subscribe on one session"));
@@ -2817,6 +2884,12 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   }
   if (msg.has_fence()) {
     const auto& f = msg.fence();
+    {
+      // Kept even while this node is no active yet: a promotion under way
+      // must not complete past a newer active's fence.
+      MutexLock l(&mu_);
+      fenced_epoch_ = std::max(fenced_epoch_, f.epoch());
+    }
     if (f.epoch() > epoch_.load()) {
       Demote("fenced by " + f.new_active() + " at epoch " + std::to_string(f.epoch()));
     } else if (f.epoch() == epoch_.load() && role_.load() == Role::kStandby) {
@@ -3297,6 +3370,9 @@ std::string EngineImpl::PrometheusMetrics() const {
          static_cast<double>(ts.sessions_established.load()));
   metric("replica_transport_auth_failures_total", "counter", "peers refused for a wrong secret or cluster", node,
          static_cast<double>(ts.auth_failures.load()));
+  metric("replica_transport_connections_refused_total", "counter",
+         "replication connections closed at once for the cap of 256 open at once", node,
+         static_cast<double>(ts.connections_refused.load()));
   metric("replica_transport_tls_failures_total", "counter", "failed TLS handshakes", node,
          static_cast<double>(ts.tls_failures.load()));
   metric("replica_transport_version_mismatches_total", "counter", "peers of another protocol version", node,

@@ -502,6 +502,155 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// An active cut off from etcd whose lease etcd expired, while another node
+// won the active role, must not take writes on the new lease it gets once
+// its keepalive gets through: the active key went with the old lease. Here
+// it cannot reach etcd for anything else yet, so it cannot learn of the new
+// active, and only the lease tells it.
+TEST(EngineTest, AnActiveWhoseLeaseWasReplacedTakesNoWritesOnTheNewLease) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto a = OpenOrDie(ArbitratedNode(dir, &cluster, "a"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  const uint64_t last = WriteMany(a.get(), 10);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  cluster.SetReachable("a", false);
+  cluster.ExpireLease("a");
+  WriteBatch w;
+  w.Put("split", "brain");
+  EXPECT_EQ(a->Write(w).status().code(), StatusCode::kNotActive) << "self-fenced: the lease is in doubt";
+  ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
+  cluster.RegrantLease("a");  // a's keepalive got through: a fresh lease, no active key under it
+  EXPECT_EQ(a->Write(w).status().code(), StatusCode::kNotActive) << "two nodes would take writes at once";
+  EXPECT_TRUE(b->Write(w).ok());
+  // a steps down without etcd's word, and follows b once it can reach etcd.
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kStandby; }));
+  cluster.SetReachable("a", true);
+  const uint64_t b_last = WriteMany(b.get(), 5, 100);
+  ASSERT_TRUE(a->WaitForApplied(b_last, 30s).ok());
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
+// A node whose key ends while it is still promoting (slow steps: draining,
+// applying), and that a newer active fences meanwhile, must not complete
+// the promotion: it never takes the role.
+TEST(EngineTest, APromotionFencedByANewerActiveMidwayNeverTakesTheRole) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto a = OpenOrDie(ArbitratedNode(dir, &cluster, "a"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  Mutex hook_mu;
+  CondVar hook_cv(&hook_mu);
+  bool in_promote = false, release = false;
+  std::vector<Role> b_roles;
+  EngineOptions bo = ArbitratedNode(dir, &cluster, "b");
+  bo.test_fault = [&](const char* step) {
+    if (std::string_view(step) != "promote.fence_check") return Status::OK();
+    MutexLock l(&hook_mu);
+    in_promote = true;
+    hook_cv.SignalAll();
+    while (!release) hook_cv.Wait();
+    return Status::OK();
+  };
+  bo.on_role_change = [&](Role r) {
+    MutexLock l(&hook_mu);
+    b_roles.push_back(r);
+  };
+  auto b = OpenOrDie(bo);
+  auto c = OpenOrDie(ArbitratedNode(dir, &cluster, "c"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 2; }));
+  const uint64_t last = WriteMany(a.get(), 10);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(a->Close().ok());  // a resigns: b and c hold the same, and b's id goes first
+  {
+    MutexLock l(&hook_mu);
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (!in_promote && std::chrono::steady_clock::now() < deadline) hook_cv.WaitUntil(deadline);
+    ASSERT_TRUE(in_promote) << "b did not win the election";
+  }
+  // b's lease ends mid-promotion and b gets a new one; c wins epoch 3 and
+  // fences every node with a session, b included.
+  cluster.ExpireLease("b");
+  cluster.RegrantLease("b");
+  ASSERT_TRUE(Eventually([&] { return c->status().role == Role::kActive; }, 30s));
+  EXPECT_EQ(c->status().epoch, 3u);
+  {
+    MutexLock l(&hook_mu);
+    release = true;
+    hook_cv.SignalAll();
+  }
+  // b follows c (and holds its records) without ever having been the active.
+  const uint64_t c_last = WriteMany(c.get(), 5, 100);
+  ASSERT_TRUE(b->WaitForApplied(c_last, 30s).ok());
+  EXPECT_EQ(b->status().role, Role::kStandby);
+  {
+    MutexLock l(&hook_mu);
+    EXPECT_EQ(std::count(b_roles.begin(), b_roles.end(), Role::kActive), 0) << "b took the role after c fenced it";
+  }
+  ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+}
+
+// A write that passed the active's role check just before the node was
+// demoted lands in its log before the node follows the new active, never
+// after: the rejoin then cuts it as an unreplicated tail, and the node never
+// applies it.
+TEST(EngineTest, AWriteInFlightAtADemotionIsCutNotApplied) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  Mutex hook_mu;
+  CondVar hook_cv(&hook_mu);
+  bool held = false, release = false;
+  std::atomic<bool> hold_next{false};
+  EngineOptions ao = ArbitratedNode(dir, &cluster, "a");
+  ao.test_fault = [&](const char* step) {
+    if (std::string_view(step) != "write.append" || !hold_next.exchange(false)) return Status::OK();
+    MutexLock l(&hook_mu);
+    held = true;
+    hook_cv.SignalAll();
+    while (!release) hook_cv.Wait();
+    return Status::OK();
+  };
+  auto a = OpenOrDie(ao);
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  const uint64_t last = WriteMany(a.get(), 10);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  hold_next = true;
+  auto pending = std::async(std::launch::async, [&] {
+    WriteBatch w;
+    w.Put("held", "in flight");
+    return a->Write(w);
+  });
+  {
+    MutexLock l(&hook_mu);
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (!held && std::chrono::steady_clock::now() < deadline) hook_cv.WaitUntil(deadline);
+    ASSERT_TRUE(held);
+  }
+  cluster.ExpireLease("a");  // b is promoted; a steps down while its write is held
+  ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
+  const uint64_t b_last = WriteMany(b.get(), 5, 100);
+  cluster.RegrantLease("a");
+  {
+    MutexLock l(&hook_mu);
+    release = true;
+    hook_cv.SignalAll();
+  }
+  EXPECT_EQ(pending.get().status().code(), StatusCode::kNotActive) << "acknowledged by a demoted node";
+  ASSERT_TRUE(a->WaitForApplied(b_last, 30s).ok());
+  EXPECT_EQ(a->status().role, Role::kStandby);
+  EXPECT_EQ(*a->Get("held"), std::nullopt) << "a applied a record that is not in b's history";
+  EXPECT_EQ(a->status().rewinds, 1u) << "the held record was not cut as a tail";
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 // A node listening on every interface publishes the address it is told to:
 // the wildcard itself names no one for the other nodes to reach.
 TEST(EngineTest, ANodeListeningOnEveryInterfacePublishesItsAdvertisedAddress) {
@@ -848,6 +997,35 @@ TEST(EngineTest, StandbySyncingOnAnIntervalStillCounts) {
   });
   ASSERT_EQ(pending.wait_for(30s), std::future_status::ready) << "remote-write never saw the standby's sync";
   EXPECT_TRUE(pending.get().ok());
+}
+
+// A standby that syncs on an interval and reconnects holds durably all it
+// subscribes after: the active credits it with that much at once (towards
+// remote-write, eligibility and switchovers).
+TEST(EngineTest, AStandbySyncingOnAnIntervalIsCreditedOnlyWithWhatItSynced) {
+  TempDir dir;
+  auto active = OpenOrDie(Node(dir, "a"));
+  const uint16_t port = active->listen_port();
+  EngineOptions so = Node(dir, "b", Follow(*active));
+  so.wal_sync = "interval";
+  so.wal_sync_interval = 60s;  // no timed sync during this test
+  auto standby = OpenOrDie(so);
+  ASSERT_TRUE(Eventually([&] { return active->status().standbys.size() == 1; }));
+  const uint64_t last = WriteMany(active.get(), 10);
+  ASSERT_TRUE(Eventually([&] { return standby->status().last_lsn == last; }));
+  EXPECT_LT(standby->status().durable_lsn, last) << "the timer synced: the test proves nothing";
+  ASSERT_TRUE(active->Close().ok());
+  active.reset();
+  EngineOptions again = Node(dir, "a");
+  again.listen_port = port;  // the standby reconnects and subscribes again
+  active = OpenOrDie(again);
+  ASSERT_TRUE(Eventually([&] {
+    auto st = active->status();
+    return st.standbys.size() == 1 && st.standbys[0].flushed_lsn > 0;
+  }));
+  EXPECT_LE(active->status().standbys[0].flushed_lsn, standby->status().durable_lsn)
+      << "credited with records the standby does not hold durably";
+  EXPECT_EQ(standby->status().durable_lsn, last);
 }
 
 // RocksDB must never get ahead of the WAL, or a power loss leaves a node
