@@ -1,5 +1,6 @@
 #include "replication/metrics_server.h"
 
+#include <atomic>
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -16,9 +17,17 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
+// Scrapes served at once; a connection past it is closed at once, so that
+// idle connections cannot take every descriptor of the process.
+constexpr int kMaxConnections = 32;
+
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(tcp::socket s, const std::function<std::string()>* render) : stream_(std::move(s)), render_(render) {}
+  Connection(tcp::socket s, const std::function<std::string()>* render, std::atomic<int>* open)
+      : stream_(std::move(s)), render_(render), open_(open) {
+    open_->fetch_add(1);
+  }
+  ~Connection() { open_->fetch_sub(1); }
   void Start() {
     stream_.expires_after(std::chrono::seconds(5));
     http::async_read(stream_, buf_, req_, [self = shared_from_this()](beast::error_code ec, size_t) {
@@ -49,6 +58,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   }
   beast::tcp_stream stream_;
   const std::function<std::string()>* render_;
+  std::atomic<int>* const open_;
   beast::flat_buffer buf_;
   http::request<http::string_body> req_;
   http::response<http::string_body> res_;
@@ -101,12 +111,18 @@ class MetricsServerImpl final : public MetricsServer {
         });
         return;
       }
-      std::make_shared<Connection>(std::move(s), &render_)->Start();
+      if (open_.load() >= kMaxConnections) {
+        beast::error_code ignored;
+        s.close(ignored);
+      } else {
+        std::make_shared<Connection>(std::move(s), &render_, &open_)->Start();
+      }
       Accept();
       (void)ec;
     });
   }
   std::function<std::string()> render_;
+  std::atomic<int> open_{0};  // Connection objects alive
   asio::io_context ioc_;
   tcp::acceptor acceptor_;
   asio::steady_timer retry_{ioc_};

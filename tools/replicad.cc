@@ -172,14 +172,15 @@ int main(int argc, char** argv) {
   }
   ro.max_clients = vm["max-clients"].as<int>();
   if (ro.max_clients < 1) Fail("--max-clients must be at least 1");
-  // Each client holds a descriptor, and WAL segments, sockets and RocksDB need
-  // theirs: raise the soft limit to the hard one and keep a reserve.
+  // Each client holds a descriptor, and WAL segments, RocksDB, the
+  // replication port (at most 256 connections) and the metrics port (32)
+  // need theirs: raise the soft limit to the hard one and keep a reserve.
   rlimit nofile{};
   if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0) {
     nofile.rlim_cur = nofile.rlim_max;
     ::setrlimit(RLIMIT_NOFILE, &nofile);
     ::getrlimit(RLIMIT_NOFILE, &nofile);
-    const long usable = static_cast<long>(nofile.rlim_cur) - 256;
+    const long usable = static_cast<long>(nofile.rlim_cur) - 256 - 256 - 32;
     if (usable < ro.max_clients) {
       if (usable < 1) Fail("the open-file limit (" + std::to_string(nofile.rlim_cur) + ") is too low", 1);
       RLOG(kWarn, "replicad.max_clients") << "lowered from " << ro.max_clients << " to " << usable

@@ -284,6 +284,7 @@ class EndpointImpl final : public Endpoint {
   asio::executor_work_guard<asio::io_context::executor_type> work_;
   std::vector<std::thread> threads_;
   std::unique_ptr<tcp::acceptor> acceptor_;  // set once by Listen, used on its strand
+  std::unique_ptr<asio::steady_timer> accept_retry_;  // on the acceptor's strand
   Mutex mu_;
   CondVar drained_{&mu_};
   std::set<std::shared_ptr<SessionImpl>> sessions_ GUARDED_BY(mu_);
@@ -959,19 +960,40 @@ Result<uint16_t> EndpointImpl::Listen(const std::string& host, uint16_t port) {
 void EndpointImpl::DoAccept() {
   acceptor_->async_accept(asio::make_strand(ioc_), [this](const boost::system::error_code& ec, tcp::socket socket) {
     if (ec == asio::error::operation_aborted || !acceptor_->is_open()) return;
-    if (!ec) {
+    if (ec) {
+      // E.g. out of descriptors: retry in 100 ms, not in a busy loop (and
+      // a log line each time) while the condition lasts.
+      RLOG(kWarn, "transport.accept_failed") << "error=\"" << ec.message() << "\" (retrying in 100 ms)";
+      if (!accept_retry_) accept_retry_ = std::make_unique<asio::steady_timer>(acceptor_->get_executor());
+      accept_retry_->expires_after(std::chrono::milliseconds(100));
+      accept_retry_->async_wait([this](const boost::system::error_code& wec) {
+        if (!wec && acceptor_->is_open()) DoAccept();
+      });
+      return;
+    }
+    bool stopped, full;
+    {
+      MutexLock l(&mu_);
+      stopped = stopped_;
+      full = sessions_.size() >= options_.max_connections;
+    }
+    if (full && !stopped) {
+      if (++stats_.connections_refused == 1 || stats_.connections_refused % 1000 == 0) {
+        RLOG(kWarn, "transport.connection_refused") << "refused=" << stats_.connections_refused.load()
+                                                     << " (max_connections=" << options_.max_connections << ")";
+      }
+      boost::system::error_code ignored;
+      socket.close(ignored);
+    } else if (!stopped) {
       ++stats_.connections_accepted;
       auto session = std::make_shared<SessionImpl>(this, std::move(socket), false);
       session->Init();
-      bool stopped;
       {
         MutexLock l(&mu_);
         stopped = stopped_;
         if (!stopped) sessions_.insert(session);
       }
       if (!stopped) asio::post(session->socket_executor(), [session] { session->Start(); });
-    } else {
-      RLOG(kWarn, "transport.accept_failed") << "error=\"" << ec.message() << "\"";
     }
     DoAccept();
   });
@@ -1012,6 +1034,7 @@ void EndpointImpl::Stop() {
     asio::post(acceptor_->get_executor(), [this] {
       boost::system::error_code ec;
       acceptor_->close(ec);
+      if (accept_retry_) accept_retry_->cancel();
     });
   }
   for (const auto& s : sessions) s->Close(Status::Aborted("endpoint stopping"));
@@ -1030,6 +1053,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::Create(const Options& options, Handl
   if (options.io_threads < 1 || options.io_threads > 64) return Status::InvalidArgument("io_threads must be 1..64");
   if (handler == nullptr) return Status::InvalidArgument("a handler is required");
   if (options.max_frame_payload < kMaxHandshakeFrame) return Status::InvalidArgument("max_frame_payload too small");
+  if (options.max_connections < 1) return Status::InvalidArgument("max_connections must be at least 1");
   std::unique_ptr<asio::ssl::context> tls;
   if (options.tls.enabled) {
     tls = std::make_unique<asio::ssl::context>(asio::ssl::context::tls);

@@ -58,6 +58,10 @@ struct Options {
   std::chrono::milliseconds peer_timeout{5000};
   // The handshake must complete within this.
   std::chrono::milliseconds handshake_timeout{3000};
+  // Connections this endpoint holds at once (accepted and opened); a peer
+  // that connects past it is closed at once (Stats::connections_refused), so
+  // that nobody can take every descriptor of the process by connecting.
+  size_t max_connections = 256;
   // Send file spans with sendfile(2). Off: read them into memory first (a
   // copy, counted in payload_bytes_copied).
   bool use_sendfile = true;
@@ -69,6 +73,7 @@ inline constexpr uint32_t kMaxHandshakeFrame = 4096;
 
 struct Stats {
   std::atomic<uint64_t> connections_accepted{0};
+  std::atomic<uint64_t> connections_refused{0};  // past max_connections
   std::atomic<uint64_t> connections_opened{0};
   std::atomic<uint64_t> sessions_established{0};
   std::atomic<uint64_t> sessions_closed{0};

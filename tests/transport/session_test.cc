@@ -506,6 +506,34 @@ TEST(SessionTest, BadInputClosesOnlyThatConnection) {
   EXPECT_EQ(p.server_rec.closed_.size(), cases.size()) << "only the bad connections closed";
 }
 
+// Connecting costs a peer nothing but a descriptor of ours: past
+// max_connections a connection is closed at once, and the established
+// session is not disturbed; a freed place can be taken again.
+TEST(SessionTest, ConnectionsPastTheCapAreClosedAtOnce) {
+  Options so = Opts("srv");
+  so.max_connections = 3;  // the client's session and two idle peers
+  Pair p;
+  p.Start(so, Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+  auto idle1 = std::make_unique<RawPeer>(p.port);
+  auto idle2 = std::make_unique<RawPeer>(p.port);
+  ASSERT_TRUE(idle1->connected() && idle2->connected());
+  RawPeer refused(p.port);
+  ASSERT_TRUE(refused.connected());  // the kernel accepts; the endpoint closes it
+  EXPECT_TRUE(refused.WaitClosed(1s)) << "a connection past the cap was kept (the handshake timeout is 2 s)";
+  EXPECT_EQ(p.server->stats().connections_refused.load(), 1u);
+  EXPECT_TRUE(p.client_session->established());
+  proto::Control c;
+  c.mutable_heartbeat()->set_last_lsn(7);
+  EXPECT_TRUE(p.client_session->SendControl(c).ok());
+  // An idle peer's place frees once the endpoint closed it (handshake timeout).
+  idle1.reset();
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.closed_.size() >= 1; }));
+  RawPeer again(p.port);
+  ASSERT_TRUE(again.connected());
+  EXPECT_FALSE(again.WaitClosed(300ms)) << "a freed place was not taken again";
+}
+
 TEST(SessionTest, StopClosesEverySession) {
   Recorder server_rec, client_rec;
   auto server = std::move(Endpoint::Create(Opts("srv"), &server_rec)).value();
