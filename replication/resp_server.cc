@@ -451,9 +451,11 @@ void RespServerImpl::SetWriterLoop() {
       MutexLock l(&queue_mu_);
       while (sets_queue_.empty() && !queue_closed_) sets_cv_.Wait();
       if (sets_queue_.empty()) return;  // closed and drained
-      // Everything queued, up to the batch limit: one write, one commit.
+      // Everything queued, up to the batch limit: one write, one commit. A
+      // SET past the limit goes alone, so that one too large for the log
+      // fails alone, not the others' SETs that would share its record.
       size_t bytes = 0;
-      while (!sets_queue_.empty() && (taken.empty() || bytes < kMaxSetBatchBytes)) {
+      while (!sets_queue_.empty() && (taken.empty() || bytes + sets_queue_.front().bytes <= kMaxSetBatchBytes)) {
         bytes += sets_queue_.front().bytes;
         taken.push_back(std::move(sets_queue_.front()));
         sets_queue_.pop_front();

@@ -263,6 +263,25 @@ TEST(ReplicadTest, BadClientInputGetsErrorsAndTheDaemonServesOn) {
   EXPECT_EQ(a.Cli("PING"), "PONG\n");
 }
 
+// WAIT with arguments past what an int or the clock holds: it waits (as
+// Redis does), it does not return at once.
+TEST(ReplicadTest, WaitWithHugeArgumentsWaits) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "");
+  ASSERT_EQ(a.Cli("SET k v"), "OK\n");
+  const auto started = Clock::now();
+  EXPECT_EQ(a.Cli("WAIT 2147483648 200"), "0\n");
+  EXPECT_GE(Clock::now() - started, 200ms) << "WAIT returned before its timeout";
+  // A timeout past what the clock holds: no reply within a while.
+  const int fd = test::Connect(a.client_port());
+  const std::string wait = "*3\r\n$4\r\nWAIT\r\n$1\r\n1\r\n$13\r\n9999999999999\r\n";
+  ASSERT_EQ(::send(fd, wait.data(), wait.size(), MSG_NOSIGNAL), static_cast<ssize_t>(wait.size()));
+  pollfd p{fd, POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 500), 0) << "WAIT with a huge timeout returned at once";
+  ::close(fd);
+  EXPECT_EQ(a.Cli("PING"), "PONG\n");
+}
+
 TEST(ReplicadTest, PrometheusMetrics) {
   test::TempDir dir;
   Daemon a(dir, "a", "--metrics-listen 127.0.0.1:0 --commit remote-write:1");
@@ -322,6 +341,36 @@ TEST(ReplicadTest, PrometheusMetrics) {
   EXPECT_NE(bpage.find("replica_upstream_lag_bytes{node=\"b\"} 0\n"), std::string::npos) << bpage;
   EXPECT_NE(bpage.find("replica_upstream_lag_ms{node=\"b\"} 0\n"), std::string::npos) << bpage;
   EXPECT_NE(bpage.find("replica_upstream_connected{node=\"b\"} 1\n"), std::string::npos) << bpage;
+}
+
+// Idle connections cannot take the process's descriptors: the metrics port
+// serves 32 at once and closes more at once, and the replication port holds
+// 256 (transport::Options::max_connections). The node keeps working.
+TEST(ReplicadTest, IdleConnectionsToTheMetricsAndReplicationPortsAreCapped) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "--metrics-listen 127.0.0.1:0");
+  auto closed_within = [](int fd, int ms) {
+    pollfd p{fd, POLLIN, 0};
+    char c;
+    return ::poll(&p, 1, ms) == 1 && ::recv(fd, &c, 1, MSG_DONTWAIT) <= 0;
+  };
+  std::vector<int> idle;
+  for (int i = 0; i < 32; ++i) idle.push_back(test::Connect(a.metrics_port()));
+  const int extra = test::Connect(a.metrics_port());
+  EXPECT_TRUE(closed_within(extra, 2000)) << "a 33rd metrics connection was kept";
+  ::close(extra);
+  std::vector<int> repl;
+  for (int i = 0; i < 256; ++i) repl.push_back(test::Connect(a.repl_port()));
+  const int repl_extra = test::Connect(a.repl_port());
+  EXPECT_TRUE(closed_within(repl_extra, 2000)) << "a 257th replication connection was kept";
+  ::close(repl_extra);
+  for (int fd : idle) ::close(fd);
+  for (int fd : repl) ::close(fd);
+  EXPECT_EQ(a.Cli("SET k v"), "OK\n");
+  ASSERT_TRUE(test::Eventually([&] {
+    return Exchange(a.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").find("HTTP/1.1 200") !=
+           std::string::npos;
+  })) << "the metrics port did not serve again once the idle connections closed";
 }
 
 TEST(ReplicadTest, SigtermWhileAWriteWaitsForStandbys) {
