@@ -251,6 +251,10 @@ class PosixEnv final : public Env {
     if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
       return Status::FromErrno("mkdir " + dir, errno);
     }
+    struct stat st;
+    if (::stat(dir.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) {
+      return Status::FromErrno("mkdir " + dir + " (it exists and is not a directory)", ENOTDIR);
+    }
     return Status::OK();
   }
 

@@ -260,7 +260,11 @@ class DirectorySource final : public StoreSource {
 
   Status Open(const std::string& data_dir) {
     const std::string wal_dir = JoinPath(data_dir, "wal"), db_dir = JoinPath(data_dir, "db");
-    if (!IsDir(data_dir)) return Status::NotFound(data_dir + ": no such directory");
+    if (!IsDir(data_dir)) {
+      struct stat st;
+      if (::stat(data_dir.c_str(), &st) != 0) return Status::FromErrno(data_dir, errno);
+      return Status::InvalidArgument(data_dir + " is not a directory (give a node's data directory)");
+    }
     if (!IsDir(wal_dir) || !IsDir(db_dir)) {
       return Status::InvalidArgument(data_dir + " is not a node's data directory (it needs wal/ and db/)");
     }

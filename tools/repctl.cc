@@ -230,7 +230,9 @@ int main(int argc, char** argv) {
       ("json", "status: one JSON object instead of a table")
       ("to", po::value<std::string>(), "switchover: the node to hand over to")
       ("force", "promote: required, to acknowledge the risk of losing writes")
-      ("timeout", po::value<int>()->default_value(20), "seconds to wait for a switchover, promotion or fence")
+      ("timeout", po::value<int>()->default_value(20),
+       "seconds to wait for a command to take effect (switchover, promote, fence, set-commit, reseed, remove), "
+       "1..86400")
       ("command", po::value<std::vector<std::string>>(), "COMMAND [NODE]");
   // clang-format on
   po::positional_options_description pos;
@@ -249,6 +251,11 @@ int main(int argc, char** argv) {
   SetLogLevel(LogLevel::kWarn);
   const auto args = vm["command"].as<std::vector<std::string>>();
   const std::string& cmd = args[0];
+  // An option given to a command that does not take it is a mistake the
+  // operator should hear of (repctl promote --to b is not a switchover).
+  if (vm.count("json") && cmd != "status") Fail("--json goes with status only", 2);
+  if (vm.count("to") && cmd != "switchover") Fail("--to goes with switchover only", 2);
+  if (vm.count("force") && cmd != "promote") Fail("--force goes with promote only", 2);
   auto endpoints = etcd::ParseEndpoints(vm["etcd"].as<std::string>());
   if (!endpoints.ok()) Fail("--etcd: " + endpoints.status().message(), 2);
   EtcdArbiterOptions ao;

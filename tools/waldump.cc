@@ -80,6 +80,7 @@ int main(int argc, char** argv) {
   SetLogLevel(LogLevel::kError);  // recovery findings are reported below instead
   Options options;
   options.read_only = true;
+  options.salvage = true;  // damage in the last segment: show the records before it, then fail
   auto opened = Wal::Open(dir, options);
   if (!opened.ok()) {
     std::fprintf(stderr, "waldump: %s\n", opened.status().ToString().c_str());
@@ -130,6 +131,7 @@ int main(int argc, char** argv) {
     }
   }
   reader.reset();
+  if (error.ok() && !rec.corruption.empty()) error = Status::Corruption(rec.corruption);
 
   auto segs = wal->segments();
   auto history = wal->epoch_history();
@@ -152,7 +154,9 @@ int main(int argc, char** argv) {
                   static_cast<unsigned long long>(history.entries()[i].epoch),
                   static_cast<unsigned long long>(history.entries()[i].first_lsn));
     }
-    std::printf("],\"ok\":%s}}\n", error.ok() ? "true" : "false");
+    std::printf("],\"ok\":%s", error.ok() ? "true" : "false");
+    if (!error.ok()) std::printf(",\"error\":%s", JsonString(error.ToString()).c_str());
+    std::printf("}}\n");
   } else {
     std::printf("summary: %llu records, LSN %llu..%llu, %llu payload bytes, %zu segments, %llu bytes on disk\n",
                 static_cast<unsigned long long>(records), static_cast<unsigned long long>(first),

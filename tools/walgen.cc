@@ -31,8 +31,10 @@ Options:
   --log-level L      debug | info | warn | error | off (default info)
   -h, --help         show this help
 
-Payloads are deterministic: record LSN n holds the text "record n" repeated,
-so a reader can check every byte.
+Payloads are deterministic: the n-th record this run appends holds the text
+"record n;" repeated (n counts from 1 in each run, so it equals the LSN only
+for a new log written by one thread; with --threads above 1 the order of n
+and of LSNs may differ).
 )";
 }  // namespace
 

@@ -235,9 +235,13 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
     REPLICA_ASSIGN_OR_RETURN(auto file, env_->NewRandomAccessFile(last.path));
     REPLICA_ASSIGN_OR_RETURN(SegmentScan scan, ScanSegment(*file, last.end, last.first_lsn, options_.max_group_bytes));
     if (scan.tail == SegmentScan::Tail::kCorrupt) {
-      return Status::Corruption("segment " + last.path + " offset " + std::to_string(scan.bad_offset) +
-                                " (LSN " + std::to_string(scan.last_lsn + 1) + "): " + scan.why +
-                                "; valid records follow it, so this is damage inside the log, not a torn write");
+      Status damage = Status::Corruption("segment " + last.path + " offset " + std::to_string(scan.bad_offset) +
+                                         " (LSN " + std::to_string(scan.last_lsn + 1) + "): " + scan.why +
+                                         "; valid records follow it, so this is damage inside the log, not a "
+                                         "torn write");
+      if (!(ro && options_.salvage)) return damage;
+      recovery_.corruption = damage.message();
+      scan.valid_end = scan.bad_offset;  // readers stop before the damaged frame
     }
     if (scan.tail == SegmentScan::Tail::kTorn) {
       recovery_.torn_tail = true;

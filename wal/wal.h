@@ -88,6 +88,11 @@ struct Options {
   // Inspect without changing anything: no lock, no repair of a torn tail
   // (readers stop before it), no appends. For tools such as waldump.
   bool read_only = false;
+  // With read_only: damage inside the last segment (a bad frame that valid
+  // frames follow) does not fail Open; the log is read up to the damaged
+  // frame, and RecoveryReport::corruption holds the error Open would have
+  // returned. For tools that show what is left of a damaged log (waldump).
+  bool salvage = false;
   // Upper bound on the bytes one group commit writes (an append larger than
   // this is written alone). Recovery also takes it as the most that one
   // unsynced write can hold (docs/wal-format.md, section 8, "Power loss").
@@ -121,6 +126,9 @@ struct RecoveryReport {
   bool torn_lost_page = false;
   std::vector<std::string> removed_segments;  // last segments without a whole header (crash during a roll)
   bool history_repaired = false;
+  // Options::salvage: the damage inside the last segment that readers stop
+  // before (empty if none).
+  std::string corruption;
 };
 
 // Upper bounds (microseconds) of the fdatasync latency buckets of WalStats.

@@ -449,6 +449,12 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   EXPECT_NE(out.find("\"nodes\":["), std::string::npos) << out;
   EXPECT_NE(out.find("\"lag_ms\":"), std::string::npos) << out;
   EXPECT_NE(out.find("\"lag_bytes\":"), std::string::npos) << out;
+  // An option for another command is a usage error, not silently ignored.
+  for (const char* wrong : {"promote --to a", "fence a --json", "switchover --force"}) {
+    out = Repctl(etcd_->endpoint(), wrong, &code);
+    EXPECT_EQ(code, 2) << wrong << ": " << out;
+    EXPECT_NE(out.find("goes with"), std::string::npos) << wrong << ": " << out;
+  }
 
   // Planned switchover under load: no acknowledged write lost.
   Writer writer({d[0]->client_port(), d[1]->client_port(), d[2]->client_port()});

@@ -343,6 +343,10 @@ TEST_F(LogdiffTest, BadInputExitsTwoWithTheReason) {
   out = Logdiff(Base("a") + " " + dir_.path(), &code);
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("is not a node's data directory"), std::string::npos) << out;
+  test::WriteFileBytes(dir_.Sub("afile"), "x");
+  out = Logdiff(Base("a") + " " + dir_.Sub("afile"), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("afile is not a directory"), std::string::npos) << out;
   out = Logdiff("--max-diffs x " + Base("a") + " " + Base("b"), &code);
   EXPECT_EQ(code, 2) << out;
   out = Logdiff("--pin-timeout 5 " + Base("a") + " " + Base("b"), &code);

@@ -62,6 +62,16 @@ TEST(WaldumpTest, CorruptLogExitsOneAndSaysWhere) {
   EXPECT_NE(r.out.find("Corruption"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find(seg), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("LSN 3"), std::string::npos) << r.out;
+  // What is left before the damage is shown, with a summary that says it
+  // stopped there (the damage is in the last segment, which Open scans).
+  EXPECT_NE(r.out.find("lsn=2 epoch=1 type=data"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("lsn=3 "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("summary: 2 records, LSN 1..2"), std::string::npos) << r.out;
+  ExecResult json = Exec(kDump + " --json " + wal);
+  EXPECT_EQ(json.exit_code, 1) << json.out;
+  EXPECT_NE(json.out.find("{\"lsn\":2,"), std::string::npos) << json.out;
+  EXPECT_NE(json.out.find("\"records\":2,"), std::string::npos) << json.out;
+  EXPECT_NE(json.out.find("\"ok\":false,\"error\":\"Corruption: segment "), std::string::npos) << json.out;
 }
 
 TEST(WaldumpTest, TornTailIsReportedNotRepaired) {
