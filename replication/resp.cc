@@ -17,6 +17,8 @@ void Parser::Feed(std::string_view bytes) {
     buf_.erase(0, pos_);
     mb_pos_ -= std::min(mb_pos_, pos_);
     pos_ = 0;
+    // After a large command, an idle connection keeps only what is left.
+    if (buf_.capacity() > (1u << 20) && buf_.size() * 4 < buf_.capacity()) buf_.shrink_to_fit();
   }
   buf_.append(bytes);
 }

@@ -1,6 +1,5 @@
 #include "replication/resp_commands.h"
 
-#include <fnmatch.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -297,8 +296,79 @@ void Commands::Execute(const std::vector<std::string>& args, CommandState* conn,
   AppendError(out, "ERR unknown command '" + args[0].substr(0, 64) + "', with args beginning with: " + first);
 }
 
+namespace {
+
+// Whether the pattern element at *p (not a '*') matches byte c; moves *p
+// past it.
+bool MatchOne(std::string_view pat, size_t* p, char c) {
+  size_t i = *p;
+  switch (pat[i]) {
+    case '?':
+      *p = i + 1;
+      return true;
+    case '[': {
+      ++i;
+      const bool negate = i < pat.size() && pat[i] == '^';
+      if (negate) ++i;
+      bool match = false;
+      for (; i < pat.size() && pat[i] != ']'; ++i) {
+        if (pat[i] == '\\' && i + 1 < pat.size()) {
+          match = match || pat[++i] == c;
+        } else if (i + 2 < pat.size() && pat[i + 1] == '-' && pat[i + 2] != ']') {
+          unsigned char lo = static_cast<unsigned char>(pat[i]), hi = static_cast<unsigned char>(pat[i + 2]);
+          if (lo > hi) std::swap(lo, hi);
+          match = match || (static_cast<unsigned char>(c) >= lo && static_cast<unsigned char>(c) <= hi);
+          i += 2;
+        } else {
+          match = match || pat[i] == c;
+        }
+      }
+      *p = std::min(i + 1, pat.size());  // past the ']' (an unclosed '[' ends the pattern)
+      return match != negate;
+    }
+    case '\\':
+      if (i + 1 < pat.size()) {
+        *p = i + 2;
+        return pat[i + 1] == c;
+      }
+      [[fallthrough]];
+    default:
+      *p = i + 1;
+      return pat[i] == c;
+  }
+}
+
+// Redis's glob (SCAN MATCH): * ? [abc] [^a-z] and \ to escape, over bytes
+// (keys may hold NUL or any other byte). On a mismatch it goes back only to
+// the last '*', so no pattern costs more than pattern length x key length.
+bool GlobMatch(std::string_view pat, std::string_view str) {
+  size_t p = 0, s = 0;
+  size_t star = std::string_view::npos, star_s = 0;
+  while (s < str.size()) {
+    if (p < pat.size() && pat[p] == '*') {
+      star = ++p;
+      star_s = s;
+      continue;
+    }
+    size_t next = p;
+    if (p < pat.size() && MatchOne(pat, &next, str[s])) {
+      p = next;
+      ++s;
+      continue;
+    }
+    if (star == std::string_view::npos) return false;
+    p = star;
+    s = ++star_s;
+  }
+  while (p < pat.size() && pat[p] == '*') ++p;
+  return p == pat.size();
+}
+
+}  // namespace
+
 void Commands::Scan(const std::vector<std::string>& args, std::string* out) {
   const size_t argc = args.size();
+  if (argc < 2) return AppendError(out, "ERR wrong number of arguments for 'scan' command");
   long long cursor = 0, count = 10;
   std::string match;
   bool strings = true;  // TYPE filter: every value is a string
@@ -328,14 +398,18 @@ void Commands::Scan(const std::vector<std::string>& args, std::string* out) {
   if (!page.ok()) return AppendStatusError(page.status(), out);
   std::vector<std::string> keys;
   for (const auto& kv : *page) {
-    if (strings && (match.empty() || ::fnmatch(match.c_str(), kv.first.c_str(), 0) == 0)) keys.push_back(kv.first);
+    if (strings && (match.empty() || GlobMatch(match, kv.first))) keys.push_back(kv.first);
   }
   std::string next = "0";
   if (page->size() == static_cast<size_t>(count)) {
     MutexLock l(&cursor_mu_);
     const uint64_t id = next_cursor_++;
     cursors_[id] = page->back().first;
-    while (cursors_.size() > kMaxCursors) cursors_.erase(cursors_.begin());
+    cursor_bytes_ += page->back().first.size();
+    while (cursors_.size() > kMaxCursors || (cursor_bytes_ > kMaxCursorBytes && cursors_.size() > 1)) {
+      cursor_bytes_ -= cursors_.begin()->second.size();
+      cursors_.erase(cursors_.begin());
+    }
     next = std::to_string(id);
   }
   AppendArrayHeader(out, 2);

@@ -70,10 +70,13 @@ class Commands {
   std::atomic<uint16_t> port_{0};
   // SCAN cursors: a number the client passes back, standing for the last key
   // returned, so the next page starts after it whatever was deleted since.
-  // Shared by all connections; the oldest are forgotten past kMaxCursors.
+  // Shared by all connections; the oldest are forgotten past kMaxCursors,
+  // or past kMaxCursorBytes of keys (keys can be large).
   static constexpr size_t kMaxCursors = 100000;
+  static constexpr size_t kMaxCursorBytes = 64u << 20;
   Mutex cursor_mu_;
   std::map<uint64_t, std::string> cursors_ GUARDED_BY(cursor_mu_);
+  size_t cursor_bytes_ GUARDED_BY(cursor_mu_) = 0;
   uint64_t next_cursor_ GUARDED_BY(cursor_mu_) = 1;
 };
 

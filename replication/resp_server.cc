@@ -32,6 +32,10 @@ using namespace std::chrono_literals;
 // kOpBytes more per put or delete (so that a run of DELs of short keys is
 // bounded too: each costs the applier a point read).
 constexpr size_t kMaxSetBatchBytes = 1 << 20;
+// Replies a connection holds before it stops running commands and sends
+// them: a client that pipelines without reading cannot grow them without
+// bound (one reply, an MGET of large values, can still be larger).
+constexpr size_t kMaxPendingReplies = 4u << 20;
 constexpr size_t kOpBytes = 16;
 // The reply to DEL when the engine no longer knows how many keys existed.
 constexpr char kDelCountLost[] =
@@ -211,6 +215,10 @@ void Connection::Pump() {
       if (WriteSets()) return;  // writes read before Stop are written (or refused), and answered
       break;
     }
+    if (out_.size() >= kMaxPendingReplies) {
+      if (WriteSets()) return;  // their replies come before anything is sent
+      break;                    // send what is pending; Pump runs again once it is sent
+    }
     auto outcome = parser_.Next(&args_, &error_);
     if (outcome == resp::Parser::Outcome::kNeedMore) {
       if (WriteSets()) return;  // their replies come before anything is sent
@@ -254,6 +262,7 @@ void Connection::Pump() {
   if (!out_.empty()) {
     asio::async_write(socket_, asio::buffer(out_), [self = shared_from_this()](boost::system::error_code ec, size_t) {
       self->out_.clear();
+      if (self->out_.capacity() > kMaxPendingReplies) std::string().swap(self->out_);  // after a large reply
       if (ec) return self->Close();
       self->Pump();
     });

@@ -263,6 +263,116 @@ TEST(ReplicadTest, BadClientInputGetsErrorsAndTheDaemonServesOn) {
   EXPECT_EQ(a.Cli("PING"), "PONG\n");
 }
 
+// The resident memory of a process, in bytes (VmRSS).
+uint64_t ResidentBytes(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
+  }
+  return 0;
+}
+
+// A client that pipelines reads without reading the replies holds the
+// server to a few MiB of replies for it, not to everything it asked for,
+// and gets every reply, in order, once it reads.
+TEST(ReplicadTest, AClientThatDoesNotReadItsRepliesIsHeldBack) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "");
+  test::RespClient c(a.client_port());
+  const std::string value(100 << 10, 'v');
+  ASSERT_EQ(c.Command({"SET", "v", value}), "+OK");
+  const uint64_t before = ResidentBytes(a.pid());
+  const int fd = test::Connect(a.client_port());
+  constexpr int kGets = 2000;  // 200 MB of replies
+  std::string req;
+  for (int i = 0; i < kGets; ++i) req += "*2\r\n$3\r\nGET\r\n$1\r\nv\r\n";
+  ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  // Whatever the server would buffer, it buffers within moments: watch.
+  uint64_t most = before;
+  const auto until = Clock::now() + 1500ms;
+  while (Clock::now() < until) {
+    most = std::max(most, ResidentBytes(a.pid()));
+    std::this_thread::sleep_for(50ms);  // sampling memory; there is no event for it
+  }
+  EXPECT_LT(most - before, 64u << 20) << "the server buffered replies nobody reads";
+  const std::string one = "$" + std::to_string(value.size()) + "\r\n" + value + "\r\n";
+  size_t want = one.size() * kGets, got = 0;
+  std::string tail;
+  char buf[1 << 16];
+  while (got < want) {
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+    tail.assign(buf, static_cast<size_t>(n));
+  }
+  EXPECT_EQ(got, want) << "replies lost or added";
+  EXPECT_EQ(tail.substr(tail.size() - 3), "v\r\n");
+  ::close(fd);
+  EXPECT_EQ(c.Command({"PING"}), "+PONG");
+}
+
+// SCAN MATCH works on keys as bytes (NUL, CR, LF inside), with Redis's glob
+// syntax, and no pattern takes more than pattern x key length.
+TEST(ReplicadTest, ScanMatchIsBinarySafeAndBounded) {
+  test::TempDir dir;
+  Daemon a(dir, "a", "");
+  test::RespClient c(a.client_port());
+  const std::string binary("a\0b\r\nc", 6);
+  for (const std::string& k : {binary, std::string("ab"), std::string("a*b"), std::string("xyz"),
+                               std::string(20000, 'a')}) {
+    ASSERT_EQ(c.Command({"SET", k, "v"}), "+OK");
+  }
+  const int fd = test::Connect(a.client_port());
+  auto scan = [&](const std::string& pattern) {
+    const std::string req = "*6\r\n$4\r\nSCAN\r\n$1\r\n0\r\n$5\r\nMATCH\r\n$" + std::to_string(pattern.size()) +
+                            "\r\n" + pattern + "\r\n$5\r\nCOUNT\r\n$3\r\n100\r\n";
+    EXPECT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+    std::string reply;
+    char buf[65536];
+    // The reply ends with the last key's CRLF: read until the array's count of keys is there.
+    while (true) {
+      const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      reply.append(buf, static_cast<size_t>(n));
+      const size_t h = reply.find("\r\n*", 4);
+      if (h == std::string::npos) continue;
+      const long keys = std::strtol(reply.c_str() + h + 3, nullptr, 10);
+      size_t at = reply.find("\r\n", h + 3) + 2;
+      long seen = 0;
+      while (seen < keys && at < reply.size()) {
+        const size_t eol = reply.find("\r\n", at);
+        if (eol == std::string::npos) break;
+        const size_t len = std::stoul(reply.substr(at + 1, eol - at - 1));
+        if (eol + 2 + len + 2 > reply.size()) break;
+        at = eol + 2 + len + 2;
+        ++seen;
+      }
+      if (seen == keys) return reply;
+    }
+    return reply;
+  };
+  auto has = [](const std::string& reply, const std::string& key) {
+    return reply.find("$" + std::to_string(key.size()) + "\r\n" + key + "\r\n") != std::string::npos;
+  };
+  std::string r = scan("a*c");
+  EXPECT_TRUE(has(r, binary)) << "a key with NUL inside was cut at the NUL";
+  EXPECT_FALSE(has(r, "ab"));
+  r = scan("a\\*b");
+  EXPECT_TRUE(has(r, "a*b"));
+  EXPECT_FALSE(has(r, "ab"));
+  r = scan("[ax]?");
+  EXPECT_TRUE(has(r, "ab"));
+  EXPECT_FALSE(has(r, "xyz"));
+  r = scan("[^a]*");
+  EXPECT_TRUE(has(r, "xyz"));
+  EXPECT_FALSE(has(r, "ab"));
+  // Backtracking over many stars against a 20,000-byte key: answered at once.
+  r = scan("*a*a*a*a*a*a*a*a*a*a*a*a*b");
+  EXPECT_NE(r.find("*0\r\n"), std::string::npos) << r.substr(0, 200);
+  ::close(fd);
+  EXPECT_EQ(c.Command({"SCAN"}), "-ERR wrong number of arguments for 'scan' command");
+}
+
 // WAIT with arguments past what an int or the clock holds: it waits (as
 // Redis does), it does not return at once.
 TEST(ReplicadTest, WaitWithHugeArgumentsWaits) {
@@ -454,6 +564,12 @@ TEST(ReplicadTest, CommandLineErrors) {
       {"--id a --data-dir /tmp/x --secret-file /dev/null", "--secret and --secret-file exclude each other"},
       {"--id a --data-dir /tmp/x --config /tmp", "cannot read config file"},
   };
+  // A data directory that is a file: the start fails (1) and says so.
+  test::TempDir dir;
+  test::WriteFileBytes(dir.Sub("afile"), "x");
+  out = Shell(base + "--id a --listen 127.0.0.1:0 --client-listen 127.0.0.1:0 --data-dir " + dir.Sub("afile"), &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("it exists and is not a directory"), std::string::npos) << out;
   for (const auto& [args, message] : usage_errors) {
     out = Shell(base + args, &code);
     EXPECT_EQ(code, 2) << args << ": " << out;
