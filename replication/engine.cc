@@ -591,6 +591,10 @@ Status EngineImpl::Init() {
   if (opts_.data_dir.empty()) return Status::InvalidArgument("data_dir is required");
   if (opts_.secret.empty()) return Status::InvalidArgument("the cluster secret is required");
   if (opts_.commit_timeout.count() < 1) return Status::InvalidArgument("commit_timeout must be at least 1 ms");
+  if (opts_.tls_cert_file.empty() != opts_.tls_key_file.empty() ||
+      opts_.tls_cert_file.empty() != opts_.tls_ca_file.empty()) {
+    return Status::InvalidArgument("TLS needs all three of the certificate, key and CA files, or none");
+  }
   if (opts_.sync_grace.count() < 1) return Status::InvalidArgument("sync_grace must be at least 1 ms");
   if (opts_.transport_io_threads < 1 || opts_.transport_io_threads > 64) {
     return Status::InvalidArgument("transport_io_threads must be 1..64, got " +
@@ -659,6 +663,10 @@ Status EngineImpl::Init() {
   to.cluster = opts_.cluster;
   to.secret = opts_.secret;
   to.io_threads = opts_.transport_io_threads;
+  to.tls.enabled = !opts_.tls_cert_file.empty();
+  to.tls.cert_file = opts_.tls_cert_file;
+  to.tls.key_file = opts_.tls_key_file;
+  to.tls.ca_file = opts_.tls_ca_file;
   REPLICA_ASSIGN_OR_RETURN(endpoint_, transport::Endpoint::Create(to, this));
   REPLICA_ASSIGN_OR_RETURN(port_, endpoint_->Listen(opts_.listen_host, opts_.listen_port));
   RLOG(kInfo, "engine.open") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " epoch=" << epoch_

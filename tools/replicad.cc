@@ -71,6 +71,10 @@ int main(int argc, char** argv) {
       ("cluster", po::value<std::string>()->default_value("default"), "cluster name; peers must agree")
       ("secret", po::value<std::string>(), "the cluster's shared secret (or --secret-file)")
       ("secret-file", po::value<std::string>(), "file whose first line is the cluster's shared secret")
+      ("tls-cert", po::value<std::string>(), "mutual TLS on the replication port: this node's PEM certificate chain "
+       "(with --tls-key and --tls-ca; every node of the cluster alike)")
+      ("tls-key", po::value<std::string>(), "with --tls-cert: this node's PEM private key")
+      ("tls-ca", po::value<std::string>(), "with --tls-cert: PEM CA certificate(s) that sign every node's certificate")
       ("commit", po::value<std::string>()->default_value("async"),
        "when the active acknowledges a write: async | remote-write:N | remote-apply:N")
       ("commit-timeout-ms", po::value<int64_t>()->default_value(5000),
@@ -230,6 +234,15 @@ int main(int argc, char** argv) {
     o.secret = *secret;
   }
   if (o.secret.empty()) Fail("a cluster secret is required (--secret or --secret-file)");
+  {
+    const int tls = static_cast<int>(vm.count("tls-cert") + vm.count("tls-key") + vm.count("tls-ca"));
+    if (tls != 0 && tls != 3) Fail("TLS needs all three of --tls-cert, --tls-key and --tls-ca");
+    if (tls == 3) {
+      o.tls_cert_file = vm["tls-cert"].as<std::string>();
+      o.tls_key_file = vm["tls-key"].as<std::string>();
+      o.tls_ca_file = vm["tls-ca"].as<std::string>();
+    }
+  }
   auto commit = CommitRule::Parse(vm["commit"].as<std::string>());
   if (!commit.ok()) Fail("--commit: " + commit.status().message());
   o.commit = *commit;

@@ -69,6 +69,12 @@ struct EngineOptions {
   std::string client_address;
   std::string cluster = "default";
   std::string secret;  // the cluster's shared secret (required)
+  // Mutual TLS on the replication port (docs/protocol.md, "TLS"): this
+  // node's PEM certificate chain and key, and the CA that signs every node's
+  // certificate. All three or none; every node of a cluster alike.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_ca_file;
   CommitRule commit;
   // When a write has waited this long for its standbys: keep waiting
   // (fallback "strict"), or fall back to async until enough standbys have

@@ -1,5 +1,6 @@
 #include "tests/support/test_util.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -19,6 +20,22 @@ TempDir::TempDir() {
 TempDir::~TempDir() {
   std::error_code ec;
   fs::remove_all(path_, ec);
+}
+
+bool MakeCertificateAuthority(const std::string& dir, const std::string& ca_name) {
+  return std::system(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " + dir +
+                      "/ca.key -out " + dir + "/ca.crt -subj /CN=" + ca_name + " -days 2 >/dev/null 2>&1")
+                         .c_str()) == 0;
+}
+
+bool MakeNodeCertificate(const std::string& dir, const std::string& name) {
+  const std::string p = dir + "/" + name;
+  return std::system(("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " + p +
+                      ".key -out " + p + ".csr -subj /CN=" + name + " >/dev/null 2>&1")
+                         .c_str()) == 0 &&
+         std::system(("openssl x509 -req -in " + p + ".csr -CA " + dir + "/ca.crt -CAkey " + dir +
+                      "/ca.key -CAcreateserial -out " + p + ".crt -days 2 >/dev/null 2>&1")
+                         .c_str()) == 0;
 }
 
 std::string Payload(uint64_t seed, size_t size) {

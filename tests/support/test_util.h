@@ -65,6 +65,11 @@ uint64_t FileSize(const std::string& path);
 void FlipBit(const std::string& path, uint64_t offset, int bit);
 void TruncateFileTo(const std::string& path, uint64_t size);
 void CopyDir(const std::string& from, const std::string& to);
+// Test certificates made with the openssl command: a CA in DIR/ca.crt (once
+// per DIR), and for MakeNodeCertificate(dir, NAME) DIR/NAME.crt and
+// DIR/NAME.key signed by it. Both return false if openssl failed.
+bool MakeCertificateAuthority(const std::string& dir, const std::string& ca_name);
+bool MakeNodeCertificate(const std::string& dir, const std::string& name);
 // Segment file paths of a WAL directory, oldest first.
 std::vector<std::string> SegmentPaths(const std::string& dir);
 

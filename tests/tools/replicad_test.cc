@@ -373,6 +373,40 @@ TEST(ReplicadTest, ScanMatchIsBinarySafeAndBounded) {
   EXPECT_EQ(c.Command({"SCAN"}), "-ERR wrong number of arguments for 'scan' command");
 }
 
+// Replication over mutual TLS: nodes with certificates of the cluster's CA
+// replicate and logdiff --live compares them; a node without TLS cannot
+// join, and half a TLS configuration is a usage error.
+TEST(ReplicadTest, ReplicationOverMutualTls) {
+  test::TempDir dir;
+  ASSERT_TRUE(test::MakeCertificateAuthority(dir.path(), "cluster-ca"));
+  for (const char* n : {"a", "b", "tool"}) ASSERT_TRUE(test::MakeNodeCertificate(dir.path(), n));
+  auto tls = [&](const std::string& name) {
+    return " --tls-cert " + dir.Sub(name + ".crt") + " --tls-key " + dir.Sub(name + ".key") + " --tls-ca " +
+           dir.Sub("ca.crt");
+  };
+  Daemon a(dir, "a", "--commit remote-apply:1 --metrics-listen 127.0.0.1:0" + tls("a"));
+  Daemon b(dir, "b", "--follow 127.0.0.1:" + std::to_string(a.repl_port()) + tls("b"));
+  for (int i = 0; i < 20; ++i) ASSERT_EQ(a.Cli("SET k" + std::to_string(i) + " v"), "OK\n");
+  EXPECT_EQ(b.Cli("GET k19"), "v\n");  // remote-apply: applied there before the OK
+  int code = -1;
+  std::string out = Shell(std::string(LOGDIFF_PATH) + " --live --no-progress --secret test" + tls("tool") + " a=127.0.0.1:" +
+                              std::to_string(a.repl_port()) + " b=127.0.0.1:" + std::to_string(b.repl_port()),
+                          &code);
+  EXPECT_EQ(code, 0) << out;
+  // Without TLS a node's handshake fails: it never streams, and a counts it.
+  Daemon c(dir, "c", "--follow 127.0.0.1:" + std::to_string(a.repl_port()));
+  ASSERT_TRUE(test::Eventually([&] {
+    const std::string page = Exchange(a.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    return page.find("replica_transport_tls_failures_total{node=\"a\"} 0\n") == std::string::npos &&
+           page.find("replica_transport_tls_failures_total{node=\"a\"}") != std::string::npos;
+  })) << "a plain node's connection was not refused";
+  EXPECT_NE(c.Cli("INFO replication").find("master_link_status:down"), std::string::npos);
+  EXPECT_EQ(c.Cli("GET k1"), "\n");
+  out = Shell(kReplicad + " --id d --data-dir " + dir.Sub("d") + " --secret s --tls-cert " + dir.Sub("a.crt"), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("TLS needs all three"), std::string::npos) << out;
+}
+
 // WAIT with arguments past what an int or the clock holds: it waits (as
 // Redis does), it does not return at once.
 TEST(ReplicadTest, WaitWithHugeArgumentsWaits) {

@@ -67,15 +67,11 @@ class Sink : public Handler {
 class Pki {
  public:
   Pki(const std::string& dir, const std::string& ca_name) : dir_(dir) {
-    Run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " + dir + "/ca.key -out " +
-        dir + "/ca.crt -subj /CN=" + ca_name + " -days 2");
+    EXPECT_TRUE(test::MakeCertificateAuthority(dir, ca_name));
   }
   TlsOptions Node(const std::string& name) {
     const std::string p = dir_ + "/" + name;
-    Run("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout " + p + ".key -out " + p +
-        ".csr -subj /CN=" + name);
-    Run("openssl x509 -req -in " + p + ".csr -CA " + dir_ + "/ca.crt -CAkey " + dir_ + "/ca.key -CAcreateserial -out " +
-        p + ".crt -days 2");
+    EXPECT_TRUE(test::MakeNodeCertificate(dir_, name));
     TlsOptions t;
     t.enabled = true;
     t.cert_file = p + ".crt";
@@ -85,7 +81,6 @@ class Pki {
   }
 
  private:
-  static void Run(const std::string& cmd) { ASSERT_EQ(std::system((cmd + " >/dev/null 2>&1").c_str()), 0) << cmd; }
   std::string dir_;
 };
 
