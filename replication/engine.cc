@@ -202,6 +202,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   Result<StatedRead> ReadWithStaleness(const std::string& key,
                                        std::optional<std::chrono::milliseconds> max_staleness) override;
   Result<std::vector<std::pair<std::string, std::string>>> Scan(const std::string& start, size_t limit) override;
+  Result<std::vector<std::string>> ScanKeys(const std::string& start, size_t limit) override;
   Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) override;
   Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) override;
   EngineStatus status() const override;
@@ -1256,6 +1257,17 @@ Result<std::vector<std::pair<std::string, std::string>>> EngineImpl::Scan(const 
   for (it->Seek(start); it->Valid() && out.size() < limit; it->Next()) {
     out.emplace_back(it->key().ToString(), it->value().ToString());
   }
+  REPLICA_RETURN_IF_ERROR(FromRocks(it->status(), "scan"));
+  return out;
+}
+
+Result<std::vector<std::string>> EngineImpl::ScanKeys(const std::string& start, size_t limit) {
+  REPLICA_RETURN_IF_ERROR(FailedStatus());
+  ReaderLock store(&store_mu_);
+  if (db_closed_.load()) return StorageGone();
+  std::vector<std::string> out;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[0]));
+  for (it->Seek(start); it->Valid() && out.size() < limit; it->Next()) out.push_back(it->key().ToString());
   REPLICA_RETURN_IF_ERROR(FromRocks(it->status(), "scan"));
   return out;
 }

@@ -251,11 +251,11 @@ void Commands::Execute(const std::vector<std::string>& args, CommandState* conn,
     long long n = 0;
     std::string from;
     for (;;) {
-      auto page = engine_->Scan(from, 10000);
+      auto page = engine_->ScanKeys(from, 10000);  // keys only: values can be large
       if (!page.ok()) return AppendStatusError(page.status(), out);
       n += static_cast<long long>(page->size());
       if (page->size() < 10000) break;
-      from = page->back().first + '\0';
+      from = page->back() + '\0';
     }
     return AppendInteger(out, n);
   }
@@ -394,18 +394,18 @@ void Commands::Scan(const std::vector<std::string>& args, std::string* out) {
     if (it == cursors_.end()) return AppendError(out, "ERR invalid cursor");
     start = it->second + '\0';  // the first key after the last one returned
   }
-  auto page = engine_->Scan(start, static_cast<size_t>(count));
+  auto page = engine_->ScanKeys(start, static_cast<size_t>(count));  // keys only: values can be large
   if (!page.ok()) return AppendStatusError(page.status(), out);
   std::vector<std::string> keys;
-  for (const auto& kv : *page) {
-    if (strings && (match.empty() || GlobMatch(match, kv.first))) keys.push_back(kv.first);
+  for (const auto& k : *page) {
+    if (strings && (match.empty() || GlobMatch(match, k))) keys.push_back(k);
   }
   std::string next = "0";
   if (page->size() == static_cast<size_t>(count)) {
     MutexLock l(&cursor_mu_);
     const uint64_t id = next_cursor_++;
-    cursors_[id] = page->back().first;
-    cursor_bytes_ += page->back().first.size();
+    cursors_[id] = page->back();
+    cursor_bytes_ += page->back().size();
     while (cursors_.size() > kMaxCursors || (cursor_bytes_ > kMaxCursorBytes && cursors_.size() > 1)) {
       cursor_bytes_ -= cursors_.begin()->second.size();
       cursors_.erase(cursors_.begin());

@@ -252,6 +252,8 @@ class Engine {
                                                std::optional<std::chrono::milliseconds> max_staleness) = 0;
   // Up to `limit` keys in order, starting at `start` (inclusive).
   virtual Result<std::vector<std::pair<std::string, std::string>>> Scan(const std::string& start, size_t limit) = 0;
+  // The same keys without their values (no value is copied).
+  virtual Result<std::vector<std::string>> ScanKeys(const std::string& start, size_t limit) = 0;
   // Waits until this node has applied `lsn` (read-your-writes across nodes).
   virtual Status WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeout) = 0;
   // Active: waits until `count` standbys hold `lsn` durably in their WAL or

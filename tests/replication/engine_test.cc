@@ -1077,6 +1077,22 @@ TEST(EngineTest, IntervalSyncAcknowledgesOnlyAfterTheTimersSync) {
   ASSERT_TRUE(e->Close().ok());
 }
 
+TEST(EngineTest, ScanKeysListsScansKeysWithoutValues) {
+  TempDir dir;
+  auto e = OpenOrDie(Node(dir, "a"));
+  WriteBatch b;
+  for (const char* k : {"b", "a", "c", "d"}) b.Put(k, std::string(1000, *k));
+  ASSERT_TRUE(e->Write(b).ok());
+  auto pairs = e->Scan("b", 2);
+  auto keys = e->ScanKeys("b", 2);
+  ASSERT_TRUE(pairs.ok() && keys.ok());
+  ASSERT_EQ(*keys, (std::vector<std::string>{"b", "c"}));
+  ASSERT_EQ(pairs->size(), 2u);
+  EXPECT_EQ((*pairs)[1].first, "c");
+  EXPECT_EQ(*e->ScanKeys("", 10), (std::vector<std::string>{"a", "b", "c", "d"}));
+  EXPECT_TRUE(e->ScanKeys("e", 10)->empty());
+}
+
 TEST(EngineTest, RulesAreValidated) {
   TempDir dir;
   EngineOptions o = Node(dir, "a");
