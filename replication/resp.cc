@@ -6,6 +6,72 @@ namespace replica::resp {
 namespace {
 constexpr size_t kMaxLine = 64u << 10;
 
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+bool IsBlank(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\v' || c == '\f'; }
+
+// An inline command's words, as redis-cli and Redis split them: blanks
+// separate words; "double quotes" take \n \r \t \b \a \\ \" and \xHH;
+// 'single quotes' take \'; a closing quote must end the word. False on
+// unbalanced quotes.
+bool SplitInline(std::string_view line, std::vector<std::string>* args) {
+  size_t i = 0;
+  while (true) {
+    while (i < line.size() && IsBlank(line[i])) ++i;
+    if (i == line.size()) return true;
+    std::string word;
+    bool dq = false, sq = false, done = false;
+    while (!done) {
+      if (dq) {
+        if (i == line.size()) return false;
+        if (line[i] == '\\' && i + 3 < line.size() && line[i + 1] == 'x' && HexValue(line[i + 2]) >= 0 &&
+            HexValue(line[i + 3]) >= 0) {
+          word += static_cast<char>(HexValue(line[i + 2]) * 16 + HexValue(line[i + 3]));
+          i += 4;
+        } else if (line[i] == '\\' && i + 1 < line.size()) {
+          const char e = line[i + 1];
+          word += e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : e == 'b' ? '\b' : e == 'a' ? '\a' : e;
+          i += 2;
+        } else if (line[i] == '"') {
+          if (i + 1 < line.size() && !IsBlank(line[i + 1])) return false;  // "foo"bar
+          ++i;
+          done = true;
+        } else {
+          word += line[i++];
+        }
+      } else if (sq) {
+        if (i == line.size()) return false;
+        if (line[i] == '\\' && i + 1 < line.size() && line[i + 1] == '\'') {
+          word += '\'';
+          i += 2;
+        } else if (line[i] == '\'') {
+          if (i + 1 < line.size() && !IsBlank(line[i + 1])) return false;
+          ++i;
+          done = true;
+        } else {
+          word += line[i++];
+        }
+      } else if (i == line.size() || IsBlank(line[i])) {
+        done = true;
+      } else if (line[i] == '"') {
+        dq = true;
+        ++i;
+      } else if (line[i] == '\'') {
+        sq = true;
+        ++i;
+      } else {
+        word += line[i++];
+      }
+    }
+    args->push_back(std::move(word));
+  }
+}
+
 bool ParseLength(std::string_view s, long long* out) {
   auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
   return ec == std::errc() && p == s.data() + s.size();
@@ -33,8 +99,9 @@ Parser::Outcome Parser::Next(std::vector<std::string>* args, std::string* error)
   for (;;) {
     if (pos_ >= buf_.size()) return Outcome::kNeedMore;
     if (buf_[pos_] != '*') {
-      // Inline command: one line of space-separated words (what telnet sends).
-      size_t end = FindLineEnd(pos_);
+      // Inline command: one line of words (what telnet sends), ended by LF
+      // or CRLF, split as Redis splits it (SplitInline).
+      size_t end = buf_.find('\n', pos_);
       if (end == std::string::npos) {
         if (buf_.size() - pos_ > kMaxLine) {
           *error = "Protocol error: too big inline request";
@@ -43,14 +110,10 @@ Parser::Outcome Parser::Next(std::vector<std::string>* args, std::string* error)
         return Outcome::kNeedMore;
       }
       std::string_view line(buf_.data() + pos_, end - pos_);
-      pos_ = end + 2;
-      size_t i = 0;
-      while (i < line.size()) {
-        while (i < line.size() && line[i] == ' ') ++i;
-        size_t j = i;
-        while (j < line.size() && line[j] != ' ') ++j;
-        if (j > i) args->emplace_back(line.substr(i, j - i));
-        i = j;
+      pos_ = end + 1;
+      if (!SplitInline(line, args)) {
+        *error = "Protocol error: unbalanced quotes in request";
+        return Outcome::kError;
       }
       if (args->empty()) continue;  // an empty line is ignored, as Redis does
       return Outcome::kCommand;

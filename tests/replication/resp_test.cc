@@ -38,6 +38,36 @@ TEST(RespParserTest, MultibulkAndInlineInAnyChunking) {
   }
 }
 
+// Inline commands (telnet, nc) are split as Redis splits them.
+TEST(RespParserTest, InlineCommandsAreSplitAsRedisSplitsThem) {
+  struct Case {
+    std::string line;
+    std::vector<std::string> args;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"PING\n", {"PING"}},                                       // a bare LF ends the line too
+           {"SET k v\r\n", {"SET", "k", "v"}},
+           {"GET\tk\r\n", {"GET", "k"}},                              // tabs separate words
+           {"SET \"q k\" v\r\n", {"SET", "q k", "v"}},               // quotes are stripped
+           {"SET k \"a\\nb\\x41\\\"\"\r\n", {"SET", "k", "a\nbA\""}},  // escapes in double quotes
+           {"SET k 'it\\'s'\r\n", {"SET", "k", "it's"}},            // and \' in single quotes
+           {"SET k \"\"\r\n", {"SET", "k", ""}},                     // an empty word
+       }) {
+    std::string error;
+    auto cmds = ParseAll(c.line, 1000, &error);
+    ASSERT_EQ(cmds.size(), 1u) << c.line << ": " << error;
+    EXPECT_EQ(cmds[0], c.args) << c.line;
+  }
+  for (const std::string bad : {"SET \"k v\r\n", "SET 'k v\r\n", "SET \"k\"v x\r\n"}) {
+    Parser p;
+    p.Feed(bad);
+    std::vector<std::string> args;
+    std::string error;
+    EXPECT_EQ(p.Next(&args, &error), Parser::Outcome::kError) << bad;
+    EXPECT_NE(error.find("unbalanced quotes"), std::string::npos) << bad << ": " << error;
+  }
+}
+
 TEST(RespParserTest, HostileInputIsAnError) {
   for (const std::string bad : {"*1\r\n$99999999999\r\n", "*1\r\n$-5\r\n", "*1\r\n:5\r\n", "*x\r\n",
                                 "*1\r\n$3\r\nabcXY", "*99999999\r\n"}) {
