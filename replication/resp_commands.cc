@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <climits>
 #include <cstdlib>
 
@@ -26,15 +27,12 @@ HostPort SplitAddress(const std::string& address) {
   return hp.ok() ? *hp : HostPort{address, 0};
 }
 
+// A whole decimal integer as Redis reads one: an optional '-', digits, no
+// blanks or '+' (" 5" and "+1" are not integers).
 bool ParseInt(const std::string& s, long long* v) {
   if (s.empty()) return false;
-  try {
-    size_t used = 0;
-    *v = std::stoll(s, &used);
-    return used == s.size();
-  } catch (...) {
-    return false;
-  }
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), *v);
+  return ec == std::errc() && end == s.data() + s.size();
 }
 
 }  // namespace
@@ -287,10 +285,20 @@ void Commands::Execute(const std::vector<std::string>& args, CommandState* conn,
     if (argc != 2) return arity_error();
     return args[1] == "0" ? AppendSimple(out, "OK") : AppendError(out, "ERR DB index is out of range");
   }
-  if (cmd == "COMMAND" || cmd == "CONFIG") return AppendArrayHeader(out, 0);
+  // What client libraries and tools send when they connect gets an empty
+  // answer, so their handshakes work; anything that would change or kill
+  // something is refused, not answered as if done.
+  if (cmd == "COMMAND") return AppendArrayHeader(out, 0);
+  if (cmd == "CONFIG") {
+    if (argc >= 2 && Upper(args[1]) == "GET") return AppendArrayHeader(out, 0);
+    return AppendError(out, "ERR CONFIG " + (argc >= 2 ? Upper(args[1]).substr(0, 32) : std::string()) +
+                                " is not supported");
+  }
   if (cmd == "CLIENT") {
-    if (argc >= 2 && Upper(args[1]) == "ID") return AppendInteger(out, static_cast<long long>(conn->id));
-    return AppendSimple(out, "OK");
+    const std::string sub = argc >= 2 ? Upper(args[1]) : std::string();
+    if (sub == "ID") return AppendInteger(out, static_cast<long long>(conn->id));
+    if (sub == "SETNAME" || sub == "SETINFO") return AppendSimple(out, "OK");
+    return AppendError(out, "ERR CLIENT " + sub.substr(0, 32) + " is not supported");
   }
   std::string first = argc > 1 ? "'" + args[1].substr(0, 64) + "' " : "";
   AppendError(out, "ERR unknown command '" + args[0].substr(0, 64) + "', with args beginning with: " + first);

@@ -46,6 +46,11 @@ TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   EXPECT_EQ(a.Cli("DBSIZE"), "3\n");
   EXPECT_EQ(a.Cli("DEL k1 nope k1"), "1\n");  // each key counted once, as Redis does
   EXPECT_NE(a.Cli("CLIENT ID").find_first_of("0123456789"), std::string::npos);
+  EXPECT_EQ(a.Cli("CLIENT SETNAME app"), "OK\n");
+  EXPECT_EQ(a.Cli("CONFIG GET save"), "\n");  // an empty array
+  EXPECT_NE(a.Cli("CLIENT KILL 127.0.0.1:1").find("ERR CLIENT KILL is not supported"), std::string::npos);
+  EXPECT_NE(a.Cli("CONFIG SET save x").find("ERR CONFIG SET is not supported"), std::string::npos);
+  EXPECT_NE(a.Cli("WAIT +1 5").find("not an integer"), std::string::npos) << "Redis reads no '+'";
   EXPECT_EQ(a.Cli("WAIT 1 5000"), "1\n");
   const std::string ro = b.Cli("SET x y");
   EXPECT_NE(ro.find("READONLY"), std::string::npos) << ro;
