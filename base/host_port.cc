@@ -63,11 +63,9 @@ Result<std::vector<std::string>> ResolveHost(const std::string& host, bool passi
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> guard(res, &::freeaddrinfo);
   std::vector<std::string> out;
   for (const addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    char buf[INET6_ADDRSTRLEN] = {};
-    const void* src = nullptr;
-    if (a->ai_family == AF_INET) src = &reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr;
-    if (a->ai_family == AF_INET6) src = &reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr;
-    if (src == nullptr || ::inet_ntop(a->ai_family, src, buf, sizeof buf) == nullptr) continue;
+    if (a->ai_family != AF_INET && a->ai_family != AF_INET6) continue;
+    char buf[NI_MAXHOST] = {};  // numeric, with an IPv6 zone ("fe80::1%eth0") kept
+    if (::getnameinfo(a->ai_addr, a->ai_addrlen, buf, sizeof buf, nullptr, 0, NI_NUMERICHOST) != 0) continue;
     bool seen = false;
     for (const auto& s : out) seen = seen || s == buf;
     if (!seen) out.emplace_back(buf);

@@ -528,6 +528,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string unreachable_target_ GUARDED_BY(mu_);
   int appends_in_flight_ GUARDED_BY(mu_) = 0;  // DoWrite: past the role check, before its append returned
+  bool demoting_ GUARDED_BY(mu_) = false;      // Demote: waiting for appends_in_flight_ to drain
   CondVar appends_cv_{&mu_};                   // signalled when appends_in_flight_ drops to 0
   uint64_t fenced_epoch_ GUARDED_BY(mu_) = 0;  // the highest epoch any fence received named  // said once per target until it answers
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
@@ -2467,14 +2468,15 @@ void EngineImpl::Demote(const std::string& reason) {
   wal::Lsn committed;
   {
     MutexLock l(&mu_);
-    if (role_.load() != Role::kActive) return;
+    if (role_.load() != Role::kActive) {
+      // Another caller is demoting: return once it has drained (below).
+      while (demoting_) appends_cv_.Wait();
+      return;
+    }
     role_ = Role::kStandby;
+    demoting_ = true;  // the follower waits for the drain below
     apply_cap_ = commit_lsn_;
     committed = commit_lsn_;
-    // Appends that passed the role check end first (past the cap: never
-    // acknowledged, a tail the rejoin cuts), so that the follower, started
-    // after this returns, subscribes from a log end that no longer moves.
-    while (appends_in_flight_ > 0) appends_cv_.Wait();
     for (auto& [_, sb] : standbys_) {
       sb->Stop();
       gone.push_back(sb);
@@ -2486,7 +2488,18 @@ void EngineImpl::Demote(const std::string& reason) {
     acks_cv_.SignalAll();
     WakeAllWriters();
   }
+  // Closed before the drain: nothing appended from here on is shipped.
   for (auto& sb : gone) sb->session->Close(Status::Aborted("this node is no longer the active"));
+  {
+    // Appends that passed the role check end first (past the cap: never
+    // acknowledged nor shipped, a tail the rejoin cuts), so that the
+    // follower subscribes from a log end that no longer moves.
+    MutexLock l(&mu_);
+    while (appends_in_flight_ > 0) appends_cv_.Wait();
+    demoting_ = false;
+    appends_cv_.SignalAll();  // other Demote callers
+    cv_.SignalAll();          // the follower
+  }
   RLOG(kWarn, "engine.demoted") << "node=" << opts_.node_id << " epoch=" << epoch_.load()
                                 << " commit_lsn=" << committed << " reason=\"" << reason << "\"";
   if (opts_.on_role_change) opts_.on_role_change(Role::kStandby);
@@ -2547,7 +2560,7 @@ void EngineImpl::FollowerLoop() {
       MutexLock l(&mu_);
       if (closing_ || !failure_.ok()) return;  // a failed node follows nobody
       target = follow_;
-      if (target.empty() || role_.load() != Role::kStandby) {
+      if (target.empty() || role_.load() != Role::kStandby || demoting_) {
         cv_.WaitUntil(Clock::now() + 200ms);  // nobody to follow yet (the arbiter tells)
         continue;
       }

@@ -83,7 +83,6 @@ void Parser::Feed(std::string_view bytes) {
     buf_.erase(0, pos_);
     mb_pos_ -= std::min(mb_pos_, pos_);
     pos_ = 0;
-    // After a large command, an idle connection keeps only what is left.
     if (buf_.capacity() > (1u << 20) && buf_.size() * 4 < buf_.capacity()) buf_.shrink_to_fit();
   }
   buf_.append(bytes);
@@ -97,7 +96,17 @@ size_t Parser::FindLineEnd(size_t from) const {
 Parser::Outcome Parser::Next(std::vector<std::string>* args, std::string* error) {
   args->clear();
   for (;;) {
-    if (pos_ >= buf_.size()) return Outcome::kNeedMore;
+    if (pos_ >= buf_.size()) {
+      // All consumed: an idle connection keeps no large buffer after a
+      // large command.
+      if (!in_multibulk_) {
+        if (buf_.capacity() > (1u << 20)) std::string().swap(buf_);
+        buf_.clear();
+        pos_ = 0;
+        mb_pos_ = 0;
+      }
+      return Outcome::kNeedMore;
+    }
     if (buf_[pos_] != '*') {
       // Inline command: one line of words (what telnet sends), ended by LF
       // or CRLF, split as Redis splits it (SplitInline).

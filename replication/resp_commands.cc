@@ -321,7 +321,7 @@ bool MatchOne(std::string_view pat, size_t* p, char c) {
       bool match = false;
       for (; i < pat.size() && pat[i] != ']'; ++i) {
         if (pat[i] == '\\' && i + 1 < pat.size()) {
-          match = match || pat[++i] == c;
+          if (pat[++i] == c) match = true;  // the escaped byte is consumed either way
         } else if (i + 2 < pat.size() && pat[i + 1] == '-' && pat[i + 2] != ']') {
           unsigned char lo = static_cast<unsigned char>(pat[i]), hi = static_cast<unsigned char>(pat[i + 2]);
           if (lo > hi) std::swap(lo, hi);

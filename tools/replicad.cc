@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <iostream>
@@ -110,12 +111,24 @@ int main(int argc, char** argv) {
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
+    // The secret given on the command line, either way, wins over the
+    // config file's; both ways in one place is a mistake.
+    if (vm.count("secret") && vm.count("secret-file")) Fail("--secret and --secret-file exclude each other");
+    const bool secret_on_command_line = vm.count("secret") || vm.count("secret-file");
     if (vm.count("config")) {
       const std::string path = vm["config"].as<std::string>();
       auto text = ReadWholeFile(Env::Default(), path);  // a directory is an error too
       if (!text.ok()) Fail("cannot read config file: " + text.status().ToString());
       std::istringstream in(*text);
-      po::store(po::parse_config_file(in, desc), vm);  // stored second: the command line wins
+      po::parsed_options parsed = po::parse_config_file(in, desc);
+      auto is_secret = [](const po::option& o) { return o.string_key == "secret" || o.string_key == "secret-file"; };
+      const auto secrets = std::count_if(parsed.options.begin(), parsed.options.end(), is_secret);
+      if (secrets > 1) Fail("config file " + path + ": give one of secret and secret-file");
+      if (secret_on_command_line) {
+        parsed.options.erase(std::remove_if(parsed.options.begin(), parsed.options.end(), is_secret),
+                             parsed.options.end());
+      }
+      po::store(parsed, vm);  // stored second: the command line wins
     }
     po::notify(vm);
   } catch (const po::error& e) {
@@ -225,7 +238,6 @@ int main(int argc, char** argv) {
     }
   }
   o.cluster = vm["cluster"].as<std::string>();
-  if (vm.count("secret") && vm.count("secret-file")) Fail("--secret and --secret-file exclude each other");
   if (vm.count("secret")) {
     o.secret = vm["secret"].as<std::string>();
   } else if (vm.count("secret-file")) {

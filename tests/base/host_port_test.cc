@@ -54,6 +54,10 @@ TEST(HostPortTest, ResolvesNamesAndKeepsAddresses) {
   ASSERT_TRUE(name.ok()) << name.status().ToString();
   ASSERT_FALSE(name->empty());
   for (const auto& a : *name) EXPECT_TRUE(a == "127.0.0.1" || a == "::1") << a;
+  // An IPv6 zone stays on the address (a link-local address needs it).
+  auto zoned = ResolveHost("fe80::1%lo", false);
+  ASSERT_TRUE(zoned.ok()) << zoned.status().ToString();
+  EXPECT_EQ(*zoned, std::vector<std::string>{"fe80::1%lo"});
   // .invalid never resolves (RFC 6761); the resolver answers that locally.
   auto none = ResolveHost("no-such-host.invalid", false);
   ASSERT_FALSE(none.ok());

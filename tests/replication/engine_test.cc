@@ -618,9 +618,11 @@ TEST(EngineTest, AWriteInFlightAtADemotionIsCutNotApplied) {
   auto a = OpenOrDie(ao);
   ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
   auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));
-  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  auto c = OpenOrDie(ArbitratedNode(dir, &cluster, "c"));  // a standby that stays one
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 2; }));
   const uint64_t last = WriteMany(a.get(), 10);
   ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
   hold_next = true;
   auto pending = std::async(std::launch::async, [&] {
     WriteBatch w;
@@ -647,6 +649,12 @@ TEST(EngineTest, AWriteInFlightAtADemotionIsCutNotApplied) {
   EXPECT_EQ(a->status().role, Role::kStandby);
   EXPECT_EQ(*a->Get("held"), std::nullopt) << "a applied a record that is not in b's history";
   EXPECT_EQ(a->status().rewinds, 1u) << "the held record was not cut as a tail";
+  // Nor was it shipped: c follows b without a snapshot (a record b lacks,
+  // once applied, could only be undone by one).
+  ASSERT_TRUE(c->WaitForApplied(b_last, 30s).ok());
+  EXPECT_EQ(*c->Get("held"), std::nullopt);
+  EXPECT_EQ(c->status().snapshots_installed, 0u) << "c received the demoted node's unacknowledged record";
+  ASSERT_TRUE(c->Close().ok());
   ASSERT_TRUE(b->Close().ok());
   ASSERT_TRUE(a->Close().ok());
 }
