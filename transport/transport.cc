@@ -306,11 +306,26 @@ void SessionImpl::StartConnect(std::vector<tcp::endpoint> targets, size_t next) 
   if (closing_) return;
   boost::system::error_code ignored;
   if (next > 0) io_->socket().close(ignored);  // the failed attempt's socket
-  io_->socket().async_connect(target, [self, targets = std::move(targets), next](const boost::system::error_code& ec) {
+  // An address that drops the SYN is given up after the handshake timeout,
+  // not the kernel's (about two minutes), so the next one is tried in time.
+  auto timed_out = std::make_shared<bool>(false);
+  io_->handshake_timer.expires_after(ep_->options().handshake_timeout);
+  io_->handshake_timer.async_wait([self, timed_out](const boost::system::error_code& ec) {
+    if (ec || self->closing_) return;
+    *timed_out = true;
+    boost::system::error_code ignored;
+    self->io_->socket().cancel(ignored);
+  });
+  io_->socket().async_connect(target, [self, targets = std::move(targets), next,
+                                       timed_out](const boost::system::error_code& ec) {
     if (self->closing_) return;
+    self->io_->handshake_timer.cancel();
     if (ec && next + 1 < targets.size()) return self->StartConnect(std::move(targets), next + 1);
     if (ec) {
-      self->DoClose(FromAsio(ec, "connect to " + self->remote_address()));
+      self->DoClose(*timed_out ? Status::TimedOut("connect to " + self->remote_address() + ": no answer within " +
+                                                  std::to_string(self->ep_->options().handshake_timeout.count()) +
+                                                  " ms")
+                               : FromAsio(ec, "connect to " + self->remote_address()));
       return;
     }
     self->Start();

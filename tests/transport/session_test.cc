@@ -573,5 +573,36 @@ TEST(SessionTest, ConnectToNothingReportsClosed) {
   EXPECT_EQ(Endpoint::Create(Options{}, &rec).status().code(), StatusCode::kInvalidArgument);  // no secret
 }
 
+// A listener whose accept queue is full drops new SYNs, as an address that
+// does not answer does: the connect is given up after the handshake
+// timeout, not after the kernel's two minutes of SYN retries.
+TEST(SessionTest, AConnectThatGetsNoAnswerTimesOut) {
+  const int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(lfd, 0), 0);  // never accepted from
+  socklen_t len = sizeof a;
+  ::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &len);
+  std::vector<int> fillers;
+  for (int i = 0; i < 4; ++i) {  // fill the queue; later SYNs are dropped
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    (void)::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    fillers.push_back(fd);
+  }
+  Recorder rec;
+  Options o = Opts("cli");
+  o.handshake_timeout = 500ms;
+  auto ep = std::move(Endpoint::Create(o, &rec)).value();
+  ASSERT_TRUE(ep->Connect("127.0.0.1", ntohs(a.sin_port)).ok());
+  ASSERT_TRUE(rec.WaitFor([&] { return !rec.closed_.empty(); })) << "the connect was not given up";
+  EXPECT_TRUE(rec.closed_[0].IsTimedOut()) << rec.closed_[0].ToString();
+  EXPECT_NE(rec.closed_[0].message().find("no answer within 500 ms"), std::string::npos) << rec.closed_[0].ToString();
+  ep->Stop();
+  for (int fd : fillers) ::close(fd);
+  ::close(lfd);
+}
+
 }  // namespace
 }  // namespace replica::transport
