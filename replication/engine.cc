@@ -1558,6 +1558,9 @@ Status EngineImpl::ShipSome(Standby* sb, std::atomic<uint64_t>* sent) {
       if (sb->drained) return Status::OK();
       sb->unsent = std::move(**span);
     }
+    // Stopped (a demotion): nothing more goes out, not even a span read
+    // before the stop, which may hold a record the demotion cuts.
+    if (sb->stop.load()) return Status::Aborted("the standby's shipping stopped");
     const wal::RawSpan& s = *sb->unsent;
     std::shared_ptr<const void> keep = s.file;  // keeps the segment open until sent
     Status st = sb->session->SendFile(std::move(keep), s.file->NativeHandle(), s.offset, s.length);
@@ -2488,7 +2491,9 @@ void EngineImpl::Demote(const std::string& reason) {
     acks_cv_.SignalAll();
     WakeAllWriters();
   }
-  // Closed before the drain: nothing appended from here on is shipped.
+  // Stopped above and closed here, before the drain: neither the writers'
+  // hook nor a shipper sends another span (a send already under way
+  // finishes; a record written before the demotion began may be in it).
   for (auto& sb : gone) sb->session->Close(Status::Aborted("this node is no longer the active"));
   {
     // Appends that passed the role check end first (past the cap: never

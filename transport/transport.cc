@@ -308,21 +308,29 @@ void SessionImpl::StartConnect(std::vector<tcp::endpoint> targets, size_t next) 
   if (next > 0) io_->socket().close(ignored);  // the failed attempt's socket
   // An address that drops the SYN is given up after the handshake timeout,
   // not the kernel's (about two minutes), so the next one is tried in time.
-  auto timed_out = std::make_shared<bool>(false);
+  // Per attempt: a timer handler already queued when its attempt ended
+  // (cancel() cannot recall it) must not cancel the next attempt or the
+  // session that follows.
+  struct Attempt {
+    bool done = false;
+    bool timed_out = false;
+  };
+  auto attempt = std::make_shared<Attempt>();
   io_->handshake_timer.expires_after(ep_->options().handshake_timeout);
-  io_->handshake_timer.async_wait([self, timed_out](const boost::system::error_code& ec) {
-    if (ec || self->closing_) return;
-    *timed_out = true;
+  io_->handshake_timer.async_wait([self, attempt](const boost::system::error_code& ec) {
+    if (ec || self->closing_ || attempt->done) return;
+    attempt->timed_out = true;
     boost::system::error_code ignored;
     self->io_->socket().cancel(ignored);
   });
   io_->socket().async_connect(target, [self, targets = std::move(targets), next,
-                                       timed_out](const boost::system::error_code& ec) {
+                                       attempt](const boost::system::error_code& ec) {
+    attempt->done = true;  // both handlers run on the session's strand
     if (self->closing_) return;
     self->io_->handshake_timer.cancel();
     if (ec && next + 1 < targets.size()) return self->StartConnect(std::move(targets), next + 1);
     if (ec) {
-      self->DoClose(*timed_out ? Status::TimedOut("connect to " + self->remote_address() + ": no answer within " +
+      self->DoClose(attempt->timed_out ? Status::TimedOut("connect to " + self->remote_address() + ": no answer within " +
                                                   std::to_string(self->ep_->options().handshake_timeout.count()) +
                                                   " ms")
                                : FromAsio(ec, "connect to " + self->remote_address()));
