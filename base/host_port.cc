@@ -4,6 +4,7 @@
 #include <netdb.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <memory>
 
 namespace replica {
@@ -19,7 +20,8 @@ Result<HostPort> ParseHostPort(std::string_view text) {
   };
   HostPort out;
   std::string_view port;
-  if (!text.empty() && text.front() == '[') {
+  const bool bracketed = !text.empty() && text.front() == '[';
+  if (bracketed) {
     const size_t close = text.find(']');
     if (close == std::string_view::npos) return bad("an IPv6 address opened with '[' is not closed with ']'");
     out.host = std::string(text.substr(1, close - 1));
@@ -30,10 +32,6 @@ Result<HostPort> ParseHostPort(std::string_view text) {
     const size_t colon = text.rfind(':');
     if (colon == std::string_view::npos) return bad("no ':PORT'");
     out.host = std::string(text.substr(0, colon));
-    if (out.host.find('/') != std::string::npos) return bad("the host holds a character no host name or address has");
-    if (out.host.find(':') != std::string::npos) {
-      return bad("an IPv6 address goes in brackets, as in [" + out.host + "]:" + std::string(text.substr(colon + 1)));
-    }
     port = text.substr(colon + 1);
   }
   if (out.host.empty()) return bad("no host");
@@ -41,6 +39,9 @@ Result<HostPort> ParseHostPort(std::string_view text) {
     if (static_cast<unsigned char>(c) <= ' ' || c == '/' || c == '[' || c == ']') {
       return bad("the host holds a character no host name or address has");
     }
+  }
+  if (!bracketed && out.host.find(':') != std::string::npos) {
+    return bad("an IPv6 address goes in brackets, as in [" + out.host + "]:" + std::string(port));
   }
   if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string_view::npos) {
     return bad("the port must be a number 0..65535");
@@ -66,9 +67,7 @@ Result<std::vector<std::string>> ResolveHost(const std::string& host, bool passi
     if (a->ai_family != AF_INET && a->ai_family != AF_INET6) continue;
     char buf[NI_MAXHOST] = {};  // numeric, with an IPv6 zone ("fe80::1%eth0") kept
     if (::getnameinfo(a->ai_addr, a->ai_addrlen, buf, sizeof buf, nullptr, 0, NI_NUMERICHOST) != 0) continue;
-    bool seen = false;
-    for (const auto& s : out) seen = seen || s == buf;
-    if (!seen) out.emplace_back(buf);
+    if (std::find(out.begin(), out.end(), buf) == out.end()) out.emplace_back(buf);
   }
   if (out.empty()) return Status::NotFound("host '" + host + "' has no IPv4 or IPv6 address");
   return out;

@@ -526,11 +526,12 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // (its published LSNs are final for the election); 0 otherwise.
   std::atomic<uint64_t> final_epoch_{0};
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
-  std::string unreachable_target_ GUARDED_BY(mu_);
+  std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
   int appends_in_flight_ GUARDED_BY(mu_) = 0;  // DoWrite: past the role check, before its append returned
   bool demoting_ GUARDED_BY(mu_) = false;      // Demote: waiting for appends_in_flight_ to drain
   CondVar appends_cv_{&mu_};                   // signalled when appends_in_flight_ drops to 0
-  uint64_t fenced_epoch_ GUARDED_BY(mu_) = 0;  // the highest epoch any fence received named  // said once per target until it answers
+  uint64_t fenced_epoch_ GUARDED_BY(mu_) = 0;  // the highest epoch any fence received named
+  std::optional<HostPort> advertise_;          // EngineOptions::advertise, parsed once (Init)
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
   std::string active_client_ GUARDED_BY(mu_);  // the active's published client address
   std::string client_address_ GUARDED_BY(mu_);  // this node's
@@ -581,10 +582,8 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   bool ActiveLeaseHeld() const { return !arbiter_ || (LeaseHeld() && arbiter_->WonLeaseCurrent()); }
   // Where the other nodes reach this one (EngineOptions::advertise).
   std::string PublishedAddress() const {
-    if (opts_.advertise.empty()) return HostPort{opts_.listen_host, port_}.ToString();
-    auto hp = ParseHostPort(opts_.advertise);  // checked in Init
-    if (hp->port == 0) hp->port = port_;
-    return hp->ToString();
+    if (!advertise_) return HostPort{opts_.listen_host, port_}.ToString();
+    return HostPort{advertise_->host, advertise_->port != 0 ? advertise_->port : port_}.ToString();
   }
 };
 
@@ -614,6 +613,7 @@ Status EngineImpl::Init() {
     if (IsWildcardHost(hp->host)) {
       return Status::InvalidArgument("advertise '" + opts_.advertise + "' names no host the other nodes can reach");
     }
+    advertise_ = *hp;
   } else if ((!opts_.etcd.empty() || opts_.arbiter) && IsWildcardHost(opts_.listen_host)) {
     return Status::InvalidArgument("listen host '" + opts_.listen_host +
                                    "' (every interface) names no address the other nodes can reach: set the "

@@ -267,10 +267,10 @@ void Commands::Execute(const std::vector<std::string>& args, CommandState* conn,
     if (engine_->status().role != Role::kActive) {
       return AppendError(out, "ERR WAIT cannot be used with replica instances.");
     }
-    // Redis: timeout 0 blocks forever; a day is forever enough here (and
-    // bounds a huge timeout, whose deadline would overflow the clock). More
-    // standbys than an int counts are never there: wait the timeout out.
-    auto ms = std::chrono::milliseconds(timeout == 0 || timeout > 86400000 ? 86400000 : timeout);
+    // Redis: timeout 0 blocks forever; a day is forever enough here (the
+    // engine bounds a huge one). More standbys than an int counts are never
+    // there: wait the timeout out.
+    auto ms = std::chrono::milliseconds(timeout == 0 ? 86400000 : timeout);
     const int want = n > INT_MAX ? INT_MAX : static_cast<int>(n);
     auto got = engine_->WaitForReplicas(conn->last_write_lsn, want, ms);
     if (!got.ok()) return AppendStatusError(got.status(), out);
