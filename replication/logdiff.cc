@@ -14,7 +14,7 @@
 #include <cstdlib>
 #include <thread>
 #include <unistd.h>
-#include <unordered_set>
+#include <unordered_map>
 
 #include "base/coding.h"
 #include "base/env.h"
@@ -398,12 +398,17 @@ class Comparison {
 
   // Runs fn(i) for every node in parallel; the first error (by node order) wins.
   Status ForEachNode(const std::function<Status(size_t)>& fn) {
-    std::vector<Status> st(n());
+    std::vector<size_t> all(n());
+    for (size_t i = 0; i < n(); ++i) all[i] = i;
+    return ForEachOf(all, fn);
+  }
+  Status ForEachOf(const std::vector<size_t>& nodes, const std::function<Status(size_t)>& fn) {
+    std::vector<Status> st(nodes.size());
     std::vector<std::function<void()>> tasks;
-    for (size_t i = 0; i < n(); ++i) tasks.emplace_back([&, i] { st[i] = fn(i); });
+    for (size_t k = 0; k < nodes.size(); ++k) tasks.emplace_back([&, k] { st[k] = fn(nodes[k]); });
     RunAll(tasks, threads_);
-    for (size_t i = 0; i < n(); ++i) {
-      if (!st[i].ok()) return st[i].WithContext(names_[i]);
+    for (size_t k = 0; k < nodes.size(); ++k) {
+      if (!st[k].ok()) return st[k].WithContext(names_[nodes[k]]);
     }
     return Status::OK();
   }
@@ -480,17 +485,53 @@ class Comparison {
         }
         AddDiff(std::move(d));
       }
+      if (ni.applied + 1 < ni.wal_first) {
+        // It cannot replay what it has not applied: a replica whose data
+        // this comparison could not excuse as lag.
+        Difference d{"log-start", "WAL of " + names_[i], {}};
+        for (size_t j = 0; j < n(); ++j) {
+          d.sides.push_back(j == i ? "RocksDB applied up to LSN " + std::to_string(ni.applied) +
+                                         " but the WAL starts at LSN " + std::to_string(ni.wal_first) + ": LSN " +
+                                         std::to_string(ni.applied + 1) + ".." + std::to_string(ni.wal_first - 1) +
+                                         " can no longer be applied"
+                                   : "");
+        }
+        AddDiff(std::move(d));
+      }
     }
-    bool diverged = false;
     if (first > last) {
       std::string ranges;
       for (size_t i = 0; i < n(); ++i) {
         ranges += (i ? ", " : "") + names_[i] + " " + std::to_string(rep_.nodes[i].wal_first) + ".." +
                   std::to_string(rep_.nodes[i].wal_last);
       }
-      rep_.notes.push_back("the WALs hold no LSN in common (" + ranges + "): records not compared");
-    } else {
-      REPLICA_ASSIGN_OR_RETURN(diverged, WalRange(first, last));
+      rep_.notes.push_back("the WALs hold no LSN that every node holds (" + ranges + ")");
+    }
+    // Every LSN held by two or more nodes is compared among them, not only
+    // the range every node holds: with three nodes, one behind, the other
+    // two must agree on the records it lacks. The LSN line is cut where a
+    // node's log starts or ends; each piece is compared among its holders.
+    std::vector<uint64_t> cuts;
+    for (const auto& ni : rep_.nodes) {
+      if (ni.wal_first > ni.wal_last) continue;  // an empty log
+      cuts.push_back(ni.wal_first);
+      cuts.push_back(ni.wal_last + 1);
+    }
+    std::sort(cuts.begin(), cuts.end());
+    cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+    bool diverged = false;
+    for (size_t k = 0; k + 1 < cuts.size() && !diverged; ++k) {
+      const uint64_t lo = cuts[k], hi = cuts[k + 1] - 1;
+      std::vector<size_t> holders;
+      for (size_t i = 0; i < n(); ++i) {
+        if (rep_.nodes[i].wal_first <= lo && rep_.nodes[i].wal_last >= hi) holders.push_back(i);
+      }
+      if (holders.size() < 2) continue;
+      REPLICA_ASSIGN_OR_RETURN(const uint64_t at, WalRange(holders, lo, hi));
+      diverged = at != 0;
+      if (diverged && at == lo) break;  // nothing in this piece agreed
+      if (rep_.compared_first > rep_.compared_last) rep_.compared_first = lo;
+      rep_.compared_last = diverged ? at - 1 : hi;
     }
     for (size_t i = 0; i < n() && !diverged; ++i) {
       const auto& ni = rep_.nodes[i];
@@ -510,61 +551,71 @@ class Comparison {
     return Status::OK();
   }
 
-  // Compares [first, last] chunk by chunk; returns whether the logs diverge.
-  Result<bool> WalRange(uint64_t first, uint64_t last) {
+  // Compares [first, last] among the given nodes (all hold it), chunk by
+  // chunk; returns the LSN where their logs diverge, or 0.
+  Result<uint64_t> WalRange(const std::vector<size_t>& nodes, uint64_t first, uint64_t last) {
     const uint64_t chunk = std::max<uint64_t>(1, opt_.wal_chunk);
+    const size_t chunks = static_cast<size_t>((last - first) / chunk + 1);
     std::vector<std::vector<Digest>> dig(n());
     if (!opt_.bytes) {
-      REPLICA_RETURN_IF_ERROR(ForEachNode([&](size_t i) -> Status {
+      REPLICA_RETURN_IF_ERROR(ForEachOf(nodes, [&](size_t i) -> Status {
         REPLICA_ASSIGN_OR_RETURN(dig[i], src_[i]->WalDigests(first, last, chunk));
+        if (dig[i].size() != chunks) {
+          return Status::Corruption("asked for the digests of " + std::to_string(chunks) + " WAL chunks, got " +
+                                    std::to_string(dig[i].size()));
+        }
         return Status::OK();
       }));
     }
-    const size_t chunks = static_cast<size_t>((last - first) / chunk + 1);
+    const size_t r = nodes[0];  // the reference
     for (size_t c = 0; c < chunks; ++c) {
       if (!opt_.bytes) {
         bool same = true;
-        for (size_t i = 1; i < n(); ++i) same = same && dig[i][c] == dig[0][c];
+        for (const size_t i : nodes) same = same && dig[i][c] == dig[r][c];
         if (same) {
-          rep_.records_compared += dig[0][c].count;
+          rep_.records_compared += dig[r][c].count;
           continue;
         }
       }
       const uint64_t lo = first + c * chunk, hi = std::min(last, lo + chunk - 1);
       std::vector<std::vector<WalRecord>> recs(n());
-      REPLICA_RETURN_IF_ERROR(ForEachNode([&](size_t i) -> Status {
+      REPLICA_RETURN_IF_ERROR(ForEachOf(nodes, [&](size_t i) -> Status {
         REPLICA_ASSIGN_OR_RETURN(recs[i], src_[i]->WalRecords(lo, hi, opt_.bytes));
         if (recs[i].size() != hi - lo + 1) {
           return Status::Aborted("LSN " + std::to_string(lo) + ".." + std::to_string(hi) + " no longer readable");
         }
         return Status::OK();
       }));
-      for (size_t k = 0; k < recs[0].size(); ++k) {
+      for (size_t k = 0; k < recs[r].size(); ++k) {
         bool same = true;
-        for (size_t i = 1; i < n(); ++i) {
-          const auto &a = recs[0][k], &b = recs[i][k];
-          same = same && a.epoch == b.epoch && a.type == b.type && a.digest == b.digest && a.size == b.size &&
-                 a.payload == b.payload;
+        for (const size_t i : nodes) {
+          const auto &a = recs[r][k], &b = recs[i][k];
+          same = same && a.lsn == b.lsn && a.epoch == b.epoch && a.type == b.type && a.digest == b.digest &&
+                 a.size == b.size && a.payload == b.payload;
         }
         if (same) {
           rep_.records_compared++;
           continue;
         }
-        Difference d{"wal", "LSN " + std::to_string(recs[0][k].lsn), {}};
+        Difference d{"wal", "LSN " + std::to_string(recs[r][k].lsn), {}};
         for (size_t i = 0; i < n(); ++i) {
+          if (recs[i].empty()) {
+            d.sides.push_back("");  // does not hold this LSN
+            continue;
+          }
           std::string side = DescribeRecord(recs[i][k]);
-          if (opt_.bytes && i > 0 && recs[i][k].digest == recs[0][k].digest && recs[i][k].payload != recs[0][k].payload) {
+          if (opt_.bytes && i != r && recs[i][k].digest == recs[r][k].digest && recs[i][k].payload != recs[r][k].payload) {
             side += " (same digest, different bytes)";
           }
           d.sides.push_back(side);
         }
         AddDiff(std::move(d));
-        rep_.notes.push_back("the WALs diverge from LSN " + std::to_string(recs[0][k].lsn) +
+        rep_.notes.push_back("the WALs diverge from LSN " + std::to_string(recs[r][k].lsn) +
                              " (records after the first divergence are not compared)");
-        return true;
+        return recs[r][k].lsn;
       }
     }
-    return false;
+    return uint64_t{0};
   }
 
   void CompareEpochs() {
@@ -616,7 +667,12 @@ class Comparison {
         if (static_cast<wal::RecordType>(r.type) != wal::RecordType::kData) continue;
         auto batch = WriteBatch::Decode(r.payload);
         if (!batch.ok()) return batch.status().WithContext(names_[i] + ": decode LSN " + std::to_string(r.lsn));
-        for (const auto& op : batch->ops()) lag_keys_.insert(op.key);
+        for (const auto& op : batch->ops()) {
+          auto& writes = lag_keys_[op.key].writes;
+          if (!writes.empty() && writes.back().lsn == r.lsn) writes.pop_back();  // a later op of the same record wins
+          writes.push_back(LagWrite{r.lsn, op.is_delete, op.is_delete ? 0 : XXH3_64bits(op.value.data(), op.value.size()),
+                                    static_cast<uint32_t>(op.value.size())});
+        }
       }
       lag_known_ = true;
       return Status::OK();
@@ -692,6 +748,7 @@ class Comparison {
       for (size_t i = 1; i < n(); ++i) same = same && dig[r][i] == dig[r][0];
       if (!same) REPLICA_RETURN_IF_ERROR(MergeRange(cf, ranges[r].first, ranges[r].second));
     }
+    if (lag_known_ && cf == rocksdb::kDefaultColumnFamilyName) REPLICA_RETURN_IF_ERROR(CheckUnseenLagKeys(cf));
     return Status::OK();
   }
 
@@ -737,49 +794,94 @@ class Comparison {
         same = same && at[i] && at[0] && at[i]->value_hash == at[0]->value_hash && at[i]->value_size == at[0]->value_size;
       }
       if (same) continue;
-      if (lag_cf && lag_keys_.count(key) && AheadAgree(at)) {
-        // Written by records the nodes behind have not applied: lag, as
-        // long as the nodes that applied everything agree among themselves.
-        rep_.lag_keys++;
-        continue;
+      if (lag_cf) {
+        auto it = lag_keys_.find(key);
+        if (it != lag_keys_.end()) {
+          it->second.checked = true;
+          if (IsLag(it->second, at)) {
+            rep_.lag_keys++;
+            continue;
+          }
+        }
       }
-      Difference d{all_present ? "value" : "missing", "cf " + cf + " key \"" + Printable(key) + "\"", {}};
-      for (size_t i = 0; i < n(); ++i) {
-        std::string side = "(applied " + std::to_string(rep_.nodes[i].applied) + ") ";
-        side += at[i] ? "\"" + Printable(at[i]->preview, 32) + (at[i]->value_size > at[i]->preview.size() ? "..." : "") +
-                            "\" (" + std::to_string(at[i]->value_size) + " bytes)"
-                      : "missing";
-        d.sides.push_back(side);
-      }
-      AddDiff(std::move(d));
+      AddKeyDiff(cf, key, at);
     }
   }
 
-  // Whether the nodes with the highest applied LSN hold the same entry.
-  bool AheadAgree(const std::vector<const Entry*>& at) const {
-    uint64_t hi = 0;
-    for (const auto& ni : rep_.nodes) hi = std::max(hi, ni.applied);
-    const Entry* first = nullptr;
-    bool seen = false;
+  void AddKeyDiff(const std::string& cf, const std::string& key, const std::vector<const Entry*>& at) {
+    bool all_present = true;
+    for (const Entry* e : at) all_present = all_present && e;
+    Difference d{all_present ? "value" : "missing", "cf " + cf + " key \"" + Printable(key) + "\"", {}};
     for (size_t i = 0; i < n(); ++i) {
-      if (rep_.nodes[i].applied != hi) continue;
-      if (!seen) {
-        first = at[i];
-        seen = true;
-        continue;
+      std::string side = "(applied " + std::to_string(rep_.nodes[i].applied) + ") ";
+      side += at[i] ? "\"" + Printable(at[i]->preview, 32) + (at[i]->value_size > at[i]->preview.size() ? "..." : "") +
+                          "\" (" + std::to_string(at[i]->value_size) + " bytes)"
+                    : "missing";
+      d.sides.push_back(side);
+    }
+    AddDiff(std::move(d));
+  }
+
+  // The keys written by records some node has not applied that the merge did
+  // not look at (the same on every node, or on none): each node that applied
+  // a write of the key must still hold what it left, which a key deleted or
+  // changed alike everywhere would not.
+  Status CheckUnseenLagKeys(const std::string& cf) {
+    for (auto& [key, writes] : lag_keys_) {
+      if (writes.checked) continue;
+      std::vector<Entry> found(n());
+      std::vector<const Entry*> at(n(), nullptr);
+      REPLICA_RETURN_IF_ERROR(ForEachNode([&](size_t i) -> Status {
+        REPLICA_ASSIGN_OR_RETURN(auto one, src_[i]->Entries(cf, key, key + std::string(1, '\0'), 1));
+        if (!one.empty() && one[0].key == key) found[i] = std::move(one[0]), at[i] = &found[i];
+        return Status::OK();
+      }));
+      if (!IsLag(writes, at)) AddKeyDiff(cf, key, at);
+    }
+    return Status::OK();
+  }
+
+  // Whether a key that differs among the nodes differs only by lag: it is
+  // written by records some node has not applied, and every node holds what
+  // the records it applied left there. A node that applied the key's last
+  // write in those records must hold that write's value (or not hold the
+  // key, if it was a delete); a node that applied an earlier one, that one's;
+  // a node that applied none of them is excused (it replays them from its
+  // log, which was compared above, and ends with the same value).
+  struct LagWrites;
+  bool IsLag(const LagWrites& lag, const std::vector<const Entry*>& at) const {
+    const auto& writes = lag.writes;
+    for (size_t i = 0; i < n(); ++i) {
+      const uint64_t applied = rep_.nodes[i].applied;
+      auto last = std::upper_bound(writes.begin(), writes.end(), applied,
+                                   [](uint64_t lsn, const LagWrite& w) { return lsn < w.lsn; });
+      if (last == writes.begin()) continue;  // applied none of them
+      const LagWrite& w = *std::prev(last);
+      const Entry* e = at[i];
+      if (w.deleted ? e != nullptr : (e == nullptr || e->value_hash != w.value_hash || e->value_size != w.value_size)) {
+        return false;
       }
-      if ((first == nullptr) != (at[i] == nullptr)) return false;
-      if (first && (first->value_hash != at[i]->value_hash || first->value_size != at[i]->value_size)) return false;
     }
     return true;
   }
-
   const std::vector<std::string>& names_;
   const std::vector<Source*>& src_;
   const Options& opt_;
   int threads_ = 2;
   Report rep_;
-  std::unordered_set<std::string> lag_keys_;
+  // Per key written by the records some node has not applied: its writes
+  // there, in LSN order (one per record: the record's last op on the key).
+  struct LagWrite {
+    uint64_t lsn;
+    bool deleted;
+    uint64_t value_hash;
+    uint32_t value_size;
+  };
+  struct LagWrites {
+    std::vector<LagWrite> writes;
+    bool checked = false;  // looked at by the merge
+  };
+  std::unordered_map<std::string, LagWrites> lag_keys_;
   bool lag_known_ = false;
 };
 
@@ -821,10 +923,12 @@ std::string FormatText(const Report& r) {
            " among " + nodes;
   }
   size_t cfs = r.nodes.empty() ? 0 : r.nodes[0].column_families.size();
-  if (r.common_first <= r.common_last) {
-    std::snprintf(buf, sizeof buf, "; WAL LSN %" PRIu64 "..%" PRIu64 " (%" PRIu64 " records agree)", r.common_first,
-                  r.common_last, r.records_compared);
+  if (r.compared_first <= r.compared_last) {
+    std::snprintf(buf, sizeof buf, "; WAL LSN %" PRIu64 "..%" PRIu64 " (%" PRIu64 " records agree)", r.compared_first,
+                  r.compared_last, r.records_compared);
     out += buf;
+  } else {
+    out += "; no WAL record compared";
   }
   std::snprintf(buf, sizeof buf, "; %" PRIu64 " keys in %zu column families; %.1f MiB of records and entries hashed in %.3f s (%.0f MiB/s)\n",
                 r.keys_compared, cfs, MiB(r.bytes_hashed), r.seconds,
@@ -873,6 +977,8 @@ std::string FormatJson(const Report& r) {
   o["nodes"] = std::move(nodes);
   o["common_first"] = r.common_first;
   o["common_last"] = r.common_last;
+  o["compared_first"] = r.compared_first;
+  o["compared_last"] = r.compared_last;
   o["records_compared"] = r.records_compared;
   o["keys_compared"] = r.keys_compared;
   o["lag_keys"] = r.lag_keys;
@@ -1380,7 +1486,17 @@ Result<uint64_t> PinCommonLsn(const std::vector<std::string>& names, const std::
       }
       return st.WithContext(names[i] + ": pin at LSN " + std::to_string(target));
     }
-    if (!passed) return target;
+    if (!passed) {
+      // Each node must be where it was pinned, or the comparison would be of
+      // different moments (a node that answers for another LSN).
+      for (size_t i = 0; i < sources.size(); ++i) {
+        if (got[i]->applied != target || got[i]->wal_last != target) {
+          return Status::Corruption(names[i] + ": pinned at LSN " + std::to_string(target) + " but reports applied LSN " +
+                                    std::to_string(got[i]->applied) + " and WAL end " + std::to_string(got[i]->wal_last));
+        }
+      }
+      return target;
+    }
     lead = furthest > target ? 2 * (furthest - target) + 1 : 0;
   }
   return Status::Busy("the nodes kept applying past every LSN chosen (" + why +

@@ -83,8 +83,9 @@ class Source {
   virtual Result<std::vector<Entry>> Entries(const std::string& cf, const std::string& begin,
                                              const std::string& end, size_t limit) = 0;
   // Live nodes only: answer from a snapshot taken exactly when the node's
-  // applied LSN reached lsn, and hold the WAL to lsn. Returns the node's
-  // info at that point. Aborted if it had already applied past lsn.
+  // applied LSN reached lsn, and read the WAL only up to lsn (the WAL is not
+  // held: a purge meanwhile makes a later read fail, never match). Returns
+  // the node's info at that point. Aborted if it had already applied past lsn.
   virtual Result<NodeInfo> Pin(uint64_t lsn) { return Status::NotSupported("only a live node can be pinned"); }
   // Bytes hashed so far (for the progress display and the throughput).
   std::atomic<uint64_t> bytes_read{0};
@@ -124,7 +125,7 @@ struct Options {
 };
 
 struct Difference {
-  std::string kind;   // "wal", "epochs", "log-end", "column-family", "key", "lag"
+  std::string kind;   // "wal", "epochs", "log-end", "log-start", "column-family", "value", "missing", "lag"
   std::string where;  // "LSN 1234", "cf default key \"k\"", ...
   std::vector<std::string> sides;  // what each node holds there, in node order
 };
@@ -138,7 +139,10 @@ struct Report {
   std::vector<std::string> notes;  // lag and other facts that are not differences
   std::vector<Difference> diffs;   // the first max_diffs
   uint64_t diff_count = 0;
-  uint64_t common_first = 0, common_last = 0;  // WAL range compared (first > last: none)
+  uint64_t common_first = 0, common_last = 0;  // WAL range every node holds (first > last: none)
+  // The lowest and highest LSN compared (first > last: none). Records
+  // outside the common range are compared among the nodes that hold them.
+  uint64_t compared_first = 1, compared_last = 0;
   uint64_t records_compared = 0;
   uint64_t keys_compared = 0;    // entries of the reference node, all column families
   uint64_t lag_keys = 0;         // key differences set aside as lag

@@ -1,4 +1,5 @@
 // logdiff: prove that nodes' replicas are identical, or show where they differ.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "base/host_port.h"
 #include "base/log.h"
 #include "replication/logdiff.h"
 #include "tools/cli.h"
@@ -21,7 +23,7 @@ constexpr const char* kHelp = R"(Usage: logdiff [OPTIONS] NODE NODE [NODE...]
 
 Compares the replicas of two or more nodes and proves them identical, or
 shows exactly where they differ:
-  - the WALs, record by record over the LSN range every node holds (LSN,
+  - the WALs, record by record wherever two or more nodes hold an LSN (LSN,
     epoch, type and a digest of the payload; the payload bytes with --bytes);
   - the epoch histories;
   - the RocksDB contents, every column family, key by key.
@@ -144,9 +146,10 @@ int main(int argc, char** argv) {
     } else if (!a.empty() && a[0] == '-') {
       cli::UsageError("logdiff", "unknown option '%.*s'", a);
     } else {
+      // NAME=DIR only when NAME is a name: a path may hold '=' too.
       const auto eq = a.find('=');
       std::string name, dir;
-      if (eq != std::string_view::npos && eq > 0) {
+      if (eq != std::string_view::npos && eq > 0 && a.substr(0, eq).find('/') == std::string_view::npos) {
         name = a.substr(0, eq);
         dir = a.substr(eq + 1);
       } else {
@@ -177,6 +180,23 @@ int main(int argc, char** argv) {
     if (opt.bytes) cli::UsageError("logdiff", "--bytes needs data directories, not --live%.*s", "");
   } else if (at != 0 || !lo.secret.empty() || !secret_file.empty() || live_only) {
     cli::UsageError("logdiff", "--at, --secret and --pin-timeout only go with --live%.*s", "");
+  }
+  // A node given twice would prove itself identical to itself.
+  for (size_t i = 0; i < dirs.size(); ++i) {
+    for (size_t j = i + 1; j < dirs.size(); ++j) {
+      bool same = false;
+      if (live) {
+        auto x = ParseHostPort(dirs[i]), y = ParseHostPort(dirs[j]);
+        same = x.ok() && y.ok() ? x->ToString() == y->ToString() : dirs[i] == dirs[j];
+      } else {
+        struct stat x {}, y {};
+        same = ::stat(dirs[i].c_str(), &x) == 0 && ::stat(dirs[j].c_str(), &y) == 0 ? x.st_dev == y.st_dev && x.st_ino == y.st_ino
+                                                                                  : dirs[i] == dirs[j];
+      }
+      if (same) {
+        cli::UsageError("logdiff", "%.*s", "'" + dirs[i] + "' and '" + dirs[j] + "' are the same node: give each node once");
+      }
+    }
   }
   // Names must tell the nodes apart; fall back to the paths as given.
   for (size_t i = 0; i < names.size(); ++i) {

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <filesystem>
 #include <mutex>
 #include <boost/json.hpp>
 #include <thread>
@@ -58,6 +59,7 @@ class RawDb {
     for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   }
   rocksdb::DB* db() { return db_.get(); }
+  rocksdb::ColumnFamilyHandle* handle(size_t i) { return handles_[i]; }
 
  private:
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
@@ -220,6 +222,118 @@ TEST_F(LogdiffTest, ReplicaBehindIsLagUnlessStrict) {
   EXPECT_EQ(code, 1) << out;
   EXPECT_NE(out.find("DIFFERENT: 1 difference among a, c, b"), std::string::npos) << out;
   EXPECT_NE(out.find("value cf default key \"key10\""), std::string::npos) << out;
+}
+
+// A key the node behind has not written yet is lag only if every node that
+// applied its write holds what that write left: a two-node comparison used
+// to excuse any value there, and a node claiming to have applied nothing
+// excused every key of the log on the other node too.
+TEST_F(LogdiffTest, ANodeAheadMustHoldWhatTheRecordsTheOtherLacksWrote) {
+  const std::string a = Copy("a", "a");
+  {
+    RawDb db(a);
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "key250", "flipped").ok());
+    ASSERT_TRUE(db.db()->Delete(rocksdb::WriteOptions(), "key260").ok());
+  }
+  int code = -1;
+  std::string out = Logdiff(a + " " + Base("c"), &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("DIFFERENT: 2 differences among a, c"), std::string::npos) << out;
+  EXPECT_NE(out.find("missing cf default key \"key250\": a: (applied 300) \"flipped\" (7 bytes); c: (applied 200) "
+                     "missing"),
+            std::string::npos)
+      << out;
+  // Missing on both: c has not written it yet, a should hold it.
+  EXPECT_NE(out.find("missing cf default key \"key260\": a: (applied 300) missing; c: (applied 200) missing"),
+            std::string::npos)
+      << out;
+  // The other 99 keys (and "counter") are what the records c lacks wrote.
+  EXPECT_NE(out.find("note: 99 keys differ only because"), std::string::npos) << out;
+
+  // c with no applied LSN stored (as if it applied nothing) against a with
+  // an early key changed: the change is still found.
+  const std::string c = Copy("c", "c"), a2 = Copy("a", "a2");
+  {
+    RawDb db(c);
+    auto* meta = db.handle(1);
+    ASSERT_TRUE(db.db()->Delete(rocksdb::WriteOptions(), meta, "applied_lsn").ok());
+  }
+  {
+    RawDb db(a2);
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "key9", "flipped").ok());
+  }
+  out = Logdiff(a2 + " " + c, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("note: c has applied up to LSN 0, 300 records behind a2"), std::string::npos) << out;
+  EXPECT_NE(out.find("DIFFERENT: 1 difference among a2, c"), std::string::npos) << out;
+  EXPECT_NE(out.find("value cf default key \"key9\": a2: (applied 300) \"flipped\""), std::string::npos) << out;
+}
+
+// A node whose log starts past what it applied cannot catch up from it:
+// its data is not excused as lag.
+TEST_F(LogdiffTest, ALogStartingPastTheAppliedLsnIsADifference) {
+  const std::string c = Copy("c", "c");
+  std::filesystem::remove_all(c + "/wal");
+  {
+    wal::Options o;
+    o.start_lsn = 251;
+    auto w = wal::Wal::Open(c + "/wal", o);
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+  }
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + c, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("log-start WAL of c: c: RocksDB applied up to LSN 200 but the WAL starts at LSN 251: LSN "
+                     "201..250 can no longer be applied"),
+            std::string::npos)
+      << out;
+}
+
+// Three nodes, one behind: the two ahead are compared on the records the
+// third lacks, not only on the range all three hold.
+TEST_F(LogdiffTest, RecordsTheShortestLogLacksAreComparedAmongTheOthers) {
+  const std::string b = Copy("b", "b");
+  {
+    auto w = wal::Wal::Open(b + "/wal", {});
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    const wal::Epoch epoch = (*w)->last_epoch();
+    ASSERT_TRUE((*w)->Truncate(250).ok());
+    for (int i = 250; i < 300; ++i) {
+      WriteBatch batch;
+      batch.Put("counter", "split-" + std::to_string(i));
+      ASSERT_TRUE((*w)->Append(epoch, wal::RecordType::kData, batch.Encode()).ok());
+    }
+  }
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + b + " " + Base("c"), &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_EQ(out.rfind("logdiff: DIFFERENT: 1 difference among a, b, c; WAL LSN 1..250 (250 records agree)", 0), 0u)
+      << out;
+  EXPECT_NE(out.find("wal LSN 251: a: "), std::string::npos) << out;
+  EXPECT_NE(out.find("note: the WALs diverge from LSN 251"), std::string::npos) << out;
+
+  // Without the damage: the records 201..300 agree on a and b.
+  out = Logdiff("--json " + Base("a") + " " + Base("b") + " " + Base("c"), &code);
+  EXPECT_EQ(code, 0) << out;
+  auto v = boost::json::parse(out).as_object();
+  EXPECT_EQ(v["records_compared"].as_int64(), 300);
+  EXPECT_EQ(v["compared_last"].as_int64(), 300);
+  EXPECT_EQ(v["common_last"].as_int64(), 200);
+}
+
+// A node given twice would prove itself identical to itself.
+TEST_F(LogdiffTest, TheSameNodeTwiceIsAUsageError) {
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + Base("a") + "/", &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("are the same node: give each node once"), std::string::npos) << out;
+  out = Logdiff("x=" + Base("a") + " y=" + Base("b") + " z=" + Base("a"), &code);
+  EXPECT_EQ(code, 2) << out;
+  // A path holding '=' is a path, not NAME=DIR.
+  const std::string odd = Copy("b", "x=1");
+  out = Logdiff(Base("a") + " " + odd, &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("IDENTICAL: a, x=1"), std::string::npos) << out;
 }
 
 // 3,000 extra keys (bulk-F-IIII) in six groups, flushed after each group
