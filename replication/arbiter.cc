@@ -23,19 +23,41 @@ Result<json::object> ParseObject(const std::string& text, const char* what) {
   return std::move(v.as_object());
 }
 
+// A count or LSN published in JSON; 0 (unknown) for anything that is not a
+// number from 0 to 2^63 - 1.
 uint64_t U64(const json::object& o, const char* f) {
   auto it = o.find(f);
   if (it == o.end()) return 0;
-  if (it->value().is_uint64()) return it->value().as_uint64();
+  if (it->value().is_uint64()) return it->value().as_uint64() <= kMaxEpoch ? it->value().as_uint64() : 0;
   if (it->value().is_int64()) return static_cast<uint64_t>(std::max<int64_t>(0, it->value().as_int64()));
-  if (it->value().is_string()) {
-    try {
-      return std::stoull(std::string(it->value().as_string()));
-    } catch (...) {
-    }
-  }
+  if (it->value().is_string()) return ParseEpoch(it->value().as_string()).value_or(0);
   return 0;
 }
+
+}  // namespace
+
+std::optional<uint64_t> ParseEpoch(std::string_view text) {
+  if (text.empty() || text.size() > 19) return std::nullopt;
+  uint64_t v = 0;
+  for (const char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (v > kMaxEpoch) return std::nullopt;
+  return v;
+}
+
+std::string OperatorRequest(const std::string& node, uint64_t epoch) { return node + "@" + std::to_string(epoch); }
+
+std::pair<std::string, uint64_t> ParseOperatorRequest(const std::string& value) {
+  const auto at = value.rfind('@');
+  if (at == std::string::npos || at == 0) return {"", 0};
+  const auto epoch = ParseEpoch(std::string_view(value).substr(at + 1));
+  if (!epoch) return {"", 0};
+  return {value.substr(0, at), *epoch};
+}
+
+namespace {
 
 std::string S(const json::object& o, const char* f) {
   auto it = o.find(f);
@@ -101,6 +123,9 @@ class EtcdArbiter final : public Arbiter {
     const std::string epoch_key = prefix_ + "epoch";
     REPLICA_ASSIGN_OR_RETURN(auto current, client_->Get(epoch_key));
     REPLICA_ASSIGN_OR_RETURN(uint64_t stored, StoredEpoch(current));
+    if (std::max(stored, min_epoch) >= kMaxEpoch) {
+      return Status::Corruption("epoch " + std::to_string(std::max(stored, min_epoch)) + " has no successor below 2^63");
+    }
     const uint64_t epoch = std::max(stored, min_epoch) + 1;
     int64_t lease;
     {
@@ -246,11 +271,10 @@ class EtcdArbiter final : public Arbiter {
   // The value of the epoch key (0 when absent).
   Result<uint64_t> StoredEpoch(const std::optional<etcd::KeyValue>& kv) const {
     if (!kv) return uint64_t{0};
-    try {
-      return static_cast<uint64_t>(std::stoull(kv->value));
-    } catch (...) {
-      return Status::Corruption("etcd key " + prefix_ + "epoch holds '" + kv->value + "', not an epoch");
-    }
+    if (auto e = ParseEpoch(kv->value)) return *e;
+    return Status::Corruption("etcd key " + prefix_ + "epoch holds '" + kv->value +
+                              "', not an epoch (decimal digits, below 2^63): no election can be held until an "
+                              "operator corrects it");
   }
 
   Status NewSession() {

@@ -9,6 +9,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "replica/status.h"
@@ -55,6 +57,17 @@ struct ActiveInfo {
   std::string ToJson() const;
   static Result<ActiveInfo> FromJson(const std::string& text);
 };
+
+// An epoch as stored in etcd: decimal digits only, below 2^63 (so that
+// adding one never wraps). nullopt for anything else ("-2", "1e3", "").
+std::optional<uint64_t> ParseEpoch(std::string_view text);
+inline constexpr uint64_t kMaxEpoch = (uint64_t{1} << 63) - 1;
+
+// An operator's switchover or forced promotion (ctl/switchover,
+// ctl/promote): the node named and the epoch the request was made in, as
+// NODE@EPOCH. Parsing gives ("", 0) for any other form.
+std::string OperatorRequest(const std::string& node, uint64_t epoch);
+std::pair<std::string, uint64_t> ParseOperatorRequest(const std::string& value);
 
 class Arbiter {
  public:

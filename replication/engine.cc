@@ -17,6 +17,7 @@
 
 #include "base/coding.h"
 #include "base/host_port.h"
+#include "base/names.h"
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
@@ -525,6 +526,19 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // Set while there is no active: the epoch whose active this node saw go
   // (its published LSNs are final for the election); 0 otherwise.
   std::atomic<uint64_t> final_epoch_{0};
+  // The role loop's last stale operator request and campaign error, each
+  // logged once.
+  std::string stale_request_;
+  std::string campaign_error_;
+  void NoteCampaign(const Status& st) {
+    if (!st.IsCorruption()) {  // etcd unreachable: said elsewhere, and passes
+      if (st.ok()) campaign_error_.clear();
+      return;
+    }
+    if (campaign_error_ == st.ToString()) return;
+    campaign_error_ = st.ToString();
+    RLOG(kError, "engine.campaign_failed") << "node=" << opts_.node_id << " error=\"" << campaign_error_ << "\"";
+  }
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
   int appends_in_flight_ GUARDED_BY(mu_) = 0;  // DoWrite: past the role check, before its append returned
@@ -588,7 +602,8 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
 };
 
 Status EngineImpl::Init() {
-  if (opts_.node_id.empty()) return Status::InvalidArgument("node_id is required");
+  REPLICA_RETURN_IF_ERROR(CheckName("node id", opts_.node_id));
+  REPLICA_RETURN_IF_ERROR(CheckName("cluster name", opts_.cluster));
   if (opts_.data_dir.empty()) return Status::InvalidArgument("data_dir is required");
   if (opts_.secret.empty()) return Status::InvalidArgument("the cluster secret is required");
   if (opts_.commit_timeout.count() < 1) return Status::InvalidArgument("commit_timeout must be at least 1 ms");
@@ -2094,8 +2109,29 @@ void EngineImpl::RoleLoop() {
         refused_rule_ = st.ok() ? std::string() : it->second;
       }
     }
-    const std::string switch_to = ctl.count("switchover") ? ctl["switchover"] : std::string();
-    const std::string forced = ctl.count("promote") ? ctl["promote"] : std::string();
+    // An operator's switchover or promotion names its node and the epoch it
+    // was asked in (NODE@EPOCH): once an election moved the epoch on, a
+    // request left behind (repctl killed while it waited) is void, so that
+    // it cannot force a promotion at some later failover.
+    std::string switch_to, forced;
+    if (ctl.count("switchover") || ctl.count("promote")) {
+      auto epoch = arbiter_->GetEpoch();
+      auto current = [&](const char* name) -> std::string {
+        auto it = ctl.find(name);
+        if (it == ctl.end() || !epoch.ok()) return {};
+        const auto [node, asked] = ParseOperatorRequest(it->second);
+        if (!node.empty() && asked == *epoch) return node;
+        if (stale_request_ != it->second) {
+          stale_request_ = it->second;
+          RLOG(kWarn, "engine.stale_request") << "node=" << opts_.node_id << " request=ctl/" << name << " value=\""
+                                              << it->second << "\" epoch=" << *epoch
+                                              << " (not NODE@EPOCH of the current epoch: ignored)";
+        }
+        return {};
+      };
+      switch_to = current("switchover");
+      forced = current("promote");
+    }
     if (role_.load() == Role::kActive && !switch_to.empty() && switch_to != opts_.node_id) {
       HandOver(switch_to);
       continue;
@@ -2109,6 +2145,7 @@ void EngineImpl::RoleLoop() {
       const NodeInfo me = MyInfo();
       const std::optional<wal::Epoch> from = CampaignEpoch(me);
       auto won = from ? arbiter_->Campaign(me, *from) : Result<std::optional<uint64_t>>(std::nullopt);
+      NoteCampaign(won.status());
       if (won.ok() && *won) {
         Status st = Promote(**won);
         if (!st.ok()) {
@@ -2258,6 +2295,7 @@ void EngineImpl::RoleLoop() {
           // Failed meanwhile: the loop's next pass steps aside for good.
         } else if (ahead == 0 || now - vacancy_seen >= kSettle + opts_.lease_ttl + 1s) {
           auto won = arbiter_->Campaign(me, *from);
+          NoteCampaign(won.status());
           if (won.ok() && *won) {
             vacancy_seen = Clock::time_point();
             final_epoch_ = 0;

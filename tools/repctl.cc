@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "base/log.h"
+#include "base/names.h"
 #include "replication/arbiter.h"
 #include "replica/engine.h"
 #include "replication/etcd.h"
@@ -261,6 +262,7 @@ int main(int argc, char** argv) {
   EtcdArbiterOptions ao;
   ao.endpoints = *endpoints;
   ao.cluster = vm["cluster"].as<std::string>();
+  if (Status st = CheckName("--cluster", ao.cluster); !st.ok()) Fail(st.message(), 2);
   auto arbiter = OrFail(NewEtcdArbiter(ao), "etcd");
   if (vm["timeout"].as<int>() < 1 || vm["timeout"].as<int>() > 86400) Fail("--timeout must be 1..86400 seconds", 2);
   const auto limit = std::chrono::seconds(vm["timeout"].as<int>());
@@ -301,7 +303,10 @@ int main(int argc, char** argv) {
       if (target.empty()) Fail("no standby to switch over to");
     }
     const std::string from = c.active->id;
-    Status put = arbiter->PutControl("switchover", target);
+    // Bound to this epoch: a request left behind (this process killed while
+    // it waits) is void once the role has moved.
+    const uint64_t epoch = OrFail(arbiter->GetEpoch(), "read the epoch from etcd");
+    Status put = arbiter->PutControl("switchover", OperatorRequest(target, epoch));
     if (!put.ok()) Fail("etcd: " + put.ToString());
     const long ms = WaitFor(arbiter.get(), [&](const std::optional<ActiveInfo>& a) { return a && a->id == target; }, limit);
     (void)arbiter->ClearControl("switchover");
@@ -325,7 +330,8 @@ int main(int argc, char** argv) {
                          "active acknowledged but %s lacks are lost\n",
                  args[1].c_str(), static_cast<unsigned long long>(n->durable_lsn),
                  static_cast<unsigned long long>(best), args[1].c_str());
-    Status put = arbiter->PutControl("promote", args[1]);
+    const uint64_t epoch = OrFail(arbiter->GetEpoch(), "read the epoch from etcd");
+    Status put = arbiter->PutControl("promote", OperatorRequest(args[1], epoch));
     if (!put.ok()) Fail("etcd: " + put.ToString());
     const long ms = WaitFor(arbiter.get(), [&](const std::optional<ActiveInfo>& a) { return a && a->id == args[1]; }, limit);
     (void)arbiter->ClearControl("promote");

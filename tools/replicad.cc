@@ -16,6 +16,7 @@
 
 #include "base/env.h"
 #include "base/host_port.h"
+#include "base/names.h"
 #include "base/log.h"
 #include "replica/engine.h"
 #include "replication/etcd.h"
@@ -153,7 +154,7 @@ int main(int argc, char** argv) {
   if (!vm.count("data-dir")) Fail("--data-dir is required");
   o.node_id = vm["id"].as<std::string>();
   o.data_dir = vm["data-dir"].as<std::string>();
-  if (o.node_id.empty()) Fail("--id must not be empty");
+  if (Status st = CheckName("--id", o.node_id); !st.ok()) Fail(st.message());
   if (o.data_dir.empty()) Fail("--data-dir must not be empty");
   // HOST:PORT options: the syntax here (exit 2); a host that does not
   // resolve, or a port taken, when the node starts (exit 1).
@@ -238,6 +239,7 @@ int main(int argc, char** argv) {
     }
   }
   o.cluster = vm["cluster"].as<std::string>();
+  if (Status st = CheckName("--cluster", o.cluster); !st.ok()) Fail(st.message());
   if (vm.count("secret")) {
     o.secret = vm["secret"].as<std::string>();
   } else if (vm.count("secret-file")) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "base/host_port.h"
+#include "base/names.h"
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
@@ -783,6 +784,13 @@ void SessionImpl::OnHandshake(const proto::Control& msg) {
     }
     if (hello.nonce().size() != kNonceSize) {
       return Fail(Status::InvalidArgument("hello with a bad nonce"), &stats.protocol_errors);
+    }
+    // The id becomes file names and log fields on this node (a standby's
+    // checkpoint and slot): a peer whose id is not a plain name is refused.
+    if (Status st = CheckName("peer node id", hello.node_id()); !st.ok()) {
+      ++stats.protocol_errors;
+      RLOG(kWarn, "transport.refused") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
+      return SendError(st);
     }
     handle_->set_peer_id(hello.node_id());
     client_nonce_ = hello.nonce();

@@ -502,6 +502,49 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// A forced promotion left in etcd from an earlier epoch (repctl killed
+// while it waited) is void: at the next vacancy the election runs as usual
+// (b and c equal, b wins by its name) instead of promoting c at once,
+// ignoring eligibility.
+TEST(EngineTest, AnOperatorRequestFromAnEarlierEpochIsIgnored) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto a = OpenOrDie(ArbitratedNode(dir, &cluster, "a"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));
+  auto c = OpenOrDie(ArbitratedNode(dir, &cluster, "c"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 2; }));
+  const uint64_t last = WriteMany(a.get(), 10);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(c->WaitForApplied(last, 30s).ok());
+  // Without an epoch (as repctl wrote it before): void too.
+  test::FakeArbiter op(&cluster, "operator");
+  ASSERT_TRUE(op.PutControl("promote", "c").ok());
+  ASSERT_TRUE(a->Close().ok());
+  a.reset();
+  ASSERT_TRUE(Eventually([&] {
+    auto active = cluster.active();
+    return active && active->id != "a";
+  }));
+  EXPECT_EQ(cluster.active()->id, "b") << "the request left behind promoted c";
+  EXPECT_EQ(cluster.active()->epoch, 2u);
+  // Asked in epoch 1, now 2: a (back, as caught up as c) wins by its name.
+  a = OpenOrDie(ArbitratedNode(dir, &cluster, "a"));
+  const uint64_t more = WriteMany(b.get(), 5, 100);
+  ASSERT_TRUE(a->WaitForApplied(more, 30s).ok());
+  ASSERT_TRUE(c->WaitForApplied(more, 30s).ok());
+  ASSERT_TRUE(op.PutControl("promote", OperatorRequest("c", 1)).ok());
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(Eventually([&] {
+    auto active = cluster.active();
+    return active && active->id != "b";
+  }));
+  EXPECT_EQ(cluster.active()->id, "a") << "the stale request promoted c";
+  EXPECT_EQ(cluster.active()->epoch, 3u);
+  ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 // An active cut off from etcd whose lease etcd expired, while another node
 // won the active role, must not take writes on the new lease it gets once
 // its keepalive gets through: the active key went with the old lease. Here

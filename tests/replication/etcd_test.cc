@@ -243,6 +243,43 @@ TEST_F(EtcdTest, ArbiterCampaignHasOneWinnerAndTheEpochGrows) {
   EXPECT_EQ(**b->GetSyncSet(), (std::vector<std::string>{"x", "y"}));
 }
 
+// An epoch key that is not a plain count below 2^63 stops elections with a
+// clear error. "-2" used to be read as 2^64 - 2: the next winner got epoch
+// 2^64 - 1 and the one after it epoch 0, fenced by the first for ever.
+TEST_F(EtcdTest, ACampaignOverADamagedEpochKeyFailsClearly) {
+  auto a = NewArbiter(server_->endpoint());
+  ASSERT_TRUE(a->Start(Me("a")).ok());
+  for (const char* bad : {"-2", "18446744073709551615", "9223372036854775808", "1e3", " 5", ""}) {
+    ASSERT_TRUE(client_->Put("/replica/t/epoch", bad).ok());
+    auto won = a->Campaign(Me("a"), 0);
+    ASSERT_FALSE(won.ok()) << "'" << bad << "' won epoch " << (won.ok() && *won ? **won : 0);
+    EXPECT_EQ(won.status().code(), StatusCode::kCorruption) << won.status().ToString();
+    EXPECT_NE(won.status().message().find("not an epoch"), std::string::npos) << won.status().ToString();
+    EXPECT_FALSE(a->GetActive()->has_value());
+  }
+  ASSERT_TRUE(client_->Put("/replica/t/epoch", "9223372036854775807").ok());  // the largest: no successor
+  auto won = a->Campaign(Me("a"), 0);
+  ASSERT_FALSE(won.ok());
+  EXPECT_EQ(won.status().code(), StatusCode::kCorruption) << won.status().ToString();
+  ASSERT_TRUE(client_->Put("/replica/t/epoch", "41").ok());
+  won = a->Campaign(Me("a"), 0);
+  ASSERT_TRUE(won.ok()) << won.status().ToString();
+  EXPECT_EQ(*won, std::optional<uint64_t>(42));
+}
+
+TEST(OperatorRequestTest, NamesTheNodeAndTheEpochItWasMadeIn) {
+  EXPECT_EQ(OperatorRequest("b", 7), "b@7");
+  EXPECT_EQ(ParseOperatorRequest("b@7"), (std::pair<std::string, uint64_t>("b", 7)));
+  EXPECT_EQ(ParseOperatorRequest("node@x@12"), (std::pair<std::string, uint64_t>("node@x", 12)));
+  for (const char* bad : {"b", "@7", "b@", "b@-1", "b@7x", ""}) {
+    EXPECT_EQ(ParseOperatorRequest(bad).first, "") << bad;
+  }
+  EXPECT_EQ(ParseEpoch("0"), std::optional<uint64_t>(0));
+  EXPECT_EQ(ParseEpoch("9223372036854775807"), std::optional<uint64_t>(kMaxEpoch));
+  EXPECT_EQ(ParseEpoch("9223372036854775808"), std::nullopt);
+  EXPECT_EQ(ParseEpoch("+1"), std::nullopt);
+}
+
 TEST_F(EtcdTest, ArbiterLeaseDeadlineStopsWhenEtcdIsUnreachable) {
   auto a = NewArbiter(server_->endpoint());
   ASSERT_TRUE(a->Start(Me("a")).ok());

@@ -593,7 +593,10 @@ TEST(ReplicadTest, CommandLineErrors) {
   const std::string base = kReplicad + " --secret s ";
   const std::pair<std::string, std::string> usage_errors[] = {
       {"--id a --data-dir /tmp/x --wal-sync bogus", "--wal-sync must be every, interval or none"},
-      {"--id '' --data-dir /tmp/x", "--id must not be empty"},
+      {"--id '' --data-dir /tmp/x", "--id '': use 1 to 64 letters"},
+      {"--id ../../victim --data-dir /tmp/x", "--id '../../victim': use 1 to 64 letters"},
+      {"--id 'b x' --data-dir /tmp/x", "--id 'b x': use 1 to 64 letters"},
+      {"--id a --data-dir /tmp/x --cluster x/nodes", "--cluster 'x/nodes': use 1 to 64 letters"},
       {"--id a --data-dir ''", "--data-dir must not be empty"},
       {"--id a --data-dir /tmp/x --wal-segment-size 0", "--wal-segment-size must be 4096 bytes to 1 TiB"},
       {"--id a --data-dir /tmp/x --listen ::1:0", "an IPv6 address goes in brackets, as in [::1]:0"},

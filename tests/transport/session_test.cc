@@ -292,6 +292,20 @@ TEST(SessionTest, WrongSecretIsRefusedAndCounted) {
   EXPECT_FALSE(p.client_session->SendControl(proto::Control()).ok());
 }
 
+// A peer's id becomes file names on the active (its checkpoint directory,
+// its slot): one that is not a plain name is refused at the handshake. An id
+// of "../../victim" made the active delete a directory outside its own.
+TEST(SessionTest, APeerWhoseIdIsNotAPlainNameIsRefused) {
+  for (const char* bad : {"../../victim", "b x", "a/b", ".."}) {
+    Pair p;
+    p.Start(Opts("srv"), Opts(bad));
+    ASSERT_TRUE(p.client_rec.WaitFor([&] { return !p.client_rec.closed_.empty(); })) << bad;
+    EXPECT_TRUE(p.server_rec.established_.empty()) << bad;
+    EXPECT_NE(p.client_rec.closed_[0].message().find("peer node id"), std::string::npos)
+        << bad << ": " << p.client_rec.closed_[0].ToString();
+  }
+}
+
 TEST(SessionTest, HeartbeatsCarryLsnsAndEcho) {
   Pair p;
   p.Start(Opts("srv"), Opts("cli"));
