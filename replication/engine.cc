@@ -848,7 +848,10 @@ void EngineImpl::MaintainRetention(bool force) {
         it = slots_.erase(it);
         continue;
       }
-      floor = std::min(floor, std::max<wal::Lsn>(1, it->second));
+      // Only the active ships: a standby keeps the slots it had as an active
+      // (for a later promotion) without holding its log for them, which
+      // would keep every segment since its demotion.
+      if (role_.load() == Role::kActive) floor = std::min(floor, std::max<wal::Lsn>(1, it->second));
       ++it;
     }
     if (slots_ != persisted_slots_) {

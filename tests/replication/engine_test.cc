@@ -502,6 +502,35 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// A node demoted to standby keeps the slots it had as the active, but they
+// no longer hold its log: its WAL is purged as a standby's is (it used to
+// keep every segment since the demotion, up to slot_max_bytes, 4 GiB).
+TEST(EngineTest, ADemotedNodesOldSlotsDoNotHoldItsLog) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto node = [&](const std::string& id) {
+    EngineOptions o = ArbitratedNode(dir, &cluster, id);
+    o.wal_segment_size = 8 << 10;
+    o.wal_keep_bytes = 32 << 10;
+    return o;
+  };
+  auto a = OpenOrDie(node("a"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(node("b"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  uint64_t last = WriteMany(a.get(), 20);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  cluster.ExpireLease("a");  // b takes over; a keeps its slot for b
+  ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kStandby; }));
+  for (int round = 0; round < 40; ++round) last = WriteMany(b.get(), 10, 1000 + round * 10);
+  ASSERT_TRUE(a->WaitForApplied(last, 30s).ok());
+  EXPECT_TRUE(Eventually([&] { return a->status().first_lsn > 100; }, 15s))
+      << "the standby's WAL still starts at LSN " << a->status().first_lsn << " of " << last;
+  ASSERT_TRUE(a->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+}
+
 // A forced promotion left in etcd from an earlier epoch (repctl killed
 // while it waited) is void: at the next vacancy the election runs as usual
 // (b and c equal, b wins by its name) instead of promoting c at once,
