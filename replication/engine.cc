@@ -2169,7 +2169,15 @@ void EngineImpl::RoleLoop() {
         continue;
       }
     }
-    if (!active.ok()) {
+    if (!active.ok() && active.status().IsCorruption()) {
+      // etcd answers, with an active key no node wrote: no election runs
+      // while it is there. Said once per distinct value, loudly.
+      if (campaign_error_ != active.status().ToString()) {
+        campaign_error_ = active.status().ToString();
+        RLOG(kError, "engine.active_key_unreadable") << "node=" << opts_.node_id << " error=\"" << campaign_error_
+                                                     << "\" (no election until an operator deletes or corrects it)";
+      }
+    } else if (!active.ok()) {
       RLOG(kDebug, "engine.arbiter_unreachable") << "node=" << opts_.node_id << " error=\""
                                                  << active.status().ToString() << "\"";
     } else if (role_.load() == Role::kActive) {

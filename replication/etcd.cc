@@ -385,7 +385,13 @@ Result<int64_t> Client::LeaseKeepAlive(int64_t lease) {
   REPLICA_ASSIGN_OR_RETURN(std::string body, Post("/v3/lease/keepalive", json::serialize(req)));
   REPLICA_ASSIGN_OR_RETURN(json::object o, ParseObject(body));
   auto it = o.find("result");
-  const int64_t ttl = it != o.end() && it->value().is_object() ? Int(it->value().as_object(), "TTL") : 0;
+  // Only etcd's own answer says the lease is gone; an answer without a
+  // result (a proxy's or a gateway's error) says nothing of it.
+  if (it == o.end() || !it->value().is_object()) {
+    return Status::IOError("etcd answered the keepalive of lease " + std::to_string(lease) + " without a result: " +
+                           body.substr(0, 200));
+  }
+  const int64_t ttl = Int(it->value().as_object(), "TTL");
   if (ttl <= 0) return Status::NotFound("etcd lease " + std::to_string(lease) + " has expired or was revoked");
   return ttl;
 }
