@@ -800,13 +800,12 @@ Status EngineImpl::LoadSlots() {
     ++n;
     if (line.empty()) continue;
     std::istringstream ls(line);
-    std::string id;
-    unsigned long long lsn = 0;
-    std::string rest;
-    if (!(ls >> id >> lsn) || (ls >> rest)) {
-      return Status::Corruption(path + " line " + std::to_string(n) + ": expected \"STANDBY_ID FIRST_LSN\"");
+    std::string id, lsn, rest;
+    if (!(ls >> id >> lsn) || (ls >> rest) || !CheckName("standby id", id).ok() || !ParseEpoch(lsn)) {
+      return Status::Corruption(path + " line " + std::to_string(n) +
+                                ": expected \"STANDBY_ID FIRST_LSN\" (a node id, then an LSN in decimal digits)");
     }
-    slots[id] = lsn;
+    slots[id] = *ParseEpoch(lsn);
   }
   MutexLock l(&mu_);
   slots_ = slots;

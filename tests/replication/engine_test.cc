@@ -502,6 +502,25 @@ TEST(EngineTest, FakeArbiterDrivesPromotionAndDemotion) {
   EXPECT_EQ(a_roles, (std::vector<Role>{Role::kStandby, Role::kActive, Role::kStandby}));
 }
 
+// The slots file is checked line by line: a negative LSN used to be read as
+// 2^64 - 1, and an id with a blank in it was written but not read back.
+TEST(EngineTest, ADamagedSlotsFileIsAClearError) {
+  TempDir dir;
+  int round = 0;
+  for (const char* bad : {"b -1\n", "b 12x\n", "b\n", "../x 5\n", "b 5 6\n"}) {
+    const std::string data_dir = dir.Sub("n" + std::to_string(++round));
+    std::filesystem::create_directories(data_dir);
+    test::WriteFileBytes(data_dir + "/slots", bad);
+    EngineOptions o = Node(dir, "a");
+    o.data_dir = data_dir;
+    auto e = Engine::Open(o);
+    ASSERT_FALSE(e.ok()) << bad;
+    EXPECT_EQ(e.status().code(), StatusCode::kCorruption) << e.status().ToString();
+    EXPECT_NE(e.status().message().find("line 1: expected \"STANDBY_ID FIRST_LSN\""), std::string::npos)
+        << e.status().ToString();
+  }
+}
+
 // A node demoted to standby keeps the slots it had as the active, but they
 // no longer hold its log: its WAL is purged as a standby's is (it used to
 // keep every segment since the demotion, up to slot_max_bytes, 4 GiB).
