@@ -310,6 +310,8 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // Standby: answers an offer (reusing the files it holds), then installs.
   Status PrepareResync(const std::shared_ptr<transport::Session>& s, const proto::SnapshotOffer& offer);
   Status InstallSnapshot();
+  // Joins the shipper threads of standbys that were stopped (finished_).
+  void JoinStoppedShippers();
   void OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg);
   // Closes s (saying why) unless this node is a standby and s its upstream.
   bool FromUpstream(const std::shared_ptr<transport::Session>& s, const std::string& what) EXCLUDES(mu_);
@@ -1891,6 +1893,17 @@ Status EngineImpl::PrepareResync(const std::shared_ptr<transport::Session>& s, c
   return s->SendControl(request);
 }
 
+void EngineImpl::JoinStoppedShippers() {
+  std::vector<std::shared_ptr<Standby>> stopped;
+  {
+    MutexLock l(&mu_);
+    stopped.swap(finished_);  // every one was told to stop (Standby::Stop)
+  }
+  for (auto& sb : stopped) {
+    if (sb->shipper.joinable()) sb->shipper.join();
+  }
+}
+
 Status EngineImpl::InstallSnapshot() {
   const auto started = Clock::now();
   std::unique_ptr<Receive> r;
@@ -1942,7 +1955,10 @@ Status EngineImpl::InstallSnapshot() {
     }
     REPLICA_RETURN_IF_ERROR(wal->Close());
   }
-  // The switch: nothing may use the old log or database from here on.
+  // The switch: nothing may use the old log or database from here on. The
+  // shippers and snapshot senders this node ran as an active (stopped at its
+  // demotion, not joined) use them without store_mu_: they end first.
+  JoinStoppedShippers();
   StopApplier();
   Status st;
   {
