@@ -827,7 +827,9 @@ class Comparison {
   // a write of the key must still hold what it left, which a key deleted or
   // changed alike everywhere would not.
   Status CheckUnseenLagKeys(const std::string& cf) {
-    for (auto& [key, writes] : lag_keys_) {
+    for (const auto& entry : lag_keys_) {
+      const std::string& key = entry.first;
+      const LagWrites& writes = entry.second;
       if (writes.checked) continue;
       std::vector<Entry> found(n());
       std::vector<const Entry*> at(n(), nullptr);
