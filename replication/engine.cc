@@ -312,6 +312,9 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   Status InstallSnapshot();
   // Joins the shipper threads of standbys that were stopped (finished_).
   void JoinStoppedShippers();
+  // Removes resync/, the files of an interrupted resync, once the node no
+  // longer needs them (its log was accepted, or it became the active).
+  void DropStaleStaging();
   void OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg);
   // Closes s (saying why) unless this node is a standby and s its upstream.
   bool FromUpstream(const std::shared_ptr<transport::Session>& s, const std::string& what) EXCLUDES(mu_);
@@ -668,6 +671,7 @@ Status EngineImpl::Init() {
   opened_.store(true);
   const bool ha = !opts_.etcd.empty() || opts_.arbiter != nullptr;
   role_ = !ha && opts_.follow.empty() ? Role::kActive : Role::kStandby;
+  if (role_ == Role::kActive) DropStaleStaging();  // a static active never resyncs
   {
     MutexLock l(&mu_);
     follow_ = ha ? std::string() : opts_.follow;
@@ -1893,6 +1897,23 @@ Status EngineImpl::PrepareResync(const std::shared_ptr<transport::Session>& s, c
   return s->SendControl(request);
 }
 
+void EngineImpl::DropStaleStaging() {
+  {
+    MutexLock l(&recv_mu_);
+    if (recv_ || receiving_.load()) return;
+  }
+  const std::string staging = snapshot::StagingDir(opts_.data_dir);
+  if (!Env::Default()->FileExists(staging)) return;
+  Status st = snapshot::RemoveTree(staging);
+  if (st.ok()) {
+    RLOG(kInfo, "engine.staging_removed") << "node=" << opts_.node_id << " dir=" << staging
+                                          << " (an interrupted resync's files, no longer needed)";
+  } else {
+    RLOG(kWarn, "engine.staging_removed") << "node=" << opts_.node_id << " dir=" << staging << " error=\""
+                                          << st.ToString() << "\"";
+  }
+}
+
 void EngineImpl::JoinStoppedShippers() {
   std::vector<std::shared_ptr<Standby>> stopped;
   {
@@ -2381,6 +2402,7 @@ void EngineImpl::HandOver(const std::string& target) {
 
 Status EngineImpl::Promote(uint64_t epoch) {
   const auto started = Clock::now();
+  DropStaleStaging();
   {
     // Stop following, and wait until nothing more can arrive.
     MutexLock l(&mu_);
@@ -3005,11 +3027,16 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   }
   if (msg.has_ack() && role_.load() == Role::kStandby) {
     // The active accepted this node's log: all of it is in its history.
-    MutexLock l(&mu_);
-    if (s == upstream_ && apply_cap_ != UINT64_MAX) {
-      apply_cap_ = UINT64_MAX;
-      apply_cv_.SignalAll();
+    bool accepted = false;
+    {
+      MutexLock l(&mu_);
+      accepted = s == upstream_;
+      if (accepted && apply_cap_ != UINT64_MAX) {
+        apply_cap_ = UINT64_MAX;
+        apply_cv_.SignalAll();
+      }
     }
+    if (accepted) DropStaleStaging();  // no resync follows on this session
     return;
   }
   if (msg.has_ack()) return Credit(s.get(), msg.ack().flushed_lsn(), msg.ack().applied_lsn());

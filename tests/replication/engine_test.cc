@@ -521,6 +521,30 @@ TEST(EngineTest, ADamagedSlotsFileIsAClearError) {
   }
 }
 
+// The files of a resync that was interrupted (resync/, kept so that the next
+// resync can reuse them) go once the node no longer needs them: its log was
+// accepted by the active, or it is an active itself. They used to stay for
+// good, up to a whole database's size.
+TEST(EngineTest, AnInterruptedResyncsFilesGoOnceNoLongerNeeded) {
+  TempDir dir;
+  auto make_debris = [&](const std::string& id) {
+    const std::string staging = dir.Sub(id) + "/resync/db";
+    std::filesystem::create_directories(staging);
+    test::WriteFileBytes(staging + "/000042.sst", std::string(1 << 20, 'x'));
+    return dir.Sub(id) + "/resync";
+  };
+  const std::string a_staging = make_debris("a"), b_staging = make_debris("b");
+  auto a = OpenOrDie(Node(dir, "a"));
+  EXPECT_FALSE(std::filesystem::exists(a_staging)) << "a static active kept resync/";
+  auto b = OpenOrDie(Node(dir, "b", "127.0.0.1:" + std::to_string(a->listen_port())));
+  const uint64_t last = WriteMany(a.get(), 10);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  EXPECT_TRUE(Eventually([&] { return !std::filesystem::exists(b_staging); }, 10s))
+      << "a standby whose log was accepted kept resync/";
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 // A node demoted to standby keeps the slots it had as the active, but they
 // no longer hold its log: its WAL is purged as a standby's is (it used to
 // keep every segment since the demotion, up to slot_max_bytes, 4 GiB).
