@@ -48,7 +48,12 @@ constexpr size_t kMaxApplyRecords = 256;
 constexpr wal::Lsn kKeepDeleteCounts = 65536;
 constexpr char kSlotsFile[] = "slots";
 constexpr auto kRetentionEvery = 250ms;
+// How long the active waits for a standby's answer to a snapshot offer:
+// the standby first hashes the files it may already hold (up to the
+// checkpoint's size, in resync/ and in db/), so the wait grows with the
+// checkpoint, at 25 MiB/s, a slow disk's pace, over this base.
 constexpr auto kSnapshotRequestTimeout = 60s;
+constexpr uint64_t kSnapshotHashBytesPerSecond = 25u << 20;
 // Replication lag histogram buckets, in seconds (Prometheus `le`): fine
 // around a millisecond, where a quantile interpolated within one wide
 // bucket (1 to 2.5 ms) could be off by more than the figure itself.
@@ -1647,6 +1652,13 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
   Status st = Env::Default()->CreateDirIfMissing(cp_root);
   if (st.ok()) st = snapshot::RemoveTree(cp_dir);
   if (!st.ok()) return fail(st);
+  {
+    // Held from the applied LSN on while the checkpoint is made (flushes and
+    // hashes every file: it can take minutes), so that retention cannot
+    // purge the seed meanwhile; narrowed to the seed below.
+    MutexLock l(&mu_);
+    slots_[sb->id] = std::max<wal::Lsn>(1, applied_lsn_);
+  }
   auto cp = snapshot::MakeCheckpoint(db_.get(), cp_dir, kMetaColumnFamily, kAppliedKey);
   if (!cp.ok()) return fail(cp.status());
 
@@ -1693,7 +1705,10 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
   proto::SnapshotRequest request;
   {
     MutexLock l(&sb->writable_mu);
-    const auto deadline = Clock::now() + kSnapshotRequestTimeout;
+    uint64_t checkpoint_bytes = 0;
+    for (const auto& f : cp->files) checkpoint_bytes += f.size;
+    const auto deadline = Clock::now() + kSnapshotRequestTimeout +
+                          std::chrono::seconds(2 * checkpoint_bytes / kSnapshotHashBytesPerSecond);
     while (!sb->snapshot_request && !sb->stop.load() && !sb->session->closed() && Clock::now() < deadline) {
       sb->writable_cv.WaitUntil(std::min(deadline, Clock::now() + 100ms));
     }
