@@ -2542,22 +2542,25 @@ void EngineImpl::SendFences(uint64_t epoch) {
   }
   // Best effort within a short bound: an old active that cannot be reached
   // has fenced itself already (its lease ended before this node could win).
+  // One that can is waited for until it has handled the fence (demoted,
+  // its in-flight writes drained), which it tells by closing the session:
+  // etcd can end a lease before the deadline its holder counts on (a
+  // leader change), and the fence closes that window.
   const auto deadline = Clock::now() + 500ms;
   std::vector<bool> sent(sessions.size(), false);
   size_t done = 0;
   while (done < sessions.size() && Clock::now() < deadline) {
     for (size_t i = 0; i < sessions.size(); ++i) {
-      if (sent[i]) continue;
+      if (!sessions[i]) continue;  // done
       if (sessions[i]->closed()) {
-        sent[i] = true;
+        sessions[i].reset();
         ++done;
-      } else if (sessions[i]->established()) {
+      } else if (!sent[i] && sessions[i]->established()) {
         proto::Control msg;
         msg.mutable_fence()->set_epoch(epoch);
         msg.mutable_fence()->set_new_active(opts_.node_id);
         (void)sessions[i]->SendControl(msg);  // the peer closes the session once it has handled it
         sent[i] = true;
-        ++done;
       }
     }
     if (done < sessions.size()) {
