@@ -274,7 +274,13 @@ int main(int argc, char** argv) {
   if (cmd == "fence") {
     if (args.size() != 2) Fail("usage: repctl fence NODE", 2);
     const Cluster c = Read(arbiter.get());
-    if (!Find(c, args[1])) Fail("no node '" + args[1] + "' has a session in cluster '" + ao.cluster + "'");
+    const NodeInfo* n = Find(c, args[1]);
+    if (!n) Fail("no node '" + args[1] + "' has a session in cluster '" + ao.cluster + "'");
+    if (n->role != "active" && (!c.active || c.active->id != args[1])) {
+      std::printf("%s is a standby (the active is %s): nothing to fence\n", args[1].c_str(),
+                  c.active ? c.active->id.c_str() : "none");
+      return 0;
+    }
     Status put = arbiter->PutControl("fence/" + args[1], "repctl");
     if (!put.ok()) Fail("etcd: " + put.ToString());
     const long ms = WaitFor(arbiter.get(), [&](const std::optional<ActiveInfo>& a) { return !a || a->id != args[1]; }, limit);
@@ -394,7 +400,8 @@ int main(int argc, char** argv) {
     if (Find(c, args[1])) Fail(args[1] + " is running (it has a session); stop it first, then remove it");
     if (!c.active) Fail("there is no active to drop the slot of " + args[1]);
     const NodeInfo* act = Find(c, c.active->id);
-    if (!act || !act->slots.count(args[1])) {
+    if (!act) Fail("the active " + c.active->id + " has no readable session in etcd: cannot tell whether it keeps a slot for " + args[1]);
+    if (!act->slots.count(args[1])) {
       std::printf("%s has no slot on the active %s: nothing to remove\n", args[1].c_str(), c.active->id.c_str());
       return 0;
     }

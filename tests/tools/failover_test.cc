@@ -479,6 +479,14 @@ TEST_F(FailoverTest, RepctlStatusSwitchoverUnderLoadAndFence) {
   const int after = WaitForOneActive(nodes);
   ASSERT_GE(after, 0);
   EXPECT_NE(c.Command({"SET", "k", "v"}), "+OK") << "the fenced node still accepts writes";
+  // A standby has nothing to fence: said so, and nothing is written.
+  const int third = 3 - after - target;
+  if (third >= 0 && third < 3 && third != after && third != target) {
+    out = Repctl(etcd_->endpoint(), "fence " + std::string(1, static_cast<char>('a' + third)), &code);
+    EXPECT_EQ(code, 0) << out;
+    EXPECT_NE(out.find("is a standby (the active is "), std::string::npos) << out;
+    EXPECT_EQ(WaitForOneActive(nodes), after);
+  }
   // Errors name the problem and exit non-zero.
   out = Repctl(etcd_->endpoint(), "fence nosuchnode", &code);
   EXPECT_EQ(code, 1);
