@@ -554,7 +554,10 @@ class Comparison {
   // Compares [first, last] among the given nodes (all hold it), chunk by
   // chunk; returns the LSN where their logs diverge, or 0.
   Result<uint64_t> WalRange(const std::vector<size_t>& nodes, uint64_t first, uint64_t last) {
-    const uint64_t chunk = std::max<uint64_t>(1, opt_.wal_chunk);
+    // With --bytes every record is read with its payload, a chunk at a time
+    // on every node: at most 256 records, so that large records cannot take
+    // gigabytes of memory per node.
+    const uint64_t chunk = std::max<uint64_t>(1, opt_.bytes ? std::min<uint64_t>(opt_.wal_chunk, 256) : opt_.wal_chunk);
     const size_t chunks = static_cast<size_t>((last - first) / chunk + 1);
     std::vector<std::vector<Digest>> dig(n());
     if (!opt_.bytes) {
