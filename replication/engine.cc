@@ -320,6 +320,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // Removes resync/, the files of an interrupted resync, once the node no
   // longer needs them (its log was accepted, or it became the active).
   void DropStaleStaging();
+  void DropStaleStagingLocked() REQUIRES(staging_mu_);
   void OnSnapshotControl(const std::shared_ptr<transport::Session>& s, const proto::Control& msg);
   // Closes s (saying why) unless this node is a standby and s its upstream.
   bool FromUpstream(const std::shared_ptr<transport::Session>& s, const std::string& what) EXCLUDES(mu_);
@@ -478,6 +479,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   Status RewindTo(wal::Lsn to);
   Mutex recv_mu_;
   std::unique_ptr<Receive> recv_ GUARDED_BY(recv_mu_);
+  // Held by the follower while it prepares or installs a resync (resync/ in
+  // use); DropStaleStaging only tries it. Taken before every other lock.
+  Mutex staging_mu_ ACQUIRED_BEFORE(store_mu_);
+  bool drop_staging_ GUARDED_BY(mu_) = false;  // the follower removes resync/
   std::atomic<bool> receiving_{false};
 
   std::thread applier_;
@@ -540,6 +545,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // logged once.
   std::string stale_request_;
   std::string campaign_error_;
+  std::string active_key_error_;
   void NoteCampaign(const Status& st) {
     if (!st.IsCorruption()) {  // etcd unreachable: said elsewhere, and passes
       if (st.ok()) campaign_error_.clear();
@@ -814,7 +820,9 @@ Status EngineImpl::LoadSlots() {
     std::string id, lsn, rest;
     if (!(ls >> id >> lsn) || (ls >> rest) || !CheckName("standby id", id).ok() || !ParseEpoch(lsn)) {
       return Status::Corruption(path + " line " + std::to_string(n) +
-                                ": expected \"STANDBY_ID FIRST_LSN\" (a node id, then an LSN in decimal digits)");
+                                ": expected \"STANDBY_ID FIRST_LSN\" (a node id of 1 to 64 letters, digits, '.', '_' "
+                                "or '-', then an LSN in decimal digits); a line for a standby that is gone for good may "
+                                "be deleted");
     }
     slots[id] = *ParseEpoch(lsn);
   }
@@ -1913,6 +1921,14 @@ Status EngineImpl::PrepareResync(const std::shared_ptr<transport::Session>& s, c
 }
 
 void EngineImpl::DropStaleStaging() {
+  // A resync being prepared or installed holds staging_mu_; one receiving
+  // files has recv_ set. Either way resync/ is in use: leave it.
+  if (!staging_mu_.TryLock()) return;
+  DropStaleStagingLocked();
+  staging_mu_.Unlock();
+}
+
+void EngineImpl::DropStaleStagingLocked() {
   {
     MutexLock l(&recv_mu_);
     if (recv_ || receiving_.load()) return;
@@ -2177,7 +2193,7 @@ void EngineImpl::RoleLoop() {
         if (!node.empty() && asked == *epoch) return node;
         if (stale_request_ != it->second) {
           stale_request_ = it->second;
-          RLOG(kWarn, "engine.stale_request") << "node=" << opts_.node_id << " request=ctl/" << name << " value=\""
+          RLOG(kInfo, "engine.stale_request") << "node=" << opts_.node_id << " request=ctl/" << name << " value=\""
                                               << it->second << "\" epoch=" << *epoch
                                               << " (not NODE@EPOCH of the current epoch: ignored)";
         }
@@ -2223,12 +2239,13 @@ void EngineImpl::RoleLoop() {
     if (!active.ok() && active.status().IsCorruption()) {
       // etcd answers, with an active key no node wrote: no election runs
       // while it is there. Said once per distinct value, loudly.
-      if (campaign_error_ != active.status().ToString()) {
-        campaign_error_ = active.status().ToString();
-        RLOG(kError, "engine.active_key_unreadable") << "node=" << opts_.node_id << " error=\"" << campaign_error_
+      if (active_key_error_ != active.status().ToString()) {
+        active_key_error_ = active.status().ToString();
+        RLOG(kError, "engine.active_key_unreadable") << "node=" << opts_.node_id << " error=\"" << active_key_error_
                                                      << "\" (no election until an operator deletes or corrects it)";
       }
     } else if (!active.ok()) {
+      active_key_error_.clear();
       RLOG(kDebug, "engine.arbiter_unreachable") << "node=" << opts_.node_id << " error=\""
                                                  << active.status().ToString() << "\"";
     } else if (role_.load() == Role::kActive) {
@@ -2372,6 +2389,7 @@ void EngineImpl::RoleLoop() {
         }
       }
     }
+    if (active.ok()) active_key_error_.clear();  // readable again: a new damage is said again
     if (active.ok() && *active) {
       vacancy_seen = Clock::time_point();
       // The mark goes from the published session at once.
@@ -2417,7 +2435,6 @@ void EngineImpl::HandOver(const std::string& target) {
 
 Status EngineImpl::Promote(uint64_t epoch) {
   const auto started = Clock::now();
-  DropStaleStaging();
   {
     // Stop following, and wait until nothing more can arrive.
     MutexLock l(&mu_);
@@ -2437,6 +2454,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
     if (!failure_.ok()) return failure_;
   }
   DrainReceiver();
+  DropStaleStaging();  // unless the follower is still installing a snapshot
   // Apply everything received (it is all in the new active's history now).
   REPLICA_RETURN_IF_ERROR(wal_->Sync());
   {
@@ -2700,12 +2718,23 @@ void EngineImpl::FollowerLoop() {
           mu_.Lock();
           continue;
         }
+        if (drop_staging_) {
+          drop_staging_ = false;
+          mu_.Unlock();
+          DropStaleStaging();
+          mu_.Lock();
+          continue;
+        }
         if (pending_offer_) {
           // The active cannot ship the log this node needs: it offers a snapshot.
           proto::SnapshotOffer offer = std::move(*pending_offer_);
           pending_offer_.reset();
           mu_.Unlock();
-          Status st = PrepareResync(session, offer);
+          Status st;
+          {
+            MutexLock staging(&staging_mu_);  // resync/ is in use
+            st = PrepareResync(session, offer);
+          }
           if (!st.ok()) {
             RLOG(kError, "engine.resync_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
             session->Close(st);
@@ -2731,7 +2760,11 @@ void EngineImpl::FollowerLoop() {
         if (snapshot_received_) {
           snapshot_received_ = false;
           mu_.Unlock();
-          Status st = InstallSnapshot();
+          Status st;
+          {
+            MutexLock staging(&staging_mu_);  // resync/ is in use
+            st = InstallSnapshot();
+          }
           if (!st.ok()) {
             RLOG(kError, "engine.resync_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
           }
@@ -3054,7 +3087,13 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
         apply_cv_.SignalAll();
       }
     }
-    if (accepted) DropStaleStaging();  // no resync follows on this session
+    if (accepted) {
+      // No resync follows on this session: the follower removes what an
+      // interrupted one left (not this I/O thread: it can take a while).
+      MutexLock l(&mu_);
+      drop_staging_ = true;
+      cv_.SignalAll();
+    }
     return;
   }
   if (msg.has_ack()) return Credit(s.get(), msg.ack().flushed_lsn(), msg.ack().applied_lsn());

@@ -830,18 +830,25 @@ class Comparison {
   // a write of the key must still hold what it left, which a key deleted or
   // changed alike everywhere would not.
   Status CheckUnseenLagKeys(const std::string& cf) {
+    // In key order, so that the differences listed are the same run to run;
+    // one point read per node and key (directory mode only: live nodes are
+    // pinned at one LSN and have no lag).
+    std::vector<const std::pair<const std::string, LagWrites>*> unseen;
     for (const auto& entry : lag_keys_) {
-      const std::string& key = entry.first;
-      const LagWrites& writes = entry.second;
-      if (writes.checked) continue;
-      std::vector<Entry> found(n());
-      std::vector<const Entry*> at(n(), nullptr);
-      REPLICA_RETURN_IF_ERROR(ForEachNode([&](size_t i) -> Status {
-        REPLICA_ASSIGN_OR_RETURN(auto one, src_[i]->Entries(cf, key, key + std::string(1, '\0'), 1));
-        if (!one.empty() && one[0].key == key) found[i] = std::move(one[0]), at[i] = &found[i];
-        return Status::OK();
-      }));
-      if (!IsLag(writes, at)) AddKeyDiff(cf, key, at);
+      if (!entry.second.checked) unseen.push_back(&entry);
+    }
+    std::sort(unseen.begin(), unseen.end(), [](const auto* a, const auto* b) { return a->first < b->first; });
+    std::vector<Entry> found(n());
+    std::vector<const Entry*> at(n());
+    for (const auto* entry : unseen) {
+      const std::string& key = entry->first;
+      for (size_t i = 0; i < n(); ++i) {
+        auto one = src_[i]->Entries(cf, key, key + std::string(1, '\0'), 1);
+        if (!one.ok()) return one.status().WithContext(names_[i]);
+        at[i] = nullptr;
+        if (!one->empty() && (*one)[0].key == key) found[i] = std::move((*one)[0]), at[i] = &found[i];
+      }
+      if (!IsLag(entry->second, at)) AddKeyDiff(cf, key, at);
     }
     return Status::OK();
   }
@@ -851,16 +858,30 @@ class Comparison {
   // the records it applied left there. A node that applied the key's last
   // write in those records must hold that write's value (or not hold the
   // key, if it was a delete); a node that applied an earlier one, that one's;
-  // a node that applied none of them is excused (it replays them from its
-  // log, which was compared above, and ends with the same value).
+  // nodes that applied none of them must agree among themselves, and are
+  // otherwise excused (they replay them from their logs, which were compared
+  // above, and end with the same value).
   struct LagWrites;
   bool IsLag(const LagWrites& lag, const std::vector<const Entry*>& at) const {
     const auto& writes = lag.writes;
+    // The nodes that applied none of them all hold the key as it was before
+    // them: they must agree among themselves.
+    bool seen_none = false;
+    const Entry* none = nullptr;
     for (size_t i = 0; i < n(); ++i) {
       const uint64_t applied = rep_.nodes[i].applied;
       auto last = std::upper_bound(writes.begin(), writes.end(), applied,
                                    [](uint64_t lsn, const LagWrite& w) { return lsn < w.lsn; });
-      if (last == writes.begin()) continue;  // applied none of them
+      if (last == writes.begin()) {  // applied none of them
+        if (!seen_none) {
+          seen_none = true;
+          none = at[i];
+        } else if ((none == nullptr) != (at[i] == nullptr) ||
+                   (none && (none->value_hash != at[i]->value_hash || none->value_size != at[i]->value_size))) {
+          return false;
+        }
+        continue;
+      }
       const LagWrite& w = *std::prev(last);
       const Entry* e = at[i];
       if (w.deleted ? e != nullptr : (e == nullptr || e->value_hash != w.value_hash || e->value_size != w.value_size)) {

@@ -269,6 +269,22 @@ TEST_F(LogdiffTest, ANodeAheadMustHoldWhatTheRecordsTheOtherLacksWrote) {
   EXPECT_NE(out.find("value cf default key \"key9\": a2: (applied 300) \"flipped\""), std::string::npos) << out;
 }
 
+// Two nodes behind by the same records hold the keys those records write as
+// they were before them: they must agree, or it is a difference, not lag.
+TEST_F(LogdiffTest, NodesBehindAlikeMustAgreeOnTheKeysTheyHaveNotWrittenYet) {
+  const std::string c1 = Copy("c", "c1"), c2 = Copy("c", "c2");
+  {
+    RawDb db(c2);
+    ASSERT_TRUE(db.db()->Put(rocksdb::WriteOptions(), "key250", "stray").ok());  // written at LSN 251, not yet here
+  }
+  int code = -1;
+  std::string out = Logdiff(Base("a") + " " + c1 + " " + c2, &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("DIFFERENT: 1 difference among a, c1, c2"), std::string::npos) << out;
+  EXPECT_NE(out.find("key \"key250\""), std::string::npos) << out;
+  EXPECT_NE(out.find("c2: (applied 200) \"stray\""), std::string::npos) << out;
+}
+
 // A node whose log starts past what it applied cannot catch up from it:
 // its data is not excused as lag.
 TEST_F(LogdiffTest, ALogStartingPastTheAppliedLsnIsADifference) {
