@@ -11,6 +11,7 @@
 
 #include "base/host_port.h"
 #include "base/log.h"
+#include "base/names.h"
 #include "replication/logdiff.h"
 #include "tools/cli.h"
 
@@ -174,6 +175,7 @@ int main(int argc, char** argv) {
       lo.secret = *secret;
     }
     if (lo.secret.empty()) cli::UsageError("logdiff", "--live needs the cluster's secret (--secret-file)%.*s", "");
+    if (Status st = CheckName("--cluster", lo.cluster); !st.ok()) cli::UsageError("logdiff", "%.*s", st.message());
     if (lo.tls_cert.empty() != lo.tls_key.empty() || lo.tls_cert.empty() != lo.tls_ca.empty()) {
       cli::UsageError("logdiff", "TLS needs all of --tls-cert, --tls-key and --tls-ca%.*s", "");
     }

@@ -590,6 +590,12 @@ TEST_F(LiveLogdiffTest, WrongSecretOrNoNodeExitsTwo) {
   out = Logdiff("--live " + Addr(*a) + " " + Addr(*b), &code);
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("needs the cluster's secret"), std::string::npos) << out;
+  out = Logdiff("--live --secret s --cluster x/nodes " + Addr(*a) + " " + Addr(*b), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("--cluster 'x/nodes': use 1 to 64 letters"), std::string::npos) << out;
+  out = Live(Addr(*a) + " " + Addr(*a), &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("are the same node"), std::string::npos) << out;
 }
 
 // Hostile or careless DiffRequests get errors; the node serves on.
