@@ -2245,7 +2245,6 @@ void EngineImpl::RoleLoop() {
                                                      << "\" (no election until an operator deletes or corrects it)";
       }
     } else if (!active.ok()) {
-      active_key_error_.clear();
       RLOG(kDebug, "engine.arbiter_unreachable") << "node=" << opts_.node_id << " error=\""
                                                  << active.status().ToString() << "\"";
     } else if (role_.load() == Role::kActive) {

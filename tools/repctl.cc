@@ -400,7 +400,10 @@ int main(int argc, char** argv) {
     if (Find(c, args[1])) Fail(args[1] + " is running (it has a session); stop it first, then remove it");
     if (!c.active) Fail("there is no active to drop the slot of " + args[1]);
     const NodeInfo* act = Find(c, c.active->id);
-    if (!act) Fail("the active " + c.active->id + " has no readable session in etcd: cannot tell whether it keeps a slot for " + args[1]);
+    if (!act) {
+      Fail("the active " + c.active->id + " has no readable session in etcd: cannot tell whether it keeps a slot for " +
+           args[1]);
+    }
     if (!act->slots.count(args[1])) {
       std::printf("%s has no slot on the active %s: nothing to remove\n", args[1].c_str(), c.active->id.c_str());
       return 0;
