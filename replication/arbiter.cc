@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "base/log.h"
+#include "base/numbers.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
 #include "replication/etcd.h"
@@ -37,13 +38,8 @@ uint64_t U64(const json::object& o, const char* f) {
 }  // namespace
 
 std::optional<uint64_t> ParseEpoch(std::string_view text) {
-  if (text.empty() || text.size() > 19) return std::nullopt;
-  uint64_t v = 0;
-  for (const char c : text) {
-    if (c < '0' || c > '9') return std::nullopt;
-    v = v * 10 + static_cast<uint64_t>(c - '0');
-  }
-  if (v > kMaxEpoch) return std::nullopt;
+  const auto v = ParseDecimal(text);
+  if (!v || *v > kMaxEpoch) return std::nullopt;
   return v;
 }
 

@@ -18,6 +18,7 @@
 #include "base/coding.h"
 #include "base/host_port.h"
 #include "base/names.h"
+#include "base/numbers.h"
 #include "base/log.h"
 #include "base/mutex.h"
 #include "base/thread_name.h"
@@ -818,13 +819,14 @@ Status EngineImpl::LoadSlots() {
     if (line.empty()) continue;
     std::istringstream ls(line);
     std::string id, lsn, rest;
-    if (!(ls >> id >> lsn) || (ls >> rest) || !CheckName("standby id", id).ok() || !ParseEpoch(lsn)) {
+    std::optional<uint64_t> first;
+    if (!(ls >> id >> lsn) || (ls >> rest) || !CheckName("standby id", id).ok() || !(first = ParseDecimal(lsn))) {
       return Status::Corruption(path + " line " + std::to_string(n) +
                                 ": expected \"STANDBY_ID FIRST_LSN\" (a node id of 1 to 64 letters, digits, '.', '_' "
                                 "or '-', then an LSN in decimal digits); a line for a standby that is gone for good may "
                                 "be deleted");
     }
-    slots[id] = *ParseEpoch(lsn);
+    slots[id] = *first;
   }
   MutexLock l(&mu_);
   slots_ = slots;

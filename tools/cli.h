@@ -11,14 +11,15 @@
 #include <string_view>
 
 #include "base/env.h"
+#include "base/numbers.h"
 
 namespace replica::cli {
 
 // Parses a whole decimal unsigned number; false on anything else.
 inline bool ParseU64(std::string_view text, uint64_t* out) {
-  if (text.empty()) return false;
-  auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), *out);
-  return ec == std::errc() && ptr == text.data() + text.size();
+  const auto v = ParseDecimal(text);
+  if (v) *out = *v;
+  return v.has_value();
 }
 
 // The cluster secret: the first line of the file, without its line end
