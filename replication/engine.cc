@@ -580,6 +580,9 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     return rule_;
   }
   Status Promote(uint64_t epoch);
+  // Promote; on failure step down and wait a growing while (role thread).
+  void PromoteOrStepAside(uint64_t epoch);
+  std::chrono::milliseconds promote_backoff_{0};  // role thread only
   void Demote(const std::string& reason);
   // The node cannot go on (see EngineOptions::on_failure): records why,
   // wakes every waiter, tells the role loop and the host.
@@ -2219,12 +2222,7 @@ void EngineImpl::RoleLoop() {
       auto won = from ? arbiter_->Campaign(me, *from) : Result<std::optional<uint64_t>>(std::nullopt);
       NoteCampaign(won.status());
       if (won.ok() && *won) {
-        Status st = Promote(**won);
-        if (!st.ok()) {
-          RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
-          (void)arbiter_->Resign(opts_.node_id);
-          Demote("promotion failed");
-        }
+        PromoteOrStepAside(**won);
         (void)arbiter_->ClearControl(forced == opts_.node_id ? "promote" : "switchover");
       }
       continue;
@@ -2379,12 +2377,7 @@ void EngineImpl::RoleLoop() {
           if (won.ok() && *won) {
             vacancy_seen = Clock::time_point();
             final_epoch_ = 0;
-            Status st = Promote(**won);
-            if (!st.ok()) {
-              RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
-              (void)arbiter_->Resign(opts_.node_id);
-              Demote("promotion failed");
-            }
+            PromoteOrStepAside(**won);
             continue;
           }
         }
@@ -2432,6 +2425,24 @@ void EngineImpl::HandOver(const std::string& target) {
   RLOG(kWarn, "engine.switchover_handed") << "node=" << opts_.node_id << " to=" << target << " ms="
                                           << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started)
                                                  .count();
+}
+
+void EngineImpl::PromoteOrStepAside(uint64_t epoch) {
+  Status st = Promote(epoch);
+  if (st.ok()) {
+    promote_backoff_ = std::chrono::milliseconds(0);
+    return;
+  }
+  RLOG(kError, "engine.promote_failed") << "node=" << opts_.node_id << " error=\"" << st.ToString() << "\"";
+  (void)arbiter_->Resign(opts_.node_id);
+  Demote("promotion failed");
+  // Not straight into the next campaign: a cause that persists (a fence
+  // etcd cannot disprove, a disk that refuses the epoch start) would bump
+  // the epoch key tens of times a second. 100 ms, doubling up to 5 s.
+  promote_backoff_ = std::clamp<std::chrono::milliseconds>(promote_backoff_ * 2, 100ms, 5s);
+  const auto until = Clock::now() + promote_backoff_;
+  MutexLock l(&mu_);
+  while (!closing_ && Clock::now() < until) cv_.WaitUntil(until);
 }
 
 Status EngineImpl::Promote(uint64_t epoch) {
@@ -2521,6 +2532,25 @@ Status EngineImpl::Promote(uint64_t epoch) {
                            std::to_string(epoch));
   };
   if (opts_.test_fault) REPLICA_RETURN_IF_ERROR(opts_.test_fault("promote.fence_check"));
+  uint64_t claimed;
+  {
+    MutexLock l(&mu_);
+    claimed = fenced_epoch_;
+  }
+  if (claimed > epoch) {
+    // A genuine fence comes from a campaign that reached its epoch, and
+    // every win bumps the epoch key. One past the key (a peer's bug, or a
+    // forged message) would block every promotion of this node for good:
+    // it is logged and forgotten. If etcd cannot tell, the fence stands.
+    auto current = arbiter_->GetEpoch();
+    if (current.ok() && *current <= epoch) {
+      RLOG(kError, "engine.bogus_fence") << "node=" << opts_.node_id << " fence_epoch=" << claimed
+                                         << " epoch_key=" << *current
+                                         << " (a fence past every campaign: ignored)";
+      MutexLock l(&mu_);
+      if (fenced_epoch_ == claimed) fenced_epoch_ = epoch;
+    }
+  }
   {
     MutexLock l(&mu_);
     REPLICA_RETURN_IF_ERROR(fenced());
@@ -3060,6 +3090,11 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   }
   if (msg.has_fence()) {
     const auto& f = msg.fence();
+    if (Status named = CheckName("the fencing node's id", f.new_active()); !named.ok()) {
+      ++refused_;
+      s->Close(named);
+      return;
+    }
     {
       // Kept even while this node is no active yet: a promotion under way
       // must not complete past a newer active's fence.

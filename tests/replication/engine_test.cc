@@ -19,6 +19,7 @@
 #include "tests/support/resp_client.h"
 #include "tests/support/etcd_server.h"
 #include "tests/support/test_util.h"
+#include "transport/transport.h"
 #include "wal/wal.h"
 
 namespace replica {
@@ -715,6 +716,80 @@ TEST(EngineTest, APromotionFencedByANewerActiveMidwayNeverTakesTheRole) {
     EXPECT_EQ(std::count(b_roles.begin(), b_roles.end(), Role::kActive), 0) << "b took the role after c fenced it";
   }
   ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+}
+
+// An authenticated peer of the cluster (a test stand-in for a buggy or
+// hostile node): sends one fence and waits until the node has handled it.
+bool SendFence(uint16_t port, uint64_t epoch, const std::string& new_active) {
+  struct Peer : transport::Handler {
+    Mutex mu;
+    CondVar cv{&mu};
+    bool established GUARDED_BY(mu) = false;
+    bool closed GUARDED_BY(mu) = false;
+    void OnEstablished(const std::shared_ptr<transport::Session>&) override {
+      MutexLock l(&mu);
+      established = true;
+      cv.SignalAll();
+    }
+    void OnClosed(const std::shared_ptr<transport::Session>&, const Status&) override {
+      MutexLock l(&mu);
+      closed = true;
+      cv.SignalAll();
+    }
+  } peer;
+  transport::Options to;
+  to.node_id = "rogue";
+  to.cluster = "t";
+  to.secret = "test-secret";
+  to.io_threads = 1;
+  auto ep = transport::Endpoint::Create(to, &peer);
+  if (!ep.ok()) return false;
+  auto s = (*ep)->Connect("127.0.0.1", port);
+  if (!s.ok()) return false;
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  bool handled;
+  {
+    MutexLock l(&peer.mu);
+    while (!peer.established && !peer.closed && std::chrono::steady_clock::now() < deadline) peer.cv.WaitUntil(deadline);
+    if (!peer.established) return false;
+  }
+  proto::Control msg;
+  msg.mutable_fence()->set_epoch(epoch);
+  msg.mutable_fence()->set_new_active(new_active);
+  if (!(*s)->SendControl(msg).ok()) return false;
+  {
+    MutexLock l(&peer.mu);  // the node closes the session once it has handled the fence
+    while (!peer.closed && std::chrono::steady_clock::now() < deadline) peer.cv.WaitUntil(deadline);
+    handled = peer.closed;
+  }
+  (*ep)->Stop();
+  return handled;
+}
+
+// A fence naming an epoch that no campaign reached (a peer's bug, or a
+// forged message) costs at most an election: the node it reached can still
+// be promoted later. A fence naming no plain node id is refused outright.
+TEST(EngineTest, AFencePastEveryCampaignDoesNotKeepANodeFromPromotion) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  auto a = OpenOrDie(ArbitratedNode(dir, &cluster, "a"));
+  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
+  auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  const uint64_t last = WriteMany(a.get(), 10);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+
+  ASSERT_TRUE(SendFence(a->listen_port(), UINT64_MAX, "x\"\nforged log line"));
+  EXPECT_EQ(a->status().role, Role::kActive) << "a fence from no plain node id was obeyed";
+  ASSERT_GT(WriteMany(a.get(), 1, 50), last);
+
+  ASSERT_TRUE(SendFence(b->listen_port(), UINT64_MAX, "rogue"));
+  ASSERT_TRUE(a->Close().ok());  // a resigns: b is the only candidate
+  ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }, 30s))
+      << "b never took the role after a fence at epoch 2^64-1";
+  EXPECT_LT(b->status().epoch, 10u);
+  ASSERT_GT(WriteMany(b.get(), 3, 100), last);
   ASSERT_TRUE(b->Close().ok());
 }
 
