@@ -8,12 +8,14 @@
 
 #include <algorithm>
 #include <array>
+#include <deque>
 #include <map>
 #include <set>
 #include <span>
 #include <sstream>
 #include <thread>
 #include <unordered_map>
+#include <variant>
 
 #include "base/coding.h"
 #include "base/host_port.h"
@@ -177,6 +179,88 @@ struct Receive {
   std::chrono::steady_clock::time_point reported = started;
 };
 
+// Delivers the host's callbacks (EngineOptions::on_role_change and
+// on_failure) on a thread of its own, one at a time and in the order the
+// events happened: never on a thread of the host (Open, Write) nor on one
+// that Close joins, and never under an engine lock, so that a callback may
+// call any method of the engine, Close included, and may take the host's
+// own locks. Its state outlives the engine if the host destroys the engine
+// from inside a callback.
+class Notifier {
+ public:
+  Notifier(std::function<void(Role)> on_role, std::function<void(const Status&)> on_failure)
+      : st_(std::make_shared<State>()) {
+    st_->on_role = std::move(on_role);
+    st_->on_failure = std::move(on_failure);
+  }
+  ~Notifier() { Stop(); }
+  void Start() {
+    if (!st_->on_role && !st_->on_failure) return;
+    thread_ = NamedThread("notify", [st = st_] {
+      MutexLock l(&st->mu);
+      st->id = std::this_thread::get_id();
+      for (;;) {
+        while (!st->stop && st->queue.empty()) st->cv.Wait();
+        if (st->stop) return;
+        Event ev = std::move(st->queue.front());
+        st->queue.pop_front();
+        st->mu.Unlock();
+        if (const Role* r = std::get_if<Role>(&ev)) {
+          if (st->on_role) st->on_role(*r);
+        } else if (st->on_failure) {
+          st->on_failure(std::get<Status>(ev));
+        }
+        st->mu.Lock();
+      }
+    });
+  }
+  void RoleChanged(Role r) { Push(r); }
+  void Failed(const Status& why) { Push(why); }
+  // Nothing more is delivered (events not yet delivered are dropped). Waits
+  // for a callback under way to return, unless called from inside one: the
+  // thread then ends once that callback returns.
+  void Stop() {
+    {
+      MutexLock l(&st_->mu);
+      st_->stop = true;
+      st_->queue.clear();
+      st_->cv.SignalAll();
+    }
+    if (!thread_.joinable()) return;
+    if (OnThread()) {
+      thread_.detach();
+    } else {
+      thread_.join();
+    }
+  }
+  // True on the callbacks' thread (read from the state: the thread object
+  // may be being joined by another thread meanwhile).
+  bool OnThread() const {
+    MutexLock l(&st_->mu);
+    return st_->id == std::this_thread::get_id();
+  }
+
+ private:
+  using Event = std::variant<Role, Status>;
+  struct State {
+    Mutex mu;
+    CondVar cv{&mu};
+    std::deque<Event> queue GUARDED_BY(mu);
+    bool stop GUARDED_BY(mu) = false;
+    std::thread::id id GUARDED_BY(mu);  // the thread's, once it runs
+    std::function<void(Role)> on_role;
+    std::function<void(const Status&)> on_failure;
+  };
+  void Push(Event ev) {
+    MutexLock l(&st_->mu);
+    if (st_->stop) return;
+    st_->queue.push_back(std::move(ev));
+    st_->cv.SignalAll();
+  }
+  std::shared_ptr<State> st_;
+  std::thread thread_;
+};
+
 // Lock order: store_mu_, then retention_mu_, then mu_, then Wal's internal
 // lock (the Wal never calls back); recv_mu_ and Standby::writable_mu are
 // leaves; logdiff::Server's lock comes after store_mu_ (WithStore). Handler callbacks
@@ -188,7 +272,7 @@ struct Receive {
 // that uses them on a standby holds store_mu_ shared.
 class EngineImpl final : public Engine, public transport::Handler, public logdiff::NodeHooks {
  public:
-  explicit EngineImpl(EngineOptions o) : opts_(std::move(o)) {}
+  explicit EngineImpl(EngineOptions o) : opts_(std::move(o)), notifier_(opts_.on_role_change, opts_.on_failure) {}
   ~EngineImpl() override { (void)Close(); }
   Status Init();
 
@@ -261,6 +345,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::string progress_ GUARDED_BY(mu_);
   // Standby: the active's last LSN, from its heartbeats (catch-up progress).
   std::atomic<wal::Lsn> upstream_last_{0};
+  // Standby: upstream_last_ came from the current upstream session (a
+  // heartbeat arrived on it). Until then, applying everything held locally
+  // says nothing about how recent the data is.
+  std::atomic<bool> upstream_head_known_{false};
   // Standby: when it last held everything the active's heartbeats named
   // (steady-clock microseconds), for its own view of its lag in time.
   std::atomic<int64_t> caught_up_us_{0};
@@ -437,6 +525,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::atomic<uint64_t> refused_{0};
   bool closing_ GUARDED_BY(mu_) = false;   // Interrupt or Close began
   bool close_started_ GUARDED_BY(mu_) = false;
+  bool close_done_ GUARDED_BY(mu_) = false;  // Close finished, with close_status_
+  Status close_status_ GUARDED_BY(mu_);
+  CondVar close_cv_{&mu_};
+  Notifier notifier_;  // a leaf lock: events are queued under mu_, in order
   std::atomic<bool> db_closed_{false};
   // Set once (Fail): the WAL can no longer be written, the applier stopped
   // on an error, or a snapshot install lost the storage (wal_ and db_ are
@@ -689,6 +781,7 @@ Status EngineImpl::Init() {
   if (role_ == Role::kActive) DropStaleStaging();  // a static active never resyncs
   {
     MutexLock l(&mu_);
+    notifier_.RoleChanged(role_.load());  // the first event, delivered once Open succeeds
     follow_ = ha ? std::string() : opts_.follow;
     // With an arbiter this node may have been an active whose last records
     // were never replicated: apply nothing more until an active accepts the
@@ -730,7 +823,7 @@ Status EngineImpl::Init() {
   if (arbiter_) {
     role_thread_ = NamedThread("role", [this] { RoleLoop(); });
   }
-  if (opts_.on_role_change) opts_.on_role_change(role_.load());
+  notifier_.Start();  // delivers what was queued meanwhile, in order
   return Status::OK();
 }
 
@@ -1265,13 +1358,23 @@ Result<std::optional<std::string>> EngineImpl::Get(const std::string& key) {
 
 Result<StatedRead> EngineImpl::ReadWithStaleness(const std::string& key,
                                                  std::optional<std::chrono::milliseconds> max_staleness) {
+  REPLICA_RETURN_IF_ERROR(FailedStatus());  // the failure, not a staleness
   StatedRead r;
   {
     MutexLock l(&mu_);
     r.applied_lsn = applied_lsn_;  // read first: the data read below is at least this recent
   }
-  if (role_.load() == Role::kActive) {
+  const bool active = role_.load() == Role::kActive;
+  if (active && ActiveLeaseHeld()) {
     r.staleness = std::chrono::milliseconds(0);
+  } else if (active) {
+    // Self-fenced (its lease renewal is overdue): its data was the
+    // cluster's newest until the deadline; since then another node may
+    // have been elected and be writing. Unknown if the lease it won is gone.
+    if (arbiter_->WonLeaseCurrent()) {
+      r.staleness = std::max(std::chrono::milliseconds(0), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                               Clock::now() - arbiter_->LeaseDeadline()));
+    }
   } else {
     const wal::Lsn head = upstream_last_.load();
     r.behind_records = head > r.applied_lsn ? head - r.applied_lsn : 0;
@@ -1280,10 +1383,17 @@ Result<StatedRead> EngineImpl::ReadWithStaleness(const std::string& key,
     }
   }
   if (max_staleness && (!r.staleness || *r.staleness > *max_staleness)) {
+    const std::string age = r.staleness ? std::to_string(r.staleness->count()) + " ms" : std::string("of unknown age");
+    if (active) {
+      return Status::TooStale("node " + opts_.node_id +
+                              " is an active that cannot renew its lease (self-fenced): another node may be writing, "
+                              "its data may be " + age + " old; the bound is " +
+                              std::to_string(max_staleness->count()) + " ms");
+    }
     return Status::TooStale(
         "node " + opts_.node_id + " is a standby whose data is " +
-        (r.staleness ? std::to_string(r.staleness->count()) + " ms" : std::string("of unknown age (never caught up)")) +
-        " behind its active (" + std::to_string(r.behind_records) + " records as of its last report); the bound is " +
+        (r.staleness ? age : std::string("of unknown age (not caught up with a live active)")) + " behind its active (" +
+        std::to_string(r.behind_records) + " records as of its last report); the bound is " +
         std::to_string(max_staleness->count()) + " ms");
   }
   REPLICA_ASSIGN_OR_RETURN(r.value, Get(key));
@@ -1326,7 +1436,9 @@ Result<int> EngineImpl::WaitForReplicas(uint64_t lsn, int count, std::chrono::mi
   for (;;) {
     int have = 0;
     for (const auto& [_, sb] : standbys_) have += !sb->resync && sb->flushed >= lsn ? 1 : 0;
-    if (have >= count || closing_) return have;
+    if (!failure_.ok()) return failure_;
+    if (closing_) return Status::Aborted("the engine is shutting down");
+    if (have >= count) return have;
     if (!acks_cv_.WaitUntil(deadline) && Clock::now() >= deadline) {
       have = 0;
       for (const auto& [_, sb] : standbys_) have += !sb->resync && sb->flushed >= lsn ? 1 : 0;
@@ -1343,6 +1455,7 @@ Status EngineImpl::WaitForApplied(uint64_t lsn, std::chrono::milliseconds timeou
   }
   if (!failure_.ok()) return failure_;
   if (applied_lsn_ >= lsn) return Status::OK();
+  if (closing_) return Status::Aborted("the engine is shutting down");
   return Status::TimedOut("LSN " + std::to_string(lsn) + " not applied within " + std::to_string(timeout.count()) +
                           " ms (applied " + std::to_string(applied_lsn_) + ")");
 }
@@ -1509,7 +1622,9 @@ void EngineImpl::ApplierLoop() {
       }
       applied_cv_.SignalAll();
       WakeWriters(last);
-      if (role_.load() == Role::kStandby && last >= upstream_last_.load()) applied_caught_up_us_.store(NowMicros());
+      if (role_.load() == Role::kStandby && upstream_head_known_.load() && last >= upstream_last_.load()) {
+        applied_caught_up_us_.store(NowMicros());
+      }
       upstream = upstream_;
     }
     if (upstream && role_.load() == Role::kStandby) SendAck(upstream);
@@ -2568,12 +2683,12 @@ Status EngineImpl::Promote(uint64_t epoch) {
     degraded_ = false;
     active_id_ = opts_.node_id;
     role_ = Role::kActive;
+    notifier_.RoleChanged(Role::kActive);
     WakeAllWaiters();
   }
   RLOG(kWarn, "engine.promoted") << "node=" << opts_.node_id << " epoch=" << epoch << " first_lsn=" << start
                                  << " ms="
                                  << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started).count();
-  if (opts_.on_role_change) opts_.on_role_change(Role::kActive);
   (void)arbiter_->Publish(MyInfo());
   return Status::OK();
 }
@@ -2630,6 +2745,7 @@ void EngineImpl::Demote(const std::string& reason) {
       return;
     }
     role_ = Role::kStandby;
+    notifier_.RoleChanged(Role::kStandby);
     demoting_ = true;  // the follower waits for the drain below
     apply_cap_ = commit_lsn_;
     committed = commit_lsn_;
@@ -2660,18 +2776,17 @@ void EngineImpl::Demote(const std::string& reason) {
   }
   RLOG(kWarn, "engine.demoted") << "node=" << opts_.node_id << " epoch=" << epoch_.load()
                                 << " commit_lsn=" << committed << " reason=\"" << reason << "\"";
-  if (opts_.on_role_change) opts_.on_role_change(Role::kStandby);
   // A static-mode engine has no follower; with an arbiter it already runs.
 }
 
 void EngineImpl::Fail(const Status& why) {
-  bool closing;
   {
     MutexLock l(&mu_);
     if (!failure_.ok()) return;
     failure_ = why;
     failed_.store(true);
-    closing = closing_;
+    // Not while the host is closing the engine: it is stopping it already.
+    if (!closing_) notifier_.Failed(why);
     WakeAllWaiters();
     WakeAllWriters();
     acks_cv_.SignalAll();
@@ -2680,8 +2795,6 @@ void EngineImpl::Fail(const Status& why) {
   RLOG(kError, "engine.failed") << "node=" << opts_.node_id << " role=" << RoleName(role_.load()) << " error=\""
                                 << why.ToString() << "\" (restart the node)";
   if (arbiter_) arbiter_->Kick();  // the role loop steps down
-  // Not while the host is closing the engine: it is stopping it already.
-  if (opts_.on_failure && !closing) opts_.on_failure(why);
 }
 
 Status EngineImpl::RewindTo(wal::Lsn to) {
@@ -2729,6 +2842,7 @@ void EngineImpl::FollowerLoop() {
       session = *s;
       MutexLock l(&mu_);
       upstream_ = session;
+      upstream_head_known_.store(false);  // this session's heartbeats will say
       pending_offer_.reset();
       pending_rewind_.reset();
       snapshot_received_ = false;
@@ -2815,7 +2929,10 @@ void EngineImpl::FollowerLoop() {
         ReportCatchUp();
         mu_.Lock();
       }
-      if (upstream_ == session) upstream_.reset();
+      if (upstream_ == session) {
+        upstream_.reset();
+        upstream_head_known_.store(false);
+      }
       cv_.SignalAll();  // Promote waits for the upstream session to end
       if (!session->established()) {
         if (unreachable_target_ != target) {
@@ -3152,6 +3269,7 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
       from_upstream = s == upstream_;
       if (from_upstream) {
         upstream_last_.store(msg.heartbeat().last_lsn());
+        upstream_head_known_.store(true);
         if (applied_lsn_ >= msg.heartbeat().last_lsn()) applied_caught_up_us_.store(NowMicros());
       }
     }
@@ -3673,7 +3791,14 @@ void EngineImpl::Interrupt() {
 Status EngineImpl::Close() {
   {
     MutexLock l(&mu_);
-    if (close_started_ || (!opened_.load() && !wal_)) return Status::OK();
+    if (close_started_) {
+      // Another thread is closing: return once it is done (from a callback,
+      // at once: that Close waits for the callback to return).
+      if (notifier_.OnThread()) return Status::OK();
+      while (!close_done_) close_cv_.Wait();
+      return close_status_;
+    }
+    if (!opened_.load() && !wal_) return Status::OK();
     close_started_ = true;
     closing_ = true;
     for (auto& [_, sb] : standbys_) sb->Stop();
@@ -3681,6 +3806,7 @@ Status EngineImpl::Close() {
     acks_cv_.SignalAll();
     WakeAllWriters();
   }
+  notifier_.Stop();  // no callback once Close has begun (one under way ends first)
   if (role_thread_.joinable()) role_thread_.join();
   if (arbiter_) arbiter_->Stop();  // revokes the lease: a successor is elected at once
   if (follower_.joinable()) follower_.join();
@@ -3708,6 +3834,10 @@ Status EngineImpl::Close() {
     if (st.ok()) st = cs;
     db_.reset();
   }
+  MutexLock l(&mu_);
+  close_done_ = true;
+  close_status_ = st;
+  close_cv_.SignalAll();
   return st;
 }
 

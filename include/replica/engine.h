@@ -1,11 +1,13 @@
 // The embedding API: open a node on a data directory; write on the active,
 // read anywhere; be told of role changes. No Boost or RocksDB types here.
 //
-// Static mode (this version): a node without `follow` is the active; a node
-// with `follow = "HOST:PORT"` is a standby of the active listening there. The
-// etcd arbiter, promotion and fencing come with the high-availability issue.
+// Static mode: a node without `follow` is the active; a node with
+// `follow = "HOST:PORT"` is a standby of the active listening there. High
+// availability: with `etcd` (or an `arbiter`), the nodes elect the active,
+// promote a standby when it dies and fence the old one (docs/failover.md).
 //
-// Thread-safety: every method may be called from any thread.
+// Thread-safety: every method may be called from any thread, the callbacks'
+// own included (see on_role_change).
 #pragma once
 
 #include <chrono>
@@ -114,21 +116,29 @@ struct EngineOptions {
   // standby, one thread measured faster than two (docs/performance.md,
   // ninth session); more may help an active with many standbys.
   int transport_io_threads = 1;
-  // Called (from an internal thread) when the node's role changes.
+  // Called with the node's role once Open has succeeded, then at each
+  // change. Both callbacks run on one internal thread of their own, one
+  // call at a time, in the order of the events (never on the thread that
+  // calls Open or Write, never under an engine lock): a callback may call
+  // any method, Close included, and may destroy the engine. A slow
+  // callback delays the next one, nothing else. No callback starts once
+  // Close has begun (Close waits for one under way, unless called from it).
   std::function<void(Role)> on_role_change;
-  // Called once, from an internal thread, when the node fails: its WAL can
-  // no longer be written (a full disk), its applier stopped on an error, or
-  // a snapshot install replaced its data but could not open the new data. A failed node steps down if it was the active,
-  // stops following and never campaigns; reads and writes return the error
-  // (EngineStatus::failure says it). Restarting the node (Close, then Open
-  // on the same data_dir) retries, and finishes an interrupted install. The
-  // callback must not call Close itself (signal a thread that does); it is
-  // not called once Interrupt or Close has begun.
+  // Called once when the node fails: its WAL can no longer be written (a
+  // full disk), its applier stopped on an error, or a snapshot install
+  // replaced its data but could not open the new data. A failed node stops
+  // following and never campaigns; with an arbiter, an active steps down
+  // (in static mode it keeps the role, refusing writes). Reads and writes
+  // return the error (EngineStatus::failure says it). Restarting the node
+  // (Close, then Open on the same data_dir) retries, and finishes an
+  // interrupted install. Not called once Interrupt or Close has begun.
   std::function<void(const Status&)> on_failure;
   // Tests: called at named steps: "install.reopen" (a snapshot install has
-  // replaced the data; the new data is about to be opened) and "apply" (the
-  // applier is about to apply a run of records). A status other than OK is
-  // taken as that step's failure.
+  // replaced the data; the new data is about to be opened), "apply" (the
+  // applier is about to apply a run of records), "write.append" (an active's
+  // write passed its role check; the status is ignored) and
+  // "promote.fence_check" (a promotion is about to check for fences). A
+  // status other than OK is taken as that step's failure.
   std::function<Status(const char* step)> test_fault;
 };
 
@@ -209,11 +219,15 @@ struct EngineStatus {
 struct StatedRead {
   std::optional<std::string> value;  // nullopt: the key is absent
   uint64_t applied_lsn = 0;          // the data read is at least as recent as this LSN
-  // How far behind the active this node's data may be: 0 on the active. On
-  // a standby, the time since it last had applied every record its active
-  // had reported (heartbeats every 0.5 s, and every record received), and
-  // how many records it lacked as of the last report. Unknown (nullopt)
-  // on a standby that has never caught up with a live active.
+  // How far behind the active this node's data may be: 0 on an active that
+  // holds its lease. On an active that cannot renew it (self-fenced, see
+  // docs/failover.md), the time since its lease's deadline, when another
+  // node may have been elected. On a standby, the time since it last had
+  // applied every record its active had reported as of the active's last
+  // heartbeat (every 0.5 s), and how many records it lacked then. Unknown
+  // (nullopt) on a standby that has not caught up with its current active
+  // since it connected (after a restart too), and on an active whose lease
+  // ended.
   std::optional<std::chrono::milliseconds> staleness;
   uint64_t behind_records = 0;
 };
@@ -247,7 +261,7 @@ class Engine {
   // Like Get, and states how stale the answer may be (see StatedRead). With
   // max_staleness, a node further behind than that (or that cannot tell)
   // answers TooStale instead, naming its staleness: read the active, or
-  // wait for this node with WaitForApplied.
+  // wait for this node with WaitForApplied. A failed node answers its failure.
   virtual Result<StatedRead> ReadWithStaleness(const std::string& key,
                                                std::optional<std::chrono::milliseconds> max_staleness) = 0;
   // Up to `limit` keys in order, starting at `start` (inclusive).
@@ -260,7 +274,9 @@ class Engine {
   // the timeout passes; returns how many do (Redis WAIT).
   virtual Result<int> WaitForReplicas(uint64_t lsn, int count, std::chrono::milliseconds timeout) = 0;
   virtual EngineStatus status() const = 0;
-  // Changes the commit rule at run time (waiting writes are re-judged).
+  // Changes the commit rule at run time (waiting writes are re-judged). With
+  // etcd, a rule set there (`repctl set-commit`, the ctl/commit key) wins:
+  // the active goes back to it within moments.
   virtual Status SetCommitRule(const CommitRule& rule) = 0;
   // Every metric in the Prometheus text exposition format (docs/operations.md).
   virtual std::string PrometheusMetrics() const = 0;
@@ -270,8 +286,13 @@ class Engine {
   virtual void SetClientAddress(const std::string& address) = 0;
   // Wakes every waiting call (Write, WaitForApplied, WaitForReplicas) with
   // Aborted and refuses new writes: the first step of a shutdown, so that
-  // threads blocked in the engine can be joined before Close.
+  // threads blocked in the engine can be joined before Close. Close should
+  // follow soon: an interrupted active keeps its lease and role (refusing
+  // writes) until Close resigns them.
   virtual void Interrupt() = 0;
+  // Stops the node and closes its storage. Idempotent: a call while another
+  // thread closes returns once that one is done, with its status (a call
+  // from a callback returns at once).
   virtual Status Close() = 0;
 };
 

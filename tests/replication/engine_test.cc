@@ -645,6 +645,12 @@ TEST(EngineTest, AnActiveWhoseLeaseWasReplacedTakesNoWritesOnTheNewLease) {
   WriteBatch w;
   w.Put("split", "brain");
   EXPECT_EQ(a->Write(w).status().code(), StatusCode::kNotActive) << "self-fenced: the lease is in doubt";
+  // Its reads say so too: its data is as old as its lease's deadline (the
+  // fake's lease ended a second ago), not "0 ms".
+  auto stated = a->ReadWithStaleness("key1", std::nullopt);
+  ASSERT_TRUE(stated.ok()) << stated.status().ToString();
+  EXPECT_TRUE(stated->staleness && *stated->staleness >= 900ms) << "a self-fenced active claimed fresh data";
+  EXPECT_EQ(a->ReadWithStaleness("key1", 100ms).status().code(), StatusCode::kTooStale);
   ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
   cluster.RegrantLease("a");  // a's keepalive got through: a fresh lease, no active key under it
   EXPECT_EQ(a->Write(w).status().code(), StatusCode::kNotActive) << "two nodes would take writes at once";
@@ -716,6 +722,123 @@ TEST(EngineTest, APromotionFencedByANewerActiveMidwayNeverTakesTheRole) {
     EXPECT_EQ(std::count(b_roles.begin(), b_roles.end(), Role::kActive), 0) << "b took the role after c fenced it";
   }
   ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+}
+
+// Callbacks run on a thread of their own: one may close the engine (Close
+// used to join the very thread the callback ran on, and the process
+// aborted), and the roles arrive in order, the first once Open succeeded.
+TEST(EngineTest, ARoleCallbackMayCloseTheEngine) {
+  TempDir dir;
+  test::FakeCluster cluster;
+  Mutex mu;
+  CondVar cv(&mu);
+  Engine* self = nullptr;
+  bool closed = false;
+  Status close_status;
+  std::vector<Role> roles;
+  std::thread::id callback_thread;
+  EngineOptions ao = ArbitratedNode(dir, &cluster, "a");
+  ao.on_role_change = [&](Role r) {
+    MutexLock l(&mu);
+    roles.push_back(r);
+    callback_thread = std::this_thread::get_id();
+    if (r != Role::kActive) return;
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (self == nullptr && std::chrono::steady_clock::now() < deadline) cv.WaitUntil(deadline);
+    Engine* e = self;
+    mu.Unlock();
+    Status st = e->Close();
+    mu.Lock();
+    close_status = st;
+    closed = true;
+    cv.SignalAll();
+  };
+  auto a = OpenOrDie(ao);
+  {
+    MutexLock l(&mu);
+    self = a.get();
+    cv.SignalAll();
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (!closed && std::chrono::steady_clock::now() < deadline) cv.WaitUntil(deadline);
+    ASSERT_TRUE(closed) << "a was never promoted, or its callback's Close never returned";
+    EXPECT_TRUE(close_status.ok()) << close_status.ToString();
+    EXPECT_EQ(roles, (std::vector<Role>{Role::kStandby, Role::kActive}));
+    EXPECT_NE(callback_thread, std::this_thread::get_id());
+  }
+  WriteBatch w;
+  w.Put("k", "v");
+  EXPECT_FALSE(a->Write(w).ok()) << "closed from its callback, yet it took a write";
+  EXPECT_TRUE(a->Close().ok());  // again, from the host: returns at once
+  a.reset();
+}
+
+// Interrupt wakes every waiting call with Aborted (WaitForApplied used to
+// say TimedOut, WaitForReplicas a count of 0).
+TEST(EngineTest, InterruptWakesWaitersWithAborted) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  auto applied = std::async(std::launch::async, [&] { return a->WaitForApplied(1000000, 60s); });
+  auto replicas = std::async(std::launch::async, [&] { return a->WaitForReplicas(1, 1, 60s); });
+  ASSERT_EQ(replicas.wait_for(100ms), std::future_status::timeout);  // still waiting
+  a->Interrupt();
+  ASSERT_EQ(applied.wait_for(30s), std::future_status::ready);
+  ASSERT_EQ(replicas.wait_for(30s), std::future_status::ready);
+  EXPECT_EQ(applied.get().code(), StatusCode::kAborted);
+  EXPECT_EQ(replicas.get().status().code(), StatusCode::kAborted);
+  ASSERT_TRUE(a->Close().ok());
+}
+
+// Close from two threads at once: the second returns once the node is
+// closed (it used to return at once, and reopening the directory then
+// failed: the WAL was still locked).
+TEST(EngineTest, ASecondCloseReturnsOnceTheNodeIsClosed) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  WriteMany(a.get(), 20);
+  std::atomic<bool> first_started{false};
+  auto first = std::async(std::launch::async, [&] {
+    first_started = true;
+    return a->Close();
+  });
+  ASSERT_TRUE(Eventually([&] { return first_started.load(); }));
+  EXPECT_TRUE(a->Close().ok());
+  auto again = Engine::Open(Node(dir, "a"));
+  EXPECT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_TRUE(first.get().ok());
+  if (again.ok()) {
+    EXPECT_TRUE((*again)->Close().ok());
+  }
+}
+
+// A standby restarted with no active to hear from does not call its data
+// fresh once it has applied its own log: staleness is unknown until a live
+// active's heartbeat says what there is.
+TEST(EngineTest, ARestartedStandbyWithoutAnActiveDoesNotClaimFreshData) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  const std::string a_address = Follow(*a);
+  EngineOptions bo = Node(dir, "b", a_address);
+  std::atomic<bool> refuse{false};
+  bo.test_fault = [&](const char* step) {
+    return refuse.load() && std::string_view(step) == "apply" ? Status::IOError("refused by the test")
+                                                               : Status::OK();
+  };
+  auto b = OpenOrDie(bo);
+  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
+  refuse = true;  // b fails at its next apply: what it received stays unapplied
+  WriteMany(a.get(), 20);
+  ASSERT_TRUE(Eventually([&] { return !b->status().failure.empty(); }));
+  const EngineStatus failed = b->status();
+  ASSERT_LT(failed.applied_lsn, failed.last_lsn);
+  b.reset();
+  a.reset();  // no active any more
+  refuse = false;
+  b = OpenOrDie(Node(dir, "b", a_address));
+  ASSERT_TRUE(Eventually([&] { return b->status().applied_lsn >= failed.last_lsn; }));  // its own log, replayed
+  auto r = b->ReadWithStaleness("counter", 60s);
+  EXPECT_EQ(r.status().code(), StatusCode::kTooStale)
+      << "staleness " << (r.ok() && r->staleness ? r->staleness->count() : -1) << " ms with no active to hear from";
   ASSERT_TRUE(b->Close().ok());
 }
 
@@ -1864,7 +1987,7 @@ TEST_F(RespTest, ManyConnectionsShareFewThreadsAndAWaitHoldsUpOnlyItsOwn) {
   EXPECT_LT(ThreadCount() - threads_before, 10) << "a thread per connection?";
   e->Interrupt();  // what replicad does before stopping the port: the WAIT returns
   server->Stop();
-  EXPECT_EQ(ReceiveBytes(waiter_fd, 4), ":0\r\n");
+  EXPECT_EQ(ReceiveBytes(waiter_fd, 4), "-ERR");  // Aborted: the engine is shutting down
   for (int fd : fds) {
     EXPECT_EQ(ReceiveBytes(fd, 1), "") << "a connection left open by Stop";
     ::close(fd);
