@@ -163,6 +163,15 @@ struct Standby {
 };
 
 // A snapshot being received (standby). Guarded by EngineImpl::recv_mu_.
+// A file's size in a snapshot offer (the seed's included).
+uint64_t OfferedSize(const proto::SnapshotOffer& offer, const std::string& name) {
+  if (name == snapshot::kSeedName) return offer.seed_size();
+  for (const auto& f : offer.files()) {
+    if (f.name() == name) return f.size();
+  }
+  return 0;
+}
+
 struct Receive {
   proto::SnapshotOffer offer;
   std::set<std::string> expected;  // file names requested (WAL-SEED included)
@@ -1848,6 +1857,15 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
     }
     request = *sb->snapshot_request;
   }
+  // The whole request first: each name once, and in the snapshot (a name
+  // repeated would send a file again and again).
+  std::set<std::string> asked;
+  for (const auto& name : request.names()) {
+    if (!asked.insert(name).second) return fail(Status::InvalidArgument("the standby asked for '" + name + "' twice"));
+    if (!(name == snapshot::kSeedName && seed) && !by_name.count(name)) {
+      return fail(Status::InvalidArgument("the standby asked for '" + name + "', which is not in the snapshot"));
+    }
+  }
   uint64_t files = 0, bytes = 0;
   for (const auto& name : request.names()) {
     proto::Control begin;
@@ -1933,6 +1951,11 @@ void EngineImpl::OnSnapshotControl(const std::shared_ptr<transport::Session>& s,
         st = Status::InvalidArgument("snapshot file '" + f.name() + "' begins before '" + r.name + "' ended");
       } else if (!r.expected.count(f.name()) || r.received.count(f.name())) {
         st = Status::InvalidArgument("snapshot file '" + f.name() + "' was not requested, or came twice");
+      } else if (const uint64_t offered = OfferedSize(r.offer, f.name()); f.size() != offered) {
+        // Checked before a byte is written: a wrong size would otherwise be
+        // found only at install, after filling the disk.
+        st = Status::InvalidArgument("snapshot file '" + f.name() + "' announced as " + std::to_string(f.size()) +
+                                     " bytes, but the offer said " + std::to_string(offered));
       } else {
         const std::string path = f.name() == snapshot::kSeedName
                                      ? JoinPath(snapshot::StagingDir(opts_.data_dir), snapshot::kSeedName)

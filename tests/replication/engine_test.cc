@@ -842,52 +842,150 @@ TEST(EngineTest, ARestartedStandbyWithoutAnActiveDoesNotClaimFreshData) {
   ASSERT_TRUE(b->Close().ok());
 }
 
-// An authenticated peer of the cluster (a test stand-in for a buggy or
-// hostile node): sends one fence and waits until the node has handled it.
-bool SendFence(uint16_t port, uint64_t epoch, const std::string& new_active) {
-  struct Peer : transport::Handler {
-    Mutex mu;
-    CondVar cv{&mu};
-    bool established GUARDED_BY(mu) = false;
-    bool closed GUARDED_BY(mu) = false;
-    void OnEstablished(const std::shared_ptr<transport::Session>&) override {
-      MutexLock l(&mu);
-      established = true;
-      cv.SignalAll();
-    }
-    void OnClosed(const std::shared_ptr<transport::Session>&, const Status&) override {
-      MutexLock l(&mu);
-      closed = true;
-      cv.SignalAll();
-    }
-  } peer;
-  transport::Options to;
-  to.node_id = "rogue";
-  to.cluster = "t";
-  to.secret = "test-secret";
-  to.io_threads = 1;
-  auto ep = transport::Endpoint::Create(to, &peer);
-  if (!ep.ok()) return false;
-  auto s = (*ep)->Connect("127.0.0.1", port);
-  if (!s.ok()) return false;
-  const auto deadline = std::chrono::steady_clock::now() + 30s;
-  bool handled;
-  {
-    MutexLock l(&peer.mu);
-    while (!peer.established && !peer.closed && std::chrono::steady_clock::now() < deadline) peer.cv.WaitUntil(deadline);
-    if (!peer.established) return false;
+// A peer of the cluster that speaks the protocol by hand: a test stand-in
+// for a buggy or hostile node that holds the cluster's secret.
+class RoguePeer : public transport::Handler {
+ public:
+  RoguePeer() {
+    transport::Options to;
+    to.node_id = "rogue";
+    to.cluster = "t";
+    to.secret = "test-secret";
+    to.io_threads = 1;
+    ep_ = std::move(transport::Endpoint::Create(to, this)).value();
   }
+  ~RoguePeer() override { ep_->Stop(); }
+  transport::Endpoint* endpoint() { return ep_.get(); }
+  bool Connect(uint16_t port) {
+    auto s = ep_->Connect("127.0.0.1", port);
+    return s.ok() && WaitFor([&] { return session_ && session_->established(); });
+  }
+  bool Send(const proto::Control& msg) {
+    std::shared_ptr<transport::Session> s;
+    {
+      MutexLock l(&mu_);
+      s = session_;
+    }
+    return s && s->SendControl(msg).ok();
+  }
+  // Waits (30 s at most) until pred, which reads the fields below, holds.
+  template <class Pred>
+  bool WaitFor(Pred pred) {
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    MutexLock l(&mu_);
+    while (!pred() && std::chrono::steady_clock::now() < deadline) cv_.WaitUntil(deadline);
+    return pred();
+  }
+  // The first control message of a kind received so far, if any.
+  std::optional<proto::Control> Find(bool (proto::Control::*has)() const) {
+    MutexLock l(&mu_);
+    for (const auto& m : controls_) {
+      if ((m.*has)()) return m;
+    }
+    return std::nullopt;
+  }
+  bool Has(bool (proto::Control::*has)() const) { return Find(has).has_value(); }
+  // Read under WaitFor (or after the endpoint stopped).
+  std::shared_ptr<transport::Session> session_;
+  std::vector<proto::Control> controls_;
+  uint64_t data_bytes_ = 0;
+  int closed_ = 0;
+
+ private:
+  void OnEstablished(const std::shared_ptr<transport::Session>& s) override {
+    MutexLock l(&mu_);
+    session_ = s;
+    cv_.SignalAll();
+  }
+  void OnControl(const std::shared_ptr<transport::Session>&, const proto::Control& msg) override {
+    if (msg.has_heartbeat()) return;
+    MutexLock l(&mu_);
+    controls_.push_back(msg);
+    cv_.SignalAll();
+  }
+  void OnData(const std::shared_ptr<transport::Session>&, std::string_view payload) override {
+    MutexLock l(&mu_);
+    data_bytes_ += payload.size();
+  }
+  void OnClosed(const std::shared_ptr<transport::Session>&, const Status&) override {
+    MutexLock l(&mu_);
+    ++closed_;
+    cv_.SignalAll();
+  }
+  Mutex mu_;
+  CondVar cv_{&mu_};
+  std::unique_ptr<transport::Endpoint> ep_;
+};
+
+// Sends one fence and waits until the node has handled it (it closes the session).
+bool SendFence(uint16_t port, uint64_t epoch, const std::string& new_active) {
+  RoguePeer peer;
+  if (!peer.Connect(port)) return false;
   proto::Control msg;
   msg.mutable_fence()->set_epoch(epoch);
   msg.mutable_fence()->set_new_active(new_active);
-  if (!(*s)->SendControl(msg).ok()) return false;
-  {
-    MutexLock l(&peer.mu);  // the node closes the session once it has handled the fence
-    while (!peer.closed && std::chrono::steady_clock::now() < deadline) peer.cv.WaitUntil(deadline);
-    handled = peer.closed;
-  }
-  (*ep)->Stop();
-  return handled;
+  return peer.Send(msg) && peer.WaitFor([&] { return peer.closed_ > 0; });
+}
+
+// An active asked for one snapshot file twice refuses the whole request
+// before sending anything (it used to send the file as often as named).
+TEST(EngineTest, AnActiveRefusesASnapshotRequestNamingAFileTwice) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  WriteMany(a.get(), 50);
+  RoguePeer standby;
+  ASSERT_TRUE(standby.Connect(a->listen_port()));
+  proto::Control sub;
+  sub.mutable_subscribe()->set_from_lsn(1);
+  sub.mutable_subscribe()->set_want_snapshot(true);
+  ASSERT_TRUE(standby.Send(sub));
+  ASSERT_TRUE(standby.WaitFor([&] {
+    return std::any_of(standby.controls_.begin(), standby.controls_.end(),
+                       [](const proto::Control& m) { return m.has_snapshot_offer(); });
+  }));
+  const proto::SnapshotOffer offer = standby.Find(&proto::Control::has_snapshot_offer)->snapshot_offer();
+  ASSERT_GT(offer.files_size(), 0);
+  proto::Control req;
+  for (int i = 0; i < 3; ++i) req.mutable_snapshot_request()->add_names(offer.files(0).name());
+  ASSERT_TRUE(standby.Send(req));
+  ASSERT_TRUE(standby.WaitFor([&] { return standby.closed_ > 0; })) << "the active served the request";
+  EXPECT_EQ(standby.data_bytes_, 0u) << "file bytes sent for a request it should refuse";
+  ASSERT_TRUE(a->Close().ok());
+}
+
+// A standby refuses a snapshot file whose announced size is not the one
+// offered, before writing a byte of it (it used to write whatever came
+// until the disk was full, and compare only at install).
+TEST(EngineTest, AStandbyRefusesASnapshotFileLargerThanOffered) {
+  TempDir dir;
+  RoguePeer active;
+  auto port = active.endpoint()->Listen("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok());
+  auto b = OpenOrDie(Node(dir, "b", "127.0.0.1:" + std::to_string(*port)));
+  ASSERT_TRUE(active.WaitFor([&] {
+    return std::any_of(active.controls_.begin(), active.controls_.end(),
+                       [](const proto::Control& m) { return m.has_subscribe(); });
+  }));
+  proto::Control offer;
+  auto* o = offer.mutable_snapshot_offer();
+  o->set_lsn(10);
+  o->set_epoch(1);
+  o->set_seed_first_lsn(10);
+  auto* f = o->add_files();
+  f->set_name("000001.sst");
+  f->set_size(100);
+  f->set_xxh3(1);
+  ASSERT_TRUE(active.Send(offer));
+  ASSERT_TRUE(active.WaitFor([&] {
+    return std::any_of(active.controls_.begin(), active.controls_.end(),
+                       [](const proto::Control& m) { return m.has_snapshot_request(); });
+  }));
+  proto::Control begin;
+  begin.mutable_snapshot_file()->set_name("000001.sst");
+  begin.mutable_snapshot_file()->set_size(1ull << 40);
+  ASSERT_TRUE(active.Send(begin));
+  EXPECT_TRUE(active.WaitFor([&] { return active.closed_ > 0; })) << "b took a file of 1 TiB offered as 100 bytes";
+  ASSERT_TRUE(b->Close().ok());
 }
 
 // A fence naming an epoch that no campaign reached (a peer's bug, or a
