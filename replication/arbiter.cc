@@ -475,8 +475,8 @@ Result<std::unique_ptr<Arbiter>> NewEtcdArbiter(const EtcdArbiterOptions& option
   if (options.lease_ttl < std::chrono::seconds(2)) {
     return Status::InvalidArgument("lease TTL must be at least 2 s (etcd's minimum)");
   }
-  if (options.safety_margin >= options.lease_ttl) {
-    return Status::InvalidArgument("the safety margin must be shorter than the lease TTL");
+  if (options.safety_margin < std::chrono::milliseconds(0) || options.safety_margin >= options.lease_ttl) {
+    return Status::InvalidArgument("the fence margin must be at least 0 and shorter than the lease TTL");
   }
   auto a = std::make_unique<EtcdArbiter>(options);
   REPLICA_RETURN_IF_ERROR(a->Init());

@@ -755,6 +755,12 @@ Status EngineImpl::Init() {
                                    "' (every interface) names no address the other nodes can reach: set the "
                                    "advertised address (replicad --advertise HOST:PORT)");
   }
+  if (!opts_.follow.empty() && opts_.etcd.empty() && !opts_.arbiter) {
+    auto hp = ParseHostPort(opts_.follow);
+    if (!hp.ok() || hp->port == 0) {
+      return Status::InvalidArgument("follow '" + opts_.follow + "': want HOST:PORT of the active, port 1..65535");
+    }
+  }
   REPLICA_RETURN_IF_ERROR(ValidateRule(opts_.commit));
   {
     MutexLock l(&mu_);
@@ -2876,6 +2882,17 @@ void EngineImpl::FollowerLoop() {
           const Status why = failure_;
           mu_.Unlock();
           session->Close(why);
+          mu_.Lock();
+          continue;
+        }
+        if (!subscribed && session->established() && session->peer_id() == opts_.node_id) {
+          // Its own port under another name (localhost for 127.0.0.1, say),
+          // or another node with this id: following it can never work.
+          mu_.Unlock();
+          RLOG(kError, "engine.follows_itself") << "node=" << opts_.node_id << " active=" << target
+                                                << " (the node there has this node's id)";
+          Fail(Status::InvalidArgument("the node at " + target + " has this node's id " + opts_.node_id +
+                                       ": a node cannot follow itself, and node ids must be unique"));
           mu_.Lock();
           continue;
         }

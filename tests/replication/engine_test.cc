@@ -842,6 +842,25 @@ TEST(EngineTest, ARestartedStandbyWithoutAnActiveDoesNotClaimFreshData) {
   ASSERT_TRUE(b->Close().ok());
 }
 
+// A standby whose active turns out to carry its own id (its own port under
+// another name, or a duplicate id) fails with a clear error instead of
+// retrying for ever; a follow address that is no HOST:PORT fails Open.
+TEST(EngineTest, FollowingANodeWithTheSameIdFailsClearly) {
+  TempDir dir;
+  EngineOptions bad = Node(dir, "b", "this is not an address");
+  auto refused = Engine::Open(bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << refused.status().ToString();
+  auto a = OpenOrDie(Node(dir, "a"));
+  EngineOptions twin = Node(dir, "a", Follow(*a));
+  twin.data_dir = dir.Sub("a-twin");
+  auto b = OpenOrDie(twin);
+  ASSERT_TRUE(Eventually([&] { return !b->status().failure.empty(); }, 30s));
+  EXPECT_NE(b->status().failure.find("this node's id"), std::string::npos) << b->status().failure;
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(a->Close().ok());
+}
+
 // A peer of the cluster that speaks the protocol by hand: a test stand-in
 // for a buggy or hostile node that holds the cluster's secret.
 class RoguePeer : public transport::Handler {
