@@ -114,7 +114,8 @@ using snapshot::FromRocks;
 struct Standby {
   std::shared_ptr<transport::Session> session;
   std::string id;
-  std::string address;
+  std::string address;         // its replication connection's remote end
+  std::string client_address;  // where its clients go, as it said (may be empty); guarded by EngineImpl::mu_
   wal::Lsn flushed = 0;  // guarded by EngineImpl::mu_
   wal::Lsn applied = 0;  // guarded by EngineImpl::mu_
   // Last LSN shipped on this session: acks are never credited beyond it.
@@ -163,6 +164,13 @@ struct Standby {
 };
 
 // A snapshot being received (standby). Guarded by EngineImpl::recv_mu_.
+// The client address a standby gave (Subscribe, Heartbeat), if it is a
+// HOST:PORT (reported in ROLE and INFO; anything else is dropped).
+std::string ClientAddressOf(const std::string& given) {
+  auto hp = ParseHostPort(given);
+  return hp.ok() && hp->port != 0 ? hp->ToString() : std::string();
+}
+
 // A file's size in a snapshot offer (the seed's included).
 uint64_t OfferedSize(const proto::SnapshotOffer& offer, const std::string& name) {
   if (name == snapshot::kSeedName) return offer.seed_size();
@@ -407,7 +415,8 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // standby's queue is full. False if the standby stopped or the session closed.
   bool SendFileRange(Standby* sb, const std::shared_ptr<const void>& keep, int fd, uint64_t offset,
                      uint64_t length);
-  void StartResync(const std::shared_ptr<transport::Session>& s, const std::string& reason);
+  void StartResync(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg,
+                   const std::string& reason);
   void AddStandby(const std::shared_ptr<transport::Session>& s, std::shared_ptr<Standby> sb, wal::Lsn slot,
                   const std::string& what, std::function<void()> run);
   // Standby: answers an offer (reusing the files it holds), then installs.
@@ -1236,8 +1245,16 @@ void EngineImpl::AdvanceCommit() {
 Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std::vector<bool>>* existed) {
   if (role_.load() != Role::kActive) {
     MutexLock l(&mu_);
-    return Status::NotActive("node " + opts_.node_id + " is a standby; the active is " +
-                             (follow_.empty() ? std::string("not known") : "at " + follow_));
+    // The active's id and client address when known (etcd publishes them),
+    // its replication address otherwise (static mode).
+    std::vector<std::string> where;
+    if (!active_client_.empty()) where.push_back("clients at " + active_client_);
+    if (!follow_.empty()) where.push_back("replication at " + follow_);
+    std::string active = active_id_.empty() ? std::string("unknown") : "node " + active_id_;
+    for (size_t i = 0; i < where.size(); ++i) active += (i == 0 ? " (" : ", ") + where[i];
+    if (!where.empty()) active += ")";
+    if (active_id_.empty() && where.empty()) active = "not known";
+    return Status::NotActive("node " + opts_.node_id + " is a standby; the active is " + active);
   }
   if (!ActiveLeaseHeld()) {
     return Status::NotActive("node " + opts_.node_id +
@@ -2898,6 +2915,7 @@ void EngineImpl::FollowerLoop() {
         }
         if (!subscribed && session->established()) {
           subscribed = true;
+          if (!arbiter_) active_id_ = session->peer_id();  // static mode: the node it follows
           mu_.Unlock();
           SendSubscribe(session);
           mu_.Lock();
@@ -3034,6 +3052,7 @@ void EngineImpl::SendSubscribe(const std::shared_ptr<transport::Session>& s) {
     MutexLock l(&mu_);
     sub->set_applied_lsn(applied_lsn_);
     sub->set_want_snapshot(want_snapshot_);
+    sub->set_client_address(client_address_.empty() ? opts_.client_address : client_address_);
     // Kept until a snapshot is installed (a resync cut short asks again).
   }
   (void)s->SendControl(msg);
@@ -3124,13 +3143,13 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
   };
   if (from > wal_->last_lsn() + 1) {
     if (try_rewind()) return;
-    return StartResync(s, "its log ends at LSN " + std::to_string(from - 1) + ", past this node's last LSN " +
+    return StartResync(s, msg, "its log ends at LSN " + std::to_string(from - 1) + ", past this node's last LSN " +
                               std::to_string(wal_->last_lsn()) + " (diverged)");
   }
-  if (msg.want_snapshot()) return StartResync(s, "it asked for one (repctl reseed, or its log could not be rewound)");
+  if (msg.want_snapshot()) return StartResync(s, msg, "it asked for one (repctl reseed, or its log could not be rewound)");
   // (Its last record, from - 1, must still be here to be checked.)
   if (from > 1 ? from - 1 < wal_->first_lsn() : from < wal_->first_lsn()) {
-    return StartResync(s, "it needs LSN " + std::to_string(from) + " but this node's log now starts at LSN " +
+    return StartResync(s, msg, "it needs LSN " + std::to_string(from) + " but this node's log now starts at LSN " +
                               std::to_string(wal_->first_lsn()) + " (purged)");
   }
   if (from > 1) {
@@ -3145,13 +3164,14 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     if (!got.ok() || !*got || wal::RecordDigest(rec) != msg.last_record_digest()) {
       RLOG(kWarn, "engine.standby_diverged") << "standby=" << s->peer_id() << " lsn=" << from - 1;
       if (try_rewind()) return;
-      return StartResync(s, "its record at LSN " + std::to_string(from - 1) + " differs from this node's (diverged)");
+      return StartResync(s, msg, "its record at LSN " + std::to_string(from - 1) + " differs from this node's (diverged)");
     }
   }
   auto sb = std::make_shared<Standby>();
   sb->session = s;
   sb->id = s->peer_id();
   sb->address = s->remote_address();
+  sb->client_address = ClientAddressOf(msg.client_address());
   sb->flushed = from - 1;  // its log matches ours up to here
   sb->applied = std::min<wal::Lsn>(msg.applied_lsn(), from - 1);
   sb->shipped.store(from - 1);
@@ -3164,11 +3184,13 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
              [this, sb, from] { ShipperLoop(sb, from); });
 }
 
-void EngineImpl::StartResync(const std::shared_ptr<transport::Session>& s, const std::string& reason) {
+void EngineImpl::StartResync(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg,
+                             const std::string& reason) {
   auto sb = std::make_shared<Standby>();
   sb->session = s;
   sb->id = s->peer_id();
   sb->address = s->remote_address();
+  sb->client_address = ClientAddressOf(msg.client_address());
   sb->resync = true;
   RLOG(kWarn, "engine.resync_start") << "node=" << opts_.node_id << " standby=" << sb->id << " reason=\"" << reason
                                      << "\"";
@@ -3300,6 +3322,11 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   // A standby's heartbeats carry its flushed and applied LSNs too (its
   // interval sync advances them without any data arriving).
   if (msg.has_heartbeat() && role_.load() == Role::kActive) {
+    if (!msg.heartbeat().client_address().empty()) {
+      std::string client = ClientAddressOf(msg.heartbeat().client_address());
+      MutexLock l(&mu_);
+      if (auto sb = FindBySession(s.get()); sb && !client.empty()) sb->client_address = std::move(client);
+    }
     return Credit(s.get(), msg.heartbeat().flushed_lsn(), msg.heartbeat().applied_lsn());
   }
   if (msg.has_heartbeat()) {
@@ -3591,6 +3618,9 @@ void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
   MutexLock l(&mu_);
   hb->set_applied_lsn(applied_lsn_);
   hb->set_epoch(epoch_);
+  if (role_.load() == Role::kStandby) {
+    hb->set_client_address(client_address_.empty() ? opts_.client_address : client_address_);
+  }
 }
 
 std::string EngineImpl::PrometheusMetrics() const {
@@ -3798,8 +3828,8 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.standbys_refused = refused_.load();
   const auto now = Clock::now();
   for (const auto& [_, sb] : standbys_) {
-    st.standbys.push_back({sb->id, sb->address, sb->flushed, sb->applied, sb->resync, wal_->BytesAfter(sb->flushed),
-                           LagMs(*sb, st.last_lsn, now)});
+    st.standbys.push_back({sb->id, sb->address, sb->client_address, sb->flushed, sb->applied, sb->resync,
+                           wal_->BytesAfter(sb->flushed), LagMs(*sb, st.last_lsn, now)});
   }
   for (const auto& [id, lsn] : slots_) st.slots.emplace_back(id, lsn);
   st.slots_dropped = slots_dropped_;

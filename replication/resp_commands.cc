@@ -27,6 +27,14 @@ HostPort SplitAddress(const std::string& address) {
   return hp.ok() ? *hp : HostPort{address, 0};
 }
 
+// A standby as ROLE and INFO report it, like Redis a replica: where its
+// clients reach it, or, if it has no client port, its host and port 0 (the
+// port of its replication connection is no port anyone can connect to).
+HostPort StandbyAddress(const EngineStatus::Standby& sb) {
+  if (!sb.client_address.empty()) return SplitAddress(sb.client_address);
+  return HostPort{SplitAddress(sb.address).host, 0};
+}
+
 // A whole decimal integer as Redis reads one: an optional '-', digits, no
 // blanks or '+' (" 5" and "+1" are not integers).
 bool ParseInt(const std::string& s, long long* v) {
@@ -79,7 +87,7 @@ void Commands::Role(std::string* out) {
     AppendInteger(out, static_cast<long long>(s.last_lsn));
     AppendArrayHeader(out, s.standbys.size());
     for (const auto& sb : s.standbys) {
-      const HostPort hp = SplitAddress(sb.address);
+      const HostPort hp = StandbyAddress(sb);
       AppendArrayHeader(out, 3);
       AppendBulk(out, hp.host);
       AppendBulk(out, std::to_string(hp.port));
@@ -145,7 +153,7 @@ void Commands::Replication(std::string* out) {
     text += "role:master\r\nconnected_slaves:" + std::to_string(s.standbys.size()) + "\r\n";
     for (size_t i = 0; i < s.standbys.size(); ++i) {
       const auto& sb = s.standbys[i];
-      const HostPort hp = SplitAddress(sb.address);
+      const HostPort hp = StandbyAddress(sb);
       text += "slave" + std::to_string(i) + ":ip=" + hp.host + ",port=" + std::to_string(hp.port) +
               // Redis's states and lag (whole seconds): send_bulk while a
               // snapshot is sent; lag since the standby last held everything.

@@ -178,7 +178,8 @@ struct EngineStatus {
   uint64_t standbys_refused = 0;  // subscriptions refused (diverged, purged, bad LSN)
   struct Standby {
     std::string id;
-    std::string address;
+    std::string address;         // its replication connection's remote end (HOST:PORT)
+    std::string client_address;  // where its clients go, as it said (empty if it has no client port)
     uint64_t flushed_lsn = 0;
     uint64_t applied_lsn = 0;
     bool resyncing = false;  // being sent a snapshot; not counted by the commit rule
@@ -208,7 +209,7 @@ struct EngineStatus {
   // Streaming from its active: connected and not being resynced (Redis's
   // master_link_status:up).
   bool upstream_streaming() const { return upstream_connected && !receiving_snapshot; }
-  std::string active_id;          // high availability: the active's node id, if known
+  std::string active_id;          // the active's node id, if known (a static standby: the node it follows)
   std::string active_client_address;  // high availability: the active's client (RESP) address, if published
   // Empty while the node works; once it has failed (see
   // EngineOptions::on_failure), why. A failed node serves nothing until restarted.

@@ -59,6 +59,13 @@ TEST(ReplicadTest, ActiveAndStandbyThroughRedisCli) {
   EXPECT_EQ(a.Cli("ROLE").substr(0, 7), "master\n");
   EXPECT_EQ(b.Cli("ROLE").substr(0, 6), "slave\n");
   EXPECT_NE(a.Cli("INFO replication").find("connected_slaves:1"), std::string::npos);
+  // A standby is reported at its client port, as Redis reports a replica's
+  // listening port (not the source port of its replication connection).
+  const std::string b_port = std::to_string(b.client_port());
+  EXPECT_TRUE(test::Eventually([&] {
+    return a.Cli("INFO replication").find("ip=127.0.0.1,port=" + b_port + ",") != std::string::npos;
+  })) << a.Cli("INFO replication");
+  EXPECT_NE(a.Cli("ROLE").find("127.0.0.1\n" + b_port + "\n"), std::string::npos) << a.Cli("ROLE");
   EXPECT_NE(b.Cli("INFO replication").find("role:slave"), std::string::npos);
   // Sections as Redis matches them: any case, several at once; others are empty.
   EXPECT_NE(a.Cli("INFO Replication").find("role:master"), std::string::npos);
