@@ -119,7 +119,13 @@ class ClientImpl final : public Client {
           }
           needs_lookup_ = true;
         } else if (reply.ok() && reply->type == '-') {
-          return Status::InvalidArgument(target_ + ": " + reply->text);
+          Status err = ServerError(target_, reply->text);
+          if (!err.IsAborted()) return err;
+          // The node is shutting down (a planned restart, or a demotion
+          // under way): ask etcd again, like for a standby's READONLY.
+          last_error = err.ToString();
+          Disconnect();
+          needs_lookup_ = true;
         } else if (reply.ok()) {
           return std::move(reply).value();
         } else {
@@ -139,6 +145,27 @@ class ClientImpl final : public Client {
       mu_.Lock();
       backoff = std::min(backoff * 2, std::chrono::milliseconds(200));
     }
+  }
+
+  // A server's error reply as a Status: replicad answers an engine error as
+  // "ERR Code: message" (IOError for a full disk, Aborted for a node shutting
+  // down, ...), whose code is kept; any other error (arity, syntax, an
+  // unknown command) is the request's own: InvalidArgument.
+  static Status ServerError(const std::string& target, const std::string& text) {
+    using Make = Status (*)(std::string);
+    static const std::pair<std::string_view, Make> kCodes[] = {
+        {"IOError: ", &Status::IOError},         {"Aborted: ", &Status::Aborted},
+        {"TimedOut: ", &Status::TimedOut},       {"Busy: ", &Status::Busy},
+        {"Corruption: ", &Status::Corruption},   {"NotFound: ", &Status::NotFound},
+        {"NotSupported: ", &Status::NotSupported}, {"TooStale: ", &Status::TooStale},
+        {"StaleEpoch: ", &Status::StaleEpoch},   {"Purged: ", &Status::Purged},
+        {"NotActive: ", &Status::NotActive},     {"InvalidArgument: ", &Status::InvalidArgument}};
+    std::string_view rest = text;
+    if (rest.rfind("ERR ", 0) == 0) rest.remove_prefix(4);
+    for (const auto& [prefix, make] : kCodes) {
+      if (rest.rfind(prefix, 0) == 0) return make(target + ": " + text);
+    }
+    return Status::InvalidArgument(target + ": " + text);
   }
 
   // The active's client address, from etcd.
