@@ -22,6 +22,27 @@ const char* LevelName(LogLevel level) {
 }
 }  // namespace
 
+std::string EscapeControl(std::string text) {
+  auto is_control = [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; };
+  if (std::none_of(text.begin(), text.end(), is_control)) return text;
+  std::string out;
+  out.reserve(text.size() + 16);
+  for (const char c : text) {
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (is_control(c)) {
+      char buf[5];
+      std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned char>(c));
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 LogLevel GetLogLevel() { return g_level.load(std::memory_order_relaxed); }
 void SetLogLevel(LogLevel level) { g_level.store(level, std::memory_order_relaxed); }
 
@@ -48,8 +69,8 @@ LogLine::LogLine(LogLevel level, std::string_view event) {
 }
 
 LogLine::~LogLine() {
-  out_ << '\n';
-  std::string line = out_.str();
+  std::string line = EscapeControl(out_.str());
+  line += '\n';
   // One fwrite per event keeps concurrent lines whole.
   std::fwrite(line.data(), 1, line.size(), stderr);
 }

@@ -4,6 +4,9 @@
 //
 // prints "2026-11-25T10:00:00.123Z WARN wal.truncate_tail segment=... offset=...".
 // The level is process-wide; below it the stream expression is not evaluated.
+// One event is always exactly one line: control characters in what a line
+// holds (a peer's message, a file name) are written escaped, \n, \r or \xNN,
+// so nobody can add a line of their own by getting text logged.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +27,10 @@ bool ParseLogLevel(std::string_view text, LogLevel* level);
 // (46%), 30.1 MiB/s, about 5 s left" when bytes, or "12000 of 50000 records
 // (24%), 8000 records/s, about 5 s left". done may exceed total (an estimate).
 std::string ProgressText(uint64_t done, uint64_t total, double seconds, bool bytes);
+
+// text with newline, carriage return, every other byte below 0x20 and 0x7f
+// written as \n, \r or \xNN (what LogLine does to each line).
+std::string EscapeControl(std::string text);
 
 class LogLine {
  public:
