@@ -46,6 +46,15 @@ struct InHandler {
   SessionImpl* prev;
 };
 
+// Text a peer sent before it authenticated (an Error message) goes into
+// statuses and log lines cut to this many bytes.
+constexpr size_t kMaxUnauthenticatedText = 200;
+
+std::string Truncated(const std::string& text) {
+  if (text.size() <= kMaxUnauthenticatedText) return text;
+  return text.substr(0, kMaxUnauthenticatedText) + "... (" + std::to_string(text.size()) + " bytes)";
+}
+
 Status FromAsio(const boost::system::error_code& ec, const std::string& what) {
   if (ec == asio::error::eof) return Status::Aborted(what + ": the peer closed the connection");
   if (ec == asio::error::operation_aborted) return Status::Aborted(what + ": cancelled");
@@ -717,7 +726,10 @@ void SessionImpl::OnFrame(FrameHeader h) {
       return Fail(Status::Corruption("control frame does not parse"), &stats.protocol_errors);
     }
     if (msg.has_error()) {
-      return DoClose(Status::Aborted("peer " + peer_id() + " closed the session: " + msg.error().message()));
+      // Before authentication the text is anyone's: cut short.
+      const std::string& text = msg.error().message();
+      return DoClose(Status::Aborted("peer " + peer_id() + " closed the session: " +
+                                     (established_.load() ? text : Truncated(text))));
     }
     if (!established_.load()) {
       OnHandshake(msg);
@@ -806,6 +818,13 @@ void SessionImpl::OnHandshake(const proto::Control& msg) {
   }
   if (is_client_ && msg.has_challenge() && server_nonce_.empty()) {
     const auto& ch = msg.challenge();
+    // Checked before it is used or logged, as the server checks ours: the
+    // id is not yet proved to come from a node of the cluster.
+    if (Status st = CheckName("peer node id", ch.node_id()); !st.ok()) {
+      ++stats.protocol_errors;
+      RLOG(kWarn, "transport.refused") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
+      return SendError(st);
+    }
     server_nonce_ = ch.nonce();
     handle_->set_peer_id(ch.node_id());
     if (server_nonce_.size() != kNonceSize ||

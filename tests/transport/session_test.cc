@@ -113,12 +113,18 @@ struct Pair {
   std::shared_ptr<Session> client_session;
 
   void Start(Options so, Options co) {
+    StartServer(so);
+    ConnectClient(co);
+  }
+  void StartServer(Options so) {
     auto s = Endpoint::Create(so, &server_rec);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
     server = std::move(s).value();
     auto p = server->Listen("127.0.0.1", 0);  // a free port, picked by the OS
     ASSERT_TRUE(p.ok()) << p.status().ToString();
     port = *p;
+  }
+  void ConnectClient(Options co) {
     auto c = Endpoint::Create(co, &client_rec);
     ASSERT_TRUE(c.ok());
     client = std::move(c).value();
@@ -448,6 +454,76 @@ TEST(SessionTest, OtherProtocolVersionIsRefusedWithAnError) {
   ASSERT_TRUE(raw.WaitClosed());
   EXPECT_NE(raw.received().find("version 99"), std::string::npos) << "the refusal says why";
   EXPECT_EQ(p.server->stats().version_mismatches.load(), 1u);
+}
+
+// Before authentication, a peer's Error text is anyone's: it reaches the
+// close status (and the log line) cut short. A forged log line once came
+// this way.
+TEST(SessionTest, AnUnauthenticatedPeersErrorTextIsCutShort) {
+  Pair p;
+  p.StartServer(Opts("srv"));
+  RawPeer raw(p.port);
+  ASSERT_TRUE(raw.connected());
+  const std::string text = "x\"\n2026-12-02T00:00:00.000Z WARN engine.promoted node=evil " + std::string(3000, 'e');
+  proto::Control c;
+  c.mutable_error()->set_message(text);
+  raw.Send(Frame(FrameType::kControl, c.SerializeAsString()));
+  ASSERT_TRUE(raw.WaitClosed());
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.closed_.empty(); }));
+  const std::string why = p.server_rec.closed_[0].message();
+  EXPECT_LT(why.size(), 300u) << why;
+  EXPECT_NE(why.find("(" + std::to_string(text.size()) + " bytes)"), std::string::npos) << why;
+}
+
+// A server that is not yet proved to be of the cluster names itself in its
+// Challenge: a name that is not a plain one is refused before it is used
+// or logged, as the server refuses the client's.
+TEST(SessionTest, AServerWhoseIdIsNotAPlainNameIsRefused) {
+  const int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(lfd, 1), 0);
+  socklen_t len = sizeof a;
+  ::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &len);
+  Recorder rec;
+  auto ep = std::move(Endpoint::Create(Opts("cli"), &rec)).value();
+  auto session = ep->Connect("127.0.0.1", ntohs(a.sin_port));
+  ASSERT_TRUE(session.ok());
+  const int fd = ::accept(lfd, nullptr, nullptr);
+  ASSERT_GE(fd, 0);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  auto read_exactly = [&](size_t n) {
+    std::string out(n, '\0');
+    size_t got = 0;
+    while (got < n) {
+      const ssize_t r = ::recv(fd, out.data() + got, n - got, 0);
+      if (r <= 0) break;
+      got += static_cast<size_t>(r);
+    }
+    out.resize(got);
+    return out;
+  };
+  const std::string header = read_exactly(kFrameHeaderSize);  // the client's Hello
+  FrameHeader h;
+  ASSERT_TRUE(header.size() == kFrameHeaderSize && DecodeFrameHeader(header.data(), kMaxHandshakeFrame, &h).ok());
+  ASSERT_EQ(read_exactly(h.payload_len).size(), h.payload_len);
+  proto::Control c;
+  c.mutable_challenge()->set_nonce(std::string(32, 'n'));
+  c.mutable_challenge()->set_node_id("evil\n2026-12-02T00:00:00.000Z WARN engine.promoted node=evil");
+  c.mutable_challenge()->set_proof(std::string(32, 'p'));
+  const std::string frame = Frame(FrameType::kControl, c.SerializeAsString());
+  ASSERT_EQ(::send(fd, frame.data(), frame.size(), MSG_NOSIGNAL), static_cast<ssize_t>(frame.size()));
+  ASSERT_TRUE(rec.WaitFor([&] { return !rec.closed_.empty(); }));
+  EXPECT_NE(rec.closed_[0].message().find("peer node id"), std::string::npos) << rec.closed_[0].ToString();
+  EXPECT_EQ(ep->stats().protocol_errors.load(), 1u);
+  EXPECT_EQ(ep->stats().auth_failures.load(), 0u) << "the id was used before it was checked";
+  EXPECT_EQ((*session)->peer_id(), "");
+  ep->Stop();
+  ::close(fd);
+  ::close(lfd);
 }
 
 TEST(SessionTest, BadInputClosesOnlyThatConnection) {
