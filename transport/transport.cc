@@ -149,6 +149,11 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   };
 
   Status Enqueue(std::shared_ptr<OutItem> item, bool data);
+  // Takes a sent (or dropped) item off the queued byte counts.
+  void Unaccount(const OutItem& item) {
+    queued_bytes_ -= item.accounted;
+    if (!item.is_data) queued_control_bytes_ -= item.accounted;
+  }
   // A send from a thread other than the session's: when nothing else is
   // queued or being written, write the frame right here (one non-blocking
   // sendmsg, or a send of the header and sendfile for a file span) instead
@@ -227,7 +232,9 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   std::atomic<bool> established_{false};
   std::atomic<bool> closed_{false};
   std::atomic<size_t> queued_bytes_{0};
+  std::atomic<size_t> queued_control_bytes_{0};  // the control frames' part of queued_bytes_
   std::atomic<bool> refused_{false};  // a Send was refused for a full queue
+  std::atomic<bool> not_reading_{false};  // closing past max_control_queue_bytes
   // Inline sends (TryInline). pending_ counts items from Enqueue until they
   // are written (or dropped by a close), plus kInline while an inline send
   // owns the socket: it is claimed by one compare-and-swap from 0 to
@@ -419,10 +426,24 @@ Status SessionImpl::Enqueue(std::shared_ptr<OutItem> item, bool data) {
       }
       return Status::Busy("send queue full (" + std::to_string(cur) + " bytes queued)");
     }
+  } else {
+    const size_t cur = queued_control_bytes_.load();
+    const size_t control_cap = ep_->options().max_control_queue_bytes;
+    if (cur > 0 && cur + bytes > control_cap) {
+      Status st = Status::Busy("peer " + peer_id() + " at " + remote_address() + " does not read: " +
+                               std::to_string(cur) + " bytes of control messages wait for it (max_control_queue_bytes=" +
+                               std::to_string(control_cap) + "); closing the session");
+      if (!not_reading_.exchange(true)) {
+        ++ep_->mutable_stats().sessions_not_reading;
+        Close(st);  // its transport.closed line says why, once
+      }
+      return st;
+    }
   }
   item->accounted = bytes;
   item->is_data = data;
   queued_bytes_ += bytes;
+  if (!data) queued_control_bytes_ += bytes;
   if (t_in_handler_of == this) {
     // Already on this session's strand: queue and write now.
     if (!closing_) {
@@ -455,7 +476,7 @@ bool SessionImpl::TryInline(const std::shared_ptr<OutItem>& item) {
   const bool whole = item->fd >= 0 ? InlineFile(*item) : InlineMemory(*item);
   auto self = shared_from_this();
   if (whole) {
-    queued_bytes_ -= item->accounted;
+    Unaccount(*item);
     auto& stats = ep_->mutable_stats();
     ++stats.frames_sent;
     if (item->is_data) stats.data_bytes_sent += item->accounted - kFrameHeaderSize;
@@ -525,6 +546,15 @@ bool SessionImpl::InlineFile(OutItem& item) {
 }
 
 Status SessionImpl::SendControl(const proto::Control& msg) {
+  // Checked before the length is cast to the header's u32: the peer would
+  // refuse the frame and close, or read a wrapped length as the start of a
+  // stream it cannot follow.
+  const size_t size = msg.ByteSizeLong();
+  if (size > ep_->options().max_frame_payload) {
+    return Status::InvalidArgument("control message of " + std::to_string(size) +
+                                   " bytes is larger than max_frame_payload (" +
+                                   std::to_string(ep_->options().max_frame_payload) + "); not sent");
+  }
   auto item = std::make_shared<OutItem>();
   if (!msg.SerializeToString(&item->owned)) return Status::InvalidArgument("control message does not serialize");
   EncodeFrameHeader(FrameType::kControl, static_cast<uint32_t>(item->owned.size()), item->header);
@@ -570,6 +600,7 @@ void SessionImpl::SendError(const Status& st) {
   }
   item->accounted = kFrameHeaderSize + item->owned.size();
   queued_bytes_ += item->accounted;
+  queued_control_bytes_ += item->accounted;
   ++pending_;
   out_.push_back(item);
   DoWrite();
@@ -661,7 +692,7 @@ void SessionImpl::FinishItem() {
   out_.pop_front();
   writing_ = false;
   --pending_;
-  queued_bytes_ -= done->accounted;
+  Unaccount(*done);
   auto& stats = ep_->mutable_stats();
   ++stats.frames_sent;
   if (done->is_data) stats.data_bytes_sent += done->accounted - kFrameHeaderSize;
@@ -922,6 +953,7 @@ void SessionImpl::DoClose(const Status& why) {
   io_->socket().close(ec);
   out_.clear();
   queued_bytes_.store(0);
+  queued_control_bytes_.store(0);
   ++ep_->mutable_stats().sessions_closed;
   if (!established_.load() && is_client_ && !why.IsAborted()) {
     // A connection that never came up (peer down): its owner decides how

@@ -49,10 +49,17 @@ struct Options {
   std::string secret;             // the cluster's shared secret; required
   int io_threads = 2;  // the engine sets its own (EngineOptions::transport_io_threads)
   // Memory a session may hold: one incoming frame of at most
-  // max_frame_payload bytes, and queued outgoing data up to
-  // max_send_queue_bytes (Send* returns Busy beyond it).
+  // max_frame_payload bytes, queued outgoing data up to
+  // max_send_queue_bytes (SendData and SendFile return Busy beyond it), and
+  // queued control messages up to max_control_queue_bytes. Control messages
+  // are not refused for a full queue (their senders do not wait for
+  // OnWritable), but a peer that does not read must not grow this node's
+  // memory for ever: a control message that would take the session past
+  // max_control_queue_bytes closes it (Stats::sessions_not_reading). One
+  // message is always let through an empty queue.
   uint32_t max_frame_payload = 64u << 20;
   size_t max_send_queue_bytes = 16u << 20;
+  size_t max_control_queue_bytes = 64u << 20;
   std::chrono::milliseconds heartbeat_interval{500};
   // A peer from which no whole frame arrives for this long is closed.
   std::chrono::milliseconds peer_timeout{5000};
@@ -89,6 +96,7 @@ struct Stats {
   std::atomic<uint64_t> data_bytes_received{0};
   std::atomic<uint64_t> payload_bytes_copied{0};
   std::atomic<uint64_t> send_queue_full{0};
+  std::atomic<uint64_t> sessions_not_reading{0};  // closed past max_control_queue_bytes
 };
 
 class Session {
@@ -100,7 +108,11 @@ class Session {
   virtual bool established() const = 0;
   // True once the connection has closed (OnClosed has been or is being called).
   virtual bool closed() const = 0;
-  // Queue a control message. Aborted once the session is closed.
+  // Queue a control message. Aborted once the session is closed;
+  // InvalidArgument (and nothing sent) for a message larger than
+  // max_frame_payload, which the peer would refuse; Busy when the message
+  // would take the queued control bytes past max_control_queue_bytes: the
+  // session is then closed, as its peer does not read.
   virtual Status SendControl(const proto::Control& msg) = 0;
   // Queue a data frame whose payload is [data, data + length), kept alive by
   // keepalive until sent. Busy if the send queue is full: wait for

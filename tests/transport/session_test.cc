@@ -393,6 +393,64 @@ TEST(SessionTest, SlowReceiverBoundsTheSendQueue) {
   EXPECT_TRUE(p.client_session->established());
 }
 
+// A control message of 1 MiB (a logdiff reply holds up to 4 MiB).
+proto::Control BigControl(uint64_t id, size_t bytes = 1u << 20) {
+  proto::Control c;
+  c.mutable_diff_reply()->set_id(id);
+  c.mutable_diff_reply()->add_keys(std::string(bytes, 'k'));
+  return c;
+}
+
+// Control messages are not refused for a full queue, but a peer that asks
+// and never reads the answers must not grow the node's memory for ever (a
+// logdiff client that did so took a node from 32 MB to 842 MB): past
+// max_control_queue_bytes the session is closed.
+TEST(SessionTest, APeerThatDoesNotReadIsClosedOnceItsControlQueueIsFull) {
+  Options so = Opts("srv");
+  so.max_control_queue_bytes = 4u << 20;
+  Pair p;
+  p.Start(so, Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+  // The client stops reading at its first data frame (its handler holds it).
+  p.client_rec.SetGate(false);
+  auto chunk = std::make_shared<std::string>(1000, 'd');
+  auto server_session = p.server_rec.established_[0];
+  ASSERT_TRUE(server_session->SendData(chunk, chunk->data(), chunk->size()).ok());
+  // Socket buffers fill (some MiB on loopback), then the queue.
+  Status st;
+  int sent = 0;
+  for (; sent < 64 && st.ok(); ++sent) {
+    st = server_session->SendControl(BigControl(static_cast<uint64_t>(sent)));
+    EXPECT_LE(server_session->queued_bytes(), so.max_control_queue_bytes + chunk->size() + 64) << sent;
+  }
+  ASSERT_EQ(st.code(), StatusCode::kBusy) << "64 MiB of replies queued for a peer that reads nothing: " << st.ToString();
+  EXPECT_NE(st.message().find("does not read"), std::string::npos) << st.ToString();
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.closed_.empty(); }));
+  EXPECT_EQ(p.server_rec.closed_[0].code(), StatusCode::kBusy) << p.server_rec.closed_[0].ToString();
+  EXPECT_EQ(p.server->stats().sessions_not_reading.load(), 1u);
+  EXPECT_TRUE(server_session->SendControl(BigControl(99)).IsAborted());
+  EXPECT_EQ(p.server->stats().sessions_not_reading.load(), 1u) << "counted once";
+}
+
+// A control message the peer would refuse (past max_frame_payload) is not
+// sent: the caller is told, and the session goes on. A node sent one of
+// 83,886,423 bytes, which every peer refuses at 64 MiB.
+TEST(SessionTest, AControlMessageLargerThanTheFrameLimitIsNotSent) {
+  Options co = Opts("cli");
+  co.max_frame_payload = 1u << 20;
+  Pair p;
+  p.Start(Opts("srv"), co);  // the server would take it (64 MiB)
+  ASSERT_TRUE(p.WaitEstablished());
+  Status st = p.client_session->SendControl(BigControl(1, (1u << 20) + 1));
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("max_frame_payload"), std::string::npos) << st.ToString();
+  ASSERT_TRUE(p.client_session->SendControl(BigControl(2, 1000)).ok());
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.controls_.empty(); }));
+  std::lock_guard<std::mutex> l(p.server_rec.mu_);
+  EXPECT_EQ(p.server_rec.controls_[0].diff_reply().id(), 2u) << "the oversized message went out";
+  EXPECT_TRUE(p.client_session->established());
+}
+
 // ---- a raw TCP peer for bad input
 
 class RawPeer {
