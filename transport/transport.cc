@@ -8,6 +8,7 @@
 
 #include <boost/asio.hpp>
 #include <boost/asio/ssl.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <deque>
 #include <set>
@@ -54,6 +55,33 @@ std::string Truncated(const std::string& text) {
   if (text.size() <= kMaxUnauthenticatedText) return text;
   return text.substr(0, kMaxUnauthenticatedText) + "... (" + std::to_string(text.size()) + " bytes)";
 }
+
+// Lines about what anyone who can connect causes as often as they like
+// (connections closed or refused before authentication): at most one per
+// interval, which says how many were left out since the one before.
+class LogLimiter {
+ public:
+  static constexpr std::chrono::seconds kInterval{10};
+  // True if a line may be written now; *unlogged is then the number not
+  // written since the last one.
+  bool Allow(uint64_t* unlogged) EXCLUDES(mu_) {
+    MutexLock l(&mu_);
+    const auto now = Clock::now();
+    if (now < next_) {
+      ++skipped_;
+      return false;
+    }
+    next_ = now + kInterval;
+    *unlogged = skipped_;
+    skipped_ = 0;
+    return true;
+  }
+
+ private:
+  Mutex mu_;
+  Clock::time_point next_ GUARDED_BY(mu_);
+  uint64_t skipped_ GUARDED_BY(mu_) = 0;
+};
 
 Status FromAsio(const boost::system::error_code& ec, const std::string& what) {
   if (ec == asio::error::eof) return Status::Aborted(what + ": the peer closed the connection");
@@ -287,8 +315,20 @@ class EndpointImpl final : public Endpoint {
   void Unregister(const std::shared_ptr<SessionImpl>& s) EXCLUDES(mu_) {
     MutexLock l(&mu_);
     sessions_.erase(s);
+    counted_.erase(s.get());
+    auto it = std::find(handshaking_.begin(), handshaking_.end(), s);
+    if (it != handshaking_.end()) handshaking_.erase(it);
     if (sessions_.empty()) drained_.SignalAll();
   }
+  // An accepted session whose peer has proved it knows the secret, before
+  // it is told AuthOk: it leaves the handshakes and counts against
+  // max_connections. Aborted if it was evicted meanwhile (its close is on
+  // its way); Busy if max_connections sessions are held.
+  Status Admit(const SessionImpl* s) EXCLUDES(mu_);
+  // Lines about accepted connections closed, or refused, before they
+  // authenticated.
+  LogLimiter& unauthenticated_close_log() { return unauthenticated_close_log_; }
+  LogLimiter& refusal_log() { return refusal_log_; }
 
  private:
   void DoAccept();
@@ -304,8 +344,14 @@ class EndpointImpl final : public Endpoint {
   std::unique_ptr<asio::steady_timer> accept_retry_;  // on the acceptor's strand
   Mutex mu_;
   CondVar drained_{&mu_};
-  std::set<std::shared_ptr<SessionImpl>> sessions_ GUARDED_BY(mu_);
+  std::set<std::shared_ptr<SessionImpl>> sessions_ GUARDED_BY(mu_);  // every one, until closed
+  // Accepted sessions in their handshake, oldest first, and the sessions
+  // counted against max_connections (opened, or accepted and admitted). An
+  // evicted session is in neither while its close is on its way.
+  std::deque<std::shared_ptr<SessionImpl>> handshaking_ GUARDED_BY(mu_);
+  std::set<const SessionImpl*> counted_ GUARDED_BY(mu_);
   bool stopped_ GUARDED_BY(mu_) = false;
+  LogLimiter unauthenticated_close_log_, refusal_log_;
 };
 
 // ---------------------------------------------------------------- Session
@@ -816,14 +862,22 @@ void SessionImpl::MaybeReadIdle() {
 void SessionImpl::OnHandshake(const proto::Control& msg) {
   const Options& o = ep_->options();
   auto& stats = ep_->mutable_stats();
+  // A refusal of a peer that connected to us: anyone can cause one, as often
+  // as they like, so the lines are limited.
+  auto refuse = [this](const char* event, const Status& st) {
+    uint64_t unlogged;
+    if (ep_->refusal_log().Allow(&unlogged)) {
+      RLOG(kWarn, event) << "peer=" << remote_address() << " reason=\"" << st.message() << "\" unlogged=" << unlogged;
+    }
+    SendError(st);
+  };
   if (!is_client_ && msg.has_hello() && server_nonce_.empty()) {
     const auto& hello = msg.hello();
     if (hello.protocol_version() != kProtocolVersion) {
       ++stats.version_mismatches;
-      Status st = Status::NotSupported("peer speaks protocol version " + std::to_string(hello.protocol_version()) +
-                                       "; this node speaks version " + std::to_string(kProtocolVersion));
-      RLOG(kWarn, "transport.refused") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
-      return SendError(st);
+      return refuse("transport.refused",
+                    Status::NotSupported("peer speaks protocol version " + std::to_string(hello.protocol_version()) +
+                                         "; this node speaks version " + std::to_string(kProtocolVersion)));
     }
     if (hello.nonce().size() != kNonceSize) {
       return Fail(Status::InvalidArgument("hello with a bad nonce"), &stats.protocol_errors);
@@ -832,8 +886,7 @@ void SessionImpl::OnHandshake(const proto::Control& msg) {
     // checkpoint and slot): a peer whose id is not a plain name is refused.
     if (Status st = CheckName("peer node id", hello.node_id()); !st.ok()) {
       ++stats.protocol_errors;
-      RLOG(kWarn, "transport.refused") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
-      return SendError(st);
+      return refuse("transport.refused", st);
     }
     handle_->set_peer_id(hello.node_id());
     client_nonce_ = hello.nonce();
@@ -875,9 +928,15 @@ void SessionImpl::OnHandshake(const proto::Control& msg) {
     if (!ProofEquals(msg.auth().proof(),
                      AuthProof(o.secret, "replica/client", o.cluster, client_nonce_, server_nonce_))) {
       ++stats.auth_failures;
-      Status st = Status::InvalidArgument("peer " + peer_id() + " at " + remote_address() +
-                                          " failed authentication (wrong cluster secret or cluster name)");
-      RLOG(kWarn, "transport.auth_failed") << "peer=" << remote_address() << " reason=\"" << st.message() << "\"";
+      return refuse("transport.auth_failed",
+                    Status::InvalidArgument("peer " + peer_id() + " at " + remote_address() +
+                                            " failed authentication (wrong cluster secret or cluster name)"));
+    }
+    if (Status st = ep_->Admit(this); !st.ok()) {
+      if (st.IsAborted()) return;  // evicted for a newer connection: closing
+      ++stats.connections_refused;
+      RLOG(kWarn, "transport.refused") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
+                                       << st.message() << "\"";
       return SendError(st);
     }
     proto::Control ok;
@@ -955,11 +1014,18 @@ void SessionImpl::DoClose(const Status& why) {
   queued_bytes_.store(0);
   queued_control_bytes_.store(0);
   ++ep_->mutable_stats().sessions_closed;
+  uint64_t unlogged = 0;
   if (!established_.load() && is_client_ && !why.IsAborted()) {
     // A connection that never came up (peer down): its owner decides how
     // loudly to say so, rather than one warning per retry.
     RLOG(kDebug, "transport.closed") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
                                      << why.ToString() << "\"";
+  } else if (!established_.load() && !is_client_) {
+    // Anyone who can connect causes these, as often as they like.
+    if (ep_->unauthenticated_close_log().Allow(&unlogged)) {
+      RLOG(kWarn, "transport.closed") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
+                                      << why.ToString() << "\" unauthenticated=1 unlogged=" << unlogged;
+    }
   } else if (why.ok() || why.IsAborted()) {
     RLOG(kInfo, "transport.closed") << "peer=" << peer_id() << " address=" << remote_address() << " reason=\""
                                     << why.ToString() << "\"";
@@ -1039,6 +1105,19 @@ Result<uint16_t> EndpointImpl::Listen(const std::string& host, uint16_t port) {
   return bound;
 }
 
+Status EndpointImpl::Admit(const SessionImpl* s) {
+  MutexLock l(&mu_);
+  auto it = std::find_if(handshaking_.begin(), handshaking_.end(), [s](const auto& h) { return h.get() == s; });
+  if (it == handshaking_.end()) return Status::Aborted("evicted during the handshake");
+  handshaking_.erase(it);
+  if (counted_.size() >= options_.max_connections) {
+    return Status::Busy("this node holds as many sessions as it takes (max_connections=" +
+                        std::to_string(options_.max_connections) + ")");
+  }
+  counted_.insert(s);
+  return Status::OK();
+}
+
 void EndpointImpl::DoAccept() {
   acceptor_->async_accept(asio::make_strand(ioc_), [this](const boost::system::error_code& ec, tcp::socket socket) {
     if (ec == asio::error::operation_aborted || !acceptor_->is_open()) return;
@@ -1054,10 +1133,25 @@ void EndpointImpl::DoAccept() {
       return;
     }
     bool stopped, full;
+    std::shared_ptr<SessionImpl> session, evicted;
     {
       MutexLock l(&mu_);
       stopped = stopped_;
-      full = sessions_.size() >= options_.max_connections;
+      full = counted_.size() >= options_.max_connections;
+      if (!stopped && !full) {
+        // The oldest handshake makes room: a connection that never
+        // authenticates holds its place only until enough newer ones came,
+        // so a real peer's handshake, which takes a few round trips, always
+        // finds one.
+        if (handshaking_.size() >= options_.max_pending_handshakes) {
+          evicted = std::move(handshaking_.front());
+          handshaking_.pop_front();
+        }
+        session = std::make_shared<SessionImpl>(this, std::move(socket), false);
+        session->Init();
+        sessions_.insert(session);
+        handshaking_.push_back(session);
+      }
     }
     if (full && !stopped) {
       if (++stats_.connections_refused == 1 || stats_.connections_refused % 1000 == 0) {
@@ -1066,16 +1160,15 @@ void EndpointImpl::DoAccept() {
       }
       boost::system::error_code ignored;
       socket.close(ignored);
-    } else if (!stopped) {
+    }
+    if (evicted) {
+      ++stats_.handshakes_evicted;
+      evicted->Close(Status::Aborted("handshake not completed before " + std::to_string(options_.max_pending_handshakes) +
+                                     " newer connections came (max_pending_handshakes)"));
+    }
+    if (session) {
       ++stats_.connections_accepted;
-      auto session = std::make_shared<SessionImpl>(this, std::move(socket), false);
-      session->Init();
-      {
-        MutexLock l(&mu_);
-        stopped = stopped_;
-        if (!stopped) sessions_.insert(session);
-      }
-      if (!stopped) asio::post(session->socket_executor(), [session] { session->Start(); });
+      asio::post(session->socket_executor(), [session] { session->Start(); });
     }
     DoAccept();
   });
@@ -1097,6 +1190,7 @@ Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, 
     MutexLock l(&mu_);
     if (stopped_) return Status::Aborted("endpoint stopped");
     sessions_.insert(session);
+    counted_.insert(session.get());
   }
   ++stats_.connections_opened;
   asio::post(session->socket_executor(),
@@ -1136,6 +1230,7 @@ Result<std::unique_ptr<Endpoint>> Endpoint::Create(const Options& options, Handl
   if (handler == nullptr) return Status::InvalidArgument("a handler is required");
   if (options.max_frame_payload < kMaxHandshakeFrame) return Status::InvalidArgument("max_frame_payload too small");
   if (options.max_connections < 1) return Status::InvalidArgument("max_connections must be at least 1");
+  if (options.max_pending_handshakes < 1) return Status::InvalidArgument("max_pending_handshakes must be at least 1");
   std::unique_ptr<asio::ssl::context> tls;
   if (options.tls.enabled) {
     tls = std::make_unique<asio::ssl::context>(asio::ssl::context::tls);

@@ -65,10 +65,17 @@ struct Options {
   std::chrono::milliseconds peer_timeout{5000};
   // The handshake must complete within this.
   std::chrono::milliseconds handshake_timeout{3000};
-  // Connections this endpoint holds at once (accepted and opened); a peer
-  // that connects past it is closed at once (Stats::connections_refused), so
-  // that nobody can take every descriptor of the process by connecting.
+  // Sessions this endpoint holds at once: those it opened, and accepted ones
+  // once authenticated. A connection accepted while this many are held is
+  // closed at once, and so is a peer that authenticates then
+  // (Stats::connections_refused).
   size_t max_connections = 256;
+  // Accepted connections still in their handshake (TLS and the secret's
+  // proofs). One that arrives while this many wait closes the oldest of
+  // them (Stats::handshakes_evicted), so that connections which never
+  // authenticate cannot keep a real peer out, and connecting cannot take
+  // more than max_connections + max_pending_handshakes descriptors.
+  size_t max_pending_handshakes = 64;
   // Send file spans with sendfile(2). Off: read them into memory first (a
   // copy, counted in payload_bytes_copied).
   bool use_sendfile = true;
@@ -81,6 +88,7 @@ inline constexpr uint32_t kMaxHandshakeFrame = 4096;
 struct Stats {
   std::atomic<uint64_t> connections_accepted{0};
   std::atomic<uint64_t> connections_refused{0};  // past max_connections
+  std::atomic<uint64_t> handshakes_evicted{0};   // closed for a newer one past max_pending_handshakes
   std::atomic<uint64_t> connections_opened{0};
   std::atomic<uint64_t> sessions_established{0};
   std::atomic<uint64_t> sessions_closed{0};

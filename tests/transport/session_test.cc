@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cstdio>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -654,18 +655,62 @@ TEST(SessionTest, BadInputClosesOnlyThatConnection) {
   EXPECT_EQ(p.server_rec.closed_.size(), cases.size()) << "only the bad connections closed";
 }
 
-// Connecting costs a peer nothing but a descriptor of ours: past
-// max_connections a connection is closed at once, and the established
-// session is not disturbed; a freed place can be taken again.
+// What the process writes to stderr while fn runs.
+template <typename Fn>
+std::string CapturedStderr(Fn fn) {
+  test::TempDir dir;
+  const std::string path = dir.Sub("stderr");
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  FILE* f = std::fopen(path.c_str(), "w");
+  ::dup2(::fileno(f), 2);
+  fn();
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::fclose(f);
+  return test::ReadFileBytes(path);
+}
+
+size_t Count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// Anyone who can connect can have connections closed or refused before
+// they authenticate, as often as they like: a line each (85 a second in the
+// audit) is limited to one per 10 s, which says how many it left out.
+TEST(SessionTest, ClosesAndRefusalsBeforeAuthenticationAreLoggedAtMostOnceIn10s) {
+  Options so = Opts("srv");
+  so.handshake_timeout = 100ms;
+  Pair p;
+  p.StartServer(so);
+  constexpr size_t kEach = 5;
+  const std::string log = CapturedStderr([&] {
+    std::vector<std::unique_ptr<RawPeer>> peers;
+    for (size_t i = 0; i < 2 * kEach; ++i) {
+      peers.push_back(std::make_unique<RawPeer>(p.port));
+      ASSERT_TRUE(peers.back()->connected());
+      if (i < kEach) peers.back()->Send(HelloFrame(99));  // refused; the others time out
+    }
+    ASSERT_TRUE(p.server_rec.WaitFor([&] { return p.server_rec.closed_.size() == 2 * kEach; }));
+  });
+  EXPECT_EQ(p.server->stats().version_mismatches.load(), kEach);
+  EXPECT_EQ(p.server->stats().handshake_timeouts.load(), kEach);
+  EXPECT_EQ(Count(log, " transport.refused "), 1u) << log;
+  EXPECT_EQ(Count(log, " transport.closed "), 1u) << log;
+}
+
+// Established sessions are held up to max_connections: a connection
+// accepted past it is closed at once, and the sessions held are not
+// disturbed; a freed place can be taken again.
 TEST(SessionTest, ConnectionsPastTheCapAreClosedAtOnce) {
   Options so = Opts("srv");
-  so.max_connections = 3;  // the client's session and two idle peers
+  so.max_connections = 1;  // the client's session
   Pair p;
   p.Start(so, Opts("cli"));
   ASSERT_TRUE(p.WaitEstablished());
-  auto idle1 = std::make_unique<RawPeer>(p.port);
-  auto idle2 = std::make_unique<RawPeer>(p.port);
-  ASSERT_TRUE(idle1->connected() && idle2->connected());
   RawPeer refused(p.port);
   ASSERT_TRUE(refused.connected());  // the kernel accepts; the endpoint closes it
   EXPECT_TRUE(refused.WaitClosed(1s)) << "a connection past the cap was kept (the handshake timeout is 2 s)";
@@ -674,13 +719,49 @@ TEST(SessionTest, ConnectionsPastTheCapAreClosedAtOnce) {
   proto::Control c;
   c.mutable_heartbeat()->set_last_lsn(7);
   EXPECT_TRUE(p.client_session->SendControl(c).ok());
-  // An idle peer's place frees once it left and the endpoint closed it.
-  idle1.reset();
-  std::unique_ptr<RawPeer> again;
-  EXPECT_TRUE(test::Eventually([&] {
-    again = std::make_unique<RawPeer>(p.port);  // refused while the place is still taken
-    return again->connected() && !again->WaitClosed(300ms);
-  })) << "a freed place was not taken again";
+  // The place frees once the session closed.
+  p.client->Stop();
+  ASSERT_TRUE(p.server_rec.WaitFor([&] { return !p.server_rec.closed_.empty(); }));
+  Recorder rec;
+  auto again = std::move(Endpoint::Create(Opts("cli2"), &rec)).value();
+  ASSERT_TRUE(again->Connect("127.0.0.1", p.port).ok());
+  ASSERT_TRUE(rec.WaitFor([&] { return !rec.established_.empty() || !rec.closed_.empty(); }));
+  EXPECT_EQ(rec.established_.size(), 1u) << "a freed place was not taken again";
+  again->Stop();
+}
+
+// Connections that never send a byte hold no place a real peer needs: past
+// max_pending_handshakes the oldest handshake is closed for the newcomer,
+// and they are not counted against max_connections. 256 idle connections
+// (re-opened when dropped) once let no real peer in at all.
+TEST(SessionTest, IdleConnectionsCannotKeepARealPeerOut) {
+  Options so = Opts("srv");
+  so.max_connections = 4;
+  so.max_pending_handshakes = 4;
+  so.handshake_timeout = 60s;  // the idle ones stay until evicted
+  Pair p;
+  p.StartServer(so);
+  constexpr size_t kIdle = 12;
+  std::vector<std::unique_ptr<RawPeer>> idle;
+  for (size_t i = 0; i < kIdle; ++i) {
+    idle.push_back(std::make_unique<RawPeer>(p.port));
+    ASSERT_TRUE(idle.back()->connected());
+  }
+  // The endpoint has taken each of them (stats raise no event).
+  const auto& st = p.server->stats();
+  ASSERT_TRUE(test::Eventually([&] { return st.connections_accepted.load() + st.connections_refused.load() == kIdle; }));
+  p.ConnectClient(Opts("cli"));
+  ASSERT_TRUE(p.client_rec.WaitFor([&] { return !p.client_rec.established_.empty() || !p.client_rec.closed_.empty(); }));
+  ASSERT_EQ(p.client_rec.established_.size(), 1u)
+      << "a real peer was kept out: " << (p.client_rec.closed_.empty() ? "" : p.client_rec.closed_[0].ToString());
+  ASSERT_TRUE(p.WaitEstablished());
+  EXPECT_EQ(st.connections_refused.load(), 0u);
+  // The oldest were closed, one for each newer connection past the cap.
+  EXPECT_EQ(st.handshakes_evicted.load(), kIdle + 1 - so.max_pending_handshakes);
+  for (size_t i = 0; i + so.max_pending_handshakes < kIdle + 1; ++i) {
+    EXPECT_TRUE(idle[i]->WaitClosed(5s)) << "idle connection " << i << " was not evicted";
+  }
+  EXPECT_EQ(st.sessions_established.load(), 1u);
 }
 
 TEST(SessionTest, StopClosesEverySession) {
