@@ -3781,8 +3781,14 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_transport_auth_failures_total", "counter", "peers refused for a wrong secret or cluster", node,
          static_cast<double>(ts.auth_failures.load()));
   metric("replica_transport_connections_refused_total", "counter",
-         "replication connections closed at once for the cap of 256 open at once", node,
+         "replication connections closed at once: past the cap of established sessions", node,
          static_cast<double>(ts.connections_refused.load()));
+  metric("replica_transport_handshakes_evicted_total", "counter",
+         "connections still in their handshake closed to make room for a newer one", node,
+         static_cast<double>(ts.handshakes_evicted.load()));
+  metric("replica_transport_sessions_not_reading_total", "counter",
+         "sessions closed because their peer did not read its control messages", node,
+         static_cast<double>(ts.sessions_not_reading.load()));
   metric("replica_transport_tls_failures_total", "counter", "failed TLS handshakes", node,
          static_cast<double>(ts.tls_failures.load()));
   metric("replica_transport_version_mismatches_total", "counter", "peers of another protocol version", node,

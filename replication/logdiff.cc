@@ -57,6 +57,10 @@ using snapshot::FromRocks;
 // Sorts and dedups split keys, then keeps at most n - 1 of them, evenly
 // spaced, so that they cut the key space into at most n ranges.
 void ThinSplitKeys(std::vector<std::string>* keys, int n) {
+  if (n <= 1) {  // one range: no split
+    keys->clear();
+    return;
+  }
   std::sort(keys->begin(), keys->end());
   keys->erase(std::unique(keys->begin(), keys->end()), keys->end());
   if (n > 1 && keys->size() > static_cast<size_t>(n - 1)) {
@@ -194,15 +198,24 @@ class StoreSource : public Source {
 
   Result<std::vector<Entry>> Entries(const std::string& cf, const std::string& begin, const std::string& end,
                                      size_t limit) override {
+    return EntriesLimited(cf, begin, end, limit, SIZE_MAX);
+  }
+  // At least one entry (if any is left), and no more once the keys read
+  // reach max_key_bytes: a reply to a remote logdiff stays small.
+  Result<std::vector<Entry>> EntriesLimited(const std::string& cf, const std::string& begin, const std::string& end,
+                                            size_t limit, size_t max_key_bytes) {
     std::vector<Entry> out;
-    REPLICA_RETURN_IF_ERROR(Scan(cf, begin, end, limit, [&](std::string_view k, std::string_view v) {
-      Entry e;
-      e.key.assign(k);
-      e.value_hash = XXH3_64bits(v.data(), v.size());
-      e.value_size = static_cast<uint32_t>(v.size());
-      e.preview.assign(v.substr(0, 32));
-      out.push_back(std::move(e));
-    }));
+    REPLICA_RETURN_IF_ERROR(Scan(
+        cf, begin, end, limit,
+        [&](std::string_view k, std::string_view v) {
+          Entry e;
+          e.key.assign(k);
+          e.value_hash = XXH3_64bits(v.data(), v.size());
+          e.value_size = static_cast<uint32_t>(v.size());
+          e.preview.assign(v.substr(0, 32));
+          out.push_back(std::move(e));
+        },
+        max_key_bytes));
     return out;
   }
 
@@ -221,7 +234,10 @@ class StoreSource : public Source {
   }
 
   template <typename Fn>
-  Status Scan(const std::string& cf, const std::string& begin, const std::string& end, size_t limit, Fn&& fn) {
+  // Calls fn for up to `limit` entries from begin (and, with max_key_bytes,
+  // stops after the entry whose key takes the keys read to that many bytes).
+  Status Scan(const std::string& cf, const std::string& begin, const std::string& end, size_t limit, Fn&& fn,
+              size_t max_key_bytes = SIZE_MAX) {
     auto* handle = Handle(cf);
     if (!handle) return Status::NotFound("no column family " + cf);
     const bool meta = cf == snapshot::kMetaColumnFamily;
@@ -232,13 +248,14 @@ class StoreSource : public Source {
     rocksdb::Slice upper(end);
     if (!end.empty()) ro.iterate_upper_bound = &upper;
     std::unique_ptr<rocksdb::Iterator> it(store_.db->NewIterator(ro, handle));
-    size_t n = 0;
-    for (it->Seek(begin); it->Valid() && n < limit; it->Next()) {
+    size_t n = 0, key_bytes = 0;
+    for (it->Seek(begin); it->Valid() && n < limit && key_bytes < max_key_bytes; it->Next()) {
       std::string_view k(it->key().data(), it->key().size()), v(it->value().data(), it->value().size());
       bytes_read.fetch_add(k.size() + v.size(), std::memory_order_relaxed);
       if (meta && k == snapshot::kAppliedKey) continue;
       fn(k, v);
       ++n;
+      key_bytes += k.size();
     }
     return FromRocks(it->status(), "read column family " + cf);
   }
@@ -1167,7 +1184,15 @@ void Server::Run() {
     if (item.session->closed()) continue;
     proto::Control msg;
     *msg.mutable_diff_reply() = Answer(item.session.get(), item.request);
-    (void)item.session->SendControl(msg);
+    if (Status sent = item.session->SendControl(msg); sent.code() == StatusCode::kInvalidArgument) {
+      // Past the frame limit (a value or key too large for one reply): the
+      // tool is told so, instead of waiting for a reply that never comes.
+      proto::Control err;
+      err.mutable_diff_reply()->set_id(item.request.id());
+      err.mutable_diff_reply()->set_code(static_cast<uint32_t>(StatusCode::kNotSupported));
+      err.mutable_diff_reply()->set_message("the reply does not fit in one frame: " + sent.message());
+      (void)item.session->SendControl(err);
+    }
   }
 }
 
@@ -1245,7 +1270,14 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
       }
       case proto::DiffRequest::SPLIT_KEYS: {
         REPLICA_ASSIGN_OR_RETURN(auto keys, src.SplitKeys(req.cf(), static_cast<int>(std::min<uint32_t>(req.limit(), 4096))));
-        for (auto& k : keys) reply.add_keys(std::move(k));
+        // Split keys are hints (any subset still splits the key space):
+        // those past the reply's budget are left out.
+        size_t bytes = 0;
+        for (auto& k : keys) {
+          bytes += k.size();
+          if (bytes > kMaxReplyBytes) break;
+          reply.add_keys(std::move(k));
+        }
         break;
       }
       case proto::DiffRequest::RANGE_DIGEST: {
@@ -1254,8 +1286,11 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
         break;
       }
       case proto::DiffRequest::ENTRIES: {
-        REPLICA_ASSIGN_OR_RETURN(auto entries,
-                                 src.Entries(req.cf(), req.begin(), req.end(), std::clamp<size_t>(req.limit(), 1, 16384)));
+        // Fewer than asked when the keys are large: the tool asks again
+        // from the last key until a reply is empty.
+        REPLICA_ASSIGN_OR_RETURN(auto entries, src.EntriesLimited(req.cf(), req.begin(), req.end(),
+                                                                  std::clamp<size_t>(req.limit(), 1, 16384),
+                                                                  kMaxReplyBytes));
         for (const auto& e : entries) {
           auto* p = reply.add_entries();
           p->set_key(e.key);
@@ -1402,10 +1437,19 @@ class RemoteSource final : public Source, public transport::Handler {
     req.set_cf(cf);
     req.set_begin(begin);
     req.set_end(end);
-    req.set_limit(static_cast<uint32_t>(std::min<size_t>(limit, 16384)));
-    REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+    // A node answers fewer entries than asked when their keys are large
+    // (a reply's byte budget), and none once the range is done: ask again
+    // from past the last key until `limit` are in or a reply is empty.
     std::vector<Entry> out;
-    for (const auto& e : reply.entries()) out.push_back(Entry{e.key(), e.value_hash(), e.value_size(), e.preview()});
+    std::string from = begin;
+    while (out.size() < limit) {
+      req.set_begin(from);
+      req.set_limit(static_cast<uint32_t>(std::min<size_t>(limit - out.size(), 16384)));
+      REPLICA_ASSIGN_OR_RETURN(auto reply, Call(req));
+      if (reply.entries().empty()) break;
+      for (const auto& e : reply.entries()) out.push_back(Entry{e.key(), e.value_hash(), e.value_size(), e.preview()});
+      from = out.back().key + std::string(1, '\0');
+    }
     return out;
   }
 
