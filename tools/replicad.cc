@@ -107,11 +107,25 @@ int main(int argc, char** argv) {
        "than two; more may help an active with many standbys)")
       ("metrics-listen", po::value<std::string>(), "HOST:PORT for Prometheus (GET /metrics); off if not given")
       ("log-level", po::value<std::string>()->default_value("info"), "debug | info | warn | error | off")
-      ("config", po::value<std::string>(), "file of 'option = value' lines (names as above, without --)");
+      ("config", po::value<std::string>(), "file of 'option = value' lines (names as above, without --; "
+       "'#' starts a comment only at the start of a line, and no value may hold one)");
   // clang-format on
+  // Words that are no option's value (a "follow" missing its dashes, the
+  // "GiB" of "--wal-keep-bytes 1 GiB") land here, to be refused: replicad
+  // takes no positional arguments. Not shown in --help, not read from --config.
+  po::options_description stray_words;
+  stray_words.add_options()("stray-word", po::value<std::vector<std::string>>());
+  po::options_description command_line;
+  command_line.add(desc).add(stray_words);
+  po::positional_options_description positional;
+  positional.add("stray-word", -1);
   po::variables_map vm;
   try {
-    po::store(po::parse_command_line(argc, argv, desc), vm);
+    po::store(po::command_line_parser(argc, argv).options(command_line).positional(positional).run(), vm);
+    if (vm.count("stray-word")) {
+      Fail("unexpected argument '" + vm["stray-word"].as<std::vector<std::string>>().front() +
+           "' (replicad takes only --options, each with at most one value)");
+    }
     // The secret given on the command line, either way, wins over the
     // config file's; both ways in one place is a mistake.
     if (vm.count("secret") && vm.count("secret-file")) Fail("--secret and --secret-file exclude each other");
@@ -120,8 +134,29 @@ int main(int argc, char** argv) {
       const std::string path = vm["config"].as<std::string>();
       auto text = ReadWholeFile(Env::Default(), path);  // a directory is an error too
       if (!text.ok()) Fail("cannot read config file: " + text.status().ToString());
+      // program_options ends a value at a '#' anywhere in the line ("secret
+      // = ab#cd" read as "ab"): only a '#' that starts a line is a comment
+      // here, and any other one is refused rather than cut silently.
+      {
+        std::istringstream lines(*text);
+        std::string line;
+        for (int n = 1; std::getline(lines, line); ++n) {
+          const size_t first = line.find_first_not_of(" \t");
+          if (first == std::string::npos || line[first] == '#') continue;
+          if (line.find('#') != std::string::npos) {
+            Fail("config file " + path + " line " + std::to_string(n) +
+                 ": '#' inside a line (a comment starts only at the start of a line; a secret holding '#' "
+                 "goes in a secret-file)");
+          }
+        }
+      }
       std::istringstream in(*text);
       po::parsed_options parsed = po::parse_config_file(in, desc);
+      for (const po::option& o : parsed.options) {
+        if (o.string_key == "config" || o.string_key == "help") {
+          Fail("config file " + path + ": '" + o.string_key + "' goes on the command line only");
+        }
+      }
       auto is_secret = [](const po::option& o) { return o.string_key == "secret" || o.string_key == "secret-file"; };
       const auto secrets = std::count_if(parsed.options.begin(), parsed.options.end(), is_secret);
       if (secrets > 1) Fail("config file " + path + ": give one of secret and secret-file");
@@ -342,11 +377,13 @@ int main(int argc, char** argv) {
     const uint16_t mp = metrics_port;
     Engine* e = engine->get();
     RespServer* rs = server->get();
-    auto m = MetricsServer::Start(mh, mp, [e, rs] {
+    // Labelled like the engine's metrics (an id needs no escaping: CheckName).
+    const std::string label = "{node=\"" + o.node_id + "\"} ";
+    auto m = MetricsServer::Start(mh, mp, [e, rs, label] {
       const RespStats& s = rs->stats();
       std::string text = e->PrometheusMetrics();
-      auto add = [&text](const char* name, const char* type, const char* help, uint64_t value) {
-        text += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + " " +
+      auto add = [&text, &label](const char* name, const char* type, const char* help, uint64_t value) {
+        text += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + label +
                 std::to_string(value) + "\n";
       };
       add("replica_client_connections_total", "counter", "Redis-protocol client connections", s.connections.load());

@@ -481,9 +481,13 @@ TEST(ReplicadTest, PrometheusMetrics) {
       << page;
   EXPECT_NE(page.find("replica_standby_lag_seconds_bucket{node=\"a\",standby=\"b\",le=\"+Inf\"} 5\n"),
             std::string::npos);
-  EXPECT_NE(page.find("replica_client_commands_total 5"), std::string::npos) << page;
-  EXPECT_NE(page.find("# TYPE replica_client_connected gauge\nreplica_client_connected "), std::string::npos) << page;
-  EXPECT_NE(page.find("\nreplica_client_rejected_total 0\n"), std::string::npos) << page;
+  // replicad's own client metrics carry the node label like the engine's.
+  EXPECT_NE(page.find("replica_client_commands_total{node=\"a\"} 5"), std::string::npos) << page;
+  EXPECT_NE(page.find("# TYPE replica_client_connected gauge\nreplica_client_connected{node=\"a\"} "),
+            std::string::npos) << page;
+  EXPECT_NE(page.find("\nreplica_client_rejected_total{node=\"a\"} 0\n"), std::string::npos) << page;
+  EXPECT_NE(page.find("\nreplica_client_connections_total{node=\"a\"} "), std::string::npos) << page;
+  EXPECT_NE(page.find("\nreplica_client_protocol_errors_total{node=\"a\"} 0\n"), std::string::npos) << page;
   // Applied on b too, each record timed once (b acknowledges applies on its own).
   EXPECT_TRUE(test::Eventually([&] {
     return Exchange(a.metrics_port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -620,6 +624,9 @@ TEST(ReplicadTest, CommandLineErrors) {
       {"--id a --data-dir /tmp/x --advertise 10.0.0.1:7000", "--advertise goes with --etcd"},
       {"--id a --data-dir /tmp/x --secret-file /dev/null", "--secret and --secret-file exclude each other"},
       {"--id a --data-dir /tmp/x --config /tmp", "cannot read config file"},
+      // No positional arguments: a stray word is refused, not dropped.
+      {"--id a --data-dir /tmp/x follow 127.0.0.1:1", "unexpected argument 'follow'"},
+      {"--id a --data-dir /tmp/x --wal-keep-bytes 1 GiB", "unexpected argument 'GiB'"},
   };
   // A data directory that is a file: the start fails (1) and says so.
   test::TempDir dir;
@@ -631,6 +638,21 @@ TEST(ReplicadTest, CommandLineErrors) {
     out = Shell(base + args, &code);
     EXPECT_EQ(code, 2) << args << ": " << out;
     EXPECT_NE(out.find(message), std::string::npos) << args << ": " << out;
+  }
+  // Config files: a '#' is a comment only at the start of a line (it used
+  // to cut "ab#cd" to "ab"); config and help are command-line options.
+  const std::pair<std::string, std::string> bad_files[] = {
+      {"# a comment\n  # another\nid = a\nsecret = ab#cd\n", "line 4: '#' inside a line"},
+      {"id = a#b\n", "line 1: '#' inside a line"},
+      {"commit = async # the default\n", "line 1: '#' inside a line"},
+      {"config = /nonexistent\n", "'config' goes on the command line only"},
+      {"help = 1\n", "'help' goes on the command line only"},
+  };
+  for (const auto& [text, message] : bad_files) {
+    test::WriteFileBytes(dir.Sub("bad.conf"), text);
+    out = Shell(kReplicad + " --id a --data-dir /tmp/x --config " + dir.Sub("bad.conf"), &code);
+    EXPECT_EQ(code, 2) << text << ": " << out;
+    EXPECT_NE(out.find(message), std::string::npos) << text << ": " << out;
   }
 }
 
