@@ -39,10 +39,16 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Respond() {
     res_.version(req_.version());
     res_.keep_alive(false);
-    if (req_.method() != http::verb::get) {
+    // The query string is ignored: Prometheus sends a scrape config's
+    // params: there, and the page has no parameters.
+    const beast::string_view target = req_.target();
+    const beast::string_view path = target.substr(0, target.find('?'));
+    const bool head = req_.method() == http::verb::head;
+    if (req_.method() != http::verb::get && !head) {
       res_.result(http::status::method_not_allowed);
-      res_.body() = "only GET\n";
-    } else if (req_.target() != "/metrics") {
+      res_.set(http::field::allow, "GET, HEAD");
+      res_.body() = "only GET and HEAD\n";
+    } else if (path != "/metrics") {
       res_.result(http::status::not_found);
       res_.body() = "try /metrics\n";
     } else {
@@ -51,6 +57,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
       res_.body() = (*render_)();
     }
     res_.prepare_payload();
+    // HEAD: the headers GET would send (Content-Length included), no body.
+    if (head) res_.body().clear();
     http::async_write(stream_, res_, [self = shared_from_this()](beast::error_code, size_t) {
       beast::error_code ec;
       self->stream_.socket().shutdown(tcp::socket::shutdown_send, ec);

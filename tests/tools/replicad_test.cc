@@ -497,6 +497,20 @@ TEST(ReplicadTest, PrometheusMetrics) {
   EXPECT_NE(Exchange(a.metrics_port(), "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").find("405"),
             std::string::npos);
   EXPECT_EQ(Exchange(a.metrics_port(), "garbage\r\n\r\n").find("200"), std::string::npos);
+  // A query string (a Prometheus scrape config's params:) is ignored.
+  EXPECT_NE(Exchange(a.metrics_port(), "GET /metrics?x=1&y HTTP/1.1\r\nHost: x\r\n\r\n")
+                .find("replica_role_active{node=\"a\"} 1\n"),
+            std::string::npos);
+  EXPECT_NE(Exchange(a.metrics_port(), "GET /other?x=/metrics HTTP/1.1\r\n\r\n").find("404"), std::string::npos);
+  // HEAD: GET's status and headers, no body.
+  const std::string head = Exchange(a.metrics_port(), "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(head.rfind("HTTP/1.1 200", 0), 0u) << head;
+  EXPECT_NE(head.find("text/plain; version=0.0.4"), std::string::npos) << head;
+  EXPECT_EQ(head.find("replica_role_active"), std::string::npos) << head;
+  ASSERT_NE(head.find("\r\n\r\n"), std::string::npos) << head;
+  EXPECT_EQ(head.substr(head.find("\r\n\r\n") + 4), "") << head;
+  EXPECT_NE(head.find("Content-Length: "), std::string::npos) << head;
+  EXPECT_EQ(head.find("Content-Length: 0\r\n"), std::string::npos) << head;
   EXPECT_EQ(a.Cli("PING"), "PONG\n");
   // The standby's own view of its lag, from the active's heartbeats (every 0.5 s).
   std::string bpage;
