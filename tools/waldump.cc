@@ -1,8 +1,7 @@
 // waldump: print the records of a WAL directory and a summary.
 // Read-only: never repairs, never takes the directory lock, so it is safe on a
 // log that a live node is writing.
-#include <boost/json/serialize.hpp>
-#include <boost/json/string.hpp>
+#include <sys/stat.h>
 
 #include <cstdio>
 #include <cstring>
@@ -32,13 +31,64 @@ Options:
   --summary      print only the summary
   -h, --help     show this help
 
+The summary's size is twice: the log's bytes up to the end of its last
+readable record (log_bytes: segment headers included; a torn tail, damage and
+the reserved space of a preallocated segment are not), and the segment files'
+sizes (file_bytes: all of it). JSON strings are UTF-8; a byte of a name that
+is not valid UTF-8 is written as \u00XX, XX the byte in hex.
+
 Exit status: 0 the log is readable (a torn tail is reported on stderr and is
 not an error: recovery cuts it), 1 the log is corrupt (the message names the
 segment, offset and LSN), 2 bad usage or the log could not be opened.
 )";
 
-// s as a JSON string literal, escaped.
-std::string JsonString(const std::string& s) { return boost::json::serialize(boost::json::string(s)); }
+// Length of the valid UTF-8 sequence at s[i] (RFC 3629: no overlong form, no
+// surrogate, nothing above U+10FFFF), or 0 if there is none.
+size_t Utf8Length(const std::string& s, size_t i) {
+  const auto byte = [&](size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
+  const auto cont = [&](size_t k) { return (byte(k) & 0xC0) == 0x80; };
+  const unsigned b = byte(0);
+  if (b < 0x80) return 1;
+  if (b >= 0xC2 && b <= 0xDF) return cont(1) ? 2 : 0;
+  if (b >= 0xE0 && b <= 0xEF) {
+    const unsigned lo = b == 0xE0 ? 0xA0 : 0x80, hi = b == 0xED ? 0x9F : 0xBF;
+    return byte(1) >= lo && byte(1) <= hi && cont(2) ? 3 : 0;
+  }
+  if (b >= 0xF0 && b <= 0xF4) {
+    const unsigned lo = b == 0xF0 ? 0x90 : 0x80, hi = b == 0xF4 ? 0x8F : 0xBF;
+    return byte(1) >= lo && byte(1) <= hi && cont(2) && cont(3) ? 4 : 0;
+  }
+  return 0;
+}
+
+// s as a JSON string literal. Paths are bytes, JSON text is UTF-8: a byte
+// that is not part of a valid UTF-8 sequence is written as \u00XX (the code
+// point of the same number), so that the output always parses.
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  char hex[8];
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    const size_t n = Utf8Length(s, i);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || n == 0) {
+      std::snprintf(hex, sizeof hex, "\\u%04x", c);
+      out += hex;
+    } else {
+      out.append(s, i, n);
+      i += n;
+      continue;
+    }
+    ++i;
+  }
+  return out + "\"";
+}
 
 const char* TypeName(uint8_t type) {
   switch (static_cast<RecordType>(type)) {
@@ -135,13 +185,21 @@ int main(int argc, char** argv) {
 
   auto segs = wal->segments();
   auto history = wal->epoch_history();
+  // The log's size ends at its last readable record; the files may hold
+  // more (a torn tail, damage, reserved space).
+  uint64_t file_bytes = 0;
+  for (const auto& seg : segs) {
+    struct stat st {};
+    if (::stat(seg.path.c_str(), &st) == 0) file_bytes += static_cast<uint64_t>(st.st_size);
+  }
   if (json) {
     std::printf("{\"summary\":{\"dir\":%s,\"records\":%llu,\"first_lsn\":%llu,\"last_lsn\":%llu,"
-                "\"payload_bytes\":%llu,\"segments\":%zu,\"log_bytes\":%llu,\"torn_tail\":%s,",
+                "\"payload_bytes\":%llu,\"segments\":%zu,\"log_bytes\":%llu,\"file_bytes\":%llu,\"torn_tail\":%s,",
                 JsonString(dir).c_str(), static_cast<unsigned long long>(records),
                 static_cast<unsigned long long>(first), static_cast<unsigned long long>(last),
                 static_cast<unsigned long long>(payload_bytes), segs.size(),
-                static_cast<unsigned long long>(wal->size_bytes()), rec.torn_tail ? "true" : "false");
+                static_cast<unsigned long long>(wal->size_bytes()), static_cast<unsigned long long>(file_bytes),
+                rec.torn_tail ? "true" : "false");
     if (rec.torn_tail) {
       std::printf("\"torn\":{\"segment\":%s,\"offset\":%llu,\"bytes\":%llu,\"lost_page\":%s,\"why\":%s},",
                   JsonString(rec.torn_segment).c_str(), static_cast<unsigned long long>(rec.torn_offset),
@@ -158,10 +216,11 @@ int main(int argc, char** argv) {
     if (!error.ok()) std::printf(",\"error\":%s", JsonString(error.ToString()).c_str());
     std::printf("}}\n");
   } else {
-    std::printf("summary: %llu records, LSN %llu..%llu, %llu payload bytes, %zu segments, %llu bytes on disk\n",
+    std::printf("summary: %llu records, LSN %llu..%llu, %llu payload bytes, %zu segments, %llu log bytes "
+                "(to the last readable record) of %llu bytes in the files\n",
                 static_cast<unsigned long long>(records), static_cast<unsigned long long>(first),
                 static_cast<unsigned long long>(last), static_cast<unsigned long long>(payload_bytes), segs.size(),
-                static_cast<unsigned long long>(wal->size_bytes()));
+                static_cast<unsigned long long>(wal->size_bytes()), static_cast<unsigned long long>(file_bytes));
     for (const auto& [type, n] : by_type) {
       std::printf("  type %s: %llu\n", TypeName(type), static_cast<unsigned long long>(n));
     }

@@ -26,7 +26,7 @@ Options:
   --sync POLICY      every | interval | none (default every)
   --compress         store commit groups as LZ4 blocks when smaller
   --epoch E          epoch of the records (default: the log's last epoch, or 1)
-  --segment-size B   bytes per segment file (default 67108864)
+  --segment-size B   bytes per segment file, 4096 to 1 TiB (default 67108864)
   --print-acks       print "ack LSN" once each append returns
   --log-level L      debug | info | warn | error | off (default info)
   -h, --help         show this help
@@ -35,6 +35,9 @@ Payloads are deterministic: the n-th record this run appends holds the text
 "record n;" repeated (n counts from 1 in each run, so it equals the LSN only
 for a new log written by one thread; with --threads above 1 the order of n
 and of LSNs may differ).
+
+Exit status: 0 done, 1 the log could not be opened or an append or the
+close failed, 2 bad usage.
 )";
 }  // namespace
 
@@ -82,6 +85,10 @@ int main(int argc, char** argv) {
   if (dir.empty()) cli::UsageError("walgen", "missing WAL_DIR%.*s", "");
   if (threads == 0 || threads > 256) cli::UsageError("walgen", "--threads must be 1..256%.*s", "");
   if (size > kMaxRecordPayload) cli::UsageError("walgen", "--size is above the record limit%.*s", "");
+  // replicad's bounds for --wal-segment-size.
+  if (segment_size < 4096 || segment_size > (uint64_t{1} << 40)) {
+    cli::UsageError("walgen", "--segment-size must be 4096 bytes to 1 TiB%.*s", "");
+  }
   options.segment_size = segment_size;
 
   auto opened = Wal::Open(dir, options);

@@ -72,6 +72,11 @@ TEST(WaldumpTest, CorruptLogExitsOneAndSaysWhere) {
   EXPECT_NE(json.out.find("{\"lsn\":2,"), std::string::npos) << json.out;
   EXPECT_NE(json.out.find("\"records\":2,"), std::string::npos) << json.out;
   EXPECT_NE(json.out.find("\"ok\":false,\"error\":\"Corruption: segment "), std::string::npos) << json.out;
+  // The log's bytes end at record 2; the file holds all 20 records.
+  EXPECT_NE(json.out.find("\"log_bytes\":" + std::to_string(40 + 140 * 2) + ",\"file_bytes\":" +
+                          std::to_string(test::FileSize(seg)) + ","),
+            std::string::npos)
+      << json.out;
 }
 
 TEST(WaldumpTest, TornTailIsReportedNotRepaired) {
@@ -101,6 +106,15 @@ TEST(WaldumpTest, JsonEscapesTheDirectory) {
   EXPECT_EQ(r.exit_code, 0) << r.out;
   EXPECT_NE(r.out.find("\"dir\":\"" + dir.path() + "/a\\\"b\\\\c\","), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("\"torn_tail\":false,\"epochs\":["), std::string::npos) << r.out;
+  // A path is bytes, JSON is UTF-8: a byte that is no valid UTF-8 is written
+  // as \u00XX (it was written raw); valid UTF-8 is kept as it is.
+  const std::string odd = dir.Sub("w\xff\"q\\\xc3\xa9\xed\xa0\x80");
+  ASSERT_EQ(Exec(kGen + " '" + odd + "' --records 1 --log-level warn").exit_code, 0);
+  r = Exec(kDump + " --summary --json '" + odd + "'");
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("\"dir\":\"" + dir.path() + "/w\\u00ff\\\"q\\\\\xc3\xa9\\u00ed\\u00a0\\u0080\","),
+            std::string::npos)
+      << r.out;
 }
 
 TEST(WaldumpTest, UsageErrorsExitTwo) {
@@ -115,6 +129,17 @@ TEST(WaldumpTest, UsageErrorsExitTwo) {
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.out.find("--from LSN"), std::string::npos);
   EXPECT_EQ(Exec(kGen + " --records x " + dir.path()).exit_code, 2);
+  // walgen's segment size has replicad's bounds, and is a usage error outside them.
+  for (const char* bad : {"0", "4095", "1099511627777"}) {
+    ExecResult r = Exec(kGen + " --segment-size " + bad + " " + dir.Sub("g"));
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.out;
+    EXPECT_NE(r.out.find("--segment-size must be 4096 bytes to 1 TiB"), std::string::npos) << bad << ": " << r.out;
+  }
+  ExecResult gen_help = Exec(kGen + " --help");
+  EXPECT_EQ(gen_help.exit_code, 0);
+  EXPECT_NE(gen_help.out.find("Exit status: 0"), std::string::npos) << gen_help.out;
+  EXPECT_EQ(Exec(kDump + " " + dir.path() + " extra").exit_code, 2);
+  EXPECT_EQ(Exec(kGen + " " + dir.Sub("g") + " extra").exit_code, 2);
 }
 
 }  // namespace
