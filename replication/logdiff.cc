@@ -1361,8 +1361,11 @@ class RemoteSource final : public Source, public transport::Handler {
     while (!established_ && closed_.ok() && Clock::now() < deadline) cv_.WaitUntil(deadline);
     if (!closed_.ok()) return closed_.WithContext("connect to " + address);
     if (!established_) return Status::TimedOut("connect to " + address + ": no session within the timeout");
+    node_id_ = session_->peer_id();
     return Status::OK();
   }
+
+  std::string node_id() const override { return node_id_; }
 
   Result<NodeInfo> Info() override {
     proto::DiffRequest req;
@@ -1498,6 +1501,7 @@ class RemoteSource final : public Source, public transport::Handler {
   std::string address_;
   std::unique_ptr<transport::Endpoint> endpoint_;
   std::shared_ptr<transport::Session> session_;
+  std::string node_id_;  // the peer's, set once the session is established
   std::chrono::milliseconds pin_timeout_{10000};
   Mutex mu_;
   CondVar cv_{&mu_};

@@ -87,6 +87,9 @@ class Source {
   // held: a purge meanwhile makes a later read fail, never match). Returns
   // the node's info at that point. Aborted if it had already applied past lsn.
   virtual Result<NodeInfo> Pin(uint64_t lsn) { return Status::NotSupported("only a live node can be pinned"); }
+  // Live nodes only: the node's id, as its session authenticated it (two
+  // addresses of one node give the same id); empty for a data directory.
+  virtual std::string node_id() const { return ""; }
   // Bytes hashed so far (for the progress display and the throughput).
   std::atomic<uint64_t> bytes_read{0};
 };

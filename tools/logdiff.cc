@@ -39,7 +39,8 @@ state at the moment each directory is opened.
 
 With --live, each NODE is a running node's replication address (its
 --listen), optionally named NAME=HOST:PORT; no data directory needs to be
-reachable. logdiff authenticates with the cluster's secret, picks one LSN
+reachable; two addresses of one node (found by its id) are a usage error.
+logdiff authenticates with the cluster's secret, picks one LSN
 (--at, or the highest WAL end among the nodes, retried while writes move
 the nodes past it), and has every node take a RocksDB snapshot exactly when
 its applied LSN reaches it; each node then hashes its own ranges at that
@@ -64,6 +65,7 @@ Options:
   --secret S       (--live) the secret itself (visible in ps; prefer a file)
   --tls-cert F --tls-key F --tls-ca F
                    (--live) for a cluster that runs TLS
+                   (an option marked --live is a usage error without it)
   --progress       show progress on stderr (default: when stderr is a terminal)
   --no-progress    never show progress
   -h, --help       show this help
@@ -92,7 +94,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> names, dirs;
   bool live = false;
   uint64_t at = 0;
-  bool live_only = false;  // an option that means something only with --live
+  std::string live_only;  // the first option given that means something only with --live
   logdiff::LiveOptions lo;
   std::string secret_file;
   for (int i = 1; i < argc; ++i) {
@@ -121,13 +123,15 @@ int main(int argc, char** argv) {
       value(&v);
       if (v == 0 || v > 60) cli::UsageError("logdiff", "--pin-timeout must be 1..60 seconds, not '%.*s'", argv[i]);
       lo.pin_timeout = std::chrono::seconds(v);
-      live_only = true;
+      if (live_only.empty()) live_only = a;
     } else if (a == "--at") {
       value(&at);
       if (at == 0) cli::UsageError("logdiff", "--at needs an LSN above 0%.*s", "");
+      if (live_only.empty()) live_only = a;
     } else if (a == "--cluster" || a == "--secret" || a == "--secret-file" || a == "--tls-cert" || a == "--tls-key" ||
                a == "--tls-ca") {
       if (i + 1 >= argc) cli::UsageError("logdiff", "%.*s needs a value", a);
+      if (live_only.empty()) live_only = a;
       std::string v = argv[++i];
       if (a == "--cluster") lo.cluster = v;
       if (a == "--secret") lo.secret = v;
@@ -180,8 +184,8 @@ int main(int argc, char** argv) {
       cli::UsageError("logdiff", "TLS needs all of --tls-cert, --tls-key and --tls-ca%.*s", "");
     }
     if (opt.bytes) cli::UsageError("logdiff", "--bytes needs data directories, not --live%.*s", "");
-  } else if (at != 0 || !lo.secret.empty() || !secret_file.empty() || live_only) {
-    cli::UsageError("logdiff", "--at, --secret and --pin-timeout only go with --live%.*s", "");
+  } else if (!live_only.empty()) {
+    cli::UsageError("logdiff", "%.*s only goes with --live", live_only);
   }
   // A node given twice would prove itself identical to itself.
   for (size_t i = 0; i < dirs.size(); ++i) {
@@ -233,6 +237,19 @@ int main(int argc, char** argv) {
     }
     sources.push_back(std::move(opened[i]).value());
     raw.push_back(sources.back().get());
+  }
+  // Two addresses of one node (127.0.0.1:P and localhost:P, or a second
+  // interface) are only found once connected: by the node's id.
+  for (size_t i = 0; i < raw.size(); ++i) {
+    for (size_t j = i + 1; j < raw.size(); ++j) {
+      if (live && !raw[i]->node_id().empty() && raw[i]->node_id() == raw[j]->node_id()) {
+        const std::string why = "'" + dirs[i] + "' and '" + dirs[j] + "' are the same node (id '" +
+                                raw[i]->node_id() + "'): give each node once";
+        raw.clear();
+        sources.clear();  // the sessions close before the process exits
+        cli::UsageError("logdiff", "%.*s", why);
+      }
+    }
   }
   uint64_t pinned_at = 0;
   if (live) {

@@ -479,9 +479,15 @@ TEST_F(LogdiffTest, BadInputExitsTwoWithTheReason) {
   EXPECT_NE(out.find("afile is not a directory"), std::string::npos) << out;
   out = Logdiff("--max-diffs x " + Base("a") + " " + Base("b"), &code);
   EXPECT_EQ(code, 2) << out;
-  out = Logdiff("--pin-timeout 5 " + Base("a") + " " + Base("b"), &code);
-  EXPECT_EQ(code, 2) << out;
-  EXPECT_NE(out.find("only go with --live"), std::string::npos) << out;
+  // Every live-only option is a usage error without --live (--cluster and
+  // the --tls-* options were ignored).
+  for (const char* opt : {"--pin-timeout 5", "--at 3", "--secret s", "--secret-file /dev/null", "--cluster foo",
+                          "--tls-cert x", "--tls-key x", "--tls-ca x"}) {
+    out = Logdiff(std::string(opt) + " " + Base("a") + " " + Base("b"), &code);
+    EXPECT_EQ(code, 2) << opt << ": " << out;
+    const std::string name(opt, std::string(opt).find(' '));
+    EXPECT_NE(out.find(name + " only goes with --live"), std::string::npos) << opt << ": " << out;
+  }
   out = Logdiff("--frobnicate " + Base("a") + " " + Base("b"), &code);
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("unknown option"), std::string::npos) << out;
@@ -627,6 +633,14 @@ TEST_F(LiveLogdiffTest, WrongSecretOrNoNodeExitsTwo) {
   out = Live(Addr(*a) + " " + Addr(*a), &code);
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("are the same node"), std::string::npos) << out;
+  // The same node under two addresses: told apart by its id once connected
+  // (it was compared with itself and found IDENTICAL).
+  const std::string port = std::to_string(a->listen_port());
+  out = Live("x=127.0.0.1:" + port + " " + Addr(*b) + " y=localhost:" + port, &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("'127.0.0.1:" + port + "' and 'localhost:" + port + "' are the same node (id 'a')"),
+            std::string::npos)
+      << out;
 }
 
 // Hostile or careless DiffRequests get errors; the node serves on.
