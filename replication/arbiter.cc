@@ -25,14 +25,20 @@ Result<json::object> ParseObject(const std::string& text, const char* what) {
 }
 
 // A count or LSN published in JSON; 0 (unknown) for anything that is not a
-// number from 0 to 2^63 - 1.
-uint64_t U64(const json::object& o, const char* f) {
+// number from 0 to 2^63 - 1. Such a value is described in *bad, if given.
+uint64_t U64(const json::object& o, const char* f, std::string* bad = nullptr) {
   auto it = o.find(f);
   if (it == o.end()) return 0;
-  if (it->value().is_uint64()) return it->value().as_uint64() <= kMaxEpoch ? it->value().as_uint64() : 0;
-  if (it->value().is_int64()) return static_cast<uint64_t>(std::max<int64_t>(0, it->value().as_int64()));
-  if (it->value().is_string()) return ParseEpoch(it->value().as_string()).value_or(0);
-  return 0;
+  const json::value& v = it->value();
+  std::optional<uint64_t> n;
+  if (v.is_uint64() && v.as_uint64() <= kMaxEpoch) n = v.as_uint64();
+  if (v.is_int64() && v.as_int64() >= 0) n = static_cast<uint64_t>(v.as_int64());
+  if (v.is_string()) n = ParseEpoch(v.as_string());
+  if (!n && bad) {
+    *bad += (bad->empty() ? "" : "; ") + std::string(f) + " is " + json::serialize(v).substr(0, 40) +
+            ", not a whole number 0..2^63-1";
+  }
+  return n.value_or(0);
 }
 
 }  // namespace
@@ -111,6 +117,16 @@ class EtcdArbiter final : public Arbiter {
     for (const auto& kv : kvs) {
       auto n = NodeInfo::FromJson(kv.value);
       if (n.ok()) out.push_back(std::move(n).value());
+    }
+    return out;
+  }
+
+  Result<std::vector<UnreadableSession>> GetUnreadableNodes() override {
+    REPLICA_ASSIGN_OR_RETURN(auto kvs, client_->GetPrefix(prefix_ + "nodes/"));
+    std::vector<UnreadableSession> out;
+    for (const auto& kv : kvs) {
+      auto n = NodeInfo::FromJson(kv.value);
+      if (!n.ok()) out.push_back({kv.key.substr(std::min(kv.key.size(), prefix_.size() + 6)), n.status().ToString()});
     }
     return out;
   }
@@ -433,10 +449,11 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   n.address = S(o, "address");
   n.client_address = S(o, "client_address");
   n.role = S(o, "role");
-  n.epoch = U64(o, "epoch");
-  n.last_lsn = U64(o, "last_lsn");
-  n.durable_lsn = U64(o, "durable_lsn");
-  n.applied_lsn = U64(o, "applied_lsn");
+  std::string* bad = &n.unreadable;
+  n.epoch = U64(o, "epoch", bad);
+  n.last_lsn = U64(o, "last_lsn", bad);
+  n.durable_lsn = U64(o, "durable_lsn", bad);
+  n.applied_lsn = U64(o, "applied_lsn", bad);
   auto u64_map = [&](const char* name, std::map<std::string, uint64_t>* out) {
     auto it = o.find(name);
     if (it == o.end() || !it->value().is_object()) return;
@@ -449,13 +466,13 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   u64_map("slots", &n.slots);
   u64_map("standby_lag_bytes", &n.standby_lag_bytes);
   n.commit = S(o, "commit");
-  n.wal_first_lsn = U64(o, "wal_first_lsn");
-  n.wal_bytes = U64(o, "wal_bytes");
-  n.db_bytes = U64(o, "db_bytes");
-  n.resyncs = U64(o, "resyncs");
+  n.wal_first_lsn = U64(o, "wal_first_lsn", bad);
+  n.wal_bytes = U64(o, "wal_bytes", bad);
+  n.db_bytes = U64(o, "db_bytes", bad);
+  n.resyncs = U64(o, "resyncs", bad);
   n.progress = S(o, "progress");
   n.failure = S(o, "failure");
-  n.final_epoch = U64(o, "final_epoch");
+  n.final_epoch = U64(o, "final_epoch", bad);
   if (n.id.empty()) return Status::Corruption("a node session without an id");
   return n;
 }

@@ -46,6 +46,10 @@ struct NodeInfo {
   // read it then: its LSNs above are final for that election (nothing more
   // arrives from the active that is gone). 0 otherwise.
   uint64_t final_epoch = 0;
+  // Not published: what FromJson could not read, e.g. a number field that
+  // is not a whole number 0..2^63-1 (it reads as 0, as before); empty when
+  // the session read cleanly. For the operator (repctl status).
+  std::string unreadable;
   std::string ToJson() const;
   static Result<NodeInfo> FromJson(const std::string& text);
 };
@@ -81,6 +85,14 @@ class Arbiter {
   virtual Status Publish(const NodeInfo& me) = 0;
   virtual Result<std::optional<ActiveInfo>> GetActive() = 0;
   virtual Result<std::vector<NodeInfo>> GetNodes() = 0;
+  // A node session GetNodes leaves out: its value is not a node session (not
+  // a JSON object, no id). key: its name under nodes/.
+  struct UnreadableSession {
+    std::string key;
+    std::string why;
+  };
+  // For the operator (repctl status): the sessions GetNodes leaves out.
+  virtual Result<std::vector<UnreadableSession>> GetUnreadableNodes() { return std::vector<UnreadableSession>(); }
   // Becomes the active if nobody is, at epoch max(stored epoch, min_epoch) + 1,
   // in one transaction; the active key lives under this node's lease.
   // Returns the new epoch, or nullopt if another node is the active.

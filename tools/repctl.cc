@@ -53,13 +53,40 @@ struct Cluster {
   std::optional<ActiveInfo> active;
   std::vector<NodeInfo> nodes;
   std::optional<std::vector<std::string>> sync;
+  // Damage an operator must see, not a reason to refuse every command (the
+  // documented way out of a damaged sync key is repctl promote --force):
+  std::string sync_unreadable;  // why the sync key could not be read; empty if it could
+  std::vector<Arbiter::UnreadableSession> unreadable;  // sessions that are no node session
 };
 
+// Reads the cluster; a damaged sync key or node session is reported on
+// stderr and kept in the result. etcd unreachable, or a damaged active key,
+// fails.
 Cluster Read(Arbiter* a) {
   Cluster c;
   c.active = OrFail(a->GetActive(), "read the active key from etcd");
   c.nodes = OrFail(a->GetNodes(), "read the node sessions from etcd");
-  c.sync = OrFail(a->GetSyncSet(), "read the sync set from etcd");
+  c.unreadable = OrFail(a->GetUnreadableNodes(), "read the node sessions from etcd");
+  auto sync = a->GetSyncSet();
+  if (sync.ok()) {
+    c.sync = *sync;
+  } else if (sync.status().IsCorruption()) {
+    c.sync_unreadable = sync.status().ToString();
+    std::fprintf(stderr, "repctl: WARNING: the sync set is UNREADABLE (%s): while there is no active, no node "
+                         "campaigns under a synchronous rule; delete the key, or repctl promote --force NODE\n",
+                 c.sync_unreadable.c_str());
+  } else {
+    Fail("read the sync set from etcd: " + sync.status().ToString());
+  }
+  for (const auto& u : c.unreadable) {
+    std::fprintf(stderr, "repctl: WARNING: node session '%s' is UNREADABLE: %s\n", u.key.c_str(), u.why.c_str());
+  }
+  for (const auto& n : c.nodes) {
+    if (!n.unreadable.empty()) {
+      std::fprintf(stderr, "repctl: WARNING: node session '%s' is UNREADABLE in part (read as 0): %s\n", n.id.c_str(),
+                   n.unreadable.c_str());
+    }
+  }
   return c;
 }
 
@@ -71,8 +98,11 @@ const NodeInfo* Find(const Cluster& c, const std::string& id) {
 }
 
 // May campaign if there were no active: not failed, and listed (or no list).
-bool Eligible(const Cluster& c, const NodeInfo& n) {
-  return n.failure.empty() && (!c.sync || std::find(c.sync->begin(), c.sync->end(), n.id) != c.sync->end());
+// Unknown (nullopt) while the sync set is unreadable.
+std::optional<bool> Eligible(const Cluster& c, const NodeInfo& n) {
+  if (!n.failure.empty()) return false;
+  if (!c.sync_unreadable.empty()) return std::nullopt;
+  return !c.sync || std::find(c.sync->begin(), c.sync->end(), n.id) != c.sync->end();
 }
 
 int PrintStatus(Arbiter* a, bool as_json) {
@@ -107,7 +137,9 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                           {"lag_ms", is_active ? boost::json::value(0)
                                                      : lag_ms(n.id) ? boost::json::value(*lag_ms(n.id))
                                                                     : boost::json::value(nullptr)},
-                                          {"eligible", !is_active && Eligible(c, n)},
+                                          {"eligible", is_active ? boost::json::value(false)
+                                                       : Eligible(c, n) ? boost::json::value(*Eligible(c, n))
+                                                                        : boost::json::value(nullptr)},
                                           {"commit", n.commit},
                                           {"wal_first_lsn", n.wal_first_lsn},
                                           {"wal_bytes", n.wal_bytes},
@@ -116,12 +148,19 @@ int PrintStatus(Arbiter* a, bool as_json) {
                                                                                      : boost::json::value(nullptr)},
                                           {"resyncs", n.resyncs},
                                           {"progress", n.progress},
-                                          {"failure", n.failure}});
+                                          {"failure", n.failure},
+                                          {"unreadable", n.unreadable.empty() ? boost::json::value(nullptr)
+                                                                              : boost::json::value(n.unreadable)}});
     }
+    boost::json::array unreadable;
+    for (const auto& u : c.unreadable) unreadable.push_back(boost::json::object{{"key", u.key}, {"why", u.why}});
     boost::json::object out{{"active", c.active ? boost::json::value(c.active->id) : boost::json::value(nullptr)},
                             {"epoch", c.active ? c.active->epoch : 0},
                             {"sync_set", c.sync ? boost::json::value_from(*c.sync) : boost::json::value(nullptr)},
-                            {"nodes", std::move(nodes)}};
+                            {"sync_set_unreadable", c.sync_unreadable.empty() ? boost::json::value(nullptr)
+                                                                              : boost::json::value(c.sync_unreadable)},
+                            {"nodes", std::move(nodes)},
+                            {"unreadable_sessions", std::move(unreadable)}};
     std::cout << boost::json::serialize(out) << "\n";
     return 0;
   }
@@ -137,14 +176,21 @@ int PrintStatus(Arbiter* a, bool as_json) {
     const std::string bytes_text = is_active ? "-"
                                    : act && act->standby_lag_bytes.count(n.id) ? std::to_string(act->standby_lag_bytes.at(n.id))
                                                                                : "n/c";
+    const auto eligible = Eligible(c, n);
     std::printf("%-12s %-8s %6llu %10llu %10llu %10llu %11llu %11s %9s %-9s %-21s %s\n", n.id.c_str(),
-                is_active ? "active" : n.failure.empty() ? "standby" : "FAILED", static_cast<unsigned long long>(n.epoch),
+                !n.unreadable.empty() ? "UNREADABLE" : is_active ? "active" : n.failure.empty() ? "standby" : "FAILED",
+                static_cast<unsigned long long>(n.epoch),
                 static_cast<unsigned long long>(n.last_lsn), static_cast<unsigned long long>(n.durable_lsn),
                 static_cast<unsigned long long>(n.applied_lsn), static_cast<unsigned long long>(lag), bytes_text.c_str(),
                 ms_text.c_str(),
-                is_active ? "-" : (Eligible(c, n) ? "yes" : "no"), n.address.c_str(),
+                is_active ? "-" : !eligible ? "?" : *eligible ? "yes" : "no", n.address.c_str(),
                 n.client_address.empty() ? "-" : n.client_address.c_str());
   }
+  for (const auto& u : c.unreadable) {
+    std::printf("%-12s %-8s %6s %10s %10s %10s %11s %11s %9s %-9s %-21s %s\n", u.key.c_str(), "UNREADABLE", "-", "-",
+                "-", "-", "-", "-", "-", "-", "-", "-");
+  }
+  for (const auto& u : c.unreadable) std::printf("%s: UNREADABLE session: %s\n", u.key.c_str(), u.why.c_str());
   if (c.nodes.empty()) {
     std::printf("(no node has a session in this cluster)\n");
     return 0;
@@ -154,6 +200,10 @@ int PrintStatus(Arbiter* a, bool as_json) {
     std::string ids;
     for (const auto& id : *c.sync) ids += (ids.empty() ? "" : ", ") + id;
     std::printf("sync set (eligible for promotion): %s\n", ids.empty() ? "(empty: none)" : ids.c_str());
+  } else if (!c.sync_unreadable.empty()) {
+    std::printf("sync set (eligible for promotion): UNREADABLE (%s); while there is no active, no node campaigns "
+                "under a synchronous rule: delete the key, or repctl promote --force NODE\n",
+                c.sync_unreadable.c_str());
   }
   std::printf("\n%-12s %21s %12s %12s %s\n", "NODE", "WAL (LSNs kept)", "WAL SIZE", "DB SIZE", "SLOT ON THE ACTIVE");
   auto mib = [](uint64_t b) {
@@ -183,6 +233,7 @@ int PrintStatus(Arbiter* a, bool as_json) {
   for (const auto& n : c.nodes) {
     if (!n.progress.empty()) std::printf("%s: %s\n", n.id.c_str(), n.progress.c_str());
     if (!n.failure.empty()) std::printf("%s: FAILED (restart it; see its engine.failed log line): %s\n", n.id.c_str(), n.failure.c_str());
+    if (!n.unreadable.empty()) std::printf("%s: UNREADABLE in part (read as 0): %s\n", n.id.c_str(), n.unreadable.c_str());
   }
   return 0;
 }
@@ -233,14 +284,18 @@ int main(int argc, char** argv) {
       ("force", "promote: required, to acknowledge the risk of losing writes")
       ("timeout", po::value<int>()->default_value(20),
        "seconds to wait for a command to take effect (switchover, promote, fence, set-commit, reseed, remove), "
-       "1..86400")
-      ("command", po::value<std::vector<std::string>>(), "COMMAND [NODE]");
+       "1..86400");
   // clang-format on
+  // COMMAND and its arguments, given as positionals; not listed in --help.
+  po::options_description hidden;
+  hidden.add_options()("command", po::value<std::vector<std::string>>());
+  po::options_description all;
+  all.add(desc).add(hidden);
   po::positional_options_description pos;
   pos.add("command", -1);
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(argc, argv).options(desc).positional(pos).run(), vm);
+    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
     po::notify(vm);
   } catch (const po::error& e) {
     Fail(std::string(e.what()) + " (see repctl --help)", 2);

@@ -11,6 +11,7 @@
 
 #include "replica/client.h"
 #include "replication/arbiter.h"
+#include "replication/etcd.h"
 #include "tests/support/etcd_server.h"
 #include "tests/tools/daemon.h"
 
@@ -545,6 +546,66 @@ TEST_F(FailoverTest, RepctlShowsAFailedNodeAndWillNotSwitchOverToIt) {
   EXPECT_NE(out.find("no standby to switch over to"), std::string::npos) << out;
   EXPECT_EQ(a->Cli("ROLE").rfind("master", 0), 0u) << "the active moved";
   (*arbiter)->Stop();
+}
+
+// Damage in etcd that the operator must see and get past (docs/operations.md,
+// engine.sync_set_unreadable): a sync key that is no JSON array made every
+// repctl command fail, promote --force included; a node session that is no
+// JSON was left out of status, and numbers that are not LSNs shown as 0.
+TEST_F(FailoverTest, RepctlShowsADamagedSyncSetAndSessionsAndPromotesPastThem) {
+  etcd::Options eo;
+  eo.endpoints = {etcd_->endpoint()};
+  auto client = etcd::Client::Create(eo);
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  const std::string prefix = ClusterPrefix("f");
+  ASSERT_TRUE((*client)->Put(prefix + "sync", "{\"a\":1}").ok());
+  ASSERT_TRUE((*client)->Put(prefix + "nodes/y", "not json").ok());
+  ASSERT_TRUE((*client)->Put(prefix + "nodes/z", "{\"id\":\"z\",\"address\":\"127.0.0.1:1\",\"role\":\"standby\","
+                                                 "\"last_lsn\":\"abc\",\"durable_lsn\":-5,\"applied_lsn\":1e30}")
+                  .ok());
+  // A synchronous rule: with the sync set unreadable, a never does campaign.
+  auto a = Start("a", "--commit remote-write:1");
+  std::string out = RepctlUntil(etcd_->endpoint(), "status", [](const std::string& o) {
+    return o.find("\na ") != std::string::npos;
+  });
+  EXPECT_NE(out.find("active: (none)"), std::string::npos) << out;
+  EXPECT_NE(out.find("repctl: WARNING: the sync set is UNREADABLE (Corruption: etcd key /replica/f/sync is not a JSON "
+                     "array)"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("sync set (eligible for promotion): UNREADABLE (Corruption: "), std::string::npos) << out;
+  EXPECT_NE(out.find("y: UNREADABLE session: Corruption: a node session is not a JSON object: not json"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("\ny            UNREADABLE "), std::string::npos) << out;
+  EXPECT_NE(out.find("\nz            UNREADABLE "), std::string::npos) << out;
+  EXPECT_NE(out.find("z: UNREADABLE in part (read as 0): last_lsn is \"abc\", not a whole number 0..2^63-1; "
+                     "durable_lsn is -5, not a whole number 0..2^63-1; applied_lsn is 1E30, not"),
+            std::string::npos)
+      << out;
+  const size_t row = out.find("\na ");
+  ASSERT_NE(row, std::string::npos) << out;
+  const std::string line = out.substr(row + 1, out.find('\n', row + 1) - row - 1);
+  EXPECT_NE(line.find(" standby "), std::string::npos) << line;
+  EXPECT_NE(line.find(" ? "), std::string::npos) << "eligibility is unknown: " << line;
+  int code = 0;
+  out = Repctl(etcd_->endpoint(), "status --json 2>/dev/null", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("\"sync_set\":null,\"sync_set_unreadable\":\"Corruption: etcd key /replica/f/sync is not a "
+                     "JSON array\""),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("\"unreadable_sessions\":[{\"key\":\"y\",\"why\":\"Corruption: a node session is not a JSON "
+                     "object: not json\"}]"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("\"unreadable\":\"last_lsn is \\\"abc\\\", not"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"eligible\":null"), std::string::npos) << out;
+  // The way out the log line names: promote --force.
+  out = Repctl(etcd_->endpoint(), "promote --force a", &code);
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("promoted a"), std::string::npos) << out;
+  EXPECT_EQ(WaitForOneActive({a.get()}), 0);
 }
 
 // An active whose WAL's disk fills can accept no write: the node fails,
