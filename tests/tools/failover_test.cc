@@ -548,6 +548,20 @@ TEST_F(FailoverTest, RepctlShowsAFailedNodeAndWillNotSwitchOverToIt) {
   (*arbiter)->Stop();
 }
 
+// Usage errors need no etcd: the help lists no internal option, and a
+// command given more words than it takes is refused (exit 2).
+TEST(RepctlTest, HelpAndExtraWords) {
+  int code = -1;
+  std::string out = test::Shell(std::string(REPCTL_PATH) + " --help", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("--timeout"), std::string::npos) << out;
+  EXPECT_EQ(out.find("--command"), std::string::npos) << "the positional COMMAND is internal: " << out;
+  for (const char* args : {"status extra", "fence a b", "switchover b", "promote --force a b", "remove a b"}) {
+    out = Repctl("127.0.0.1:1", args, &code);
+    EXPECT_EQ(code, 2) << args << ": " << out;
+  }
+}
+
 // Damage in etcd that the operator must see and get past (docs/operations.md,
 // engine.sync_set_unreadable): a sync key that is no JSON array made every
 // repctl command fail, promote --force included; a node session that is no
