@@ -1366,7 +1366,11 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std:
     return Status::NotActive("node " + opts_.node_id + " was fenced before LSN " + std::to_string(lsn) +
                              " was acknowledged; the write may be lost");
   }
-  if (applied_lsn_ < lsn) return Status::Aborted("the engine is closing");
+  if (applied_lsn_ < lsn) {
+    return Status::Aborted("the engine is closing; the write is in the log at LSN " + std::to_string(lsn) +
+                           " but was not acknowledged: its outcome is unknown (it is applied if the node, or "
+                           "a standby that holds it, goes on)");
+  }
   if (!ActiveLeaseHeld()) {
     // Acknowledged only while the lease certainly stands, so that no two
     // nodes ever acknowledge writes in overlapping intervals.
