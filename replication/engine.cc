@@ -233,6 +233,19 @@ class Notifier {
   }
   void RoleChanged(Role r) { Push(r); }
   void Failed(const Status& why) { Push(why); }
+  // Nothing more starts (queued events are dropped); Stop still joins.
+  void Halt() {
+    MutexLock l(&st_->mu);
+    st_->stop = true;
+    st_->queue.clear();
+    st_->cv.SignalAll();
+  }
+  // No failure is reported from now on (Interrupt: the host is stopping).
+  void DropFailures() {
+    MutexLock l(&st_->mu);
+    st_->no_failures = true;
+    std::erase_if(st_->queue, [](const Event& ev) { return std::holds_alternative<Status>(ev); });
+  }
   // Nothing more is delivered (events not yet delivered are dropped). Waits
   // for a callback under way to return, unless called from inside one: the
   // thread then ends once that callback returns.
@@ -264,13 +277,14 @@ class Notifier {
     CondVar cv{&mu};
     std::deque<Event> queue GUARDED_BY(mu);
     bool stop GUARDED_BY(mu) = false;
+    bool no_failures GUARDED_BY(mu) = false;
     std::thread::id id GUARDED_BY(mu);  // the thread's, once it runs
     std::function<void(Role)> on_role;
     std::function<void(const Status&)> on_failure;
   };
   void Push(Event ev) {
     MutexLock l(&st_->mu);
-    if (st_->stop) return;
+    if (st_->stop || (st_->no_failures && std::holds_alternative<Status>(ev))) return;
     st_->queue.push_back(std::move(ev));
     st_->cv.SignalAll();
   }
@@ -672,6 +686,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   bool demoting_ GUARDED_BY(mu_) = false;      // Demote: waiting for appends_in_flight_ to drain
   CondVar appends_cv_{&mu_};                   // signalled when appends_in_flight_ drops to 0
   uint64_t fenced_epoch_ GUARDED_BY(mu_) = 0;  // the highest epoch any fence received named
+  uint64_t fences_received_ GUARDED_BY(mu_) = 0;
   std::optional<HostPort> advertise_;          // EngineOptions::advertise, parsed once (Init)
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
   std::string active_client_ GUARDED_BY(mu_);  // the active's published client address
@@ -690,9 +705,11 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     return rule_;
   }
   Status Promote(uint64_t epoch);
-  // Promote; on failure step down and wait a growing while (role thread).
+  // Promote; on failure step down, and campaign again only after a growing
+  // pause (role thread; the loop runs on meanwhile: it follows a new active).
   void PromoteOrStepAside(uint64_t epoch);
   std::chrono::milliseconds promote_backoff_{0};  // role thread only
+  Clock::time_point campaign_not_before_;         // role thread only
   void Demote(const std::string& reason);
   // The node cannot go on (see EngineOptions::on_failure): records why,
   // wakes every waiter, tells the role loop and the host.
@@ -2377,7 +2394,7 @@ void EngineImpl::RoleLoop() {
       continue;
     }
     if (role_.load() == Role::kStandby && active.ok() && !*active &&
-        (switch_to == opts_.node_id || forced == opts_.node_id)) {
+        (switch_to == opts_.node_id || forced == opts_.node_id) && now >= campaign_not_before_) {
       // Named by the operator: campaign now, without waiting for the others
       // (a forced promotion ignores eligibility: acknowledged writes may be lost).
       RLOG(kWarn, "engine.operator_promotion") << "node=" << opts_.node_id
@@ -2463,6 +2480,7 @@ void EngineImpl::RoleLoop() {
           }
         }
       }
+      promote_backoff_ = std::chrono::milliseconds(0);  // another node holds the role
       MutexLock l(&mu_);
       if (need_client) active_client_ = client;
       active_id_ = (*active)->id;
@@ -2536,6 +2554,8 @@ void EngineImpl::RoleLoop() {
           RLOG(kDebug, "engine.not_eligible") << "node=" << opts_.node_id;
         } else if (const auto from = CampaignEpoch(me); !from) {
           // Failed meanwhile: the loop's next pass steps aside for good.
+        } else if (now < campaign_not_before_) {
+          // A promotion of this node failed a moment ago: not yet.
         } else if (ahead == 0 || now - vacancy_seen >= kSettle + opts_.lease_ttl + 1s) {
           auto won = arbiter_->Campaign(me, *from);
           NoteCampaign(won.status());
@@ -2603,11 +2623,10 @@ void EngineImpl::PromoteOrStepAside(uint64_t epoch) {
   Demote("promotion failed");
   // Not straight into the next campaign: a cause that persists (a fence
   // etcd cannot disprove, a disk that refuses the epoch start) would bump
-  // the epoch key tens of times a second. 100 ms, doubling up to 5 s.
+  // the epoch key tens of times a second. 100 ms, doubling up to 5 s, until
+  // another node holds the role or this one is promoted.
   promote_backoff_ = std::clamp<std::chrono::milliseconds>(promote_backoff_ * 2, 100ms, 5s);
-  const auto until = Clock::now() + promote_backoff_;
-  MutexLock l(&mu_);
-  while (!closing_ && Clock::now() < until) cv_.WaitUntil(until);
+  campaign_not_before_ = Clock::now() + promote_backoff_;
 }
 
 Status EngineImpl::Promote(uint64_t epoch) {
@@ -2697,10 +2716,11 @@ Status EngineImpl::Promote(uint64_t epoch) {
                            std::to_string(epoch));
   };
   if (opts_.test_fault) REPLICA_RETURN_IF_ERROR(opts_.test_fault("promote.fence_check"));
-  uint64_t claimed;
+  uint64_t claimed, fences;
   {
     MutexLock l(&mu_);
     claimed = fenced_epoch_;
+    fences = fences_received_;
   }
   if (claimed > epoch) {
     // A genuine fence comes from a campaign that reached its epoch, and
@@ -2713,7 +2733,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
                                          << " epoch_key=" << *current
                                          << " (a fence past every campaign: ignored)";
       MutexLock l(&mu_);
-      if (fenced_epoch_ == claimed) fenced_epoch_ = epoch;
+      if (fences_received_ == fences) fenced_epoch_ = epoch;  // not if a fence came meanwhile: it may be genuine
     }
   }
   {
@@ -2908,12 +2928,24 @@ void EngineImpl::FollowerLoop() {
         }
         if (!subscribed && session->established() && session->peer_id() == opts_.node_id) {
           // Its own port under another name (localhost for 127.0.0.1, say),
-          // or another node with this id: following it can never work.
+          // or another node with this id: following it can never work. With
+          // etcd the address may be a dead active's, now this node's port:
+          // the key will change, so the session just ends (said once).
+          subscribed = true;
+          const bool static_mode = !arbiter_;
+          const bool say = unreachable_target_ != target + "#self";
+          if (!static_mode) unreachable_target_ = target + "#self";
           mu_.Unlock();
-          RLOG(kError, "engine.follows_itself") << "node=" << opts_.node_id << " active=" << target
-                                                << " (the node there has this node's id)";
-          Fail(Status::InvalidArgument("the node at " + target + " has this node's id " + opts_.node_id +
-                                       ": a node cannot follow itself, and node ids must be unique"));
+          if (static_mode || say) {
+            RLOG(kError, "engine.follows_itself") << "node=" << opts_.node_id << " active=" << target
+                                                  << " (the node there has this node's id)";
+          }
+          if (static_mode) {
+            Fail(Status::InvalidArgument("the node at " + target + " has this node's id " + opts_.node_id +
+                                         ": a node cannot follow itself, and node ids must be unique"));
+          } else {
+            session->Close(Status::InvalidArgument("the node at " + target + " has this node's id"));
+          }
           mu_.Lock();
           continue;
         }
@@ -3283,6 +3315,7 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
       // must not complete past a newer active's fence.
       MutexLock l(&mu_);
       fenced_epoch_ = std::max(fenced_epoch_, f.epoch());
+      ++fences_received_;
     }
     if (f.epoch() > epoch_.load()) {
       Demote("fenced by " + f.new_active() + " at epoch " + std::to_string(f.epoch()));
@@ -3863,6 +3896,7 @@ EngineStatus EngineImpl::StatusLocked() const {
 void EngineImpl::Interrupt() {
   MutexLock l(&mu_);
   closing_ = true;
+  notifier_.DropFailures();
   WakeAllWaiters();
   acks_cv_.SignalAll();
   WakeAllWriters();
@@ -3881,6 +3915,7 @@ Status EngineImpl::Close() {
     if (!opened_.load() && !wal_) return Status::OK();
     close_started_ = true;
     closing_ = true;
+    notifier_.Halt();  // no callback starts from here on
     for (auto& [_, sb] : standbys_) sb->Stop();
     WakeAllWaiters();
     acks_cv_.SignalAll();

@@ -1290,7 +1290,7 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
         // from the last key until a reply is empty.
         REPLICA_ASSIGN_OR_RETURN(auto entries, src.EntriesLimited(req.cf(), req.begin(), req.end(),
                                                                   std::clamp<size_t>(req.limit(), 1, 16384),
-                                                                  kMaxReplyBytes));
+                                                                  req.pages() ? kMaxReplyBytes : SIZE_MAX));
         for (const auto& e : entries) {
           auto* p = reply.add_entries();
           p->set_key(e.key);
@@ -1443,6 +1443,7 @@ class RemoteSource final : public Source, public transport::Handler {
     // A node answers fewer entries than asked when their keys are large
     // (a reply's byte budget), and none once the range is done: ask again
     // from past the last key until `limit` are in or a reply is empty.
+    req.set_pages(true);
     std::vector<Entry> out;
     std::string from = begin;
     while (out.size() < limit) {

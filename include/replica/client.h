@@ -14,7 +14,10 @@
 // -READONLY reply names it; etcd otherwise) and is sent there, until
 // ClientOptions::timeout has passed. A write whose acknowledgement was lost
 // with its connection may so be applied twice; SET and DEL give the same
-// result either way. Any other error reply is returned at once.
+// result either way. An Aborted error (a node shutting down) is retried the
+// same way. Any other error reply is returned at once, with the code of the
+// engine error it reports (IOError for a full disk, say); an error of the
+// request itself (arity, an unknown command) is InvalidArgument.
 //
 // Thread-safety: one Client may be used from several threads; calls are
 // serialised on its one connection. Use one Client per thread for

@@ -116,8 +116,9 @@ struct EngineOptions {
   // standby, one thread measured faster than two (docs/performance.md,
   // ninth session); more may help an active with many standbys.
   int transport_io_threads = 1;
-  // Called with the node's role once Open has succeeded, then at each
-  // change. Both callbacks run on one internal thread of their own, one
+  // Called with the node's role once Open has succeeded (possibly before
+  // Open has returned to its caller: a callback that needs the Engine
+  // pointer must wait until the host has stored it), then at each change. Both callbacks run on one internal thread of their own, one
   // call at a time, in the order of the events (never on the thread that
   // calls Open or Write, never under an engine lock): a callback may call
   // any method, Close included, and may destroy the engine. A slow
@@ -225,10 +226,12 @@ struct StatedRead {
   // docs/failover.md), the time since its lease's deadline, when another
   // node may have been elected. On a standby, the time since it last had
   // applied every record its active had reported as of the active's last
-  // heartbeat (every 0.5 s), and how many records it lacked then. Unknown
-  // (nullopt) on a standby that has not caught up with its current active
-  // since it connected (after a restart too), and on an active whose lease
-  // ended.
+  // heartbeat (every 0.5 s), and how many records it lacked then; only a
+  // heartbeat of the active it is connected to counts (a switch to another
+  // active keeps counting from the last catch-up, an upper bound, until it
+  // catches up with the new one). Unknown (nullopt) on a standby that has
+  // not caught up with a live active since it was opened, and on an active
+  // whose lease ended.
   std::optional<std::chrono::milliseconds> staleness;
   uint64_t behind_records = 0;
 };

@@ -791,18 +791,40 @@ TEST(EngineTest, InterruptWakesWaitersWithAborted) {
 
 // Close from two threads at once: the second returns once the node is
 // closed (it used to return at once, and reopening the directory then
-// failed: the WAL was still locked).
+// failed: the WAL was still locked). The first is held in Close by a role
+// callback under way (Close waits for it), so the second surely comes second.
 TEST(EngineTest, ASecondCloseReturnsOnceTheNodeIsClosed) {
   TempDir dir;
-  auto a = OpenOrDie(Node(dir, "a"));
-  WriteMany(a.get(), 20);
-  std::atomic<bool> first_started{false};
-  auto first = std::async(std::launch::async, [&] {
-    first_started = true;
-    return a->Close();
-  });
-  ASSERT_TRUE(Eventually([&] { return first_started.load(); }));
-  EXPECT_TRUE(a->Close().ok());
+  Mutex mu;
+  CondVar cv(&mu);
+  bool in_callback = false, release = false;
+  EngineOptions o = Node(dir, "a");
+  o.on_role_change = [&](Role) {
+    MutexLock l(&mu);
+    in_callback = true;
+    cv.SignalAll();
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (!release && std::chrono::steady_clock::now() < deadline) cv.WaitUntil(deadline);
+  };
+  auto a = OpenOrDie(o);
+  {
+    MutexLock l(&mu);
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (!in_callback && std::chrono::steady_clock::now() < deadline) cv.WaitUntil(deadline);
+    ASSERT_TRUE(in_callback);
+  }
+  auto first = std::async(std::launch::async, [&] { return a->Close(); });
+  WriteBatch w;
+  w.Put("k", "v");
+  ASSERT_TRUE(Eventually([&] { return !a->Write(w).ok(); })) << "the first Close never began";
+  auto second = std::async(std::launch::async, [&] { return a->Close(); });
+  EXPECT_EQ(second.wait_for(300ms), std::future_status::timeout) << "the second Close returned while the first ran";
+  {
+    MutexLock l(&mu);
+    release = true;
+    cv.SignalAll();
+  }
+  EXPECT_TRUE(second.get().ok());
   auto again = Engine::Open(Node(dir, "a"));
   EXPECT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_TRUE(first.get().ok());
