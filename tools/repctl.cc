@@ -15,6 +15,9 @@
 #include "replication/etcd.h"
 
 namespace po = boost::program_options;
+// Long options only by their whole names: Boost would take any unambiguous
+// prefix (--foll for --follow), so a typo could name another option.
+constexpr int kOptionStyle = po::command_line_style::default_style & ~po::command_line_style::allow_guessing;
 using namespace replica;
 using Clock = std::chrono::steady_clock;
 
@@ -295,7 +298,7 @@ int main(int argc, char** argv) {
   pos.add("command", -1);
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
+    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).style(kOptionStyle).run(), vm);
     po::notify(vm);
   } catch (const po::error& e) {
     Fail(std::string(e.what()) + " (see repctl --help)", 2);

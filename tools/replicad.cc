@@ -25,6 +25,9 @@
 #include "tools/cli.h"
 
 namespace po = boost::program_options;
+// Long options only by their whole names: Boost would take any unambiguous
+// prefix (--foll for --follow), so a typo could name another option.
+constexpr int kOptionStyle = po::command_line_style::default_style & ~po::command_line_style::allow_guessing;
 using namespace replica;
 
 namespace {
@@ -121,7 +124,11 @@ int main(int argc, char** argv) {
   positional.add("stray-word", -1);
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(argc, argv).options(command_line).positional(positional).run(), vm);
+    po::store(po::command_line_parser(argc, argv)
+                  .options(command_line)
+                  .positional(positional)
+                  .style(kOptionStyle)
+                  .run(), vm);
     if (vm.count("stray-word")) {
       Fail("unexpected argument '" + vm["stray-word"].as<std::vector<std::string>>().front() +
            "' (replicad takes only --options, each with at most one value)");

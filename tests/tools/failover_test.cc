@@ -556,7 +556,8 @@ TEST(RepctlTest, HelpAndExtraWords) {
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("--timeout"), std::string::npos) << out;
   EXPECT_EQ(out.find("--command"), std::string::npos) << "the positional COMMAND is internal: " << out;
-  for (const char* args : {"status extra", "fence a b", "switchover b", "promote --force a b", "remove a b"}) {
+  for (const char* args :
+       {"status extra", "fence a b", "switchover b", "promote --force a b", "remove a b", "--time 5 status"}) {
     out = Repctl("127.0.0.1:1", args, &code);
     EXPECT_EQ(code, 2) << args << ": " << out;
   }

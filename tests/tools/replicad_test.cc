@@ -647,6 +647,8 @@ TEST(ReplicadTest, CommandLineErrors) {
       // No positional arguments: a stray word is refused, not dropped.
       {"--id a --data-dir /tmp/x follow 127.0.0.1:1", "unexpected argument 'follow'"},
       {"--id a --data-dir /tmp/x --wal-keep-bytes 1 GiB", "unexpected argument 'GiB'"},
+      // Options by their whole names only (Boost takes any unambiguous prefix).
+      {"--id a --data-dir /tmp/x --foll 127.0.0.1:1", "--foll"},
   };
   // A data directory that is a file: the start fails (1) and says so.
   test::TempDir dir;
