@@ -11,22 +11,7 @@
 namespace replica {
 namespace {
 
-// What one RLOG statement writes to stderr.
-template <typename Fn>
-std::string CapturedStderr(Fn log) {
-  test::TempDir dir;
-  const std::string path = dir.Sub("stderr");
-  std::fflush(stderr);
-  const int saved = ::dup(2);
-  FILE* f = std::fopen(path.c_str(), "w");
-  ::dup2(::fileno(f), 2);
-  log();
-  std::fflush(stderr);
-  ::dup2(saved, 2);
-  ::close(saved);
-  std::fclose(f);
-  return test::ReadFileBytes(path);
-}
+using test::CapturedStderr;
 
 // A peer's text that holds a newline and a well-formed line after it (as an
 // unauthenticated peer's Error message did) stays on its own event's line.

@@ -464,6 +464,23 @@ EngineOptions ArbitratedNode(const TempDir& dir, test::FakeCluster* cluster, con
   return o;
 }
 
+// a, the active of a fake cluster, and b, its standby, which has applied
+// the 10 batches written on a (their last LSN: 0 if something failed).
+struct Pair {
+  std::unique_ptr<Engine> a, b;
+  uint64_t last = 0;
+};
+Pair ActiveAndStandby(const TempDir& dir, test::FakeCluster* cluster) {
+  Pair p;
+  p.a = OpenOrDie(ArbitratedNode(dir, cluster, "a"));
+  if (!p.a || !Eventually([&] { return p.a->status().role == Role::kActive; })) return p;
+  p.b = OpenOrDie(ArbitratedNode(dir, cluster, "b"));
+  if (!p.b || !Eventually([&] { return p.a->status().standbys.size() == 1; })) return p;
+  const uint64_t last = WriteMany(p.a.get(), 10);
+  if (p.b->WaitForApplied(last, 30s).ok()) p.last = last;
+  return p;
+}
+
 // Role changes driven by a fake arbiter, at the moments the test chooses: a
 // promotion, the old active stepping down when its lease ends, the new
 // active's epoch in the log, and the old active following it.
@@ -634,12 +651,11 @@ TEST(EngineTest, AnOperatorRequestFromAnEarlierEpochIsIgnored) {
 TEST(EngineTest, AnActiveWhoseLeaseWasReplacedTakesNoWritesOnTheNewLease) {
   TempDir dir;
   test::FakeCluster cluster;
-  auto a = OpenOrDie(ArbitratedNode(dir, &cluster, "a"));
-  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
-  auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));
-  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
-  const uint64_t last = WriteMany(a.get(), 10);
-  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  Pair pair = ActiveAndStandby(dir, &cluster);  // not a structured binding: lambdas below capture a and b
+  std::unique_ptr<Engine>& a = pair.a;
+  std::unique_ptr<Engine>& b = pair.b;
+  const uint64_t last = pair.last;
+  ASSERT_TRUE(a && b && last > 0);
   cluster.SetReachable("a", false);
   cluster.ExpireLease("a");
   WriteBatch w;
@@ -1035,12 +1051,11 @@ TEST(EngineTest, AStandbyRefusesASnapshotFileLargerThanOffered) {
 TEST(EngineTest, AFencePastEveryCampaignDoesNotKeepANodeFromPromotion) {
   TempDir dir;
   test::FakeCluster cluster;
-  auto a = OpenOrDie(ArbitratedNode(dir, &cluster, "a"));
-  ASSERT_TRUE(Eventually([&] { return a->status().role == Role::kActive; }));
-  auto b = OpenOrDie(ArbitratedNode(dir, &cluster, "b"));
-  ASSERT_TRUE(Eventually([&] { return a->status().standbys.size() == 1; }));
-  const uint64_t last = WriteMany(a.get(), 10);
-  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  Pair pair = ActiveAndStandby(dir, &cluster);  // not a structured binding: lambdas below capture a and b
+  std::unique_ptr<Engine>& a = pair.a;
+  std::unique_ptr<Engine>& b = pair.b;
+  const uint64_t last = pair.last;
+  ASSERT_TRUE(a && b && last > 0);
 
   ASSERT_TRUE(SendFence(a->listen_port(), UINT64_MAX, "x\"\nforged log line"));
   EXPECT_EQ(a->status().role, Role::kActive) << "a fence from no plain node id was obeyed";

@@ -60,6 +60,24 @@ bool Eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::second
 std::string Payload(uint64_t seed, size_t size);
 
 std::string ReadFileBytes(const std::string& path);
+
+// What the process writes to stderr (the log) while fn runs.
+template <typename Fn>
+std::string CapturedStderr(Fn fn) {
+  TempDir dir;
+  const std::string path = dir.Sub("stderr");
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  FILE* f = std::fopen(path.c_str(), "w");
+  ::dup2(::fileno(f), 2);
+  fn();
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::fclose(f);
+  return ReadFileBytes(path);
+}
+
 void WriteFileBytes(const std::string& path, const std::string& data);
 uint64_t FileSize(const std::string& path);
 void FlipBit(const std::string& path, uint64_t offset, int bit);

@@ -656,22 +656,7 @@ TEST(SessionTest, BadInputClosesOnlyThatConnection) {
   EXPECT_EQ(p.server_rec.closed_.size(), cases.size()) << "only the bad connections closed";
 }
 
-// What the process writes to stderr while fn runs.
-template <typename Fn>
-std::string CapturedStderr(Fn fn) {
-  test::TempDir dir;
-  const std::string path = dir.Sub("stderr");
-  std::fflush(stderr);
-  const int saved = ::dup(2);
-  FILE* f = std::fopen(path.c_str(), "w");
-  ::dup2(::fileno(f), 2);
-  fn();
-  std::fflush(stderr);
-  ::dup2(saved, 2);
-  ::close(saved);
-  std::fclose(f);
-  return test::ReadFileBytes(path);
-}
+using test::CapturedStderr;
 
 size_t Count(const std::string& text, const std::string& what) {
   size_t n = 0;
