@@ -3140,20 +3140,20 @@ void EngineImpl::Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn 
 
 void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg) {
   if (role_.load() != Role::kActive) {
-    s->Close(Status::NotActive("node " + opts_.node_id + " is not the active"));
+    s->Refuse(Status::NotActive("node " + opts_.node_id + " is not the active"));
     return;
   }
   if (msg.last_epoch() > epoch_.load()) {
     // The standby has seen a newer epoch: this node is a stale active.
     ++refused_;
-    s->Close(Status::StaleEpoch("standby " + s->peer_id() + " is at epoch " + std::to_string(msg.last_epoch()) +
+    s->Refuse(Status::StaleEpoch("standby " + s->peer_id() + " is at epoch " + std::to_string(msg.last_epoch()) +
                                 ", past this active's epoch " + std::to_string(epoch_.load())));
     return;
   }
   const wal::Lsn from = msg.from_lsn();
   if (from == 0) {
     ++refused_;
-    s->Close(Status::InvalidArgument("standby " + s->peer_id() + " asks for LSN 0"));
+    s->Refuse(Status::InvalidArgument("standby " + s->peer_id() + " asks for LSN 0"));
     return;
   }
   // The log can be shipped only if the standby's last record is ours too;
@@ -3194,7 +3194,7 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     Result<bool> got = reader.ok() ? (*reader)->Next(&rec) : Result<bool>(reader.status());
     if (!got.ok() && !got.status().IsPurged()) {
       ++refused_;
-      s->Close(got.status().WithContext("check standby " + s->peer_id() + "'s log"));
+      s->Refuse(got.status().WithContext("check standby " + s->peer_id() + "'s log"));
       return;
     }
     if (!got.ok() || !*got || wal::RecordDigest(rec) != msg.last_record_digest()) {
@@ -3245,13 +3245,13 @@ void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::s
       // Demoted since OnSubscribe looked: nothing more is shipped from here
       // (Demote closed every standby it knew of; this one it did not).
       mu_.Unlock();
-      s->Close(Status::NotActive("node " + opts_.node_id + " is no longer the active"));
+      s->Refuse(Status::NotActive("node " + opts_.node_id + " is no longer the active"));
       mu_.Lock();
       return;
     }
     if (FindBySession(s.get())) {
       mu_.Unlock();
-      s->Close(Status::InvalidArgument("a second Subscribe on one session"));
+      s->Refuse(Status::InvalidArgument("a second Subscribe on one session"));
       mu_.Lock();
       return;
     }
@@ -3292,7 +3292,7 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
       sb = FindBySession(s.get());
     }
     if (!sb || !sb->resync) {
-      s->Close(Status::InvalidArgument("a snapshot request without a snapshot offer"));
+      s->Refuse(Status::InvalidArgument("a snapshot request without a snapshot offer"));
       return;
     }
     MutexLock l(&sb->writable_mu);

@@ -113,6 +113,7 @@ class SessionHandle final : public Session {
   Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) override;
   size_t queued_bytes() const override;
   void Close(const Status& why) override;
+  void Refuse(const Status& why) override;
 
   void set_peer_id(std::string id) {
     MutexLock l(&mu_);
@@ -154,6 +155,7 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length);
   size_t queued_bytes() const { return queued_bytes_.load(); }
   void Close(const Status& why);
+  void Refuse(const Status& why);
   tcp::socket::executor_type socket_executor() { return ex_; }
 
  private:
@@ -204,6 +206,7 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
   void OnFrame(FrameHeader h);
   // After a frame: tells the handler once nothing more waits to be read.
   void MaybeReadIdle();
+  void DoRefuse(const Status& why);
   void OnHandshake(const proto::Control& msg);
   void Established();
   void HeartbeatTick();
@@ -283,6 +286,7 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
 
   // strand-only
   bool closing_ = false;
+  bool refusing_ = false;  // Refuse sent an Error: the peer's frames are dropped until the close
   bool stream_ready_ = false;  // TLS handshake done (or no TLS): writes may start
   std::string client_nonce_, server_nonce_;
   char in_header_[kFrameHeaderSize];
@@ -792,8 +796,8 @@ void SessionImpl::OnFrame(FrameHeader h) {
   auto self = shared_from_this();
   if (h.type == FrameType::kData) {
     stats.data_bytes_received += h.payload_len;
-    data_since_idle_ = true;
-    {
+    if (!refusing_) {
+      data_since_idle_ = true;
       InHandler in(this);
       ep_->handler()->OnData(handle_, in_payload_);
     }
@@ -814,7 +818,7 @@ void SessionImpl::OnFrame(FrameHeader h) {
       return Fail(Status::InvalidArgument("handshake message after the handshake"), &stats.protocol_errors);
     } else {
       if (msg.has_heartbeat()) last_peer_heartbeat_us_ = msg.heartbeat().sent_unix_us();
-      {
+      if (!refusing_) {
         InHandler in(this);
         ep_->handler()->OnControl(handle_, msg);
       }
@@ -997,6 +1001,26 @@ void SessionImpl::Close(const Status& why) {
   asio::post(ex_, [self, why] { self->DoClose(why); });
 }
 
+void SessionImpl::Refuse(const Status& why) {
+  if (closed_.load()) return;
+  auto self = shared_from_this();
+  asio::post(ex_, [self, why] { self->DoRefuse(why); });
+}
+
+void SessionImpl::DoRefuse(const Status& why) {
+  if (closing_ || refusing_) return;
+  if (!established_.load()) return DoClose(why);
+  refusing_ = true;
+  SendError(why);  // closes the session once it is sent
+  // A peer that reads nothing would keep it queued: closed anyway. (No more
+  // heartbeats are due: the timer is the heartbeat's.)
+  auto self = shared_from_this();
+  io_->heartbeat_timer.expires_after(std::chrono::seconds(1));
+  io_->heartbeat_timer.async_wait([self, why](const boost::system::error_code& ec) {
+    if (!ec) self->DoClose(why);
+  });
+}
+
 void SessionImpl::DoClose(const Status& why) {
   if (closing_) return;
   closing_ = true;
@@ -1077,6 +1101,9 @@ size_t SessionHandle::queued_bytes() const {
 }
 void SessionHandle::Close(const Status& why) {
   if (auto s = impl_.lock()) s->Close(why);
+}
+void SessionHandle::Refuse(const Status& why) {
+  if (auto s = impl_.lock()) s->Refuse(why);
 }
 
 // ---------------------------------------------------------------- Endpoint

@@ -132,6 +132,12 @@ class Session {
   virtual size_t queued_bytes() const = 0;
   // Closes the connection; Handler::OnClosed gets `why`. Idempotent.
   virtual void Close(const Status& why) = 0;
+  // Closes the connection after telling the peer why: an Error frame, sent
+  // after what is already queued (the peer's OnClosed then gets "peer ID
+  // closed the session: <why>"), and closed anyway after a second if the
+  // peer does not take it. Nothing more from the peer reaches the handler.
+  // Before the handshake has completed, the same as Close.
+  virtual void Refuse(const Status& why) = 0;
 };
 
 class Handler {

@@ -947,6 +947,7 @@ class RoguePeer : public transport::Handler {
   std::vector<proto::Control> controls_;
   uint64_t data_bytes_ = 0;
   int closed_ = 0;
+  Status last_close_;  // why the last session closed
 
  private:
   void OnEstablished(const std::shared_ptr<transport::Session>& s) override {
@@ -964,9 +965,10 @@ class RoguePeer : public transport::Handler {
     MutexLock l(&mu_);
     data_bytes_ += payload.size();
   }
-  void OnClosed(const std::shared_ptr<transport::Session>&, const Status&) override {
+  void OnClosed(const std::shared_ptr<transport::Session>&, const Status& why) override {
     MutexLock l(&mu_);
     ++closed_;
+    last_close_ = why;
     cv_.SignalAll();
   }
   Mutex mu_;
@@ -982,6 +984,21 @@ bool SendFence(uint16_t port, uint64_t epoch, const std::string& new_active) {
   msg.mutable_fence()->set_epoch(epoch);
   msg.mutable_fence()->set_new_active(new_active);
   return peer.Send(msg) && peer.WaitFor([&] { return peer.closed_ > 0; });
+}
+
+// A node that refuses a peer tells it why (an Error frame before the close):
+// a standby used to see only the connection end.
+TEST(EngineTest, ARefusedSubscriptionTellsThePeerWhy) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  RoguePeer standby;
+  ASSERT_TRUE(standby.Connect(a->listen_port()));
+  proto::Control sub;
+  sub.mutable_subscribe()->set_from_lsn(0);
+  ASSERT_TRUE(standby.Send(sub));
+  ASSERT_TRUE(standby.WaitFor([&] { return standby.closed_ > 0; }));
+  EXPECT_NE(standby.last_close_.message().find("asks for LSN 0"), std::string::npos) << standby.last_close_.ToString();
+  ASSERT_TRUE(a->Close().ok());
 }
 
 // An active asked for one snapshot file twice refuses the whole request
