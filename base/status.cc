@@ -23,6 +23,11 @@ std::string_view StatusCodeName(StatusCode code) {
   return "Unknown";
 }
 
+Status Status::FromCode(StatusCode code, std::string msg) {
+  if (code == StatusCode::kOk || code > StatusCode::kTooStale) code = StatusCode::kIOError;
+  return Status(code, std::move(msg));
+}
+
 Status Status::FromErrno(std::string context, int err) {
   context += ": ";
   context += std::strerror(err);

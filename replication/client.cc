@@ -152,18 +152,14 @@ class ClientImpl final : public Client {
   // down, ...), whose code is kept; any other error (arity, syntax, an
   // unknown command) is the request's own: InvalidArgument.
   static Status ServerError(const std::string& target, const std::string& text) {
-    using Make = Status (*)(std::string);
-    static const std::pair<std::string_view, Make> kCodes[] = {
-        {"IOError: ", &Status::IOError},         {"Aborted: ", &Status::Aborted},
-        {"TimedOut: ", &Status::TimedOut},       {"Busy: ", &Status::Busy},
-        {"Corruption: ", &Status::Corruption},   {"NotFound: ", &Status::NotFound},
-        {"NotSupported: ", &Status::NotSupported}, {"TooStale: ", &Status::TooStale},
-        {"StaleEpoch: ", &Status::StaleEpoch},   {"Purged: ", &Status::Purged},
-        {"NotActive: ", &Status::NotActive},     {"InvalidArgument: ", &Status::InvalidArgument}};
     std::string_view rest = text;
     if (rest.rfind("ERR ", 0) == 0) rest.remove_prefix(4);
-    for (const auto& [prefix, make] : kCodes) {
-      if (rest.rfind(prefix, 0) == 0) return make(target + ": " + text);
+    for (int c = 1; c <= static_cast<int>(StatusCode::kTooStale); ++c) {
+      const auto code = static_cast<StatusCode>(c);
+      const std::string_view name = StatusCodeName(code);
+      if (rest.substr(0, name.size()) == name && rest.substr(name.size(), 2) == ": ") {
+        return Status::FromCode(code, target + ": " + text);
+      }
     }
     return Status::InvalidArgument(target + ": " + text);
   }

@@ -163,7 +163,6 @@ struct Standby {
   std::optional<proto::SnapshotRequest> snapshot_request;  // guarded by writable_mu
 };
 
-// A snapshot being received (standby). Guarded by EngineImpl::recv_mu_.
 // The client address a standby gave (Subscribe, Heartbeat), if it is a
 // HOST:PORT (reported in ROLE and INFO; anything else is dropped).
 std::string ClientAddressOf(const std::string& given) {
@@ -180,6 +179,7 @@ uint64_t OfferedSize(const proto::SnapshotOffer& offer, const std::string& name)
   return 0;
 }
 
+// A snapshot being received (standby). Guarded by EngineImpl::recv_mu_.
 struct Receive {
   proto::SnapshotOffer offer;
   std::set<std::string> expected;  // file names requested (WAL-SEED included)
@@ -250,12 +250,7 @@ class Notifier {
   // for a callback under way to return, unless called from inside one: the
   // thread then ends once that callback returns.
   void Stop() {
-    {
-      MutexLock l(&st_->mu);
-      st_->stop = true;
-      st_->queue.clear();
-      st_->cv.SignalAll();
-    }
+    Halt();
     if (!thread_.joinable()) return;
     if (OnThread()) {
       thread_.detach();
@@ -690,7 +685,11 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::optional<HostPort> advertise_;          // EngineOptions::advertise, parsed once (Init)
   std::string active_id_ GUARDED_BY(mu_);  // as the arbiter says
   std::string active_client_ GUARDED_BY(mu_);  // the active's published client address
-  std::string client_address_ GUARDED_BY(mu_);  // this node's
+  std::string client_address_ GUARDED_BY(mu_);  // this node's (SetClientAddress)
+  // Where this node's clients go: as set at run time, else as opened.
+  std::string ClientAddress() const REQUIRES(mu_) {
+    return client_address_.empty() ? opts_.client_address : client_address_;
+  }
   // A demoted active applies nothing past its last committed LSN until an
   // active accepts its log (its tail may not be in the new active's history).
   wal::Lsn apply_cap_ GUARDED_BY(mu_) = UINT64_MAX;
@@ -1264,13 +1263,9 @@ Result<uint64_t> EngineImpl::DoWrite(const WriteBatch& batch, std::optional<std:
     MutexLock l(&mu_);
     // The active's id and client address when known (etcd publishes them),
     // its replication address otherwise (static mode).
-    std::vector<std::string> where;
-    if (!active_client_.empty()) where.push_back("clients at " + active_client_);
-    if (!follow_.empty()) where.push_back("replication at " + follow_);
-    std::string active = active_id_.empty() ? std::string("unknown") : "node " + active_id_;
-    for (size_t i = 0; i < where.size(); ++i) active += (i == 0 ? " (" : ", ") + where[i];
-    if (!where.empty()) active += ")";
-    if (active_id_.empty() && where.empty()) active = "not known";
+    std::string active = active_id_.empty() ? std::string("not known") : "node " + active_id_;
+    if (!active_client_.empty()) active += ", clients at " + active_client_;
+    if (!follow_.empty()) active += ", replication at " + follow_;
     return Status::NotActive("node " + opts_.node_id + " is a standby; the active is " + active);
   }
   if (!ActiveLeaseHeld()) {
@@ -2265,7 +2260,7 @@ NodeInfo EngineImpl::MyInfo() {
   if (!failure_.ok()) n.failure = failure_.ToString();
   n.final_epoch = final_epoch_.load();
   if (role_.load() == Role::kActive) n.slots = slots_;
-  n.client_address = client_address_.empty() ? opts_.client_address : client_address_;
+  n.client_address = ClientAddress();
   if (role_.load() == Role::kActive) {
     const auto now = Clock::now();
     for (const auto& [id, sb] : standbys_) {
@@ -3088,7 +3083,7 @@ void EngineImpl::SendSubscribe(const std::shared_ptr<transport::Session>& s) {
     MutexLock l(&mu_);
     sub->set_applied_lsn(applied_lsn_);
     sub->set_want_snapshot(want_snapshot_);
-    sub->set_client_address(client_address_.empty() ? opts_.client_address : client_address_);
+    sub->set_client_address(ClientAddress());
     // Kept until a snapshot is installed (a resync cut short asks again).
   }
   (void)s->SendControl(msg);
@@ -3359,10 +3354,9 @@ void EngineImpl::OnControl(const std::shared_ptr<transport::Session>& s, const p
   // A standby's heartbeats carry its flushed and applied LSNs too (its
   // interval sync advances them without any data arriving).
   if (msg.has_heartbeat() && role_.load() == Role::kActive) {
-    if (!msg.heartbeat().client_address().empty()) {
-      std::string client = ClientAddressOf(msg.heartbeat().client_address());
-      MutexLock l(&mu_);
-      if (auto sb = FindBySession(s.get()); sb && !client.empty()) sb->client_address = std::move(client);
+    if (const std::string& given = msg.heartbeat().client_address(); !given.empty()) {
+      MutexLock l(&mu_);  // parsed only when it differs from what the standby said before
+      if (auto sb = FindBySession(s.get()); sb && sb->client_address != given) sb->client_address = ClientAddressOf(given);
     }
     return Credit(s.get(), msg.heartbeat().flushed_lsn(), msg.heartbeat().applied_lsn());
   }
@@ -3656,7 +3650,7 @@ void EngineImpl::FillHeartbeat(proto::Heartbeat* hb) {
   hb->set_applied_lsn(applied_lsn_);
   hb->set_epoch(epoch_);
   if (role_.load() == Role::kStandby) {
-    hb->set_client_address(client_address_.empty() ? opts_.client_address : client_address_);
+    hb->set_client_address(ClientAddress());
   }
 }
 
@@ -3928,16 +3922,12 @@ Status EngineImpl::Close() {
   if (endpoint_) endpoint_->Stop();  // OnClosed moves every standby to finished_
   diff_.Stop();  // releases logdiff's snapshots while the database is open
   if (applier_.joinable()) applier_.join();
-  std::vector<std::shared_ptr<Standby>> shippers;
   {
     MutexLock l(&mu_);
-    shippers = std::move(finished_);
-    for (auto& [_, sb] : standbys_) shippers.push_back(sb);
+    for (auto& [_, sb] : standbys_) finished_.push_back(sb);  // each told to stop above
     standbys_.clear();
   }
-  for (auto& sb : shippers) {
-    if (sb->shipper.joinable()) sb->shipper.join();
-  }
+  JoinStoppedShippers();
   MaintainRetention(/*force=*/true);  // saves the slots
   WriterLock store(&store_mu_);
   db_closed_.store(true);

@@ -63,7 +63,7 @@ void ThinSplitKeys(std::vector<std::string>* keys, int n) {
   }
   std::sort(keys->begin(), keys->end());
   keys->erase(std::unique(keys->begin(), keys->end()), keys->end());
-  if (n > 1 && keys->size() > static_cast<size_t>(n - 1)) {
+  if (keys->size() > static_cast<size_t>(n - 1)) {
     std::vector<std::string> picked;
     for (int i = 1; i < n; ++i) picked.push_back((*keys)[keys->size() * static_cast<size_t>(i) / static_cast<size_t>(n)]);
     picked.erase(std::unique(picked.begin(), picked.end()), picked.end());
@@ -1318,20 +1318,6 @@ proto::DiffReply Server::Answer(const transport::Session* session, const proto::
 
 namespace {
 
-// A node's error, with its code kept (PinCommonLsn tells "passed" apart).
-Status RemoteError(uint32_t code, std::string msg) {
-  switch (static_cast<StatusCode>(code)) {
-    case StatusCode::kAborted: return Status::Aborted(std::move(msg));
-    case StatusCode::kTimedOut: return Status::TimedOut(std::move(msg));
-    case StatusCode::kNotFound: return Status::NotFound(std::move(msg));
-    case StatusCode::kCorruption: return Status::Corruption(std::move(msg));
-    case StatusCode::kInvalidArgument: return Status::InvalidArgument(std::move(msg));
-    case StatusCode::kPurged: return Status::Purged(std::move(msg));
-    case StatusCode::kBusy: return Status::Busy(std::move(msg));
-    default: return Status::IOError(std::move(msg));
-  }
-}
-
 class RemoteSource final : public Source, public transport::Handler {
  public:
   ~RemoteSource() override {
@@ -1361,11 +1347,10 @@ class RemoteSource final : public Source, public transport::Handler {
     while (!established_ && closed_.ok() && Clock::now() < deadline) cv_.WaitUntil(deadline);
     if (!closed_.ok()) return closed_.WithContext("connect to " + address);
     if (!established_) return Status::TimedOut("connect to " + address + ": no session within the timeout");
-    node_id_ = session_->peer_id();
     return Status::OK();
   }
 
-  std::string node_id() const override { return node_id_; }
+  std::string node_id() const override { return session_ ? session_->peer_id() : std::string(); }
 
   Result<NodeInfo> Info() override {
     proto::DiffRequest req;
@@ -1494,7 +1479,11 @@ class RemoteSource final : public Source, public transport::Handler {
     if (it == replies_.end()) return closed_.WithContext(address_);
     proto::DiffReply reply = std::move(it->second);
     replies_.erase(it);
-    if (reply.code() != 0) return RemoteError(reply.code(), address_ + ": " + reply.message());
+    // The node's code kept (PinCommonLsn tells "passed" apart).
+    if (reply.code() != 0) {
+      return Status::FromCode(static_cast<StatusCode>(std::min<uint32_t>(reply.code(), 255)),
+                              address_ + ": " + reply.message());
+    }
     bytes_read.fetch_add(reply.bytes_read(), std::memory_order_relaxed);
     return reply;
   }
@@ -1502,7 +1491,6 @@ class RemoteSource final : public Source, public transport::Handler {
   std::string address_;
   std::unique_ptr<transport::Endpoint> endpoint_;
   std::shared_ptr<transport::Session> session_;
-  std::string node_id_;  // the peer's, set once the session is established
   std::chrono::milliseconds pin_timeout_{10000};
   Mutex mu_;
   CondVar cv_{&mu_};

@@ -60,6 +60,10 @@ class [[nodiscard]] Status {
   static Status NotSupported(std::string msg) { return Status(StatusCode::kNotSupported, std::move(msg)); }
   static Status NotActive(std::string msg) { return Status(StatusCode::kNotActive, std::move(msg)); }
   static Status TooStale(std::string msg) { return Status(StatusCode::kTooStale, std::move(msg)); }
+  // A status of a code known only at run time (a peer's reply, a server's
+  // error text). kOk, or a value that is no code, gives IOError: a failure
+  // never reads as success.
+  static Status FromCode(StatusCode code, std::string msg);
 
   bool ok() const { return rep_ == nullptr; }
   StatusCode code() const { return rep_ ? rep_->code : StatusCode::kOk; }

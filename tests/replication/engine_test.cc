@@ -464,21 +464,16 @@ EngineOptions ArbitratedNode(const TempDir& dir, test::FakeCluster* cluster, con
   return o;
 }
 
-// a, the active of a fake cluster, and b, its standby, which has applied
-// the 10 batches written on a (their last LSN: 0 if something failed).
-struct Pair {
-  std::unique_ptr<Engine> a, b;
-  uint64_t last = 0;
-};
-Pair ActiveAndStandby(const TempDir& dir, test::FakeCluster* cluster) {
-  Pair p;
-  p.a = OpenOrDie(ArbitratedNode(dir, cluster, "a"));
-  if (!p.a || !Eventually([&] { return p.a->status().role == Role::kActive; })) return p;
-  p.b = OpenOrDie(ArbitratedNode(dir, cluster, "b"));
-  if (!p.b || !Eventually([&] { return p.a->status().standbys.size() == 1; })) return p;
-  const uint64_t last = WriteMany(p.a.get(), 10);
-  if (p.b->WaitForApplied(last, 30s).ok()) p.last = last;
-  return p;
+// *a, the active of a fake cluster, and *b, its standby, which has applied
+// the 10 batches written on *a. Returns their last LSN (0 if something failed).
+uint64_t ActiveAndStandby(const TempDir& dir, test::FakeCluster* cluster, std::unique_ptr<Engine>* a,
+                          std::unique_ptr<Engine>* b) {
+  *a = OpenOrDie(ArbitratedNode(dir, cluster, "a"));
+  if (!*a || !Eventually([&] { return (*a)->status().role == Role::kActive; })) return 0;
+  *b = OpenOrDie(ArbitratedNode(dir, cluster, "b"));
+  if (!*b || !Eventually([&] { return (*a)->status().standbys.size() == 1; })) return 0;
+  const uint64_t last = WriteMany(a->get(), 10);
+  return (*b)->WaitForApplied(last, 30s).ok() ? last : 0;
 }
 
 // Role changes driven by a fake arbiter, at the moments the test chooses: a
@@ -651,11 +646,9 @@ TEST(EngineTest, AnOperatorRequestFromAnEarlierEpochIsIgnored) {
 TEST(EngineTest, AnActiveWhoseLeaseWasReplacedTakesNoWritesOnTheNewLease) {
   TempDir dir;
   test::FakeCluster cluster;
-  Pair pair = ActiveAndStandby(dir, &cluster);  // not a structured binding: lambdas below capture a and b
-  std::unique_ptr<Engine>& a = pair.a;
-  std::unique_ptr<Engine>& b = pair.b;
-  const uint64_t last = pair.last;
-  ASSERT_TRUE(a && b && last > 0);
+  std::unique_ptr<Engine> a, b;
+  const uint64_t last = ActiveAndStandby(dir, &cluster, &a, &b);
+  ASSERT_GT(last, 0u);
   cluster.SetReachable("a", false);
   cluster.ExpireLease("a");
   WriteBatch w;
@@ -1068,11 +1061,9 @@ TEST(EngineTest, AStandbyRefusesASnapshotFileLargerThanOffered) {
 TEST(EngineTest, AFencePastEveryCampaignDoesNotKeepANodeFromPromotion) {
   TempDir dir;
   test::FakeCluster cluster;
-  Pair pair = ActiveAndStandby(dir, &cluster);  // not a structured binding: lambdas below capture a and b
-  std::unique_ptr<Engine>& a = pair.a;
-  std::unique_ptr<Engine>& b = pair.b;
-  const uint64_t last = pair.last;
-  ASSERT_TRUE(a && b && last > 0);
+  std::unique_ptr<Engine> a, b;
+  const uint64_t last = ActiveAndStandby(dir, &cluster, &a, &b);
+  ASSERT_GT(last, 0u);
 
   ASSERT_TRUE(SendFence(a->listen_port(), UINT64_MAX, "x\"\nforged log line"));
   EXPECT_EQ(a->status().role, Role::kActive) << "a fence from no plain node id was obeyed";
