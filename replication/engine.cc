@@ -677,6 +677,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   }
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
+  // Why the last session that never came up closed (a name that does not
+  // resolve, a refused connect), for the upstream_unreachable line.
+  const transport::Session* unreached_session_ GUARDED_BY(mu_) = nullptr;
+  Status unreached_why_ GUARDED_BY(mu_);
   int appends_in_flight_ GUARDED_BY(mu_) = 0;  // DoWrite: past the role check, before its append returned
   bool demoting_ GUARDED_BY(mu_) = false;      // Demote: waiting for appends_in_flight_ to drain
   CondVar appends_cv_{&mu_};                   // signalled when appends_in_flight_ drops to 0
@@ -3026,7 +3030,9 @@ void EngineImpl::FollowerLoop() {
       if (!session->established()) {
         if (unreachable_target_ != target) {
           unreachable_target_ = target;
+          const Status why = unreached_session_ == session.get() ? unreached_why_ : Status::OK();
           RLOG(kWarn, "engine.upstream_unreachable") << "node=" << opts_.node_id << " active=" << target
+                                                     << (why.ok() ? "" : " error=\"" + why.ToString() + "\"")
                                                      << " (retrying every 200 ms)";
         }
       } else if (unreachable_target_ == target) {
@@ -3511,6 +3517,10 @@ void EngineImpl::OnWritable(const std::shared_ptr<transport::Session>& s) {
 void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const Status& why) {
   diff_.SessionClosed(s);
   MutexLock l(&mu_);
+  if (!s->established()) {
+    unreached_session_ = s.get();
+    unreached_why_ = why;
+  }
   for (auto it = standbys_.begin(); it != standbys_.end(); ++it) {
     if (it->second->session.get() != s.get()) continue;
     it->second->Stop();

@@ -142,6 +142,10 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
 
   void Start();
   // Tries each address in turn until one connects.
+  // A client session whose peer was given by name: the name is looked up
+  // here, on the resolver's own thread, not by the caller of Connect (a
+  // DNS server that does not answer held a promotion's fences for seconds).
+  void StartResolve(std::string host, uint16_t port);
   void StartConnect(std::vector<tcp::endpoint> targets, size_t next = 0);
   // After TCP (and TLS, if on) is up: the replica handshake begins.
   void BeginProtocol();
@@ -232,6 +236,7 @@ class SessionImpl final : public std::enable_shared_from_this<SessionImpl> {
     std::unique_ptr<asio::ssl::stream<tcp::socket>> tls;
     asio::steady_timer handshake_timer;
     asio::steady_timer heartbeat_timer;
+    std::unique_ptr<tcp::resolver> resolver;  // while a peer's name is looked up
   };
   // Asio's transfer_all() caps every read_some/write_some at 64 KiB, which
   // splits a 64 KiB frame plus its header into two sendmsg calls (and two
@@ -365,6 +370,48 @@ SessionImpl::SessionImpl(EndpointImpl* ep, tcp::socket socket, bool is_client)
       io_(std::make_unique<Io>(std::move(socket), ep->tls_context())),
       ex_(io_->socket().get_executor()),
       is_client_(is_client) {}
+
+void SessionImpl::StartResolve(std::string host, uint16_t port) {
+  auto self = shared_from_this();
+  handle_->set_remote(HostPort{host, port}.ToString());
+  if (closing_) return;
+  io_->resolver = std::make_unique<tcp::resolver>(ex_);
+  // The lookup counts against the handshake timeout, as a connect does.
+  auto timed_out = std::make_shared<bool>(false);
+  io_->handshake_timer.expires_after(ep_->options().handshake_timeout);
+  io_->handshake_timer.async_wait([self, timed_out](const boost::system::error_code& ec) {
+    if (ec || self->closing_ || !self->io_->resolver) return;
+    *timed_out = true;
+    self->io_->resolver->cancel();
+  });
+  io_->resolver->async_resolve(
+      host, std::to_string(port), tcp::resolver::numeric_service,
+      [self, host, port, timed_out](const boost::system::error_code& ec, const tcp::resolver::results_type& results) {
+        if (self->closing_) return;
+        self->io_->resolver.reset();
+        self->io_->handshake_timer.cancel();
+        if (*timed_out) {
+          self->DoClose(Status::TimedOut("cannot resolve host '" + host + "': no answer within " +
+                                         std::to_string(self->ep_->options().handshake_timeout.count()) + " ms"));
+          return;
+        }
+        if (ec) {
+          self->DoClose(Status::NotFound("cannot resolve host '" + host + "': " + ec.message()));
+          return;
+        }
+        std::vector<tcp::endpoint> targets;
+        for (const auto& entry : results) {
+          tcp::endpoint e = entry.endpoint();
+          e.port(port);
+          if (std::find(targets.begin(), targets.end(), e) == targets.end()) targets.push_back(e);
+        }
+        if (targets.empty()) {
+          self->DoClose(Status::NotFound("host '" + host + "' has no IPv4 or IPv6 address"));
+          return;
+        }
+        self->StartConnect(std::move(targets));
+      });
+}
 
 void SessionImpl::StartConnect(std::vector<tcp::endpoint> targets, size_t next) {
   auto self = shared_from_this();
@@ -1032,6 +1079,7 @@ void SessionImpl::DoClose(const Status& why) {
   boost::system::error_code ec;
   io_->handshake_timer.cancel();
   io_->heartbeat_timer.cancel();
+  if (io_->resolver) io_->resolver->cancel();
   io_->socket().shutdown(tcp::socket::shutdown_both, ec);
   io_->socket().close(ec);
   out_.clear();
@@ -1202,15 +1250,11 @@ void EndpointImpl::DoAccept() {
 }
 
 Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, uint16_t port) {
-  auto resolved = ResolveHost(host, /*passive=*/false);
-  if (!resolved.ok()) return resolved.status().WithContext("peer address");
-  std::vector<tcp::endpoint> targets;
-  for (const std::string& a : *resolved) {
-    boost::system::error_code ec;
-    auto addr = asio::ip::make_address(a, ec);
-    if (!ec) targets.emplace_back(addr, port);
-  }
-  if (targets.empty()) return Status::InvalidArgument("peer address '" + host + "': no usable address");
+  // An address is used as it is; a name is looked up by the session
+  // (StartResolve), so that this call never waits for a DNS server.
+  if (host.empty()) return Status::InvalidArgument("peer address: the host is empty");
+  boost::system::error_code literal_ec;
+  const auto literal = asio::ip::make_address(host, literal_ec);
   auto session = std::make_shared<SessionImpl>(this, tcp::socket(asio::make_strand(ioc_)), true);
   session->Init();
   {
@@ -1220,8 +1264,13 @@ Result<std::shared_ptr<Session>> EndpointImpl::Connect(const std::string& host, 
     counted_.insert(session.get());
   }
   ++stats_.connections_opened;
-  asio::post(session->socket_executor(),
-             [session, targets = std::move(targets)]() mutable { session->StartConnect(std::move(targets)); });
+  if (!literal_ec) {
+    asio::post(session->socket_executor(), [session, target = tcp::endpoint(literal, port)] {
+      session->StartConnect(std::vector<tcp::endpoint>{target});
+    });
+  } else {
+    asio::post(session->socket_executor(), [session, host, port] { session->StartResolve(host, port); });
+  }
   return std::shared_ptr<Session>(session->handle());
 }
 

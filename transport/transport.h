@@ -169,7 +169,11 @@ class Endpoint {
   virtual ~Endpoint() = default;
   // Listens on host:port (port 0: any free port); returns the bound port.
   virtual Result<uint16_t> Listen(const std::string& host, uint16_t port) = 0;
-  // Starts connecting; the session reports OnEstablished or OnClosed.
+  // Starts connecting; the session reports OnEstablished or OnClosed. A
+  // host name is looked up by the session, never by this call (which fails
+  // only for an empty host or a stopped endpoint); a name that cannot be
+  // resolved within the handshake timeout closes the session with NotFound
+  // or TimedOut.
   virtual Result<std::shared_ptr<Session>> Connect(const std::string& host, uint16_t port) = 0;
   virtual void Stop() = 0;
   virtual const Stats& stats() const = 0;

@@ -892,6 +892,32 @@ TEST(EngineTest, FollowingANodeWithTheSameIdFailsClearly) {
   ASSERT_TRUE(a->Close().ok());
 }
 
+TEST(EngineTest, AStandbySaysWhyItCannotReachItsActive) {
+  // Its one warning names the cause: a name that does not resolve (looked
+  // up by the transport, not by the follower's thread) or a refused connect.
+  TempDir dir;
+  test::RefusingPort refusing;
+  for (const std::string& target : {std::string("no-such-host.invalid:7400"), refusing.endpoint()}) {
+    const std::string sub = target.substr(0, 3) == "no-" ? "name" : "port";
+    EngineOptions o = Node(dir, "b", target);
+    o.data_dir = dir.Sub(sub);
+    const std::string log = test::CapturedStderr([&] {
+      auto b = OpenOrDie(o);
+      // fd 2 is the capture file while fn runs.
+      EXPECT_TRUE(Eventually([] { return test::ReadFileBytes("/proc/self/fd/2").find("upstream_unreachable") != std::string::npos; }, 30s));
+      ASSERT_TRUE(b->Close().ok());
+    });
+    const size_t at = log.find("engine.upstream_unreachable");
+    ASSERT_NE(at, std::string::npos) << log;
+    const std::string line = log.substr(at, log.find('\n', at) - at);
+    if (sub == "name") {
+      EXPECT_NE(line.find("error=\"NotFound: cannot resolve host 'no-such-host.invalid'"), std::string::npos) << line;
+    } else {
+      EXPECT_NE(line.find("Connection refused"), std::string::npos) << line;
+    }
+  }
+}
+
 // A peer of the cluster that speaks the protocol by hand: a test stand-in
 // for a buggy or hostile node that holds the cluster's secret.
 class RoguePeer : public transport::Handler {

@@ -165,6 +165,30 @@ TEST(SessionTest, HandshakeThenControlBothWays) {
   EXPECT_EQ(p.server->stats().auth_failures.load(), 0u);
 }
 
+TEST(SessionTest, APeerGivenByNameIsLookedUpByTheSessionNotByConnect) {
+  // Connect never waits for a DNS server (a promotion sends its fences
+  // through it): it returns at once for any name, and the session looks
+  // the name up, connects, or closes naming the host it could not find.
+  Pair p;
+  p.StartServer(Opts("srv"));
+  auto c = Endpoint::Create(Opts("cli"), &p.client_rec);
+  ASSERT_TRUE(c.ok());
+  p.client = std::move(c).value();
+  auto named = p.client->Connect("localhost", p.port);
+  ASSERT_TRUE(named.ok()) << named.status().ToString();
+  ASSERT_TRUE(p.WaitEstablished());
+  EXPECT_EQ(p.client_rec.established_[0]->peer_id(), "srv");
+  // .invalid never resolves (RFC 6761). The old Connect failed here itself.
+  auto nowhere = p.client->Connect("no-such-host.invalid", p.port);
+  ASSERT_TRUE(nowhere.ok()) << nowhere.status().ToString();
+  ASSERT_TRUE(p.client_rec.WaitFor([&] { return !p.client_rec.closed_.empty(); }));
+  const Status why = p.client_rec.closed_[0];
+  EXPECT_TRUE(why.IsNotFound() || why.code() == StatusCode::kTimedOut) << why.ToString();
+  EXPECT_NE(why.message().find("no-such-host.invalid"), std::string::npos) << why.ToString();
+  EXPECT_TRUE(nowhere.value()->closed());
+  EXPECT_EQ(p.client->Connect("", p.port).status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST(SessionTest, ConcurrentSendersKeepEachOnesOrderAndEveryByte) {
   // Four threads send control frames and data frames at once: some go out
   // inline on the caller's thread, some through the session's queue (and a
