@@ -244,11 +244,22 @@ class ClientImpl final : public Client {
       return Status::IOError("resolve " + target_ + ": " + ::gai_strerror(rc));
     }
     std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> guard(res, &::freeaddrinfo);
-    fd_ = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    // Each address of the name in turn (localhost is ::1, then 127.0.0.1,
+    // where a node may listen on the second only), within the one deadline.
+    Status st;
+    for (const addrinfo* a = res; a != nullptr; a = a->ai_next) {
+      st = ConnectTo(a, deadline);
+      if (st.ok() || st.code() == StatusCode::kTimedOut) return st;
+    }
+    return st;
+  }
+
+  Status ConnectTo(const addrinfo* a, Clock::time_point deadline) REQUIRES(mu_) {
+    fd_ = ::socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd_ < 0) return Status::FromErrno("socket", errno);
     int one = 1;
     ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (::connect(fd_, res->ai_addr, res->ai_addrlen) != 0 && errno != EINPROGRESS) {
+    if (::connect(fd_, a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
       Status st = Status::FromErrno("connect to " + target_, errno);
       Disconnect();
       return st;
