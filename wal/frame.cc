@@ -194,6 +194,8 @@ Result<FrameRun> VerifyFrameRun(std::string_view bytes, Lsn expected_first, Epoc
   Lsn next = expected_first;
   Epoch epoch = min_epoch;
   size_t pos = 0;
+  std::string block_raw;  // scratch for decoding blocks
+  std::vector<RecordView> block_records;
   while (pos < bytes.size()) {
     const std::string where = "frame at byte " + std::to_string(pos) + " (expected LSN " +
                               std::to_string(next) + ")";
@@ -204,6 +206,14 @@ Result<FrameRun> VerifyFrameRun(std::string_view bytes, Lsn expected_first, Epoc
       return Status::Corruption(where + ": truncated payload");
     }
     if (!FrameChecksumOk(bytes.data() + pos, h.payload_len)) return Status::Corruption(where + ": bad checksum");
+    if (h.frame_type == FrameType::kLz4Block) {
+      // A good checksum says only that the bytes are the sender's: a block
+      // that does not decode into its records would stop every reader of
+      // the log at this LSN, and be sent on to the next standby.
+      REPLICA_RETURN_IF_ERROR_CTX(
+          DecodeBlock(h, std::string_view(bytes.data() + pos + kFrameHeaderSize, h.payload_len), &block_raw, &block_records),
+          where);
+    }
     if (h.lsn != next) {
       return Status::Corruption(where + ": LSN " + std::to_string(h.lsn) + " breaks continuity");
     }

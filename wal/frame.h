@@ -79,8 +79,10 @@ struct FrameRun {
 };
 
 // Verifies that bytes are whole frames with good checksums, consecutive LSNs
-// starting at expected_first (0: at whatever LSN the first frame carries), and non-decreasing epochs starting at or above
-// min_epoch. Does not decompress blocks (their checksum covers the stored bytes).
+// starting at expected_first (0: at whatever LSN the first frame carries),
+// and non-decreasing epochs starting at or above min_epoch. Blocks are
+// decompressed too: a block must decode into exactly its count of records
+// of its raw length, each of a type other than 0.
 Result<FrameRun> VerifyFrameRun(std::string_view bytes, Lsn expected_first, Epoch min_epoch);
 
 }  // namespace replica::wal

@@ -3,6 +3,10 @@
 
 #include <gtest/gtest.h>
 
+#include <lz4.h>
+
+#include <vector>
+
 #include "base/coding.h"
 #include "tests/support/test_util.h"
 
@@ -108,6 +112,44 @@ TEST(FrameTest, VerifyFrameRun) {
   EXPECT_TRUE(VerifyFrameRun(gap, 10, 1).status().IsCorruption());
   EXPECT_FALSE(VerifyFrameRun("", 10, 1).ok());
   EXPECT_TRUE(VerifyFrameRun(std::string(100, '\xff'), 10, 1).status().IsCorruption());
+}
+
+TEST(FrameTest, VerifyFrameRunDecodesBlocks) {
+  // A block whose checksum is good but whose contents do not decode into
+  // its records is refused: stored, it would stop every reader at its LSN.
+  const std::string value(200, 'v');
+  std::vector<RecordIn> recs(4, RecordIn{RecordType::kData, value});
+  std::string good;
+  ASSERT_TRUE(EncodeRecords(20, 1, recs.data(), recs.size(), /*try_compress=*/true, &good));
+  ASSERT_TRUE(VerifyFrameRun(good, 20, 1).ok());
+  FrameHeader h;
+  ASSERT_TRUE(DecodeFrameHeader(good.data(), &h).ok());
+  ASSERT_EQ(h.frame_type, FrameType::kLz4Block);
+  // Same header, new payload, checksum made good again.
+  auto with_payload = [&](const std::string& payload, uint32_t count, uint32_t raw_len) {
+    std::string f = good.substr(0, kFrameHeaderSize) + payload;
+    EncodeFixed32(f.data() + 0, static_cast<uint32_t>(payload.size()));
+    EncodeFixed32(f.data() + 24, count);
+    EncodeFixed32(f.data() + 28, raw_len);
+    EncodeFixed64(f.data() + kFrameChecksumOffset, FrameChecksum(f.data(), payload));
+    return f;
+  };
+  const std::string packed = good.substr(kFrameHeaderSize);
+  // Not LZ4 at all.
+  auto bad = VerifyFrameRun(with_payload(std::string(packed.size(), '\x7f'), h.count, h.raw_len), 20, 1);
+  EXPECT_TRUE(bad.status().IsCorruption()) << bad.status().ToString();
+  EXPECT_NE(bad.status().message().find("does not decompress"), std::string::npos) << bad.status().ToString();
+  // Decodes, but to fewer records than the header counts.
+  bad = VerifyFrameRun(with_payload(packed, h.count - 1, h.raw_len), 20, 1);
+  EXPECT_TRUE(bad.status().IsCorruption()) << bad.status().ToString();
+  // A record of type 0 inside the block.
+  std::string raw(8, '\0');
+  EncodeFixed32(raw.data() + 4, 0);
+  std::string zero_type(static_cast<size_t>(LZ4_compressBound(8)), '\0');
+  zero_type.resize(static_cast<size_t>(LZ4_compress_default(raw.data(), zero_type.data(), 8, static_cast<int>(zero_type.size()))));
+  bad = VerifyFrameRun(with_payload(zero_type, 1, 8), 20, 1);
+  EXPECT_TRUE(bad.status().IsCorruption()) << bad.status().ToString();
+  EXPECT_NE(bad.status().message().find("bad record 0"), std::string::npos) << bad.status().ToString();
 }
 
 }  // namespace
