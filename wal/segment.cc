@@ -122,12 +122,29 @@ namespace {
 // starts in [from, data end), if any. Used only once damage has been found.
 // Frames are looked for at offsets [from, starts_before) of data; one that
 // starts there may run to the end of data (a payload can end in zeros).
-std::optional<size_t> FirstValidFrameAfter(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn) {
+//
+// Every offset whose bytes decode as a header costs a checksum over the
+// frame it claims. A torn record whose payload holds many header images
+// (a value that is itself log bytes, or one made to look so) would make
+// that quadratic: a thousand of them claiming 60 MiB each kept Open busy
+// for seconds, a 32 MiB record for over an hour. So the bytes checksummed
+// are capped at twice the data plus 64 MiB, ample for damage among real
+// frames; past it the search gives up (*gave_up), and the caller cannot
+// tell a torn tail from damage.
+std::optional<size_t> FirstValidFrameAfter(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn,
+                                           uint64_t* hashed, bool* gave_up) {
+  const uint64_t budget = 2 * static_cast<uint64_t>(data.size()) + (64u << 20);
+  *gave_up = false;
   for (size_t pos = from; pos < starts_before && pos + kFrameHeaderSize <= data.size(); ++pos) {
     FrameHeader h;
     if (!DecodeFrameHeader(data.data() + pos, &h).ok()) continue;
     // A later record, not an image of an old one inside some payload.
     if (h.lsn <= after_lsn || data.size() - pos - kFrameHeaderSize < h.payload_len) continue;
+    if (*hashed + h.frame_size() > budget) {
+      *gave_up = true;
+      return std::nullopt;
+    }
+    *hashed += h.frame_size();
     if (FrameChecksumOk(data.data() + pos, h.payload_len)) return pos;
   }
   return std::nullopt;
@@ -248,13 +265,26 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
     if (scan.data_end == scan.valid_end) return scan;  // zeros only: the clean end of a preallocated segment
     scan.bad_offset = scan.valid_end;
     scan.why = why;
-    std::string rest(static_cast<size_t>(file_size - scan.valid_end), '\0');
+    // A frame's header is never all zeros (its type byte is not), so only
+    // offsets before data_end can start one, and a frame starting there
+    // ends at most a largest frame later: the zeros a reserved segment
+    // holds past that are not read (a 1 GiB segment with 8 bytes of a torn
+    // write took 1 GiB of memory).
+    const uint64_t read_end = std::min<uint64_t>(file_size, scan.data_end + kFrameHeaderSize + kMaxFramePayload);
+    std::string rest(static_cast<size_t>(read_end - scan.valid_end), '\0');
     REPLICA_ASSIGN_OR_RETURN(size_t got, file.Read(scan.valid_end, rest.size(), rest.data()));
     rest.resize(got);
-    // A frame's header is never all zeros (its type byte is not), so only
-    // offsets before data_end can start one.
     const size_t starts_before = static_cast<size_t>(scan.data_end - scan.valid_end);
-    const std::optional<size_t> valid_next = FirstValidFrameAfter(rest, 1, starts_before, scan.last_lsn);
+    bool gave_up = false;
+    const std::optional<size_t> valid_next =
+        FirstValidFrameAfter(rest, 1, starts_before, scan.last_lsn, &scan.searched_bytes, &gave_up);
+    if (gave_up) {
+      scan.tail = SegmentScan::Tail::kCorrupt;
+      scan.why += "; the " + std::to_string(starts_before) + " bytes after it hold more frame headers than " +
+                  "recovery checks (" + std::to_string(scan.searched_bytes) +
+                  " bytes checksummed): it cannot tell a torn tail from damage";
+      return scan;
+    }
     if (!valid_next) {
       scan.tail = SegmentScan::Tail::kTorn;
       return scan;

@@ -86,6 +86,9 @@ struct SegmentScan {
   // Just past the last non-zero byte of the file (== valid_end when only
   // zeros, reserved space, follow the last good frame: a clean end).
   uint64_t data_end = 0;
+  // Bytes checksummed while looking for a valid frame after a bad one
+  // (bounded: past the bound the tail is kCorrupt, as it cannot be told).
+  uint64_t searched_bytes = 0;
 };
 
 // Scans every frame of a segment whose frames must start at first_lsn.

@@ -1,11 +1,14 @@
 // Recovery on open: every kind of damage is either repaired (a torn tail) or
 // refused with a message that names where it is (damage inside the log).
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "base/coding.h"
 #include "tests/support/test_util.h"
+#include "wal/frame.h"
 #include "wal/wal.h"
 
 namespace replica::wal {
@@ -104,6 +107,53 @@ TEST(RecoveryTest, GarbageInTheReservedSpaceIsATornTail) {
   EXPECT_EQ(wal->recovery().torn_offset, data.size());
   EXPECT_EQ(wal->recovery().torn_bytes, 17u) << "the reserved zeros after it are not counted as lost";
   EXPECT_EQ(wal->last_lsn(), 20u);
+}
+
+TEST(RecoveryTest, ATornRecordFullOfHeaderImagesIsJudgedInBoundedTime) {
+  // The torn record's payload is 2,000 images of frame headers (as a value
+  // holding log bytes would be), each claiming a frame that runs into the
+  // reserved zeros: checking each claim in full took 2,000 checksums of
+  // 30 MiB. The search stops at its budget and says it cannot tell.
+  TempDir dir;
+  BuildLog(dir.path(), 20);
+  const std::string seg = SegmentPaths(dir.path()).back();
+  const std::string data = test::ReadFileBytes(seg);
+  std::string images;
+  for (int i = 0; i < 2000; ++i) {
+    std::string frame;
+    EncodeRecordFrame(1000, 1, RecordType::kData, "", &frame);
+    EncodeFixed32(frame.data(), 30u << 20);  // claims 30 MiB of payload
+    EncodeFixed32(frame.data() + 28, 30u << 20);
+    images += frame;
+  }
+  std::string torn;
+  EncodeRecordFrame(21, 1, RecordType::kData, images + std::string(1 << 20, 'x'), &torn);
+  test::WriteFileBytes(seg, data + torn.substr(0, kFrameHeaderSize + images.size()));
+  test::TruncateFileTo(seg, data.size() + (64u << 20) + (1u << 20));  // reserved zeros after it
+  auto refused = Wal::Open(dir.path(), Opts());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(refused.status().IsCorruption()) << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("cannot tell a torn tail from damage"), std::string::npos)
+      << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("offset " + std::to_string(data.size())), std::string::npos)
+      << refused.status().ToString();
+}
+
+TEST(RecoveryTest, ATornTailInAHugeReservedSegmentIsReadOnlyAsFarAsAFrameCanReach) {
+  // Eight bytes of a torn write, then 1 GiB of reserved zeros (a sparse
+  // file here): recovery read the whole rest of the segment into memory.
+  TempDir dir;
+  BuildLog(dir.path(), 20);
+  const std::string seg = SegmentPaths(dir.path()).back();
+  const std::string data = test::ReadFileBytes(seg);
+  test::WriteFileBytes(seg, data + "GARBAGE!");
+  test::TruncateFileTo(seg, 1ull << 30);
+  auto wal = OpenOrDie(dir.path(), Opts());
+  EXPECT_TRUE(wal->recovery().torn_tail);
+  EXPECT_EQ(wal->last_lsn(), 20u);
+  rusage ru{};
+  ASSERT_EQ(::getrusage(RUSAGE_SELF, &ru), 0);
+  EXPECT_LT(ru.ru_maxrss, 512L << 10) << "KiB at most resident; the segment is 1 GiB";
 }
 
 // Where the frame of `lsn` starts in the segment that holds it.
