@@ -10,6 +10,43 @@ namespace replica::wal {
 namespace {
 // Mean payload size from which a group is written with writev, uncopied.
 constexpr size_t kVectoredMinPayload = 4096;
+
+// The (epoch, first LSN) pairs of a finished segment (one that a later
+// segment follows): every frame must verify, carry the next LSN and an epoch
+// no lower than the one before (from min_epoch), and the last must end just
+// before next_first_lsn. A frame header suffices: every record of an LZ4
+// block has the block's epoch, so an epoch never starts inside a block.
+Status FinishedSegmentEpochs(Env* env, const std::string& path, Lsn first_lsn, uint64_t size, Lsn next_first_lsn,
+                             Epoch min_epoch, std::vector<std::pair<Epoch, Lsn>>* starts) {
+  REPLICA_ASSIGN_OR_RETURN(auto file, env->NewRandomAccessFile(path));
+  FrameCursor cursor(file.get(), kSegmentHeaderSize, size);
+  Lsn next = first_lsn;
+  Epoch epoch = min_epoch;
+  for (;;) {
+    FrameHeader h;
+    std::string_view payload;
+    std::string why;
+    const uint64_t offset = cursor.offset();
+    REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor.Next(&h, &payload, &why));
+    if (outcome == FrameCursor::Outcome::kEnd) break;
+    if (outcome == FrameCursor::Outcome::kFrame && h.lsn != next) why = "frame carries LSN " + std::to_string(h.lsn);
+    if (outcome == FrameCursor::Outcome::kFrame && h.lsn == next && h.epoch < epoch) {
+      why = "epoch " + std::to_string(h.epoch) + " after epoch " + std::to_string(epoch);
+    }
+    if (outcome != FrameCursor::Outcome::kFrame || !why.empty()) {
+      return Status::Corruption("segment " + path + " offset " + std::to_string(offset) + " (LSN " +
+                                std::to_string(next) + "): " + why);
+    }
+    if (next == first_lsn || h.epoch > epoch) starts->emplace_back(h.epoch, h.lsn);
+    epoch = h.epoch;
+    next = h.last_lsn() + 1;
+  }
+  if (next != next_first_lsn) {
+    return Status::Corruption("segment " + path + " ends at LSN " + std::to_string(next - 1) +
+                              " but the next segment starts at LSN " + std::to_string(next_first_lsn));
+  }
+  return Status::OK();
+}
 }  // namespace
 
 const char* SyncPolicyName(SyncPolicy p) {
@@ -158,18 +195,30 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
   }
   std::sort(names.begin(), names.end());
 
+  // Without the file (a log that never started an epoch, or a lost file),
+  // the history is rebuilt from the segments below, where they allow it.
   const std::string history_path = JoinPath(dir_, kEpochFileName);
+  bool history_read = false;
   if (env_->FileExists(history_path)) {
     REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(env_, history_path));
     auto decoded = EpochHistory::Decode(data);
-    if (!decoded.ok()) return decoded.status().WithContext(history_path);
-    history_ = std::move(decoded).value();
+    if (decoded.ok()) {
+      history_ = std::move(decoded).value();
+      history_read = true;
+    } else if (ro && options_.salvage) {
+      recovery_.history_damage = decoded.status().WithContext(history_path).ToString();
+    } else {
+      return decoded.status().WithContext(
+          history_path + " (moving it away makes Open rebuild the history from the segments, which is possible "
+                         "while they hold every record from LSN 1)");
+    }
   }
 
   // Segment headers, oldest first. A last segment too short to hold its
   // header is what a crash during a segment roll leaves: remove it.
   std::deque<Segment> segs;
   Lsn removed_first = 0;
+  Lsn oldest_prev_first = 0;  // prev_first_lsn of the oldest segment: 0 if the log began there
   for (size_t i = 0; i < names.size(); ++i) {
     const std::string path = JoinPath(dir_, SegmentFileName(names[i]));
     REPLICA_ASSIGN_OR_RETURN(uint64_t size, env_->GetFileSize(path));
@@ -212,6 +261,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
                                 std::to_string(h.prev_first_lsn) + ", but the previous segment on disk starts at LSN " +
                                 std::to_string(segs.back().first_lsn));
     }
+    if (segs.empty()) oldest_prev_first = h.prev_first_lsn;
     segs.push_back(Segment{h.first_lsn, size, path});
   }
 
@@ -264,21 +314,82 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
     last_lsn_ = durable_lsn_ = scan.last_lsn;
     next_lsn_ = scan.last_lsn + 1;
 
-    bool changed = history_.TruncateAfter(last_lsn_);
-    for (const auto& [epoch, lsn] : scan.epoch_starts) {
-      if (epoch > history_.last_epoch()) {
-        RLOG(kWarn, "wal.repair_epoch_history") << "epoch=" << epoch << " first_lsn=" << lsn;
-        REPLICA_RETURN_IF_ERROR(history_.Add(epoch, lsn));
+    bool changed = false;
+    Epoch last_record_epoch = scan.last_epoch;
+    if (history_read) {
+      changed = history_.TruncateAfter(last_lsn_);
+      // The epochs of the last segment, or of the one before it when the
+      // last holds no frame (a truncation to a segment boundary, a crash
+      // after a roll): the epoch of the log's last record is checked in any case.
+      std::vector<std::pair<Epoch, Lsn>> tail_starts = scan.epoch_starts;
+      if (scan.frames == 0 && segs.size() > 1) {
+        const Segment& prev = segs[segs.size() - 2];
+        REPLICA_RETURN_IF_ERROR(
+            FinishedSegmentEpochs(env_, prev.path, prev.first_lsn, prev.end, last.first_lsn, 0, &tail_starts));
+        if (!tail_starts.empty()) last_record_epoch = tail_starts.back().first;
+      }
+      for (const auto& [epoch, lsn] : tail_starts) {
+        if (epoch > history_.last_epoch()) {
+          RLOG(kWarn, "wal.repair_epoch_history") << "epoch=" << epoch << " first_lsn=" << lsn;
+          REPLICA_RETURN_IF_ERROR(history_.Add(epoch, lsn));
+          changed = true;
+        } else if (history_.EpochAt(lsn) != epoch) {
+          return Status::Corruption("epoch history says LSN " + std::to_string(lsn) + " is in epoch " +
+                                    std::to_string(history_.EpochAt(lsn)) + " but the log says epoch " +
+                                    std::to_string(epoch));
+        }
+      }
+    } else {
+      // No usable file: the history is exactly the epoch changes of the
+      // frames, provided the segments still hold the log from its start.
+      std::vector<std::pair<Epoch, Lsn>> starts;
+      std::vector<std::pair<Epoch, Lsn>> seg_starts;
+      Status walked;
+      for (size_t i = 0; i + 1 < segs.size() && walked.ok(); ++i) {
+        walked = FinishedSegmentEpochs(env_, segs[i].path, segs[i].first_lsn, segs[i].end, segs[i + 1].first_lsn,
+                                       starts.empty() ? 0 : starts.back().first, &seg_starts);
+        for (const auto& start : seg_starts) {
+          if (starts.empty() || start.first > starts.back().first) starts.push_back(start);
+        }
+        seg_starts.clear();
+      }
+      if (walked.ok()) {
+        for (const auto& [epoch, lsn] : scan.epoch_starts) {
+          if (starts.empty() || epoch > starts.back().first) {
+            starts.emplace_back(epoch, lsn);
+          } else if (epoch < starts.back().first) {
+            walked = Status::Corruption("segment " + last.path + " starts with epoch " + std::to_string(epoch) +
+                                        " after epoch " + std::to_string(starts.back().first));
+          }
+        }
+      }
+      const Segment& first = segs.front();
+      if (walked.ok() && !starts.empty() && (first.first_lsn != 1 || oldest_prev_first != 0)) {
+        walked = Status::Corruption(
+            "the epoch history (" + history_path + ") is " + (recovery_.history_damage.empty() ? "missing" : "damaged") +
+            " and cannot be rebuilt from the segments: they hold the log from LSN " + std::to_string(first.first_lsn) +
+            " only, and the epochs of the records before it are unknown. Restore the file (a copy from a node "
+            "holding the same log will do) or re-seed this node from the active");
+      }
+      if (!walked.ok()) {
+        if (!(ro && options_.salvage)) return walked;
+        if (recovery_.history_damage.empty()) recovery_.history_damage = walked.ToString();
+      }
+      for (const auto& [epoch, lsn] : starts) {
+        if (epoch > history_.last_epoch()) (void)history_.Add(epoch, lsn);
+      }
+      if (!starts.empty()) {
+        RLOG(kWarn, "wal.rebuild_epoch_history") << "epochs=" << starts.size() << " last_epoch=" << starts.back().first
+                                                 << " reason=\"" << (recovery_.history_damage.empty() ? "no epochs file" : recovery_.history_damage) << "\"";
+        last_record_epoch = starts.back().first;
         changed = true;
-      } else if (history_.EpochAt(lsn) != epoch) {
-        return Status::Corruption("epoch history says LSN " + std::to_string(lsn) + " is in epoch " +
-                                  std::to_string(history_.EpochAt(lsn)) + " but the log says epoch " +
-                                  std::to_string(epoch));
       }
     }
     recovery_.history_repaired = changed;
     if (changed && !ro) REPLICA_RETURN_IF_ERROR(PersistHistory(history_));
-    tail_epoch_ = history_.last_epoch();
+    // Appends are refused below the epoch of the log's last record, whatever
+    // the history says.
+    tail_epoch_ = std::max(history_.last_epoch(), last_record_epoch);
     segments_ = std::move(segs);
     if (!ro) {
       REPLICA_ASSIGN_OR_RETURN(auto wf, env_->ReopenWritableFile(segments_.back().path));

@@ -125,7 +125,13 @@ struct RecoveryReport {
   // the unsynced writes and lost an earlier one (docs/wal-format.md, section 8).
   bool torn_lost_page = false;
   std::vector<std::string> removed_segments;  // last segments without a whole header (crash during a roll)
+  // The epoch history was changed to match the log: entries past its end
+  // dropped, or (the epochs file missing) rebuilt from the segments' frames.
   bool history_repaired = false;
+  // Options::salvage: why the epochs file could not be used (damaged), or the
+  // history not rebuilt from the segments; the history then holds what the
+  // segments show (empty if none).
+  std::string history_damage;
   // Options::salvage: the damage inside the last segment that readers stop
   // before (empty if none).
   std::string corruption;

@@ -599,6 +599,113 @@ TEST(RecoveryTest, EpochHistoryDamageAndRepair) {
   EXPECT_TRUE(wal->recovery().history_repaired);
 }
 
+// A log of epochs 1, 2 and 3 over LSNs 1..200 in 4 KiB segments (50, 50 and
+// 100 records, appended in batches of 10: LZ4 blocks when compressing).
+void BuildEpochLog(const std::string& dir, bool compress) {
+  Options o = Opts(compress);
+  o.segment_size = 4096;
+  auto wal = OpenOrDie(dir, o);
+  // Half incompressible, so that blocks still fill several segments.
+  std::vector<std::string> payloads;
+  for (uint64_t i = 0; i < 10; ++i) payloads.push_back(Payload(i, 50) + std::string(50, 'a'));
+  std::vector<RecordIn> batch;
+  for (const auto& p : payloads) batch.push_back(RecordIn{RecordType::kData, p});
+  for (Epoch epoch : {1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3}) {
+    ASSERT_TRUE(wal->AppendBatch(epoch, batch.data(), batch.size()).ok());
+  }
+  // Every epoch starts before the last segment.
+  ASSERT_GT(wal->segments().back().first_lsn, 101u);
+  ASSERT_TRUE(wal->Close().ok());
+}
+
+TEST(RecoveryTest, MissingEpochsFileIsRebuiltFromEverySegment) {
+  for (bool compress : {false, true}) {
+    SCOPED_TRACE(compress ? "lz4" : "plain");
+    TempDir dir;
+    BuildEpochLog(dir.path(), compress);
+    Options o = Opts(compress);
+    o.segment_size = 4096;
+    const EpochHistory before = OpenOrDie(dir.path(), o)->epoch_history();
+    ASSERT_EQ(before.entries(), (std::vector<EpochEntry>{{1, 1}, {2, 51}, {3, 101}}));
+    std::remove(dir.Sub(kEpochFileName).c_str());
+    {
+      auto wal = OpenOrDie(dir.path(), o);
+      EXPECT_TRUE(wal->recovery().history_repaired);
+      EXPECT_EQ(wal->epoch_history().entries(), before.entries());
+      EXPECT_EQ(wal->EndOfEpoch(1).epoch, 1u);
+      EXPECT_EQ(wal->EndOfEpoch(1).end_lsn, 50u);
+      EXPECT_EQ(wal->EndOfEpoch(2).epoch, 2u);
+      EXPECT_EQ(wal->EndOfEpoch(2).end_lsn, 100u);
+      EXPECT_TRUE(wal->Append(2, RecordType::kData, "stale").status().IsStaleEpoch());
+    }
+    // The rebuilt history was saved.
+    auto decoded = EpochHistory::Decode(test::ReadFileBytes(dir.Sub(kEpochFileName)));
+    ASSERT_TRUE(decoded.ok()) << decoded.status().ToString();
+    EXPECT_EQ(decoded->entries(), before.entries());
+  }
+}
+
+TEST(RecoveryTest, MissingEpochsFileWithAnEmptyLastSegment) {
+  TempDir dir;
+  BuildEpochLog(dir.path(), false);
+  Options o = Opts();
+  o.segment_size = 4096;
+  {
+    auto wal = OpenOrDie(dir.path(), o);
+    // The last segment keeps only its header; the records before it are of epoch 3.
+    ASSERT_TRUE(wal->Truncate(wal->segments().back().first_lsn - 1).ok());
+    ASSERT_GT(wal->last_lsn(), 100u);
+  }
+  std::remove(dir.Sub(kEpochFileName).c_str());
+  {
+    auto wal = OpenOrDie(dir.path(), o);
+    EXPECT_EQ(wal->last_epoch(), 3u);
+    EXPECT_EQ(wal->epoch_history().entries(), (std::vector<EpochEntry>{{1, 1}, {2, 51}, {3, 101}}));
+    auto stale = wal->Append(1, RecordType::kData, "stale");
+    EXPECT_TRUE(stale.status().IsStaleEpoch()) << (stale.ok() ? "accepted" : stale.status().ToString());
+  }
+  // With the file there but lacking epoch 3 (a stale copy), the epoch of the
+  // last record, in the segment before the empty one, still counts.
+  EpochHistory old;
+  ASSERT_TRUE(old.Add(1, 1).ok());
+  ASSERT_TRUE(old.Add(2, 51).ok());
+  test::WriteFileBytes(dir.Sub(kEpochFileName), old.Encode());
+  auto wal = OpenOrDie(dir.path(), o);
+  EXPECT_EQ(wal->last_epoch(), 3u);
+  EXPECT_TRUE(wal->Append(2, RecordType::kData, "stale").status().IsStaleEpoch());
+}
+
+TEST(RecoveryTest, MissingEpochsFileOfAPurgedLogIsRefused) {
+  TempDir dir;
+  BuildEpochLog(dir.path(), false);
+  Options o = Opts();
+  o.segment_size = 4096;
+  {
+    auto wal = OpenOrDie(dir.path(), o);
+    auto first = wal->Purge(60);
+    ASSERT_TRUE(first.ok());
+    ASSERT_GT(*first, 1u);
+  }
+  const std::string epochs = test::ReadFileBytes(dir.Sub(kEpochFileName));
+  std::remove(dir.Sub(kEpochFileName).c_str());
+  // Where epoch 1 ended is no longer in the segments: refused, not guessed.
+  auto wal = Wal::Open(dir.path(), o);
+  ASSERT_FALSE(wal.ok()) << "history: " << (*wal)->epoch_history().entries().size() << " entries";
+  EXPECT_TRUE(wal.status().IsCorruption()) << wal.status().ToString();
+  EXPECT_NE(wal.status().message().find("re-seed"), std::string::npos) << wal.status().ToString();
+  EXPECT_FALSE(Env::Default()->FileExists(dir.Sub(kEpochFileName))) << "nothing may be written";
+  // A read-only salvage open shows the log all the same, and says why the history is partial.
+  Options ro = o;
+  ro.read_only = true;
+  ro.salvage = true;
+  auto dump = Wal::Open(dir.path(), ro);
+  ASSERT_TRUE(dump.ok()) << dump.status().ToString();
+  EXPECT_NE((*dump)->recovery().history_damage.find("cannot be rebuilt"), std::string::npos);
+  dump->reset();
+  test::WriteFileBytes(dir.Sub(kEpochFileName), epochs);
+  EXPECT_TRUE(Wal::Open(dir.path(), o).ok());
+}
+
 TEST(RecoveryTest, LeftoverTempFileIsRemoved) {
   TempDir dir;
   BuildLog(dir.path(), 5);
