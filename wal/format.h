@@ -9,6 +9,9 @@ namespace replica::wal {
 
 using Lsn = uint64_t;    // log sequence number: 1, 2, 3, ... without gaps
 using Epoch = uint64_t;  // grows with every promotion
+// The largest LSN a record can have: a frame's lsn + count must not overflow
+// a u64 (DecodeFrameHeader refuses it), so the writer stops here.
+inline constexpr Lsn kMaxLsn = UINT64_MAX - 1;
 
 // ---- segment files: "<first LSN, 20 digits>.wal" ----
 inline constexpr char kSegmentMagic[8] = {'R', 'P', 'L', 'W', 'A', 'L', '\r', '\n'};

@@ -115,7 +115,10 @@ Result<std::unique_ptr<Wal>> Wal::Open(const std::string& dir, const Options& op
     return Status::InvalidArgument("segment_size must be at least 4096 bytes, got " +
                                    std::to_string(options.segment_size));
   }
-  if (options.start_lsn == 0) return Status::InvalidArgument("start_lsn must be at least 1");
+  if (options.start_lsn == 0 || options.start_lsn > kMaxLsn) {
+    return Status::InvalidArgument("start_lsn must be 1 to " + std::to_string(kMaxLsn) + ", got " +
+                                   std::to_string(options.start_lsn));
+  }
   if (options.sync_policy == SyncPolicy::kInterval && options.sync_interval.count() <= 0) {
     return Status::InvalidArgument("sync_interval must be positive");
   }
@@ -657,6 +660,12 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         if (op->epoch < tail) {
           op->status = Status::StaleEpoch("append in epoch " + std::to_string(op->epoch) +
                                           " after epoch " + std::to_string(tail) + " was written");
+          continue;
+        }
+        if (next > kMaxLsn || op->n - 1 > kMaxLsn - next) {
+          op->status = Status::InvalidArgument("appending " + std::to_string(op->n) + " records at LSN " +
+                                               std::to_string(next) + " would pass the largest LSN, " +
+                                               std::to_string(kMaxLsn));
           continue;
         }
         if (op->epoch > tail) {

@@ -79,7 +79,7 @@ struct Options {
   // retention floor (SetRetentionFloor) and never the segment being written.
   uint64_t retention_bytes = 0;
   // First LSN of a log created empty (a standby seeded from a snapshot at
-  // LSN n starts at n + 1).
+  // LSN n starts at n + 1). 1 to kMaxLsn.
   Lsn start_lsn = 1;
   // For a log created empty: the epoch history of the log it continues (a
   // standby seeded from a snapshot keeps the active's history). Entries that
@@ -195,6 +195,7 @@ class Wal {
   // is met. StaleEpoch if epoch is below the epoch of the log's last record.
   Result<Lsn> Append(Epoch epoch, RecordType type, std::string_view payload) EXCLUDES(mu_);
   // Appends records with consecutive LSNs; returns the last LSN.
+  // InvalidArgument (not sticky) if the last would be above kMaxLsn.
   Result<Lsn> AppendBatch(Epoch epoch, const RecordIn* records, size_t n) EXCLUDES(mu_);
   // Appends whole frames received from a peer, stored unchanged after every
   // checksum, LSN continuity (they must start at last_lsn() + 1) and epoch

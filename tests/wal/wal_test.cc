@@ -470,6 +470,46 @@ TEST(WalTest, StartLsnForSeededLog) {
   EXPECT_TRUE(wal->NewReader(1000).status().IsPurged());
 }
 
+// A record's LSN is at most kMaxLsn (lsn + count must not overflow, or
+// readers refuse the frame): the writer stops there instead of wrapping.
+TEST(WalTest, LsnsStopAtTheLargestTheFormatHolds) {
+  EXPECT_EQ(kMaxLsn, UINT64_MAX - 1);
+  for (SyncPolicy policy : {SyncPolicy::kEveryCommit, SyncPolicy::kNone}) {
+    SCOPED_TRACE(SyncPolicyName(policy));
+    TempDir dir;
+    Options o;
+    o.sync_policy = policy;
+    o.start_lsn = kMaxLsn + 1;
+    EXPECT_EQ(Wal::Open(dir.path(), o).status().code(), StatusCode::kInvalidArgument);
+    o.start_lsn = kMaxLsn - 2;
+    {
+      auto wal = OpenOrDie(dir.path(), o);
+      std::vector<RecordIn> four(4, RecordIn{RecordType::kData, "b"});
+      EXPECT_EQ(wal->AppendBatch(1, four.data(), four.size()).status().code(), StatusCode::kInvalidArgument);
+      auto first = wal->Append(1, RecordType::kData, "a");
+      ASSERT_TRUE(first.ok()) << first.status().ToString();
+      EXPECT_EQ(*first, kMaxLsn - 2);
+      auto last = wal->AppendBatch(1, four.data(), 2);
+      ASSERT_TRUE(last.ok()) << last.status().ToString();
+      EXPECT_EQ(*last, kMaxLsn);
+      auto past = wal->Append(1, RecordType::kData, "c");
+      EXPECT_EQ(past.status().code(), StatusCode::kInvalidArgument) << (past.ok() ? std::to_string(*past) : "");
+      std::string raw;
+      EncodeRecordFrame(UINT64_MAX, 1, RecordType::kData, "d", &raw);
+      EXPECT_FALSE(wal->AppendRaw(raw).ok());
+      // Refusals of one request: the log is not failed.
+      EXPECT_TRUE(wal->Sync().ok());
+      EXPECT_EQ(wal->last_lsn(), kMaxLsn);
+      ASSERT_TRUE(wal->Close().ok());
+    }
+    auto wal = OpenOrDie(dir.path(), o);
+    EXPECT_EQ(wal->last_lsn(), kMaxLsn);
+    auto recs = ReadAll(wal.get(), kMaxLsn - 2);
+    ASSERT_EQ(recs.size(), 3u);
+    EXPECT_EQ(recs.back().lsn, kMaxLsn);
+  }
+}
+
 TEST(WalTest, AppendAfterCloseIsAborted) {
   TempDir dir;
   auto wal = OpenOrDie(dir.path());
