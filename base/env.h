@@ -82,6 +82,9 @@ class Env {
   virtual Result<std::vector<std::string>> GetChildren(const std::string& dir) = 0;
   virtual Result<uint64_t> GetFileSize(const std::string& path) = 0;
   virtual bool FileExists(const std::string& path) = 0;
+  // Whether path (symlinks followed) is a regular file, not a directory, FIFO,
+  // socket or device; NotFound if nothing is there.
+  virtual Result<bool> IsRegularFile(const std::string& path) = 0;
   virtual Status DeleteFile(const std::string& path) = 0;
   // Atomic replace of to (POSIX rename).
   virtual Status RenameFile(const std::string& from, const std::string& to) = 0;

@@ -228,6 +228,15 @@ class PosixEnv final : public Env {
 
   bool FileExists(const std::string& path) override { return ::access(path.c_str(), F_OK) == 0; }
 
+  Result<bool> IsRegularFile(const std::string& path) override {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+      if (errno == ENOENT) return Status::NotFound(path);
+      return Status::FromErrno("stat " + path, errno);
+    }
+    return S_ISREG(st.st_mode);
+  }
+
   Status DeleteFile(const std::string& path) override {
     if (::unlink(path.c_str()) != 0) return Status::FromErrno("unlink " + path, errno);
     return Status::OK();

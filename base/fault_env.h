@@ -57,6 +57,7 @@ class FaultInjectionEnv final : public Env {
   }
   Result<uint64_t> GetFileSize(const std::string& path) override { return target_->GetFileSize(path); }
   bool FileExists(const std::string& path) override { return target_->FileExists(path); }
+  Result<bool> IsRegularFile(const std::string& path) override { return target_->IsRegularFile(path); }
   Status DeleteFile(const std::string& path) override;
   Status RenameFile(const std::string& from, const std::string& to) override;
   Status TruncateFile(const std::string& path, uint64_t size) override;

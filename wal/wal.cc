@@ -190,9 +190,20 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
 
   std::vector<Lsn> names;
   for (const auto& name : *children) {
-    if (auto lsn = ParseSegmentFileName(name)) {
+    const auto lsn = ParseSegmentFileName(name);
+    const bool tmp = name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0;
+    if (!lsn && !(tmp && !ro)) continue;
+    // The log writes only regular files: a directory (or FIFO, ...) by one of
+    // its names was put there by someone else.
+    REPLICA_ASSIGN_OR_RETURN(bool regular, env_->IsRegularFile(JoinPath(dir_, name)));
+    if (lsn && !regular) {
+      return Status::Corruption(JoinPath(dir_, name) +
+                                " is named like a segment but is not a regular file; move it out of the WAL "
+                                "directory");
+    }
+    if (lsn) {
       names.push_back(*lsn);
-    } else if (!ro && name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) {
+    } else if (regular) {
       REPLICA_RETURN_IF_ERROR(env_->DeleteFile(JoinPath(dir_, name)));  // an interrupted atomic write
     }
   }
@@ -269,7 +280,12 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
   }
 
   if (segs.empty()) {
-    if (ro) return Status::NotFound("no WAL segments in " + dir_);
+    if (ro) {
+      if (removed_first == 0) return Status::NotFound("no WAL segments in " + dir_);
+      return Status::NotFound("no WAL segment with a header in " + dir_ + ": " + recovery_.removed_segments.back() +
+                              " holds no segment header, what a crash while creating it leaves (a writable "
+                              "open removes it and starts the log there)");
+    }
     Lsn first = removed_first != 0 ? removed_first : options_.start_lsn;
     bool seeded = false;
     if (history_.empty() && !options_.initial_history.empty()) {

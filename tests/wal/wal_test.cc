@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <filesystem>
 #include <set>
 #include <thread>
 
@@ -455,6 +456,38 @@ TEST(WalTest, ReadOnlyOnMissingDirIsNotFound) {
   Options ro;
   ro.read_only = true;
   EXPECT_TRUE(Wal::Open(dir.Sub("absent"), ro).status().IsNotFound());
+}
+
+TEST(WalTest, EntriesThatAreNotRegularFiles) {
+  TempDir dir;
+  OpenOrDie(dir.path()).reset();
+  // A directory whose name ends in .tmp is not a leftover of ours: left alone.
+  std::filesystem::create_directory(dir.Sub("junk.tmp"));
+  {
+    auto wal = Wal::Open(dir.path(), Options{});
+    ASSERT_TRUE(wal.ok()) << wal.status().ToString();
+  }
+  EXPECT_TRUE(std::filesystem::is_directory(dir.Sub("junk.tmp")));
+  // A directory named like a segment is refused by name, read-only too.
+  const std::string odd = dir.Sub(SegmentFileName(9999));
+  std::filesystem::create_directory(odd);
+  Options ro;
+  ro.read_only = true;
+  for (const Options& o : {Options{}, ro}) {
+    auto st = Wal::Open(dir.path(), o).status();
+    EXPECT_TRUE(st.IsCorruption()) << st.ToString();
+    EXPECT_NE(st.message().find(odd + " is named like a segment but is not a regular file"), std::string::npos)
+        << st.ToString();
+  }
+  // A lone segment without a header: read-only says which file it found.
+  TempDir empty;
+  const std::string seg = empty.Sub(SegmentFileName(1));
+  test::WriteFileBytes(seg, "");
+  auto st = Wal::Open(empty.path(), ro).status();
+  EXPECT_TRUE(st.IsNotFound()) << st.ToString();
+  EXPECT_NE(st.message().find(seg + " holds no segment header"), std::string::npos) << st.ToString();
+  auto wal = OpenOrDie(empty.path());
+  EXPECT_EQ(wal->first_lsn(), 1u);
 }
 
 TEST(WalTest, StartLsnForSeededLog) {
