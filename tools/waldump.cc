@@ -27,7 +27,10 @@ Options:
   --from LSN     start at LSN (default: the first retained record)
   --json         one JSON object per line: each record, then {"summary": ...};
                  a torn tail adds "torn": {segment, offset, bytes, lost_page,
-                 why} to the summary
+                 why} to the summary, a damaged epochs file
+                 "history_damage": why; the summary ends in "ok" and, when
+                 not ok, "error". If the log cannot be opened, the only line
+                 is {"summary":{"dir":...,"ok":false,"error":...}}
   --summary      print only the summary
   -h, --help     show this help
 
@@ -37,9 +40,15 @@ the reserved space of a preallocated segment are not), and the segment files'
 sizes (file_bytes: all of it). JSON strings are UTF-8; a byte of a name that
 is not valid UTF-8 is written as \u00XX, XX the byte in hex.
 
+The epoch history is read from the epochs file. If that file is damaged, or
+missing and not rebuildable from the segments (they no longer start at LSN
+1), the records are shown all the same, the summary's epochs are those the
+segments show, and the damage is reported (exit status 1).
+
 Exit status: 0 the log is readable (a torn tail is reported on stderr and is
-not an error: recovery cuts it), 1 the log is corrupt (the message names the
-segment, offset and LSN), 2 bad usage or the log could not be opened.
+not an error: recovery cuts it), 1 the log or its epochs file is corrupt (the
+message names the segment, offset and LSN, or the file), 2 bad usage or the
+log could not be opened.
 )";
 
 // Length of the valid UTF-8 sequence at s[i] (RFC 3629: no overlong form, no
@@ -134,6 +143,10 @@ int main(int argc, char** argv) {
   auto opened = Wal::Open(dir, options);
   if (!opened.ok()) {
     std::fprintf(stderr, "waldump: %s\n", opened.status().ToString().c_str());
+    if (json) {
+      std::printf("{\"summary\":{\"dir\":%s,\"ok\":false,\"error\":%s}}\n", JsonString(dir).c_str(),
+                  JsonString(opened.status().ToString()).c_str());
+    }
     return opened.status().IsCorruption() ? 1 : 2;
   }
   auto wal = std::move(opened).value();
@@ -153,6 +166,7 @@ int main(int argc, char** argv) {
   }
   auto reader = std::move(reader_or).value();
 
+  if (!rec.history_damage.empty()) std::fprintf(stderr, "waldump: epoch history: %s\n", rec.history_damage.c_str());
   uint64_t records = 0, payload_bytes = 0;
   Lsn first = 0, last = 0;
   std::map<uint8_t, uint64_t> by_type;
@@ -180,13 +194,16 @@ int main(int argc, char** argv) {
                   static_cast<unsigned long long>(r.epoch), TypeName(r.type), r.payload.size());
     }
   }
+  // The log's size ends at its last readable record: where reading stopped
+  // at damage, else the end of what Open found readable.
+  const uint64_t log_bytes = error.ok() ? wal->size_bytes() : reader->bytes_before();
   reader.reset();
   if (error.ok() && !rec.corruption.empty()) error = Status::Corruption(rec.corruption);
+  if (error.ok() && !rec.history_damage.empty()) error = Status::Corruption(rec.history_damage);
 
   auto segs = wal->segments();
   auto history = wal->epoch_history();
-  // The log's size ends at its last readable record; the files may hold
-  // more (a torn tail, damage, reserved space).
+  // The files may hold more than the log (a torn tail, damage, reserved space).
   uint64_t file_bytes = 0;
   for (const auto& seg : segs) {
     struct stat st {};
@@ -198,7 +215,7 @@ int main(int argc, char** argv) {
                 JsonString(dir).c_str(), static_cast<unsigned long long>(records),
                 static_cast<unsigned long long>(first), static_cast<unsigned long long>(last),
                 static_cast<unsigned long long>(payload_bytes), segs.size(),
-                static_cast<unsigned long long>(wal->size_bytes()), static_cast<unsigned long long>(file_bytes),
+                static_cast<unsigned long long>(log_bytes), static_cast<unsigned long long>(file_bytes),
                 rec.torn_tail ? "true" : "false");
     if (rec.torn_tail) {
       std::printf("\"torn\":{\"segment\":%s,\"offset\":%llu,\"bytes\":%llu,\"lost_page\":%s,\"why\":%s},",
@@ -206,6 +223,7 @@ int main(int argc, char** argv) {
                   static_cast<unsigned long long>(rec.torn_bytes), rec.torn_lost_page ? "true" : "false",
                   JsonString(rec.torn_why).c_str());
     }
+    if (!rec.history_damage.empty()) std::printf("\"history_damage\":%s,", JsonString(rec.history_damage).c_str());
     std::printf("\"epochs\":[");
     for (size_t i = 0; i < history.entries().size(); ++i) {
       std::printf("%s{\"epoch\":%llu,\"first_lsn\":%llu}", i ? "," : "",
@@ -220,7 +238,7 @@ int main(int argc, char** argv) {
                 "(to the last readable record) of %llu bytes in the files\n",
                 static_cast<unsigned long long>(records), static_cast<unsigned long long>(first),
                 static_cast<unsigned long long>(last), static_cast<unsigned long long>(payload_bytes), segs.size(),
-                static_cast<unsigned long long>(wal->size_bytes()), static_cast<unsigned long long>(file_bytes));
+                static_cast<unsigned long long>(log_bytes), static_cast<unsigned long long>(file_bytes));
     for (const auto& [type, n] : by_type) {
       std::printf("  type %s: %llu\n", TypeName(type), static_cast<unsigned long long>(n));
     }

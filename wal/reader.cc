@@ -202,6 +202,16 @@ Result<std::optional<RawSpan>> Reader::NextRaw(size_t max_bytes) {
   }
 }
 
+uint64_t Reader::bytes_before() const {
+  MutexLock l(&wal_->mu_);
+  uint64_t bytes = 0;
+  for (const auto& seg : wal_->segments_) {
+    if (seg.first_lsn >= seg_first_) break;
+    bytes += seg.end;
+  }
+  return bytes + (cursor_ ? cursor_->offset() : 0);
+}
+
 Status RawSpan::ReadInto(std::string* out) const {
   out->resize(length);
   REPLICA_ASSIGN_OR_RETURN(size_t got, file->Read(offset, length, out->data()));

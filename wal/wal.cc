@@ -220,7 +220,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
       history_ = std::move(decoded).value();
       history_read = true;
     } else if (ro && options_.salvage) {
-      recovery_.history_damage = decoded.status().WithContext(history_path).ToString();
+      recovery_.history_damage = decoded.status().WithContext(history_path).message();
     } else {
       return decoded.status().WithContext(
           history_path + " (moving it away makes Open rebuild the history from the segments, which is possible "
@@ -392,7 +392,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
       }
       if (!walked.ok()) {
         if (!(ro && options_.salvage)) return walked;
-        if (recovery_.history_damage.empty()) recovery_.history_damage = walked.ToString();
+        if (recovery_.history_damage.empty()) recovery_.history_damage = walked.message();
       }
       for (const auto& [epoch, lsn] : starts) {
         if (epoch > history_.last_epoch()) (void)history_.Add(epoch, lsn);

@@ -129,8 +129,8 @@ struct RecoveryReport {
   // dropped, or (the epochs file missing) rebuilt from the segments' frames.
   bool history_repaired = false;
   // Options::salvage: why the epochs file could not be used (damaged), or the
-  // history not rebuilt from the segments; the history then holds what the
-  // segments show (empty if none).
+  // history not rebuilt from the segments (a Corruption's message); the
+  // history then holds what the segments show (empty if none).
   std::string history_damage;
   // Options::salvage: the damage inside the last segment that readers stop
   // before (empty if none).
@@ -404,6 +404,11 @@ class Reader {
   // Returns false on timeout.
   Result<bool> WaitForData(std::chrono::steady_clock::time_point deadline);
   Lsn next_lsn() const { return next_lsn_; }
+  // The log's bytes (segment headers included) before where the reader
+  // stands: every retained segment before its current one, and that one up
+  // to the next frame to read. After Next failed, that is where the damage
+  // starts (or the end of the segment before one that cannot be opened).
+  uint64_t bytes_before() const;
 
  private:
   friend class Wal;

@@ -79,6 +79,65 @@ TEST(WaldumpTest, CorruptLogExitsOneAndSaysWhere) {
       << json.out;
 }
 
+TEST(WaldumpTest, LogBytesEndWhereReadingStopsInAnOlderSegment) {
+  TempDir dir;
+  const std::string wal = dir.Sub("wal");
+  ASSERT_EQ(Exec(kGen + " " + wal + " --records 100 --segment-size 4096 --log-level warn").exit_code, 0);
+  const auto segs = test::SegmentPaths(wal);
+  ASSERT_GT(segs.size(), 2u);
+  test::FlipBit(segs.front(), 40 + 140 * 2 + 40 + 50, 2);  // inside record 3's payload
+  uint64_t file_bytes = 0;
+  for (const auto& seg : segs) file_bytes += test::FileSize(seg);
+  ExecResult json = Exec(kDump + " --json " + wal);
+  EXPECT_EQ(json.exit_code, 1) << json.out;
+  EXPECT_NE(json.out.find("\"records\":2,"), std::string::npos) << json.out;
+  // Up to the end of record 2, not every segment's bytes.
+  EXPECT_NE(json.out.find("\"log_bytes\":" + std::to_string(40 + 140 * 2) + ",\"file_bytes\":" +
+                          std::to_string(file_bytes) + ","),
+            std::string::npos)
+      << json.out;
+  ExecResult text = Exec(kDump + " --summary " + wal);
+  EXPECT_EQ(text.exit_code, 1) << text.out;
+  EXPECT_NE(text.out.find(std::to_string(40 + 140 * 2) + " log bytes"), std::string::npos) << text.out;
+}
+
+TEST(WaldumpTest, ADamagedEpochsFileHidesNoRecord) {
+  TempDir dir;
+  const std::string wal = dir.Sub("wal");
+  ASSERT_EQ(Exec(kGen + " " + wal + " --records 60 --segment-size 4096 --epoch 3 --log-level warn").exit_code, 0);
+  ASSERT_GT(test::SegmentPaths(wal).size(), 1u);
+  test::FlipBit(wal + "/epochs", 20, 0);
+  ExecResult r = Exec(kDump + " " + wal);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("lsn=1 epoch=3 type=data"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("lsn=60 epoch=3 type=data"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("summary: 60 records, LSN 1..60"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("epoch 3 starts at LSN 1"), std::string::npos) << "rebuilt from the segments: " << r.out;
+  EXPECT_NE(r.out.find("epoch history: checksum mismatch"), std::string::npos) << r.out;
+  ExecResult json = Exec(kDump + " --summary --json " + wal);
+  EXPECT_EQ(json.exit_code, 1) << json.out;
+  EXPECT_NE(json.out.find("\"records\":60,"), std::string::npos) << json.out;
+  EXPECT_NE(json.out.find("\"history_damage\":\"" + wal + "/epochs: epoch history: checksum mismatch\""),
+            std::string::npos)
+      << json.out;
+  EXPECT_NE(json.out.find("\"ok\":false,\"error\":\"Corruption: "), std::string::npos) << json.out;
+}
+
+TEST(WaldumpTest, JsonSaysWhyALogCannotBeOpened) {
+  TempDir dir;
+  ExecResult missing = Exec(kDump + " --json " + dir.Sub("absent"));
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.out.find("{\"summary\":{\"dir\":\"" + dir.Sub("absent") + "\",\"ok\":false,\"error\":\"NotFound: "),
+            std::string::npos)
+      << missing.out;
+  const std::string wal = dir.Sub("wal");
+  ASSERT_EQ(Exec(kGen + " " + wal + " --records 3 --log-level warn").exit_code, 0);
+  test::FlipBit(test::SegmentPaths(wal).front(), 2, 1);  // the segment header's magic
+  ExecResult bad = Exec(kDump + " --json " + wal);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.out.find("\"ok\":false,\"error\":\"Corruption: "), std::string::npos) << bad.out;
+}
+
 TEST(WaldumpTest, TornTailIsReportedNotRepaired) {
   TempDir dir;
   const std::string wal = dir.Sub("wal");
