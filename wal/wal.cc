@@ -652,7 +652,9 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
 
   Status st = bg_error_;
   bool mutated = !maintenance;  // a failed write always leaves the disk unknown
-  bool want_sync = options_.sync_policy == SyncPolicy::kEveryCommit;
+  // A Sync asks for an fdatasync; under kEveryCommit so does any admitted
+  // record (a group whose appends were all refused writes nothing to sync).
+  bool want_sync = false;
   Lsn group_last = last_lsn_;
   EpochHistory new_history;
   bool history_changed = false;
@@ -714,6 +716,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
         op->result = op->run.last_lsn;
       }
       op->admitted = true;
+      if (options_.sync_policy == SyncPolicy::kEveryCommit) want_sync = true;
     }
     next_lsn_ = next;
     tail_epoch_ = tail;

@@ -367,6 +367,10 @@ TEST(WalTest, RefusesBadInput) {
   EXPECT_TRUE(wal->Append(4, RecordType::kData, "x").status().IsStaleEpoch());
   EXPECT_TRUE(wal->Append(5, RecordType::kData, "y").ok());
   EXPECT_EQ(wal->last_lsn(), 2u);  // the refused append took no LSN
+  // Nor an fdatasync: it wrote nothing (the default policy syncs every commit).
+  const uint64_t syncs = wal->stats().syncs;
+  EXPECT_TRUE(wal->Append(4, RecordType::kData, "x").status().IsStaleEpoch());
+  EXPECT_EQ(wal->stats().syncs, syncs);
   Options bad;
   bad.segment_size = 100;
   EXPECT_EQ(Wal::Open(dir.Sub("x"), bad).status().code(), StatusCode::kInvalidArgument);
