@@ -52,7 +52,7 @@ class FaultInjectionEnv::File final : public WritableFile {
     // the writer appends).
     const uint64_t covered = target_->Size();
     REPLICA_RETURN_IF_ERROR(target_->Sync());
-    env_->RecordSynced(path_, covered);
+    env_->RecordSynced(path_, covered, /*at_least=*/true);
     return Status::OK();
   }
   Status Close() override { return target_->Close(); }
@@ -114,9 +114,13 @@ size_t FaultInjectionEnv::TakeSpace(size_t want) {
   return fit;
 }
 
-void FaultInjectionEnv::RecordSynced(const std::string& path, uint64_t size) {
+void FaultInjectionEnv::RecordSynced(const std::string& path, uint64_t size, bool at_least) {
   MutexLock l(&mu_);
-  synced_size_[path] = size;
+  // Two syncs of one file can end in either order: what the earlier-started
+  // one covered never undoes what the other made durable (a truncation
+  // lowers it, in TruncateFile).
+  uint64_t& synced = synced_size_[path];
+  synced = at_least ? std::max(synced, size) : size;
   // The sync also makes the file's reservation durable.
   auto r = reserved_size_.find(path);
   if (r != reserved_size_.end()) r->second.synced = r->second.pending;

@@ -75,7 +75,9 @@ class FaultInjectionEnv final : public Env {
   Status Mutation(const char* what) EXCLUDES(mu_);
   // How many of want bytes fit the space budget (and consumes them).
   size_t TakeSpace(size_t want) EXCLUDES(mu_);
-  void RecordSynced(const std::string& path, uint64_t size) EXCLUDES(mu_);
+  // The file is durable up to size (at_least: up to at least size, for a
+  // sync that may end after another that covered more).
+  void RecordSynced(const std::string& path, uint64_t size, bool at_least = false) EXCLUDES(mu_);
   // A reservation (Preallocate); RecordSynced makes it durable: after a power
   // loss the file keeps that length, and what was not synced reads as zeros.
   void RecordReserved(const std::string& path, uint64_t size) EXCLUDES(mu_);
