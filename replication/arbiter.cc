@@ -2,6 +2,7 @@
 
 #include <boost/json.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 
@@ -412,6 +413,19 @@ class EtcdArbiter final : public Arbiter {
 
 std::string ClusterPrefix(const std::string& cluster) { return "/replica/" + cluster + "/"; }
 
+SyncEntry SyncEntry::Parse(const std::string& text) {
+  const size_t hash = text.find('#');
+  if (hash == std::string::npos) return SyncEntry{text, ""};
+  return SyncEntry{text.substr(0, hash), text.substr(hash + 1)};
+}
+
+bool SyncListed(const std::vector<std::string>& entries, const std::string& id, const std::string& incarnation) {
+  return std::any_of(entries.begin(), entries.end(), [&](const std::string& e) {
+    const SyncEntry s = SyncEntry::Parse(e);
+    return s.id == id && (s.incarnation.empty() || s.incarnation == incarnation);
+  });
+}
+
 std::string NodeInfo::ToJson() const {
   json::object o{{"id", id},
                  {"address", address},
@@ -439,6 +453,7 @@ std::string NodeInfo::ToJson() const {
   if (!progress.empty()) o["progress"] = progress;
   if (!failure.empty()) o["failure"] = failure;
   if (final_epoch != 0) o["final_epoch"] = final_epoch;
+  if (!incarnation.empty()) o["incarnation"] = incarnation;
   return json::serialize(o);
 }
 
@@ -473,6 +488,7 @@ Result<NodeInfo> NodeInfo::FromJson(const std::string& text) {
   n.progress = S(o, "progress");
   n.failure = S(o, "failure");
   n.final_epoch = U64(o, "final_epoch", bad);
+  n.incarnation = S(o, "incarnation");
   if (n.id.empty()) return Status::Corruption("a node session without an id");
   return n;
 }

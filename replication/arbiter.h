@@ -46,6 +46,9 @@ struct NodeInfo {
   // read it then: its LSNs above are final for that election (nothing more
   // arrives from the active that is gone). 0 otherwise.
   uint64_t final_epoch = 0;
+  // Its data directory's incarnation (DATA_DIR/node): new whenever the
+  // directory is created empty. Empty from nodes older than incarnations.
+  std::string incarnation;
   // Not published: what FromJson could not read, e.g. a number field that
   // is not a whole number 0..2^63-1 (it reads as 0, as before); empty when
   // the session read cleanly. For the operator (repctl status).
@@ -53,6 +56,17 @@ struct NodeInfo {
   std::string ToJson() const;
   static Result<NodeInfo> FromJson(const std::string& text);
 };
+
+// A sync set entry: "ID" (any incarnation: written before incarnations)
+// or "ID#INCARNATION" (that data directory only; '#' is in no node id).
+struct SyncEntry {
+  std::string id;
+  std::string incarnation;  // empty: any
+  static SyncEntry Parse(const std::string& text);
+  std::string ToString() const { return incarnation.empty() ? id : id + "#" + incarnation; }
+};
+// Whether `entries` list node `id` with data directory `incarnation`.
+bool SyncListed(const std::vector<std::string>& entries, const std::string& id, const std::string& incarnation);
 
 struct ActiveInfo {
   std::string id;

@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 #include <span>
+#include <random>
 #include <sstream>
 #include <thread>
 #include <unordered_map>
@@ -50,6 +51,9 @@ constexpr size_t kMaxApplyRecords = 256;
 // Delete counts kept for writers yet to take them (see delete_counts_).
 constexpr wal::Lsn kKeepDeleteCounts = 65536;
 constexpr char kSlotsFile[] = "slots";
+// DATA_DIR/node: "id ID" and "incarnation HEX" lines, written when the
+// directory is first opened (docs/operations.md, "Data directory").
+constexpr char kNodeFile[] = "node";
 constexpr auto kRetentionEvery = 250ms;
 // How long the active waits for a standby's answer to a snapshot offer:
 // the standby first hashes the files it may already hold (up to the
@@ -116,6 +120,7 @@ struct Standby {
   std::string id;
   std::string address;         // its replication connection's remote end
   std::string client_address;  // where its clients go, as it said (may be empty); guarded by EngineImpl::mu_
+  std::string incarnation;     // its data directory's, as it said in Subscribe
   wal::Lsn flushed = 0;  // guarded by EngineImpl::mu_
   wal::Lsn applied = 0;  // guarded by EngineImpl::mu_
   // Last LSN shipped on this session: acks are never credited beyond it.
@@ -446,6 +451,9 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // their cap; persists the slots first. Throttled unless force.
   void MaintainRetention(bool force) EXCLUDES(mu_);
   Status LoadSlots();
+  // Reads DATA_DIR/node (refusing a directory of another node id), or
+  // writes it with a new incarnation for a directory that has none.
+  Status LoadIdentity();
   void FollowerLoop();
   void AdvanceCommit() REQUIRES(mu_);
   wal::Lsn ComputeCommit() REQUIRES(mu_);
@@ -619,6 +627,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // listed ones only once etcd no longer lists it).
   std::set<std::string> sync_listed_ GUARDED_BY(mu_);
   std::set<std::string> sync_joining_ GUARDED_BY(mu_);
+  // The data directory incarnation each member was listed with (empty:
+  // listed before incarnations, by id alone).
+  std::map<std::string, std::string> member_incarnation_ GUARDED_BY(mu_);
+  std::string incarnation_;  // this node's (DATA_DIR/node); set in Open, then constant
   // A standby dropped for lagging joins again no sooner than `until`: the
   // back-off doubles with each drop (from sync_rejoin_backoff, at most 64
   // times it) and starts over after a minute without one, so that a standby
@@ -817,6 +829,7 @@ Status EngineImpl::Init() {
   // A snapshot install that a crash interrupted is finished before anything opens.
   REPLICA_RETURN_IF_ERROR(snapshot::RecoverInstall(opts_.data_dir));
   REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(opts_.data_dir, "checkpoints")));
+  REPLICA_RETURN_IF_ERROR(LoadIdentity());
   REPLICA_RETURN_IF_ERROR(LoadSlots());
   REPLICA_RETURN_IF_ERROR(OpenStorage());
   opened_.store(true);
@@ -946,6 +959,44 @@ void EngineImpl::StopApplier() {
   if (applier_.joinable()) applier_.join();
 }
 
+Status EngineImpl::LoadIdentity() {
+  const std::string path = JoinPath(opts_.data_dir, kNodeFile);
+  if (Env::Default()->FileExists(path)) {
+    REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(Env::Default(), path));
+    std::istringstream in(data);
+    std::string key, value, id, incarnation;
+    while (in >> key >> value) {
+      if (key == "id") id = value;
+      if (key == "incarnation") incarnation = value;
+    }
+    if (!CheckName("node id", id).ok() || incarnation.empty() ||
+        incarnation.find_first_not_of("0123456789abcdef") != std::string::npos) {
+      return Status::Corruption(path + ": expected the lines \"id ID\" and \"incarnation HEX\"; if the directory is " +
+                                "this node's, delete the file and the next start writes a new one (the node is " +
+                                "then not eligible for promotion until it has caught up again)");
+    }
+    if (id != opts_.node_id) {
+      return Status::InvalidArgument("data directory " + opts_.data_dir + " belongs to node '" + id + "' (" + path +
+                                     "): start it with --id " + id + ", or give node '" + opts_.node_id +
+                                     "' a directory of its own");
+    }
+    incarnation_ = incarnation;
+    return Status::OK();
+  }
+  // New (or from a version without the file): a new incarnation. A sync
+  // set lists members with theirs, so an emptied directory never passes
+  // for the one a sync set listed.
+  std::random_device rd;
+  char hex[33];
+  std::snprintf(hex, sizeof hex, "%08x%08x%08x%08x", rd(), rd(), rd(), rd());
+  incarnation_ = hex;
+  REPLICA_RETURN_IF_ERROR(WriteFileAtomically(Env::Default(), path,
+                                              "id " + opts_.node_id + "\nincarnation " + incarnation_ + "\n"));
+  RLOG(kInfo, "engine.data_dir_identity") << "node=" << opts_.node_id << " incarnation=" << incarnation_
+                                          << " (new: " << path << ")";
+  return Status::OK();
+}
+
 Status EngineImpl::LoadSlots() {
   const std::string path = JoinPath(opts_.data_dir, kSlotsFile);
   if (!Env::Default()->FileExists(path)) return Status::OK();
@@ -1053,7 +1104,15 @@ wal::Lsn EngineImpl::MemberLsn(const std::string& id) const {
   auto it = standbys_.find(id);
   auto slot = slots_.find(id);
   wal::Lsn held = slot == slots_.end() ? 0 : slot->second;
-  if (it != standbys_.end()) held = it->second->resync ? 0 : std::max(held, it->second->flushed);
+  if (it != standbys_.end()) {
+    // Connected from another data directory than the one listed (emptied
+    // or replaced since): it holds none of what the listed one held.
+    auto listed = member_incarnation_.find(id);
+    if (listed != member_incarnation_.end() && !listed->second.empty() && listed->second != it->second->incarnation) {
+      return 0;
+    }
+    held = it->second->resync ? 0 : std::max(held, it->second->flushed);
+  }
   return held;
 }
 
@@ -1082,6 +1141,7 @@ void EngineImpl::MaybeJoin(const Standby& sb) {
   if (sb.resync || sb.flushed < commit_lsn_ || sync_listed_.count(sb.id) || sync_joining_.count(sb.id)) return;
   if (auto b = sync_backoff_.find(sb.id); b != sync_backoff_.end() && Clock::now() < b->second.until) return;
   sync_joining_.insert(sb.id);
+  member_incarnation_[sb.id] = sb.incarnation;  // judged by this session's log
   arbiter_->Kick();
 }
 
@@ -1105,6 +1165,7 @@ wal::Lsn EngineImpl::ComputeCommit() {
 }
 
 Status EngineImpl::PublishSync(std::set<std::string> next) {
+  std::vector<std::string> entries;
   {
     MutexLock l(&mu_);
     for (auto it = next.begin(); it != next.end();) {
@@ -1116,6 +1177,9 @@ Status EngineImpl::PublishSync(std::set<std::string> next) {
         it = next.erase(it);
       }
     }
+    // Each is listed with the data directory whose log was judged (set
+    // when it joined: its session's, or at promotion the last listing's).
+    for (const auto& id : next) entries.push_back(SyncEntry{id, member_incarnation_[id]}.ToString());
     // They stay bound as listed from here; removed ones stay listed until
     // etcd no longer lists them.
     for (const auto& id : next) {
@@ -1123,7 +1187,7 @@ Status EngineImpl::PublishSync(std::set<std::string> next) {
       sync_joining_.erase(id);
     }
   }
-  Status st = arbiter_->PublishSyncSet(std::vector<std::string>(next.begin(), next.end()));
+  Status st = arbiter_->PublishSyncSet(entries);
   MutexLock l(&mu_);
   if (!st.ok()) {
     sync_dirty_ = true;
@@ -1187,6 +1251,7 @@ void EngineImpl::DropLaggingMembers(wal::Lsn lsn) {
         for (const auto& [id, sb] : standbys_) {
           if (sb->resync || sb->flushed < lsn || keep.count(id)) continue;
           sync_joining_.insert(id);
+          member_incarnation_[id] = sb->incarnation;
           Backoff& b = sync_backoff_[id];
           b.until = std::min(b.until, Clock::now());  // it holds the write: no wait
           keep.insert(id);
@@ -2257,6 +2322,7 @@ NodeInfo EngineImpl::MyInfo() {
     if (db_->GetAggregatedIntProperty("rocksdb.total-sst-files-size", &v)) n.db_bytes = v;
   }
   n.resyncs = snapshots_installed_.load();
+  n.incarnation = incarnation_;
   MutexLock l(&mu_);
   n.applied_lsn = applied_lsn_;
   n.commit = rule_.ToString();
@@ -2280,6 +2346,7 @@ void EngineImpl::RoleLoop() {
   auto vacancy_seen = Clock::time_point();  // when this node first saw no active
   bool lease_held_logged = true;
   bool sync_unreadable_logged = false;
+  bool not_eligible_said = false;  // this election
   constexpr auto kSettle = 50ms;
   for (;;) {
     const uint64_t seen = arbiter_->changes();
@@ -2524,9 +2591,10 @@ void EngineImpl::RoleLoop() {
           sync_unreadable_logged = false;
           sync = *got;
         }
-        auto eligible = [&](const std::string& id) {
-          return !sync || std::find(sync->begin(), sync->end(), id) != sync->end();
-        };
+        // Listed, and with the data directory it was listed with: a node
+        // whose directory was emptied (or replaced) since holds none of the
+        // acknowledged writes that listing stood for.
+        auto eligible = [&](const NodeInfo& n) { return !sync || SyncListed(*sync, n.id, n.incarnation); };
         const NodeInfo me = MyInfo();
         auto nodes = arbiter_->GetNodes();
         // Settled once every eligible node has published its final LSNs
@@ -2534,7 +2602,7 @@ void EngineImpl::RoleLoop() {
         bool settled = now - vacancy_seen >= kSettle;
         if (!settled && nodes.ok()) {
           settled = std::all_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) {
-            return n.id == me.id || !eligible(n.id) || !n.failure.empty() ||
+            return n.id == me.id || !eligible(n) || !n.failure.empty() ||
                    (me.final_epoch != 0 && n.final_epoch == me.final_epoch);
           });
         }
@@ -2545,12 +2613,23 @@ void EngineImpl::RoleLoop() {
         int ahead = 0;
         if (nodes.ok()) {
           for (const auto& n : *nodes) {
-            if (n.id == me.id || !eligible(n.id) || !n.failure.empty()) continue;  // a failed node never campaigns
+            if (n.id == me.id || !eligible(n) || !n.failure.empty()) continue;  // a failed node never campaigns
             if (n.durable_lsn > me.durable_lsn || (n.durable_lsn == me.durable_lsn && n.id < me.id)) ++ahead;
           }
         }
-        if (!eligible(me.id)) {
-          RLOG(kDebug, "engine.not_eligible") << "node=" << opts_.node_id;
+        if (!eligible(me)) {
+          if (!not_eligible_said) {
+            // Once per election: why this node waits for another.
+            not_eligible_said = true;
+            const bool listed = std::any_of(sync->begin(), sync->end(),
+                                            [&](const std::string& e) { return SyncEntry::Parse(e).id == me.id; });
+            RLOG(kWarn, "engine.not_eligible")
+                << "node=" << opts_.node_id
+                << (listed ? " (the sync set lists this node id with another data directory: this one was emptied "
+                             "or replaced since, and holds none of the writes that listing stood for)"
+                           : " (not in the sync set: it may lack acknowledged writes)")
+                << "; it waits for a listed node to win (or repctl promote --force " << opts_.node_id << ")";
+          }
         } else if (const auto from = CampaignEpoch(me); !from) {
           // Failed meanwhile: the loop's next pass steps aside for good.
         } else if (now < campaign_not_before_) {
@@ -2560,6 +2639,7 @@ void EngineImpl::RoleLoop() {
           NoteCampaign(won.status());
           if (won.ok() && *won) {
             vacancy_seen = Clock::time_point();
+            not_eligible_said = false;
             final_epoch_ = 0;
             PromoteOrStepAside(**won);
             continue;
@@ -2570,6 +2650,7 @@ void EngineImpl::RoleLoop() {
     if (active.ok()) active_key_error_.clear();  // readable again: a new damage is said again
     if (active.ok() && *active) {
       vacancy_seen = Clock::time_point();
+      not_eligible_said = false;
       // The mark goes from the published session at once.
       if (final_epoch_.exchange(0) != 0 && arbiter_->Publish(MyInfo()).ok()) last_publish = Clock::now();
     }
@@ -2684,12 +2765,16 @@ Status EngineImpl::Promote(uint64_t epoch) {
   // It starts with the standbys the last active listed that are alive: they
   // hold every write it acknowledged. The others join once they hold
   // everything (MaybeJoin).
+  // A listed one counts only with the data directory it was listed with.
   std::set<std::string> keep;
+  std::map<std::string, std::string> keep_incarnation;
   if (auto listed = arbiter_->GetSyncSet(); listed.ok() && *listed && nodes.ok()) {
-    for (const auto& id : **listed) {
-      if (id != opts_.node_id &&
-          std::any_of(nodes->begin(), nodes->end(), [&](const NodeInfo& n) { return n.id == id; })) {
-        keep.insert(id);
+    for (const auto& entry : **listed) {
+      const SyncEntry e = SyncEntry::Parse(entry);
+      for (const auto& n : *nodes) {
+        if (n.id != e.id || n.id == opts_.node_id || !SyncListed({entry}, n.id, n.incarnation)) continue;
+        keep.insert(n.id);
+        keep_incarnation[n.id] = e.incarnation.empty() ? n.incarnation : e.incarnation;
       }
     }
   }
@@ -2699,6 +2784,7 @@ Status EngineImpl::Promote(uint64_t epoch) {
       MutexLock l(&mu_);
       sync_listed_.clear();
       sync_joining_.clear();
+      member_incarnation_ = keep_incarnation;
       if (rule_.mode != CommitRule::Mode::kAsync) sync_joining_ = keep;
       sync_backoff_.clear();
       sync_drop_retry_ = Clock::time_point();
@@ -3090,6 +3176,7 @@ void EngineImpl::SendSubscribe(const std::shared_ptr<transport::Session>& s) {
     sub->set_applied_lsn(applied_lsn_);
     sub->set_want_snapshot(want_snapshot_);
     sub->set_client_address(ClientAddress());
+    sub->set_incarnation(incarnation_);
     // Kept until a snapshot is installed (a resync cut short asks again).
   }
   (void)s->SendControl(msg);
@@ -3209,6 +3296,7 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
   sb->id = s->peer_id();
   sb->address = s->remote_address();
   sb->client_address = ClientAddressOf(msg.client_address());
+  sb->incarnation = msg.incarnation();
   sb->flushed = from - 1;  // its log matches ours up to here
   sb->applied = std::min<wal::Lsn>(msg.applied_lsn(), from - 1);
   sb->shipped.store(from - 1);
@@ -3228,6 +3316,7 @@ void EngineImpl::StartResync(const std::shared_ptr<transport::Session>& s, const
   sb->id = s->peer_id();
   sb->address = s->remote_address();
   sb->client_address = ClientAddressOf(msg.client_address());
+  sb->incarnation = msg.incarnation();
   sb->resync = true;
   RLOG(kWarn, "engine.resync_start") << "node=" << opts_.node_id << " standby=" << sb->id << " reason=\"" << reason
                                      << "\"";

@@ -55,7 +55,8 @@ const char kUsage[] =
 struct Cluster {
   std::optional<ActiveInfo> active;
   std::vector<NodeInfo> nodes;
-  std::optional<std::vector<std::string>> sync;
+  std::optional<std::vector<std::string>> sync;  // entries: ID or ID#INCARNATION (SyncEntry)
+  std::string commit;  // the rule set at run time (ctl/commit), else the active's; empty if unknown
   // Damage an operator must see, not a reason to refuse every command (the
   // documented way out of a damaged sync key is repctl promote --force):
   std::string sync_unreadable;  // why the sync key could not be read; empty if it could
@@ -70,6 +71,16 @@ Cluster Read(Arbiter* a) {
   c.active = OrFail(a->GetActive(), "read the active key from etcd");
   c.nodes = OrFail(a->GetNodes(), "read the node sessions from etcd");
   c.unreadable = OrFail(a->GetUnreadableNodes(), "read the node sessions from etcd");
+  if (auto ctl = a->GetControls(); ctl.ok()) {
+    for (const auto& [name, value] : *ctl) {
+      if (name == "commit") c.commit = value;
+    }
+  }
+  if (c.commit.empty() && c.active) {
+    for (const auto& n : c.nodes) {
+      if (n.id == c.active->id) c.commit = n.commit;
+    }
+  }
   auto sync = a->GetSyncSet();
   if (sync.ok()) {
     c.sync = *sync;
@@ -100,12 +111,21 @@ const NodeInfo* Find(const Cluster& c, const std::string& id) {
   return nullptr;
 }
 
-// May campaign if there were no active: not failed, and listed (or no list).
-// Unknown (nullopt) while the sync set is unreadable.
+// May campaign if there were no active: not failed, and under the async
+// rule any node, else listed with its data directory (or no list). Unknown
+// (nullopt) while the sync set is unreadable under a synchronous rule.
 std::optional<bool> Eligible(const Cluster& c, const NodeInfo& n) {
   if (!n.failure.empty()) return false;
+  if (c.commit == "async") return true;
   if (!c.sync_unreadable.empty()) return std::nullopt;
-  return !c.sync || std::find(c.sync->begin(), c.sync->end(), n.id) != c.sync->end();
+  return !c.sync || SyncListed(*c.sync, n.id, n.incarnation);
+}
+
+// The sync set's node ids, for display.
+std::vector<std::string> SyncIds(const std::vector<std::string>& entries) {
+  std::vector<std::string> ids;
+  for (const auto& e : entries) ids.push_back(SyncEntry::Parse(e).id);
+  return ids;
 }
 
 int PrintStatus(Arbiter* a, bool as_json) {
@@ -159,7 +179,7 @@ int PrintStatus(Arbiter* a, bool as_json) {
     for (const auto& u : c.unreadable) unreadable.push_back(boost::json::object{{"key", u.key}, {"why", u.why}});
     boost::json::object out{{"active", c.active ? boost::json::value(c.active->id) : boost::json::value(nullptr)},
                             {"epoch", c.active ? c.active->epoch : 0},
-                            {"sync_set", c.sync ? boost::json::value_from(*c.sync) : boost::json::value(nullptr)},
+                            {"sync_set", c.sync ? boost::json::value_from(SyncIds(*c.sync)) : boost::json::value(nullptr)},
                             {"sync_set_unreadable", c.sync_unreadable.empty() ? boost::json::value(nullptr)
                                                                               : boost::json::value(c.sync_unreadable)},
                             {"nodes", std::move(nodes)},
@@ -199,9 +219,16 @@ int PrintStatus(Arbiter* a, bool as_json) {
     return 0;
   }
   if (act) std::printf("\ncommit rule: %s (on the active)\n", act->commit.empty() ? "?" : act->commit.c_str());
-  if (c.sync) {
+  if (c.sync && c.commit == "async") {
+    std::printf("sync set: not used under the async rule (every node is eligible for promotion)\n");
+  } else if (c.sync) {
     std::string ids;
-    for (const auto& id : *c.sync) ids += (ids.empty() ? "" : ", ") + id;
+    for (const auto& e : *c.sync) {
+      const SyncEntry s = SyncEntry::Parse(e);
+      const NodeInfo* n = Find(c, s.id);
+      ids += (ids.empty() ? "" : ", ") + s.id;
+      if (n && !SyncListed({e}, n->id, n->incarnation)) ids += " (listed with another data directory: not eligible)";
+    }
     std::printf("sync set (eligible for promotion): %s\n", ids.empty() ? "(empty: none)" : ids.c_str());
   } else if (!c.sync_unreadable.empty()) {
     std::printf("sync set (eligible for promotion): UNREADABLE (%s); while there is no active, no node campaigns "

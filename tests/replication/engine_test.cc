@@ -892,6 +892,36 @@ TEST(EngineTest, FollowingANodeWithTheSameIdFailsClearly) {
   ASSERT_TRUE(a->Close().ok());
 }
 
+TEST(EngineTest, ADataDirectoryBelongsToOneNodeId) {
+  // DATA_DIR/node names the node the directory is for: another id is
+  // refused (it would take over that node's slot and sync set listing), and
+  // an emptied directory gets a new incarnation.
+  TempDir dir;
+  EngineOptions a = Node(dir, "a");
+  std::string first;
+  {
+    auto e = OpenOrDie(a);
+    ASSERT_TRUE(e->Close().ok());
+    first = test::ReadFileBytes(a.data_dir + "/node");
+    EXPECT_EQ(first.rfind("id a\nincarnation ", 0), 0u) << first;
+  }
+  EngineOptions b = a;
+  b.node_id = "b";
+  auto refused = Engine::Open(b);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("belongs to node 'a'"), std::string::npos) << refused.status().ToString();
+  {
+    auto e = OpenOrDie(a);  // the same node again: the same incarnation
+    ASSERT_TRUE(e->Close().ok());
+    EXPECT_EQ(test::ReadFileBytes(a.data_dir + "/node"), first);
+  }
+  std::filesystem::remove_all(a.data_dir);
+  auto e = OpenOrDie(a);
+  ASSERT_TRUE(e->Close().ok());
+  EXPECT_NE(test::ReadFileBytes(a.data_dir + "/node"), first) << "an emptied directory is a new incarnation";
+}
+
 TEST(EngineTest, AStandbySaysWhyItCannotReachItsActive) {
   // Its one warning names the cause: a name that does not resolve (looked
   // up by the transport, not by the follower's thread) or a refused connect.
@@ -1276,6 +1306,44 @@ struct SyncSetCluster {
     return s && std::find(s->begin(), s->end(), id) != s->end();
   }
 };
+
+std::string IncarnationOf(const std::string& data_dir) {
+  const std::string text = test::ReadFileBytes(data_dir + "/node");
+  const size_t at = text.find("incarnation ");
+  return at == std::string::npos ? "" : text.substr(at + 12, text.find('\n', at) - at - 12);
+}
+
+TEST(EngineTest, AListedStandbyBackOnAnEmptiedDirectoryIsListedAgainWithItsNewIncarnation) {
+  // The set names the data directory whose log the active judged: a listed
+  // standby back on an emptied directory holds none of it; it is dropped,
+  // and listed again, with its new incarnation, once it holds everything.
+  SyncSetCluster sc;
+  auto a = sc.OpenActive("a");
+  auto b = OpenOrDie(sc.Options("b"));
+  auto c = OpenOrDie(sc.Options("c"));
+  ASSERT_TRUE(Eventually([&] { return sc.Listed("b") && sc.Listed("c"); }));
+  WriteMany(a.get(), 10);
+  const std::string b_dir = sc.Options("b").data_dir;
+  const std::string old_incarnation = IncarnationOf(b_dir);
+  ASSERT_FALSE(old_incarnation.empty());
+  auto entries = sc.cluster.sync_entries();
+  ASSERT_TRUE(entries && std::count(entries->begin(), entries->end(), "b#" + old_incarnation) == 1);
+  ASSERT_TRUE(b->Close().ok());
+  b.reset();
+  std::filesystem::remove_all(b_dir);
+  b = OpenOrDie(sc.Options("b"));
+  const std::string new_incarnation = IncarnationOf(b_dir);
+  ASSERT_NE(new_incarnation, old_incarnation);
+  ASSERT_TRUE(Eventually([&] {
+    WriteMany(a.get(), 1);
+    auto e = sc.cluster.sync_entries();
+    return e && std::count(e->begin(), e->end(), "b#" + new_incarnation) == 1;
+  }));
+  entries = sc.cluster.sync_entries();
+  EXPECT_EQ(std::count(entries->begin(), entries->end(), "b#" + old_incarnation), 0);
+  const uint64_t last = WriteMany(a.get(), 1);
+  EXPECT_TRUE(b->WaitForApplied(last, 30s).ok());
+}
 
 // Under remote-write:1 with two standbys, both are listed as eligible; when
 // one stops, a write it lacks is acknowledged only after the arbiter no

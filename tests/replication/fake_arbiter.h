@@ -41,7 +41,15 @@ class FakeCluster {
     MutexLock l(&mu_);
     return active_;
   }
+  // The listed node ids (entries are ID#INCARNATION: SyncEntry).
   std::optional<std::vector<std::string>> sync() {
+    MutexLock l(&mu_);
+    if (!sync_) return std::nullopt;
+    std::vector<std::string> ids;
+    for (const auto& e : *sync_) ids.push_back(SyncEntry::Parse(e).id);
+    return ids;
+  }
+  std::optional<std::vector<std::string>> sync_entries() {
     MutexLock l(&mu_);
     return sync_;
   }

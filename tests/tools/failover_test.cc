@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <filesystem>
 #include <functional>
 #include <mutex>
 #include <memory>
@@ -859,9 +860,59 @@ TEST_F(FailoverTest, NoEligibleStandbyMeansNoPromotionUntilForced) {
   // Alone, it can acknowledge writes only once the rule asks for no standby.
   out = Repctl(etcd_->endpoint(), "set-commit async", &code);
   ASSERT_EQ(code, 0) << out;
+  out = Repctl(etcd_->endpoint(), "status", &code);
+  EXPECT_NE(out.find("sync set: not used under the async rule"), std::string::npos) << out;
   RespClient l(d[late]->client_port());
   EXPECT_EQ(l.Command({"SET", "after", "forced"}), "+OK");
   EXPECT_EQ(l.Command({"GET", "k99"}), "$-1") << "the writes it never had are lost, as repctl warned";
+}
+
+TEST_F(FailoverTest, ANodeRestartedOnAnEmptiedDataDirectoryIsNotEligible) {
+  // The sync set lists each member with its data directory's incarnation.
+  // A listed node restarted on an emptied directory holds none of the
+  // acknowledged writes: started alone after a full stop it promoted itself
+  // with an empty log, and every node that came back was resynced to it.
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id, "--commit remote-write:1"));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int act = WaitForOneActive(nodes);
+  ASSERT_GE(act, 0);
+  const int wiped = (act + 1) % 3, other = (act + 2) % 3;
+  const std::string both = "\"sync_set\":[\"" + std::string(1, static_cast<char>('a' + std::min(wiped, other))) +
+                           "\",\"" + std::string(1, static_cast<char>('a' + std::max(wiped, other))) + "\"]";
+  const std::string listed = RepctlUntil(etcd_->endpoint(), "status --json",
+                                         [&](const std::string& o) { return o.find(both) != std::string::npos; });
+  ASSERT_NE(listed.find(both), std::string::npos) << listed;
+  {
+    RespClient c(d[act]->client_port());
+    for (int i = 0; i < 100; ++i) ASSERT_EQ(c.Command({"SET", "k" + std::to_string(i), "v"}), "+OK");
+  }
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[wiped]));
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[other]));
+  // A full stop, standbys first (docs/operations.md).
+  EXPECT_EQ(d[wiped]->Kill(SIGTERM), 0);
+  EXPECT_EQ(d[other]->Kill(SIGTERM), 0);
+  EXPECT_EQ(d[act]->Kill(SIGTERM), 0);
+  const std::string wiped_id(1, static_cast<char>('a' + wiped));
+  std::filesystem::remove_all(dir_.Sub(wiped_id));
+  const std::string log = dir_.Sub(wiped_id + ".log");  // its stderr (the shell redirects it)
+  d[wiped] = Start(wiped_id, "--commit remote-write:1 2>" + log);
+  ASSERT_TRUE(test::Eventually([&] { return test::ReadFileBytes(log).find("engine.not_eligible") != std::string::npos; }, 20s))
+      << test::ReadFileBytes(log);
+  EXPECT_NE(test::ReadFileBytes(log).find("with another data directory"), std::string::npos) << test::ReadFileBytes(log);
+  EXPECT_EQ(d[wiped]->Cli("ROLE").rfind("slave", 0), 0u) << "it promoted itself with an empty log";
+  // The nodes that hold the writes come back; one of them takes over, and
+  // the emptied one is given everything.
+  for (int i : {act, other}) d[i] = Start(std::string(1, static_cast<char>('a' + i)), "--commit remote-write:1");
+  nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int next = WaitForOneActive(nodes);
+  ASSERT_GE(next, 0);
+  EXPECT_NE(next, wiped);
+  RespClient c(d[next]->client_port());
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(c.Command({"GET", "k" + std::to_string(i)}), "v") << i;
+  ASSERT_TRUE(test::CaughtUp(*d[next], *d[wiped]));
+  RespClient w(d[wiped]->client_port());
+  EXPECT_EQ(w.Command({"GET", "k99"}), "v");
 }
 
 }  // namespace
