@@ -2412,10 +2412,30 @@ void EngineImpl::RoleLoop() {
       }
     }
     if (role_.load() == Role::kActive) {
+      // A removal stands until the node comes back (a session under its
+      // id): whichever node is the active drops the slot it keeps for it,
+      // also one that held it in an earlier term (a demoted node keeps its
+      // slots file, and a switchover back used to bring the slot back).
+      std::optional<std::vector<NodeInfo>> live;
       for (const auto& [key, value] : ctl) {
         if (key.rfind("remove/", 0) != 0) continue;
-        if (key.substr(7) != opts_.node_id) RemoveStandby(key.substr(7));
-        (void)arbiter_->ClearControl(key);
+        const std::string id = key.substr(7);
+        if (!live) {
+          auto nodes = arbiter_->GetNodes();
+          if (!nodes.ok()) break;
+          live = std::move(*nodes);
+        }
+        if (id == opts_.node_id ||
+            std::any_of(live->begin(), live->end(), [&](const NodeInfo& n) { return n.id == id; })) {
+          (void)arbiter_->ClearControl(key);  // back (or this node): the removal is over
+          continue;
+        }
+        bool has_slot;
+        {
+          MutexLock l(&mu_);
+          has_slot = slots_.count(id) > 0;
+        }
+        if (has_slot) RemoveStandby(id);
       }
     }
     {

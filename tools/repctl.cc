@@ -401,8 +401,21 @@ int main(int argc, char** argv) {
     if (!put.ok()) Fail("etcd: " + put.ToString());
     const long ms = WaitFor(arbiter.get(), [&](const std::optional<ActiveInfo>& a) { return a && a->id == target; }, limit);
     (void)arbiter->ClearControl("switchover");
-    if (ms < 0) Fail("the switchover to " + target + " did not complete in " + std::to_string(limit.count()) +
-                     " s (see the logs of " + from + ": engine.switchover_failed)");
+    if (ms < 0) {
+      // Say where it stopped: the old active still holds the role (it
+      // refused: its log says engine.switchover_failed), or it handed over
+      // and the target never took the role (stopped, paused, not eligible).
+      std::string now = "no active now";
+      bool kept = false;  // still the term the request was made in
+      if (auto a = arbiter->GetActive(); a.ok() && *a) {
+        now = "the active is now " + (*a)->id + " (epoch " + std::to_string((*a)->epoch) + ")";
+        kept = (*a)->id == from && (*a)->epoch == epoch;
+      }
+      Fail("the switchover to " + target + " did not complete in " + std::to_string(limit.count()) + " s: " + now +
+           (kept ? " (it did not hand over; see its log: engine.switchover_failed)"
+                 : " (" + from + " handed over, engine.switchover_handed in its log, but " + target +
+                       " did not take the role: is it running and not paused? its log may say engine.not_eligible)"));
+    }
     std::printf("switched over from %s to %s: the active key moved %ld ms after the request\n", from.c_str(),
                 target.c_str(), ms);
     return 0;
@@ -417,8 +430,9 @@ int main(int argc, char** argv) {
     if (!n) Fail("no node '" + args[1] + "' has a session in cluster '" + ao.cluster + "'");
     uint64_t best = 0;
     for (const auto& o : c.nodes) best = std::max(best, o.durable_lsn);
-    std::fprintf(stderr, "repctl: WARNING: forcing %s (durable LSN %llu; the highest known is %llu): writes the old "
-                         "active acknowledged but %s lacks are lost\n",
+    std::fprintf(stderr, "repctl: WARNING: forcing %s (durable LSN %llu; the highest among running nodes is %llu, "
+                         "and nodes that are down may hold more): writes the old active acknowledged but %s lacks are "
+                         "lost\n",
                  args[1].c_str(), static_cast<unsigned long long>(n->durable_lsn),
                  static_cast<unsigned long long>(best), args[1].c_str());
     const uint64_t epoch = OrFail(arbiter->GetEpoch(), "read the epoch from etcd");
@@ -489,12 +503,15 @@ int main(int argc, char** argv) {
       Fail("the active " + c.active->id + " has no readable session in etcd: cannot tell whether it keeps a slot for " +
            args[1]);
     }
-    if (!act->slots.count(args[1])) {
-      std::printf("%s has no slot on the active %s: nothing to remove\n", args[1].c_str(), c.active->id.c_str());
-      return 0;
-    }
+    // The request stays in etcd until the node comes back, so that any
+    // later active drops a slot it kept for it from an earlier term.
     Status put = arbiter->PutControl("remove/" + args[1], "repctl");
     if (!put.ok()) Fail("etcd: " + put.ToString());
+    if (!act->slots.count(args[1])) {
+      std::printf("removed %s: the active %s keeps no log for it (nor will a later active)\n", args[1].c_str(),
+                  c.active->id.c_str());
+      return 0;
+    }
     if (WaitForNode(arbiter.get(), c.active->id, [&](const NodeInfo& m) { return !m.slots.count(args[1]); }, limit) >= 0) {
       std::printf("removed %s: the active %s no longer keeps log for it\n", args[1].c_str(), c.active->id.c_str());
       return 0;

@@ -867,6 +867,65 @@ TEST_F(FailoverTest, NoEligibleStandbyMeansNoPromotionUntilForced) {
   EXPECT_EQ(l.Command({"GET", "k99"}), "$-1") << "the writes it never had are lost, as repctl warned";
 }
 
+TEST_F(FailoverTest, ARemovedNodeStaysRemovedAcrossSwitchovers) {
+  // The active keeps a slot for a stopped standby; after a switchover the
+  // new active has none, and repctl remove used to say "nothing to remove"
+  // and write nothing: a switchover back brought the old active's slot back
+  // (its slots file), holding its log for a node gone for good.
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int act = WaitForOneActive(nodes);
+  ASSERT_GE(act, 0);
+  const int other = (act + 1) % 3, gone = (act + 2) % 3;
+  const std::string act_id(1, static_cast<char>('a' + act)), other_id(1, static_cast<char>('a' + other)),
+      gone_id(1, static_cast<char>('a' + gone));
+  {
+    RespClient c(d[act]->client_port());
+    for (int i = 0; i < 20; ++i) ASSERT_EQ(c.Command({"SET", "k" + std::to_string(i), "v"}), "+OK");
+  }
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[gone]));
+  EXPECT_EQ(d[gone]->Kill(SIGTERM), 0);
+  nodes[gone] = nullptr;
+  const std::string forgets = "repctl remove " + gone_id + " forgets it";
+  std::string out = RepctlUntil(etcd_->endpoint(), "status", [&](const std::string& o) { return o.find(forgets) != std::string::npos; });
+  ASSERT_NE(out.find(forgets), std::string::npos) << out;
+  int code = 0;
+  out = Repctl(etcd_->endpoint(), "switchover --to " + other_id, &code);
+  ASSERT_EQ(code, 0) << out;
+  out = Repctl(etcd_->endpoint(), "remove " + gone_id, &code);
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("removed " + gone_id), std::string::npos) << out;
+  out = Repctl(etcd_->endpoint(), "switchover --to " + act_id, &code);
+  ASSERT_EQ(code, 0) << out;
+  ASSERT_EQ(WaitForOneActive(nodes), act);
+  // The old active drops the slot it kept from its first term.
+  out = RepctlUntil(etcd_->endpoint(), "status", [&](const std::string& o) { return o.find(forgets) == std::string::npos; });
+  EXPECT_EQ(out.find(forgets), std::string::npos) << out;
+  // Back under its id, the node is welcome again, and the removal is over.
+  d[gone] = Start(gone_id);
+  nodes[gone] = d[gone].get();
+  ASSERT_TRUE(test::CaughtUp(*d[act], *d[gone]));
+}
+
+TEST_F(FailoverTest, ASwitchoverToAPausedNodeSaysTheActiveHandedOverAndTheTargetDidNotTakeIt) {
+  std::vector<std::unique_ptr<Daemon>> d;
+  for (const char* id : {"a", "b", "c"}) d.push_back(Start(id));
+  std::vector<Daemon*> nodes = {d[0].get(), d[1].get(), d[2].get()};
+  const int act = WaitForOneActive(nodes);
+  ASSERT_GE(act, 0);
+  const int target = (act + 1) % 3;
+  const std::string target_id(1, static_cast<char>('a' + target));
+  ASSERT_EQ(::kill(d[target]->pid(), SIGSTOP), 0);
+  int code = 0;
+  const std::string out = Repctl(etcd_->endpoint(), "switchover --to " + target_id + " --timeout 3", &code);
+  ASSERT_EQ(::kill(d[target]->pid(), SIGCONT), 0);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("handed over"), std::string::npos) << out;
+  EXPECT_NE(out.find(target_id + " did not take the role"), std::string::npos) << out;
+  EXPECT_GE(WaitForOneActive(nodes), 0) << "a node takes the role in the end";
+}
+
 TEST_F(FailoverTest, ANodeRestartedOnAnEmptiedDataDirectoryIsNotEligible) {
   // The sync set lists each member with its data directory's incarnation.
   // A listed node restarted on an emptied directory holds none of the
