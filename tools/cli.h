@@ -3,6 +3,8 @@
 // purpose (three tiny functions).
 #pragma once
 
+#include <sys/stat.h>
+
 #include <charconv>
 #include <cstdint>
 #include <cstdio>
@@ -32,6 +34,16 @@ inline Result<std::string> ReadSecretFile(const std::string& path) {
   if (!secret.empty() && secret.back() == '\r') secret.pop_back();
   if (secret.empty()) return Status::InvalidArgument("secret file " + path + ": the first line is empty");
   return secret;
+}
+
+// A warning if other users may read the secret file (any group or other
+// permission bit), else empty.
+inline std::string SecretFileExposed(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || (st.st_mode & 077) == 0) return std::string();
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+  return "secret file " + path + " has mode " + mode + ": other users may read the cluster secret (chmod 600 it)";
 }
 
 [[noreturn]] inline void UsageError(const char* tool, const char* fmt, std::string_view arg) {

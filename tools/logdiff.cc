@@ -177,6 +177,9 @@ int main(int argc, char** argv) {
       auto secret = cli::ReadSecretFile(secret_file);
       if (!secret.ok()) cli::UsageError("logdiff", "%.*s", secret.status().ToString());
       lo.secret = *secret;
+      if (const std::string w = cli::SecretFileExposed(secret_file); !w.empty()) {
+        std::fprintf(stderr, "logdiff: WARNING: %s\n", w.c_str());
+      }
     }
     if (lo.secret.empty()) cli::UsageError("logdiff", "--live needs the cluster's secret (--secret-file)%.*s", "");
     if (Status st = CheckName("--cluster", lo.cluster); !st.ok()) cli::UsageError("logdiff", "%.*s", st.message());

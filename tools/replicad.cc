@@ -287,6 +287,9 @@ int main(int argc, char** argv) {
   } else if (vm.count("secret-file")) {
     auto secret = cli::ReadSecretFile(vm["secret-file"].as<std::string>());
     if (!secret.ok()) Fail("--secret-file: " + secret.status().ToString());
+    if (const std::string w = cli::SecretFileExposed(vm["secret-file"].as<std::string>()); !w.empty()) {
+      std::fprintf(stderr, "replicad: WARNING: %s\n", w.c_str());
+    }
     o.secret = *secret;
   }
   if (o.secret.empty()) Fail("a cluster secret is required (--secret or --secret-file)");

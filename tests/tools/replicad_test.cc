@@ -19,6 +19,7 @@
 #include "tests/support/etcd_server.h"
 #include "tests/support/test_util.h"
 #include "tests/tools/daemon.h"
+#include "tools/cli.h"
 
 namespace replica {
 namespace {
@@ -694,6 +695,20 @@ TEST(ReplicadTest, ASecretFileIsReadToItsFirstLineEnd) {
     EXPECT_EQ(code, 2) << file << ": " << out;
     EXPECT_NE(out.find("--secret-file: "), std::string::npos) << file << ": " << out;
   }
+}
+
+TEST(ReplicadTest, ASecretFileOtherUsersCanReadIsWarnedOf) {
+  // replicad and logdiff print this warning at start (the docs ask for
+  // mode 0600; a 0644 file was taken without a word).
+  test::TempDir dir;
+  const std::string file = dir.Sub("secret");
+  test::WriteFileBytes(file, "test\n");
+  ASSERT_EQ(::chmod(file.c_str(), 0644), 0);
+  const std::string warning = cli::SecretFileExposed(file);
+  EXPECT_NE(warning.find("mode 0644"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("chmod 600"), std::string::npos) << warning;
+  ASSERT_EQ(::chmod(file.c_str(), 0600), 0);
+  EXPECT_EQ(cli::SecretFileExposed(file), "");
 }
 
 bool HaveIpv6Loopback() {
