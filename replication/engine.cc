@@ -630,6 +630,16 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // The data directory incarnation each member was listed with (empty:
   // listed before incarnations, by id alone).
   std::map<std::string, std::string> member_incarnation_ GUARDED_BY(mu_);
+  // Per standby id: the data directory its last session came from, and how
+  // often that changed in the last minute (two processes with one id take
+  // turns; an emptied directory changes it once).
+  struct IncarnationWatch {
+    std::string last;
+    int changes = 0;
+    Clock::time_point since;
+    bool said = false;
+  };
+  std::map<std::string, IncarnationWatch> incarnation_watch_ GUARDED_BY(mu_);
   std::string incarnation_;  // this node's (DATA_DIR/node); set in Open, then constant
   // A standby dropped for lagging joins again no sooner than `until`: the
   // back-off doubles with each drop (from sync_rejoin_backoff, at most 64
@@ -3382,6 +3392,23 @@ void EngineImpl::AddStandby(const std::shared_ptr<transport::Session>& s, std::s
     }
     RLOG(kInfo, "engine.standby_subscribed") << "standby=" << sb->id << " " << what
                                              << (replaced ? " (replaces its previous session)" : "");
+    if (!sb->incarnation.empty()) {
+      IncarnationWatch& w = incarnation_watch_[sb->id];
+      const auto now = Clock::now();
+      if (now - w.since > 60s) {
+        w.since = now;
+        w.changes = 0;
+        w.said = false;
+      }
+      if (!w.last.empty() && w.last != sb->incarnation && ++w.changes >= 2 && !w.said) {
+        w.said = true;
+        RLOG(kError, "engine.duplicate_id") << "node=" << opts_.node_id << " standby=" << sb->id << " incarnations="
+                                            << w.last << "," << sb->incarnation
+                                            << " (sessions of this id come from two data directories in turn: two "
+                                               "nodes run with --id " << sb->id << "; give each its own)";
+      }
+      w.last = sb->incarnation;
+    }
     standbys_[sb->id] = sb;
     if (slot > 0) slots_[sb->id] = slot;
     sb->shipper = NamedThread("ship:" + sb->id, std::move(run));

@@ -922,6 +922,25 @@ TEST(EngineTest, ADataDirectoryBelongsToOneNodeId) {
   EXPECT_NE(test::ReadFileBytes(a.data_dir + "/node"), first) << "an emptied directory is a new incarnation";
 }
 
+TEST(EngineTest, TwoStandbysWithOneIdAreReportedByTheActive) {
+  // They push each other out for ever (each new session replaces the other);
+  // the active sees the data directory change back and forth and says why.
+  TempDir dir;
+  const std::string log = test::CapturedStderr([&] {
+    auto a = OpenOrDie(Node(dir, "a"));
+    EngineOptions b1 = Node(dir, "b", Follow(*a));
+    EngineOptions b2 = b1;
+    b2.data_dir = dir.Sub("b-twin");
+    auto first = OpenOrDie(b1);
+    auto second = OpenOrDie(b2);
+    EXPECT_TRUE(Eventually([] { return test::ReadFileBytes("/proc/self/fd/2").find("engine.duplicate_id") != std::string::npos; }, 30s));
+    ASSERT_TRUE(second->Close().ok());
+    ASSERT_TRUE(first->Close().ok());
+    ASSERT_TRUE(a->Close().ok());
+  });
+  EXPECT_NE(log.find("two nodes run with --id b"), std::string::npos) << log;
+}
+
 TEST(EngineTest, AStandbySaysWhyItCannotReachItsActive) {
   // Its one warning names the cause: a name that does not resolve (looked
   // up by the transport, not by the follower's thread) or a refused connect.
