@@ -33,7 +33,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-echo secret > "$work/secret"
+echo secret > "$work/secret"; chmod 600 "$work/secret"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 . tools/ports.sh
 etcd_port=$(free_port); peer=$(free_port)

@@ -1345,7 +1345,14 @@ class RemoteSource final : public Source, public transport::Handler {
     MutexLock l(&mu_);
     const auto deadline = Clock::now() + o.connect_timeout;
     while (!established_ && closed_.ok() && Clock::now() < deadline) cv_.WaitUntil(deadline);
-    if (!closed_.ok()) return closed_.WithContext("connect to " + address);
+    if (!closed_.ok()) {
+      // A node with TLS closes a plain connection at its first bytes, and
+      // all this side sees is the connection's end.
+      const Status st = closed_.WithContext("connect to " + address);
+      if (!o.tls_cert.empty() || st.message().find("the peer closed the connection") == std::string::npos) return st;
+      return Status::FromCode(st.code(),
+                              st.message() + " (if the node uses TLS, give --tls-cert, --tls-key and --tls-ca)");
+    }
     if (!established_) return Status::TimedOut("connect to " + address + ": no session within the timeout");
     return Status::OK();
   }

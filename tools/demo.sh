@@ -38,7 +38,7 @@ cleanup() {
   if [ "$rc" -eq 0 ]; then rm -rf "$work"; else echo "demo: kept $work for a look (logs, data)"; fi
 }
 trap cleanup EXIT
-echo "demo-secret" > "$work/secret"
+echo "demo-secret" > "$work/secret"; chmod 600 "$work/secret"
 field() { grep -o "$1:[0-9]*" | head -1 | cut -d: -f2; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 . tools/ports.sh  # free_port

@@ -3,6 +3,7 @@
 // missing key, an extra key, a truncated WAL, another epoch at the same LSN,
 // a replica that is merely behind). The logdiff binary runs as a process.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <rocksdb/db.h>
 
 #include <atomic>
@@ -511,6 +512,7 @@ class LiveLogdiffTest : public ::testing::Test {
   static std::string Addr(const Engine& e) { return "127.0.0.1:" + std::to_string(e.listen_port()); }
   std::string Live(const std::string& args, int* code) {
     WriteFileBytes(dir_.Sub("secret"), "test-secret\n");
+    ::chmod(dir_.Sub("secret").c_str(), 0600);  // else logdiff warns of it
     return Logdiff("--live --cluster t --secret-file " + dir_.Sub("secret") + " " + args, code);
   }
   TempDir dir_;
@@ -546,6 +548,27 @@ TEST_F(LiveLogdiffTest, NodesUnderWriteLoadAreComparedAtOneLsn) {
   const uint64_t last = a->status().last_lsn;
   EXPECT_TRUE(b->WaitForApplied(last, 30s).ok());
   EXPECT_TRUE(c->WaitForApplied(last, 30s).ok());
+}
+
+TEST_F(LiveLogdiffTest, APlainConnectionToATlsNodeSuggestsTheTlsOptions) {
+  // The node closes a connection that does not speak TLS at once; logdiff
+  // saw only "the peer closed the connection".
+  ASSERT_TRUE(test::MakeCertificateAuthority(dir_.path(), "ca"));
+  ASSERT_TRUE(test::MakeNodeCertificate(dir_.path(), "a"));
+  std::vector<std::unique_ptr<Engine>> nodes;
+  for (const char* id : {"a", "b"}) {
+    EngineOptions o = Node(dir_.path(), id, "");
+    o.tls_cert_file = dir_.Sub("a.crt");
+    o.tls_key_file = dir_.Sub("a.key");
+    o.tls_ca_file = dir_.Sub("ca.crt");
+    auto e = Engine::Open(o);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    nodes.push_back(std::move(e).value());
+  }
+  int code = 0;
+  const std::string out = Live("a=" + Addr(*nodes[0]) + " b=" + Addr(*nodes[1]), &code);
+  EXPECT_EQ(code, 2) << out;  // could not compare
+  EXPECT_NE(out.find("if the node uses TLS, give --tls-cert, --tls-key and --tls-ca"), std::string::npos) << out;
 }
 
 TEST_F(LiveLogdiffTest, DamagedStandbyIsFoundWithoutItsDirectory) {
@@ -614,6 +637,7 @@ TEST_F(LiveLogdiffTest, WrongSecretOrNoNodeExitsTwo) {
   auto b = Open("b", Addr(*a));
   ASSERT_TRUE(a && b);
   WriteFileBytes(dir_.Sub("wrong"), "not-the-secret\n");
+  ::chmod(dir_.Sub("wrong").c_str(), 0600);
   int code = -1;
   std::string out = Logdiff("--live --cluster t --secret-file " + dir_.Sub("wrong") + " " + Addr(*a) + " " + Addr(*b),
                             &code);
