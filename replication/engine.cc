@@ -699,10 +699,6 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   }
   std::string follow_ GUARDED_BY(mu_);     // standby: the active's replication address
   std::string unreachable_target_ GUARDED_BY(mu_);  // said once per target until it answers
-  // Why the last session that never came up closed (a name that does not
-  // resolve, a refused connect), for the upstream_unreachable line.
-  const transport::Session* unreached_session_ GUARDED_BY(mu_) = nullptr;
-  Status unreached_why_ GUARDED_BY(mu_);
   int appends_in_flight_ GUARDED_BY(mu_) = 0;  // DoWrite: past the role check, before its append returned
   bool demoting_ GUARDED_BY(mu_) = false;      // Demote: waiting for appends_in_flight_ to drain
   CondVar appends_cv_{&mu_};                   // signalled when appends_in_flight_ drops to 0
@@ -971,6 +967,13 @@ void EngineImpl::StopApplier() {
 
 Status EngineImpl::LoadIdentity() {
   const std::string path = JoinPath(opts_.data_dir, kNodeFile);
+  // The incarnation stands for this log: a directory whose log is gone
+  // (wal/ emptied, the node file left) gets a new one as well.
+  bool has_log = false;
+  if (auto children = Env::Default()->GetChildren(JoinPath(opts_.data_dir, "wal")); children.ok()) {
+    has_log = std::any_of(children->begin(), children->end(),
+                          [](const std::string& n) { return n.size() > 4 && n.compare(n.size() - 4, 4, ".wal") == 0; });
+  }
   if (Env::Default()->FileExists(path)) {
     REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(Env::Default(), path));
     std::istringstream in(data);
@@ -990,10 +993,12 @@ Status EngineImpl::LoadIdentity() {
                                      "): start it with --id " + id + ", or give node '" + opts_.node_id +
                                      "' a directory of its own");
     }
-    incarnation_ = incarnation;
-    return Status::OK();
+    if (has_log) {
+      incarnation_ = incarnation;
+      return Status::OK();
+    }
   }
-  // New (or from a version without the file): a new incarnation. A sync
+  // New (or from a version without the file, or its log gone): a new incarnation. A sync
   // set lists members with theirs, so an emptied directory never passes
   // for the one a sync set listed.
   std::random_device rd;
@@ -1003,7 +1008,7 @@ Status EngineImpl::LoadIdentity() {
   REPLICA_RETURN_IF_ERROR(WriteFileAtomically(Env::Default(), path,
                                               "id " + opts_.node_id + "\nincarnation " + incarnation_ + "\n"));
   RLOG(kInfo, "engine.data_dir_identity") << "node=" << opts_.node_id << " incarnation=" << incarnation_
-                                          << " (new: " << path << ")";
+                                          << " (new: " << path << (has_log ? "" : "; no log in wal/") << ")";
   return Status::OK();
 }
 
@@ -1148,8 +1153,18 @@ bool EngineImpl::Judged(const std::string& id) const {
 
 void EngineImpl::MaybeJoin(const Standby& sb) {
   if (!arbiter_ || role_.load() != Role::kActive || degraded_ || rule_.mode == CommitRule::Mode::kAsync) return;
-  if (sb.resync || sb.flushed < commit_lsn_ || sync_listed_.count(sb.id) || sync_joining_.count(sb.id)) return;
-  if (auto b = sync_backoff_.find(sb.id); b != sync_backoff_.end() && Clock::now() < b->second.until) return;
+  if (sb.resync || sb.flushed < commit_lsn_ || sync_joining_.count(sb.id)) return;
+  if (sync_listed_.count(sb.id)) {
+    // Listed with another data directory (emptied or replaced since): now
+    // that this one holds everything too, it is listed again with its own,
+    // without waiting for a write to drop it first (an idle cluster never
+    // would, and until then this node is not eligible).
+    auto listed = member_incarnation_.find(sb.id);
+    if (listed == member_incarnation_.end() || listed->second.empty() || listed->second == sb.incarnation) return;
+    sync_listed_.erase(sb.id);
+  } else if (auto b = sync_backoff_.find(sb.id); b != sync_backoff_.end() && Clock::now() < b->second.until) {
+    return;
+  }
   sync_joining_.insert(sb.id);
   member_incarnation_[sb.id] = sb.incarnation;  // judged by this session's log
   arbiter_->Kick();
@@ -2656,7 +2671,7 @@ void EngineImpl::RoleLoop() {
             RLOG(kWarn, "engine.not_eligible")
                 << "node=" << opts_.node_id
                 << (listed ? " (the sync set lists this node id with another data directory: this one was emptied "
-                             "or replaced since, and holds none of the writes that listing stood for)"
+                             "or replaced since, and may lack writes that listing stood for)"
                            : " (not in the sync set: it may lack acknowledged writes)")
                 << "; it waits for a listed node to win (or repctl promote --force " << opts_.node_id << ")";
           }
@@ -3146,7 +3161,7 @@ void EngineImpl::FollowerLoop() {
       if (!session->established()) {
         if (unreachable_target_ != target) {
           unreachable_target_ = target;
-          const Status why = unreached_session_ == session.get() ? unreached_why_ : Status::OK();
+          const Status why = session->close_status();
           RLOG(kWarn, "engine.upstream_unreachable") << "node=" << opts_.node_id << " active=" << target
                                                      << (why.ok() ? "" : " error=\"" + why.ToString() + "\"")
                                                      << " (retrying every 200 ms)";
@@ -3653,10 +3668,6 @@ void EngineImpl::OnWritable(const std::shared_ptr<transport::Session>& s) {
 void EngineImpl::OnClosed(const std::shared_ptr<transport::Session>& s, const Status& why) {
   diff_.SessionClosed(s);
   MutexLock l(&mu_);
-  if (!s->established()) {
-    unreached_session_ = s.get();
-    unreached_why_ = why;
-  }
   for (auto it = standbys_.begin(); it != standbys_.end(); ++it) {
     if (it->second->session.get() != s.get()) continue;
     it->second->Stop();

@@ -81,6 +81,14 @@ Cluster Read(Arbiter* a) {
       if (n.id == c.active->id) c.commit = n.commit;
     }
   }
+  if (c.commit.empty() && !c.nodes.empty()) {
+    // No active and no rule set at run time: the nodes' own (--commit), if
+    // they agree; each judges its eligibility by its own.
+    c.commit = c.nodes.front().commit;
+    for (const auto& n : c.nodes) {
+      if (n.commit != c.commit) c.commit.clear();
+    }
+  }
   auto sync = a->GetSyncSet();
   if (sync.ok()) {
     c.sync = *sync;

@@ -108,6 +108,10 @@ class SessionHandle final : public Session {
   }
   bool established() const override;
   bool closed() const override;
+  Status close_status() const override {
+    MutexLock l(&mu_);
+    return close_status_;
+  }
   Status SendControl(const proto::Control& msg) override;
   Status SendData(std::shared_ptr<const void> keepalive, const char* data, size_t length) override;
   Status SendFile(std::shared_ptr<const void> keepalive, int fd, uint64_t offset, size_t length) override;
@@ -123,12 +127,17 @@ class SessionHandle final : public Session {
     MutexLock l(&mu_);
     remote_ = std::move(r);
   }
+  void set_close_status(const Status& why) {
+    MutexLock l(&mu_);
+    close_status_ = why.ok() ? Status::Aborted("closed") : why;
+  }
 
  private:
   const std::weak_ptr<SessionImpl> impl_;
   mutable Mutex mu_;
   std::string peer_id_ GUARDED_BY(mu_);
   std::string remote_ GUARDED_BY(mu_);
+  Status close_status_ GUARDED_BY(mu_);
 };
 
 // One connection. Every member below "strand-only" is touched only by
@@ -376,25 +385,21 @@ void SessionImpl::StartResolve(std::string host, uint16_t port) {
   handle_->set_remote(HostPort{host, port}.ToString());
   if (closing_) return;
   io_->resolver = std::make_unique<tcp::resolver>(ex_);
-  // The lookup counts against the handshake timeout, as a connect does.
-  auto timed_out = std::make_shared<bool>(false);
+  // The lookup counts against the handshake timeout, as a connect does:
+  // past it the session closes at once. (Asio cannot stop a getaddrinfo
+  // call that has started; its late answer finds the session closed.)
   io_->handshake_timer.expires_after(ep_->options().handshake_timeout);
-  io_->handshake_timer.async_wait([self, timed_out](const boost::system::error_code& ec) {
+  io_->handshake_timer.async_wait([self, host](const boost::system::error_code& ec) {
     if (ec || self->closing_ || !self->io_->resolver) return;
-    *timed_out = true;
-    self->io_->resolver->cancel();
+    self->DoClose(Status::TimedOut("cannot resolve host '" + host + "': no answer within " +
+                                   std::to_string(self->ep_->options().handshake_timeout.count()) + " ms"));
   });
   io_->resolver->async_resolve(
       host, std::to_string(port), tcp::resolver::numeric_service,
-      [self, host, port, timed_out](const boost::system::error_code& ec, const tcp::resolver::results_type& results) {
+      [self, host, port](const boost::system::error_code& ec, const tcp::resolver::results_type& results) {
         if (self->closing_) return;
         self->io_->resolver.reset();
         self->io_->handshake_timer.cancel();
-        if (*timed_out) {
-          self->DoClose(Status::TimedOut("cannot resolve host '" + host + "': no answer within " +
-                                         std::to_string(self->ep_->options().handshake_timeout.count()) + " ms"));
-          return;
-        }
         if (ec) {
           self->DoClose(Status::NotFound("cannot resolve host '" + host + "': " + ec.message()));
           return;
@@ -1071,6 +1076,7 @@ void SessionImpl::DoRefuse(const Status& why) {
 void SessionImpl::DoClose(const Status& why) {
   if (closing_) return;
   closing_ = true;
+  handle_->set_close_status(why);  // before closed_: whoever sees closed() can read why
   closed_.store(true);
   {
     MutexLock l(&inline_mu_);  // waits out an inline send in progress

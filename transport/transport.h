@@ -116,6 +116,8 @@ class Session {
   virtual bool established() const = 0;
   // True once the connection has closed (OnClosed has been or is being called).
   virtual bool closed() const = 0;
+  // Why it closed (what OnClosed is given), once closed() is true; OK before.
+  virtual Status close_status() const = 0;
   // Queue a control message. Aborted once the session is closed;
   // InvalidArgument (and nothing sent) for a message larger than
   // max_frame_payload, which the peer would refuse; Busy when the message

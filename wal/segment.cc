@@ -128,12 +128,12 @@ namespace {
 // (a value that is itself log bytes, or one made to look so) would make
 // that quadratic: a thousand of them claiming 60 MiB each kept Open busy
 // for seconds, a 32 MiB record for over an hour. So the bytes checksummed
-// are capped at twice the data plus 64 MiB, ample for damage among real
-// frames; past it the search gives up (*gave_up), and the caller cannot
-// tell a torn tail from damage.
+// are capped at twice the data plus 4 GiB (a second or so; 64 claims of the
+// largest frame), ample for damage among real frames; past it the search
+// gives up (*gave_up), and the caller cannot tell a torn tail from damage.
 std::optional<size_t> FirstValidFrameAfter(std::string_view data, size_t from, size_t starts_before, Lsn after_lsn,
                                            uint64_t* hashed, bool* gave_up) {
-  const uint64_t budget = 2 * static_cast<uint64_t>(data.size()) + (64u << 20);
+  const uint64_t budget = 2 * static_cast<uint64_t>(data.size()) + (4ull << 30);
   *gave_up = false;
   for (size_t pos = from; pos < starts_before && pos + kFrameHeaderSize <= data.size(); ++pos) {
     FrameHeader h;
@@ -280,6 +280,7 @@ Result<SegmentScan> ScanSegment(const RandomAccessFile& file, uint64_t file_size
         FirstValidFrameAfter(rest, 1, starts_before, scan.last_lsn, &scan.searched_bytes, &gave_up);
     if (gave_up) {
       scan.tail = SegmentScan::Tail::kCorrupt;
+      scan.undecided = true;
       scan.why += "; the " + std::to_string(starts_before) + " bytes after it hold more frame headers than " +
                   "recovery checks (" + std::to_string(scan.searched_bytes) +
                   " bytes checksummed): it cannot tell a torn tail from damage";

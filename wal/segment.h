@@ -89,6 +89,7 @@ struct SegmentScan {
   // Bytes checksummed while looking for a valid frame after a bad one
   // (bounded: past the bound the tail is kCorrupt, as it cannot be told).
   uint64_t searched_bytes = 0;
+  bool undecided = false;  // kCorrupt because that bound was reached
 };
 
 // Scans every frame of a segment whose frames must start at first_lsn.

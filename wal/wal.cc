@@ -306,8 +306,10 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
     if (scan.tail == SegmentScan::Tail::kCorrupt) {
       Status damage = Status::Corruption("segment " + last.path + " offset " + std::to_string(scan.bad_offset) +
                                          " (LSN " + std::to_string(scan.last_lsn + 1) + "): " + scan.why +
-                                         "; valid records follow it, so this is damage inside the log, not a "
-                                         "torn write");
+                                         (scan.undecided ? std::string("; refused as damage (docs/wal-format.md, "
+                                                                       "\"Undecided\")")
+                                                         : std::string("; valid records follow it, so this is damage "
+                                                                       "inside the log, not a torn write")));
       if (!(ro && options_.salvage)) return damage;
       recovery_.corruption = damage.message();
       scan.valid_end = scan.bad_offset;  // readers stop before the damaged frame

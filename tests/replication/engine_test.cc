@@ -916,10 +916,19 @@ TEST(EngineTest, ADataDirectoryBelongsToOneNodeId) {
     ASSERT_TRUE(e->Close().ok());
     EXPECT_EQ(test::ReadFileBytes(a.data_dir + "/node"), first);
   }
+  // Its log emptied, the node file left: the incarnation stands for the log.
+  std::filesystem::remove_all(a.data_dir + "/wal");
+  std::filesystem::remove_all(a.data_dir + "/db");
+  {
+    auto e = OpenOrDie(a);
+    ASSERT_TRUE(e->Close().ok());
+  }
+  const std::string second = test::ReadFileBytes(a.data_dir + "/node");
+  EXPECT_NE(second, first) << "a directory whose log was emptied is a new incarnation";
   std::filesystem::remove_all(a.data_dir);
   auto e = OpenOrDie(a);
   ASSERT_TRUE(e->Close().ok());
-  EXPECT_NE(test::ReadFileBytes(a.data_dir + "/node"), first) << "an emptied directory is a new incarnation";
+  EXPECT_NE(test::ReadFileBytes(a.data_dir + "/node"), second) << "an emptied directory is a new incarnation";
 }
 
 TEST(EngineTest, TwoStandbysWithOneIdAreReportedByTheActive) {
@@ -1362,6 +1371,32 @@ TEST(EngineTest, AListedStandbyBackOnAnEmptiedDirectoryIsListedAgainWithItsNewIn
   EXPECT_EQ(std::count(entries->begin(), entries->end(), "b#" + old_incarnation), 0);
   const uint64_t last = WriteMany(a.get(), 1);
   EXPECT_TRUE(b->WaitForApplied(last, 30s).ok());
+}
+
+TEST(EngineTest, AnIdleActiveListsAStandbyBackOnAnEmptiedDirectoryOnceItHoldsEverything) {
+  // No write comes to drop its old listing: it is listed again, with its
+  // new incarnation, once it holds everything, so that it can take over.
+  SyncSetCluster sc;
+  auto a = sc.OpenActive("a");
+  auto b = OpenOrDie(sc.Options("b"));
+  ASSERT_TRUE(Eventually([&] { return sc.Listed("b"); }));
+  const uint64_t last = WriteMany(a.get(), 10);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  const std::string b_dir = sc.Options("b").data_dir;
+  ASSERT_TRUE(b->Close().ok());
+  b.reset();
+  std::filesystem::remove_all(b_dir);
+  b = OpenOrDie(sc.Options("b"));
+  const std::string incarnation = IncarnationOf(b_dir);
+  ASSERT_TRUE(b->WaitForApplied(last, 30s).ok());
+  ASSERT_TRUE(Eventually([&] {
+    auto e = sc.cluster.sync_entries();
+    return e && *e == std::vector<std::string>{"b#" + incarnation};
+  })) << "still listed with its old data directory";
+  // The active goes: b, listed with the directory it has, takes over.
+  sc.cluster.ExpireLease("a");
+  ASSERT_TRUE(a->Close().ok());
+  ASSERT_TRUE(Eventually([&] { return b->status().role == Role::kActive; }));
 }
 
 // Under remote-write:1 with two standbys, both are listed as eligible; when

@@ -135,6 +135,8 @@ TEST(RecoveryTest, ATornRecordFullOfHeaderImagesIsJudgedInBoundedTime) {
   EXPECT_TRUE(refused.status().IsCorruption()) << refused.status().ToString();
   EXPECT_NE(refused.status().message().find("cannot tell a torn tail from damage"), std::string::npos)
       << refused.status().ToString();
+  EXPECT_EQ(refused.status().message().find("valid records follow it"), std::string::npos)
+      << refused.status().ToString();
   EXPECT_NE(refused.status().message().find("offset " + std::to_string(data.size())), std::string::npos)
       << refused.status().ToString();
 }
