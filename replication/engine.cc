@@ -2458,7 +2458,10 @@ void EngineImpl::RoleLoop() {
         bool has_slot;
         {
           MutexLock l(&mu_);
-          has_slot = slots_.count(id) > 0;
+          // Connected, its session not in etcd yet: it is back; the key
+          // goes once its session shows (RemoveStandby would refuse it on
+          // every pass).
+          has_slot = slots_.count(id) > 0 && !standbys_.count(id);
         }
         if (has_slot) RemoveStandby(id);
       }

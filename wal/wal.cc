@@ -195,7 +195,10 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
     if (!lsn && !(tmp && !ro)) continue;
     // The log writes only regular files: a directory (or FIFO, ...) by one of
     // its names was put there by someone else.
-    REPLICA_ASSIGN_OR_RETURN(bool regular, env_->IsRegularFile(JoinPath(dir_, name)));
+    // NotFound: a dangling symlink (or an entry gone meanwhile), no file either.
+    auto is_regular = env_->IsRegularFile(JoinPath(dir_, name));
+    if (!is_regular.ok() && !is_regular.status().IsNotFound()) return is_regular.status();
+    const bool regular = is_regular.ok() && *is_regular;
     if (lsn && !regular) {
       return Status::Corruption(JoinPath(dir_, name) +
                                 " is named like a segment but is not a regular file; move it out of the WAL "

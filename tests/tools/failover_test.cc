@@ -903,9 +903,20 @@ TEST_F(FailoverTest, ARemovedNodeStaysRemovedAcrossSwitchovers) {
   out = RepctlUntil(etcd_->endpoint(), "status", [&](const std::string& o) { return o.find(forgets) == std::string::npos; });
   EXPECT_EQ(out.find(forgets), std::string::npos) << out;
   // Back under its id, the node is welcome again, and the removal is over.
+  etcd::Options eo;
+  eo.endpoints = {etcd_->endpoint()};
+  auto client = etcd::Client::Create(eo);
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  const std::string key = ClusterPrefix("f") + "ctl/remove/" + gone_id;
+  auto before = (*client)->Get(key);
+  ASSERT_TRUE(before.ok() && before->has_value()) << "the removal stands while the node is away";
   d[gone] = Start(gone_id);
   nodes[gone] = d[gone].get();
   ASSERT_TRUE(test::CaughtUp(*d[act], *d[gone]));
+  EXPECT_TRUE(test::Eventually([&] {
+    auto got = (*client)->Get(key);
+    return got.ok() && !got->has_value();
+  })) << "the key goes once the node has a session again";
 }
 
 TEST_F(FailoverTest, ASwitchoverToAPausedNodeSaysTheActiveHandedOverAndTheTargetDidNotTakeIt) {

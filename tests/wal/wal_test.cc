@@ -479,6 +479,13 @@ TEST(WalTest, EntriesThatAreNotRegularFiles) {
     ASSERT_TRUE(wal.ok()) << wal.status().ToString();
   }
   EXPECT_TRUE(std::filesystem::is_directory(dir.Sub("junk.tmp")));
+  // So is a dangling symlink (Open failed with a bare NotFound).
+  std::filesystem::create_symlink("/nonexistent/target", dir.Sub("dangling.tmp"));
+  {
+    auto wal = Wal::Open(dir.path(), Options{});
+    ASSERT_TRUE(wal.ok()) << wal.status().ToString();
+  }
+  EXPECT_TRUE(std::filesystem::is_symlink(dir.Sub("dangling.tmp")));
   // A directory named like a segment is refused by name, read-only too.
   const std::string odd = dir.Sub(SegmentFileName(9999));
   std::filesystem::create_directory(odd);
