@@ -32,6 +32,7 @@
 #include "replication/logdiff_server.h"
 #include "replication/snapshot.h"
 #include "transport/transport.h"
+#include "wal/segment.h"
 #include "wal/wal.h"
 
 namespace replica {
@@ -630,6 +631,11 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   // The data directory incarnation each member was listed with (empty:
   // listed before incarnations, by id alone).
   std::map<std::string, std::string> member_incarnation_ GUARDED_BY(mu_);
+  // Whether member id was listed with another data directory than incarnation.
+  bool ListedElsewhere(const std::string& id, const std::string& incarnation) const REQUIRES(mu_) {
+    auto listed = member_incarnation_.find(id);
+    return listed != member_incarnation_.end() && !listed->second.empty() && listed->second != incarnation;
+  }
   // Per standby id: the data directory its last session came from, and how
   // often that changed in the last minute (two processes with one id take
   // turns; an emptied directory changes it once).
@@ -972,7 +978,7 @@ Status EngineImpl::LoadIdentity() {
   bool has_log = false;
   if (auto children = Env::Default()->GetChildren(JoinPath(opts_.data_dir, "wal")); children.ok()) {
     has_log = std::any_of(children->begin(), children->end(),
-                          [](const std::string& n) { return n.size() > 4 && n.compare(n.size() - 4, 4, ".wal") == 0; });
+                          [](const std::string& n) { return wal::ParseSegmentFileName(n).has_value(); });
   }
   if (Env::Default()->FileExists(path)) {
     REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(Env::Default(), path));
@@ -1122,10 +1128,7 @@ wal::Lsn EngineImpl::MemberLsn(const std::string& id) const {
   if (it != standbys_.end()) {
     // Connected from another data directory than the one listed (emptied
     // or replaced since): it holds none of what the listed one held.
-    auto listed = member_incarnation_.find(id);
-    if (listed != member_incarnation_.end() && !listed->second.empty() && listed->second != it->second->incarnation) {
-      return 0;
-    }
+    if (ListedElsewhere(id, it->second->incarnation)) return 0;
     held = it->second->resync ? 0 : std::max(held, it->second->flushed);
   }
   return held;
@@ -1159,8 +1162,7 @@ void EngineImpl::MaybeJoin(const Standby& sb) {
     // that this one holds everything too, it is listed again with its own,
     // without waiting for a write to drop it first (an idle cluster never
     // would, and until then this node is not eligible).
-    auto listed = member_incarnation_.find(sb.id);
-    if (listed == member_incarnation_.end() || listed->second.empty() || listed->second == sb.incarnation) return;
+    if (!ListedElsewhere(sb.id, sb.incarnation)) return;
     sync_listed_.erase(sb.id);
   } else if (auto b = sync_backoff_.find(sb.id); b != sync_backoff_.end() && Clock::now() < b->second.until) {
     return;
