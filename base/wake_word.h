@@ -53,27 +53,37 @@ class WakeWord {
   // changes the condition, then calls Bump, which wakes every waiter with a
   // single system call. A Bump between the read and WaitOnce is not lost.
   void WaitOnce(uint32_t seen) {
-    if (Load() == seen) syscall(SYS_futex, Address(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+    waiters_.fetch_add(1, std::memory_order_seq_cst);
+    if (word_.load(std::memory_order_seq_cst) == seen) syscall(SYS_futex, Address(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+    waiters_.fetch_sub(1, std::memory_order_relaxed);
   }
   // WaitOnce with a deadline; returns false once the deadline has passed.
   bool WaitOnceUntil(uint32_t seen, std::chrono::steady_clock::time_point deadline) {
     const auto left = deadline - std::chrono::steady_clock::now();
     if (left <= std::chrono::steady_clock::duration::zero()) return false;
-    if (Load() != seen) return true;
+    waiters_.fetch_add(1, std::memory_order_seq_cst);
+    if (word_.load(std::memory_order_seq_cst) != seen) {
+      waiters_.fetch_sub(1, std::memory_order_relaxed);
+      return true;
+    }
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
     timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
     syscall(SYS_futex, Address(), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+    waiters_.fetch_sub(1, std::memory_order_relaxed);
     return std::chrono::steady_clock::now() < deadline;
   }
   void Bump() {
-    word_.fetch_add(1, std::memory_order_release);
-    syscall(SYS_futex, Address(), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+    word_.fetch_add(1, std::memory_order_seq_cst);
+    if (waiters_.load(std::memory_order_seq_cst) > 0) {
+      syscall(SYS_futex, Address(), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+    }
   }
 
  private:
   uint32_t* Address() { return reinterpret_cast<uint32_t*>(&word_); }
   static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t));
   std::atomic<uint32_t> word_;
+  std::atomic<uint32_t> waiters_{0};  // threads in (or about to enter) a counted wait
 };
 
 }  // namespace replica

@@ -1,5 +1,7 @@
 #include "wal/wal.h"
 
+#include <sched.h>
+
 #include <algorithm>
 
 #include "base/log.h"
@@ -83,6 +85,7 @@ struct Wal::Op {
   // Filled by the leader.
   Lsn first_lsn = 0;  // assigned at admission (kAppend)
   bool admitted = false;
+  bool taken = false;  // left the queue in a group (set under mu_)
   Status status;
   Lsn result = 0;
   // Where a queued op stands: kLook once it may have become the queue's
@@ -493,17 +496,29 @@ Status Wal::Submit(Op* op) {
   // ops are queued: then it queues behind them, so that a Sync, Truncate or
   // Purge waits for the appenders already writing, never for an unbounded
   // stream of newcomers taking the (unfair) writer lock first.
-  if (options_.sync_policy != SyncPolicy::kEveryCommit && (op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw) &&
-      queued_.load(std::memory_order_acquire) == 0) {
-    {
-      MutexLock w(&write_mu_);
-      MutexLock l(&mu_);
-      REPLICA_RETURN_IF_ERROR(Admissible());
-      Op* group[1] = {op};
-      RunGroup(op, group, /*queued=*/false);
+  if (options_.sync_policy != SyncPolicy::kEveryCommit && (op->kind == Op::Kind::kAppend || op->kind == Op::Kind::kRaw)) {
+    if (queued_.load(std::memory_order_acquire) == 0 && write_mu_.TryLock()) {
+      Status admissible;
+      {
+        MutexLock l(&mu_);
+        admissible = Admissible();
+        if (admissible.ok()) {
+          Op* group[1] = {op};
+          RunGroup(op, group, /*queued=*/false);
+        }
+      }
+      write_mu_.Unlock();
+      // Appenders that queued meanwhile may have stopped yielding and gone
+      // to sleep: one of them takes the writer lock now. (The fence pairs
+      // with Combine's: either this load sees the queue grow, or that
+      // appender's TryLock sees the lock free.)
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (queued_.load(std::memory_order_relaxed) > 0) turns_.Bump();
+      if (!admissible.ok()) return admissible;
+      ReportError();
+      return op->status;
     }
-    ReportError();
-    return op->status;
+    return Combine(op);
   }
   bool run;  // this thread runs the next group
   {
@@ -542,6 +557,75 @@ Status Wal::Submit(Op* op) {
     run = queue_.front() == op;  // kLook goes to the front only; this is defensive
     uint32_t look = Op::kLook;
     if (!run) op->state.compare_exchange_strong(look, Op::kWaiting, std::memory_order_relaxed);
+  }
+}
+
+Status Wal::Combine(Op* op) {
+  {
+    MutexLock l(&mu_);
+    REPLICA_RETURN_IF_ERROR(Admissible());
+    queue_.push_back(op);
+    queued_.store(queue_.size(), std::memory_order_release);
+    op->state.store(Op::kWaiting, std::memory_order_relaxed);
+  }
+  // Reused by this thread's groups: no allocation per group. The ops are
+  // marked done outside the locks, so the list cannot live in the Wal.
+  thread_local std::vector<Op*> group;
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // see Submit
+  for (int tries = 0;; ++tries) {
+    const uint32_t seen = turns_.Load();  // before the state and the lock: no Bump is missed
+    if (op->state.load(std::memory_order_acquire) == Op::kDone) return op->status;
+    if (write_mu_.TryLock()) {
+      bool ran = false;
+      {
+        MutexLock l(&mu_);
+        // Not when an earlier holder has taken this op (it marks it done
+        // soon), nor when a Sync, Truncate or Purge heads the queue: their
+        // own threads lead them.
+        const Op* front = op->taken ? nullptr : queue_.front();
+        if (front != nullptr && (front->kind == Op::Kind::kAppend || front->kind == Op::Kind::kRaw)) {
+          group.assign(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(NextGroupSize()));
+          RunGroup(group.front(), group, /*queued=*/true);
+          ran = true;
+        }
+      }
+      write_mu_.Unlock();
+      if (ran) {
+        // Outside both locks, as in Lead: an op's thread may return as soon
+        // as its op is done, so nothing of an op is touched after that.
+        bool mine = false;
+        for (Op* g : group) {
+          if (g == op) {
+            mine = true;
+          } else {
+            g->state.store(Op::kDone, std::memory_order_release);
+          }
+        }
+        turns_.Bump();  // the group's sleepers, and the queue's next ones
+        ReportError();
+        if (mine) return op->status;
+        continue;
+      }
+      // An appender may have given up on the lock while this thread held
+      // it, and gone to sleep: wake it if there are appends to write (a
+      // Sync, Truncate or Purge at the front wakes the queue when done).
+      std::atomic_thread_fence(std::memory_order_seq_cst);  // as in Submit
+      bool appends_first;
+      {
+        MutexLock l(&mu_);
+        appends_first = !queue_.empty() && (queue_.front()->kind == Op::Kind::kAppend || queue_.front()->kind == Op::Kind::kRaw);
+      }
+      if (appends_first) turns_.Bump();
+    }
+    // The holder of the writer lock is most likely running on the other
+    // CPU and done within a write(): give the CPU to another appender, so
+    // that it queues its records for the next group, and only sleep once
+    // that has not been enough for a while (a slow disk, a stalled write).
+    if (tries < kCombineYields) {
+      sched_yield();
+    } else {
+      turns_.WaitOnce(seen);
+    }
   }
 }
 
@@ -811,7 +895,10 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
     leader->result = durable_lsn_;
   }
   if (queued) {
-    for (size_t i = 0; i < group.size(); ++i) queue_.pop_front();
+    for (size_t i = 0; i < group.size(); ++i) {
+      queue_.front()->taken = true;
+      queue_.pop_front();
+    }
     queued_.store(queue_.size(), std::memory_order_release);
     // The next front leads (it cannot finish before it is woken, so waking
     // it under mu_ is safe); Close waits on durable_cv_ for the queue to drain.

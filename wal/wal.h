@@ -8,11 +8,13 @@
 // Under SyncPolicy::kEveryCommit appends are group-committed: concurrent
 // appenders queue; the first in the queue (the leader) writes the whole group
 // with one write and one fdatasync, marks its ops done and wakes them all with
-// one futex call. Under the other policies there is no fdatasync to share, so
-// each appender writes its own records under the writer lock (write_mu_)
-// instead of handing them to a leader and sleeping. Sync, Truncate and Purge
-// travel through the queue, whose leader holds the writer lock too, so they
-// never interleave with a write.
+// one futex call. Under the other policies there is no fdatasync to share:
+// an appender that finds the writer lock (write_mu_) free writes its own
+// records under it, with no hand-off; one that finds it taken queues, and
+// whichever queued appender next takes the lock writes every queued record
+// with one write() (Combine), the others yielding the CPU meanwhile. Sync,
+// Truncate and Purge travel through the queue, whose leader holds the writer
+// lock too, so they never interleave with a write.
 //
 // Errors: a failed write or sync is sticky (as in RocksDB): the log refuses
 // further appends with that error, because what reached the disk is unknown.
@@ -267,6 +269,12 @@ class Wal {
   Status DropReserve(const std::string& path) REQUIRES(write_mu_);
 
   Status Submit(Op* op) EXCLUDES(mu_, write_mu_);
+  // An append or raw append under the kNone and kInterval policies that
+  // found the writer lock taken: it queues, and whichever queued appender
+  // next takes the writer lock writes every queued record with one write()
+  // (flat combining), the others yielding the CPU meanwhile.
+  Status Combine(Op* op) EXCLUDES(mu_, write_mu_);
+  static constexpr int kCombineYields = 64;
   // Why nothing may be appended now (closed, read-only, a sticky error).
   Status Admissible() const REQUIRES(mu_);
   // Runs the group that `leader`, the queue's front, heads, then wakes its ops.
