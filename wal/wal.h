@@ -321,9 +321,13 @@ class Wal {
   RecoveryReport recovery_;
 
   // Held by whoever writes the files: the queue's leader for its whole group,
-  // or (policies other than kEveryCommit) an appender writing its own records.
+  // or (policies other than kEveryCommit) an appender writing its own records
+  // or the queued ones (Combine).
   Mutex write_mu_ ACQUIRED_BEFORE(mu_){Mutex::Adaptive{}};
-  mutable Mutex mu_;
+  // Adaptive too: combining appenders queue under it while the writer takes
+  // it around each write(), for a few instructions each time (8 threads of
+  // 100 B records: 73 against 64 MiB/s, three runs of each, alternating).
+  mutable Mutex mu_{Mutex::Adaptive{}};
   // Readers (shippers, appliers): new records visible, truncation or close.
   // Signalled when a group is written, not again when it is synced, so that
   // a tailing reader wakes once per group.
