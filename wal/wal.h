@@ -326,7 +326,7 @@ class Wal {
   Mutex write_mu_ ACQUIRED_BEFORE(mu_){Mutex::Adaptive{}};
   // Adaptive too: combining appenders queue under it while the writer takes
   // it around each write(), for a few instructions each time (8 threads of
-  // 100 B records: 73 against 64 MiB/s, three runs of each, alternating).
+  // 100 B records: 73 against 64 MiB/s, medians of four alternating runs).
   mutable Mutex mu_{Mutex::Adaptive{}};
   // Readers (shippers, appliers): new records visible, truncation or close.
   // Signalled when a group is written, not again when it is synced, so that
