@@ -36,9 +36,14 @@ class WakeWord {
   // Waits while the word holds `v`; returns the value that ended the wait.
   uint32_t WaitWhile(uint32_t v) {
     uint32_t now;
-    while ((now = Load()) == v) {
+    for (;;) {
+      waiters_.fetch_add(1, std::memory_order_seq_cst);  // counted, so that a Bump wakes it too
+      now = word_.load(std::memory_order_seq_cst);
+      if (now != v) break;
       syscall(SYS_futex, Address(), FUTEX_WAIT_PRIVATE, v, nullptr, nullptr, 0);
+      waiters_.fetch_sub(1, std::memory_order_relaxed);
     }
+    waiters_.fetch_sub(1, std::memory_order_relaxed);
     return now;
   }
   // Stores `v` (releasing everything written before) and wakes the waiter.
@@ -52,6 +57,11 @@ class WakeWord {
   // and if it must wait calls WaitOnce with the value it read; a waker
   // changes the condition, then calls Bump, which wakes every waiter with a
   // single system call. A Bump between the read and WaitOnce is not lost.
+  // Bump makes the system call only when a thread waits (or is about to):
+  // waiters count themselves before they read the word, and Bump reads the
+  // count after it changes the word, both sequentially consistent, so
+  // either the waiter sees the new value or Bump sees the waiter. Unlike
+  // Set(), Bump reads the object after the store: it must outlive Bump.
   void WaitOnce(uint32_t seen) {
     waiters_.fetch_add(1, std::memory_order_seq_cst);
     if (word_.load(std::memory_order_seq_cst) == seen) syscall(SYS_futex, Address(), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);

@@ -85,7 +85,6 @@ struct Wal::Op {
   // Filled by the leader.
   Lsn first_lsn = 0;  // assigned at admission (kAppend)
   bool admitted = false;
-  bool taken = false;  // left the queue in a group (set under mu_)
   Status status;
   Lsn result = 0;
   // Where a queued op stands: kLook once it may have become the queue's
@@ -568,21 +567,29 @@ Status Wal::Combine(Op* op) {
     queued_.store(queue_.size(), std::memory_order_release);
     op->state.store(Op::kWaiting, std::memory_order_relaxed);
   }
-  // Reused by this thread's groups: no allocation per group. The ops are
-  // marked done outside the locks, so the list cannot live in the Wal.
-  thread_local std::vector<Op*> group;
+  // The group this thread runs. Its ops are marked done outside the locks,
+  // so the list cannot live in the Wal; and not in a thread_local either,
+  // which a nested call (an on_written hook appending to another log)
+  // would overwrite.
+  std::vector<Op*> group;
   std::atomic_thread_fence(std::memory_order_seq_cst);  // see Submit
   for (int tries = 0;; ++tries) {
     const uint32_t seen = turns_.Load();  // before the state and the lock: no Bump is missed
-    if (op->state.load(std::memory_order_acquire) == Op::kDone) return op->status;
+    if (op->state.load(std::memory_order_acquire) == Op::kDone) {
+      ReportError();
+      return op->status;
+    }
     if (write_mu_.TryLock()) {
       bool ran = false;
+      bool empty = false;
       {
         MutexLock l(&mu_);
-        // Not when an earlier holder has taken this op (it marks it done
-        // soon), nor when a Sync, Truncate or Purge heads the queue: their
-        // own threads lead them.
-        const Op* front = op->taken ? nullptr : queue_.front();
+        empty = queue_.empty();
+        // The appends at the queue's front, whoever queued them (this op
+        // may be among them, or already written by an earlier holder, which
+        // marks it done soon). Not a Sync, Truncate or Purge: its own
+        // thread leads it, and wakes the queue when done.
+        const Op* front = queue_.empty() ? nullptr : queue_.front();
         if (front != nullptr && (front->kind == Op::Kind::kAppend || front->kind == Op::Kind::kRaw)) {
           group.assign(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(NextGroupSize()));
           RunGroup(group.front(), group, /*queued=*/true);
@@ -602,20 +609,22 @@ Status Wal::Combine(Op* op) {
           }
         }
         turns_.Bump();  // the group's sleepers, and the queue's next ones
-        ReportError();
-        if (mine) return op->status;
+        if (mine) {
+          ReportError();  // only once this op is finished, as in Lead
+          return op->status;
+        }
         continue;
       }
-      // An appender may have given up on the lock while this thread held
-      // it, and gone to sleep: wake it if there are appends to write (a
-      // Sync, Truncate or Purge at the front wakes the queue when done).
-      std::atomic_thread_fence(std::memory_order_seq_cst);  // as in Submit
-      bool appends_first;
-      {
-        MutexLock l(&mu_);
-        appends_first = !queue_.empty() && (queue_.front()->kind == Op::Kind::kAppend || queue_.front()->kind == Op::Kind::kRaw);
+      // Nothing to run: a Sync, Truncate or Purge heads the queue (its
+      // thread wakes the queue when done), or the queue was empty (another
+      // holder wrote this op and will wake it). In that case an appender
+      // may have queued since and, finding the lock taken, have gone to
+      // sleep: as in Submit, either this load sees it queued or its
+      // TryLock sees the lock free.
+      if (empty) {
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (queued_.load(std::memory_order_relaxed) > 0) turns_.Bump();
       }
-      if (appends_first) turns_.Bump();
     }
     // The holder of the writer lock is most likely running on the other
     // CPU and done within a write(): give the CPU to another appender, so
@@ -895,10 +904,7 @@ void Wal::RunGroup(Op* leader, std::span<Op* const> group, bool queued) {
     leader->result = durable_lsn_;
   }
   if (queued) {
-    for (size_t i = 0; i < group.size(); ++i) {
-      queue_.front()->taken = true;
-      queue_.pop_front();
-    }
+    for (size_t i = 0; i < group.size(); ++i) queue_.pop_front();
     queued_.store(queue_.size(), std::memory_order_release);
     // The next front leads (it cannot finish before it is woken, so waking
     // it under mu_ is safe); Close waits on durable_cv_ for the queue to drain.
