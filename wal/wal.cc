@@ -1373,7 +1373,9 @@ uint64_t Wal::size_bytes() const {
 }
 WalStats Wal::stats() const {
   MutexLock l(&mu_);
-  return stats_;
+  WalStats s = stats_;
+  s.queued = queue_.size();
+  return s;
 }
 
 }  // namespace replica::wal

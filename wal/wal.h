@@ -175,6 +175,10 @@ struct WalStats {
   uint64_t gathers_filled = 0;
   uint64_t gathers_timed_out = 0;
   uint64_t gathers_cut_short = 0;
+  // Not a total: the requests queued at this moment (appenders waiting for
+  // a group, under kNone and kInterval those that found the writer busy;
+  // Sync, Truncate and Purge waiting for their turn).
+  uint64_t queued = 0;
 };
 
 struct SegmentInfo {
