@@ -432,6 +432,15 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
                      uint64_t length);
   void StartResync(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg,
                    const std::string& reason);
+  // Damage in this node's own log, found while shipping or checking a
+  // standby's log (a checksum that fails: the disk changed a stored frame).
+  // A standby that needs a record from `at` on is resynced from a snapshot,
+  // which comes from RocksDB, not from the log.
+  void NoteLogDamage(const std::string& standby, wal::Lsn at, const Status& st) EXCLUDES(mu_);
+  // The first LSN noted damaged at or after `from` whose frame still fails
+  // to read; entries whose frame reads well now (the log was cut back and
+  // rewritten, or purged) are forgotten.
+  std::optional<wal::Lsn> DamageFrom(wal::Lsn from) EXCLUDES(mu_);
   void AddStandby(const std::shared_ptr<transport::Session>& s, std::shared_ptr<Standby> sb, wal::Lsn slot,
                   const std::string& what, std::function<void()> run);
   // Standby: answers an offer (reusing the files it holds), then installs.
@@ -604,6 +613,8 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   std::optional<wal::Lsn> pending_rewind_ GUARDED_BY(mu_);  // standby: for the follower thread
   bool want_snapshot_ GUARDED_BY(mu_) = false;  // a rewind failed: ask for a snapshot
   std::atomic<uint64_t> rewinds_{0};
+  std::set<wal::Lsn> damaged_ GUARDED_BY(mu_);  // NoteLogDamage
+  std::atomic<uint64_t> wal_damage_found_{0};
   // Standby: drops its log after to (told by an active of a newer epoch).
   Status RewindTo(wal::Lsn to);
   Mutex recv_mu_;
@@ -1828,9 +1839,11 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
   while (!sb->stop.load()) {
     const uint32_t seen = sb->kick.Load();  // read first: a kick from here on is not lost
     Status st;
+    wal::Lsn damaged_at = 0;
     {
       MutexLock l(&sb->ship_mu);
       st = ShipSome(sb.get(), &sb->sent_by_shipper);
+      if (st.IsCorruption()) damaged_at = sb->reader->next_lsn();
     }
     if (st.ok()) {
       // All sent. The writer of the next group usually sends it itself;
@@ -1840,9 +1853,41 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
       if (sb->stop.load()) return;
       sb->WaitWritable();  // the standby is slow: stop reading the log until the queue drains
     } else {
+      // The standby subscribes again, and is then resynced.
+      if (damaged_at != 0) NoteLogDamage(sb->id, damaged_at, st);
       sb->session->Close(st);
       return;
     }
+  }
+}
+
+void EngineImpl::NoteLogDamage(const std::string& standby, wal::Lsn at, const Status& st) {
+  ++wal_damage_found_;
+  {
+    MutexLock l(&mu_);
+    damaged_.insert(at);
+  }
+  RLOG(kError, "engine.log_damaged") << "node=" << opts_.node_id << " standby=" << standby << " lsn=" << at
+                                     << " error=\"" << st.ToString()
+                                     << "\" (standbys that need it are resynced from a snapshot)";
+}
+
+std::optional<wal::Lsn> EngineImpl::DamageFrom(wal::Lsn from) {
+  for (;;) {
+    wal::Lsn at;
+    {
+      MutexLock l(&mu_);
+      auto it = damaged_.lower_bound(from);
+      if (it == damaged_.end()) return std::nullopt;
+      at = *it;
+    }
+    auto reader = wal_->NewReader(at);
+    if (reader.ok()) {
+      auto span = (*reader)->NextRaw(1);
+      if (span.status().IsCorruption()) return at;
+    }
+    MutexLock l(&mu_);
+    damaged_.erase(at);
   }
 }
 
@@ -3326,10 +3371,20 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     return StartResync(s, msg, "it needs LSN " + std::to_string(from) + " but this node's log now starts at LSN " +
                               std::to_string(wal_->first_lsn()) + " (purged)");
   }
+  // Damage in this log where the standby needs it (found by an earlier
+  // shipper, or now): the records are in RocksDB, not readable in the log.
+  if (auto at = DamageFrom(from > 1 ? from - 1 : from)) {
+    return StartResync(s, msg, "this node's log is damaged at LSN " + std::to_string(*at) + " (engine.log_damaged)");
+  }
   if (from > 1) {
     auto reader = wal_->NewReader(from - 1);
     wal::RecordView rec;
     Result<bool> got = reader.ok() ? (*reader)->Next(&rec) : Result<bool>(reader.status());
+    if (!got.ok() && got.status().IsCorruption()) {
+      NoteLogDamage(s->peer_id(), from - 1, got.status());
+      return StartResync(s, msg, "this node's log is damaged at LSN " + std::to_string(from - 1) +
+                                     " (engine.log_damaged)");
+    }
     if (!got.ok() && !got.status().IsPurged()) {
       ++refused_;
       s->Refuse(got.status().WithContext("check standby " + s->peer_id() + "'s log"));
@@ -3939,6 +3994,9 @@ std::string EngineImpl::PrometheusMetrics() const {
          static_cast<double>(st.snapshots_sent));
   metric("replica_snapshot_bytes_sent_total", "counter", "snapshot bytes sent (active)", node,
          static_cast<double>(st.snapshot_bytes_sent));
+  metric("replica_wal_damage_found_total", "counter",
+         "damaged frames found in this node's own log while shipping it (active; engine.log_damaged)", node,
+         static_cast<double>(st.wal_damage_found));
   metric("replica_snapshots_installed_total", "counter", "snapshots installed (standby)", node,
          static_cast<double>(st.snapshots_installed));
   metric("replica_snapshot_files_reused_total", "counter", "snapshot files already held, not sent again (standby)",
@@ -4037,6 +4095,7 @@ EngineStatus EngineImpl::StatusLocked() const {
   st.snapshot_bytes_sent = snapshot_bytes_sent_.load();
   st.snapshots_installed = snapshots_installed_.load();
   st.rewinds = rewinds_.load();
+  st.wal_damage_found = wal_damage_found_.load();
   st.snapshot_files_reused = snapshot_files_reused_.load();
   st.snapshot_bytes_received = snapshot_bytes_received_.load();
   if (st.role == Role::kStandby) {

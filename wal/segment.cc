@@ -107,7 +107,7 @@ Result<FrameCursor::Outcome> FrameCursor::Next(FrameHeader* h, std::string_view*
     return Outcome::kIncomplete;
   }
   const char* fp = buf_.data() + (offset_ - buf_off_);
-  if (verify_ && !FrameChecksumOk(fp, h->payload_len)) {
+  if (!FrameChecksumOk(fp, h->payload_len)) {
     *why = "checksum mismatch";
     return Outcome::kBad;
   }

@@ -42,9 +42,6 @@ class FrameCursor {
   FrameCursor(const RandomAccessFile* file, uint64_t offset, uint64_t end)
       : file_(file), offset_(offset), end_(end) {}
 
-  // With verify off, checksums are not computed (the raw send path, whose
-  // receiver verifies them).
-  void set_verify(bool verify) { verify_ = verify; }
   void set_end(uint64_t end) { end_ = end; }
   uint64_t offset() const { return offset_; }
   uint64_t end() const { return end_; }
@@ -62,7 +59,6 @@ class FrameCursor {
   const RandomAccessFile* file_;
   uint64_t offset_;
   uint64_t end_;
-  bool verify_ = true;
   std::string buf_;
   uint64_t buf_off_ = 0;  // file offset of buf_[0]
   size_t buf_len_ = 0;

@@ -202,6 +202,10 @@ struct EngineStatus {
   uint64_t snapshot_files_reused = 0;  // standby: files it already held, not sent again
   uint64_t snapshot_bytes_received = 0;
   uint64_t rewinds = 0;  // standby: times a diverged tail was cut back on rejoin
+  // Active: times a damaged frame was found in this node's own log while
+  // shipping it or checking a standby's log (engine.log_damaged); standbys
+  // that need those records are resynced from a snapshot instead.
+  uint64_t wal_damage_found = 0;
   std::string active_address;     // standby only: whom it follows
   // Standby only: its session to the active is up (authenticated), and
   // whether a snapshot is being received on it (a resync).

@@ -193,6 +193,53 @@ std::string NextRawBytes(Reader* reader) {
   return bytes;
 }
 
+// Damage in the log is found by the raw path too (it used to hand the
+// damaged frame out unverified, for every standby to refuse): the frames
+// before it go out, then Corruption names the segment, offset and LSN, and
+// stays, so that the sender can resync its peers instead.
+TEST(ReaderTest, NextRawStopsAtADamagedFrameAndNamesIt) {
+  for (bool compress : {false, true}) {
+    TempDir dir;
+    auto wal = OpenOrDie(dir.path(), Small(compress));
+    AppendN(wal.get(), 200, 200);  // segments of 8 KiB: several
+    // The frame that holds LSN 150, in an older segment.
+    auto at = wal->NewReader(150);
+    ASSERT_TRUE(at.ok());
+    auto frame = (*at)->NextRaw(1);
+    ASSERT_TRUE(frame.ok() && frame->has_value());
+    const RawSpan damaged = **frame;
+    ASSERT_NE(damaged.segment_path, test::SegmentPaths(dir.path()).back());
+    test::FlipBit(damaged.segment_path, damaged.offset + kFrameHeaderSize + 5, 2);
+
+    auto reader = wal->NewReader(1);
+    ASSERT_TRUE(reader.ok());
+    Lsn shipped = 0;
+    Status error;
+    for (int i = 0; i < 1000; ++i) {
+      auto span = (*reader)->NextRaw(4096);
+      if (!span.ok()) {
+        error = span.status();
+        break;
+      }
+      ASSERT_TRUE(span->has_value()) << "the reader reached the log's end past the damage";
+      EXPECT_EQ((*span)->first_lsn, shipped + 1);
+      EXPECT_LT((*span)->last_lsn, damaged.first_lsn) << "a span holds the damaged frame";
+      shipped = (*span)->last_lsn;
+    }
+    EXPECT_EQ(shipped + 1, damaged.first_lsn) << "the frames before the damage did not all go out";
+    ASSERT_TRUE(error.IsCorruption()) << error.ToString();
+    const std::string msg = error.message();
+    EXPECT_NE(msg.find(damaged.segment_path), std::string::npos) << msg;
+    EXPECT_NE(msg.find("offset " + std::to_string(damaged.offset)), std::string::npos) << msg;
+    EXPECT_NE(msg.find("LSN " + std::to_string(damaged.first_lsn)), std::string::npos) << msg;
+    EXPECT_NE(msg.find("checksum"), std::string::npos) << msg;
+    EXPECT_EQ((*reader)->next_lsn(), damaged.first_lsn);
+    // Asked again, the same answer: the reader does not step over the damage.
+    auto again = (*reader)->NextRaw(4096);
+    EXPECT_TRUE(again.status().IsCorruption()) << again.status().ToString();
+  }
+}
+
 TEST(ReaderTest, AppendRawRefusesWhatDoesNotFit) {
   TempDir a, b;
   auto active = OpenOrDie(a.path(), Small(false));
