@@ -507,12 +507,7 @@ Status Wal::Submit(Op* op) {
         }
       }
       write_mu_.Unlock();
-      // Appenders that queued meanwhile may have stopped yielding and gone
-      // to sleep: one of them takes the writer lock now. (The fence pairs
-      // with Combine's: either this load sees the queue grow, or that
-      // appender's TryLock sees the lock free.)
-      std::atomic_thread_fence(std::memory_order_seq_cst);
-      if (queued_.load(std::memory_order_relaxed) > 0) turns_.Bump();
+      WakeQueueIfWaiting();  // one of them takes the writer lock now
       if (!admissible.ok()) return admissible;
       ReportError();
       return op->status;
@@ -572,7 +567,7 @@ Status Wal::Combine(Op* op) {
   // which a nested call (an on_written hook appending to another log)
   // would overwrite.
   std::vector<Op*> group;
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // see Submit
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // see WakeQueueIfWaiting
   for (int tries = 0;; ++tries) {
     const uint32_t seen = turns_.Load();  // before the state and the lock: no Bump is missed
     if (op->state.load(std::memory_order_acquire) == Op::kDone) {
@@ -619,12 +614,8 @@ Status Wal::Combine(Op* op) {
       // thread wakes the queue when done), or the queue was empty (another
       // holder wrote this op and will wake it). In that case an appender
       // may have queued since and, finding the lock taken, have gone to
-      // sleep: as in Submit, either this load sees it queued or its
-      // TryLock sees the lock free.
-      if (empty) {
-        std::atomic_thread_fence(std::memory_order_seq_cst);
-        if (queued_.load(std::memory_order_relaxed) > 0) turns_.Bump();
-      }
+      // sleep.
+      if (empty) WakeQueueIfWaiting();
     }
     // The holder of the writer lock is most likely running on the other
     // CPU and done within a write(): give the CPU to another appender, so
@@ -636,6 +627,11 @@ Status Wal::Combine(Op* op) {
       turns_.WaitOnce(seen);
     }
   }
+}
+
+void Wal::WakeQueueIfWaiting() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (queued_.load(std::memory_order_relaxed) > 0) turns_.Bump();
 }
 
 Status Wal::Admissible() const {

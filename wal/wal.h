@@ -279,6 +279,12 @@ class Wal {
   // (flat combining), the others yielding the CPU meanwhile.
   Status Combine(Op* op) EXCLUDES(mu_, write_mu_);
   static constexpr int kCombineYields = 64;
+  // Called after releasing write_mu_ without running the queue: an appender
+  // that queued meanwhile may have stopped yielding and gone to sleep, so
+  // the queue is woken if anything is queued. Its seq_cst fence pairs with
+  // the one Combine makes after queuing: either this load sees the queue
+  // grow, or that appender's TryLock sees the writer lock free.
+  void WakeQueueIfWaiting() EXCLUDES(mu_, write_mu_);
   // Why nothing may be appended now (closed, read-only, a sticky error).
   Status Admissible() const REQUIRES(mu_);
   // Runs the group that `leader`, the queue's front, heads, then wakes its ops.
