@@ -1873,6 +1873,11 @@ void EngineImpl::NoteLogDamage(const std::string& standby, wal::Lsn at, const St
 }
 
 std::optional<wal::Lsn> EngineImpl::DamageFrom(wal::Lsn from) {
+  const wal::Lsn first = wal_->first_lsn();
+  {
+    MutexLock l(&mu_);
+    damaged_.erase(damaged_.begin(), damaged_.lower_bound(first));  // purged since
+  }
   for (;;) {
     wal::Lsn at;
     {
@@ -3995,7 +4000,7 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_snapshot_bytes_sent_total", "counter", "snapshot bytes sent (active)", node,
          static_cast<double>(st.snapshot_bytes_sent));
   metric("replica_wal_damage_found_total", "counter",
-         "damaged frames found in this node's own log while shipping it (active; engine.log_damaged)", node,
+         "times a damaged frame was found in this node's own log while shipping it or checking a standby's log (active; engine.log_damaged)", node,
          static_cast<double>(st.wal_damage_found));
   metric("replica_snapshots_installed_total", "counter", "snapshots installed (standby)", node,
          static_cast<double>(st.snapshots_installed));

@@ -163,9 +163,12 @@ Result<std::optional<RawSpan>> Reader::NextRaw(size_t max_bytes) {
   for (;;) {
     REPLICA_ASSIGN_OR_RETURN(bool more, Ready());
     if (!more) return std::optional<RawSpan>();
-    // The cursor verifies every checksum, as the receiver does again: damage
-    // in this log is found here, by segment, offset and LSN, instead of
-    // being shipped to every standby (the cursor reads whole frames anyway).
+    // The cursor verifies the checksum of every frame that goes out, as the
+    // receiver does again: damage in this log is found here, by segment,
+    // offset and LSN, instead of being shipped to every standby (the cursor
+    // reads whole frames anyway). Frames skipped before the start LSN are
+    // not checked: damage there must not stop a reader after it (the seed
+    // of a snapshot, a standby past the damage).
     RawSpan span;
     span.file = file_;
     span.segment_path = seg_path_;
@@ -174,7 +177,7 @@ Result<std::optional<RawSpan>> Reader::NextRaw(size_t max_bytes) {
       FrameHeader h;
       std::string_view payload;
       std::string why;
-      REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor_->Next(&h, &payload, &why));
+      REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor_->Next(&h, &payload, &why, next_lsn_));
       if (outcome != FrameCursor::Outcome::kFrame || h.lsn != frame_lsn_) {
         cursor_->Seek(frame_offset);
         if (span.length > 0) break;  // hand out what is good; the next call reports the damage

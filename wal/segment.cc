@@ -88,7 +88,8 @@ Result<bool> FrameCursor::Fill(uint64_t off, size_t n) {
   return got >= n;
 }
 
-Result<FrameCursor::Outcome> FrameCursor::Next(FrameHeader* h, std::string_view* payload, std::string* why) {
+Result<FrameCursor::Outcome> FrameCursor::Next(FrameHeader* h, std::string_view* payload, std::string* why,
+                                               Lsn verify_from) {
   if (offset_ >= end_) return Outcome::kEnd;
   REPLICA_ASSIGN_OR_RETURN(bool have_header, Fill(offset_, kFrameHeaderSize));
   if (!have_header) {
@@ -107,7 +108,7 @@ Result<FrameCursor::Outcome> FrameCursor::Next(FrameHeader* h, std::string_view*
     return Outcome::kIncomplete;
   }
   const char* fp = buf_.data() + (offset_ - buf_off_);
-  if (!FrameChecksumOk(fp, h->payload_len)) {
+  if (h->last_lsn() >= verify_from && !FrameChecksumOk(fp, h->payload_len)) {
     *why = "checksum mismatch";
     return Outcome::kBad;
   }

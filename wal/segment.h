@@ -49,8 +49,11 @@ class FrameCursor {
   void Seek(uint64_t offset) { offset_ = offset; }
 
   // Reads the frame at offset(); on kFrame advances past it. *payload stays
-  // valid until the next call.
-  Result<Outcome> Next(FrameHeader* h, std::string_view* payload, std::string* why);
+  // valid until the next call. The checksum is verified for frames whose
+  // last LSN is at least verify_from: a reader skipping the frames before
+  // its start LSN only needs their headers (damage there must not stop it
+  // from reading what follows; a damaged length breaks LSN continuity).
+  Result<Outcome> Next(FrameHeader* h, std::string_view* payload, std::string* why, Lsn verify_from = 0);
 
  private:
   // Makes [off, off+n) resident in buf_; false if the file is shorter.

@@ -421,9 +421,10 @@ class Reader {
   // The next run of whole stored frames, at most max_bytes (but always at
   // least one frame), within one segment; nullopt when caught up. If the
   // reader stands inside an LZ4 block, the span starts at that block.
-  // Every frame's checksum is verified: a damaged frame ends the span before
-  // it, and the next call fails with Corruption naming its segment, offset
-  // and LSN (next_lsn() is then the first LSN not handed out).
+  // The checksum of every frame handed out is verified (frames skipped
+  // before the start LSN are not): a damaged frame ends the span before it,
+  // and the next call fails with Corruption naming its segment, offset and
+  // LSN (next_lsn() is then the first LSN not handed out).
   Result<std::optional<RawSpan>> NextRaw(size_t max_bytes);
   // Waits until a record at next_lsn() is readable or the deadline passes.
   // Returns false on timeout.

@@ -237,6 +237,16 @@ TEST(ReaderTest, NextRawStopsAtADamagedFrameAndNamesIt) {
     // Asked again, the same answer: the reader does not step over the damage.
     auto again = (*reader)->NextRaw(4096);
     EXPECT_TRUE(again.status().IsCorruption()) << again.status().ToString();
+    // A reader that starts past the damage, in the same segment, is not
+    // stopped by it (a snapshot's seed, a standby that holds the damaged
+    // records already).
+    auto past = wal->NewReader(damaged.last_lsn + 1);
+    ASSERT_TRUE(past.ok());
+    auto after = (*past)->NextRaw(4096);
+    ASSERT_TRUE(after.ok()) << after.status().ToString();
+    ASSERT_TRUE(after->has_value());
+    EXPECT_EQ((*after)->first_lsn, damaged.last_lsn + 1);
+    EXPECT_EQ((*after)->segment_path, damaged.segment_path);
   }
 }
 
