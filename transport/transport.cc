@@ -1,6 +1,7 @@
 // Boost.Asio implementation of the transport (transport.h, docs/protocol.md).
 #include "transport/transport.h"
 
+#include <signal.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -34,6 +35,30 @@ uint64_t NowUnixMicros() {
   return static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
           .count());
+}
+
+// sendfile(2) to a socket, without SIGPIPE. sendfile has no MSG_NOSIGNAL:
+// on a connection that can no longer send (reset by the peer) it fails with
+// EPIPE and raises SIGPIPE, whose default action ends the process, and a
+// program that embeds the engine need not ignore it. SIGPIPE is blocked in
+// this thread for the call; one the call raised is taken while still
+// blocked, so it is never delivered. Unless the caller blocked SIGPIPE
+// itself: then what is pending is the caller's to take.
+ssize_t SendfileWithoutSigpipe(int socket_fd, int file_fd, off_t* offset, size_t count) {
+  sigset_t pipe_only, before;
+  sigemptyset(&pipe_only);
+  sigaddset(&pipe_only, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_only, &before);
+  const ssize_t n = ::sendfile(socket_fd, file_fd, offset, count);
+  const int err = errno;
+  if (n < 0 && err == EPIPE && !sigismember(&before, SIGPIPE)) {
+    const timespec now{0, 0};
+    while (::sigtimedwait(&pipe_only, nullptr, &now) < 0 && errno == EINTR) {
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &before, nullptr);
+  errno = err;
+  return n;
 }
 
 class SessionImpl;
@@ -634,7 +659,7 @@ bool SessionImpl::InlineFile(OutItem& item) {
     off_t off = static_cast<off_t>(item.file_offset);
     // The socket is non-blocking (Asio made it so before the handshake):
     // this sends what fits and returns.
-    const ssize_t m = ::sendfile(inline_fd_, item.fd, &off, std::min<size_t>(item.file_len, 4u << 20));
+    const ssize_t m = SendfileWithoutSigpipe(inline_fd_, item.fd, &off, std::min<size_t>(item.file_len, 4u << 20));
     if (m > 0) {
       item.file_offset += static_cast<uint64_t>(m);
       item.file_len -= static_cast<size_t>(m);
@@ -765,7 +790,7 @@ void SessionImpl::SendFileChunk() {
   while (it.file_len > 0) {
     off_t off = static_cast<off_t>(it.file_offset);
     size_t want = std::min<size_t>(it.file_len, 4u << 20);
-    ssize_t n = ::sendfile(io_->socket().native_handle(), it.fd, &off, want);
+    ssize_t n = SendfileWithoutSigpipe(io_->socket().native_handle(), it.fd, &off, want);
     if (n > 0) {
       it.file_offset += static_cast<uint64_t>(n);
       it.file_len -= static_cast<size_t>(n);

@@ -5,10 +5,13 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -392,6 +395,54 @@ TEST(SessionTest, DataWithoutCopies) {
     EXPECT_EQ(p.client->stats().payload_bytes_copied.load(), sendfile ? 0u : file_bytes.size() - 1000);
     EXPECT_EQ(p.client->stats().data_bytes_sent.load(), want);
   }
+}
+
+// The descriptor of this process's socket connected to 127.0.0.1:port, or -1.
+int SocketConnectedTo(uint16_t port) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    const int fd = std::atoi(entry.path().filename().c_str());
+    sockaddr_in peer{};
+    socklen_t len = sizeof peer;
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) == 0 && peer.sin_family == AF_INET &&
+        ntohs(peer.sin_port) == port) {
+      return fd;
+    }
+  }
+  return -1;
+}
+
+// sendfile(2) has no MSG_NOSIGNAL: on a connection that can no longer send
+// it fails with EPIPE and raises SIGPIPE, whose default action ends the
+// process. A program that embeds the engine need not ignore SIGPIPE, so the
+// session must fail and close without it. The receiver stops reading after
+// a first small frame, so a large span goes out in part (its header and what
+// fits inline) and the strand waits to send the rest; the test then shuts the
+// client's socket for writing behind the session's back (as a reset by the
+// peer does), and the strand's next sendfile meets EPIPE.
+TEST(SessionTest, AFileSpanOnAConnectionThatCannotSendClosesTheSessionWithoutSigpipe) {
+  struct sigaction dfl {}, before {};
+  dfl.sa_handler = SIG_DFL;
+  ASSERT_EQ(::sigaction(SIGPIPE, &dfl, &before), 0);
+  test::TempDir dir;
+  const std::string path = dir.Sub("span");
+  const size_t big = 15u << 20;  // more than the loopback buffers hold, within max_send_queue_bytes
+  test::WriteFileBytes(path, test::Payload(3, big));
+  int fd = ::open(path.c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  auto keep = std::shared_ptr<int>(new int(fd), [](int* f) { ::close(*f); delete f; });
+  Pair p;
+  p.Start(Opts("srv"), Opts("cli"));
+  ASSERT_TRUE(p.WaitEstablished());
+  p.server_rec.SetGate(false);  // the server's OnData holds the first frame: it reads no more
+  ASSERT_TRUE(p.client_session->SendFile(keep, fd, 0, 1024).ok());
+  ASSERT_TRUE(p.client_session->SendFile(keep, fd, 0, big).ok());
+  const int sock = SocketConnectedTo(p.port);
+  ASSERT_GE(sock, 0);
+  ASSERT_EQ(::shutdown(sock, SHUT_WR), 0);
+  ASSERT_TRUE(test::Eventually([&] { return p.client_session->closed(); }, 10s));
+  EXPECT_NE(p.client_session->close_status().ToString().find("sendfile"), std::string::npos)
+      << p.client_session->close_status().ToString();
+  ::sigaction(SIGPIPE, &before, nullptr);
 }
 
 TEST(SessionTest, SlowReceiverBoundsTheSendQueue) {
