@@ -44,6 +44,11 @@ using Clock = std::chrono::steady_clock;
 using snapshot::kAppliedKey;
 using snapshot::kMetaColumnFamily;
 constexpr size_t kMaxShipBytes = 1u << 20;
+
+// A reading of this node's own log that failed on the stored bytes: a frame
+// that fails its checksum (Corruption) or a read the disk refused (IOError,
+// EIO). Unlike a purged segment or a closed WAL, a retry reads the same.
+bool IsLogDamage(const Status& st) { return st.IsCorruption() || st.IsIOError(); }
 // Long work (a snapshot transfer, a catch-up) logs its progress this often.
 constexpr auto kProgressEvery = std::chrono::seconds(2);
 // A standby this many records behind its active reports its catch-up.
@@ -413,10 +418,11 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   void StartApplier() EXCLUDES(mu_);
   void StopApplier() EXCLUDES(mu_);
   void ApplierLoop();
-  void ShipperLoop(std::shared_ptr<Standby> standby, wal::Lsn from);
+  void ShipperLoop(std::shared_ptr<Standby> standby, wal::Lsn from) EXCLUDES(mu_);
   // Sends what the standby's reader has, until none is left (OK), the
-  // session's queue is full (Busy), or an error.
-  Status ShipSome(Standby* sb, std::atomic<uint64_t>* sent) REQUIRES(sb->ship_mu);
+  // session's queue is full (Busy), or an error; `*from_log` says whether
+  // the error came from reading this node's log (not from the session).
+  Status ShipSome(Standby* sb, std::atomic<uint64_t>* sent, bool* from_log = nullptr) REQUIRES(sb->ship_mu);
   // Wal::Options::on_written: the writer of a group sends it to every
   // standby whose shipper is idle (one thread hand-off fewer per record).
   void ShipWritten() EXCLUDES(ship_list_mu_);
@@ -425,7 +431,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   Mutex ship_list_mu_;
   std::vector<std::shared_ptr<Standby>> ship_list_ GUARDED_BY(ship_list_mu_);
   // Active: serves a snapshot to a standby whose log cannot be shipped.
-  void SnapshotLoop(std::shared_ptr<Standby> standby, std::string reason);
+  void SnapshotLoop(std::shared_ptr<Standby> standby, std::string reason) EXCLUDES(mu_);
   // Sends length bytes of fd from offset as data frames, waiting while the
   // standby's queue is full. False if the standby stopped or the session closed.
   bool SendFileRange(Standby* sb, const std::shared_ptr<const void>& keep, int fd, uint64_t offset,
@@ -433,14 +439,18 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
   void StartResync(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg,
                    const std::string& reason);
   // Damage in this node's own log, found while shipping or checking a
-  // standby's log (a checksum that fails: the disk changed a stored frame).
-  // A standby that needs a record from `at` on is resynced from a snapshot,
-  // which comes from RocksDB, not from the log.
+  // standby's log (a checksum that fails: the disk changed a stored frame;
+  // or a read error): `at` is where reading failed. A standby that needs a
+  // record from `at` on is resynced from a snapshot, which comes from
+  // RocksDB, not from the log.
   void NoteLogDamage(const std::string& standby, wal::Lsn at, const Status& st) EXCLUDES(mu_);
-  // The first LSN noted damaged at or after `from` whose frame still fails
-  // to read; entries whose frame reads well now (the log was cut back and
-  // rewritten, or purged) are forgotten.
+  // The first LSN noted damaged at or after `from` where reading still
+  // fails; entries that read well now (the log was cut back and rewritten,
+  // or purged, or a read error passed) are forgotten.
   std::optional<wal::Lsn> DamageFrom(wal::Lsn from) EXCLUDES(mu_);
+  // EngineOptions::test_fault's "log.read LSN" step: OK unless a test
+  // fails this reading of the log, as a read error of the disk would.
+  Status LogReadFault(wal::Lsn lsn) const;
   void AddStandby(const std::shared_ptr<transport::Session>& s, std::shared_ptr<Standby> sb, wal::Lsn slot,
                   const std::string& what, std::function<void()> run);
   // Standby: answers an offer (reusing the files it holds), then installs.
@@ -476,7 +486,7 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
     return wal_->options().sync_policy == wal::SyncPolicy::kNone ? wal_->last_lsn() : wal_->durable_lsn();
   }
   void SendSubscribe(const std::shared_ptr<transport::Session>& s);
-  void OnSubscribe(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg);
+  void OnSubscribe(const std::shared_ptr<transport::Session>& s, const proto::Subscribe& msg) EXCLUDES(mu_);
   // Credits a standby's flushed/applied LSNs (from an ack or a heartbeat),
   // never beyond what was shipped to it on this session.
   void Credit(const transport::Session* s, wal::Lsn flushed, wal::Lsn applied) EXCLUDES(mu_);
@@ -1842,8 +1852,9 @@ void EngineImpl::ShipperLoop(std::shared_ptr<Standby> sb, wal::Lsn from) {
     wal::Lsn damaged_at = 0;
     {
       MutexLock l(&sb->ship_mu);
-      st = ShipSome(sb.get(), &sb->sent_by_shipper);
-      if (st.IsCorruption()) damaged_at = sb->reader->next_lsn();
+      bool from_log = false;
+      st = ShipSome(sb.get(), &sb->sent_by_shipper, &from_log);
+      if (from_log && IsLogDamage(st)) damaged_at = sb->reader->next_lsn();
     }
     if (st.ok()) {
       // All sent. The writer of the next group usually sends it itself;
@@ -1867,7 +1878,7 @@ void EngineImpl::NoteLogDamage(const std::string& standby, wal::Lsn at, const St
     MutexLock l(&mu_);
     damaged_.insert(at);
   }
-  RLOG(kError, "engine.log_damaged") << "node=" << opts_.node_id << " standby=" << standby << " lsn=" << at
+  RLOG(kError, "engine.log_damaged") << "node=" << opts_.node_id << " standby=" << standby << " from_lsn=" << at
                                      << " error=\"" << st.ToString()
                                      << "\" (standbys that need it are resynced from a snapshot)";
 }
@@ -1886,22 +1897,31 @@ std::optional<wal::Lsn> EngineImpl::DamageFrom(wal::Lsn from) {
       if (it == damaged_.end()) return std::nullopt;
       at = *it;
     }
+    if (IsLogDamage(LogReadFault(at))) return at;
     auto reader = wal_->NewReader(at);
     if (reader.ok()) {
       auto span = (*reader)->NextRaw(1);
-      if (span.status().IsCorruption()) return at;
+      if (IsLogDamage(span.status())) return at;
     }
     MutexLock l(&mu_);
     damaged_.erase(at);
   }
 }
 
-Status EngineImpl::ShipSome(Standby* sb, std::atomic<uint64_t>* sent) {
+Status EngineImpl::LogReadFault(wal::Lsn lsn) const {
+  if (!opts_.test_fault) return Status::OK();
+  const std::string step = "log.read " + std::to_string(lsn);
+  return opts_.test_fault(step.c_str());
+}
+
+Status EngineImpl::ShipSome(Standby* sb, std::atomic<uint64_t>* sent, bool* from_log) {
   for (;;) {
     if (!sb->unsent) {
-      auto span = sb->reader->NextRaw(kMaxShipBytes);
+      Status fault = LogReadFault(sb->reader->next_lsn());
+      auto span = fault.ok() ? sb->reader->NextRaw(kMaxShipBytes) : Result<std::optional<wal::RawSpan>>(fault);
       if (!span.ok()) {
         sb->drained = false;
+        if (from_log != nullptr) *from_log = true;
         return span.status();
       }
       sb->drained = !span->has_value();
@@ -1993,7 +2013,12 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
     auto reader = wal_->NewReader(cp->lsn);
     if (!reader.ok()) return fail(reader.status().WithContext("read the seed at LSN " + std::to_string(cp->lsn)));
     auto span = (*reader)->NextRaw(1);
-    if (!span.ok()) return fail(span.status());
+    if (!span.ok()) {
+      // The seed frame itself unreadable: no resync can start until a write
+      // moves the checkpoint's LSN past it (operations.md).
+      if (IsLogDamage(span.status())) NoteLogDamage(sb->id, cp->lsn, span.status());
+      return fail(span.status());
+    }
     if (!span->has_value() || (*span)->first_lsn > cp->lsn || (*span)->last_lsn < cp->lsn) {
       return fail(Status::Corruption("no stored frame holds the checkpoint's LSN " + std::to_string(cp->lsn)));
     }
@@ -3385,7 +3410,7 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     auto reader = wal_->NewReader(from - 1);
     wal::RecordView rec;
     Result<bool> got = reader.ok() ? (*reader)->Next(&rec) : Result<bool>(reader.status());
-    if (!got.ok() && got.status().IsCorruption()) {
+    if (!got.ok() && IsLogDamage(got.status())) {
       NoteLogDamage(s->peer_id(), from - 1, got.status());
       return StartResync(s, msg, "this node's log is damaged at LSN " + std::to_string(from - 1) +
                                      " (engine.log_damaged)");
@@ -4000,7 +4025,7 @@ std::string EngineImpl::PrometheusMetrics() const {
   metric("replica_snapshot_bytes_sent_total", "counter", "snapshot bytes sent (active)", node,
          static_cast<double>(st.snapshot_bytes_sent));
   metric("replica_wal_damage_found_total", "counter",
-         "times a damaged frame was found in this node's own log while shipping it or checking a standby's log (active; engine.log_damaged)", node,
+         "times a damaged frame or a read error was found in this node's own log while shipping it, checking a standby's log or reading a snapshot's seed (active; engine.log_damaged)", node,
          static_cast<double>(st.wal_damage_found));
   metric("replica_snapshots_installed_total", "counter", "snapshots installed (standby)", node,
          static_cast<double>(st.snapshots_installed));

@@ -413,7 +413,9 @@ class Reader {
  public:
   ~Reader();
   // Next record, or false when caught up with the log's end. The record's
-  // payload stays valid until the next call.
+  // payload stays valid until the next call. A frame that fails its
+  // checksum fails the call with Corruption; as in NextRaw, the frames
+  // skipped before the start LSN are not checked.
   Result<bool> Next(RecordView* record);
   // Like Next, but when caught up waits (without polling) until a record
   // arrives or the deadline passes (then false).

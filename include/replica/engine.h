@@ -137,9 +137,11 @@ struct EngineOptions {
   // Tests: called at named steps: "install.reopen" (a snapshot install has
   // replaced the data; the new data is about to be opened), "apply" (the
   // applier is about to apply a run of records), "write.append" (an active's
-  // write passed its role check; the status is ignored) and
-  // "promote.fence_check" (a promotion is about to check for fences). A
-  // status other than OK is taken as that step's failure.
+  // write passed its role check; the status is ignored),
+  // "promote.fence_check" (a promotion is about to check for fences) and
+  // "log.read LSN" (an active is about to read its own log at LSN to ship
+  // it, or to see whether damage noted there is still there). A status other
+  // than OK is taken as that step's failure.
   std::function<Status(const char* step)> test_fault;
 };
 
@@ -202,9 +204,10 @@ struct EngineStatus {
   uint64_t snapshot_files_reused = 0;  // standby: files it already held, not sent again
   uint64_t snapshot_bytes_received = 0;
   uint64_t rewinds = 0;  // standby: times a diverged tail was cut back on rejoin
-  // Active: times a damaged frame was found in this node's own log while
-  // shipping it or checking a standby's log (engine.log_damaged); standbys
-  // that need those records are resynced from a snapshot instead.
+  // Active: times a damaged frame (or a read error) was found in this
+  // node's own log while shipping it, checking a standby's log, or reading a
+  // snapshot's seed (engine.log_damaged); standbys that need those records
+  // are resynced from a snapshot instead.
   uint64_t wal_damage_found = 0;
   std::string active_address;     // standby only: whom it follows
   // Standby only: its session to the active is up (authenticated), and

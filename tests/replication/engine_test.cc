@@ -332,6 +332,55 @@ TEST(EngineTest, AStandbyThatNeedsADamagedPartOfTheActivesLogIsResynced) {
   EXPECT_EQ(DumpDb(dir.Sub("b")), DumpDb(dir.Sub("a")));
 }
 
+// A read error in the active's own log (EIO from a failing disk) while it
+// ships is handled as damage, not as a failed connection. A read that fails
+// once and then reads well costs no resync: the active reads there again
+// when the standby subscribes, and forgets the entry. Reads that keep
+// failing where a standby needs records (a bad region of an older segment)
+// resync it from a snapshot. Before, only a checksum failure was handled:
+// a read error closed the session, and the standby asked for the same
+// records every 200 ms, for good. The read errors come from the engine's
+// test_fault hook (step "log.read LSN"), which fails a reading of the log
+// at that LSN as the disk would.
+TEST(EngineTest, AReadErrorInTheActivesLogIsHandledAsDamage) {
+  TempDir dir;
+  std::atomic<bool> fail_once_at_1{false};
+  std::atomic<uint64_t> bad_upto{0};  // reads at LSNs up to this fail, for good
+  EngineOptions ao = Node(dir, "a");
+  ao.test_fault = [&](const char* step) {
+    std::string_view s(step);
+    if (s.substr(0, 9) != "log.read ") return Status::OK();
+    const uint64_t lsn = std::stoull(std::string(s.substr(9)));
+    if ((lsn == 1 && fail_once_at_1.exchange(false)) || lsn <= bad_upto.load()) {
+      return Status::IOError("read of the log at LSN " + std::to_string(lsn) + ": Input/output error (the test)");
+    }
+    return Status::OK();
+  };
+  auto active = OpenOrDie(ao);
+  WriteMany(active.get(), 300);
+
+  fail_once_at_1 = true;
+  auto b = OpenOrDie(Node(dir, "b", Follow(*active)));
+  uint64_t last = WriteMany(active.get(), 20, 1000);
+  ASSERT_TRUE(b->WaitForApplied(last, 60s).ok());
+  EXPECT_FALSE(fail_once_at_1.load()) << "the shipper never read at LSN 1";
+  EXPECT_EQ(active->status().wal_damage_found, 1u);
+  EXPECT_EQ(active->status().snapshots_sent, 0u) << "a read error that passed cost a resync";
+
+  bad_upto = 150;
+  auto c = OpenOrDie(Node(dir, "c", Follow(*active)));
+  last = WriteMany(active.get(), 20, 2000);
+  ASSERT_TRUE(c->WaitForApplied(last, 60s).ok()) << "the standby did not get past the read error";
+  EXPECT_EQ(c->status().snapshots_installed, 1u);
+  EXPECT_EQ(active->status().snapshots_sent, 1u);
+  EXPECT_GE(active->status().wal_damage_found, 2u);
+  ASSERT_TRUE(c->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+  ASSERT_TRUE(active->Close().ok());
+  EXPECT_EQ(DumpDb(dir.Sub("b")), DumpDb(dir.Sub("a")));
+  EXPECT_EQ(DumpDb(dir.Sub("c")), DumpDb(dir.Sub("a")));
+}
+
 void StandbyAddedAfterThePurgeIsSeeded(int transport_io_threads) {
   TempDir dir;
   EngineOptions ao = Node(dir, "a");

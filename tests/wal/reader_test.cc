@@ -250,6 +250,51 @@ TEST(ReaderTest, NextRawStopsAtADamagedFrameAndNamesIt) {
   }
 }
 
+// A damaged LZ4 block of several records: a reader that starts inside it
+// (a standby whose position lies within the block) is stopped by it, raw or
+// by record, and the error names the block's first LSN; a reader that
+// starts after it, in the same segment, reads on, by record too (the check
+// of a subscribing standby's last record), as the frames before the start
+// LSN are skipped unchecked.
+TEST(ReaderTest, ADamagedBlockStopsAReaderStartingInsideItButNotOneAfterIt) {
+  TempDir dir;
+  auto wal = OpenOrDie(dir.path(), Small(true));
+  AppendBatches(wal.get(), 40, 7);
+  auto at = wal->NewReader(150);
+  ASSERT_TRUE(at.ok());
+  auto frame = (*at)->NextRaw(1);
+  ASSERT_TRUE(frame.ok() && frame->has_value());
+  const RawSpan block = **frame;
+  ASSERT_LT(block.first_lsn, 150u) << "LSN 150 is not inside a block of several records";
+  ASSERT_GT(block.last_lsn, 150u);
+  test::FlipBit(block.segment_path, block.offset + kFrameHeaderSize + 3, 1);
+
+  auto raw = wal->NewReader(150);
+  ASSERT_TRUE(raw.ok());
+  auto span = (*raw)->NextRaw(4096);
+  ASSERT_TRUE(span.status().IsCorruption()) << span.status().ToString();
+  EXPECT_NE(span.status().message().find("(LSN " + std::to_string(block.first_lsn) + ")"), std::string::npos)
+      << span.status().ToString();
+  auto records = wal->NewReader(150);
+  ASSERT_TRUE(records.ok());
+  RecordView r;
+  auto got = (*records)->Next(&r);
+  EXPECT_TRUE(got.status().IsCorruption()) << got.status().ToString();
+
+  auto raw_after = wal->NewReader(block.last_lsn + 1);
+  ASSERT_TRUE(raw_after.ok());
+  auto after = (*raw_after)->NextRaw(4096);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  ASSERT_TRUE(after->has_value());
+  EXPECT_EQ((*after)->first_lsn, block.last_lsn + 1);
+  auto records_after = wal->NewReader(block.last_lsn + 1);
+  ASSERT_TRUE(records_after.ok());
+  auto next = (*records_after)->Next(&r);
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  ASSERT_TRUE(*next);
+  EXPECT_EQ(r.lsn, block.last_lsn + 1);
+}
+
 TEST(ReaderTest, AppendRawRefusesWhatDoesNotFit) {
   TempDir a, b;
   auto active = OpenOrDie(a.path(), Small(false));
