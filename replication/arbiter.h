@@ -31,7 +31,10 @@ struct NodeInfo {
   std::map<std::string, uint64_t> standby_lag_ms;
   // And the bytes of its WAL each standby does not hold durably yet.
   std::map<std::string, uint64_t> standby_lag_bytes;
-  // Published by the active: the first LSN it keeps for each standby (slots).
+  // The first LSN this node keeps for each standby (slots): on the active,
+  // those it holds the log for; on a standby, those it kept as an earlier
+  // active, which it would hold again if promoted (repctl remove checks an
+  // id against them).
   std::map<std::string, uint64_t> slots;
   std::string commit;          // the commit rule in force on this node
   uint64_t wal_first_lsn = 0;  // retention: the oldest LSN still in the WAL

@@ -2431,7 +2431,7 @@ NodeInfo EngineImpl::MyInfo() {
   n.progress = progress_;
   if (!failure_.ok()) n.failure = failure_.ToString();
   n.final_epoch = final_epoch_.load();
-  if (role_.load() == Role::kActive) n.slots = slots_;
+  n.slots = slots_;  // a standby's too: repctl remove tells a mistyped id by them
   n.client_address = ClientAddress();
   if (role_.load() == Role::kActive) {
     const auto now = Clock::now();
@@ -2522,6 +2522,16 @@ void EngineImpl::RoleLoop() {
       for (const auto& [key, value] : ctl) {
         if (key.rfind("remove/", 0) != 0) continue;
         const std::string id = key.substr(7);
+        bool has_slot, connected;
+        {
+          MutexLock l(&mu_);
+          has_slot = slots_.count(id) > 0;
+          connected = standbys_.count(id) > 0;
+        }
+        // A removal with nothing to do here (no slot, and the node not back
+        // on this active) costs no etcd read: a node gone for good leaves
+        // its key for good, and this runs on every pass.
+        if (!has_slot && !connected && id != opts_.node_id) continue;
         if (!live) {
           auto nodes = arbiter_->GetNodes();
           if (!nodes.ok()) break;
@@ -2532,15 +2542,10 @@ void EngineImpl::RoleLoop() {
           (void)arbiter_->ClearControl(key);  // back (or this node): the removal is over
           continue;
         }
-        bool has_slot;
-        {
-          MutexLock l(&mu_);
-          // Connected, its session not in etcd yet: it is back; the key
-          // goes once its session shows (RemoveStandby would refuse it on
-          // every pass).
-          has_slot = slots_.count(id) > 0 && !standbys_.count(id);
-        }
-        if (has_slot) RemoveStandby(id);
+        // Connected, its session not in etcd yet: it is back; the key goes
+        // once its session shows (RemoveStandby would refuse it on every
+        // pass).
+        if (has_slot && !connected) RemoveStandby(id);
       }
     }
     {

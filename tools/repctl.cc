@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <set>
 #include <thread>
 
 #include "base/log.h"
@@ -48,8 +49,10 @@ const char kUsage[] =
     "                               remote-apply:N); kept in etcd, so every later active takes it too\n"
     "  reseed NODE                  replace standby NODE's replica with a snapshot of the active\n"
     "                               (files it holds intact are not sent again)\n"
-    "  remove NODE                  forget a standby that was shut down for good: the active drops\n"
-    "                               its slot (the log kept for it may then be deleted)\n\n"
+    "  remove [--force] NODE        forget a standby that was shut down for good: the active drops\n"
+    "                               its slot (the log kept for it may then be deleted); a NODE no\n"
+    "                               running node keeps a slot for is refused as unknown (a mistyped\n"
+    "                               id), unless --force (a stopped node may keep one)\n\n"
     "Exit status: 0 done, 1 failed (etcd unreachable, no such node, timed out), 2 usage error.\n\nOptions";
 
 struct Cluster {
@@ -319,7 +322,8 @@ int main(int argc, char** argv) {
       ("cluster", po::value<std::string>()->default_value("default"), "cluster name (as given to replicad)")
       ("json", "status: one JSON object instead of a table")
       ("to", po::value<std::string>(), "switchover: the node to hand over to")
-      ("force", "promote: required, to acknowledge the risk of losing writes")
+      ("force", "promote: required, to acknowledge the risk of losing writes; remove: also an id no running node "
+                "keeps a slot for")
       ("timeout", po::value<int>()->default_value(20),
        "seconds to wait for a command to take effect (switchover, promote, fence, set-commit, reseed, remove), "
        "1..86400");
@@ -349,7 +353,7 @@ int main(int argc, char** argv) {
   // operator should hear of (repctl promote --to b is not a switchover).
   if (vm.count("json") && cmd != "status") Fail("--json goes with status only", 2);
   if (vm.count("to") && cmd != "switchover") Fail("--to goes with switchover only", 2);
-  if (vm.count("force") && cmd != "promote") Fail("--force goes with promote only", 2);
+  if (vm.count("force") && cmd != "promote" && cmd != "remove") Fail("--force goes with promote or remove only", 2);
   auto endpoints = etcd::ParseEndpoints(vm["etcd"].as<std::string>());
   if (!endpoints.ok()) Fail("--etcd: " + endpoints.status().message(), 2);
   EtcdArbiterOptions ao;
@@ -506,6 +510,23 @@ int main(int argc, char** argv) {
     const Cluster c = Read(arbiter.get());
     if (Find(c, args[1])) Fail(args[1] + " is running (it has a session); stop it first, then remove it");
     if (!c.active) Fail("there is no active to drop the slot of " + args[1]);
+    // Every running node publishes the slots it keeps (a standby: those it
+    // kept as an earlier active, which it would keep again if promoted). An
+    // id none of them keeps is most likely mistyped: its removal would stay
+    // in etcd for good, waiting for a node that never comes.
+    std::set<std::string> keeping;
+    for (const auto& n : c.nodes) {
+      if (n.slots.count(args[1])) keeping.insert(n.id);
+    }
+    if (keeping.empty() && !vm.count("force")) {
+      std::string held;
+      for (const auto& n : c.nodes) {
+        for (const auto& [id, lsn] : n.slots) held += (held.empty() ? "" : ", ") + id + " (on " + n.id + ")";
+      }
+      Fail("no running node keeps a slot for " + args[1] + " (slots kept: " + (held.empty() ? "none" : held) +
+           "); check the id. A stopped node may keep one: repctl remove --force " + args[1] +
+           " writes the removal anyway, and whichever node is the active drops the slot");
+    }
     const NodeInfo* act = Find(c, c.active->id);
     if (!act) {
       Fail("the active " + c.active->id + " has no readable session in etcd: cannot tell whether it keeps a slot for " +
@@ -516,8 +537,11 @@ int main(int argc, char** argv) {
     Status put = arbiter->PutControl("remove/" + args[1], "repctl");
     if (!put.ok()) Fail("etcd: " + put.ToString());
     if (!act->slots.count(args[1])) {
-      std::printf("removed %s: the active %s keeps no log for it (nor will a later active)\n", args[1].c_str(),
-                  c.active->id.c_str());
+      std::string others;
+      for (const auto& id : keeping) others += (others.empty() ? "" : ", ") + id;
+      std::printf("removed %s: the active %s keeps no log for it (nor will a later active%s)\n", args[1].c_str(),
+                  c.active->id.c_str(),
+                  others.empty() ? "" : ("; " + others + " drops the slot it kept from an earlier term if promoted").c_str());
       return 0;
     }
     if (WaitForNode(arbiter.get(), c.active->id, [&](const NodeInfo& m) { return !m.slots.count(args[1]); }, limit) >= 0) {

@@ -711,6 +711,13 @@ TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
     return o.find("not running: repctl remove " + id(s2)) != std::string::npos;
   });
   EXPECT_NE(out.find("not running: repctl remove " + id(s2) + " forgets it"), std::string::npos) << out;
+  // A mistyped id is refused: its removal would stay in etcd for good.
+  out = Repctl(etcd_->endpoint(), "remove " + id(s2) + "x", &code);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("no running node keeps a slot for " + id(s2) + "x"), std::string::npos) << out;
+  EXPECT_NE(out.find(id(s2) + " (on " + id(act) + ")"), std::string::npos) << "the slots kept are named: " << out;
+  out = Repctl(etcd_->endpoint(), "remove --force " + id(s2) + "x", &code);
+  EXPECT_EQ(code, 0) << out;
   out = Repctl(etcd_->endpoint(), "remove " + id(s2), &code);
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("removed " + id(s2)), std::string::npos) << out;
