@@ -7,6 +7,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <array>
 #include <deque>
 #include <map>
@@ -46,9 +47,16 @@ using snapshot::kMetaColumnFamily;
 constexpr size_t kMaxShipBytes = 1u << 20;
 
 // A reading of this node's own log that failed on the stored bytes: a frame
-// that fails its checksum (Corruption) or a read the disk refused (IOError,
-// EIO). Unlike a purged segment or a closed WAL, a retry reads the same.
-bool IsLogDamage(const Status& st) { return st.IsCorruption() || st.IsIOError(); }
+// that fails its checksum (Corruption), or a read the device refused (EIO,
+// or the filesystem's EUCLEAN/EBADMSG). Not a purged segment or a closed
+// WAL, nor an IOError of the moment (EMFILE, ENOMEM, EACCES), which is
+// retried. A checksum failure stays; a read error may pass, so the place is
+// read again when a standby next needs it (DamageFrom).
+bool IsLogDamage(const Status& st) {
+  if (st.IsCorruption()) return true;
+  const int e = st.sys_errno();
+  return st.IsIOError() && (e == EIO || e == EUCLEAN || e == EBADMSG);
+}
 // Long work (a snapshot transfer, a catch-up) logs its progress this often.
 constexpr auto kProgressEvery = std::chrono::seconds(2);
 // A standby this many records behind its active reports its catch-up.
@@ -2025,7 +2033,10 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
     seed = std::move(**span);
     std::string bytes;
     st = seed->ReadInto(&bytes);
-    if (!st.ok()) return fail(st);
+    if (!st.ok()) {
+      if (IsLogDamage(st)) NoteLogDamage(sb->id, cp->lsn, st);
+      return fail(st);
+    }
     offer->set_seed_first_lsn(seed->first_lsn);
     offer->set_seed_size(bytes.size());
     offer->set_seed_xxh3(XXH3_64bits(bytes.data(), bytes.size()));
@@ -3415,10 +3426,18 @@ void EngineImpl::OnSubscribe(const std::shared_ptr<transport::Session>& s, const
     auto reader = wal_->NewReader(from - 1);
     wal::RecordView rec;
     Result<bool> got = reader.ok() ? (*reader)->Next(&rec) : Result<bool>(reader.status());
-    if (!got.ok() && IsLogDamage(got.status())) {
+    if (!got.ok() && got.status().IsCorruption()) {
       NoteLogDamage(s->peer_id(), from - 1, got.status());
       return StartResync(s, msg, "this node's log is damaged at LSN " + std::to_string(from - 1) +
                                      " (engine.log_damaged)");
+    }
+    if (!got.ok() && IsLogDamage(got.status())) {
+      // A read error may pass: noted, and read again when the standby
+      // subscribes again (DamageFrom), which resyncs it only if it stays.
+      NoteLogDamage(s->peer_id(), from - 1, got.status());
+      ++refused_;
+      s->Refuse(got.status().WithContext("check standby " + s->peer_id() + "'s log (read again when it subscribes)"));
+      return;
     }
     if (!got.ok() && !got.status().IsPurged()) {
       ++refused_;

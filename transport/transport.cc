@@ -42,8 +42,10 @@ uint64_t NowUnixMicros() {
 // EPIPE and raises SIGPIPE, whose default action ends the process, and a
 // program that embeds the engine need not ignore it. SIGPIPE is blocked in
 // this thread for the call; one the call raised is taken while still
-// blocked, so it is never delivered. Unless the caller blocked SIGPIPE
-// itself: then what is pending is the caller's to take.
+// blocked, so it is never delivered. It may have been raised by a later
+// round of a call that still returns the bytes of the earlier ones: any call
+// that did not send all it was asked is checked. Unless the caller blocked
+// SIGPIPE itself: then what is pending is the caller's to take.
 ssize_t SendfileWithoutSigpipe(int socket_fd, int file_fd, off_t* offset, size_t count) {
   sigset_t pipe_only, before;
   sigemptyset(&pipe_only);
@@ -51,7 +53,9 @@ ssize_t SendfileWithoutSigpipe(int socket_fd, int file_fd, off_t* offset, size_t
   pthread_sigmask(SIG_BLOCK, &pipe_only, &before);
   const ssize_t n = ::sendfile(socket_fd, file_fd, offset, count);
   const int err = errno;
-  if (n < 0 && err == EPIPE && !sigismember(&before, SIGPIPE)) {
+  sigset_t pending;
+  if (n != static_cast<ssize_t>(count) && !sigismember(&before, SIGPIPE) && sigpending(&pending) == 0 &&
+      sigismember(&pending, SIGPIPE)) {
     const timespec now{0, 0};
     while (::sigtimedwait(&pipe_only, nullptr, &now) < 0 && errno == EINTR) {
     }

@@ -179,7 +179,13 @@ Result<std::optional<RawSpan>> Reader::NextRaw(size_t max_bytes) {
       FrameHeader h;
       std::string_view payload;
       std::string why;
-      REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor_->Next(&h, &payload, &why, next_lsn_));
+      auto next = cursor_->Next(&h, &payload, &why, next_lsn_);
+      if (!next.ok()) {  // a read error: what is good goes out, as for damage
+        cursor_->Seek(frame_offset);
+        if (span.length > 0) break;
+        return next.status();
+      }
+      const FrameCursor::Outcome outcome = *next;
       if (outcome != FrameCursor::Outcome::kFrame || h.lsn != frame_lsn_) {
         cursor_->Seek(frame_offset);
         if (span.length > 0) break;  // hand out what is good; the next call reports the damage

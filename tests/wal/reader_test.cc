@@ -287,6 +287,7 @@ TEST(ReaderTest, ADamagedBlockStopsAReaderStartingInsideItButNotOneAfterIt) {
   ASSERT_TRUE(after.ok()) << after.status().ToString();
   ASSERT_TRUE(after->has_value());
   EXPECT_EQ((*after)->first_lsn, block.last_lsn + 1);
+  ASSERT_EQ((*after)->segment_path, block.segment_path) << "the test needs the damage earlier in the same segment";
   auto records_after = wal->NewReader(block.last_lsn + 1);
   ASSERT_TRUE(records_after.ok());
   auto next = (*records_after)->Next(&r);
