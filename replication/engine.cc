@@ -624,6 +624,9 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
 
   // Snapshot resync.
   std::atomic<uint64_t> snapshot_seq_{0};
+  // The table files' hashes, so that each checkpoint reads only the files
+  // written since the last one (a resync tried again, a second standby).
+  snapshot::HashCache checkpoint_hashes_;
   std::atomic<uint64_t> snapshots_sent_{0}, snapshot_files_sent_{0}, snapshot_bytes_sent_{0};
   std::atomic<uint64_t> snapshots_installed_{0}, snapshot_files_reused_{0}, snapshot_bytes_received_{0};
   std::optional<proto::SnapshotOffer> pending_offer_ GUARDED_BY(mu_);  // standby: for the follower thread
@@ -2009,7 +2012,7 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
     MutexLock l(&mu_);
     slots_[sb->id] = std::max<wal::Lsn>(1, applied_lsn_);
   }
-  auto cp = snapshot::MakeCheckpoint(db_.get(), cp_dir, kMetaColumnFamily, kAppliedKey);
+  auto cp = snapshot::MakeCheckpoint(db_.get(), cp_dir, kMetaColumnFamily, kAppliedKey, &checkpoint_hashes_);
   if (!cp.ok()) return fail(cp.status());
 
   // The seed: the stored frames holding the checkpoint's LSN, from which the
@@ -2119,7 +2122,7 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
   snapshot_bytes_sent_ += bytes;
   RLOG(kInfo, "engine.resync_sent") << "node=" << opts_.node_id << " standby=" << sb->id << " lsn=" << cp->lsn
                                     << " files_sent=" << files << " files_in_snapshot=" << cp->files.size()
-                                    << " bytes_sent=" << bytes << " ms="
+                                    << " bytes_sent=" << bytes << " bytes_hashed=" << cp->bytes_hashed << " ms="
                                     << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started)
                                            .count();
 }

@@ -2,6 +2,7 @@
 
 #include <rocksdb/db.h>
 #include <rocksdb/utilities/checkpoint.h>
+#include <sys/stat.h>
 #include <xxhash.h>
 
 #include <algorithm>
@@ -54,13 +55,53 @@ Result<uint64_t> HashFile(const std::string& path) {
   return static_cast<uint64_t>(XXH3_64bits_digest(state.get()));
 }
 
+Result<uint64_t> HashCache::Hash(const std::string& path, uint64_t* read) {
+  *read = 0;
+  const bool table = path.size() > 4 && path.compare(path.size() - 4, 4, ".sst") == 0;
+  struct stat st {};
+  if (table && ::stat(path.c_str(), &st) != 0) return Status::FromErrno("stat " + path, errno);
+  const std::pair<uint64_t, uint64_t> id{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino)};
+  const int64_t mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  if (table) {
+    MutexLock l(&mu_);
+    auto it = files_.find(id);
+    if (it != files_.end() && it->second.size == static_cast<uint64_t>(st.st_size) &&
+        it->second.mtime_ns == mtime_ns) {
+      it->second.used = true;
+      return it->second.xxh3;
+    }
+  }
+  REPLICA_ASSIGN_OR_RETURN(uint64_t xxh3, HashFile(path));
+  if (table) {
+    *read = static_cast<uint64_t>(st.st_size);
+    MutexLock l(&mu_);
+    files_[id] = Entry{static_cast<uint64_t>(st.st_size), mtime_ns, xxh3, true};
+  } else {
+    auto size = Env::Default()->GetFileSize(path);
+    *read = size.ok() ? *size : 0;
+  }
+  return xxh3;
+}
+
+void HashCache::Trim() {
+  MutexLock l(&mu_);
+  for (auto it = files_.begin(); it != files_.end();) {
+    if (!it->second.used) {
+      it = files_.erase(it);
+    } else {
+      it->second.used = false;
+      ++it;
+    }
+  }
+}
+
 bool IsPlainFileName(const std::string& name) {
   return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
          name.find('\0') == std::string::npos && name.size() <= 255;
 }
 
 Result<Checkpoint> MakeCheckpoint(rocksdb::DB* db, const std::string& dir, const std::string& meta_cf,
-                                  const std::string& applied_key) {
+                                  const std::string& applied_key, HashCache* cache) {
   rocksdb::Checkpoint* raw = nullptr;
   auto s = rocksdb::Checkpoint::Create(db, &raw);
   if (!s.ok()) return Status::IOError("checkpoint: " + s.ToString());
@@ -100,9 +141,17 @@ Result<Checkpoint> MakeCheckpoint(rocksdb::DB* db, const std::string& dir, const
     FileInfo f;
     f.name = name;
     REPLICA_ASSIGN_OR_RETURN(f.size, Env::Default()->GetFileSize(path));
-    REPLICA_ASSIGN_OR_RETURN(f.xxh3, HashFile(path));
+    if (cache != nullptr) {
+      uint64_t read = 0;
+      REPLICA_ASSIGN_OR_RETURN(f.xxh3, cache->Hash(path, &read));
+      out.bytes_hashed += read;
+    } else {
+      REPLICA_ASSIGN_OR_RETURN(f.xxh3, HashFile(path));
+      out.bytes_hashed += f.size;
+    }
     out.files.push_back(std::move(f));
   }
+  if (cache != nullptr) cache->Trim();
   return out;
 }
 

@@ -13,9 +13,12 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "base/mutex.h"
 #include "replica/status.h"
 
 namespace rocksdb {
@@ -42,6 +45,7 @@ struct Checkpoint {
   std::string dir;
   uint64_t lsn = 0;  // applied LSN stored in the checkpoint
   std::vector<FileInfo> files;
+  uint64_t bytes_hashed = 0;  // read to hash its files: the bytes a HashCache did not know
 };
 
 // A RocksDB status as ours: Corruption stays Corruption, the rest is IOError;
@@ -51,15 +55,42 @@ Status FromRocks(const rocksdb::Status& s, const std::string& what);
 // XXH3-64 of a whole file, read in 1 MiB pieces.
 Result<uint64_t> HashFile(const std::string& path);
 
+// The XXH3 of RocksDB's table files (*.sst), remembered by the file they are
+// of (device and inode: a checkpoint's files are hard links to the
+// database's) together with its size and modification time, so that each
+// checkpoint reads only the table files written since the last one. Table
+// files are never changed in place; a file that is (its size or time
+// changed, or a new file on a reused inode) is hashed again. Other files
+// (MANIFEST, OPTIONS, CURRENT) are small and always hashed. Thread-safe.
+class HashCache {
+ public:
+  // The file's XXH3; *read is set to the bytes read for it (0 if known).
+  Result<uint64_t> Hash(const std::string& path, uint64_t* read) EXCLUDES(mu_);
+  // Forgets every file but those hashed (or looked up) since the last call:
+  // the cache holds no more than one checkpoint's table files.
+  void Trim() EXCLUDES(mu_);
+
+ private:
+  struct Entry {
+    uint64_t size = 0;
+    int64_t mtime_ns = 0;
+    uint64_t xxh3 = 0;
+    bool used = false;
+  };
+  Mutex mu_;
+  std::map<std::pair<uint64_t, uint64_t>, Entry> files_ GUARDED_BY(mu_);  // (device, inode)
+};
+
 // A plain name of a file inside a directory: no '/', not "." or "..", not empty.
 bool IsPlainFileName(const std::string& name);
 
 // Creates a RocksDB checkpoint of db in dir (which must not exist), with
 // memtables flushed so that it needs no RocksDB log, and lists its files.
 // The applied LSN is read back from the checkpoint itself (meta_cf /
-// applied_key, u64 little-endian), so it matches the data exactly.
+// applied_key, u64 little-endian), so it matches the data exactly. Given a
+// cache, table files it knows are not read again.
 Result<Checkpoint> MakeCheckpoint(rocksdb::DB* db, const std::string& dir, const std::string& meta_cf,
-                                  const std::string& applied_key);
+                                  const std::string& applied_key, HashCache* cache = nullptr);
 
 // Paths of the standby's staging area.
 std::string StagingDir(const std::string& data_dir);
