@@ -624,6 +624,10 @@ class EngineImpl final : public Engine, public transport::Handler, public logdif
 
   // Snapshot resync.
   std::atomic<uint64_t> snapshot_seq_{0};
+  // DATA_DIR/LOCK, held from the start of Open to the end of Close: a second
+  // process (or engine) on the directory is refused before it changes
+  // anything (finishes an install, removes checkpoints/, rewrites node).
+  std::unique_ptr<FileLock> dir_lock_;
   // The table files' hashes, so that each checkpoint reads only the files
   // written since the last one (a resync tried again, a second standby).
   snapshot::HashCache checkpoint_hashes_;
@@ -870,6 +874,16 @@ Status EngineImpl::Init() {
   wal_options_.preallocate = opts_.wal_preallocate;
   wal_options_.retention_bytes = opts_.wal_keep_bytes;
   REPLICA_RETURN_IF_ERROR(Env::Default()->CreateDirIfMissing(opts_.data_dir));
+  {
+    const std::string lock_path = JoinPath(opts_.data_dir, "LOCK");
+    auto lock = Env::Default()->LockFile(lock_path);
+    if (!lock.ok() && lock.status().code() == StatusCode::kBusy) {
+      return Status::Busy("data directory " + opts_.data_dir + " is in use by another running node (" + lock_path +
+                          " is locked); stop it first, or give this node a directory of its own");
+    }
+    if (!lock.ok()) return lock.status();
+    dir_lock_ = std::move(lock).value();
+  }
   // A snapshot install that a crash interrupted is finished before anything opens.
   REPLICA_RETURN_IF_ERROR(snapshot::RecoverInstall(opts_.data_dir));
   REPLICA_RETURN_IF_ERROR(snapshot::RemoveTree(JoinPath(opts_.data_dir, "checkpoints")));
@@ -1007,10 +1021,15 @@ Status EngineImpl::LoadIdentity() {
   const std::string path = JoinPath(opts_.data_dir, kNodeFile);
   // The incarnation stands for this log: a directory whose log is gone
   // (wal/ emptied, the node file left) gets a new one as well.
+  // Only a missing wal/ is "no log": one that cannot be listed (EACCES,
+  // EIO, a file of that name) fails the open before the node file is
+  // touched, instead of giving the directory a new incarnation.
   bool has_log = false;
   if (auto children = Env::Default()->GetChildren(JoinPath(opts_.data_dir, "wal")); children.ok()) {
     has_log = std::any_of(children->begin(), children->end(),
                           [](const std::string& n) { return wal::ParseSegmentFileName(n).has_value(); });
+  } else if (!children.status().IsNotFound()) {
+    return children.status().WithContext("list " + JoinPath(opts_.data_dir, "wal"));
   }
   if (Env::Default()->FileExists(path)) {
     REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(Env::Default(), path));
@@ -2225,6 +2244,13 @@ Status EngineImpl::PrepareResync(const std::shared_ptr<transport::Session>& s, c
     if (!snapshot::IsPlainFileName(f.name()) || f.name() == snapshot::kSeedName || !names.insert(f.name()).second) {
       return Status::InvalidArgument("snapshot offer with a bad or repeated file name '" + f.name() + "'");
     }
+  }
+  // The seed is one stored frame (NextRaw(1)); the standby reads it whole
+  // into memory at install, so a larger announced size is refused up front.
+  if (offer.seed_size() > wal::kFrameHeaderSize + wal::kMaxFramePayload) {
+    return Status::InvalidArgument("snapshot offer with a seed of " + std::to_string(offer.seed_size()) +
+                                   " bytes; a seed is one WAL frame, at most " +
+                                   std::to_string(wal::kFrameHeaderSize + wal::kMaxFramePayload));
   }
   if (offer.seed_first_lsn() == 0 || (offer.lsn() > 0 && offer.seed_first_lsn() > offer.lsn())) {
     return Status::InvalidArgument("snapshot offer whose seed starts at LSN " + std::to_string(offer.seed_first_lsn()) +
@@ -4217,6 +4243,7 @@ Status EngineImpl::Close() {
     if (st.ok()) st = cs;
     db_.reset();
   }
+  dir_lock_.reset();  // the directory may be opened again
   MutexLock l(&mu_);
   close_done_ = true;
   close_status_ = st;

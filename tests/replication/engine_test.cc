@@ -1233,6 +1233,82 @@ TEST(EngineTest, AStandbyRefusesASnapshotFileLargerThanOffered) {
   ASSERT_TRUE(b->Close().ok());
 }
 
+// A seed is one WAL frame, which the standby reads whole into memory at
+// install: an offer announcing a larger one is refused before anything is
+// asked for or written (it used to be taken to disk, then read into memory).
+TEST(EngineTest, AStandbyRefusesASnapshotSeedLargerThanAFrame) {
+  TempDir dir;
+  RoguePeer active;
+  auto port = active.endpoint()->Listen("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok());
+  auto b = OpenOrDie(Node(dir, "b", "127.0.0.1:" + std::to_string(*port)));
+  ASSERT_TRUE(active.WaitFor([&] {
+    return std::any_of(active.controls_.begin(), active.controls_.end(),
+                       [](const proto::Control& m) { return m.has_subscribe(); });
+  }));
+  proto::Control offer;
+  auto* o = offer.mutable_snapshot_offer();
+  o->set_lsn(10);
+  o->set_epoch(1);
+  o->set_seed_first_lsn(10);
+  o->set_seed_size(10ull << 30);
+  ASSERT_TRUE(active.Send(offer));
+  EXPECT_TRUE(active.WaitFor([&] { return active.closed_ > 0; })) << "b took a seed of 10 GiB";
+  EXPECT_FALSE(std::any_of(active.controls_.begin(), active.controls_.end(),
+                           [](const proto::Control& m) { return m.has_snapshot_request(); }));
+  ASSERT_TRUE(b->Close().ok());
+}
+
+// One running node per data directory: a second one (a mistake, a
+// supervisor starting it twice) is refused before it changes anything; it
+// used to remove the running node's checkpoints/ (a resync in flight) and
+// finish or undo its install before the WAL's lock refused it.
+TEST(EngineTest, ASecondNodeOnARunningNodesDirectoryIsRefusedBeforeItChangesAnything) {
+  TempDir dir;
+  auto a = OpenOrDie(Node(dir, "a"));
+  const std::string in_flight = dir.Sub("a") + "/checkpoints/b-1/000001.sst";
+  std::filesystem::create_directories(dir.Sub("a") + "/checkpoints/b-1");
+  test::WriteFileBytes(in_flight, "being sent");
+  const std::string node_file = test::ReadFileBytes(dir.Sub("a") + "/node");
+  auto twice = Engine::Open(Node(dir, "a"));
+  ASSERT_FALSE(twice.ok());
+  EXPECT_EQ(twice.status().code(), StatusCode::kBusy) << twice.status().ToString();
+  EXPECT_NE(twice.status().message().find("in use by another running node"), std::string::npos)
+      << twice.status().ToString();
+  EXPECT_TRUE(std::filesystem::exists(in_flight)) << "the second node removed the first one's checkpoints";
+  EXPECT_EQ(test::ReadFileBytes(dir.Sub("a") + "/node"), node_file);
+  ASSERT_TRUE(a->Close().ok());
+  a.reset();
+  auto again = Engine::Open(Node(dir, "a"));  // closed: the directory is free
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  ASSERT_TRUE((*again)->Close().ok());
+}
+
+// A wal/ that cannot be listed is not "no log": the open fails naming it,
+// and the node file keeps its incarnation (it used to get a new one, so a
+// node whose wal/ was briefly unreadable lost its place in the sync set).
+TEST(EngineTest, AnUnlistableWalDirectoryFailsTheOpenAndKeepsTheIncarnation) {
+  TempDir dir;
+  {
+    auto a = OpenOrDie(Node(dir, "a"));
+    WriteMany(a.get(), 5);
+    ASSERT_TRUE(a->Close().ok());
+  }
+  const std::string node_file = test::ReadFileBytes(dir.Sub("a") + "/node");
+  std::filesystem::rename(dir.Sub("a") + "/wal", dir.Sub("a") + "/wal.away");
+  test::WriteFileBytes(dir.Sub("a") + "/wal", "not a directory");
+  auto refused = Engine::Open(Node(dir, "a"));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("/wal"), std::string::npos) << refused.status().ToString();
+  EXPECT_EQ(test::ReadFileBytes(dir.Sub("a") + "/node"), node_file) << "the incarnation changed";
+  std::filesystem::remove(dir.Sub("a") + "/wal");
+  std::filesystem::rename(dir.Sub("a") + "/wal.away", dir.Sub("a") + "/wal");
+  auto back = Engine::Open(Node(dir, "a"));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(test::ReadFileBytes(dir.Sub("a") + "/node"), node_file);
+  ASSERT_TRUE((*back)->Close().ok());
+}
+
 // A fence naming an epoch that no campaign reached (a peer's bug, or a
 // forged message) costs at most an election: the node it reached can still
 // be promoted later. A fence naming no plain node id is refused outright.
