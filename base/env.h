@@ -100,8 +100,11 @@ class Env {
 
 // Writes data to path atomically: temp file, fsync, rename, fsync of the directory.
 Status WriteFileAtomically(Env* env, const std::string& path, std::string_view data);
-// Reads a whole (small) file.
-Result<std::string> ReadWholeFile(Env* env, const std::string& path);
+// Reads a whole (small) file. A file larger than max_bytes is refused
+// before anything is read (InvalidArgument naming both sizes), and so is
+// anything but a regular file (a FIFO would block the open, a pipe or a
+// /proc file reads as empty).
+Result<std::string> ReadWholeFile(Env* env, const std::string& path, uint64_t max_bytes = 1u << 20);
 
 std::string JoinPath(const std::string& dir, const std::string& name);
 

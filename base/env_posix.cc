@@ -319,8 +319,14 @@ Status WriteFileAtomically(Env* env, const std::string& path, std::string_view d
   return env->SyncDir(DirName(path));
 }
 
-Result<std::string> ReadWholeFile(Env* env, const std::string& path) {
+Result<std::string> ReadWholeFile(Env* env, const std::string& path, uint64_t max_bytes) {
+  REPLICA_ASSIGN_OR_RETURN(bool regular, env->IsRegularFile(path));
+  if (!regular) return Status::InvalidArgument(path + " is not a regular file");
   REPLICA_ASSIGN_OR_RETURN(uint64_t size, env->GetFileSize(path));
+  if (size > max_bytes) {
+    return Status::InvalidArgument(path + " is " + std::to_string(size) + " bytes, more than the " +
+                                   std::to_string(max_bytes) + " such a file can hold");
+  }
   REPLICA_ASSIGN_OR_RETURN(auto file, env->NewRandomAccessFile(path));
   std::string data(size, '\0');
   REPLICA_ASSIGN_OR_RETURN(size_t n, file->Read(0, size, data.data()));

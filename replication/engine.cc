@@ -2388,9 +2388,10 @@ Status EngineImpl::InstallSnapshot() {
       if (r->received[snapshot::kSeedName] != offer.seed_xxh3()) {
         return Status::Corruption("the snapshot's WAL seed arrived with a different checksum");
       }
-      REPLICA_ASSIGN_OR_RETURN(std::string seed, ReadWholeFile(Env::Default(), JoinPath(snapshot::StagingDir(
-                                                                                     opts_.data_dir),
-                                                                                 snapshot::kSeedName)));
+      REPLICA_ASSIGN_OR_RETURN(std::string seed,
+                               ReadWholeFile(Env::Default(), JoinPath(snapshot::StagingDir(opts_.data_dir),
+                                                                      snapshot::kSeedName),
+                                             wal::kFrameHeaderSize + wal::kMaxFramePayload));
       auto last = wal->AppendRaw(seed);
       if (!last.ok()) return last.status().WithContext("the snapshot's WAL seed");
       if (*last < offer.lsn()) {

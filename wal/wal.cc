@@ -219,7 +219,7 @@ Status Wal::Recover() NO_THREAD_SAFETY_ANALYSIS {
   const std::string history_path = JoinPath(dir_, kEpochFileName);
   bool history_read = false;
   if (env_->FileExists(history_path)) {
-    REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(env_, history_path));
+    REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(env_, history_path, 64u << 20));
     auto decoded = EpochHistory::Decode(data);
     if (decoded.ok()) {
       history_ = std::move(decoded).value();

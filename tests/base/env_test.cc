@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
 #include <cerrno>
 #include <string>
 #include <string_view>
@@ -107,6 +109,26 @@ TEST(EnvTest, AtomicWriteReplaces) {
   ASSERT_TRUE(WriteFileAtomically(env, dir.Sub("f"), "two").ok());
   EXPECT_EQ(*ReadWholeFile(env, dir.Sub("f")), "two");
   EXPECT_FALSE(env->FileExists(dir.Sub("f.tmp")));
+}
+
+// A whole-file read of a configuration or state file is bounded and only
+// of a regular file: a huge file used to be allocated whole (bad_alloc ends
+// the process), a FIFO blocked the open, and a pipe read as empty.
+TEST(EnvTest, ReadWholeFileRefusesLargeFilesAndWhatIsNoRegularFile) {
+  TempDir dir;
+  test::WriteFileBytes(dir.Sub("small"), std::string(1000, 's'));
+  EXPECT_EQ(ReadWholeFile(Env::Default(), dir.Sub("small"), 1000)->size(), 1000u);
+  auto big = ReadWholeFile(Env::Default(), dir.Sub("small"), 999);
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(big.status().message().find("is 1000 bytes, more than the 999"), std::string::npos)
+      << big.status().ToString();
+  ASSERT_EQ(::mkfifo(dir.Sub("fifo").c_str(), 0600), 0);
+  auto fifo = ReadWholeFile(Env::Default(), dir.Sub("fifo"));  // no writer: an open would block
+  ASSERT_FALSE(fifo.ok());
+  EXPECT_NE(fifo.status().message().find("not a regular file"), std::string::npos) << fifo.status().ToString();
+  EXPECT_FALSE(ReadWholeFile(Env::Default(), dir.path()).ok());
+  EXPECT_TRUE(ReadWholeFile(Env::Default(), dir.Sub("missing")).status().IsNotFound());
 }
 
 TEST(EnvTest, LockIsExclusive) {
