@@ -297,6 +297,13 @@ int main(int argc, char** argv) {
     const int tls = static_cast<int>(vm.count("tls-cert") + vm.count("tls-key") + vm.count("tls-ca"));
     if (tls != 0 && tls != 3) Fail("TLS needs all three of --tls-cert, --tls-key and --tls-ca");
     if (tls == 3) {
+      // An empty value (a config template's unset variable) would leave the
+      // port in plaintext while the operator believes it runs TLS.
+      for (const char* name : {"tls-cert", "tls-key", "tls-ca"}) {
+        if (vm[name].as<std::string>().empty()) {
+          Fail(std::string("--") + name + " is empty: TLS needs a file for each of --tls-cert, --tls-key and --tls-ca");
+        }
+      }
       o.tls_cert_file = vm["tls-cert"].as<std::string>();
       o.tls_key_file = vm["tls-key"].as<std::string>();
       o.tls_ca_file = vm["tls-ca"].as<std::string>();

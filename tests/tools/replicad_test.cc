@@ -426,6 +426,15 @@ TEST(ReplicadTest, ReplicationOverMutualTls) {
   out = Shell(kReplicad + " --id d --data-dir " + dir.Sub("d") + " --secret s --tls-cert " + dir.Sub("a.crt"), &code);
   EXPECT_EQ(code, 2) << out;
   EXPECT_NE(out.find("TLS needs all three"), std::string::npos) << out;
+  // Empty values (a config template's unset variables) used to start the
+  // node in plaintext.
+  test::WriteFileBytes(dir.Sub("empty-tls.conf"), "tls-cert =\ntls-key =\ntls-ca =\n");
+  // (timeout: a node that starts anyway runs until stopped)
+  out = Shell("timeout 30 " + kReplicad + " --id d --data-dir " + dir.Sub("d") + " --secret s --config " +
+                  dir.Sub("empty-tls.conf"),
+              &code);
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_NE(out.find("--tls-cert is empty"), std::string::npos) << out;
 }
 
 // WAIT with arguments past what an int or the clock holds: it waits (as
