@@ -89,6 +89,8 @@ class Env {
   // Atomic replace of to (POSIX rename).
   virtual Status RenameFile(const std::string& from, const std::string& to) = 0;
   virtual Status TruncateFile(const std::string& path, uint64_t size) = 0;
+  // Creates dir (not its parents) unless it exists; a directory it creates
+  // is made durable (fsync of the parent).
   virtual Status CreateDirIfMissing(const std::string& dir) = 0;
   // fsync on the directory, so that creations, renames and deletions in it
   // survive a crash.

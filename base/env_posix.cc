@@ -257,12 +257,21 @@ class PosixEnv final : public Env {
   }
 
   Status CreateDirIfMissing(const std::string& dir) override {
-    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
-      return Status::FromErrno("mkdir " + dir, errno);
-    }
+    const bool created = ::mkdir(dir.c_str(), 0755) == 0;
+    if (!created && errno != EEXIST) return Status::FromErrno("mkdir " + dir, errno);
     struct stat st;
     if (::stat(dir.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) {
       return Status::FromErrno("mkdir " + dir + " (it exists and is not a directory)", ENOTDIR);
+    }
+    // A new directory's entry is in its parent: without this fsync a power
+    // loss could lose it (and the synced files in it) on a filesystem that
+    // does not order metadata, such as the wal/ of a node's first start.
+    if (created) {
+      std::string parent = dir;
+      while (parent.size() > 1 && parent.back() == '/') parent.pop_back();
+      const auto pos = parent.rfind('/');
+      parent = pos == std::string::npos ? "." : pos == 0 ? "/" : parent.substr(0, pos);
+      return SyncDir(parent);
     }
     return Status::OK();
   }

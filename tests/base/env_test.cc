@@ -131,6 +131,21 @@ TEST(EnvTest, ReadWholeFileRefusesLargeFilesAndWhatIsNoRegularFile) {
   EXPECT_TRUE(ReadWholeFile(Env::Default(), dir.Sub("missing")).status().IsNotFound());
 }
 
+// A directory it creates is synced through its parent, which is found for
+// a trailing slash too; an existing one is left as it is, and a file of
+// that name is an error.
+TEST(EnvTest, CreateDirIfMissingCreatesOnceAndRefusesAFile) {
+  TempDir dir;
+  Env* env = Env::Default();
+  ASSERT_TRUE(env->CreateDirIfMissing(dir.Sub("a")).ok());
+  ASSERT_TRUE(env->CreateDirIfMissing(dir.Sub("a") + "/b/").ok());
+  EXPECT_TRUE(env->CreateDirIfMissing(dir.Sub("a") + "/b").ok()) << "an existing directory";
+  EXPECT_FALSE(*env->IsRegularFile(dir.Sub("a") + "/b"));
+  EXPECT_FALSE(env->CreateDirIfMissing(dir.Sub("a") + "/missing/c").ok()) << "parents are not created";
+  test::WriteFileBytes(dir.Sub("f"), "x");
+  EXPECT_FALSE(env->CreateDirIfMissing(dir.Sub("f")).ok());
+}
+
 TEST(EnvTest, LockIsExclusive) {
   TempDir dir;
   Env* env = Env::Default();
