@@ -2412,6 +2412,7 @@ Status EngineImpl::InstallSnapshot() {
     diff_.ReleaseAll(db_.get());
     CloseStorage();
     st = snapshot::CommitInstall(opts_.data_dir);
+    checkpoint_hashes_.Clear();  // another database: its file numbers start over
     if (st.ok() && opts_.test_fault) st = opts_.test_fault("install.reopen");
     if (st.ok()) st = OpenStorage();
     if (!st.ok()) {

@@ -60,7 +60,9 @@ Result<uint64_t> HashCache::Hash(const std::string& path, uint64_t* read) {
   const bool table = path.size() > 4 && path.compare(path.size() - 4, 4, ".sst") == 0;
   struct stat st {};
   if (table && ::stat(path.c_str(), &st) != 0) return Status::FromErrno("stat " + path, errno);
-  const std::pair<uint64_t, uint64_t> id{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino)};
+  const size_t slash = path.rfind('/');
+  const Key id{slash == std::string::npos ? path : path.substr(slash + 1), static_cast<uint64_t>(st.st_dev),
+               static_cast<uint64_t>(st.st_ino)};
   const int64_t mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   if (table) {
     MutexLock l(&mu_);
@@ -81,6 +83,11 @@ Result<uint64_t> HashCache::Hash(const std::string& path, uint64_t* read) {
     *read = size.ok() ? *size : 0;
   }
   return xxh3;
+}
+
+void HashCache::Clear() {
+  MutexLock l(&mu_);
+  files_.clear();
 }
 
 void HashCache::Trim() {

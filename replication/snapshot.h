@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -56,12 +57,15 @@ Status FromRocks(const rocksdb::Status& s, const std::string& what);
 Result<uint64_t> HashFile(const std::string& path);
 
 // The XXH3 of RocksDB's table files (*.sst), remembered by the file they are
-// of (device and inode: a checkpoint's files are hard links to the
-// database's) together with its size and modification time, so that each
+// of: its name (RocksDB never reuses a file number within a database, and a
+// checkpoint keeps the names), device and inode (a checkpoint's files are
+// hard links to the database's), size and modification time, so that each
 // checkpoint reads only the table files written since the last one. Table
-// files are never changed in place; a file that is (its size or time
-// changed, or a new file on a reused inode) is hashed again. Other files
-// (MANIFEST, OPTIONS, CURRENT) are small and always hashed. Thread-safe.
+// files are never changed in place; one that is (its size or time changed)
+// is hashed again, and so is a new file on a reused inode, which has a new
+// number. Other files (MANIFEST, OPTIONS, CURRENT) are small and always
+// hashed. Clear() when the database is replaced (file numbers start over).
+// Thread-safe.
 class HashCache {
  public:
   // The file's XXH3; *read is set to the bytes read for it (0 if known).
@@ -69,6 +73,7 @@ class HashCache {
   // Forgets every file but those hashed (or looked up) since the last call:
   // the cache holds no more than one checkpoint's table files.
   void Trim() EXCLUDES(mu_);
+  void Clear() EXCLUDES(mu_);
 
  private:
   struct Entry {
@@ -78,7 +83,14 @@ class HashCache {
     bool used = false;
   };
   Mutex mu_;
-  std::map<std::pair<uint64_t, uint64_t>, Entry> files_ GUARDED_BY(mu_);  // (device, inode)
+  struct Key {
+    std::string name;  // the file's name, without its directory
+    uint64_t device = 0, inode = 0;
+    bool operator<(const Key& o) const {
+      return std::tie(device, inode, name) < std::tie(o.device, o.inode, o.name);
+    }
+  };
+  std::map<Key, Entry> files_ GUARDED_BY(mu_);
 };
 
 // A plain name of a file inside a directory: no '/', not "." or "..", not empty.

@@ -510,27 +510,37 @@ int main(int argc, char** argv) {
     const Cluster c = Read(arbiter.get());
     if (Find(c, args[1])) Fail(args[1] + " is running (it has a session); stop it first, then remove it");
     if (!c.active) Fail("there is no active to drop the slot of " + args[1]);
+    const NodeInfo* act = Find(c, c.active->id);
+    if (!act) {
+      Fail("the active " + c.active->id + " has no readable session in etcd: cannot tell whether it keeps a slot for " +
+           args[1]);
+    }
     // Every running node publishes the slots it keeps (a standby: those it
     // kept as an earlier active, which it would keep again if promoted). An
     // id none of them keeps is most likely mistyped: its removal would stay
-    // in etcd for good, waiting for a node that never comes.
+    // in etcd for good, waiting for a node that never comes. One removed
+    // already (a repeat, or a first call that timed out) is not refused.
+    bool removed_before = false;
+    if (auto ctl = arbiter->GetControls(); ctl.ok()) {
+      for (const auto& [name, value] : *ctl) removed_before |= name == "remove/" + args[1];
+    }
     std::set<std::string> keeping;
     for (const auto& n : c.nodes) {
       if (n.slots.count(args[1])) keeping.insert(n.id);
+    }
+    if (keeping.empty() && removed_before) {
+      std::printf("%s was removed already: no running node keeps a slot for it\n", args[1].c_str());
+      return 0;
     }
     if (keeping.empty() && !vm.count("force")) {
       std::string held;
       for (const auto& n : c.nodes) {
         for (const auto& [id, lsn] : n.slots) held += (held.empty() ? "" : ", ") + id + " (on " + n.id + ")";
       }
-      Fail("no running node keeps a slot for " + args[1] + " (slots kept: " + (held.empty() ? "none" : held) +
-           "); check the id. A stopped node may keep one: repctl remove --force " + args[1] +
+      Fail("nothing to remove: no running node keeps a slot for " + args[1] + " (slots kept: " +
+           (held.empty() ? "none" : held) + "). Check the id; if it is right, no running node keeps log for it. "
+           "A stopped node may keep one from an earlier term: repctl remove --force " + args[1] +
            " writes the removal anyway, and whichever node is the active drops the slot");
-    }
-    const NodeInfo* act = Find(c, c.active->id);
-    if (!act) {
-      Fail("the active " + c.active->id + " has no readable session in etcd: cannot tell whether it keeps a slot for " +
-           args[1]);
     }
     // The request stays in etcd until the node comes back, so that any
     // later active drops a slot it kept for it from an earlier term.

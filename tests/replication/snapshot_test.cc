@@ -113,6 +113,9 @@ TEST(SnapshotHashCacheTest, ATableFileIsReadOnceUntilItChanges) {
   fs::create_hard_link(a, dir.Sub("cp/000012.sst"));
   EXPECT_EQ(*cache.Hash(dir.Sub("cp/000012.sst"), &read), *first);
   EXPECT_EQ(read, 0u) << "a hard link is the same file";
+  fs::create_hard_link(a, dir.Sub("000013.sst"));
+  EXPECT_EQ(*cache.Hash(dir.Sub("000013.sst"), &read), *first);
+  EXPECT_EQ(read, 1u << 20) << "another name (a new file on a reused inode) is hashed again";
 
   // Changed in place, same size: told by its modification time.
   test::WriteFileBytes(a, test::Payload(2, 1 << 20));
@@ -139,6 +142,9 @@ TEST(SnapshotHashCacheTest, ATableFileIsReadOnceUntilItChanges) {
   cache.Trim();
   (void)cache.Hash(a, &read);
   EXPECT_EQ(read, 1u << 20);
+  cache.Clear();
+  (void)cache.Hash(a, &read);
+  EXPECT_EQ(read, 1u << 20) << "a cleared cache knows nothing";
   EXPECT_FALSE(cache.Hash(dir.Sub("missing.sst"), &read).ok());
 }
 

@@ -718,6 +718,9 @@ TEST_F(FailoverTest, RepctlSetCommitReseedAndRemove) {
   EXPECT_NE(out.find(id(s2) + " (on " + id(act) + ")"), std::string::npos) << "the slots kept are named: " << out;
   out = Repctl(etcd_->endpoint(), "remove --force " + id(s2) + "x", &code);
   EXPECT_EQ(code, 0) << out;
+  out = Repctl(etcd_->endpoint(), "remove " + id(s2) + "x", &code);
+  EXPECT_EQ(code, 0) << "a repeat is not refused: " << out;
+  EXPECT_NE(out.find("was removed already"), std::string::npos) << out;
   out = Repctl(etcd_->endpoint(), "remove " + id(s2), &code);
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("removed " + id(s2)), std::string::npos) << out;
