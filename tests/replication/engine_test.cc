@@ -1198,24 +1198,44 @@ TEST(EngineTest, AnActiveRefusesASnapshotRequestNamingAFileTwice) {
   ASSERT_TRUE(a->Close().ok());
 }
 
+// Standby "b" of a hand-driven active, once it has subscribed.
+std::unique_ptr<Engine> SubscribedStandbyOf(RoguePeer* active, const TempDir& dir) {
+  auto port = active->endpoint()->Listen("127.0.0.1", 0);
+  if (!port.ok()) {
+    ADD_FAILURE() << port.status().ToString();
+    return nullptr;
+  }
+  auto b = OpenOrDie(Node(dir, "b", "127.0.0.1:" + std::to_string(*port)));
+  if (!active->WaitFor([&] {
+        return std::any_of(active->controls_.begin(), active->controls_.end(),
+                           [](const proto::Control& m) { return m.has_subscribe(); });
+      })) {
+    ADD_FAILURE() << "b did not subscribe";
+    return nullptr;
+  }
+  return b;
+}
+
+// An offer of a snapshot at LSN 10 (epoch 1, its seed from LSN 10), to fill in.
+proto::Control SnapshotOfferAtLsn10() {
+  proto::Control offer;
+  auto* o = offer.mutable_snapshot_offer();
+  o->set_lsn(10);
+  o->set_epoch(1);
+  o->set_seed_first_lsn(10);
+  return offer;
+}
+
 // A standby refuses a snapshot file whose announced size is not the one
 // offered, before writing a byte of it (it used to write whatever came
 // until the disk was full, and compare only at install).
 TEST(EngineTest, AStandbyRefusesASnapshotFileLargerThanOffered) {
   TempDir dir;
   RoguePeer active;
-  auto port = active.endpoint()->Listen("127.0.0.1", 0);
-  ASSERT_TRUE(port.ok());
-  auto b = OpenOrDie(Node(dir, "b", "127.0.0.1:" + std::to_string(*port)));
-  ASSERT_TRUE(active.WaitFor([&] {
-    return std::any_of(active.controls_.begin(), active.controls_.end(),
-                       [](const proto::Control& m) { return m.has_subscribe(); });
-  }));
-  proto::Control offer;
+  auto b = SubscribedStandbyOf(&active, dir);
+  ASSERT_TRUE(b);
+  proto::Control offer = SnapshotOfferAtLsn10();
   auto* o = offer.mutable_snapshot_offer();
-  o->set_lsn(10);
-  o->set_epoch(1);
-  o->set_seed_first_lsn(10);
   auto* f = o->add_files();
   f->set_name("000001.sst");
   f->set_size(100);
@@ -1239,18 +1259,10 @@ TEST(EngineTest, AStandbyRefusesASnapshotFileLargerThanOffered) {
 TEST(EngineTest, AStandbyRefusesASnapshotSeedLargerThanAFrame) {
   TempDir dir;
   RoguePeer active;
-  auto port = active.endpoint()->Listen("127.0.0.1", 0);
-  ASSERT_TRUE(port.ok());
-  auto b = OpenOrDie(Node(dir, "b", "127.0.0.1:" + std::to_string(*port)));
-  ASSERT_TRUE(active.WaitFor([&] {
-    return std::any_of(active.controls_.begin(), active.controls_.end(),
-                       [](const proto::Control& m) { return m.has_subscribe(); });
-  }));
-  proto::Control offer;
+  auto b = SubscribedStandbyOf(&active, dir);
+  ASSERT_TRUE(b);
+  proto::Control offer = SnapshotOfferAtLsn10();
   auto* o = offer.mutable_snapshot_offer();
-  o->set_lsn(10);
-  o->set_epoch(1);
-  o->set_seed_first_lsn(10);
   o->set_seed_size(10ull << 30);
   ASSERT_TRUE(active.Send(offer));
   EXPECT_TRUE(active.WaitFor([&] { return active.closed_ > 0; })) << "b took a seed of 10 GiB";

@@ -197,6 +197,17 @@ std::string NextRawBytes(Reader* reader) {
 // damaged frame out unverified, for every standby to refuse): the frames
 // before it go out, then Corruption names the segment, offset and LSN, and
 // stays, so that the sender can resync its peers instead.
+// A raw reader from `from` reads a span starting there, in `segment`.
+void ExpectRawReadFrom(Wal* wal, Lsn from, const std::string& segment) {
+  auto reader = wal->NewReader(from);
+  ASSERT_TRUE(reader.ok());
+  auto span = (*reader)->NextRaw(4096);
+  ASSERT_TRUE(span.ok()) << span.status().ToString();
+  ASSERT_TRUE(span->has_value());
+  EXPECT_EQ((*span)->first_lsn, from);
+  EXPECT_EQ((*span)->segment_path, segment);
+}
+
 TEST(ReaderTest, NextRawStopsAtADamagedFrameAndNamesIt) {
   for (bool compress : {false, true}) {
     TempDir dir;
@@ -240,13 +251,7 @@ TEST(ReaderTest, NextRawStopsAtADamagedFrameAndNamesIt) {
     // A reader that starts past the damage, in the same segment, is not
     // stopped by it (a snapshot's seed, a standby that holds the damaged
     // records already).
-    auto past = wal->NewReader(damaged.last_lsn + 1);
-    ASSERT_TRUE(past.ok());
-    auto after = (*past)->NextRaw(4096);
-    ASSERT_TRUE(after.ok()) << after.status().ToString();
-    ASSERT_TRUE(after->has_value());
-    EXPECT_EQ((*after)->first_lsn, damaged.last_lsn + 1);
-    EXPECT_EQ((*after)->segment_path, damaged.segment_path);
+    ExpectRawReadFrom(wal.get(), damaged.last_lsn + 1, damaged.segment_path);
   }
 }
 
@@ -281,13 +286,7 @@ TEST(ReaderTest, ADamagedBlockStopsAReaderStartingInsideItButNotOneAfterIt) {
   auto got = (*records)->Next(&r);
   EXPECT_TRUE(got.status().IsCorruption()) << got.status().ToString();
 
-  auto raw_after = wal->NewReader(block.last_lsn + 1);
-  ASSERT_TRUE(raw_after.ok());
-  auto after = (*raw_after)->NextRaw(4096);
-  ASSERT_TRUE(after.ok()) << after.status().ToString();
-  ASSERT_TRUE(after->has_value());
-  EXPECT_EQ((*after)->first_lsn, block.last_lsn + 1);
-  ASSERT_EQ((*after)->segment_path, block.segment_path) << "the test needs the damage earlier in the same segment";
+  ExpectRawReadFrom(wal.get(), block.last_lsn + 1, block.segment_path);  // the damage is earlier in its segment
   auto records_after = wal->NewReader(block.last_lsn + 1);
   ASSERT_TRUE(records_after.ok());
   auto next = (*records_after)->Next(&r);
