@@ -1033,13 +1033,16 @@ Status EngineImpl::LoadIdentity() {
   }
   if (Env::Default()->FileExists(path)) {
     REPLICA_ASSIGN_OR_RETURN(std::string data, ReadWholeFile(Env::Default(), path));
+    // Exactly as written below: "id ID\nincarnation HEX\n", HEX of 32
+    // digits. Anything else (a duplicate or unknown line, a truncated
+    // incarnation, which would be published to etcd as it is) is damage.
     std::istringstream in(data);
-    std::string key, value, id, incarnation;
-    while (in >> key >> value) {
-      if (key == "id") id = value;
-      if (key == "incarnation") incarnation = value;
-    }
-    if (!CheckName("node id", id).ok() || incarnation.empty() ||
+    std::string first, second, more, id, incarnation;
+    const bool two_lines = std::getline(in, first) && std::getline(in, second) && !std::getline(in, more) &&
+                           !data.empty() && data.back() == '\n';
+    if (two_lines && first.rfind("id ", 0) == 0) id = first.substr(3);
+    if (two_lines && second.rfind("incarnation ", 0) == 0) incarnation = second.substr(12);
+    if (!CheckName("node id", id).ok() || incarnation.size() != 32 ||
         incarnation.find_first_not_of("0123456789abcdef") != std::string::npos) {
       return Status::Corruption(path + ": expected the lines \"id ID\" and \"incarnation HEX\"; if the directory is " +
                                 "this node's, delete the file and the next start writes a new one (the node is " +

@@ -1321,6 +1321,34 @@ TEST(EngineTest, AnUnlistableWalDirectoryFailsTheOpenAndKeepsTheIncarnation) {
   ASSERT_TRUE((*back)->Close().ok());
 }
 
+// DATA_DIR/node is read exactly as it is written: a truncated incarnation
+// (which would be published to etcd as it is), a duplicate or unknown line,
+// or a missing line end is refused as damage, naming the file.
+TEST(EngineTest, ANodeFileNotAsWrittenIsRefused) {
+  TempDir dir;
+  {
+    auto a = OpenOrDie(Node(dir, "a"));
+    ASSERT_TRUE(a->Close().ok());
+  }
+  const std::string path = dir.Sub("a") + "/node";
+  const std::string good = test::ReadFileBytes(path);
+  const std::string incarnation = good.substr(good.find("incarnation ") + 12, 32);
+  for (const std::string& bad :
+       {"id a\nincarnation " + incarnation.substr(0, 2) + "\n", "id a\nid a\nincarnation " + incarnation + "\n",
+        good + "colour blue\n", good.substr(0, good.size() - 1), "incarnation " + incarnation + "\nid a\n"}) {
+    test::WriteFileBytes(path, bad);
+    auto refused = Engine::Open(Node(dir, "a"));
+    ASSERT_FALSE(refused.ok()) << bad;
+    EXPECT_EQ(refused.status().code(), StatusCode::kCorruption) << bad << ": " << refused.status().ToString();
+    EXPECT_NE(refused.status().message().find(path), std::string::npos) << refused.status().ToString();
+  }
+  test::WriteFileBytes(path, good);
+  auto back = Engine::Open(Node(dir, "a"));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  ASSERT_TRUE((*back)->Close().ok());
+  EXPECT_EQ(test::ReadFileBytes(path), good) << "the same incarnation";
+}
+
 // A fence naming an epoch that no campaign reached (a peer's bug, or a
 // forged message) costs at most an election: the node it reached can still
 // be promoted later. A fence naming no plain node id is refused outright.
