@@ -169,6 +169,13 @@ class PosixFileLock final : public FileLock {
   int fd_;
 };
 
+static std::string DirName(const std::string& path) {
+  auto pos = path.rfind('/');
+  if (pos == std::string::npos) return ".";
+  if (pos == 0) return "/";
+  return path.substr(0, pos);
+}
+
 class PosixEnv final : public Env {
  public:
   Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override {
@@ -267,11 +274,9 @@ class PosixEnv final : public Env {
     // loss could lose it (and the synced files in it) on a filesystem that
     // does not order metadata, such as the wal/ of a node's first start.
     if (created) {
-      std::string parent = dir;
-      while (parent.size() > 1 && parent.back() == '/') parent.pop_back();
-      const auto pos = parent.rfind('/');
-      parent = pos == std::string::npos ? "." : pos == 0 ? "/" : parent.substr(0, pos);
-      Status synced = SyncDir(parent);
+      std::string path = dir;
+      while (path.size() > 1 && path.back() == '/') path.pop_back();
+      Status synced = SyncDir(DirName(path));
       // A parent this process may write but not read (mode -wx) cannot be
       // opened to sync: the directory exists, and a start must not fail on
       // it here and pass the next time.
@@ -314,13 +319,6 @@ Env* Env::Default() {
 std::string JoinPath(const std::string& dir, const std::string& name) {
   if (dir.empty() || dir.back() == '/') return dir + name;
   return dir + "/" + name;
-}
-
-static std::string DirName(const std::string& path) {
-  auto pos = path.rfind('/');
-  if (pos == std::string::npos) return ".";
-  if (pos == 0) return "/";
-  return path.substr(0, pos);
 }
 
 Status WriteFileAtomically(Env* env, const std::string& path, std::string_view data) {

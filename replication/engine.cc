@@ -2045,23 +2045,21 @@ void EngineImpl::SnapshotLoop(std::shared_ptr<Standby> sb, std::string reason) {
   if (cp->lsn > 0) {
     auto reader = wal_->NewReader(cp->lsn);
     if (!reader.ok()) return fail(reader.status().WithContext("read the seed at LSN " + std::to_string(cp->lsn)));
+    // The seed frame itself unreadable: no resync can start until a write
+    // moves the checkpoint's LSN past it (operations.md).
+    auto seed_failed = [&](const Status& st) {
+      if (IsLogDamage(st)) NoteLogDamage(sb->id, cp->lsn, st);
+      fail(st);
+    };
     auto span = (*reader)->NextRaw(1);
-    if (!span.ok()) {
-      // The seed frame itself unreadable: no resync can start until a write
-      // moves the checkpoint's LSN past it (operations.md).
-      if (IsLogDamage(span.status())) NoteLogDamage(sb->id, cp->lsn, span.status());
-      return fail(span.status());
-    }
+    if (!span.ok()) return seed_failed(span.status());
     if (!span->has_value() || (*span)->first_lsn > cp->lsn || (*span)->last_lsn < cp->lsn) {
       return fail(Status::Corruption("no stored frame holds the checkpoint's LSN " + std::to_string(cp->lsn)));
     }
     seed = std::move(**span);
     std::string bytes;
     st = seed->ReadInto(&bytes);
-    if (!st.ok()) {
-      if (IsLogDamage(st)) NoteLogDamage(sb->id, cp->lsn, st);
-      return fail(st);
-    }
+    if (!st.ok()) return seed_failed(st);
     offer->set_seed_first_lsn(seed->first_lsn);
     offer->set_seed_size(bytes.size());
     offer->set_seed_xxh3(XXH3_64bits(bytes.data(), bytes.size()));

@@ -55,8 +55,8 @@ Result<uint64_t> HashFile(const std::string& path) {
   return static_cast<uint64_t>(XXH3_64bits_digest(state.get()));
 }
 
-Result<uint64_t> HashCache::Hash(const std::string& path, uint64_t* read) {
-  *read = 0;
+Result<uint64_t> HashCache::Hash(const std::string& path, bool* read) {
+  *read = true;
   const bool table = path.size() > 4 && path.compare(path.size() - 4, 4, ".sst") == 0;
   struct stat st {};
   if (table && ::stat(path.c_str(), &st) != 0) return Status::FromErrno("stat " + path, errno);
@@ -70,17 +70,14 @@ Result<uint64_t> HashCache::Hash(const std::string& path, uint64_t* read) {
     if (it != files_.end() && it->second.size == static_cast<uint64_t>(st.st_size) &&
         it->second.mtime_ns == mtime_ns) {
       it->second.used = true;
+      *read = false;
       return it->second.xxh3;
     }
   }
   REPLICA_ASSIGN_OR_RETURN(uint64_t xxh3, HashFile(path));
   if (table) {
-    *read = static_cast<uint64_t>(st.st_size);
     MutexLock l(&mu_);
     files_[id] = Entry{static_cast<uint64_t>(st.st_size), mtime_ns, xxh3, true};
-  } else {
-    auto size = Env::Default()->GetFileSize(path);
-    *read = size.ok() ? *size : 0;
   }
   return xxh3;
 }
@@ -148,14 +145,9 @@ Result<Checkpoint> MakeCheckpoint(rocksdb::DB* db, const std::string& dir, const
     FileInfo f;
     f.name = name;
     REPLICA_ASSIGN_OR_RETURN(f.size, Env::Default()->GetFileSize(path));
-    if (cache != nullptr) {
-      uint64_t read = 0;
-      REPLICA_ASSIGN_OR_RETURN(f.xxh3, cache->Hash(path, &read));
-      out.bytes_hashed += read;
-    } else {
-      REPLICA_ASSIGN_OR_RETURN(f.xxh3, HashFile(path));
-      out.bytes_hashed += f.size;
-    }
+    bool read = true;
+    REPLICA_ASSIGN_OR_RETURN(f.xxh3, cache != nullptr ? cache->Hash(path, &read) : HashFile(path));
+    if (read) out.bytes_hashed += f.size;
     out.files.push_back(std::move(f));
   }
   if (cache != nullptr) cache->Trim();

@@ -68,8 +68,9 @@ Result<uint64_t> HashFile(const std::string& path);
 // Thread-safe.
 class HashCache {
  public:
-  // The file's XXH3; *read is set to the bytes read for it (0 if known).
-  Result<uint64_t> Hash(const std::string& path, uint64_t* read) EXCLUDES(mu_);
+  // The file's XXH3; *read says whether the file was read for it (false:
+  // known).
+  Result<uint64_t> Hash(const std::string& path, bool* read) EXCLUDES(mu_);
   // Forgets every file but those hashed (or looked up) since the last call:
   // the cache holds no more than one checkpoint's table files.
   void Trim() EXCLUDES(mu_);

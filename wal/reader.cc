@@ -106,8 +106,8 @@ Result<bool> Reader::Next(RecordView* record) {
     std::string_view payload;
     std::string why;
     const uint64_t frame_offset = cursor_->offset();
-    // As NextRaw: the frames skipped before the start LSN have only their
-    // headers read, so damage there does not stop a reader after it.
+    // As NextRaw: the checksums of the frames skipped before the start LSN
+    // are not checked, so damage there does not stop a reader after it.
     REPLICA_ASSIGN_OR_RETURN(auto outcome, cursor_->Next(&h, &payload, &why, next_lsn_));
     if (outcome != FrameCursor::Outcome::kFrame) return CorruptionHere(why);
     if (h.lsn != frame_lsn_) {

@@ -51,8 +51,9 @@ class FrameCursor {
   // Reads the frame at offset(); on kFrame advances past it. *payload stays
   // valid until the next call. The checksum is verified for frames whose
   // last LSN is at least verify_from: a reader skipping the frames before
-  // its start LSN only needs their headers (damage there must not stop it
-  // from reading what follows; a damaged length breaks LSN continuity).
+  // its start LSN uses only their headers (damage in a payload there must
+  // not stop it from reading what follows; a damaged length breaks LSN
+  // continuity). Skipped frames are still read whole.
   Result<Outcome> Next(FrameHeader* h, std::string_view* payload, std::string* why, Lsn verify_from = 0);
 
  private:
